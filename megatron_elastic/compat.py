@@ -1,0 +1,131 @@
+"""One place for everything that differs between Megatron-Core releases and between CPU and GPU.
+
+* megatron-core 0.16/0.17 call the hybrid model ``MambaModel`` (``hybrid_override_pattern``); 0.18+ call it
+  ``HybridModel`` (``hybrid_layer_pattern``) and keep ``MambaModel`` as a deprecated shim.
+* Without CUDA, Megatron-Core's tensor-parallel code allocates on ``torch.cuda.current_device()`` and forks a
+  CUDA RNG tracker. :func:`apply_cpu_shims` routes the first to ``"cpu"`` and installs
+  :class:`CpuRNGStatesTracker`, a tracker with the same semantics over the CPU generator. Nothing is patched
+  when CUDA is available.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+from typing import Any
+
+import torch
+from packaging.version import Version
+
+import megatron.core
+from megatron.core.tensor_parallel import random as mcore_random
+
+MCORE_VERSION = Version(megatron.core.__version__)
+
+try:  # megatron-core >= 0.18
+    from megatron.core.models.hybrid.hybrid_model import HybridModel as _HybridModelClass  # type: ignore
+
+    _STACK_MODULE = "megatron.core.models.hybrid.hybrid_block"
+    _STACK_CLASS, _STACK_SUBMODULES = "HybridStack", "HybridStackSubmodules"
+    PATTERN_KWARG = "hybrid_layer_pattern"
+    STACK_SPEC_KWARG = "hybrid_stack_spec"
+except ImportError:  # megatron-core 0.16 / 0.17
+    from megatron.core.models.mamba.mamba_model import MambaModel as _HybridModelClass
+
+    _STACK_MODULE = "megatron.core.ssm.mamba_block"
+    _STACK_CLASS, _STACK_SUBMODULES = "MambaStack", "MambaStackSubmodules"
+    PATTERN_KWARG = "hybrid_override_pattern"
+    STACK_SPEC_KWARG = "mamba_stack_spec"
+
+HybridModel = _HybridModelClass
+_stack_module = importlib.import_module(_STACK_MODULE)
+HybridStack = getattr(_stack_module, _STACK_CLASS)
+HybridStackSubmodules = getattr(_stack_module, _STACK_SUBMODULES)
+
+# Megatron's pattern symbols ("M" Mamba, "*" attention, "-" MLP, "E" MoE; "|" pipeline split on 0.18+).
+MAMBA, ATTENTION, MLP, MOE = "M", "*", "-", "E"
+SUPPORTED_SYMBOLS = (MAMBA, ATTENTION, MLP)
+
+
+def build_hybrid_model(*, stack_spec, pattern: str, **kwargs: Any) -> torch.nn.Module:
+    """Build Megatron's hybrid language model under whichever name and keywords this release uses."""
+    params = inspect.signature(HybridModel.__init__).parameters
+    kwargs[STACK_SPEC_KWARG] = stack_spec
+    kwargs[PATTERN_KWARG] = pattern
+    unknown = [k for k in kwargs if k not in params]
+    if unknown:
+        raise TypeError(f"{HybridModel.__name__} in megatron-core {MCORE_VERSION} has no argument(s) {unknown}")
+    return HybridModel(**kwargs)
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+class CpuRNGStatesTracker(mcore_random.CudaRNGStatesTracker):
+    """Megatron's named-RNG-state tracker over the CPU generator (used only when CUDA is absent).
+
+    ``fork(name)`` swaps the CPU generator to the named stream and back, exactly as the CUDA tracker does for
+    the CUDA generator, so dropout under tensor parallelism draws from the same named streams.
+    """
+
+    def add(self, name, seed):
+        self._is_initialized = True
+        if seed in self.seeds_:
+            raise Exception(f"seed {seed} already exists")
+        self.seeds_.add(seed)
+        if name in self.states_:
+            raise Exception(f"rng state {name} already exists")
+        orig = torch.get_rng_state()
+        torch.manual_seed(seed)
+        self.states_[name] = torch.get_rng_state()
+        torch.set_rng_state(orig)
+
+    @contextlib.contextmanager
+    def fork(self, name=mcore_random._MODEL_PARALLEL_RNG_TRACKER_NAME):
+        if name not in self.states_:
+            raise Exception(f"rng state {name} is not added")
+        orig = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(orig)
+
+
+_SHIMS_APPLIED = False
+
+
+def apply_cpu_shims() -> None:
+    """Let Megatron-Core's tensor-parallel layers run on CPU (gloo). A no-op when CUDA is available.
+
+    ``torch.cuda.current_device`` returns ``"cpu"`` so Megatron's ``device=torch.cuda.current_device()``
+    allocations land on the CPU; the RNG tracker is replaced by :class:`CpuRNGStatesTracker`.
+    """
+    global _SHIMS_APPLIED
+    if cuda_available() or _SHIMS_APPLIED:
+        return
+    torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
+    mcore_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
+    mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    _SHIMS_APPLIED = True
+
+
+def seed_model_parallel_rng(seed: int) -> None:
+    """Seed the default generator and Megatron's named model-parallel RNG streams (CPU or CUDA)."""
+    torch.manual_seed(seed)
+    if cuda_available():
+        mcore_random.model_parallel_cuda_manual_seed(seed)
+        return
+    apply_cpu_shims()
+    from megatron.core import parallel_state
+
+    tracker = mcore_random._CUDA_RNG_STATE_TRACKER
+    tracker.reset()
+    tp_rank = parallel_state.get_tensor_model_parallel_rank() if parallel_state.model_parallel_is_initialized() else 0
+    # Same offsets as megatron.core.tensor_parallel.random.model_parallel_cuda_manual_seed.
+    tracker.add(mcore_random._DATA_PARALLEL_RNG_TRACKER_NAME, seed)
+    tracker.add(mcore_random._MODEL_PARALLEL_RNG_TRACKER_NAME, seed + 2718 + tp_rank)
+    tracker.add(mcore_random._EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + 1024 + tp_rank)

@@ -1,0 +1,56 @@
+"""Build the hybrid language model (Megatron's ``MambaModel``/``HybridModel``) from a ``HybridConfig``."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from megatron.core.process_groups_config import ProcessGroupCollection
+
+from megatron_elastic import compat
+from megatron_elastic.model.config import HybridConfig
+from megatron_elastic.model.specs import default_backend, hybrid_stack_spec
+
+
+def build_hybrid_model(config: HybridConfig, *, backend: Optional[str] = None, pre_process: bool = True,
+                       post_process: bool = True, parallel_output: bool = True,
+                       pg_collection: Optional[ProcessGroupCollection] = None, stack_spec=None):
+    """Return a Megatron hybrid LM for ``config``. ``stack_spec`` overrides the spec chosen by ``backend``.
+
+    The model's forward is Megatron's: ``model(input_ids [b, s], position_ids [b, s], attention_mask)``
+    returns logits ``[b, s, vocab/tp]`` (``parallel_output=True``) or the per-token loss when ``labels``
+    is given.
+    """
+    compat.apply_cpu_shims()
+    spec = stack_spec if stack_spec is not None else hybrid_stack_spec(backend or default_backend())
+    if pg_collection is None:
+        pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+    # Mixer options that Megatron passes through spec params, not the config.
+    mixer_spec = spec.submodules.mamba_layer.submodules.mixer
+    mixer_spec.params = {**mixer_spec.params, "d_conv": config.mamba_conv_kernel, "chunk_size": config.mamba_chunk_size}
+    return compat.build_hybrid_model(
+        stack_spec=spec,
+        pattern=config.hybrid_pattern,
+        config=config,
+        vocab_size=config.vocab_size,
+        max_sequence_length=config.max_sequence_length,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=parallel_output,
+        share_embeddings_and_output_weights=config.share_embeddings_and_output_weights,
+        position_embedding_type=config.position_embedding_type,
+        pg_collection=pg_collection,
+    )
+
+
+def causal_attention_mask(seq_len: int, device=None):
+    """Megatron's boolean attention mask ``[1, 1, s, s]`` (True = masked out) for causal attention."""
+    import torch
+
+    return torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).triu(1)[None, None]
+
+
+def position_ids_for(input_ids):
+    """``[b, s]`` position ids 0..s-1 for ``input_ids [b, s]``."""
+    import torch
+
+    return torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0).expand_as(input_ids)

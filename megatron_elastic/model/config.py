@@ -1,0 +1,111 @@
+"""``HybridConfig``: Megatron's ``TransformerConfig`` plus what a hybrid Mamba-2/attention LM needs
+(layer pattern, vocabulary, Mamba conv/chunk sizes), validated before anything is built."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
+
+import torch
+
+from megatron.core.activations import squared_relu
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_elastic.compat import SUPPORTED_SYMBOLS
+
+ACTIVATIONS = {"relu2": squared_relu, "squared_relu": squared_relu, "gelu": torch.nn.functional.gelu,
+               "silu": torch.nn.functional.silu}
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and the fix."""
+
+
+def _require(cond: bool, field: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{field}: {msg}")
+
+
+@dataclass
+class HybridConfig(TransformerConfig):
+    """Architecture of a hybrid Mamba-2 / attention / MLP language model (Nemotron-H family).
+
+    ``hybrid_pattern`` uses Megatron's symbols: ``M`` Mamba-2, ``*`` attention, ``-`` MLP; one symbol per
+    layer, so ``num_layers`` is derived from it.
+    """
+
+    hybrid_pattern: str = ""
+    vocab_size: int = 0
+    max_sequence_length: int = 4096
+    mamba_conv_kernel: int = 4
+    mamba_chunk_size: int = 128
+    position_embedding_type: str = "none"
+    share_embeddings_and_output_weights: bool = False
+    activation: str = "relu2"
+
+    def __post_init__(self):
+        _require(bool(self.hybrid_pattern), "hybrid_pattern", "is empty; give one symbol per layer, e.g. 'M-M*-'")
+        bad = sorted({c for c in self.hybrid_pattern if c not in SUPPORTED_SYMBOLS})
+        _require(not bad, "hybrid_pattern",
+                 f"unknown symbol(s) {bad}; use 'M' (Mamba-2), '*' (attention), '-' (MLP)")
+        self.num_layers = len(self.hybrid_pattern)
+        _require(self.vocab_size > 0, "vocab_size", "must be a positive integer (e.g. 257 for the byte tokenizer)")
+        _require(self.hidden_size > 0, "hidden_size", "must be positive")
+        _require(self.activation in ACTIVATIONS, "activation", f"must be one of {sorted(ACTIVATIONS)}")
+        self.activation_func = ACTIVATIONS[self.activation]
+        _require(self.position_embedding_type in ("none", "rope", "learned_absolute"), "position_embedding_type",
+                 "must be 'none', 'rope' or 'learned_absolute'")
+        tp = self.tensor_model_parallel_size
+        pp = self.pipeline_model_parallel_size
+        if "*" in self.hybrid_pattern:
+            h, g = self.num_attention_heads, self.num_query_groups or self.num_attention_heads
+            _require(h % g == 0, "num_query_groups", f"({g}) must divide num_attention_heads ({h})")
+            _require(h % tp == 0, "num_attention_heads", f"({h}) must be divisible by tensor_model_parallel_size ({tp})")
+            _require(g % tp == 0, "num_query_groups", f"({g}) must be divisible by tensor_model_parallel_size ({tp})")
+        if "M" in self.hybrid_pattern:
+            nh, ng = self.mamba_num_heads, self.mamba_num_groups
+            _require(nh is not None and nh > 0, "mamba_num_heads", "must be set to a positive integer")
+            _require(nh % ng == 0, "mamba_num_heads", f"({nh}) must be divisible by mamba_num_groups ({ng})")
+            _require(nh % tp == 0, "mamba_num_heads", f"({nh}) must be divisible by tensor_model_parallel_size ({tp})")
+            _require(ng % tp == 0, "mamba_num_groups",
+                     f"({ng}) must be divisible by tensor_model_parallel_size ({tp}); each rank needs whole groups")
+            _require(self.mamba_chunk_size > 0, "mamba_chunk_size", "must be positive")
+            _require(self.mamba_conv_kernel > 0, "mamba_conv_kernel", "must be positive")
+        if "-" in self.hybrid_pattern:
+            _require(self.ffn_hidden_size is not None and self.ffn_hidden_size % tp == 0, "ffn_hidden_size",
+                     f"({self.ffn_hidden_size}) must be set and divisible by tensor_model_parallel_size ({tp})")
+        _require(self.num_layers % pp == 0, "pipeline_model_parallel_size",
+                 f"({pp}) must divide the number of layers ({self.num_layers})")
+        self.is_hybrid_model = True
+        super().__post_init__()
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any], **overrides: Any) -> "HybridConfig":
+        """Build from a plain dict (a YAML ``model:`` section); unknown keys are an error naming them."""
+        d = {**d, **overrides}
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(k for k in d if k not in names)
+        if unknown:
+            raise ConfigError(f"model: unknown field(s) {unknown}; see megatron_elastic.model.config.HybridConfig")
+        if isinstance(d.get("params_dtype"), str):
+            d["params_dtype"] = getattr(torch, d["params_dtype"])
+        d.setdefault("num_layers", len(d.get("hybrid_pattern", "")) or 1)
+        return cls(**d)
+
+    def architecture_dict(self) -> Dict[str, Any]:
+        """The fields that define the architecture (what a checkpoint must match)."""
+        keys = ["hybrid_pattern", "vocab_size", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                "num_query_groups", "kv_channels", "mamba_num_heads", "mamba_head_dim", "mamba_num_groups",
+                "mamba_state_dim", "mamba_conv_kernel", "mamba_chunk_size", "position_embedding_type",
+                "share_embeddings_and_output_weights", "activation", "normalization", "layernorm_epsilon",
+                "add_bias_linear", "gated_linear_unit"]
+        return {k: getattr(self, k) for k in keys}
+
+
+def tiny_defaults() -> Dict[str, Any]:
+    """Defaults shared by every config we build: RMSNorm, no biases, no dropout, Nemotron-H style."""
+    return dict(normalization="RMSNorm", add_bias_linear=False, gated_linear_unit=False, hidden_dropout=0.0,
+                attention_dropout=0.0, layernorm_epsilon=1e-5, bias_dropout_fusion=False, masked_softmax_fusion=False,
+                apply_rope_fusion=False, persist_layer_norm=False, gradient_accumulation_fusion=False,
+                use_cpu_initialization=not torch.cuda.is_available(), init_method_std=0.02)

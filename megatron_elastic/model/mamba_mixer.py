@@ -1,0 +1,278 @@
+"""A Mamba-2 mixer that is a drop-in for Megatron-Core's ``MambaMixer`` and runs without ``mamba_ssm``.
+
+Same constructor arguments, parameter names and shapes (``in_proj``, ``conv1d.{weight,bias}``, ``dt_bias``,
+``A_log``, ``D``, ``norm.weight``, ``out_proj``), the same per-TP-rank ``in_proj`` layout
+``[z | x | B | C | dt]`` and the same ``sharded_state_dict`` (``in_proj.weight.{z,x,B,C,dt}``,
+``conv1d.{weight,bias}.{x,B,C}``), so Megatron distributed checkpoints load into it and back. The math
+calls :mod:`megatron_elastic.ops`, which uses the CUDA kernels when present.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import List, Optional, Union
+
+import torch
+import torch.nn as nn
+
+from megatron.core.dist_checkpointing import ShardedTensor
+from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.utils import (
+    ensure_metadata_has_dp_cp_group,
+    make_sharded_tensors_for_checkpoint,
+    sharded_state_dict_default,
+)
+
+from megatron_elastic import ops
+
+
+@dataclass
+class MambaMixerSubmodules:
+    """Specs of the input and output projections (same fields as Megatron's ``MambaMixerSubmodules``)."""
+
+    in_proj: Union[ModuleSpec, type] = None
+    out_proj: Union[ModuleSpec, type] = None
+
+
+class GatedRMSNorm(nn.Module):
+    """Grouped gated RMSNorm with Megatron's ``ExtendedRMSNorm`` parameter (``weight``) and TP sharding."""
+
+    def __init__(self, hidden_size: int, group_size: int, eps: float = 1e-5, norm_before_gate: bool = False,
+                 device=None, dtype=None, tp_group=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
+        self.group_size, self.eps, self.norm_before_gate = group_size, eps, norm_before_gate
+        self.tp_group = tp_group
+
+    def forward(self, x: torch.Tensor, z: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return ops.gated_rmsnorm(x, self.weight, z, self.eps, self.group_size, self.norm_before_gate)
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        return make_sharded_tensors_for_checkpoint(
+            self.state_dict(prefix="", keep_vars=True), prefix, {"weight": 0}, sharded_offsets,
+            tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"],
+        )
+
+
+def _split_sharded_tensor(sh_ten: ShardedTensor, sizes: List[int], names: List[str]) -> ShardedTensorFactory:
+    """Store a per-rank concatenation (dim 0) as independent sharded tensors ``<key>.<name>``.
+
+    A checkpoint written this way has one global tensor per part (e.g. ``in_proj.weight.x``), so it does
+    not depend on how many TP ranks interleaved the parts when it was written.
+    """
+    if sum(sizes) != sh_ten.local_shape[0]:
+        raise ValueError(f"parts {dict(zip(names, sizes))} do not cover dim 0 of {sh_ten.key} ({sh_ten.local_shape})")
+    template = sh_ten.without_data()
+
+    @torch.no_grad()
+    def build(key, t, replica_id, flattened_range):
+        whole = replace(template, key=key, data=t, dtype=t.dtype, replica_id=replica_id,
+                        flattened_range=flattened_range)
+        parts, start = [], 0
+        for size, name in zip(sizes, names):
+            for part in whole.narrow(0, start, size):
+                part.key = f"{part.key}.{name}"
+                parts.append(part)
+            start += size
+        return parts
+
+    @torch.no_grad()
+    def merge(parts):
+        return torch.cat(parts)
+
+    return ShardedTensorFactory(sh_ten.key, sh_ten.data, build, merge, sh_ten.replica_id)
+
+
+class MambaMixer(MegatronModule):
+    """Mamba-2 mixer; see the module docstring. Input/output ``[seq, batch, d_model]``.
+
+    Sizes (global / local to a TP rank) follow Megatron: ``nheads = config.mamba_num_heads`` (or
+    ``expand * d_model / headdim``), ``d_inner = nheads * headdim``; heads and groups are split over TP.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        submodules: MambaMixerSubmodules,
+        d_model: int,
+        d_conv: int = 4,
+        conv_init: Optional[float] = None,
+        expand: int = 2,
+        A_init_range=(1, 16),
+        D_has_hdim: bool = False,
+        rmsnorm: bool = True,
+        norm_before_gate: bool = False,
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init: str = "random",
+        dt_scale: float = 1.0,
+        dt_init_floor: float = 1e-4,
+        bias: bool = False,
+        conv_bias: bool = True,
+        chunk_size: int = 128,
+        layer_number: Optional[int] = None,
+        use_mem_eff_path=None,
+        d_state=None,
+        headdim=None,
+        ngroups=None,
+        pg_collection: ProcessGroupCollection = None,
+        pp_layer_offset: int = 0,
+    ):
+        super().__init__(config)
+        if pg_collection is None:
+            raise ValueError("MambaMixer needs pg_collection (a ProcessGroupCollection with at least .tp)")
+        if bias:
+            raise ValueError("MambaMixer: bias=True is not supported (Megatron's MambaMixer asserts not bias)")
+        if norm_before_gate:
+            raise ValueError("MambaMixer: norm_before_gate=True is not supported (as in Megatron's MambaMixer)")
+        self.config = config
+        self.d_model, self.d_conv, self.expand = d_model, d_conv, expand
+        self.D_has_hdim, self.rmsnorm, self.norm_before_gate = D_has_hdim, rmsnorm, norm_before_gate
+        self.chunk_size, self.layer_number, self.pp_layer_offset = chunk_size, layer_number, pp_layer_offset
+        self.pg_collection = pg_collection
+        self.tp_group = pg_collection.tp
+
+        self.d_state = config.mamba_state_dim
+        self.headdim = config.mamba_head_dim
+        self.ngroups = config.mamba_num_groups
+        if config.mamba_num_heads is not None:
+            self.nheads = config.mamba_num_heads
+        else:
+            if (expand * d_model) % self.headdim:
+                raise ValueError(f"expand*d_model ({expand * d_model}) must be divisible by mamba_head_dim ({self.headdim})")
+            self.nheads = expand * d_model // self.headdim
+        self.d_inner = self.nheads * self.headdim
+
+        tp = self.tp_group.size()
+        if self.nheads % tp:
+            raise ValueError(f"mamba_num_heads ({self.nheads}) must be divisible by tensor_model_parallel_size ({tp})")
+        if self.ngroups % tp:
+            raise ValueError(f"mamba_num_groups ({self.ngroups}) must be divisible by tensor_model_parallel_size ({tp})")
+        if self.nheads % self.ngroups:
+            raise ValueError(f"mamba_num_heads ({self.nheads}) must be divisible by mamba_num_groups ({self.ngroups})")
+        self.nheads_local_tp = self.nheads // tp
+        self.d_inner_local_tp = self.d_inner // tp
+        self.ngroups_local_tp = self.ngroups // tp
+        tp_rank = self.tp_group.rank()
+
+        self.in_proj = build_module(
+            submodules.in_proj, self.d_model, 2 * self.d_inner + 2 * self.ngroups * self.d_state + self.nheads,
+            config=config, init_method=config.init_method, gather_output=False, bias=bias, skip_bias_add=False,
+            is_expert=False, tp_comm_buffer_name="fc1", tp_group=self.tp_group,
+        )
+
+        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        dtype = config.params_dtype
+        conv_dim = self.d_inner_local_tp + 2 * self.ngroups_local_tp * self.d_state  # x B C
+        self.conv1d = nn.Conv1d(conv_dim, conv_dim, kernel_size=d_conv, groups=conv_dim, bias=conv_bias,
+                                padding=d_conv - 1, device=device, dtype=dtype)
+        self.dt_bias = nn.Parameter(torch.empty(self.nheads_local_tp, device=device, dtype=dtype))
+        self.A_log = nn.Parameter(torch.empty(self.nheads_local_tp, device=device, dtype=torch.float32))
+        self.D = nn.Parameter(torch.ones(self.d_inner_local_tp if D_has_hdim else self.nheads_local_tp,
+                                         device=device, dtype=torch.float32))
+        for p in (self.conv1d.weight, self.conv1d.bias, self.dt_bias, self.A_log, self.D):
+            if p is not None:
+                setattr(p, "tensor_model_parallel", True)
+                setattr(p, "partition_dim", 0)
+        if config.perform_initialization:
+            self._init_tp_invariant(tp_rank, tp, conv_init, A_init_range, dt_min, dt_max, dt_init_floor)
+
+        if rmsnorm:
+            self.norm = GatedRMSNorm(self.d_inner_local_tp, self.d_inner_local_tp // self.ngroups_local_tp,
+                                     eps=1e-5, device=device, dtype=dtype, tp_group=self.tp_group)
+            setattr(self.norm.weight, "tensor_model_parallel", True)
+            setattr(self.norm.weight, "partition_dim", 0)
+
+        self.out_proj = build_module(
+            submodules.out_proj, self.d_inner, self.d_model, config=config,
+            init_method=config.output_layer_init_method, bias=bias, input_is_parallel=True, skip_bias_add=True,
+            is_expert=False, tp_comm_buffer_name="fc2", tp_group=self.tp_group,
+        )
+
+    @torch.no_grad()
+    def _init_tp_invariant(self, tp_rank, tp, conv_init, A_init_range, dt_min, dt_max, dt_init_floor):
+        """Draw the full (all-rank) tensors from the default generator (same seed on every TP rank, as
+        Megatron's CPU initialisation does) and keep this rank's shard: a model initialised at TP=n holds
+        exactly the weights the same seed gives at TP=1."""
+        gen = None
+        x_dim, bc_dim = self.d_inner, self.ngroups * self.d_state
+        bound = conv_init if conv_init is not None else 1.0 / math.sqrt(self.d_conv)  # kaiming_uniform(a=sqrt(5))
+        full_w = [(torch.rand(n, self.d_conv, generator=gen) * 2 - 1) * bound for n in (x_dim, bc_dim, bc_dim)]
+        full_b = [(torch.rand(n, generator=gen) * 2 - 1) / math.sqrt(self.d_conv) for n in (x_dim, bc_dim, bc_dim)]
+        shard = lambda t: t.chunk(tp)[tp_rank]
+        self.conv1d.weight.copy_(torch.cat([shard(w) for w in full_w]).unsqueeze(1))
+        if self.conv1d.bias is not None:
+            self.conv1d.bias.copy_(torch.cat([shard(b) for b in full_b]))
+        dt = torch.exp(torch.rand(self.nheads, generator=gen) * (math.log(dt_max) - math.log(dt_min))
+                       + math.log(dt_min)).clamp(min=dt_init_floor)
+        self.dt_bias.copy_(shard(dt + torch.log(-torch.expm1(-dt))))  # inverse softplus
+        self.A_log.copy_(shard(torch.log(torch.empty(self.nheads).uniform_(*A_init_range, generator=gen))))
+
+    def forward(self, hidden_states: torch.Tensor, inference_context=None, *, inference_params=None,
+                packed_seq_params=None):
+        """hidden_states: (seq, batch, d_model) -> (out (seq, batch, d_model), out_bias)."""
+        if packed_seq_params is not None:
+            raise NotImplementedError("megatron_elastic MambaMixer does not support packed sequences yet")
+        if inference_context is not None or inference_params is not None:
+            raise NotImplementedError("megatron_elastic MambaMixer: use megatron_elastic's generation API for decoding")
+        zxBCdt, _ = self.in_proj(hidden_states)
+        y = self.ssm(zxBCdt)
+        return self.out_proj(y)
+
+    def ssm(self, zxBCdt: torch.Tensor) -> torch.Tensor:
+        """(seq, batch, in_proj_local) -> (seq, batch, d_inner_local): conv, SSD scan, gated norm."""
+        seq, batch, _ = zxBCdt.shape
+        d_inner, bc = self.d_inner_local_tp, self.ngroups_local_tp * self.d_state
+        z, xBC, dt = torch.split(zxBCdt.transpose(0, 1), [d_inner, d_inner + 2 * bc, self.nheads_local_tp], dim=-1)
+        xBC = ops.causal_conv1d(xBC.transpose(1, 2).contiguous(), self.conv1d.weight.squeeze(1), self.conv1d.bias,
+                                activation="silu").transpose(1, 2)
+        x, B, C = torch.split(xBC, [d_inner, bc, bc], dim=-1)
+        D = self.D.view(self.nheads_local_tp, self.headdim) if self.D_has_hdim else self.D
+        y = ops.ssd_chunk_scan(
+            x.reshape(batch, seq, self.nheads_local_tp, self.headdim),
+            dt.contiguous(),
+            -torch.exp(self.A_log.float()),
+            B.reshape(batch, seq, self.ngroups_local_tp, self.d_state),
+            C.reshape(batch, seq, self.ngroups_local_tp, self.d_state),
+            self.chunk_size,
+            D=D,
+            z=None if self.rmsnorm else z.reshape(batch, seq, self.nheads_local_tp, self.headdim),
+            dt_bias=self.dt_bias,
+            dt_softplus=True,
+        )
+        y = y.reshape(batch, seq, d_inner)
+        if self.rmsnorm:
+            y = self.norm(y, z)
+        return y.transpose(0, 1).contiguous()
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """Megatron's layout: per-head tensors and conv1d sharded on dim 0; in_proj and conv1d split into
+        their ``z/x/B/C/dt`` and ``x/B/C`` parts so the checkpoint is TP-independent."""
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        own = {}
+        self._save_to_state_dict(own, "", keep_vars=True)
+        sd = make_sharded_tensors_for_checkpoint(own, prefix, {"A_log": 0, "dt_bias": 0, "D": 0}, sharded_offsets,
+                                                 tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"])
+        for name, module in self.named_children():
+            if name == "conv1d":
+                sd.update(make_sharded_tensors_for_checkpoint(
+                    module.state_dict(prefix="", keep_vars=True), f"{prefix}{name}.", {"weight": 0, "bias": 0},
+                    sharded_offsets, tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"]))
+            else:
+                sd.update(sharded_state_dict_default(module, f"{prefix}{name}.", sharded_offsets, metadata,
+                                                     tp_group=self.tp_group))
+        bc = self.ngroups_local_tp * self.d_state
+        sd[f"{prefix}in_proj.weight"] = _split_sharded_tensor(
+            sd[f"{prefix}in_proj.weight"], [self.d_inner_local_tp, self.d_inner_local_tp, bc, bc, self.nheads_local_tp],
+            ["z", "x", "B", "C", "dt"])
+        for key in ("conv1d.weight", "conv1d.bias"):
+            if f"{prefix}{key}" in sd:
+                sd[f"{prefix}{key}"] = _split_sharded_tensor(sd[f"{prefix}{key}"], [self.d_inner_local_tp, bc, bc],
+                                                             ["x", "B", "C"])
+        return sd

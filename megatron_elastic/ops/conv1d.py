@@ -1,0 +1,54 @@
+"""Causal depthwise 1-D convolution (the Mamba-2 short conv over ``[x | B | C]``).
+
+``y[b, d, t] = act(bias[d] + sum_{k<w} weight[d, k] * x[b, d, t - (w - 1) + k])`` with zeros before t=0.
+``causal_conv1d_fn`` from the ``causal_conv1d`` package on CUDA when installed, else ``F.conv1d``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+try:
+    from causal_conv1d import causal_conv1d_fn as _causal_conv1d_fn
+
+    HAVE_CAUSAL_CONV1D = True
+except ImportError:  # pragma: no cover - depends on the machine
+    _causal_conv1d_fn = None
+    HAVE_CAUSAL_CONV1D = False
+
+_ACTIVATIONS = (None, "silu", "swish")
+
+
+def causal_conv1d_torch(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, activation: Optional[str] = "silu"
+) -> torch.Tensor:
+    """x: (batch, dim, seqlen); weight: (dim, width); bias: (dim,). Returns (batch, dim, seqlen)."""
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
+    dim, width = weight.shape
+    y = F.conv1d(x, weight.unsqueeze(1).to(x.dtype), None if bias is None else bias.to(x.dtype),
+                 padding=width - 1, groups=dim)[..., : x.shape[-1]]
+    return F.silu(y) if activation is not None else y
+
+
+def causal_conv1d(x, weight, bias=None, activation="silu"):
+    """Dispatching causal depthwise conv; same arguments as :func:`causal_conv1d_torch`."""
+    if HAVE_CAUSAL_CONV1D and x.is_cuda:
+        return _causal_conv1d_fn(x, weight, bias, activation)
+    return causal_conv1d_torch(x, weight, bias, activation)
+
+
+def causal_conv1d_step(
+    x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, bias=None, activation="silu"
+) -> torch.Tensor:
+    """One decoding step. x: (batch, dim); conv_state: (batch, dim, width) holding the last ``width``
+    inputs, updated in place. Returns (batch, dim)."""
+    conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
+    conv_state[:, :, -1] = x
+    y = (conv_state * weight.to(conv_state.dtype)).sum(-1)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return F.silu(y) if activation is not None else y
