@@ -102,12 +102,15 @@ def apply_cpu_shims() -> None:
     """Let Megatron-Core's tensor-parallel layers run on CPU (gloo). A no-op when CUDA is available.
 
     ``torch.cuda.current_device`` returns ``"cpu"`` so Megatron's ``device=torch.cuda.current_device()``
-    allocations land on the CPU; the RNG tracker is replaced by :class:`CpuRNGStatesTracker`.
+    allocations land on the CPU; ``torch.cuda.synchronize`` is a no-op; the RNG tracker is replaced by
+    :class:`CpuRNGStatesTracker`.
     """
     global _SHIMS_APPLIED
     if cuda_available() or _SHIMS_APPLIED:
         return
     torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
+    # dist_checkpointing's writer synchronises CUDA before reading tensors; on CPU there is nothing to wait for.
+    torch.cuda.synchronize = lambda *args, **kwargs: None  # type: ignore[assignment]
     mcore_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
     mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     _SHIMS_APPLIED = True

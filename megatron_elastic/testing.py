@@ -1,0 +1,62 @@
+"""Helpers for tests and benchmarks: a tiny model config and a multi-process launcher (gloo on CPU)."""
+
+from __future__ import annotations
+
+import os
+import traceback
+from typing import Any, Callable
+
+import torch.multiprocessing as mp
+
+from megatron_elastic.parallel import free_port
+
+
+def tiny_config(**overrides: Any):
+    """A small hybrid config with every layer type, ngroups=2 Mamba and GQA attention (TP up to 2)."""
+    from megatron_elastic.model.config import HybridConfig, tiny_defaults
+
+    kw = dict(hybrid_pattern="M-*-M-", vocab_size=260, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
+              num_query_groups=2, kv_channels=8, mamba_num_heads=8, mamba_head_dim=8, mamba_num_groups=2,
+              mamba_state_dim=8, mamba_chunk_size=8, params_dtype=__import__("torch").float32)
+    kw.update(tiny_defaults())
+    kw.update(overrides)
+    return HybridConfig.from_dict(kw)
+
+
+def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, errq) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank))
+    try:
+        fn(rank, world_size, *args)
+    except BaseException:  # report to the parent, which fails the test with the traceback
+        errq.put((rank, traceback.format_exc()))
+        raise
+    finally:
+        from megatron_elastic.parallel import destroy_parallel
+
+        destroy_parallel()
+
+
+def run_multiprocess(world_size: int, fn: Callable, *args: Any, timeout: float = 600) -> None:
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` spawned processes with the torch.distributed
+    environment set (gloo on CPU); raise with the failing rank's traceback if any fails."""
+    ctx = mp.get_context("spawn")
+    errq = ctx.SimpleQueue()
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, errq)) for r in range(world_size)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    errors = []
+    while not errq.empty():
+        errors.append(errq.get())
+    if errors:
+        rank, tb = errors[0]
+        raise RuntimeError(f"rank {rank} failed:\n{tb}")
+    bad = [(i, p.exitcode) for i, p in enumerate(procs) if p.exitcode != 0]
+    if bad:
+        raise RuntimeError(f"worker processes exited abnormally (rank, exitcode): {bad}")

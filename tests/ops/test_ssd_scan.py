@@ -1,0 +1,129 @@
+"""The chunked SSD scan, the causal conv and the gated RMSNorm against float64 references written here,
+token by token, from the Mamba-2 recurrence (forward and backward)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron_elastic import ops
+
+
+def sequential_ssd(x, dt, A, B, C, D, z, dt_bias, h0):
+    """y_t = C_t . S_t + D x_t with S_t = exp(dt_t A) S_{t-1} + dt_t x_t B_t^T, one token at a time."""
+    b, l, h, p = x.shape
+    g = B.shape[2]
+    dt = F.softplus(dt + dt_bias)
+    state = h0.clone()
+    ys = []
+    for t in range(l):
+        new_state = []
+        for head in range(h):
+            grp = head // (h // g)
+            decay = torch.exp(dt[:, t, head] * A[head])[:, None, None]
+            inp = dt[:, t, head][:, None, None] * x[:, t, head, :, None] * B[:, t, grp, None, :]
+            new_state.append(decay * state[:, head] + inp)
+        state = torch.stack(new_state, dim=1)
+        Ch = C[:, t].repeat_interleave(h // g, dim=1)
+        y = torch.einsum("bhpn,bhn->bhp", state, Ch) + D[:, None] * x[:, t]
+        ys.append(y * F.silu(z[:, t]) if z is not None else y)
+    return torch.stack(ys, dim=1), state
+
+
+def _inputs(b, l, h, p, g, n, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=gen, dtype=dtype)
+    return dict(x=r(b, l, h, p), dt=r(b, l, h), A=-torch.rand(h, generator=gen, dtype=dtype) * 3 - 0.1,
+                B=r(b, l, g, n), C=r(b, l, g, n), D=r(h), z=r(b, l, h, p), dt_bias=r(h) * 0.5, h0=r(b, h, p, n))
+
+
+@pytest.mark.parametrize("shape,chunk", [
+    ((2, 16, 4, 3, 2, 5), 4),    # chunk divides length
+    ((1, 23, 4, 2, 1, 3), 8),    # it does not (padding path)
+    ((2, 9, 6, 4, 3, 4), 16),    # chunk longer than the sequence
+    ((1, 33, 8, 2, 8, 2), 5),    # one head per group
+])
+def test_ssd_forward_matches_sequential_float64(shape, chunk):
+    t = _inputs(*shape, torch.float64)
+    y_ref, s_ref = sequential_ssd(**t)
+    y, s = ops.ssd_chunk_scan_torch(t["x"], t["dt"], t["A"], t["B"], t["C"], chunk, D=t["D"], z=t["z"],
+                                    dt_bias=t["dt_bias"], initial_states=t["h0"], return_final_states=True)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(s, s_ref, rtol=1e-10, atol=1e-10)
+
+
+def test_ssd_float32_close_to_float64_reference():
+    t = _inputs(2, 40, 4, 8, 2, 16, torch.float64, seed=3)
+    y_ref, _ = sequential_ssd(**{**t, "h0": torch.zeros_like(t["h0"])})
+    t32 = {k: v.float() for k, v in t.items()}
+    y = ops.ssd_chunk_scan_torch(t32["x"], t32["dt"], t32["A"], t32["B"], t32["C"], 16, D=t32["D"], z=t32["z"],
+                                 dt_bias=t32["dt_bias"])
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("chunk", [4, 7])
+def test_ssd_backward_matches_sequential_float64(chunk):
+    t = _inputs(1, 13, 4, 2, 2, 3, torch.float64, seed=1)
+    names = ["x", "dt", "A", "B", "C", "D", "z", "dt_bias", "h0"]
+    for k in names:
+        t[k].requires_grad_(True)
+    w = torch.randn(1, 13, 4, 2, dtype=torch.float64)
+    y_ref, s_ref = sequential_ssd(**t)
+    g_ref = torch.autograd.grad((y_ref * w).sum() + s_ref.sum(), [t[k] for k in names])
+    y, s = ops.ssd_chunk_scan_torch(t["x"], t["dt"], t["A"], t["B"], t["C"], chunk, D=t["D"], z=t["z"],
+                                    dt_bias=t["dt_bias"], initial_states=t["h0"], return_final_states=True)
+    g = torch.autograd.grad((y * w).sum() + s.sum(), [t[k] for k in names])
+    for name, a, b in zip(names, g, g_ref):
+        assert torch.isfinite(a).all(), name
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=lambda m: f"grad {name}: {m}")
+
+
+def sequential_conv(x, w, bias):
+    b, d, l = x.shape
+    width = w.shape[1]
+    out = torch.zeros_like(x)
+    for t in range(l):
+        for k in range(width):
+            src = t - (width - 1) + k
+            if src >= 0:
+                out[:, :, t] += w[:, k] * x[:, :, src]
+    return F.silu(out + bias[:, None])
+
+
+@pytest.mark.parametrize("width,length", [(4, 10), (2, 3), (4, 2)])
+def test_causal_conv1d_matches_loop(width, length):
+    x = torch.randn(2, 6, length, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, width, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    ref = sequential_conv(x, w, bias)
+    out = ops.causal_conv1d_torch(x, w, bias, "silu")
+    torch.testing.assert_close(out, ref)
+    gr = torch.autograd.grad(ref.sum(), [x, w, bias])
+    go = torch.autograd.grad(out.sum(), [x, w, bias])
+    for a, b in zip(go, gr):
+        torch.testing.assert_close(a, b)
+
+
+def test_conv_step_matches_full_conv():
+    x = torch.randn(2, 5, 9, dtype=torch.float64)
+    w, bias = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    full = ops.causal_conv1d_torch(x, w, bias)
+    state = torch.zeros(2, 5, 4, dtype=torch.float64)
+    steps = torch.stack([ops.causal_conv1d_step(x[:, :, t], state, w, bias) for t in range(9)], dim=-1)
+    torch.testing.assert_close(steps, full)
+
+
+@pytest.mark.parametrize("group_size", [12, 4, 3])
+def test_gated_rmsnorm_matches_per_group_formula(group_size):
+    x = torch.randn(3, 5, 12, dtype=torch.float64, requires_grad=True)
+    z = torch.randn(3, 5, 12, dtype=torch.float64)
+    w = torch.randn(12, dtype=torch.float64)
+    out = ops.gated_rmsnorm_torch(x, w, z, eps=1e-5, group_size=group_size)
+    gated = x * z * torch.sigmoid(z)
+    ref = torch.empty_like(gated)
+    for s in range(0, 12, group_size):
+        blk = gated[..., s:s + group_size]
+        ref[..., s:s + group_size] = blk / torch.sqrt((blk ** 2).mean(-1, keepdim=True) + 1e-5)
+    torch.testing.assert_close(out, ref * w)
+    with pytest.raises(ValueError, match="group_size"):
+        ops.gated_rmsnorm_torch(x, w, z, group_size=5)
