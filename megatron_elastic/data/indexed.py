@@ -1,0 +1,82 @@
+"""Write and check Megatron indexed datasets (``.bin``/``.idx`` via ``megatron.core.datasets``)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from typing import Dict, Iterable, Iterator, Tuple
+
+import numpy as np
+import torch
+from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+from tqdm import tqdm
+
+SPLITS = ("train", "valid")
+
+
+@dataclass
+class SplitStats:
+    documents: int = 0
+    tokens: int = 0
+
+
+def token_dtype(vocab_size: int):
+    return np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
+
+
+def write_split_datasets(out_dir: str, documents: Iterable[str], tokenizer, valid_every: int = 20,
+                         progress: bool = True) -> Dict[str, SplitStats]:
+    """Tokenise ``documents`` (EOD appended to each) into ``<out_dir>/{train,valid}_text_document.{bin,idx}``.
+
+    Every ``valid_every``-th document goes to ``valid`` (deterministic). Writes ``metadata.json`` with the
+    tokenizer and counts, which training checks against the model's vocabulary.
+    """
+    if valid_every < 2:
+        raise ValueError("valid_every must be >= 2 (every N-th document goes to the validation split)")
+    os.makedirs(out_dir, exist_ok=True)
+    dtype = token_dtype(tokenizer.vocab_size)
+    builders = {s: IndexedDatasetBuilder(os.path.join(out_dir, f"{s}_text_document.bin"), dtype=dtype) for s in SPLITS}
+    stats = {s: SplitStats() for s in SPLITS}
+    for i, text in enumerate(tqdm(documents, desc="tokenising", unit="doc", disable=not progress)):
+        split = "valid" if i % valid_every == valid_every - 1 else "train"
+        ids = tokenizer.tokenize(text) + [tokenizer.eod]
+        builders[split].add_item(torch.tensor(ids, dtype=torch.int64))
+        builders[split].end_document()
+        stats[split].documents += 1
+        stats[split].tokens += len(ids)
+    for s in SPLITS:
+        if stats[s].documents == 0:
+            raise ValueError(f"the {s} split is empty: give more input text (or a smaller --valid-every)")
+        builders[s].finalize(os.path.join(out_dir, f"{s}_text_document.idx"))
+    meta = {"tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size,
+            "splits": {s: asdict(stats[s]) for s in SPLITS}}
+    with open(os.path.join(out_dir, "metadata.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+    return stats
+
+
+def split_prefix(data_dir: str, split: str) -> str:
+    return os.path.join(data_dir, f"{split}_text_document")
+
+
+def read_metadata(data_dir: str) -> dict:
+    """Read ``metadata.json`` and check both splits exist, with errors that name the fix."""
+    path = os.path.join(data_dir, "metadata.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: run `megatron-elastic prepare-data --out {data_dir}` first")
+    with open(path) as f:
+        meta = json.load(f)
+    for s in SPLITS:
+        for ext in (".bin", ".idx"):
+            p = split_prefix(data_dir, s) + ext
+            if not os.path.isfile(p) or os.path.getsize(p) == 0:
+                raise FileNotFoundError(f"{p} is missing or empty: re-run `megatron-elastic prepare-data --out {data_dir}`")
+    return meta
+
+
+def iter_documents(prefix: str) -> Iterator[np.ndarray]:
+    """Token arrays of every document of an indexed dataset."""
+    ds = IndexedDataset(prefix)
+    for i in range(len(ds)):
+        yield ds[i]
