@@ -95,6 +95,33 @@ class CpuRNGStatesTracker(mcore_random.CudaRNGStatesTracker):
             torch.set_rng_state(orig)
 
 
+class CudaToCpuMode(torch.overrides.TorchFunctionMode):
+    """Inside this mode, tensors that Megatron-Core asks for on ``"cuda"`` (factory calls with
+    ``device="cuda"`` and ``Tensor.cuda()``) are made on the CPU, and ``Tensor.type()`` names the CPU
+    tensor types as the CUDA ones. Megatron's optimizer, gradient clipping and pipeline schedules hard-code
+    such scalars and type checks; on a machine without CUDA this lets them run unchanged."""
+
+    _FACTORY_DEVICE_KWARG = "device"
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # Megatron asserts grads are 'torch.cuda.FloatTensor'; the CPU stands in for the device here.
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if ".cuda." not in name else name
+        dev = kwargs.get(self._FACTORY_DEVICE_KWARG)
+        if dev is not None and torch.device(dev).type == "cuda":
+            kwargs = {**kwargs, self._FACTORY_DEVICE_KWARG: "cpu"}
+        return func(*args, **kwargs)
+
+
+def cuda_to_cpu():
+    """A context in which Megatron's hard-coded CUDA scalars land on the CPU; a null context with CUDA."""
+    return contextlib.nullcontext() if cuda_available() else CudaToCpuMode()
+
+
 _SHIMS_APPLIED = False
 
 

@@ -88,8 +88,13 @@ class HybridConfig(TransformerConfig):
         unknown = sorted(k for k in d if k not in names)
         if unknown:
             raise ConfigError(f"model: unknown field(s) {unknown}; see megatron_elastic.model.config.HybridConfig")
-        if isinstance(d.get("params_dtype"), str):
-            d["params_dtype"] = getattr(torch, d["params_dtype"])
+        for key in ("params_dtype", "pipeline_dtype"):
+            if isinstance(d.get(key), str):
+                if not isinstance(getattr(torch, d[key], None), torch.dtype):
+                    raise ConfigError(f"{key}: {d[key]!r} is not a torch dtype; use float32, bfloat16 or float16")
+                d[key] = getattr(torch, d[key])
+        if d.get("pipeline_model_parallel_size", 1) > 1 and d.get("pipeline_dtype") is None:
+            d["pipeline_dtype"] = d.get("params_dtype", torch.float32)
         d.setdefault("num_layers", len(d.get("hybrid_pattern", "")) or 1)
         return cls(**d)
 

@@ -1,0 +1,155 @@
+"""``megatron-elastic``: the command-line entry point."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+from importlib import resources
+
+TINY_PARENT = "tiny_parent.yaml"
+
+
+def _quiet_warnings() -> None:
+    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+    warnings.filterwarnings("ignore", message=".*ColumnParallelLinear.*")
+
+
+def recipe_path(name: str) -> str:
+    return str(resources.files("megatron_elastic.recipes").joinpath(name))
+
+
+def cmd_prepare_data(args) -> int:
+    from megatron_elastic.data.corpus import iter_stdlib_documents, iter_user_documents, stdlib_root
+    from megatron_elastic.data.indexed import write_split_datasets
+    from megatron_elastic.data.tokenizer import get_tokenizer
+
+    tok = get_tokenizer(args.tokenizer)
+    if args.input:
+        docs = iter_user_documents(args.input, args.json_key)
+        source = f"{len(args.input)} file(s)"
+    else:
+        docs = iter_stdlib_documents(args.max_bytes)
+        source = f"Python standard library at {stdlib_root()}"
+    print(f"prepare-data: {source} -> {args.out} (tokenizer: {tok.name}, vocab {tok.vocab_size})")
+    stats = write_split_datasets(args.out, docs, tok, valid_every=args.valid_every, progress=not args.no_progress)
+    for split, s in stats.items():
+        print(f"  {split:5s}: {s.documents:6d} documents, {s.tokens:11,d} tokens")
+    return 0
+
+
+def _pretrain_config(args):
+    from megatron_elastic.training.config import load_pretrain_config
+
+    overrides = list(args.set or [])
+    return load_pretrain_config(args.config, overrides)
+
+
+def cmd_pretrain(args) -> int:
+    from megatron_elastic.training.pretrain import pretrain
+
+    cfg = _pretrain_config(args)
+    summary = pretrain(cfg, resume=args.resume, progress=not args.no_progress)
+    if summary and int(os.environ.get("RANK", "0")) == int(os.environ.get("WORLD_SIZE", "1")) - 1:
+        print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """The tiny end-to-end recipe on this machine's CPU (grows with the pipeline)."""
+    from megatron_elastic.data.indexed import read_metadata
+    from megatron_elastic.training.checkpoint import latest_checkpoint
+    from megatron_elastic.training.config import load_pretrain_config
+    from megatron_elastic.training.pretrain import pretrain
+
+    t0 = time.time()
+    out = os.path.abspath(args.out)
+    data_dir, parent_dir = os.path.join(out, "data"), os.path.join(out, "parent")
+    overrides = [f"data.path={data_dir}", f"checkpoint.dir={parent_dir}"]
+    if args.quick:
+        overrides += ["train.train_iters=60", "train.eval_interval=30", "train.eval_iters=4",
+                      "train.lr_warmup_iters=10", "checkpoint.save_interval=60"]
+    overrides += list(args.set or [])
+    cfg = load_pretrain_config(args.config or recipe_path(TINY_PARENT), overrides)
+
+    print(f"[1/2] data: {data_dir}")
+    try:
+        read_metadata(data_dir)
+        print("  reusing prepared data")
+    except FileNotFoundError:
+        ns = argparse.Namespace(input=None, out=data_dir, tokenizer="byte", json_key="text",
+                                max_bytes=args.max_bytes, valid_every=20, no_progress=args.no_progress)
+        cmd_prepare_data(ns)
+
+    print(f"[2/2] pretrain the tiny parent: {parent_dir}")
+    existing = latest_checkpoint(parent_dir) if os.path.isdir(parent_dir) else None
+    summary = None
+    if existing and json.load(open(os.path.join(existing, "trainer_state.json")))["iteration"] >= cfg.train.train_iters:
+        print(f"  reusing trained parent at {existing}")
+        summary = json.load(open(os.path.join(parent_dir, "summary.json")))
+    else:
+        summary = pretrain(cfg, resume=existing is not None, progress=not args.no_progress)
+    print(f"\nparent: {summary['parameters']:,} parameters, {summary['tokens']:,} tokens; validation "
+          f"{summary['initial_valid_bpb']:.3f} -> {summary['final_valid_bpb']:.3f} bits/byte "
+          f"(unigram baseline {summary['unigram_bpb']:.3f})")
+    print(f"demo finished in {time.time() - t0:.0f} s; outputs in {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="megatron-elastic",
+                                description="Nemotron Elastic on Megatron-Core: nested hybrid Mamba-2/attention LLMs.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("prepare-data", help="write Megatron indexed datasets (.bin/.idx), train and valid splits",
+                       description="Tokenise text into Megatron indexed datasets. Without --input, uses the built-in "
+                                   "corpus: this machine's Python standard library sources.")
+    d.add_argument("--out", required=True, help="output directory")
+    d.add_argument("--input", nargs="+", help="JSONL files (one object per line, text under --json-key) or text files")
+    d.add_argument("--json-key", default="text", help="JSON field holding the text (default: text)")
+    d.add_argument("--tokenizer", default="byte", help="tokenizer (default: byte)")
+    d.add_argument("--max-bytes", type=int, default=16_000_000, help="cap on built-in corpus size (default 16 MB)")
+    d.add_argument("--valid-every", type=int, default=20, help="every N-th document goes to valid (default 20)")
+    d.add_argument("--no-progress", action="store_true", help="no progress bar")
+    d.set_defaults(func=cmd_prepare_data)
+
+    t = sub.add_parser("pretrain", help="pretrain a hybrid parent model",
+                       description="Pretrain a hybrid parent from a YAML config (sections model, parallel, data, "
+                                   "train, checkpoint). Launch with torchrun for TP/PP/DP > 1.")
+    t.add_argument("--config", required=True, help=f"YAML config, e.g. examples/tiny/parent.yaml")
+    t.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override a config value (repeatable)")
+    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in checkpoint.dir")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_pretrain)
+
+    m = sub.add_parser("demo", help="run the tiny CPU recipe end to end",
+                       description="Prepare the built-in corpus and pretrain the tiny parent on this machine "
+                                   "(later stages: importance, elastic distillation, extraction). Re-running reuses "
+                                   "finished phases.")
+    m.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
+    m.add_argument("--quick", action="store_true", help="a short run (a few minutes) to check the set-up")
+    m.add_argument("--config", help="parent config (default: the packaged tiny recipe)")
+    m.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override a config value")
+    m.add_argument("--max-bytes", type=int, default=16_000_000, help="built-in corpus size cap")
+    m.add_argument("--no-progress", action="store_true", help="no progress bars")
+    m.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv=None) -> int:
+    _quiet_warnings()
+    args = build_parser().parse_args(argv)
+    from megatron_elastic.model.config import ConfigError
+
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"megatron-elastic {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

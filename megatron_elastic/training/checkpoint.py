@@ -1,0 +1,150 @@
+"""Checkpoints: model and optimizer through ``megatron.core.dist_checkpointing`` (TP/PP-reshardable),
+plus the trainer state (iteration, data position, LR schedule, RNG) as JSON/pt files.
+
+Layout::
+
+    <dir>/latest                     name of the newest complete checkpoint (written last)
+    <dir>/iter_0000300/dist/         dist_checkpointing directory: {"model": ..., "optimizer": ...}
+    <dir>/iter_0000300/trainer_state.json
+    <dir>/iter_0000300/rng_rank<r>.pt
+
+A checkpoint is written into ``iter_XXXXXXX.tmp`` and renamed when every rank has finished, and ``latest``
+is replaced atomically afterwards, so a crash mid-write never leaves a checkpoint that would be loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+
+from megatron_elastic.compat import cuda_to_cpu
+
+LATEST = "latest"
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def iteration_dirname(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def latest_checkpoint(ckpt_dir: str) -> Optional[str]:
+    """Path of the newest complete checkpoint under ``ckpt_dir``, or None."""
+    pointer = os.path.join(ckpt_dir, LATEST)
+    if not os.path.isfile(pointer):
+        return None
+    with open(pointer) as f:
+        name = f.read().strip()
+    path = os.path.join(ckpt_dir, name)
+    if not os.path.isfile(os.path.join(path, "trainer_state.json")):
+        raise FileNotFoundError(f"{pointer} names {name}, which is incomplete or missing; "
+                                f"point {pointer} at an earlier iter_* directory")
+    return path
+
+
+def rng_state() -> Dict[str, Any]:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "tracker": get_cuda_rng_tracker().get_states()}
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _sharded_state(model, optimizer, is_loading: bool):
+    model_sd = model.sharded_state_dict()
+    state = {"model": model_sd}
+    if optimizer is not None:
+        with cuda_to_cpu():
+            state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
+    return state
+
+
+def save_checkpoint(ckpt_dir: str, iteration: int, model, optimizer=None, trainer_state: Optional[dict] = None,
+                    keep_last: Optional[int] = None) -> str:
+    """Save ``model`` (a Megatron module), ``optimizer`` (a Megatron optimizer) and ``trainer_state``
+    (JSON-serialisable) atomically; collective over all ranks. Returns the checkpoint path."""
+    final = os.path.join(ckpt_dir, iteration_dirname(iteration))
+    tmp = final + ".tmp"
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(os.path.join(tmp, "dist"))
+    _barrier()
+    with cuda_to_cpu():
+        dist_checkpointing.save(_sharded_state(model, optimizer, is_loading=False), os.path.join(tmp, "dist"))
+    torch.save(rng_state(), os.path.join(tmp, f"rng_rank{_rank()}.pt"))
+    _barrier()
+    if _rank() == 0:
+        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+            json.dump({"iteration": iteration, **(trainer_state or {})}, f, indent=2)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        pointer_tmp = os.path.join(ckpt_dir, LATEST + ".tmp")
+        with open(pointer_tmp, "w") as f:
+            f.write(os.path.basename(final))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(pointer_tmp, os.path.join(ckpt_dir, LATEST))
+        if keep_last:
+            _prune(ckpt_dir, keep_last)
+    _barrier()
+    return final
+
+
+def _prune(ckpt_dir: str, keep_last: int) -> None:
+    done = sorted(d for d in os.listdir(ckpt_dir) if d.startswith("iter_") and not d.endswith(".tmp"))
+    for d in done[:-keep_last]:
+        shutil.rmtree(os.path.join(ckpt_dir, d), ignore_errors=True)
+
+
+def load_checkpoint(path: str, model, optimizer=None, strict: bool = True, load_rng: bool = True) -> dict:
+    """Load a checkpoint written by :func:`save_checkpoint` into ``model`` (and ``optimizer``), at any TP/PP
+    layout. Returns the trainer state dict."""
+    with open(os.path.join(path, "trainer_state.json")) as f:
+        trainer_state = json.load(f)
+    with cuda_to_cpu():
+        state = dist_checkpointing.load(_sharded_state(model, optimizer, is_loading=True), os.path.join(path, "dist"),
+                                        strict="assume_ok_unexpected")
+    missing, unexpected = model.load_state_dict(state["model"], strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if strict and missing:
+        raise RuntimeError(f"checkpoint {path} lacks model tensors {missing[:5]}... (was it written for another model?)")
+    if optimizer is not None:
+        with cuda_to_cpu():
+            optimizer.load_state_dict(state["optimizer"])
+    rng_file = os.path.join(path, f"rng_rank{_rank()}.pt")
+    if load_rng and os.path.isfile(rng_file):
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return trainer_state
+
+
+def load_model_weights(path: str, model) -> dict:
+    """Load only the model weights of a checkpoint (a checkpoint directory or its parent with ``latest``)."""
+    if os.path.isfile(os.path.join(path, LATEST)):
+        path = latest_checkpoint(path)
+    return load_checkpoint(path, model, optimizer=None, load_rng=False)

@@ -1,0 +1,174 @@
+"""The pretraining job config: a YAML file with sections ``model``, ``parallel``, ``data``, ``train``,
+``checkpoint``. Every field is checked before any work starts; errors name the field and the fix."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import yaml
+
+from megatron_elastic.model.config import ConfigError, HybridConfig, tiny_defaults
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+
+
+@dataclass
+class DataConfig:
+    path: str = "runs/data"          # a directory written by `megatron-elastic prepare-data`
+    seq_length: int = 256
+    num_workers: int = 0
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = 8
+    global_batch_size: int = 8
+    train_iters: int = 1000
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    lr_warmup_iters: int = 50
+    lr_decay_style: str = "cosine"
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    clip_grad: float = 1.0
+    seed: int = 1234
+    log_interval: int = 10
+    eval_interval: int = 200
+    eval_iters: int = 20
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = "runs/parent"
+    save_interval: int = 500
+    keep_last: int = 2
+
+
+@dataclass
+class PretrainConfig:
+    model: Dict[str, Any] = field(default_factory=dict)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def model_config(self, **overrides: Any) -> HybridConfig:
+        """The validated ``HybridConfig`` at this job's parallel layout."""
+        kw = {**tiny_defaults(), **self.model, **overrides}
+        kw.setdefault("tensor_model_parallel_size", self.parallel.tensor_model_parallel_size)
+        kw.setdefault("pipeline_model_parallel_size", self.parallel.pipeline_model_parallel_size)
+        try:
+            return HybridConfig.from_dict(kw)
+        except ConfigError as e:
+            raise ConfigError(f"model.{e}") from None
+
+    def validate(self, world_size: int = 1) -> None:
+        _positive(self, "parallel.tensor_model_parallel_size", "parallel.pipeline_model_parallel_size",
+                  "data.seq_length", "train.micro_batch_size", "train.global_batch_size", "train.train_iters",
+                  "train.log_interval", "train.eval_interval", "train.eval_iters", "checkpoint.save_interval",
+                  "checkpoint.keep_last")
+        t = self.train
+        if not 0 < t.lr:
+            raise ConfigError("train.lr: must be > 0")
+        if not 0 <= t.min_lr <= t.lr:
+            raise ConfigError(f"train.min_lr: must be in [0, train.lr={t.lr}]")
+        if t.lr_decay_style not in ("cosine", "linear", "constant"):
+            raise ConfigError("train.lr_decay_style: must be 'cosine', 'linear' or 'constant'")
+        if not 0 <= t.lr_warmup_iters < t.train_iters:
+            raise ConfigError(f"train.lr_warmup_iters: must be in [0, train.train_iters={t.train_iters})")
+        mp = self.parallel.tensor_model_parallel_size * self.parallel.pipeline_model_parallel_size
+        if world_size % mp:
+            raise ConfigError(f"parallel: world size {world_size} is not a multiple of TP*PP={mp}; launch a multiple of {mp} processes")
+        dp = world_size // mp
+        if t.global_batch_size % (t.micro_batch_size * dp):
+            raise ConfigError(f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
+                              f"micro_batch_size*data_parallel_size ({t.micro_batch_size}*{dp})")
+        cfg = self.model_config()
+        if "M" in cfg.hybrid_pattern and self.data.seq_length < cfg.mamba_conv_kernel:
+            raise ConfigError(f"data.seq_length ({self.data.seq_length}) must be >= model.mamba_conv_kernel")
+        if cfg.position_embedding_type == "learned_absolute" and self.data.seq_length > cfg.max_sequence_length:
+            raise ConfigError(f"data.seq_length ({self.data.seq_length}) exceeds model.max_sequence_length "
+                              f"({cfg.max_sequence_length}) of the learned position embedding")
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _positive(cfg, *paths: str) -> None:
+    for path in paths:
+        section, name = path.split(".")
+        v = getattr(getattr(cfg, section), name)
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise ConfigError(f"{path}: must be a positive integer, got {v!r}")
+
+
+def _build_section(cls, section: str, values: Any):
+    if values is None:
+        return cls()
+    if not isinstance(values, dict):
+        raise ConfigError(f"{section}: must be a mapping, got {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(f"{section}: unknown field(s) {unknown}; known: {sorted(fields)}")
+    out = {}
+    for k, v in values.items():
+        default = getattr(cls(), k)
+        if isinstance(default, bool) != isinstance(v, bool) or (
+                isinstance(default, (int, float)) and not isinstance(v, (int, float))) or (
+                isinstance(default, str) and not isinstance(v, str)):
+            raise ConfigError(f"{section}.{k}: expected {type(default).__name__}, got {v!r}")
+        if isinstance(default, float) and isinstance(v, int):
+            v = float(v)
+        out[k] = v
+    return cls(**out)
+
+
+def apply_overrides(raw: Dict[str, Any], overrides: List[str]) -> Dict[str, Any]:
+    """Apply ``section.field=value`` overrides (value parsed as YAML) to a raw config mapping."""
+    for item in overrides or []:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"override {item!r}: use section.field=value, e.g. train.train_iters=100")
+        key, value = item.split("=", 1)
+        section, name = key.split(".", 1)
+        raw.setdefault(section, {})
+        if raw[section] is None:
+            raw[section] = {}
+        raw[section][name] = yaml.safe_load(value)
+    return raw
+
+
+def load_pretrain_config(path: Optional[str] = None, overrides: Optional[List[str]] = None,
+                         text: Optional[str] = None) -> PretrainConfig:
+    """Load a YAML job config from ``path`` (or ``text``), apply ``overrides``, validate the sections."""
+    if text is None:
+        try:
+            with open(path) as f:
+                text = f.read()
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} not found") from None
+    raw = yaml.safe_load(text) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError("config: the top level must be a mapping of sections")
+    raw = apply_overrides(raw, overrides)
+    known = {"model", "parallel", "data", "train", "checkpoint"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"config: unknown section(s) {unknown}; known: {sorted(known)}")
+    if not isinstance(raw.get("model"), dict) or not raw["model"]:
+        raise ConfigError("model: section missing; give at least hybrid_pattern, vocab_size, hidden_size, ...")
+    cfg = PretrainConfig(
+        model=dict(raw["model"]),
+        parallel=_build_section(ParallelConfig, "parallel", raw.get("parallel")),
+        data=_build_section(DataConfig, "data", raw.get("data")),
+        train=_build_section(TrainConfig, "train", raw.get("train")),
+        checkpoint=_build_section(CheckpointConfig, "checkpoint", raw.get("checkpoint")),
+    )
+    return cfg

@@ -1,0 +1,214 @@
+"""Pretraining the parent: Megatron's forward/backward schedules, DDP and optimizer, on CPU or GPU."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Dict, Iterator, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from tqdm import tqdm
+
+from megatron_elastic.compat import cuda_to_cpu
+from megatron_elastic.data.indexed import split_prefix
+from megatron_elastic.data.loader import build_gpt_datasets, make_loader
+from megatron_elastic.model.builder import causal_attention_mask
+from megatron_elastic.parallel import initialize_parallel
+from megatron_elastic.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from megatron_elastic.training.config import PretrainConfig
+from megatron_elastic.training.setup import build_training_components
+
+LN2 = math.log(2.0)
+
+
+def unigram_entropy_nats(data_dir: str) -> float:
+    """Entropy (nats/token) of the training split's unigram distribution: the loss of the best model that
+    ignores context. A trained LM must end well below it."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    ds = IndexedDataset(split_prefix(data_dir, "train"))
+    counts = np.zeros(1, dtype=np.int64)
+    for i in range(len(ds)):
+        c = np.bincount(ds[i])
+        if len(c) > len(counts):
+            counts = np.pad(counts, (0, len(c) - len(counts)))
+        counts[: len(c)] += c
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def _batch_to_device(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
+
+
+def lm_forward_step(data_iterator: Iterator, model):
+    """Megatron ``forward_step_func``: per-token LM loss averaged over the loss mask."""
+    batch = _batch_to_device(next(data_iterator))
+    tokens, labels, loss_mask = batch["tokens"], batch["labels"], batch["loss_mask"]
+    output = model(tokens, batch["position_ids"], causal_attention_mask(tokens.shape[1], tokens.device), labels=labels)
+
+    def loss_func(output_tensor):
+        loss = (output_tensor.float() * loss_mask).sum() / loss_mask.sum().clamp(min=1)
+        return loss, {"lm loss": loss.detach()}
+
+    return output, loss_func
+
+
+def _mean_reported(losses_reduced, key: str = "lm loss") -> Optional[float]:
+    """Average a reported scalar over micro-batches (last PP stage) and data-parallel ranks; None elsewhere."""
+    if not parallel_state.is_pipeline_last_stage():
+        return None
+    val = torch.stack([d[key] for d in losses_reduced]).mean()
+    if dist.is_initialized() and parallel_state.get_data_parallel_world_size() > 1:
+        dist.all_reduce(val, group=parallel_state.get_data_parallel_group())
+        val /= parallel_state.get_data_parallel_world_size()
+    return float(val)
+
+
+def _broadcast_from_last_stage(value: Optional[float]) -> float:
+    """Make a last-stage scalar known on every rank (for logging and checkpoints)."""
+    if not dist.is_initialized() or parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return value
+    t = torch.tensor([value if value is not None else 0.0])
+    dist.broadcast(t, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                   group=parallel_state.get_pipeline_model_parallel_group())
+    return float(t)
+
+
+def evaluate(model, loader_iter, num_batches: int, num_microbatches: int, seq_length: int, micro_batch_size: int) -> float:
+    """Mean validation loss (nats/token) over ``num_batches`` global batches."""
+    fb = get_forward_backward_func()
+    model.eval()
+    values = []
+    with torch.no_grad(), cuda_to_cpu():
+        for _ in range(num_batches):
+            losses = fb(forward_step_func=lm_forward_step, data_iterator=loader_iter, model=[model],
+                        num_microbatches=num_microbatches, seq_length=seq_length,
+                        micro_batch_size=micro_batch_size, forward_only=True)
+            values.append(_mean_reported(losses))
+    model.train()
+    if values[0] is None:
+        return _broadcast_from_last_stage(None)
+    return _broadcast_from_last_stage(float(np.mean(values)))
+
+
+def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -> dict:
+    """Train the parent described by ``cfg``. With ``resume``, continue from the latest checkpoint in
+    ``cfg.checkpoint.dir``. Returns a summary (parameters, tokens, wall time, losses)."""
+    t0 = time.time()
+    tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
+    initialize_parallel(tp, pp, seed=cfg.train.seed)
+    world = dist.get_world_size()
+    cfg.validate(world)
+    model_cfg = cfg.model_config()
+    t, seq = cfg.train, cfg.data.seq_length
+    dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    num_micro = t.global_batch_size // (t.micro_batch_size * dp)
+    is_logger = dist.get_rank() == world - 1  # last rank: last PP stage, knows the loss
+
+    comps = build_training_components(model_cfg, t)
+    model, optimizer, scheduler = comps.model, comps.optimizer, comps.scheduler
+    model_cfg.finalize_model_grads_func = finalize_model_grads
+    model_cfg.no_sync_func = model.no_sync
+
+    n_params = torch.tensor([sum(p.numel() for p in comps.unwrapped.parameters())])
+    if dist.is_initialized():
+        # Sum over the model-parallel ranks: each holds a disjoint part (replicated norms counted per TP rank).
+        dist.all_reduce(n_params, group=parallel_state.get_model_parallel_group())
+
+    state = {"iteration": 0, "consumed_train_samples": 0, "history": []}
+    ckpt_dir = cfg.checkpoint.dir
+    if resume:
+        path = latest_checkpoint(ckpt_dir)
+        if path is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {ckpt_dir} (no 'latest' file); drop --resume to start fresh")
+        state = load_checkpoint(path, comps.unwrapped, optimizer)
+        scheduler.load_state_dict(state["scheduler"])
+        if is_logger and progress:
+            print(f"resumed from {path} at iteration {state['iteration']}")
+
+    train_samples = t.train_iters * t.global_batch_size
+    valid_samples = (t.train_iters // t.eval_interval + 2) * t.eval_iters * t.global_batch_size
+    train_ds, valid_ds = build_gpt_datasets(cfg.data.path, seq, train_samples, valid_samples, seed=t.seed,
+                                            model_vocab_size=model_cfg.vocab_size)
+    train_iter = iter(make_loader(train_ds, state["consumed_train_samples"], t.micro_batch_size, dp_rank, dp,
+                                  cfg.data.num_workers))
+    valid_loader_start = lambda: iter(make_loader(valid_ds, 0, t.micro_batch_size, dp_rank, dp))
+
+    unigram = unigram_entropy_nats(cfg.data.path)
+    fb = get_forward_backward_func()
+    tokens_per_iter = t.global_batch_size * seq
+    os.makedirs(ckpt_dir, exist_ok=True)
+    metrics_path = os.path.join(ckpt_dir, "metrics.jsonl")
+
+    def log(record):
+        if is_logger:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def run_eval():
+        return evaluate(model, valid_loader_start(), t.eval_iters, num_micro, seq, t.micro_batch_size)
+
+    start_iter = state["iteration"]
+    if start_iter == 0:
+        v0 = run_eval()
+        state["initial_valid_loss"] = v0
+        log({"iteration": 0, "valid_loss": v0, "valid_bpb": v0 / LN2, "unigram_bpb": unigram / LN2})
+        if is_logger and progress:
+            print(f"parameters: {int(n_params):,}  tokens/iter: {tokens_per_iter:,}  "
+                  f"unigram baseline: {unigram / LN2:.3f} bits/byte  initial valid: {v0 / LN2:.3f} bits/byte")
+
+    bar = tqdm(total=t.train_iters, initial=start_iter, desc="pretrain", unit="it",
+               disable=not (progress and is_logger), dynamic_ncols=True)
+    loss_window, window_t0 = [], time.time()
+    last_valid = state.get("last_valid_loss")
+    for it in range(start_iter + 1, t.train_iters + 1):
+        with cuda_to_cpu():
+            model.zero_grad_buffer()
+            optimizer.zero_grad()
+            losses = fb(forward_step_func=lm_forward_step, data_iterator=train_iter, model=[model],
+                        num_microbatches=num_micro, seq_length=seq, micro_batch_size=t.micro_batch_size,
+                        forward_only=False)
+            ok, grad_norm, _ = optimizer.step()
+        scheduler.step(increment=1)
+        state["consumed_train_samples"] += t.global_batch_size
+        loss = _broadcast_from_last_stage(_mean_reported(losses))
+        loss_window.append(loss)
+        if it % t.log_interval == 0 or it == t.train_iters:
+            elapsed = time.time() - window_t0
+            rec = {"iteration": it, "train_loss": float(np.mean(loss_window)), "lr": optimizer.param_groups[0]["lr"],
+                   "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                   "tokens_per_s": len(loss_window) * tokens_per_iter / max(elapsed, 1e-9)}
+            log(rec)
+            bar.set_postfix(loss=f"{rec['train_loss']:.3f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            loss_window, window_t0 = [], time.time()
+        if it % t.eval_interval == 0 or it == t.train_iters:
+            last_valid = run_eval()
+            state["last_valid_loss"] = last_valid
+            log({"iteration": it, "valid_loss": last_valid, "valid_bpb": last_valid / LN2})
+            bar.write(f"iteration {it}: valid loss {last_valid:.4f} nats/token = {last_valid / LN2:.3f} bits/byte")
+        if it % cfg.checkpoint.save_interval == 0 or it == t.train_iters:
+            state["iteration"] = it
+            save_checkpoint(ckpt_dir, it, comps.unwrapped, optimizer,
+                            {**{k: v for k, v in state.items() if k != "iteration"},
+                             "scheduler": scheduler.state_dict(), "config": cfg.to_dict()},
+                            keep_last=cfg.checkpoint.keep_last)
+        bar.update(1)
+    bar.close()
+    summary = {"parameters": int(n_params), "train_iters": t.train_iters,
+               "tokens": t.train_iters * tokens_per_iter, "wall_time_s": time.time() - t0,
+               "unigram_bpb": unigram / LN2, "initial_valid_bpb": state.get("initial_valid_loss", float("nan")) / LN2,
+               "final_valid_bpb": (last_valid / LN2) if last_valid is not None else None,
+               "checkpoint": latest_checkpoint(ckpt_dir)}
+    if is_logger:
+        with open(os.path.join(ckpt_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    return summary

@@ -1,0 +1,52 @@
+"""Model, Megatron DDP wrapper, Megatron optimizer and LR schedule for a training job."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from megatron_elastic.compat import cuda_to_cpu
+from megatron_elastic.model.builder import build_hybrid_model
+from megatron_elastic.model.config import HybridConfig
+
+
+@dataclass
+class TrainingComponents:
+    model: torch.nn.Module            # the DDP-wrapped model (call this one)
+    optimizer: object                 # Megatron optimizer
+    scheduler: OptimizerParamScheduler
+
+    @property
+    def unwrapped(self) -> torch.nn.Module:
+        return self.model.module
+
+
+def build_training_components(model_cfg: HybridConfig, train_cfg) -> TrainingComponents:
+    """Build the model for this pipeline stage, wrap it in Megatron's DDP and create the optimizer and
+    LR/weight-decay schedule from ``train_cfg`` (a :class:`~megatron_elastic.training.config.TrainConfig`)."""
+    model = build_hybrid_model(
+        model_cfg,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+    )
+    with cuda_to_cpu():
+        ddp = DistributedDataParallel(
+            model_cfg, DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                                     use_distributed_optimizer=False), model)
+        optimizer = get_megatron_optimizer(
+            OptimizerConfig(optimizer="adam", lr=train_cfg.lr, min_lr=train_cfg.min_lr,
+                            weight_decay=train_cfg.weight_decay, adam_beta1=train_cfg.adam_beta1,
+                            adam_beta2=train_cfg.adam_beta2, clip_grad=train_cfg.clip_grad,
+                            bf16=model_cfg.bf16, fp16=model_cfg.fp16, params_dtype=model_cfg.params_dtype),
+            [ddp])
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=train_cfg.lr, min_lr=train_cfg.min_lr,
+        lr_warmup_steps=train_cfg.lr_warmup_iters, lr_decay_steps=train_cfg.train_iters,
+        lr_decay_style=train_cfg.lr_decay_style, start_wd=train_cfg.weight_decay, end_wd=train_cfg.weight_decay,
+        wd_incr_steps=train_cfg.train_iters, wd_incr_style="constant")
+    return TrainingComponents(ddp, optimizer, scheduler)
