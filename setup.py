@@ -1,0 +1,37 @@
+from setuptools import find_packages, setup
+
+# On CPU machines install torch first, pinned (`pip install torch==2.13.0`): an unpinned torch pulls a
+# multi-GB CUDA build. The range below is satisfied by that CPU build and by the NGC container's torch.
+install_requires = [
+    "torch>=2.6",
+    "megatron-core>=0.16,<0.21",
+    "numpy",
+    "packaging",
+    "pyyaml",
+    "tqdm",
+    "einops",
+    "psutil",  # megatron.core.dist_checkpointing's writer needs it
+]
+
+extras = {
+    "test": ["pytest>=7", "pytest-timeout", "hypothesis"],
+    "hf": ["transformers>=4.48", "safetensors"],
+    # Built for the local CUDA toolkit; apex is built in the Docker image, not from PyPI.
+    "gpu": ["mamba-ssm", "causal-conv1d>=1.4", "transformer-engine[pytorch]"],
+    "plot": ["matplotlib"],
+}
+extras["dev"] = extras["test"] + extras["hf"] + extras["plot"]
+
+setup(
+    name="megatron-elastic",
+    version="0.1.0",
+    description="Nemotron Elastic on Megatron-Core: one hybrid Mamba-2/attention LLM with nested sub-models",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_elastic", "megatron_elastic.*"]),
+    package_data={"megatron_elastic.recipes": ["*.yaml"]},
+    install_requires=install_requires,
+    extras_require=extras,
+    entry_points={"console_scripts": ["megatron-elastic=megatron_elastic.cli:main"]},
+)

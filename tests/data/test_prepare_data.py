@@ -1,0 +1,72 @@
+"""prepare-data writes Megatron indexed datasets whose documents read back as the exact input bytes."""
+
+import json
+
+import numpy as np
+import pytest
+
+from megatron_elastic.data.corpus import iter_stdlib_documents, iter_user_documents, stdlib_files
+from megatron_elastic.data.indexed import iter_documents, read_metadata, split_prefix, write_split_datasets
+from megatron_elastic.data.tokenizer import ByteTokenizer
+
+
+def _read_back(out, split):
+    tok = ByteTokenizer()
+    docs = []
+    for ids in iter_documents(split_prefix(str(out), split)):
+        assert ids[-1] == tok.eod
+        docs.append(bytes(ids[:-1].astype(np.uint8).tolist()).decode("utf-8"))
+    return docs
+
+
+def test_user_jsonl_and_text_round_trip(tmp_path):
+    texts = [f"document {i}: héllo wörld ✓ " * (i + 1) for i in range(7)]
+    jl = tmp_path / "a.jsonl"
+    jl.write_text("\n".join(json.dumps({"text": t}) for t in texts[:5]) + "\n")
+    tx = tmp_path / "b.txt"
+    tx.write_text(texts[5])
+    tx2 = tmp_path / "c.md"
+    tx2.write_text(texts[6])
+    out = tmp_path / "data"
+    stats = write_split_datasets(str(out), iter_user_documents([str(jl), str(tx), str(tx2)]), ByteTokenizer(),
+                                 valid_every=3, progress=False)
+    train, valid = _read_back(out, "train"), _read_back(out, "valid")
+    assert valid == [texts[2], texts[5]]
+    assert train == [t for i, t in enumerate(texts) if i not in (2, 5)]
+    meta = read_metadata(str(out))
+    assert meta["vocab_size"] == 258
+    assert meta["splits"]["train"]["tokens"] == sum(len(t.encode()) + 1 for t in train) == stats["train"].tokens
+
+
+def test_builtin_corpus_is_stdlib_files_in_order(tmp_path):
+    docs = list(iter_stdlib_documents(max_bytes=200_000))
+    assert docs, "the standard library sources must be found"
+    expected = []
+    for p in stdlib_files():
+        t = p.read_text(encoding="utf-8") if p.stat().st_size else ""
+        if t.strip():
+            expected.append(t)
+        if len(expected) == len(docs):
+            break
+    assert docs == expected
+    out = tmp_path / "d"
+    write_split_datasets(str(out), docs, ByteTokenizer(), valid_every=4, progress=False)
+    assert _read_back(out, "train") + _read_back(out, "valid") == \
+        [d for i, d in enumerate(docs) if i % 4 != 3] + [d for i, d in enumerate(docs) if i % 4 == 3]
+
+
+def test_bad_inputs_have_clear_errors(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{not json\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
+        list(iter_user_documents([str(bad)]))
+    nokey = tmp_path / "nokey.jsonl"
+    nokey.write_text('{"body": "x"}\n')
+    with pytest.raises(ValueError, match="--json-key"):
+        list(iter_user_documents([str(nokey)]))
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        list(iter_user_documents([str(tmp_path / "missing.txt")]))
+    with pytest.raises(FileNotFoundError, match="prepare-data"):
+        read_metadata(str(tmp_path / "nothing"))
+    with pytest.raises(ValueError, match="split is empty"):
+        write_split_datasets(str(tmp_path / "e"), ["only one document"], ByteTokenizer(), progress=False)
