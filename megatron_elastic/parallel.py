@@ -24,14 +24,14 @@ def initialize_parallel(tensor_model_parallel_size: int = 1, pipeline_model_para
     none) and Megatron's TP/PP/DP groups, then seed Megatron's RNG streams. Idempotent."""
     compat.apply_cpu_shims()
     if not dist.is_initialized():
-        if "RANK" not in os.environ:
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(free_port()))
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend=backend)
+        if "RANK" in os.environ:  # torchrun / Slurm launcher environment
+            dist.init_process_group(backend=backend)
+        else:  # a single process; leave os.environ alone so child processes do not inherit a rendezvous
+            dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
+                                    world_size=1)
     world = dist.get_world_size()
     tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
     if world % (tp * pp):
