@@ -15,7 +15,8 @@ TINY_PARENT = "tiny_parent.yaml"
 
 def _quiet_warnings() -> None:
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
-    warnings.filterwarnings("ignore", message=".*ColumnParallelLinear.*")
+    warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
+    warnings.filterwarnings("ignore", message=".*full scope is deprecated.*")
 
 
 def recipe_path(name: str) -> str:

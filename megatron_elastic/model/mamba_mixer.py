@@ -123,6 +123,7 @@ class MambaMixer(MegatronModule):
         ngroups=None,
         pg_collection: ProcessGroupCollection = None,
         pp_layer_offset: int = 0,
+        name: Optional[str] = None,  # megatron-core >= 0.18 passes the module name
     ):
         super().__init__(config)
         if pg_collection is None:

@@ -15,6 +15,7 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
@@ -27,8 +28,18 @@ from megatron_elastic.model.stack import HybridStack
 BACKENDS = ("local", "te")
 
 
-def _local_spec(mixer_cls=MambaMixer) -> ModuleSpec:
-    norm = WrappedTorchNorm
+def _stack_spec(*, norm, column_linear, row_linear, core_attention, fused_norm_linear=None,
+                mixer_cls=MambaMixer) -> ModuleSpec:
+    """The hybrid stack spec. With ``fused_norm_linear`` (TE's LayerNorm+Linear) the pre-norms live inside
+    ``in_proj``/``linear_qkv``/``linear_fc1``; otherwise they are separate ``norm`` modules whose checkpoint
+    keys are mapped onto those fused names."""
+    fused = fused_norm_linear is not None
+    first_linear = fused_norm_linear if fused else column_linear
+    pre_norm = IdentityOp if fused else norm
+
+    def keys_map(local_prefix: str, fused_prefix: str) -> dict:
+        return {} if fused else {local_prefix: f"{fused_prefix}layer_norm_"}
+
     return ModuleSpec(
         module=HybridStack,
         params={"final_norm": norm},
@@ -36,86 +47,58 @@ def _local_spec(mixer_cls=MambaMixer) -> ModuleSpec:
             mamba_layer=ModuleSpec(
                 module=MambaLayer,
                 submodules=MambaLayerSubmodules(
-                    norm=norm,
+                    norm=pre_norm,
                     mixer=ModuleSpec(module=mixer_cls, submodules=MambaMixerSubmodules(
-                        in_proj=ColumnParallelLinear, out_proj=RowParallelLinear)),
+                        in_proj=first_linear, out_proj=row_linear)),
                     mamba_bda=get_bias_dropout_add,
-                    sharded_state_dict_keys_map={"norm.": "mixer.in_proj.layer_norm_"},
+                    sharded_state_dict_keys_map=keys_map("norm.", "mixer.in_proj."),
                 ),
             ),
             attention_layer=ModuleSpec(
                 module=TransformerLayer,
                 submodules=TransformerLayerSubmodules(
-                    input_layernorm=norm,
+                    input_layernorm=pre_norm,
                     self_attention=ModuleSpec(
                         module=SelfAttention,
                         params={"attn_mask_type": AttnMaskType.causal},
-                        submodules=SelfAttentionSubmodules(linear_qkv=ColumnParallelLinear,
-                                                           core_attention=DotProductAttention,
-                                                           linear_proj=RowParallelLinear),
+                        submodules=SelfAttentionSubmodules(linear_qkv=first_linear, core_attention=core_attention,
+                                                           linear_proj=row_linear),
                     ),
                     self_attn_bda=get_bias_dropout_add,
-                    sharded_state_dict_keys_map={"input_layernorm.": "self_attention.linear_qkv.layer_norm_"},
+                    sharded_state_dict_keys_map=keys_map("input_layernorm.", "self_attention.linear_qkv."),
                 ),
             ),
             mlp_layer=ModuleSpec(
                 module=MLPLayer,
                 submodules=TransformerLayerSubmodules(
-                    pre_mlp_layernorm=norm,
-                    mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
-                                                                        linear_fc2=RowParallelLinear)),
+                    pre_mlp_layernorm=pre_norm,
+                    mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=first_linear,
+                                                                        linear_fc2=row_linear)),
                     mlp_bda=get_bias_dropout_add,
-                    sharded_state_dict_keys_map={"pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"},
+                    sharded_state_dict_keys_map=keys_map("pre_mlp_layernorm.", "mlp.linear_fc1."),
                 ),
             ),
         ),
     )
 
 
-def _te_spec(mixer_cls=MambaMixer) -> ModuleSpec:
+def _local_spec() -> ModuleSpec:
+    return _stack_spec(norm=WrappedTorchNorm, column_linear=ColumnParallelLinear, row_linear=RowParallelLinear,
+                       core_attention=DotProductAttention)
+
+
+def _te_spec() -> ModuleSpec:
     # Imported lazily: these classes raise at construction without TransformerEngine.
     from megatron.core.extensions.transformer_engine import (
+        TEColumnParallelLinear,
         TEDotProductAttention,
         TELayerNormColumnParallelLinear,
         TENorm,
         TERowParallelLinear,
     )
 
-    return ModuleSpec(
-        module=HybridStack,
-        params={"final_norm": TENorm},
-        submodules=HybridStackSubmodules(
-            mamba_layer=ModuleSpec(
-                module=MambaLayer,
-                submodules=MambaLayerSubmodules(
-                    mixer=ModuleSpec(module=mixer_cls, submodules=MambaMixerSubmodules(
-                        in_proj=TELayerNormColumnParallelLinear, out_proj=TERowParallelLinear)),
-                    mamba_bda=get_bias_dropout_add,
-                ),
-            ),
-            attention_layer=ModuleSpec(
-                module=TransformerLayer,
-                submodules=TransformerLayerSubmodules(
-                    self_attention=ModuleSpec(
-                        module=SelfAttention,
-                        params={"attn_mask_type": AttnMaskType.causal},
-                        submodules=SelfAttentionSubmodules(linear_qkv=TELayerNormColumnParallelLinear,
-                                                           core_attention=TEDotProductAttention,
-                                                           linear_proj=TERowParallelLinear),
-                    ),
-                    self_attn_bda=get_bias_dropout_add,
-                ),
-            ),
-            mlp_layer=ModuleSpec(
-                module=MLPLayer,
-                submodules=TransformerLayerSubmodules(
-                    mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=TELayerNormColumnParallelLinear,
-                                                                        linear_fc2=TERowParallelLinear)),
-                    mlp_bda=get_bias_dropout_add,
-                ),
-            ),
-        ),
-    )
+    return _stack_spec(norm=TENorm, column_linear=TEColumnParallelLinear, row_linear=TERowParallelLinear,
+                       core_attention=TEDotProductAttention, fused_norm_linear=TELayerNormColumnParallelLinear)
 
 
 def hybrid_stack_spec(backend: str = "local") -> ModuleSpec:

@@ -132,7 +132,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -
             raise FileNotFoundError(f"--resume: no checkpoint in {ckpt_dir} (no 'latest' file); drop --resume to start fresh")
         state = load_checkpoint(path, comps.unwrapped, optimizer)
         scheduler.load_state_dict(state["scheduler"])
-        if is_logger and progress:
+        if is_logger:
             print(f"resumed from {path} at iteration {state['iteration']}")
 
     train_samples = t.train_iters * t.global_batch_size
@@ -162,7 +162,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -
         v0 = run_eval()
         state["initial_valid_loss"] = v0
         log({"iteration": 0, "valid_loss": v0, "valid_bpb": v0 / LN2, "unigram_bpb": unigram / LN2})
-        if is_logger and progress:
+        if is_logger:
             print(f"parameters: {int(n_params):,}  tokens/iter: {tokens_per_iter:,}  "
                   f"unigram baseline: {unigram / LN2:.3f} bits/byte  initial valid: {v0 / LN2:.3f} bits/byte")
 
@@ -194,7 +194,8 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -
             last_valid = run_eval()
             state["last_valid_loss"] = last_valid
             log({"iteration": it, "valid_loss": last_valid, "valid_bpb": last_valid / LN2})
-            bar.write(f"iteration {it}: valid loss {last_valid:.4f} nats/token = {last_valid / LN2:.3f} bits/byte")
+            if is_logger:
+                bar.write(f"iteration {it}: valid loss {last_valid:.4f} nats/token = {last_valid / LN2:.3f} bits/byte")
         if it % cfg.checkpoint.save_interval == 0 or it == t.train_iters:
             state["iteration"] = it
             save_checkpoint(ckpt_dir, it, comps.unwrapped, optimizer,

@@ -1,0 +1,46 @@
+"""The CPU stand-ins for Megatron's CUDA assumptions behave like what they replace."""
+
+import pytest
+import torch
+
+from megatron_elastic import compat
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU shims are only used without CUDA")
+
+
+def test_cpu_rng_tracker_forks_named_streams_and_restores_default():
+    tracker = compat.CpuRNGStatesTracker()
+    tracker.add("a", 11)
+    torch.manual_seed(0)
+    default_next = torch.rand(3)
+    torch.manual_seed(0)
+    with tracker.fork("a"):
+        first = torch.rand(3)
+    assert torch.equal(torch.rand(3), default_next), "the default stream must be untouched by a fork"
+    with tracker.fork("a"):
+        second = torch.rand(3)
+    torch.manual_seed(11)
+    expected = torch.rand(6)
+    assert torch.equal(torch.cat([first, second]), expected), "a named stream continues where it left off"
+    with pytest.raises(Exception, match="already exists"):
+        tracker.add("b", 11)
+    with pytest.raises(Exception, match="not added"):
+        with tracker.fork("zzz"):
+            pass
+
+
+def test_cuda_to_cpu_mode_only_inside_the_context():
+    with compat.cuda_to_cpu():
+        t = torch.zeros(2, device="cuda")
+        assert t.device.type == "cpu"
+        assert t.cuda() is t
+        assert torch.ones(1).type() == "torch.cuda.FloatTensor"
+        assert torch.ones(1, dtype=torch.float64).to(torch.float32).sum().item() == 1.0
+    assert torch.ones(1).type() == "torch.FloatTensor"
+    with pytest.raises((AssertionError, RuntimeError)):
+        torch.zeros(1, device="cuda")
+
+
+def test_version_compat_names():
+    assert compat.PATTERN_KWARG in ("hybrid_override_pattern", "hybrid_layer_pattern")
+    assert compat.HybridModel.__name__ in ("MambaModel", "HybridModel")
