@@ -54,3 +54,18 @@ def position_ids_for(input_ids):
     import torch
 
     return torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0).expand_as(input_ids)
+
+
+def parameter_count(model) -> int:
+    """Parameters of the whole model across its tensor- and pipeline-parallel ranks, each counted once
+    (TP-replicated tensors such as norms only on TP rank 0). Collective over the model-parallel group."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    tp_rank = parallel_state.get_tensor_model_parallel_rank() if parallel_state.model_parallel_is_initialized() else 0
+    n = sum(p.numel() for p in model.parameters() if getattr(p, "tensor_model_parallel", False) or tp_rank == 0)
+    total = torch.tensor([n], dtype=torch.int64)
+    if dist.is_initialized() and parallel_state.model_parallel_is_initialized():
+        dist.all_reduce(total, group=parallel_state.get_model_parallel_group())
+    return int(total)

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from megatron_elastic.compat import cuda_to_cpu
 from megatron_elastic.data.indexed import split_prefix
 from megatron_elastic.data.loader import build_gpt_datasets, make_loader
-from megatron_elastic.model.builder import causal_attention_mask
+from megatron_elastic.model.builder import causal_attention_mask, parameter_count
 from megatron_elastic.parallel import initialize_parallel
 from megatron_elastic.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from megatron_elastic.training.config import PretrainConfig
@@ -119,10 +119,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -
     model_cfg.finalize_model_grads_func = finalize_model_grads
     model_cfg.no_sync_func = model.no_sync
 
-    n_params = torch.tensor([sum(p.numel() for p in comps.unwrapped.parameters())])
-    if dist.is_initialized():
-        # Sum over the model-parallel ranks: each holds a disjoint part (replicated norms counted per TP rank).
-        dist.all_reduce(n_params, group=parallel_state.get_model_parallel_group())
+    n_params = parameter_count(comps.unwrapped)
 
     state = {"iteration": 0, "consumed_train_samples": 0, "history": []}
     ckpt_dir = cfg.checkpoint.dir
