@@ -32,6 +32,21 @@ from megatron_elastic import ops
 
 
 @dataclass
+class MixerView:
+    """The local tensors and sizes one forward pass of a mixer uses (full, or a nested slice of it)."""
+
+    nheads: int
+    headdim: int
+    conv_weight: torch.Tensor          # (x_channels + 2*ngroups*d_state, d_conv)
+    conv_bias: Optional[torch.Tensor]
+    dt_bias: torch.Tensor              # (nheads,)
+    A_log: torch.Tensor                # (nheads,)
+    D: torch.Tensor                    # (nheads,) or (nheads*headdim,)
+    norm_weight: Optional[torch.Tensor]
+    norm_group_size: int
+
+
+@dataclass
 class MambaMixerSubmodules:
     """Specs of the input and output projections (same fields as Megatron's ``MambaMixerSubmodules``)."""
 
@@ -223,33 +238,39 @@ class MambaMixer(MegatronModule):
         if inference_context is not None or inference_params is not None:
             raise NotImplementedError("megatron_elastic MambaMixer: use megatron_elastic's generation API for decoding")
         zxBCdt, _ = self.in_proj(hidden_states)
-        y = self.ssm(zxBCdt)
+        y = self.ssm(zxBCdt, self.full_view())
         return self.out_proj(y)
 
-    def ssm(self, zxBCdt: torch.Tensor) -> torch.Tensor:
-        """(seq, batch, in_proj_local) -> (seq, batch, d_inner_local): conv, SSD scan, gated norm."""
+    def full_view(self) -> "MixerView":
+        """The mixer's local parameters at full size."""
+        return MixerView(self.nheads_local_tp, self.headdim, self.conv1d.weight.squeeze(1), self.conv1d.bias,
+                         self.dt_bias, self.A_log, self.D, self.norm.weight if self.rmsnorm else None,
+                         self.d_inner_local_tp // self.ngroups_local_tp)
+
+    def ssm(self, zxBCdt: torch.Tensor, v: "MixerView") -> torch.Tensor:
+        """(seq, batch, [z|x|B|C|dt] of ``v``'s sizes) -> (seq, batch, nheads*headdim): conv, SSD scan, gated norm."""
         seq, batch, _ = zxBCdt.shape
-        d_inner, bc = self.d_inner_local_tp, self.ngroups_local_tp * self.d_state
-        z, xBC, dt = torch.split(zxBCdt.transpose(0, 1), [d_inner, d_inner + 2 * bc, self.nheads_local_tp], dim=-1)
-        xBC = ops.causal_conv1d(xBC.transpose(1, 2).contiguous(), self.conv1d.weight.squeeze(1), self.conv1d.bias,
+        d_inner, bc = v.nheads * v.headdim, self.ngroups_local_tp * self.d_state
+        z, xBC, dt = torch.split(zxBCdt.transpose(0, 1), [d_inner, d_inner + 2 * bc, v.nheads], dim=-1)
+        xBC = ops.causal_conv1d(xBC.transpose(1, 2).contiguous(), v.conv_weight, v.conv_bias,
                                 activation="silu").transpose(1, 2)
         x, B, C = torch.split(xBC, [d_inner, bc, bc], dim=-1)
-        D = self.D.view(self.nheads_local_tp, self.headdim) if self.D_has_hdim else self.D
+        D = v.D.view(v.nheads, v.headdim) if self.D_has_hdim else v.D
         y = ops.ssd_chunk_scan(
-            x.reshape(batch, seq, self.nheads_local_tp, self.headdim),
+            x.reshape(batch, seq, v.nheads, v.headdim),
             dt.contiguous(),
-            -torch.exp(self.A_log.float()),
+            -torch.exp(v.A_log.float()),
             B.reshape(batch, seq, self.ngroups_local_tp, self.d_state),
             C.reshape(batch, seq, self.ngroups_local_tp, self.d_state),
             self.chunk_size,
             D=D,
-            z=None if self.rmsnorm else z.reshape(batch, seq, self.nheads_local_tp, self.headdim),
-            dt_bias=self.dt_bias,
+            z=None if self.rmsnorm else z.reshape(batch, seq, v.nheads, v.headdim),
+            dt_bias=v.dt_bias,
             dt_softplus=True,
         )
         y = y.reshape(batch, seq, d_inner)
         if self.rmsnorm:
-            y = self.norm(y, z)
+            y = ops.gated_rmsnorm(y, v.norm_weight, z, self.norm.eps, v.norm_group_size, self.norm_before_gate)
         return y.transpose(0, 1).contiguous()
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):

@@ -28,8 +28,8 @@ from megatron_elastic.model.stack import HybridStack
 BACKENDS = ("local", "te")
 
 
-def _stack_spec(*, norm, column_linear, row_linear, core_attention, fused_norm_linear=None,
-                mixer_cls=MambaMixer) -> ModuleSpec:
+def _stack_spec(*, norm, column_linear, row_linear, core_attention, fused_norm_linear=None, mixer_cls=MambaMixer,
+                stack_cls=HybridStack, attention_cls=SelfAttention) -> ModuleSpec:
     """The hybrid stack spec. With ``fused_norm_linear`` (TE's LayerNorm+Linear) the pre-norms live inside
     ``in_proj``/``linear_qkv``/``linear_fc1``; otherwise they are separate ``norm`` modules whose checkpoint
     keys are mapped onto those fused names."""
@@ -41,7 +41,7 @@ def _stack_spec(*, norm, column_linear, row_linear, core_attention, fused_norm_l
         return {} if fused else {local_prefix: f"{fused_prefix}layer_norm_"}
 
     return ModuleSpec(
-        module=HybridStack,
+        module=stack_cls,
         params={"final_norm": norm},
         submodules=HybridStackSubmodules(
             mamba_layer=ModuleSpec(
@@ -59,7 +59,7 @@ def _stack_spec(*, norm, column_linear, row_linear, core_attention, fused_norm_l
                 submodules=TransformerLayerSubmodules(
                     input_layernorm=pre_norm,
                     self_attention=ModuleSpec(
-                        module=SelfAttention,
+                        module=attention_cls,
                         params={"attn_mask_type": AttnMaskType.causal},
                         submodules=SelfAttentionSubmodules(linear_qkv=first_linear, core_attention=core_attention,
                                                            linear_proj=row_linear),
@@ -99,6 +99,27 @@ def _te_spec() -> ModuleSpec:
 
     return _stack_spec(norm=TENorm, column_linear=TEColumnParallelLinear, row_linear=TERowParallelLinear,
                        core_attention=TEDotProductAttention, fused_norm_linear=TELayerNormColumnParallelLinear)
+
+
+def elastic_hybrid_stack_spec(backend: str = "local") -> ModuleSpec:
+    """The elastic hybrid stack: Megatron's layers with elastic mixer, attention, MLP, linears, norms and
+    stack (any nested choice runs on sliced weights; see ``megatron_elastic.model.elastic_model.set_arch``).
+    Swap it for :func:`hybrid_stack_spec` to make a Megatron hybrid model elastic. Only the ``local`` backend
+    is elastic so far."""
+    if backend != "local":
+        raise NotImplementedError("elastic_hybrid_stack_spec: only backend='local' is implemented so far")
+    from megatron_elastic.model.elastic_attention import ElasticSelfAttention
+    from megatron_elastic.model.elastic_layers import (
+        ElasticColumnParallelLinear,
+        ElasticRMSNorm,
+        ElasticRowParallelLinear,
+    )
+    from megatron_elastic.model.elastic_mamba import ElasticMambaMixer
+    from megatron_elastic.model.elastic_stack import ElasticHybridStack
+
+    return _stack_spec(norm=ElasticRMSNorm, column_linear=ElasticColumnParallelLinear,
+                       row_linear=ElasticRowParallelLinear, core_attention=DotProductAttention,
+                       mixer_cls=ElasticMambaMixer, stack_cls=ElasticHybridStack, attention_cls=ElasticSelfAttention)
 
 
 def hybrid_stack_spec(backend: str = "local") -> ModuleSpec:

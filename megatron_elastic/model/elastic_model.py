@@ -1,0 +1,84 @@
+"""Build an elastic hybrid model and select the active sub-model (:func:`set_arch` / :func:`use_arch`)."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Dict, Optional
+
+import torch
+
+from megatron_elastic.compat import ATTENTION, MAMBA
+from megatron_elastic.model.builder import build_hybrid_model
+from megatron_elastic.model.config import HybridConfig
+from megatron_elastic.model.elastic_arch import ElasticArch
+from megatron_elastic.model.elastic_layers import ElasticColumnParallelLinear
+from megatron_elastic.model.elastic_mlp import set_mlp_elastic
+from megatron_elastic.model.specs import elastic_hybrid_stack_spec
+
+# Gate keys: "hidden", and "<axis>.<layer>" for axis in AXES (layer = global 0-based index).
+AXES = ("mamba_heads", "mamba_head_dim", "attention_heads", "ffn", "depth")
+
+
+def build_elastic_model(config: HybridConfig, **kwargs):
+    """A Megatron hybrid LM built from :func:`elastic_hybrid_stack_spec`; at the full choice (the default)
+    it computes exactly what the plain model with the same weights computes."""
+    model = build_hybrid_model(config, stack_spec=elastic_hybrid_stack_spec(), **kwargs)
+    if getattr(model, "output_layer", None) is not None:
+        # Same parameters, a forward that takes the active hidden width from its input (ModelOpt-style
+        # conversion of a built module; MambaModel/HybridModel construct the output layer directly).
+        model.output_layer.__class__ = ElasticColumnParallelLinear
+    return model
+
+
+def _unwrap(model):
+    while hasattr(model, "module") and not hasattr(model, "decoder"):
+        model = model.module
+    return model
+
+
+def _gate(gates: Optional[Dict[str, torch.Tensor]], *keys: str) -> Optional[torch.Tensor]:
+    if not gates:
+        return None
+    found = [gates[k] for k in keys if k in gates]
+    if not found:
+        return None
+    g = found[0]
+    for other in found[1:]:
+        g = g * other
+    return g
+
+
+def set_arch(model, arch: Optional[ElasticArch] = None, gates: Optional[Dict[str, torch.Tensor]] = None) -> ElasticArch:
+    """Make ``model`` (elastic, possibly DDP-wrapped, one PP stage) compute the sub-model ``arch`` (None = the
+    full parent) until the next call. ``gates`` maps ``"hidden"`` and ``"<axis>.<layer>"`` to scalar tensors
+    that multiply the corresponding active slice (the router's straight-through samples)."""
+    m = _unwrap(model)
+    config = m.config
+    arch = (arch or ElasticArch.full(config)).validate(config)
+    unknown = [k for k in (gates or {}) if k != "hidden" and k.split(".")[0] not in AXES]
+    if unknown:
+        raise KeyError(f"unknown gate key(s) {unknown}; use 'hidden' or '<axis>.<layer>' with axis in {AXES}")
+    stack = m.decoder
+    stack.set_elastic(arch.hidden_size, arch.skipped_layers, _gate(gates, "hidden"))
+    for layer in stack.layers:
+        i = layer.layer_number - 1
+        symbol = config.hybrid_pattern[i]
+        if symbol == MAMBA:
+            layer.mixer.set_elastic(arch.hidden_size, arch.mamba_num_heads[i], arch.mamba_head_dim[i],
+                                    _gate(gates, f"mamba_heads.{i}", f"mamba_head_dim.{i}", f"depth.{i}"))
+        elif symbol == ATTENTION:
+            layer.self_attention.set_elastic(arch.hidden_size, arch.num_attention_heads[i],
+                                             _gate(gates, f"attention_heads.{i}", f"depth.{i}"))
+        else:
+            set_mlp_elastic(layer.mlp, arch.hidden_size, arch.ffn_hidden_size[i], _gate(gates, f"ffn.{i}", f"depth.{i}"))
+    return arch
+
+
+@contextmanager
+def use_arch(model, arch: Optional[ElasticArch] = None, gates: Optional[Dict[str, torch.Tensor]] = None):
+    """``with use_arch(model, arch): ...`` runs the block at ``arch`` and restores the full parent after."""
+    set_arch(model, arch, gates)
+    try:
+        yield
+    finally:
+        set_arch(model, None)

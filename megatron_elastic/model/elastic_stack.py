@@ -1,0 +1,55 @@
+"""Elastic hybrid stack: active hidden width and depth (skipped layers are identity).
+
+Pipeline parallelism: stages exchange the *full* hidden size, with the inactive channels zero (a stage
+slices its input to the active width and pads its output back). Megatron's schedules then keep one fixed
+p2p shape whatever the choice, at the cost of sending ``hidden_size - active`` zero channels.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import FrozenSet, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_elastic.model.stack import HybridStack
+
+
+class ElasticHybridStack(HybridStack):
+    _active_hidden: Optional[int] = None
+    _skipped: FrozenSet[int] = frozenset()
+    hidden_gate: Optional[torch.Tensor] = None
+
+    def set_elastic(self, hidden_size: int, skipped_layers, hidden_gate: Optional[torch.Tensor] = None) -> None:
+        self._active_hidden = None if hidden_size == self.config.hidden_size else hidden_size
+        self._skipped = frozenset(skipped_layers)
+        self.hidden_gate = hidden_gate
+
+    @contextmanager
+    def _kept_layers(self):
+        if not self._skipped:
+            yield
+            return
+        all_layers = self._modules["layers"]
+        self._modules["layers"] = nn.ModuleList([l for l in all_layers if l.layer_number - 1 not in self._skipped])
+        try:
+            yield
+        finally:
+            self._modules["layers"] = all_layers
+
+    def forward(self, hidden_states, attention_mask, *args, **kwargs):
+        h = self._active_hidden
+        if self.pre_process:
+            if h is not None:
+                hidden_states = hidden_states[..., :h]
+            if self.hidden_gate is not None:
+                hidden_states = hidden_states * self.hidden_gate
+        elif h is not None and self.input_tensor is not None:
+            self.input_tensor = self.input_tensor[..., :h]
+        with self._kept_layers():
+            out = super().forward(hidden_states, attention_mask, *args, **kwargs)
+        if not self.post_process and h is not None:
+            out = F.pad(out, (0, self.config.hidden_size - h))
+        return out
