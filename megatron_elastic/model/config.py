@@ -43,6 +43,10 @@ class HybridConfig(TransformerConfig):
     position_embedding_type: str = "none"
     share_embeddings_and_output_weights: bool = False
     activation: str = "relu2"
+    # Elastic FFN axis: the FFN is cut into this many contiguous groups and a nested choice keeps the first
+    # neurons of every group (as Mamba heads per B/C group). A multiple of the TP size balances sub-budget
+    # compute across TP ranks; 1 makes every choice a plain prefix.
+    elastic_ffn_groups: int = 1
 
     def __post_init__(self):
         _require(bool(self.hybrid_pattern), "hybrid_pattern", "is empty; give one symbol per layer, e.g. 'M-M*-'")
@@ -75,6 +79,9 @@ class HybridConfig(TransformerConfig):
         if "-" in self.hybrid_pattern:
             _require(self.ffn_hidden_size is not None and self.ffn_hidden_size % tp == 0, "ffn_hidden_size",
                      f"({self.ffn_hidden_size}) must be set and divisible by tensor_model_parallel_size ({tp})")
+            _require(self.elastic_ffn_groups >= 1 and self.ffn_hidden_size % self.elastic_ffn_groups == 0,
+                     "elastic_ffn_groups", f"({self.elastic_ffn_groups}) must be >= 1 and divide ffn_hidden_size "
+                     f"({self.ffn_hidden_size})")
         _require(self.num_layers % pp == 0, "pipeline_model_parallel_size",
                  f"({pp}) must divide the number of layers ({self.num_layers})")
         self.is_hybrid_model = True
@@ -104,7 +111,7 @@ class HybridConfig(TransformerConfig):
                 "num_query_groups", "kv_channels", "mamba_num_heads", "mamba_head_dim", "mamba_num_groups",
                 "mamba_state_dim", "mamba_conv_kernel", "mamba_chunk_size", "position_embedding_type",
                 "share_embeddings_and_output_weights", "activation", "normalization", "layernorm_epsilon",
-                "add_bias_linear", "gated_linear_unit"]
+                "add_bias_linear", "gated_linear_unit", "elastic_ffn_groups"]
         return {k: getattr(self, k) for k in keys}
 
 

@@ -8,7 +8,8 @@ choice is a prefix of the (importance-sorted) parent axis, taken group-aware whe
 * ``mamba_head_dim[i]``: the first channels of every head of Mamba layer i.
 * ``num_attention_heads[i]``: active query heads of attention layer i, a multiple of ``num_query_groups``;
   every KV group keeps its own first query heads, all KV heads stay.
-* ``ffn_hidden_size[i]``: the first neurons of MLP layer i.
+* ``ffn_hidden_size[i]``: active neurons of MLP layer i, a multiple of ``elastic_ffn_groups``; every FFN
+  group keeps its first neurons (one group: a plain prefix).
 * ``hidden_size``: the first residual channels, for the whole network.
 * ``skipped_layers``: layers that become identity.
 """
@@ -66,7 +67,7 @@ class ElasticArch:
     def validate(self, config) -> "ElasticArch":
         """Check every entry against the parent ``config`` (a HybridConfig), including TP divisibility.
         Returns self; raises :class:`ElasticArchError` naming the entry and the rule."""
-        p, tp = config.hybrid_pattern, config.tensor_model_parallel_size
+        p = config.hybrid_pattern
         if not 1 <= self.hidden_size <= config.hidden_size:
             raise ElasticArchError(f"hidden_size={self.hidden_size}: must be in [1, {config.hidden_size}]")
         for name, symbol in (("mamba_num_heads", MAMBA), ("mamba_head_dim", MAMBA),
@@ -91,9 +92,10 @@ class ElasticArch:
                 raise ElasticArchError(f"num_attention_heads[{i}]={h}: must be a multiple of num_query_groups ({g}) "
                                        f"in [{g}, {n}] (query heads are trimmed evenly inside every KV group)")
         for i, f in self.ffn_hidden_size.items():
-            if not 1 <= f <= config.ffn_hidden_size or f % tp:
-                raise ElasticArchError(f"ffn_hidden_size[{i}]={f}: must be in [1, {config.ffn_hidden_size}] and "
-                                       f"divisible by tensor_model_parallel_size ({tp})")
+            g = config.elastic_ffn_groups
+            if not 1 <= f <= config.ffn_hidden_size or f % g:
+                raise ElasticArchError(f"ffn_hidden_size[{i}]={f}: must be a multiple of elastic_ffn_groups ({g}) in "
+                                       f"[{g}, {config.ffn_hidden_size}]")
         bad = [i for i in self.skipped_layers if not 0 <= i < len(p)]
         if bad:
             raise ElasticArchError(f"skipped_layers {bad}: layer indices must be in [0, {len(p) - 1}]")

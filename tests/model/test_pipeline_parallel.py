@@ -4,7 +4,7 @@ loss and gradients as PP=1 with the same weights."""
 import torch
 
 from megatron_elastic.testing import run_multiprocess
-from tests.model.test_tensor_parallel import _save
+from tests.model.test_tensor_parallel import _grad, _save
 
 SEQ, MBS, NUM_MICRO = 20, 2, 2
 
@@ -32,19 +32,21 @@ def _batches():
     return out
 
 
-def _pp_job(rank, world, tmp):
+def _pp_job(rank, world, tmp, arch_dict=None):
     from megatron.core import dist_checkpointing, parallel_state
 
-    from megatron_elastic.model.builder import build_hybrid_model
     from megatron_elastic.parallel import initialize_parallel
     from megatron_elastic.testing import tiny_config
+    from tests.model.test_tensor_parallel import _builder
+
+    build_hybrid_model = _builder(arch_dict)
 
     pattern = "M-*M-M"
     initialize_parallel(1, 1, seed=3)
     ref = build_hybrid_model(tiny_config(hybrid_pattern=pattern))
     ref_loss = _loss_and_grads(ref, _batches())
     _save(ref, f"{tmp}/weights")
-    ref_grads = {n: p.grad.clone() for n, p in ref.named_parameters()}
+    ref_grads = {n: _grad(p) for n, p in ref.named_parameters()}
 
     initialize_parallel(1, 2, seed=5)
     first, last = parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage()
@@ -58,7 +60,7 @@ def _pp_job(rank, world, tmp):
     # Each stage's grads, stored under global layer numbers, compared with the PP=1 grads.
     with torch.no_grad():
         for p in model.parameters():
-            p.copy_(p.grad)
+            p.copy_(_grad(p))
     _save(model, f"{tmp}/grads")
     initialize_parallel(1, 1, seed=3)
     back = build_hybrid_model(tiny_config(hybrid_pattern=pattern))
@@ -69,3 +71,10 @@ def _pp_job(rank, world, tmp):
 
 def test_pp2_matches_pp1(tmp_path):
     run_multiprocess(2, _pp_job, str(tmp_path))
+
+
+def test_pp2_matches_pp1_elastic_with_skipped_layer_per_stage(tmp_path):
+    # Layers 0-2 on stage 0, 3-5 on stage 1; one skipped on each; smaller hidden crosses the stage boundary.
+    arch = {"hidden_size": 20, "mamba_num_heads": {0: 4, 3: 8, 5: 2}, "mamba_head_dim": {0: 8, 3: 3, 5: 8},
+            "num_attention_heads": {2: 2}, "ffn_hidden_size": {1: 64, 4: 16}, "skipped_layers": [1, 4]}
+    run_multiprocess(2, _pp_job, str(tmp_path), arch)

@@ -5,6 +5,7 @@ the TP=2 gradients on their way back for comparison, so a wrong shard layout in 
 wrong local slicing in the forward shows up as a mismatch.
 """
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -19,10 +20,15 @@ def _loss_and_logits(model, ids):
     return loss, logits
 
 
+def _grad(p):
+    """A parameter's gradient; zeros for one outside the active sub-model (e.g. in a skipped layer)."""
+    return p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+
+
 def _grads_as_params(model):
     with torch.no_grad():
         for p in model.parameters():
-            p.copy_(p.grad)
+            p.copy_(_grad(p))
 
 
 def _save(model, path):
@@ -36,12 +42,31 @@ def _save(model, path):
     dist_checkpointing.save(model.sharded_state_dict(), path)
 
 
-def _tp_job(rank, world, tmp, overrides):
+def _builder(arch_dict):
+    """The plain builder, or the elastic one set to ``arch_dict`` (an ElasticArch as a dict)."""
+    from megatron_elastic.model.builder import build_hybrid_model
+
+    if arch_dict is None:
+        return build_hybrid_model
+
+    def build(cfg, **kw):
+        from megatron_elastic.model.elastic_arch import ElasticArch
+        from megatron_elastic.model.elastic_model import build_elastic_model, set_arch
+
+        model = build_elastic_model(cfg, **kw)
+        set_arch(model, ElasticArch.from_dict(arch_dict))
+        return model
+
+    return build
+
+
+def _tp_job(rank, world, tmp, overrides, arch_dict=None):
     from megatron.core import dist_checkpointing, parallel_state
 
-    from megatron_elastic.model.builder import build_hybrid_model
     from megatron_elastic.parallel import initialize_parallel
     from megatron_elastic.testing import tiny_config
+
+    build_hybrid_model = _builder(arch_dict)
 
     torch.manual_seed(0)
     ids = torch.randint(0, 260, (2, 21))  # 21: not a multiple of the chunk size
@@ -52,7 +77,7 @@ def _tp_job(rank, world, tmp, overrides):
     ref_loss, ref_logits = _loss_and_logits(ref, ids)
     ref_loss.backward()
     _save(ref, f"{tmp}/weights")
-    ref_grads = {n: p.grad.clone() for n, p in ref.named_parameters()}
+    ref_grads = {n: _grad(p) for n, p in ref.named_parameters()}
 
     # Same weights at TP=2.
     initialize_parallel(2, 1, seed=11)
@@ -82,3 +107,15 @@ def test_tp2_matches_tp1_more_groups_than_ranks(tmp_path):
     # 4 Mamba groups over 2 ranks (2 local groups each), 8 query heads in 4 KV groups.
     run_multiprocess(2, _tp_job, str(tmp_path), dict(mamba_num_groups=4, num_attention_heads=8,
                                                      num_query_groups=4, kv_channels=4))
+
+
+SUB_BUDGET = {"hidden_size": 24, "mamba_num_heads": {0: 4, 4: 6}, "mamba_head_dim": {0: 5, 4: 8},
+              "num_attention_heads": {2: 2}, "ffn_hidden_size": {1: 40, 3: 64, 5: 10}, "skipped_layers": [3]}
+
+
+@pytest.mark.parametrize("ffn_groups", [1, 2])
+def test_tp2_matches_tp1_elastic_sub_budget(tmp_path, ffn_groups):
+    # The elastic model at a heterogeneous sub-budget (fewer heads per group, channels, query heads, FFN,
+    # hidden, a skipped layer): every TP rank slices its own shard. ffn_groups=1: the FFN choice is a prefix
+    # (rank 0 does more); ffn_groups=2: both ranks keep the same number of neurons.
+    run_multiprocess(2, _tp_job, str(tmp_path), {"elastic_ffn_groups": ffn_groups}, SUB_BUDGET)
