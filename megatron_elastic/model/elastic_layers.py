@@ -1,7 +1,8 @@
 """Megatron linear layers and a norm that compute with a *slice* of their weights.
 
 * ``ElasticColumnParallelLinear``: input features = the leading ``x.shape[-1]`` columns of the weight (the
-  active hidden size), output = the local rows in ``active_rows`` (a LongTensor) or all rows.
+  active hidden size), output = the local rows in ``active_rows`` (an index tensor, or a slice for a
+  contiguous range, taken as a view) or all rows.
 * ``ElasticRowParallelLinear``: input = the local columns in ``active_cols`` or all; output = the first
   ``active_output_size`` rows (the active hidden size) or all, times ``output_gate`` when one is set (the
   router's gate of the block this projection closes).
@@ -13,7 +14,7 @@ communication is Megatron's own (the same mapping functions and ``_forward_impl`
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,23 @@ from megatron.core.tensor_parallel.mappings import (
 )
 
 
+Index = Union[torch.Tensor, slice]
+
+
+def take(t: torch.Tensor, index: Index, dim: int = 0) -> torch.Tensor:
+    """``t`` restricted to ``index`` along ``dim``: a view for a slice, a gathered copy for an index tensor."""
+    if isinstance(index, slice):
+        return t[(slice(None),) * dim + (index,)]
+    return t.index_select(dim, index)
+
+
+def as_index(idx: torch.Tensor) -> Index:
+    """A contiguous ascending index tensor becomes a slice (so weights are taken as views, not copies)."""
+    if idx.numel() > 0 and int(idx[-1]) - int(idx[0]) + 1 == idx.numel() and bool((idx.diff() == 1).all()):
+        return slice(int(idx[0]), int(idx[-1]) + 1)
+    return idx
+
+
 def _linear_impl(layer, input_parallel, weight, bias, allreduce_dgrad, tp_group):
     """Megatron's linear autograd function (the parents' ``_forward_impl``) on a sliced weight. Sliced weights
     are temporaries without ``.main_grad``, so the fused wgrad-accumulation path is only used unsliced."""
@@ -34,7 +52,7 @@ def _linear_impl(layer, input_parallel, weight, bias, allreduce_dgrad, tp_group)
 
 
 class ElasticColumnParallelLinear(ColumnParallelLinear):
-    active_rows: Optional[torch.Tensor] = None
+    active_rows: Optional[Index] = None
 
     def forward(self, input_, weight=None, runtime_gather_output=None):
         weight = self.weight if weight is None else weight
@@ -47,8 +65,8 @@ class ElasticColumnParallelLinear(ColumnParallelLinear):
         w = weight[:, :in_features] if in_features != weight.shape[1] else weight
         bias = self.bias if not self.skip_bias_add else None
         if self.active_rows is not None:
-            w = w.index_select(0, self.active_rows)
-            bias = bias.index_select(0, self.active_rows) if bias is not None else None
+            w = take(w, self.active_rows)
+            bias = take(bias, self.active_rows) if bias is not None else None
         input_parallel = input_ if self.allreduce_dgrad else copy_to_tensor_model_parallel_region(input_, group=self.tp_group)
         out = _linear_impl(self, input_parallel, w, bias, self.allreduce_dgrad, self.tp_group)
         gather = self.gather_output if runtime_gather_output is None else runtime_gather_output
@@ -58,12 +76,12 @@ class ElasticColumnParallelLinear(ColumnParallelLinear):
             out = gather_from_tensor_model_parallel_region(out, group=self.tp_group)
         out_bias = self.bias if self.skip_bias_add else None
         if out_bias is not None and self.active_rows is not None:
-            out_bias = out_bias.index_select(0, self.active_rows)
+            out_bias = take(out_bias, self.active_rows)
         return out, out_bias
 
 
 class ElasticRowParallelLinear(RowParallelLinear):
-    active_cols: Optional[torch.Tensor] = None
+    active_cols: Optional[Index] = None
     active_output_size: Optional[int] = None
     output_gate: Optional[torch.Tensor] = None  # the router's scalar gate for the block this layer closes
 
@@ -82,7 +100,7 @@ class ElasticRowParallelLinear(RowParallelLinear):
         if self.active_output_size is not None:
             w = w[: self.active_output_size]
         if self.active_cols is not None:
-            w = w.index_select(1, self.active_cols)
+            w = take(w, self.active_cols, dim=1)
         out = _linear_impl(self, input_, w, None, False, None)
         out = reduce_from_tensor_model_parallel_region(out, group=self.tp_group)
         bias = self.bias

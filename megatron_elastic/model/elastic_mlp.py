@@ -10,6 +10,8 @@ from typing import Optional
 
 import torch
 
+from megatron_elastic.model.elastic_layers import as_index
+
 
 def ffn_local_index(ffn_hidden_size: int, ffn_groups: int, active: int, tp_size: int, tp_rank: int) -> torch.Tensor:
     """Local neuron indices (into this TP rank's shard) of the nested choice ``active``.
@@ -39,5 +41,5 @@ def set_mlp_elastic(mlp, hidden_size: int, ffn_hidden_size: int, gate: Optional[
     tp_size = mlp.config.ffn_hidden_size // full_local
     rows = ffn_local_index(mlp.config.ffn_hidden_size, mlp.config.elastic_ffn_groups, ffn_hidden_size, tp_size,
                            fc2.tp_group.rank() if tp_size > 1 else 0).to(fc2.weight.device)
-    fc1.active_rows = torch.cat([rows, full_local + rows]) if mlp.config.gated_linear_unit else rows
-    fc2.active_cols = rows
+    fc1.active_rows = as_index(torch.cat([rows, full_local + rows]) if mlp.config.gated_linear_unit else rows)
+    fc2.active_cols = as_index(rows)

@@ -317,3 +317,16 @@ def test_heterogeneous_choice_equals_float64_reference(single_process_parallel, 
         got = model(ids, pos, mask)
     want = reference_forward(slice_parent(sd, cfg, arch), cfg, arch, ids)
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_arch_parameters_equals_plain_model_count(single_process_parallel, seed):
+    from megatron_elastic.model.builder import build_hybrid_model, parameter_count
+    from megatron_elastic.model.cost import arch_parameters
+
+    cfg = _cfg()
+    arch = random_homogeneous_arch(cfg, random.Random(seed))
+    small = build_hybrid_model(plain_config_for(cfg, arch))
+    assert arch_parameters(cfg, arch) == parameter_count(small)
+    full = build_hybrid_model(cfg)
+    assert arch_parameters(cfg, ElasticArch.full(cfg)) == parameter_count(full)
