@@ -259,7 +259,7 @@ def reference_forward(sd, cfg, arch, ids):
     """Pure-PyTorch float64 forward of the sliced sub-model (per-layer sizes from ``arch``)."""
     from tests.model.test_mamba_mixer import reference_mixer
 
-    sd = {k: v.double() for k, v in sd.items()}
+    sd = {k: v if v.dtype == torch.float64 else v.double() for k, v in sd.items()}
     rms = lambda x, w: x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w
     x = sd["embedding.word_embeddings.weight"][ids].transpose(0, 1)  # [s, b, h]
     s = x.shape[0]
@@ -315,8 +315,16 @@ def test_heterogeneous_choice_equals_float64_reference(single_process_parallel, 
     ids, pos, mask = _args(seq=13, seed=seed)
     with use_arch(model, arch):
         got = model(ids, pos, mask)
-    want = reference_forward(slice_parent(sd, cfg, arch), cfg, arch, ids)
+    sliced = {k: v.detach().double().requires_grad_(True) for k, v in slice_parent(sd, cfg, arch).items()}
+    want = reference_forward(sliced, cfg, arch, ids)
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+    # Gradients of the same loss: the elastic parent's grads, sliced by the test, equal the reference's.
+    _loss(got).backward()
+    _loss(want).backward()
+    grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in model.named_parameters()}
+    for name, g in slice_parent(grads, cfg, arch).items():
+        torch.testing.assert_close(g.double(), sliced[name].grad, rtol=1e-3, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("seed", range(3))
