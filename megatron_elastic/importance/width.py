@@ -1,0 +1,182 @@
+"""Activation-based width importance (Minitron): forward hooks on calibration batches, no gradients.
+
+Per channel the score is ``sqrt(sum over batches and samples of (mean over tokens of |activation|)^2)``
+(the public Minitron aggregation: mean over the sequence, L2 over the batch, in float32):
+
+* hidden channel: outputs of every layer's pre-norm, summed over layers;
+* FFN neuron: input of ``linear_fc2`` (after the activation, as ModelOpt) or output of ``linear_fc1``
+  (as the paper), ``ffn_source="fc2_input" | "fc1_output"``;
+* attention query head: L2 over the head's channels of the input of ``linear_proj``; ranked within its KV group;
+* Mamba: the x part of ``in_proj``'s output; a head-channel's score is the L2 over heads, a head's score the
+  L2 over its channels; heads ranked within their B/C group.
+
+Accumulators are summed over data-parallel ranks and the TP-sharded ones gathered in rank order, so every
+rank ends with the same global scores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_elastic.compat import ATTENTION, MAMBA
+from megatron_elastic.importance.permute import Permutation, order_within_groups
+
+FFN_SOURCES = ("fc2_input", "fc1_output")
+
+
+@dataclass
+class WidthScores:
+    hidden: torch.Tensor
+    mamba_heads: Dict[int, torch.Tensor] = field(default_factory=dict)
+    mamba_head_dim: Dict[int, torch.Tensor] = field(default_factory=dict)
+    attention_heads: Dict[int, torch.Tensor] = field(default_factory=dict)
+    ffn: Dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def to_permutation(self, config) -> Permutation:
+        """Most important first on every axis, within groups where the axis has groups."""
+        desc = lambda s: torch.sort(-s, stable=True).indices
+        return Permutation(
+            hidden=desc(self.hidden),
+            mamba_heads={i: order_within_groups(s, config.mamba_num_groups) for i, s in self.mamba_heads.items()},
+            mamba_head_dim={i: desc(s) for i, s in self.mamba_head_dim.items()},
+            attention_heads={i: order_within_groups(s, config.num_query_groups) for i, s in self.attention_heads.items()},
+            ffn={i: order_within_groups(s, config.elastic_ffn_groups) for i, s in self.ffn.items()},
+        )
+
+    def to_dict(self) -> dict:
+        lists = lambda d: {str(k): v.tolist() for k, v in d.items()}
+        return {"hidden": self.hidden.tolist(), "mamba_heads": lists(self.mamba_heads),
+                "mamba_head_dim": lists(self.mamba_head_dim), "attention_heads": lists(self.attention_heads),
+                "ffn": lists(self.ffn)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "WidthScores":
+        tensors = lambda m: {int(k): torch.tensor(v) for k, v in m.items()}
+        return cls(torch.tensor(d["hidden"]), tensors(d["mamba_heads"]), tensors(d["mamba_head_dim"]),
+                   tensors(d["attention_heads"]), tensors(d["ffn"]))
+
+
+class _Accumulator:
+    def __init__(self):
+        self.total: Optional[torch.Tensor] = None
+
+    def add(self, act: torch.Tensor) -> None:
+        """act: [seq, batch, channels]."""
+        v = act.detach().float().abs().mean(dim=0).pow(2).sum(dim=0)
+        self.total = v if self.total is None else self.total + v
+
+
+def _tp_group_and_size():
+    from megatron.core import parallel_state
+
+    if dist.is_initialized() and parallel_state.model_parallel_is_initialized():
+        return parallel_state.get_tensor_model_parallel_group(), parallel_state.get_tensor_model_parallel_world_size()
+    return None, 1
+
+
+def _reduce_dp(t: torch.Tensor) -> torch.Tensor:
+    from megatron.core import parallel_state
+
+    if dist.is_initialized() and parallel_state.model_parallel_is_initialized() and \
+            parallel_state.get_data_parallel_world_size() > 1:
+        t = t.clone()
+        dist.all_reduce(t, group=parallel_state.get_data_parallel_group())
+    return t
+
+
+def _gather_tp(t: torch.Tensor) -> torch.Tensor:
+    group, size = _tp_group_and_size()
+    if size == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(size)]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def collect_width_scores(model, batches: Iterable, forward: Callable, ffn_source: str = "fc2_input",
+                         progress: Optional[Callable[[Iterable], Iterable]] = None) -> WidthScores:
+    """Run ``forward(model, batch)`` on every calibration batch with hooks and return the global scores.
+    ``model`` is a (plain or elastic) hybrid model holding the whole network (PP=1) at any TP size."""
+    if ffn_source not in FFN_SOURCES:
+        raise ValueError(f"ffn_source must be one of {FFN_SOURCES}, got {ffn_source!r}")
+    config = model.config
+    hidden = _Accumulator()
+    per_layer: Dict[int, _Accumulator] = {}
+    handles = []
+
+    def on_output(acc, pick=lambda o: o):
+        return lambda mod, inp, out: acc.add(pick(out))
+
+    for layer in model.decoder.layers:
+        i = layer.layer_number - 1
+        sym = config.hybrid_pattern[i]
+        acc = per_layer.setdefault(i, _Accumulator())
+        if sym == MAMBA:
+            mixer = layer.mixer
+            lo, hi = mixer.d_inner_local_tp, 2 * mixer.d_inner_local_tp
+            handles.append(layer.norm.register_forward_hook(on_output(hidden)))
+            handles.append(mixer.in_proj.register_forward_hook(on_output(acc, lambda o: o[0][..., lo:hi])))
+        elif sym == ATTENTION:
+            handles.append(layer.input_layernorm.register_forward_hook(on_output(hidden)))
+            handles.append(layer.self_attention.linear_proj.register_forward_pre_hook(
+                lambda mod, inp, acc=acc: acc.add(inp[0])))
+        else:
+            handles.append(layer.pre_mlp_layernorm.register_forward_hook(on_output(hidden)))
+            if ffn_source == "fc2_input":
+                handles.append(layer.mlp.linear_fc2.register_forward_pre_hook(lambda mod, inp, acc=acc: acc.add(inp[0])))
+            else:
+                handles.append(layer.mlp.linear_fc1.register_forward_hook(on_output(acc, lambda o: o[0])))
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in (progress(batches) if progress else batches):
+            forward(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if hidden.total is None:
+        raise ValueError("no calibration batches were given")
+
+    scores = WidthScores(hidden=_reduce_dp(hidden.total).sqrt())
+    for i, acc in per_layer.items():
+        total = _gather_tp(_reduce_dp(acc.total)).sqrt()
+        sym = config.hybrid_pattern[i]
+        if sym == MAMBA:
+            grid = total.view(config.mamba_num_heads, config.mamba_head_dim)
+            scores.mamba_heads[i] = grid.norm(dim=1)
+            scores.mamba_head_dim[i] = grid.norm(dim=0)
+        elif sym == ATTENTION:
+            scores.attention_heads[i] = total.view(config.num_attention_heads, config.kv_channels).norm(dim=1)
+        else:
+            if config.gated_linear_unit and ffn_source == "fc1_output":
+                total = _gather_tp(_reduce_dp(acc.total)).view(_tp_group_and_size()[1], 2, -1)[:, 0].flatten().sqrt()
+            scores.ffn[i] = total
+    return scores
+
+
+def magnitude_scores(state_dict: Dict[str, torch.Tensor], config) -> WidthScores:
+    """A weight-magnitude baseline on a full (TP=1) state dict: L2 norms of the rows/columns an axis owns."""
+    sd = {k: v.float() for k, v in state_dict.items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
+    hidden = sd["embedding.word_embeddings.weight"].norm(dim=0)
+    out = WidthScores(hidden=hidden)
+    hd, nh = config.mamba_head_dim, config.mamba_num_heads
+    for i, sym in enumerate(config.hybrid_pattern):
+        p = f"decoder.layers.{i}."
+        if sym == MAMBA:
+            d_inner = nh * hd
+            x_rows = sd[p + "mixer.in_proj.weight"][d_inner:2 * d_inner].norm(dim=1).view(nh, hd)
+            out.mamba_heads[i] = x_rows.norm(dim=1)
+            out.mamba_head_dim[i] = x_rows.norm(dim=0)
+        elif sym == ATTENTION:
+            q, g, hn = config.num_attention_heads, config.num_query_groups, config.kv_channels
+            w = sd[p + "self_attention.linear_qkv.weight"].view(g, (q // g + 2) * hn, -1)[:, : (q // g) * hn]
+            out.attention_heads[i] = w.reshape(q, hn, -1).flatten(1).norm(dim=1)
+        else:
+            out.ffn[i] = sd[p + "mlp.linear_fc1.weight"][: config.ffn_hidden_size].norm(dim=1)
+    return out

@@ -1,0 +1,85 @@
+"""Width scores match a direct computation; the sort by them keeps the function; depth ranks a no-op layer last."""
+
+import pytest
+import torch
+
+from tests.importance.test_permute import _cfg, _logits
+
+
+def _batches(n=3, seq=15, batch=2):
+    from megatron_elastic.model.builder import causal_attention_mask, position_ids_for
+
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, 260, (batch, seq), generator=g)
+        out.append((ids, position_ids_for(ids), causal_attention_mask(seq)))
+    return out
+
+
+def _forward(model, batch):
+    return model(*batch)
+
+
+def test_width_scores_match_direct_computation(single_process_parallel):
+    from megatron_elastic.importance.width import collect_width_scores
+    from megatron_elastic.model.builder import build_hybrid_model
+
+    cfg = _cfg()
+    torch.manual_seed(0)
+    model = build_hybrid_model(cfg)
+    batches = _batches()
+    scores = collect_width_scores(model, batches, _forward)
+    # Direct: recompute the FFN input of layer 1 and the attention context of layer 2 by capturing them.
+    captured = {}
+    h1 = model.decoder.layers[1].mlp.linear_fc2.register_forward_pre_hook(
+        lambda m, i: captured.setdefault("ffn", []).append(i[0].detach()))
+    h2 = model.decoder.layers[2].self_attention.linear_proj.register_forward_pre_hook(
+        lambda m, i: captured.setdefault("attn", []).append(i[0].detach()))
+    with torch.no_grad():
+        for b in batches:
+            model(*b)
+    h1.remove(), h2.remove()
+    agg = lambda acts: torch.stack([a.abs().mean(0).pow(2).sum(0) for a in acts]).sum(0).sqrt()
+    torch.testing.assert_close(scores.ffn[1], agg(captured["ffn"]))
+    attn = agg(captured["attn"]).view(cfg.num_attention_heads, cfg.kv_channels).norm(dim=1)
+    torch.testing.assert_close(scores.attention_heads[2], attn)
+    assert scores.hidden.shape == (cfg.hidden_size,) and (scores.hidden > 0).all()
+    assert scores.mamba_heads[0].shape == (cfg.mamba_num_heads,)
+    assert scores.mamba_head_dim[3].shape == (cfg.mamba_head_dim,)
+
+
+def test_sort_by_scores_keeps_logits_and_puts_important_units_first(single_process_parallel):
+    from megatron_elastic.importance.permute import permute_state_dict
+    from megatron_elastic.importance.width import collect_width_scores
+    from megatron_elastic.model.builder import build_hybrid_model
+
+    cfg = _cfg()
+    torch.manual_seed(2)
+    model = build_hybrid_model(cfg)
+    before = _logits(model)
+    scores = collect_width_scores(model, _batches(), _forward)
+    model.load_state_dict(permute_state_dict(model.state_dict(), cfg, scores.to_permutation(cfg)))
+    torch.testing.assert_close(_logits(model), before, rtol=1e-5, atol=1e-5)
+    again = collect_width_scores(model, _batches(), _forward)
+    assert (again.hidden.diff() <= 1e-5).all(), "hidden scores must now be descending"
+    assert (again.ffn[1].diff() <= 1e-5).all()
+    per_group = again.mamba_heads[0].view(cfg.mamba_num_groups, -1)
+    assert (per_group.diff(dim=1) <= 1e-5).all(), "Mamba heads descending within every group"
+
+
+@pytest.mark.parametrize("iterative", [False, True])
+def test_depth_ranks_an_exact_noop_layer_last(single_process_parallel, iterative):
+    from megatron_elastic.importance.depth import depth_scores
+    from megatron_elastic.model.elastic_model import build_elastic_model
+
+    cfg = _cfg()
+    torch.manual_seed(3)
+    model = build_elastic_model(cfg)
+    with torch.no_grad():
+        model.decoder.layers[4].mlp.linear_fc2.weight.zero_()  # layer 4 now adds exactly nothing
+    scores, ranking = depth_scores(model, _batches(2), _forward, iterative=iterative)
+    assert ranking[-1] == 4
+    assert float(scores[4]) == 0.0
+    assert (scores[torch.arange(len(scores)) != 4] > 0).all()
+    assert sorted(ranking) == list(range(len(cfg.hybrid_pattern)))
