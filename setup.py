@@ -11,6 +11,7 @@ install_requires = [
     "tqdm",
     "einops",
     "psutil",  # megatron.core.dist_checkpointing's writer needs it
+    "matplotlib",  # importance and results plots (PNG)
 ]
 
 extras = {
@@ -18,9 +19,8 @@ extras = {
     "hf": ["transformers>=4.48", "safetensors"],
     # Built for the local CUDA toolkit; apex is built in the Docker image, not from PyPI.
     "gpu": ["mamba-ssm", "causal-conv1d>=1.4", "transformer-engine[pytorch]"],
-    "plot": ["matplotlib"],
 }
-extras["dev"] = extras["test"] + extras["hf"] + extras["plot"]
+extras["dev"] = extras["test"] + extras["hf"]
 
 setup(
     name="megatron-elastic",

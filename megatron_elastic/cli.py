@@ -59,6 +59,18 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
+def cmd_importance(args) -> int:
+    from megatron_elastic.importance.run import run_importance
+
+    res = run_importance(args.checkpoint, args.data, args.out, args.calib_tokens, args.ffn_source,
+                         args.iterative_depth, progress=not args.no_progress, mamba_source=args.mamba_source)
+    print(res["table"])
+    print(f"depth ranking (most important first): {res['depth_ranking']}")
+    print(f"sorted checkpoint: {res['sorted_checkpoint']}")
+    print(f"plot: {res['plot'] or 'not written (pip install matplotlib)'}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     """The tiny end-to-end recipe on this machine's CPU (grows with the pipeline)."""
     from megatron_elastic.data.indexed import read_metadata
@@ -125,6 +137,22 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in checkpoint.dir")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_pretrain)
+
+    im = sub.add_parser("importance", help="score a trained parent, sort it so every budget is a prefix",
+                        description="Activation-based width importance and normalized-MSE depth importance on "
+                                    "calibration data, then the function-preserving sort. Writes scores.json, "
+                                    "ranking.json, summary.txt, importance.png and a sorted checkpoint in --out.")
+    im.add_argument("--checkpoint", required=True, help="a pretrain checkpoint directory (or its parent with 'latest')")
+    im.add_argument("--data", help="prepared data directory (default: the one the checkpoint was trained on)")
+    im.add_argument("--out", required=True, help="output directory")
+    im.add_argument("--calib-tokens", type=int, default=262_144, help="calibration tokens (default 262144)")
+    im.add_argument("--ffn-source", choices=["fc2_input", "fc1_output"], default="fc2_input",
+                    help="FFN activation scored: after the activation (ModelOpt) or fc1's output (paper)")
+    im.add_argument("--mamba-source", choices=["x", "out_proj_input"], default="x",
+                    help="Mamba activation scored: in_proj's x part (paper, ModelOpt) or the gated-norm output")
+    im.add_argument("--iterative-depth", action="store_true", help="greedy: remove the least important layer, re-score")
+    im.add_argument("--no-progress", action="store_true", help="no progress bars")
+    im.set_defaults(func=cmd_importance)
 
     m = sub.add_parser("demo", help="run the tiny CPU recipe end to end",
                        description="Prepare the built-in corpus and pretrain the tiny parent on this machine "

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv with a CPU torch (or keep the CUDA one a GPU image already has) and install this package.
-# Usage: bash scripts/setup_env.sh [extras], e.g. bash scripts/setup_env.sh test   (extras: test, hf, gpu, plot, dev)
+# Usage: bash scripts/setup_env.sh [extras], e.g. bash scripts/setup_env.sh test   (extras: test, hf, gpu, dev)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-}"

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-COMMANDS = ["prepare-data", "pretrain", "demo"]
+COMMANDS = ["prepare-data", "pretrain", "importance", "demo"]
 
 
 def run(*args):
@@ -37,3 +37,33 @@ def test_pretrain_with_missing_data_names_the_fix(tmp_path):
             "--set", f"checkpoint.dir={tmp_path}/ckpt", "--no-progress")
     assert r.returncode == 2
     assert "prepare-data" in r.stderr
+
+
+def test_importance_end_to_end(tmp_path):
+    """pretrain a few steps, then `importance` writes scores, ranking, a sorted checkpoint with the same
+    function, a table and a plot."""
+    import json
+    import os
+
+    from megatron_elastic.data.corpus import iter_stdlib_documents
+    from megatron_elastic.data.indexed import write_split_datasets
+    from megatron_elastic.data.tokenizer import ByteTokenizer
+    from tests.training.test_checkpoint_resume import TINY_JOB
+
+    data = tmp_path / "data"
+    write_split_datasets(str(data), iter_stdlib_documents(max_bytes=200_000), ByteTokenizer(), valid_every=5,
+                         progress=False)
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(TINY_JOB.format(data=data, ckpt=tmp_path / "parent"))
+    r = run("pretrain", "--config", str(cfg), "--set", "train.train_iters=3", "--set", "train.lr_warmup_iters=1",
+            "--no-progress")
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = tmp_path / "imp"
+    r = run("importance", "--checkpoint", str(tmp_path / "parent"), "--out", str(out), "--calib-tokens", "2000",
+            "--no-progress")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "depth ranking" in r.stdout
+    for name in ("scores.json", "ranking.json", "summary.txt", "sorted/latest"):
+        assert os.path.exists(out / name), name
+    ranking = json.loads((out / "ranking.json").read_text())["depth_ranking"]
+    assert sorted(ranking) == [0, 1, 2, 3]

@@ -7,8 +7,9 @@ Per channel the score is ``sqrt(sum over batches and samples of (mean over token
 * FFN neuron: input of ``linear_fc2`` (after the activation, as ModelOpt) or output of ``linear_fc1``
   (as the paper), ``ffn_source="fc2_input" | "fc1_output"``;
 * attention query head: L2 over the head's channels of the input of ``linear_proj``; ranked within its KV group;
-* Mamba: the x part of ``in_proj``'s output; a head-channel's score is the L2 over heads, a head's score the
-  L2 over its channels; heads ranked within their B/C group.
+* Mamba: the x part of ``in_proj``'s output (``mamba_source="x"``, the paper's and ModelOpt's choice) or the
+  input of ``out_proj`` (the gated-norm output, ``"out_proj_input"``); a head-channel's score is the L2 over
+  heads, a head's score the L2 over its channels; heads ranked within their B/C group.
 
 Accumulators are summed over data-parallel ranks and the TP-sharded ones gathered in rank order, so every
 rank ends with the same global scores.
@@ -26,6 +27,7 @@ from megatron_elastic.compat import ATTENTION, MAMBA
 from megatron_elastic.importance.permute import Permutation, order_within_groups
 
 FFN_SOURCES = ("fc2_input", "fc1_output")
+MAMBA_SOURCES = ("x", "out_proj_input")
 
 
 @dataclass
@@ -99,11 +101,14 @@ def _gather_tp(t: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def collect_width_scores(model, batches: Iterable, forward: Callable, ffn_source: str = "fc2_input",
-                         progress: Optional[Callable[[Iterable], Iterable]] = None) -> WidthScores:
+                         progress: Optional[Callable[[Iterable], Iterable]] = None,
+                         mamba_source: str = "x") -> WidthScores:
     """Run ``forward(model, batch)`` on every calibration batch with hooks and return the global scores.
     ``model`` is a (plain or elastic) hybrid model holding the whole network (PP=1) at any TP size."""
     if ffn_source not in FFN_SOURCES:
         raise ValueError(f"ffn_source must be one of {FFN_SOURCES}, got {ffn_source!r}")
+    if mamba_source not in MAMBA_SOURCES:
+        raise ValueError(f"mamba_source must be one of {MAMBA_SOURCES}, got {mamba_source!r}")
     config = model.config
     hidden = _Accumulator()
     per_layer: Dict[int, _Accumulator] = {}
@@ -120,7 +125,10 @@ def collect_width_scores(model, batches: Iterable, forward: Callable, ffn_source
             mixer = layer.mixer
             lo, hi = mixer.d_inner_local_tp, 2 * mixer.d_inner_local_tp
             handles.append(layer.norm.register_forward_hook(on_output(hidden)))
-            handles.append(mixer.in_proj.register_forward_hook(on_output(acc, lambda o: o[0][..., lo:hi])))
+            if mamba_source == "x":
+                handles.append(mixer.in_proj.register_forward_hook(on_output(acc, lambda o, lo=lo, hi=hi: o[0][..., lo:hi])))
+            else:
+                handles.append(mixer.out_proj.register_forward_pre_hook(lambda mod, inp, acc=acc: acc.add(inp[0])))
         elif sym == ATTENTION:
             handles.append(layer.input_layernorm.register_forward_hook(on_output(hidden)))
             handles.append(layer.self_attention.linear_proj.register_forward_pre_hook(
