@@ -88,7 +88,7 @@ def cmd_demo(args) -> int:
     overrides += list(args.set or [])
     cfg = load_pretrain_config(args.config or recipe_path(TINY_PARENT), overrides)
 
-    print(f"[1/2] data: {data_dir}")
+    print(f"[1/3] data: {data_dir}")
     try:
         read_metadata(data_dir)
         print("  reusing prepared data")
@@ -97,7 +97,7 @@ def cmd_demo(args) -> int:
                                 max_bytes=args.max_bytes, valid_every=20, no_progress=args.no_progress)
         cmd_prepare_data(ns)
 
-    print(f"[2/2] pretrain the tiny parent: {parent_dir}")
+    print(f"[2/3] pretrain the tiny parent: {parent_dir}")
     existing = latest_checkpoint(parent_dir) if os.path.isdir(parent_dir) else None
     summary = None
     if existing and json.load(open(os.path.join(existing, "trainer_state.json")))["iteration"] >= cfg.train.train_iters:
@@ -108,6 +108,18 @@ def cmd_demo(args) -> int:
     print(f"\nparent: {summary['parameters']:,} parameters, {summary['tokens']:,} tokens; validation "
           f"{summary['initial_valid_bpb']:.3f} -> {summary['final_valid_bpb']:.3f} bits/byte "
           f"(unigram baseline {summary['unigram_bpb']:.3f})")
+
+    from megatron_elastic.importance.run import run_importance
+
+    imp_dir = os.path.join(out, "importance")
+    print(f"\n[3/3] importance and the function-preserving sort: {imp_dir}")
+    if os.path.isfile(os.path.join(imp_dir, "sorted", "latest")):
+        print("  reusing the sorted parent")
+    else:
+        res = run_importance(parent_dir, data_dir, imp_dir, calib_tokens=8192 if args.quick else 32768,
+                             progress=not args.no_progress)
+        print(res["table"])
+        print(f"depth ranking (most important first): {res['depth_ranking']}; plot: {res['plot']}")
     print(f"demo finished in {time.time() - t0:.0f} s; outputs in {out}")
     return 0
 
@@ -155,8 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     im.set_defaults(func=cmd_importance)
 
     m = sub.add_parser("demo", help="run the tiny CPU recipe end to end",
-                       description="Prepare the built-in corpus and pretrain the tiny parent on this machine "
-                                   "(later stages: importance, elastic distillation, extraction). Re-running reuses "
+                       description="Prepare the built-in corpus, pretrain the tiny parent, score and sort it on this "
+                                   "machine (later stages: elastic distillation, extraction). Re-running reuses "
                                    "finished phases.")
     m.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
     m.add_argument("--quick", action="store_true", help="a short run (a few minutes) to check the set-up")
