@@ -31,7 +31,7 @@ def main():
     a = ap.parse_args()
 
     from megatron_elastic.importance.depth import depth_scores
-    from megatron_elastic.importance.permute import Permutation, order_within_groups, permute_state_dict
+    from megatron_elastic.importance.permute import permute_state_dict, random_permutation
     from megatron_elastic.importance.run import calibration_batches, lm_logits, lm_loss, load_parent
     from megatron_elastic.importance.width import collect_width_scores, magnitude_scores
     from megatron_elastic.model.cost import arch_parameters, scaled_arch
@@ -61,18 +61,7 @@ def main():
             return float(torch.stack([lm_loss(model, b) for b in evalb]).mean()) / math.log(2)
 
     def random_perm(seed):
-        g = torch.Generator().manual_seed(seed)
-        within = lambda n, k: order_within_groups(torch.rand(n, generator=g), k)
-        p = Permutation(hidden=torch.randperm(cfg.hidden_size, generator=g))
-        for i, s in enumerate(cfg.hybrid_pattern):
-            if s == "M":
-                p.mamba_heads[i] = within(cfg.mamba_num_heads, cfg.mamba_num_groups)
-                p.mamba_head_dim[i] = torch.randperm(cfg.mamba_head_dim, generator=g)
-            elif s == "*":
-                p.attention_heads[i] = within(cfg.num_attention_heads, cfg.num_query_groups)
-            else:
-                p.ffn[i] = within(cfg.ffn_hidden_size, cfg.elastic_ffn_groups)
-        return p
+        return random_permutation(cfg, torch.Generator().manual_seed(seed))
 
     model.load_state_dict(parent_sd, strict=False)
     ours = collect_width_scores(model, calib, lm_logits).to_permutation(cfg)

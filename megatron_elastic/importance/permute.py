@@ -124,3 +124,18 @@ def order_within_groups(scores: torch.Tensor, groups: int) -> torch.Tensor:
     s = scores.view(groups, per)
     idx = torch.sort(-s, dim=1, stable=True).indices
     return (idx + torch.arange(groups)[:, None] * per).flatten()
+
+
+def random_permutation(config, generator: Optional[torch.Generator] = None) -> Permutation:
+    """A random valid permutation of every axis (the random-ranking baseline; also used by tests)."""
+    within = lambda n, groups: order_within_groups(torch.rand(n, generator=generator), groups)
+    perm = Permutation(hidden=torch.randperm(config.hidden_size, generator=generator))
+    for i, sym in enumerate(config.hybrid_pattern):
+        if sym == MAMBA:
+            perm.mamba_heads[i] = within(config.mamba_num_heads, config.mamba_num_groups)
+            perm.mamba_head_dim[i] = torch.randperm(config.mamba_head_dim, generator=generator)
+        elif sym == ATTENTION:
+            perm.attention_heads[i] = within(config.num_attention_heads, config.num_query_groups)
+        else:
+            perm.ffn[i] = within(config.ffn_hidden_size, config.elastic_ffn_groups)
+    return perm

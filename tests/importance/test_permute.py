@@ -19,18 +19,9 @@ def _cfg(**kw):
 
 
 def random_permutation(cfg, seed):
-    g = torch.Generator().manual_seed(seed)
-    within = lambda n, groups: order_within_groups(torch.rand(n, generator=g), groups)
-    perm = Permutation(hidden=torch.randperm(cfg.hidden_size, generator=g))
-    for i, s in enumerate(cfg.hybrid_pattern):
-        if s == "M":
-            perm.mamba_heads[i] = within(cfg.mamba_num_heads, cfg.mamba_num_groups)
-            perm.mamba_head_dim[i] = torch.randperm(cfg.mamba_head_dim, generator=g)
-        elif s == "*":
-            perm.attention_heads[i] = within(cfg.num_attention_heads, cfg.num_query_groups)
-        else:
-            perm.ffn[i] = within(cfg.ffn_hidden_size, cfg.elastic_ffn_groups)
-    return perm
+    from megatron_elastic.importance.permute import random_permutation as draw
+
+    return draw(cfg, torch.Generator().manual_seed(seed))
 
 
 def _logits(model):
