@@ -1,0 +1,232 @@
+"""The router (Nemotron Elastic §Router): a small network per elastic axis that maps a target budget to a
+choice on that axis, sampled with straight-through Gumbel-Softmax, plus the resource loss that pulls each
+budget's (expected) parameter count onto its target.
+
+* Input: one-hot over the configured budgets; a budget fraction between two configured ones is a linear
+  interpolation of their one-hots (an untrained, intermediate budget).
+* Per axis: ``Linear(n_budgets, hidden) -> LeakyReLU -> Linear(hidden, n_segments * n_choices)``; an axis is
+  heterogeneous when it has one segment per layer of its type (Mamba heads/channels, attention heads, FFN),
+  otherwise one segment (hidden width, depth).
+* Depth: the choice is how many layers to keep; the kept layers are the top of the importance ranking.
+* ``sample``: hard one-hot per segment in the forward pass, straight-through gradients; the value of the chosen
+  component is the gate (1.0 forward) handed to ``use_arch`` so the router's gradient flows through the model.
+* ``expected_parameters``: the parameter count under the soft choice probabilities. The count is multilinear in
+  independent per-axis choices, so its expectation is the count at the expected sizes (and the kept-layer
+  probabilities); at a hard choice it equals :func:`megatron_elastic.model.cost.arch_parameters` exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_elastic.compat import ATTENTION, MAMBA, MLP
+from megatron_elastic.model.elastic_arch import ElasticArch
+
+AXES = ("hidden", "mamba_heads", "mamba_head_dim", "attention_heads", "ffn", "depth")
+
+
+@dataclass
+class ElasticSpace:
+    """The allowed sizes of every axis (ascending) and the depth ranking (most important first)."""
+
+    hidden: List[int]
+    mamba_heads: List[int]
+    mamba_head_dim: List[int]
+    attention_heads: List[int]
+    ffn: List[int]
+    num_layers: List[int]
+    depth_ranking: List[int]
+    heterogeneous: bool = True
+
+    @classmethod
+    def default(cls, config, fractions: Sequence[float] = (0.5, 0.625, 0.75, 0.875, 1.0),
+                depth_fractions: Sequence[float] = (0.75, 0.875, 1.0), depth_ranking: Optional[List[int]] = None,
+                heterogeneous: bool = True) -> "ElasticSpace":
+        """Choices at ``fractions`` of every width axis (snapped to valid multiples) and ``depth_fractions`` of
+        the layers; ``depth_ranking`` defaults to the layer order (pass the importance ranking)."""
+        def snap(full, multiple):
+            return sorted({max(multiple, min(full, int(round(full * f / multiple)) * multiple)) for f in fractions})
+
+        n = len(config.hybrid_pattern)
+        return cls(
+            hidden=snap(config.hidden_size, 8 if config.hidden_size >= 64 else 1),
+            mamba_heads=snap(config.mamba_num_heads, config.mamba_num_groups) if MAMBA in config.hybrid_pattern else [],
+            mamba_head_dim=snap(config.mamba_head_dim, 1) if MAMBA in config.hybrid_pattern else [],
+            attention_heads=snap(config.num_attention_heads, config.num_query_groups)
+            if ATTENTION in config.hybrid_pattern else [],
+            ffn=snap(config.ffn_hidden_size, config.elastic_ffn_groups) if MLP in config.hybrid_pattern else [],
+            num_layers=sorted({max(1, min(n, int(round(n * f)))) for f in depth_fractions}),
+            depth_ranking=list(depth_ranking) if depth_ranking is not None else list(range(n)),
+            heterogeneous=heterogeneous,
+        )
+
+    def layers_of(self, config, symbol: str) -> List[int]:
+        return [i for i, s in enumerate(config.hybrid_pattern) if s == symbol]
+
+
+class Router(nn.Module):
+    """Budget -> per-axis choice logits. ``budgets`` are parameter fractions of the parent, e.g. (1, .75, .5)."""
+
+    def __init__(self, config, space: ElasticSpace, budgets: Sequence[float], hidden: int = 256):
+        super().__init__()
+        self.config, self.space, self.budgets = config, space, [float(b) for b in budgets]
+        if sorted(self.budgets) != sorted(set(self.budgets)) or not all(0 < b <= 1 for b in self.budgets):
+            raise ValueError(f"budgets must be distinct fractions in (0, 1], got {budgets}")
+        self.segments: Dict[str, List[int]] = {
+            "hidden": [-1],
+            "mamba_heads": self._seg(MAMBA), "mamba_head_dim": self._seg(MAMBA),
+            "attention_heads": self._seg(ATTENTION), "ffn": self._seg(MLP),
+            "depth": [-1],
+        }
+        self.choices = {"hidden": space.hidden, "mamba_heads": space.mamba_heads,
+                        "mamba_head_dim": space.mamba_head_dim, "attention_heads": space.attention_heads,
+                        "ffn": space.ffn, "depth": space.num_layers}
+        self.nets = nn.ModuleDict({
+            axis: nn.Sequential(nn.Linear(len(self.budgets), hidden), nn.LeakyReLU(),
+                                nn.Linear(hidden, len(self.segments[axis]) * len(self.choices[axis])))
+            for axis in AXES if self.choices[axis] and self.segments[axis]})
+
+    def _seg(self, symbol: str) -> List[int]:
+        layers = self.space.layers_of(self.config, symbol)
+        return layers if self.space.heterogeneous else ([-1] if layers else [])
+
+    def budget_input(self, budget: float) -> torch.Tensor:
+        """One-hot of a configured budget, or the interpolation between the two nearest ones."""
+        b = sorted(self.budgets)
+        if not b[0] <= budget <= b[-1]:
+            raise ValueError(f"budget {budget} is outside the configured range [{b[0]}, {b[-1]}]")
+        x = torch.zeros(len(self.budgets))
+        for lo, hi in zip(b, b[1:] + [b[-1]]):
+            if lo <= budget <= hi:
+                w = 0.0 if hi == lo else (budget - lo) / (hi - lo)
+                x[self.budgets.index(lo)] += 1 - w
+                x[self.budgets.index(hi)] += w
+                return x
+        x[self.budgets.index(budget)] = 1.0
+        return x
+
+    def logits(self, budget: float, scale: float = 1.0) -> Dict[str, torch.Tensor]:
+        """Per axis: logits ``[segments, choices]``, multiplied by the router-logit ``scale``."""
+        w = next(self.parameters())
+        x = self.budget_input(budget).to(device=w.device, dtype=w.dtype)
+        return {axis: scale * net(x).view(len(self.segments[axis]), -1) for axis, net in self.nets.items()}
+
+    def sample(self, budget: float, tau: float = 1.0, scale: float = 1.0, hard: bool = True,
+               generator: Optional[torch.Generator] = None):
+        """Gumbel-Softmax sample. Returns (arch, gates for ``use_arch``, per-axis soft probabilities).
+        Pass the same ``generator`` state on every TP rank so all ranks draw the same architecture."""
+        probs, picks = {}, {}
+        for axis, lg in self.logits(budget, scale).items():
+            u = torch.rand(lg.shape, generator=generator).to(lg.device).clamp_(1e-10, 1 - 1e-10)
+            y = F.softmax((lg - torch.log(-torch.log(u))) / tau, dim=-1)
+            probs[axis] = y
+            idx = y.argmax(-1)
+            onehot = F.one_hot(idx, y.shape[-1]).to(y.dtype)
+            picks[axis] = (onehot - y.detach() + y) if hard else y
+        arch = self._arch({a: p.argmax(-1) for a, p in picks.items()})
+        gates = self._gates(picks)
+        return arch, gates, probs
+
+    @torch.no_grad()
+    def choose(self, budget: float) -> ElasticArch:
+        """The deterministic (argmax) architecture for ``budget``, for evaluation and extraction."""
+        return self._arch({a: lg.argmax(-1) for a, lg in self.logits(budget).items()})
+
+    def _arch(self, idx: Dict[str, torch.Tensor]) -> ElasticArch:
+        cfg, sp = self.config, self.space
+        arch = ElasticArch.full(cfg)
+        pick = lambda axis, seg: self.choices[axis][int(idx[axis][seg])]
+        if "hidden" in idx:
+            arch.hidden_size = pick("hidden", 0)
+        for axis, field_name in (("mamba_heads", "mamba_num_heads"), ("mamba_head_dim", "mamba_head_dim"),
+                                 ("attention_heads", "num_attention_heads"), ("ffn", "ffn_hidden_size")):
+            if axis not in idx:
+                continue
+            d = getattr(arch, field_name)
+            for k, layer in enumerate(self.segments[axis]):
+                value = pick(axis, k)
+                targets = list(d) if layer == -1 else [layer]
+                for t in targets:
+                    d[t] = value
+        if "depth" in idx:
+            keep = pick("depth", 0)
+            arch.skipped_layers = tuple(sorted(sp.depth_ranking[keep:]))
+        return arch.validate(cfg)
+
+    def _gates(self, picks: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """The chosen component of each segment's straight-through one-hot (1.0 forward, router grads back)."""
+        gates = {}
+        for axis, y in picks.items():
+            chosen = (y * F.one_hot(y.argmax(-1), y.shape[-1]).to(y.dtype)).sum(-1)
+            if axis == "hidden":
+                gates["hidden"] = chosen[0]
+            elif axis == "depth":
+                continue  # depth acts through which layers are skipped; its gate scales every kept block
+            else:
+                for k, layer in enumerate(self.segments[axis]):
+                    layers = self.space.layers_of(self.config, {"mamba_heads": MAMBA, "mamba_head_dim": MAMBA,
+                                                                "attention_heads": ATTENTION, "ffn": MLP}[axis]) \
+                        if layer == -1 else [layer]
+                    for l in layers:
+                        gates[f"{axis}.{l}"] = chosen[k]
+        if "depth" in picks:
+            y = picks["depth"]
+            g = (y * F.one_hot(y.argmax(-1), y.shape[-1]).to(y.dtype)).sum(-1)[0]
+            for l in range(len(self.config.hybrid_pattern)):
+                gates[f"depth.{l}"] = g
+        return gates
+
+    def expected_parameters(self, probs: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """Differentiable parameter count under per-axis choice probabilities ``probs`` (``[segments,
+        choices]`` each, rows summing to 1); equals the exact count when every row is one-hot."""
+        cfg = self.config
+        dev = next(self.parameters()).device
+        val = lambda axis: (probs[axis] * torch.tensor(self.choices[axis], dtype=probs[axis].dtype, device=dev)).sum(-1)
+        h = val("hidden")[0] if "hidden" in probs else torch.tensor(float(cfg.hidden_size), device=dev)
+        n = len(cfg.hybrid_pattern)
+        if "depth" in probs:
+            p = probs["depth"][0]
+            rank_pos = {layer: r for r, layer in enumerate(self.space.depth_ranking)}
+            keep = torch.stack([sum(p[c] for c, k in enumerate(self.space.num_layers) if rank_pos[l] < k)
+                                for l in range(n)])
+        else:
+            keep = torch.ones(n, device=dev)
+
+        def per_layer(axis, full):
+            if axis not in probs:
+                return lambda layer: torch.tensor(float(full), device=dev)
+            v = val(axis)
+            segs = self.segments[axis]
+            return lambda layer: v[0] if segs == [-1] else v[segs.index(layer)]
+
+        heads, dims = per_layer("mamba_heads", cfg.mamba_num_heads), per_layer("mamba_head_dim", cfg.mamba_head_dim)
+        qheads, ffn = per_layer("attention_heads", cfg.num_attention_heads), per_layer("ffn", cfg.ffn_hidden_size)
+        total = h  # final norm
+        vocab = cfg.vocab_size * h
+        total = total + (vocab if cfg.share_embeddings_and_output_weights else 2 * vocab)
+        bc = cfg.mamba_num_groups * cfg.mamba_state_dim
+        for i, sym in enumerate(cfg.hybrid_pattern):
+            if sym == MAMBA:
+                H, P = heads(i), dims(i)
+                d_inner = H * P
+                layer = h + h * (2 * d_inner + 2 * bc + H) + (d_inner + 2 * bc) * (cfg.mamba_conv_kernel + 1) \
+                    + 3 * H + d_inner + d_inner * h
+            elif sym == ATTENTION:
+                g, hn = cfg.num_query_groups or cfg.num_attention_heads, cfg.kv_channels
+                Q = qheads(i)
+                layer = h + h * (Q + 2 * g) * hn + Q * hn * h
+            else:
+                f = ffn(i)
+                layer = h + h * f * (2 if cfg.gated_linear_unit else 1) + f * h
+            total = total + keep[i] * layer
+        return total
+
+
+def resource_loss(expected: torch.Tensor, target: float) -> torch.Tensor:
+    """Relative distance of the expected parameter count from the budget's target (|E[params]/target - 1|)."""
+    return (expected / target - 1.0).abs()

@@ -1,0 +1,85 @@
+"""Router: valid nested choices, an exact differentiable parameter count, correct gradients, and a resource
+loss that lands every budget on its target."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron_elastic.model.cost import arch_parameters
+from megatron_elastic.model.elastic_arch import ElasticArch
+from megatron_elastic.router import ElasticSpace, Router, resource_loss
+from tests.importance.test_permute import _cfg
+
+BUDGETS = (1.0, 0.75, 0.5)
+
+
+def _router(heterogeneous=True, seed=0):
+    torch.manual_seed(seed)
+    cfg = _cfg()
+    space = ElasticSpace.default(cfg, depth_ranking=[0, 3, 1, 2, 4, 5], heterogeneous=heterogeneous)
+    return cfg, Router(cfg, space, BUDGETS, hidden=32)
+
+
+@pytest.mark.parametrize("heterogeneous", [True, False])
+def test_expected_parameters_is_exact_at_hard_choices(heterogeneous):
+    cfg, router = _router(heterogeneous)
+    for budget in BUDGETS:
+        for s in range(3):
+            arch, gates, probs = router.sample(budget, tau=0.5, generator=torch.Generator().manual_seed(s))
+            hard = {a: F.one_hot(p.argmax(-1), p.shape[-1]).double() for a, p in probs.items()}
+            assert float(router.expected_parameters(hard)) == arch_parameters(cfg, arch)
+            assert all(float(g.detach()) == pytest.approx(1.0) for g in gates.values())
+
+
+def test_same_generator_state_gives_the_same_architecture():
+    _, router = _router()
+    a1, _, _ = router.sample(0.75, generator=torch.Generator().manual_seed(7))
+    a2, _, _ = router.sample(0.75, generator=torch.Generator().manual_seed(7))
+    assert a1 == a2
+
+
+def test_expected_parameter_gradient_matches_finite_differences():
+    cfg, router = _router()
+    router.double()
+    probs_of = lambda: {a: F.softmax(lg, -1) for a, lg in router.logits(0.75).items()}
+    loss = router.expected_parameters(probs_of())
+    w = router.nets["ffn"][2].weight
+    (g,) = torch.autograd.grad(loss, [w])
+    eps = 1e-6
+    for idx in [(0, 0), (3, 5), (7, 11)]:
+        with torch.no_grad():
+            w[idx] += eps
+            up = float(router.expected_parameters(probs_of()))
+            w[idx] -= 2 * eps
+            down = float(router.expected_parameters(probs_of()))
+            w[idx] += eps
+        assert float(g[idx]) == pytest.approx((up - down) / (2 * eps), rel=1e-5, abs=1e-3)
+
+
+def test_interpolated_budget_input_and_range_errors():
+    _, router = _router()
+    x = router.budget_input(0.625)
+    assert x.tolist() == [0.0, 0.5, 0.5]
+    assert router.budget_input(0.75).tolist() == [0.0, 1.0, 0.0]
+    with pytest.raises(ValueError, match="outside the configured range"):
+        router.budget_input(0.3)
+    with pytest.raises(ValueError, match="distinct fractions"):
+        Router(_cfg(), ElasticSpace.default(_cfg()), (1.0, 1.0))
+
+
+def test_resource_loss_alone_lands_every_budget_within_two_percent():
+    cfg, router = _router(seed=1)
+    full = arch_parameters(cfg, ElasticArch.full(cfg))
+    opt = torch.optim.Adam(router.parameters(), lr=1e-2)
+    for step in range(300):
+        tau = max(0.05, 1.0 - step / 250)
+        loss = 0
+        for b in BUDGETS:
+            _, _, probs = router.sample(b, tau=tau, generator=torch.Generator().manual_seed(step))
+            loss = loss + resource_loss(router.expected_parameters(probs), b * full)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for b in BUDGETS:
+        got = arch_parameters(cfg, router.choose(b)) / full
+        assert got == pytest.approx(b, abs=0.02), (b, got)
