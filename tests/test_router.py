@@ -83,3 +83,41 @@ def test_resource_loss_alone_lands_every_budget_within_two_percent():
     for b in BUDGETS:
         got = arch_parameters(cfg, router.choose(b)) / full
         assert got == pytest.approx(b, abs=0.02), (b, got)
+
+
+def test_router_gradient_through_the_model_matches_finite_differences(single_process_parallel):
+    """The straight-through gates carry dL/dgate * dgate/dtheta to the router. Finite differences of the
+    relaxed objective theta -> L(gate = 1 + y(theta) - y(theta0)) (same Gumbel noise, so the same arch)
+    must give the autograd gradient."""
+    from megatron_elastic.model.builder import causal_attention_mask, position_ids_for
+    from megatron_elastic.model.elastic_model import build_elastic_model, use_arch
+
+    cfg, router = _router(seed=2)
+    router.double()
+    model = build_elastic_model(_cfg(params_dtype=torch.float64)).double()
+    ids = torch.randint(0, 260, (2, 9), generator=torch.Generator().manual_seed(0))
+    args = (ids, position_ids_for(ids), causal_attention_mask(9))
+
+    def objective(y0=None):
+        arch, gates, probs = router.sample(0.75, tau=0.7, hard=y0 is None, generator=torch.Generator().manual_seed(5))
+        if y0 is not None:  # the relaxed objective: gate = 1 + (y_chosen - y0) with y0 fixed
+            gates = {k: 1 + (g - y0[k]) for k, g in gates.items()}
+        with use_arch(model, arch, gates):
+            logits = model(*args)
+        return (logits * torch.linspace(-1, 1, logits.numel(), dtype=logits.dtype).view_as(logits)).sum(), gates
+
+    loss, gates = objective()
+    w = router.nets["hidden"][2].weight
+    (g,) = torch.autograd.grad(loss, [w])
+    assert g.abs().sum() > 0, "the router must receive gradient through the model"
+    _, soft_gates, _ = router.sample(0.75, tau=0.7, hard=False, generator=torch.Generator().manual_seed(5))
+    y0 = {k: v.detach() for k, v in soft_gates.items()}
+    eps = 1e-6
+    for idx in [(0, 0), (1, 3)]:
+        with torch.no_grad():
+            w[idx] += eps
+            up = float(objective(y0)[0])
+            w[idx] -= 2 * eps
+            down = float(objective(y0)[0])
+            w[idx] += eps
+        assert float(g[idx]) == pytest.approx((up - down) / (2 * eps), rel=1e-4, abs=1e-6), idx
