@@ -13,11 +13,13 @@ from megatron_elastic.parallel import free_port
 
 def tiny_config(**overrides: Any):
     """A small hybrid config with every layer type, ngroups=2 Mamba and GQA attention (TP up to 2)."""
+    import torch
+
     from megatron_elastic.model.config import HybridConfig, tiny_defaults
 
     kw = dict(hybrid_pattern="M-*-M-", vocab_size=260, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
               num_query_groups=2, kv_channels=8, mamba_num_heads=8, mamba_head_dim=8, mamba_num_groups=2,
-              mamba_state_dim=8, mamba_chunk_size=8, params_dtype=__import__("torch").float32)
+              mamba_state_dim=8, mamba_chunk_size=8, params_dtype=torch.float32)
     kw.update(tiny_defaults())
     kw.update(overrides)
     return HybridConfig.from_dict(kw)
