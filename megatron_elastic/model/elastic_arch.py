@@ -103,6 +103,16 @@ class ElasticArch:
             raise ElasticArchError("skipped_layers: cannot skip every layer")
         return self
 
+    def is_within(self, other: "ElasticArch") -> bool:
+        """True when this sub-model is nested in ``other``: no axis larger, and every layer ``other`` skips
+        skipped here too (both prefixes of the same sorted parent)."""
+        le = lambda a, b: a.keys() == b.keys() and all(a[k] <= b[k] for k in a)
+        return (self.hidden_size <= other.hidden_size and le(self.mamba_num_heads, other.mamba_num_heads)
+                and le(self.mamba_head_dim, other.mamba_head_dim)
+                and le(self.num_attention_heads, other.num_attention_heads)
+                and le(self.ffn_hidden_size, other.ffn_hidden_size)
+                and set(other.skipped_layers) <= set(self.skipped_layers))
+
     # ---- (de)serialisation and display ---------------------------------------------------------------
     def to_dict(self) -> dict:
         return {"hidden_size": self.hidden_size, "mamba_num_heads": self.mamba_num_heads,

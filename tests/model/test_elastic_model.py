@@ -338,3 +338,18 @@ def test_arch_parameters_equals_plain_model_count(single_process_parallel, seed)
     assert arch_parameters(cfg, arch) == parameter_count(small)
     full = build_hybrid_model(cfg)
     assert arch_parameters(cfg, ElasticArch.full(cfg)) == parameter_count(full)
+
+
+def test_is_within_orders_nested_choices():
+    cfg = _cfg()
+    full = ElasticArch.full(cfg)
+    small = ElasticArch.full(cfg)
+    small.hidden_size, small.ffn_hidden_size[1], small.skipped_layers = 16, 24, (5,)
+    assert small.is_within(full) and full.is_within(full)
+    assert not full.is_within(small)
+    wider_but_skips_more = ElasticArch.full(cfg)
+    wider_but_skips_more.skipped_layers = (2,)  # small keeps layer 2, so small is not nested in it
+    assert not small.is_within(wider_but_skips_more)
+    bigger_ffn = ElasticArch.from_dict(small.to_dict())
+    bigger_ffn.ffn_hidden_size[1] = 48
+    assert small.is_within(bigger_ffn) and not bigger_ffn.is_within(small)
