@@ -120,7 +120,7 @@ def main():
     for name, r in results["width"].items():
         print(f"{name:26} {r['75%']:8.3f} {r['50%']:8.3f}")
     names = list(axis_archs)
-    print(f"\none axis at half width, the rest full (bits/byte)")
+    print("\none axis at half width, the rest full (bits/byte)")
     print(f"{'ranking':26} " + " ".join(f"{n:>19}" for n in names))
     for name, r in results["width"].items():
         print(f"{name:26} " + " ".join(f"{r[n]:19.3f}" for n in names))

@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("pretrain", help="pretrain a hybrid parent model",
                        description="Pretrain a hybrid parent from a YAML config (sections model, parallel, data, "
                                    "train, checkpoint). Launch with torchrun for TP/PP/DP > 1.")
-    t.add_argument("--config", required=True, help=f"YAML config, e.g. examples/tiny/parent.yaml")
+    t.add_argument("--config", required=True, help="YAML config, e.g. examples/tiny/parent.yaml")
     t.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override a config value (repeatable)")
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in checkpoint.dir")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")

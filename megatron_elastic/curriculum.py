@@ -9,8 +9,8 @@ temperature 1.0 -> 0.05 and router-logit scale 1 -> 10, linear (DESIGN §4-5). E
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import List, Sequence, Tuple
 
 
 @dataclass

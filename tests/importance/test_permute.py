@@ -1,6 +1,5 @@
 """The sort permutes every tensor that touches an axis and leaves the parent's function unchanged."""
 
-import random
 
 import pytest
 import torch
