@@ -21,6 +21,7 @@ from megatron_elastic.model.elastic_model import build_elastic_model
 from megatron_elastic.parallel import initialize_parallel
 from megatron_elastic.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from megatron_elastic.training.config import PretrainConfig, load_pretrain_config
+from megatron_elastic.training.pretrain import batch_to_device, masked_mean
 
 
 def config_from_checkpoint(path: str) -> PretrainConfig:
@@ -36,16 +37,18 @@ def config_from_checkpoint(path: str) -> PretrainConfig:
 
 def lm_logits(model, batch):
     """Logits ``[b, s, vocab/tp]`` for a GPTDataset batch."""
+    batch = batch_to_device(batch)
     tokens = batch["tokens"]
-    return model(tokens, batch["position_ids"], causal_attention_mask(tokens.shape[1]))
+    return model(tokens, batch["position_ids"], causal_attention_mask(tokens.shape[1], tokens.device))
 
 
 def lm_loss(model, batch) -> torch.Tensor:
     """Mean next-token loss (nats) of a GPTDataset batch."""
+    batch = batch_to_device(batch)
     tokens = batch["tokens"]
-    losses = model(tokens, batch["position_ids"], causal_attention_mask(tokens.shape[1]), labels=batch["labels"])
-    mask = batch["loss_mask"]
-    return (losses.float() * mask).sum() / mask.sum()
+    losses = model(tokens, batch["position_ids"], causal_attention_mask(tokens.shape[1], tokens.device),
+                   labels=batch["labels"])
+    return masked_mean(losses, batch["loss_mask"])
 
 
 def calibration_batches(data_dir: str, seq_length: int, num_tokens: int, micro_batch_size: int = 8,

@@ -44,19 +44,25 @@ def unigram_entropy_nats(data_dir: str) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-def _batch_to_device(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+def batch_to_device(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Move a GPTDataset batch to the current CUDA device (or leave it on the CPU)."""
     dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     return {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
 
 
+def masked_mean(per_token_loss: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Mean of a per-token loss over the tokens the mask counts (float32)."""
+    return (per_token_loss.float() * loss_mask).sum() / loss_mask.sum().clamp(min=1)
+
+
 def lm_forward_step(data_iterator: Iterator, model):
     """Megatron ``forward_step_func``: per-token LM loss averaged over the loss mask."""
-    batch = _batch_to_device(next(data_iterator))
+    batch = batch_to_device(next(data_iterator))
     tokens, labels, loss_mask = batch["tokens"], batch["labels"], batch["loss_mask"]
     output = model(tokens, batch["position_ids"], causal_attention_mask(tokens.shape[1], tokens.device), labels=labels)
 
     def loss_func(output_tensor):
-        loss = (output_tensor.float() * loss_mask).sum() / loss_mask.sum().clamp(min=1)
+        loss = masked_mean(output_tensor, loss_mask)
         return loss, {"lm loss": loss.detach()}
 
     return output, loss_func
