@@ -28,6 +28,7 @@ from megatron_elastic.compat import ATTENTION, MAMBA, MLP
 from megatron_elastic.model.elastic_arch import ElasticArch
 
 AXES = ("hidden", "mamba_heads", "mamba_head_dim", "attention_heads", "ffn", "depth")
+_AXIS_SYMBOL = {"mamba_heads": MAMBA, "mamba_head_dim": MAMBA, "attention_heads": ATTENTION, "ffn": MLP}
 
 
 @dataclass
@@ -79,8 +80,7 @@ class Router(nn.Module):
             raise ValueError(f"budgets must be distinct fractions in (0, 1], got {budgets}")
         self.segments: Dict[str, List[int]] = {
             "hidden": [-1],
-            "mamba_heads": self._seg(MAMBA), "mamba_head_dim": self._seg(MAMBA),
-            "attention_heads": self._seg(ATTENTION), "ffn": self._seg(MLP),
+            **{axis: self._seg(symbol) for axis, symbol in _AXIS_SYMBOL.items()},
             "depth": [-1],
         }
         self.choices = {"hidden": space.hidden, "mamba_heads": space.mamba_heads,
@@ -159,26 +159,20 @@ class Router(nn.Module):
         return arch.validate(cfg)
 
     def _gates(self, picks: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """The chosen component of each segment's straight-through one-hot (1.0 forward, router grads back)."""
+        """The chosen component of each segment's straight-through one-hot (1.0 forward, router grads back).
+        The depth gate scales every block (its layer kept or not is decided by the skipped layers)."""
+        chosen = lambda y: (y * F.one_hot(y.argmax(-1), y.shape[-1]).to(y.dtype)).sum(-1)
         gates = {}
         for axis, y in picks.items():
-            chosen = (y * F.one_hot(y.argmax(-1), y.shape[-1]).to(y.dtype)).sum(-1)
+            g = chosen(y)
             if axis == "hidden":
-                gates["hidden"] = chosen[0]
+                gates["hidden"] = g[0]
             elif axis == "depth":
-                continue  # depth acts through which layers are skipped; its gate scales every kept block
+                gates.update({f"depth.{l}": g[0] for l in range(len(self.config.hybrid_pattern))})
             else:
                 for k, layer in enumerate(self.segments[axis]):
-                    layers = self.space.layers_of(self.config, {"mamba_heads": MAMBA, "mamba_head_dim": MAMBA,
-                                                                "attention_heads": ATTENTION, "ffn": MLP}[axis]) \
-                        if layer == -1 else [layer]
-                    for l in layers:
-                        gates[f"{axis}.{l}"] = chosen[k]
-        if "depth" in picks:
-            y = picks["depth"]
-            g = (y * F.one_hot(y.argmax(-1), y.shape[-1]).to(y.dtype)).sum(-1)[0]
-            for l in range(len(self.config.hybrid_pattern)):
-                gates[f"depth.{l}"] = g
+                    layers = self.space.layers_of(self.config, _AXIS_SYMBOL[axis]) if layer == -1 else [layer]
+                    gates.update({f"{axis}.{l}": g[k] for l in layers})
         return gates
 
     def expected_parameters(self, probs: Dict[str, torch.Tensor]) -> torch.Tensor:
