@@ -12,6 +12,7 @@ install_requires = [
     "einops",
     "psutil",  # megatron.core.dist_checkpointing's writer needs it
     "matplotlib",  # importance and results plots (PNG)
+    "tensorboard",  # elastic training scalars (torch.utils.tensorboard)
 ]
 
 extras = {

@@ -72,6 +72,18 @@ def cmd_importance(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from megatron_elastic.training.elastic import results_table, train_elastic
+    from megatron_elastic.training.elastic_config import load_elastic_config
+
+    cfg = load_elastic_config(args.config, list(args.set or []))
+    summary = train_elastic(cfg, resume=args.resume, progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) == int(os.environ.get("WORLD_SIZE", "1")) - 1:
+        print(results_table(summary))
+        print(f"checkpoint: {summary['checkpoint']}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     """The tiny end-to-end recipe on this machine's CPU (grows with the pipeline)."""
     from megatron_elastic.data.indexed import read_metadata
@@ -166,6 +178,17 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--iterative-depth", action="store_true", help="greedy: remove the least important layer, re-score")
     im.add_argument("--no-progress", action="store_true", help="no progress bars")
     im.set_defaults(func=cmd_importance)
+
+    e = sub.add_parser("train", help="elastic distillation: train every budget of a sorted parent at once",
+                       description="Router + frozen-teacher KD over the two-stage curriculum, from the output of "
+                                   "`importance`. YAML sections: parent, budgets, space, router, distill, curriculum, "
+                                   "parallel, data, train, checkpoint. Launch with torchrun for TP/PP/DP > 1.")
+    e.add_argument("--config", required=True, help="YAML config, e.g. examples/tiny/elastic.yaml")
+    e.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
+                   help="override a config value (repeatable), e.g. parent=runs/demo/importance")
+    e.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in checkpoint.dir")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    e.set_defaults(func=cmd_train)
 
     m = sub.add_parser("demo", help="run the tiny CPU recipe end to end",
                        description="Prepare the built-in corpus, pretrain the tiny parent, score and sort it on this "

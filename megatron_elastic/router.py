@@ -133,9 +133,35 @@ class Router(nn.Module):
         return arch, gates, probs
 
     @torch.no_grad()
-    def choose(self, budget: float) -> ElasticArch:
-        """The deterministic (argmax) architecture for ``budget``, for evaluation and extraction."""
-        return self._arch({a: lg.argmax(-1) for a, lg in self.logits(budget).items()})
+    def choose(self, budget: float, within: Optional[ElasticArch] = None) -> ElasticArch:
+        """The deterministic (argmax) architecture for ``budget``, for evaluation and extraction. With
+        ``within``, every segment's argmax is taken over the choices no larger than ``within``'s (so the
+        result is nested inside it)."""
+        idx = {}
+        for axis, lg in self.logits(budget).items():
+            if within is not None:
+                limit = torch.tensor([self._value_in(within, axis, seg) for seg in self.segments[axis]])
+                allowed = torch.tensor(self.choices[axis]).unsqueeze(0) <= limit.unsqueeze(1)
+                lg = lg.masked_fill(~allowed.to(lg.device), float("-inf"))
+            idx[axis] = lg.argmax(-1)
+        return self._arch(idx)
+
+    def choose_all(self) -> Dict[float, ElasticArch]:
+        """``choose`` for every configured budget, largest first, each nested inside the next larger one."""
+        out, prev = {}, None
+        for b in sorted(self.budgets, reverse=True):
+            prev = out[b] = self.choose(b, within=prev)
+        return out
+
+    def _value_in(self, arch: ElasticArch, axis: str, seg: int) -> int:
+        """The size ``arch`` has on ``axis`` in segment ``seg`` (a layer index, or -1 for all layers)."""
+        if axis == "hidden":
+            return arch.hidden_size
+        if axis == "depth":
+            return len(self.config.hybrid_pattern) - len(arch.skipped_layers)
+        d = {"mamba_heads": arch.mamba_num_heads, "mamba_head_dim": arch.mamba_head_dim,
+             "attention_heads": arch.num_attention_heads, "ffn": arch.ffn_hidden_size}[axis]
+        return min(d.values()) if seg == -1 else d[seg]
 
     def _arch(self, idx: Dict[str, torch.Tensor]) -> ElasticArch:
         cfg, sp = self.config, self.space

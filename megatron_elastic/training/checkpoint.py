@@ -28,6 +28,7 @@ from megatron.core import dist_checkpointing
 from megatron_elastic.compat import cuda_to_cpu
 
 LATEST = "latest"
+EXTRA = "extra.pt"
 
 
 def _rank() -> int:
@@ -86,9 +87,10 @@ def _sharded_state(model, optimizer, is_loading: bool):
 
 
 def save_checkpoint(ckpt_dir: str, iteration: int, model, optimizer=None, trainer_state: Optional[dict] = None,
-                    keep_last: Optional[int] = None) -> str:
+                    keep_last: Optional[int] = None, extra: Optional[Dict[str, Any]] = None) -> str:
     """Save ``model`` (a Megatron module), ``optimizer`` (a Megatron optimizer) and ``trainer_state``
-    (JSON-serialisable) atomically; collective over all ranks. Returns the checkpoint path."""
+    (JSON-serialisable) atomically; collective over all ranks. ``extra``: replicated state (identical on every
+    rank, e.g. the router and its optimizer), written once by rank 0 to ``extra.pt``. Returns the path."""
     final = os.path.join(ckpt_dir, iteration_dirname(iteration))
     tmp = final + ".tmp"
     if _rank() == 0:
@@ -100,6 +102,8 @@ def save_checkpoint(ckpt_dir: str, iteration: int, model, optimizer=None, traine
     torch.save(rng_state(), os.path.join(tmp, f"rng_rank{_rank()}.pt"))
     _barrier()
     if _rank() == 0:
+        if extra is not None:
+            torch.save(extra, os.path.join(tmp, EXTRA))
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
             json.dump({"iteration": iteration, **(trainer_state or {})}, f, indent=2)
         shutil.rmtree(final, ignore_errors=True)
@@ -141,6 +145,14 @@ def load_checkpoint(path: str, model, optimizer=None, strict: bool = True, load_
     if load_rng and os.path.isfile(rng_file):
         set_rng_state(torch.load(rng_file, weights_only=False))
     return trainer_state
+
+
+def load_extra(path: str) -> Dict[str, Any]:
+    """The replicated ``extra`` state saved with a checkpoint (see :func:`save_checkpoint`)."""
+    f = os.path.join(path, EXTRA)
+    if not os.path.isfile(f):
+        raise FileNotFoundError(f"{path} has no {EXTRA}; it was not written by `megatron-elastic train`")
+    return torch.load(f, weights_only=False, map_location="cpu")
 
 
 def load_model_weights(path: str, model) -> dict:

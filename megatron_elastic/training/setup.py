@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from megatron.core import parallel_state
@@ -26,10 +27,13 @@ class TrainingComponents:
         return self.model.module
 
 
-def build_training_components(model_cfg: HybridConfig, train_cfg) -> TrainingComponents:
-    """Build the model for this pipeline stage, wrap it in Megatron's DDP and create the optimizer and
-    LR/weight-decay schedule from ``train_cfg`` (a :class:`~megatron_elastic.training.config.TrainConfig`)."""
-    model = build_hybrid_model(
+def build_training_components(model_cfg: HybridConfig, train_cfg,
+                              build_model: Callable = build_hybrid_model) -> TrainingComponents:
+    """Build the model for this pipeline stage with ``build_model(config, pre_process=, post_process=)`` (load
+    initial weights there: the optimizer copies them), wrap it in Megatron's DDP and create the optimizer and
+    LR/weight-decay schedule from ``train_cfg`` (``lr``, ``min_lr``, ``weight_decay``, ``adam_beta1/2``,
+    ``clip_grad``, ``lr_warmup_iters``, ``train_iters``, ``lr_decay_style``)."""
+    model = build_model(
         model_cfg,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),

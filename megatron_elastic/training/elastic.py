@@ -1,0 +1,438 @@
+"""Elastic distillation (``megatron-elastic train``): one run trains every budget of the sorted parent.
+
+Per optimizer step:
+
+1. The curriculum gives the stage (sequence length, global batch, budget weights) from the tokens consumed so
+   far, and the router temperature/logit scale. Each micro-batch gets a budget (``sample``: drawn with the
+   stage's weights, one per micro-batch of the global batch; ``all``: every budget on every micro-batch).
+2. Megatron's forward/backward schedule runs the (student, frozen teacher) pair. In each micro-batch the
+   router samples its budget's architecture with Gumbel noise fixed per (step, budget) (so every micro-batch,
+   TP rank and PP stage draws the same one), the student runs that sub-model with the router's
+   straight-through gates, and the loss is KD(teacher || student) (+ optional LM loss).
+3. Router gradients are summed over pipeline stages (each stage gates its own layers) and averaged over
+   data-parallel replicas; then the resource loss (every budget's expected parameter count vs its target)
+   adds its gradient, and the router's Adam steps. The student steps with Megatron's optimizer.
+
+Checkpoints (``dist_checkpointing``) hold the student, its optimizer and LR schedule, the router and its
+optimizer, the data position of every stage, the tokens consumed (the curriculum position) and RNG states.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+from tqdm import tqdm
+
+from megatron_elastic.compat import cuda_to_cpu
+from megatron_elastic.data.loader import build_gpt_datasets, make_loader
+from megatron_elastic.distill import kd_loss
+from megatron_elastic.importance.run import config_from_checkpoint
+from megatron_elastic.model.builder import causal_attention_mask
+from megatron_elastic.model.cost import arch_parameters
+from megatron_elastic.model.elastic_arch import ElasticArch
+from megatron_elastic.model.elastic_model import build_elastic_model, set_arch
+from megatron_elastic.parallel import initialize_parallel
+from megatron_elastic.router import ElasticSpace, Router, resource_loss
+from megatron_elastic.training.checkpoint import (latest_checkpoint, load_checkpoint, load_extra,
+                                                  load_model_weights, save_checkpoint)
+from megatron_elastic.training.elastic_config import ElasticJobConfig
+from megatron_elastic.training.pretrain import LN2, batch_to_device, evaluate, masked_mean
+from megatron_elastic.training.setup import build_training_components
+from megatron_elastic.training.teacher import DistillationPair
+
+NOISE_SEED_STRIDE = 1_000_003
+
+
+def noise_generator(seed: int, step: int, budget_index: int) -> torch.Generator:
+    """The Gumbel-noise generator of (step, budget): identical on every rank and every micro-batch."""
+    return torch.Generator().manual_seed((seed * NOISE_SEED_STRIDE + step) * 16 + budget_index)
+
+
+def sync_router_grads(router: torch.nn.Module) -> None:
+    """Sum router gradients over pipeline stages (each stage holds the gates of its own layers), average over
+    data-parallel replicas. Tensor-parallel ranks already hold identical gradients (gates act on replicated
+    activations)."""
+    params = list(router.parameters())
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    if not dist.is_initialized():
+        return
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        dist.all_reduce(flat, group=parallel_state.get_pipeline_model_parallel_group())
+    dp = parallel_state.get_data_parallel_world_size()
+    if dp > 1:
+        dist.all_reduce(flat, group=parallel_state.get_data_parallel_group())
+        flat /= dp
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad.copy_(flat[offset:offset + n].view_as(p))
+        offset += n
+
+
+@dataclass
+class ElasticComponents:
+    config: ElasticJobConfig
+    model_config: object
+    student: torch.nn.Module          # DDP-wrapped elastic student
+    teacher: torch.nn.Module          # frozen elastic model with the sorted parent's weights
+    pair: DistillationPair
+    optimizer: object
+    scheduler: object
+    router: Router
+    router_optimizer: torch.optim.Optimizer
+    router_scheduler: torch.optim.lr_scheduler.LambdaLR
+    full_parameters: int
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def build_elastic_components(cfg: ElasticJobConfig) -> ElasticComponents:
+    """Parallel state, student (from the sorted parent), teacher, pair, optimizers and the router."""
+    tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
+    initialize_parallel(tp, pp, seed=cfg.train.seed)
+    cfg.validate(dist.get_world_size())
+    src = latest_checkpoint(cfg.sorted_checkpoint)
+    if src is None or not os.path.isfile(cfg.ranking_file):
+        raise FileNotFoundError(f"parent: {cfg.parent} lacks sorted/latest or ranking.json; run "
+                                f"`megatron-elastic importance --out {cfg.parent}` first")
+    job = config_from_checkpoint(src)
+    job.parallel.tensor_model_parallel_size, job.parallel.pipeline_model_parallel_size = tp, pp
+    model_cfg = job.model_config()
+    if not cfg.data.path:
+        cfg.data.path = job.data.path
+    with open(cfg.ranking_file) as f:
+        depth_ranking = json.load(f)["depth_ranking"]
+
+    def build_student(config, pre_process, post_process):
+        model = build_elastic_model(config, pre_process=pre_process, post_process=post_process)
+        load_model_weights(src, model)
+        return model
+
+    comps = build_training_components(model_cfg, cfg.train, build_model=build_student)
+    teacher = build_elastic_model(model_cfg, pre_process=parallel_state.is_pipeline_first_stage(),
+                                  post_process=parallel_state.is_pipeline_last_stage())
+    load_model_weights(src, teacher)
+    pair = DistillationPair(comps.model, teacher, model_cfg, parallel_state.is_pipeline_first_stage(),
+                            parallel_state.is_pipeline_last_stage())
+    model_cfg.finalize_model_grads_func = lambda _models, *a, **k: finalize_model_grads([comps.model], *a, **k)
+    model_cfg.no_sync_func = comps.model.no_sync
+
+    space = ElasticSpace.default(model_cfg, cfg.space.fractions, cfg.space.depth_fractions, depth_ranking,
+                                 cfg.space.heterogeneous)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)  # identical router on every rank
+        router = Router(model_cfg, space, cfg.budgets, hidden=cfg.router.hidden).to(_device())
+    router_opt = torch.optim.Adam(router.parameters(), lr=cfg.router.lr)
+    warm = cfg.router.warmup_iters
+    router_sched = torch.optim.lr_scheduler.LambdaLR(router_opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+    full = arch_parameters(model_cfg, ElasticArch.full(model_cfg))
+    return ElasticComponents(cfg, model_cfg, comps.model, teacher, pair, comps.optimizer, comps.scheduler, router,
+                             router_opt, router_sched, full)
+
+
+def make_forward_step(c: ElasticComponents, step: int, tau: float, scale: float):
+    """Megatron ``forward_step_func`` for one optimizer step: items are (micro-batch, budget index)."""
+    cfg, router = c.config, c.router
+    tp_group = parallel_state.get_tensor_model_parallel_group() if c.model_config.tensor_model_parallel_size > 1 else None
+
+    def forward_step(data_iterator, model):
+        item = next(data_iterator)
+        bi = item["budget_index"]
+        batch = batch_to_device(item["batch"])
+        arch, gates, _ = router.sample(cfg.budgets[bi], tau=tau, scale=scale,
+                                       generator=noise_generator(cfg.train.seed, step, bi))
+        set_arch(c.student, arch, gates)
+        tokens = batch["tokens"]
+        out = model(tokens, batch["position_ids"], causal_attention_mask(tokens.shape[1], tokens.device),
+                    cache_key=item["key"])
+
+        def loss_func(output):
+            student_logits, teacher_logits = output
+            kd = kd_loss(student_logits, teacher_logits, cfg.distill.temperature, batch["loss_mask"], tp_group)
+            loss, report = kd, {"kd": kd.detach()}
+            if cfg.distill.lm_loss_weight > 0:
+                ce = vocab_parallel_cross_entropy(student_logits.float(), batch["labels"])
+                lm = masked_mean(ce, batch["loss_mask"])
+                loss = loss + cfg.distill.lm_loss_weight * lm
+                report["lm"] = lm.detach()
+            report["budget_index"] = torch.tensor(bi)
+            return loss, report
+
+        return out, loss_func
+
+    return forward_step
+
+
+class StageData:
+    """The training stream of one curriculum stage (its own sequence length), resumable by sample count."""
+
+    def __init__(self, cfg: ElasticJobConfig, stage_index: int, consumed: int, vocab_size: int):
+        stage, steps = cfg.curriculum.stages[stage_index], cfg.stage_steps()[stage_index]
+        self.seq_length = stage.seq_length
+        train, _ = build_gpt_datasets(cfg.data.path, stage.seq_length, steps * stage.global_batch_size, 1,
+                                      seed=cfg.train.seed + stage_index, model_vocab_size=vocab_size)
+        dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+        self.iterator = iter(make_loader(train, consumed, cfg.train.micro_batch_size, rank, dp, cfg.data.num_workers))
+
+
+def step_items(cfg: ElasticJobConfig, data: StageData, step: int, tokens: int, num_micro: int) -> List[dict]:
+    """The step's Megatron micro-batches on this rank: (data micro-batch, budget index, teacher cache key)."""
+    dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    n_b = len(cfg.budgets)
+    items = []
+    if cfg.distill.budgets_per_step == "all":
+        for j in range(num_micro):
+            batch = next(data.iterator)
+            items += [{"batch": batch, "budget_index": bi, "key": (step, j)} for bi in range(n_b)]
+    else:
+        drawn = cfg.curriculum.sample_budgets(tokens, num_micro * dp, step)[rank * num_micro:(rank + 1) * num_micro]
+        for j, b in enumerate(drawn):
+            items.append({"batch": next(data.iterator), "budget_index": cfg.budgets.index(b), "key": (step, j)})
+    return items
+
+
+def router_resource_step(c: ElasticComponents, step: int, tau: float, scale: float) -> Dict[float, float]:
+    """Add the resource loss of every budget (same Gumbel noise as the step's KD samples) to the synced
+    router gradients and step the router. Returns each budget's expected parameter fraction."""
+    cfg, router = c.config, c.router
+    losses, fractions = [], {}
+    for bi, b in enumerate(cfg.budgets):
+        _, _, probs = router.sample(b, tau=tau, scale=scale, generator=noise_generator(cfg.train.seed, step, bi))
+        expected = router.expected_parameters(probs)
+        losses.append(resource_loss(expected, b * c.full_parameters))
+        fractions[b] = float(expected.detach()) / c.full_parameters
+    (cfg.router.loss_weight * torch.stack(losses).mean()).backward()
+    c.router_optimizer.step()
+    c.router_scheduler.step()
+    c.router_optimizer.zero_grad(set_to_none=True)
+    return fractions
+
+
+def _per_budget_means(losses: list, key: str, n_budgets: int) -> Optional[List[Optional[float]]]:
+    """Mean of ``key`` per budget over this step's micro-batches, summed over data-parallel ranks (last PP
+    stage only; None elsewhere). Entries are None for budgets that got no micro-batch."""
+    if not parallel_state.is_pipeline_last_stage() or not losses or key not in losses[0]:
+        return None
+    sums = torch.zeros(n_budgets, dtype=torch.float64)
+    counts = torch.zeros(n_budgets, dtype=torch.float64)
+    for d in losses:
+        sums[int(d["budget_index"])] += float(d[key])
+        counts[int(d["budget_index"])] += 1
+    if parallel_state.get_data_parallel_world_size() > 1:
+        both = torch.stack([sums, counts])
+        dist.all_reduce(both, group=parallel_state.get_data_parallel_group())
+        sums, counts = both
+    return [float(s / n) if n else None for s, n in zip(sums, counts)]
+
+
+def evaluate_budgets(c: ElasticComponents, model, archs: Dict[float, ElasticArch], valid_ds, num_batches: int,
+                     global_batch: int) -> Dict[float, float]:
+    """Validation LM loss (nats/token) of ``model`` (student or teacher) at every budget's architecture."""
+    t = c.config.train
+    dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    num_micro = global_batch // (t.micro_batch_size * dp)
+    out = {}
+    was_teacher = model is c.teacher
+    for b, arch in archs.items():
+        set_arch(model, arch)
+        it = iter(make_loader(valid_ds, 0, t.micro_batch_size, rank, dp))
+        out[b] = evaluate(model, it, num_batches, num_micro, c.config.eval_seq_length, t.micro_batch_size)
+        set_arch(model, None)
+    if was_teacher:
+        c.teacher.eval()
+    return out
+
+
+def _arch_summary(c: ElasticComponents, archs: Dict[float, ElasticArch]) -> Dict[str, float]:
+    return {f"{b:g}": arch_parameters(c.model_config, a) / c.full_parameters for b, a in archs.items()}
+
+
+def train_elastic(cfg: ElasticJobConfig, resume: bool = False, progress: bool = True) -> dict:
+    """Run (or with ``resume`` continue) the elastic distillation described by ``cfg``; returns a summary."""
+    t0 = time.time()
+    c = build_elastic_components(cfg)
+    t, cur = cfg.train, cfg.curriculum
+    world = dist.get_world_size()
+    is_logger = dist.get_rank() == world - 1
+    dp = parallel_state.get_data_parallel_world_size()
+    stage_steps = cfg.stage_steps()
+    total_steps = t.train_iters
+    ckpt_dir = cfg.checkpoint.dir
+    os.makedirs(ckpt_dir, exist_ok=True)
+
+    state = {"iteration": 0, "tokens": 0, "stage_consumed_samples": [0] * len(cur.stages)}
+    if resume:
+        path = latest_checkpoint(ckpt_dir)
+        if path is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {ckpt_dir} (no 'latest' file); drop --resume to start fresh")
+        state = load_checkpoint(path, c.student.module, c.optimizer)
+        c.scheduler.load_state_dict(state["scheduler"])
+        extra = load_extra(path)
+        c.router.load_state_dict(extra["router"])
+        c.router_optimizer.load_state_dict(extra["router_optimizer"])
+        c.router_scheduler.load_state_dict(extra["router_scheduler"])
+        if is_logger:
+            print(f"resumed from {path} at step {state['iteration']} ({state['tokens']:,} tokens)")
+
+    eval_gbs = cur.stages[0].global_batch_size
+    _, valid_ds = build_gpt_datasets(cfg.data.path, cfg.eval_seq_length, 1, (t.eval_iters + 1) * eval_gbs,
+                                     seed=t.seed, model_vocab_size=c.model_config.vocab_size)
+    metrics_path = os.path.join(ckpt_dir, "metrics.jsonl")
+    writer = None
+    if is_logger:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(os.path.join(ckpt_dir, "tensorboard"))
+        except ImportError:
+            print("TensorBoard not installed (pip install tensorboard); metrics go to metrics.jsonl only")
+
+    def log(record):
+        if not is_logger:
+            return
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if writer is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "iteration":
+                    writer.add_scalar(k, v, record["iteration"])
+            writer.flush()
+
+    def run_eval(it: int) -> Dict[float, float]:
+        archs = c.router.choose_all()
+        losses = evaluate_budgets(c, c.student, archs, valid_ds, t.eval_iters, eval_gbs)
+        rec = {"iteration": it, "tokens": state["tokens"]}
+        rec.update({f"valid_loss/{b:g}": v for b, v in losses.items()})
+        rec.update({f"chosen_params/{b}": v for b, v in _arch_summary(c, archs).items()})
+        log(rec)
+        if is_logger:
+            cells = "  ".join(f"{b:g}: {v / LN2:.3f} bpb @ {arch_parameters(c.model_config, archs[b]) / c.full_parameters:.3f}"
+                              for b, v in losses.items())
+            tqdm.write(f"step {it}: valid {cells}")
+        return losses
+
+    if is_logger:
+        rp = sum(p.numel() for p in c.router.parameters())
+        print(f"parent {c.full_parameters:,} parameters; router {rp:,} ({100 * rp / c.full_parameters:.2f}%); "
+              f"budgets {cfg.budgets}; stages " + ", ".join(f"{s.name}: {n} steps x {s.global_batch_size} x {s.seq_length}"
+                                                            for s, n in zip(cur.stages, stage_steps)))
+    if state["iteration"] == 0:
+        run_eval(0)
+
+    fb = get_forward_backward_func()
+    bar = tqdm(total=total_steps, initial=state["iteration"], desc="elastic", unit="step",
+               disable=not (progress and is_logger), dynamic_ncols=True)
+    data, data_stage = None, None
+    window: Dict[str, list] = defaultdict(list)
+    window_t0, window_tokens = time.time(), 0
+    last_valid = None
+    for step in range(state["iteration"] + 1, total_steps + 1):
+        stage_index, stage = cur.stage_at(state["tokens"])
+        if data_stage != stage_index:
+            data = StageData(cfg, stage_index, state["stage_consumed_samples"][stage_index], c.model_config.vocab_size)
+            data_stage = stage_index
+            if is_logger and step > 1:
+                tqdm.write(f"step {step}: stage {stage.name!r} (seq {stage.seq_length}, global batch "
+                           f"{stage.global_batch_size}, budget weights {stage.budget_weights})")
+        tau, scale = cur.tau_at(state["tokens"]), cur.logit_scale_at(state["tokens"])
+        num_micro = stage.global_batch_size // (t.micro_batch_size * dp)
+        items = step_items(cfg, data, step, state["tokens"], num_micro)
+        with cuda_to_cpu():
+            c.student.zero_grad_buffer()
+            c.optimizer.zero_grad()
+            c.router_optimizer.zero_grad(set_to_none=True)
+            losses = fb(forward_step_func=make_forward_step(c, step, tau, scale), data_iterator=iter(items),
+                        model=[c.pair], num_microbatches=len(items), seq_length=stage.seq_length,
+                        micro_batch_size=2 * t.micro_batch_size, forward_only=False)
+            ok, grad_norm, _ = c.optimizer.step()
+        c.pair.clear_cache()
+        set_arch(c.student, None)
+        c.scheduler.step(increment=1)
+        sync_router_grads(c.router)
+        expected = router_resource_step(c, step, tau, scale)
+        state["iteration"] = step
+        state["tokens"] += stage.global_batch_size * stage.seq_length
+        state["stage_consumed_samples"][stage_index] += stage.global_batch_size
+        window_tokens += stage.global_batch_size * stage.seq_length
+        kd = _per_budget_means(losses, "kd", len(cfg.budgets))
+        if kd is not None:
+            for b, v in zip(cfg.budgets, kd):
+                if v is not None:
+                    window[f"kd/{b:g}"].append(v)
+                    if not math.isfinite(v):
+                        raise FloatingPointError(f"step {step}: KD loss of budget {b:g} is {v}; lower train.lr "
+                                                 f"or router.lr, or resume from an earlier checkpoint")
+        for b, f in expected.items():
+            window[f"expected_params/{b:g}"].append(f)
+        if step % t.log_interval == 0 or step == total_steps:
+            elapsed = time.time() - window_t0
+            rec = {"iteration": step, "tokens": state["tokens"], "stage": stage_index, "seq_length": stage.seq_length,
+                   "tau": tau, "logit_scale": scale, "lr": c.optimizer.param_groups[0]["lr"],
+                   "router_lr": c.router_optimizer.param_groups[0]["lr"],
+                   "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                   "tokens_per_s": window_tokens / max(elapsed, 1e-9)}
+            rec.update({k: float(np.mean(v)) for k, v in window.items()})
+            rec.update({f"chosen_params/{b}": v for b, v in _arch_summary(c, c.router.choose_all()).items()})
+            log(rec)
+            bar.set_postfix({f"kd{b:g}": f"{rec[f'kd/{b:g}']:.3f}" for b in cfg.budgets if f"kd/{b:g}" in rec})
+            window, window_t0, window_tokens = defaultdict(list), time.time(), 0
+        if step % t.eval_interval == 0 or step == total_steps:
+            last_valid = run_eval(step)
+        if step % cfg.checkpoint.save_interval == 0 or step == total_steps:
+            save_checkpoint(ckpt_dir, step, c.student.module, c.optimizer,
+                            {**{k: v for k, v in state.items() if k not in ("iteration", "scheduler", "config")},
+                             "scheduler": c.scheduler.state_dict(), "config": cfg.raw,
+                             "parent_config": config_from_checkpoint(latest_checkpoint(cfg.sorted_checkpoint)).to_dict(),
+                             "budgets": cfg.budgets},
+                            keep_last=cfg.checkpoint.keep_last,
+                            extra={"router": c.router.state_dict(), "router_optimizer": c.router_optimizer.state_dict(),
+                                   "router_scheduler": c.router_scheduler.state_dict(),
+                                   "space": c.router.space.__dict__})
+        bar.update(1)
+    bar.close()
+
+    archs = c.router.choose_all()
+    before = evaluate_budgets(c, c.teacher, archs, valid_ds, t.eval_iters, eval_gbs)
+    after = last_valid if last_valid is not None else evaluate_budgets(c, c.student, archs, valid_ds, t.eval_iters, eval_gbs)
+    summary = {
+        "steps": total_steps, "tokens": state["tokens"], "wall_time_s": time.time() - t0,
+        "parent_parameters": c.full_parameters,
+        "budgets": {f"{b:g}": {"parameters": arch_parameters(c.model_config, archs[b]),
+                               "fraction": arch_parameters(c.model_config, archs[b]) / c.full_parameters,
+                               "valid_loss_before": before[b], "valid_loss_after": after[b],
+                               "arch": archs[b].to_dict()} for b in cfg.budgets},
+        "checkpoint": latest_checkpoint(ckpt_dir),
+    }
+    if is_logger:
+        with open(os.path.join(ckpt_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        if writer is not None:
+            writer.close()
+    return summary
+
+
+def results_table(summary: dict) -> str:
+    """Per budget: parameters, validation loss (bits/byte) of the same sub-model before and after."""
+    lines = [f"{'budget':>6} {'params':>10} {'fraction':>8} {'before bpb':>10} {'after bpb':>9}"]
+    for b, r in summary["budgets"].items():
+        lines.append(f"{b:>6} {r['parameters']:>10,} {r['fraction']:>8.3f} {r['valid_loss_before'] / LN2:>10.3f} "
+                     f"{r['valid_loss_after'] / LN2:>9.3f}")
+    return "\n".join(lines)

@@ -1,0 +1,218 @@
+"""The elastic-distillation job config (``megatron-elastic train``): a YAML file with sections
+
+``parent``      the importance output directory (``sorted/`` checkpoint + ``ranking.json``)
+``budgets``     parameter fractions of the parent, e.g. ``[1.0, 0.75, 0.5]``
+``space``       the allowed sizes of every elastic axis (fractions of the parent) and heterogeneity
+``router``      hidden size, LR, warm-up, resource-loss weight, temperature and logit-scale annealing
+``distill``     KD temperature, LM-loss weight, budgets per step (``sample`` or ``all``)
+``curriculum``  the stages: tokens, sequence length, global batch, budget weights
+``parallel``, ``data``, ``train``, ``checkpoint``  as in the pretraining config
+
+Every field is checked before any work starts; errors name the field and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import yaml
+
+from megatron_elastic.curriculum import Curriculum, Stage
+from megatron_elastic.model.config import ConfigError
+from megatron_elastic.training.config import CheckpointConfig, ParallelConfig, _build_section, apply_overrides
+
+
+@dataclass
+class SpaceConfig:
+    fractions: List[float] = field(default_factory=lambda: [0.5, 0.625, 0.75, 0.875, 1.0])
+    depth_fractions: List[float] = field(default_factory=lambda: [0.75, 0.875, 1.0])
+    heterogeneous: bool = True
+
+
+@dataclass
+class RouterConfig:
+    hidden: int = 256
+    lr: float = 1e-2                 # paper §Router
+    warmup_iters: int = 60           # paper: 60-step linear warm-up for model and router
+    loss_weight: float = 1.0         # lambda in L = L_KD + lambda * L_router (paper)
+    tau_start: float = 1.0           # Gumbel-Softmax temperature, annealed linearly over the run (paper)
+    tau_end: float = 0.05
+    logit_scale_start: float = 1.0   # router-logit scale, increased linearly (paper)
+    logit_scale_end: float = 10.0
+
+
+@dataclass
+class DistillConfig:
+    temperature: float = 1.0         # KD temperature: not given by the paper (our choice)
+    lm_loss_weight: float = 0.0      # frozen-teacher mode: KD only (paper); > 0 adds next-token CE
+    budgets_per_step: str = "sample"  # "sample": each micro-batch gets one budget; "all": every budget sees it
+
+
+@dataclass
+class ElasticDataConfig:
+    path: str = ""                   # default: the data the parent was trained on
+    num_workers: int = 0
+    eval_seq_length: int = 0         # default: the first stage's sequence length
+
+
+@dataclass
+class ElasticTrainConfig:
+    micro_batch_size: int = 4
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    lr_warmup_iters: int = 60        # paper: 60 steps
+    lr_decay_style: str = "cosine"
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    clip_grad: float = 1.0
+    seed: int = 1234
+    log_interval: int = 10
+    eval_interval: int = 100
+    eval_iters: int = 4
+    train_iters: int = 0             # derived from the curriculum (steps of all stages); not set by the user
+
+
+@dataclass
+class ElasticJobConfig:
+    parent: str
+    budgets: List[float]
+    curriculum: Curriculum
+    space: SpaceConfig = field(default_factory=SpaceConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: ElasticDataConfig = field(default_factory=ElasticDataConfig)
+    train: ElasticTrainConfig = field(default_factory=ElasticTrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(dir="runs/elastic", save_interval=100))
+    raw: Dict[str, Any] = field(default_factory=dict)  # the resolved YAML mapping (stored in checkpoints)
+
+    @property
+    def sorted_checkpoint(self) -> str:
+        return os.path.join(self.parent, "sorted")
+
+    @property
+    def ranking_file(self) -> str:
+        return os.path.join(self.parent, "ranking.json")
+
+    def stage_steps(self) -> List[int]:
+        """Optimizer steps of every stage: its tokens over (global batch * sequence length), rounded up."""
+        return [max(1, math.ceil(s.tokens / (s.global_batch_size * s.seq_length))) for s in self.curriculum.stages]
+
+    @property
+    def eval_seq_length(self) -> int:
+        return self.data.eval_seq_length or self.curriculum.stages[0].seq_length
+
+    def validate(self, world_size: int = 1) -> None:
+        for name in ("micro_batch_size", "log_interval", "eval_interval", "eval_iters"):
+            v = getattr(self.train, name)
+            if not isinstance(v, int) or v <= 0:
+                raise ConfigError(f"train.{name}: must be a positive integer, got {v!r}")
+        t = self.train
+        if not 0 < t.lr or not 0 <= t.min_lr <= t.lr:
+            raise ConfigError(f"train.lr must be > 0 and train.min_lr in [0, lr]; got lr={t.lr}, min_lr={t.min_lr}")
+        if t.lr_decay_style not in ("cosine", "linear", "constant"):
+            raise ConfigError("train.lr_decay_style: must be 'cosine', 'linear' or 'constant'")
+        r = self.router
+        if r.hidden <= 0 or r.lr <= 0 or r.warmup_iters < 0 or r.loss_weight < 0:
+            raise ConfigError("router: hidden and lr must be > 0, warmup_iters and loss_weight >= 0")
+        if not (r.tau_start > 0 and r.tau_end > 0 and r.logit_scale_start > 0 and r.logit_scale_end > 0):
+            raise ConfigError("router: tau_* and logit_scale_* must be > 0")
+        d = self.distill
+        if d.temperature <= 0 or d.lm_loss_weight < 0:
+            raise ConfigError("distill: temperature must be > 0 and lm_loss_weight >= 0")
+        if d.budgets_per_step not in ("sample", "all"):
+            raise ConfigError(f"distill.budgets_per_step: 'sample' or 'all', got {d.budgets_per_step!r}")
+        if not all(0 < f <= 1 for f in self.space.fractions + self.space.depth_fractions):
+            raise ConfigError("space: fractions and depth_fractions must lie in (0, 1]")
+        mp = self.parallel.tensor_model_parallel_size * self.parallel.pipeline_model_parallel_size
+        if world_size % mp:
+            raise ConfigError(f"parallel: world size {world_size} is not a multiple of TP*PP={mp}; "
+                              f"launch a multiple of {mp} processes")
+        dp = world_size // mp
+        for s in self.curriculum.stages:
+            if s.global_batch_size % (t.micro_batch_size * dp):
+                raise ConfigError(f"curriculum stage {s.name!r}: global_batch_size ({s.global_batch_size}) must be a "
+                                  f"multiple of train.micro_batch_size*data_parallel_size ({t.micro_batch_size}*{dp})")
+
+
+def _budgets(raw: Any) -> List[float]:
+    if not isinstance(raw, list) or not raw or not all(isinstance(b, (int, float)) and 0 < b <= 1 for b in raw):
+        raise ConfigError(f"budgets: a list of parameter fractions in (0, 1], e.g. [1.0, 0.75, 0.5]; got {raw!r}")
+    b = [float(x) for x in raw]
+    if len(set(b)) != len(b):
+        raise ConfigError(f"budgets: must be distinct, got {b}")
+    return sorted(b, reverse=True)
+
+
+def _curriculum(raw: Any, budgets: List[float], router: RouterConfig, seed: int) -> Curriculum:
+    if not isinstance(raw, dict) or not isinstance(raw.get("stages"), list) or not raw["stages"]:
+        raise ConfigError("curriculum: needs 'stages', a list of {name, tokens, seq_length, global_batch_size, "
+                          "budget_weights}")
+    unknown = sorted(set(raw) - {"stages"})
+    if unknown:
+        raise ConfigError(f"curriculum: unknown field(s) {unknown}; known: ['stages']")
+    stages = []
+    keys = {f.name for f in dataclasses.fields(Stage)}
+    for i, s in enumerate(raw["stages"]):
+        if not isinstance(s, dict) or set(s) != keys:
+            raise ConfigError(f"curriculum.stages[{i}]: needs exactly the fields {sorted(keys)}, got "
+                              f"{sorted(s) if isinstance(s, dict) else s!r}")
+        stages.append(Stage(name=str(s["name"]), tokens=int(s["tokens"]), seq_length=int(s["seq_length"]),
+                            global_batch_size=int(s["global_batch_size"]),
+                            budget_weights=[float(w) for w in s["budget_weights"]]))
+    try:
+        return Curriculum(budgets, stages, tau=(router.tau_start, router.tau_end),
+                          logit_scale=(router.logit_scale_start, router.logit_scale_end), seed=seed)
+    except ValueError as e:
+        raise ConfigError(f"curriculum: {e} (budget_weights follow 'budgets', largest first)") from None
+
+
+SECTIONS = {"parent", "budgets", "space", "router", "distill", "curriculum", "parallel", "data", "train", "checkpoint"}
+
+
+def load_elastic_config(path: Optional[str] = None, overrides: Optional[List[str]] = None,
+                        text: Optional[str] = None) -> ElasticJobConfig:
+    """Load an elastic job config from ``path`` (or ``text``) with ``section.field=value`` overrides."""
+    if text is None:
+        try:
+            with open(path) as f:
+                text = f.read()
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} not found") from None
+    raw = yaml.safe_load(text) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError("config: the top level must be a mapping of sections")
+    scalar_overrides = [o for o in overrides or [] if o.split("=", 1)[0] in ("parent", "budgets")]
+    for o in scalar_overrides:
+        k, v = o.split("=", 1)
+        raw[k] = yaml.safe_load(v)
+    raw = apply_overrides(raw, [o for o in overrides or [] if o not in scalar_overrides])
+    unknown = sorted(set(raw) - SECTIONS)
+    if unknown:
+        raise ConfigError(f"config: unknown section(s) {unknown}; known: {sorted(SECTIONS)}")
+    if not isinstance(raw.get("parent"), str):
+        raise ConfigError("parent: the importance output directory (written by `megatron-elastic importance --out`)")
+    budgets = _budgets(raw.get("budgets"))
+    router = _build_section(RouterConfig, "router", raw.get("router"))
+    train = _build_section(ElasticTrainConfig, "train", raw.get("train"))
+    if train.train_iters:
+        raise ConfigError("train.train_iters: derived from the curriculum's token counts; set the stages' tokens instead")
+    cfg = ElasticJobConfig(
+        parent=raw["parent"], budgets=budgets,
+        curriculum=_curriculum(raw.get("curriculum"), budgets, router, train.seed),
+        space=_build_section(SpaceConfig, "space", raw.get("space")), router=router,
+        distill=_build_section(DistillConfig, "distill", raw.get("distill")),
+        parallel=_build_section(ParallelConfig, "parallel", raw.get("parallel")),
+        data=_build_section(ElasticDataConfig, "data", raw.get("data")), train=train,
+        checkpoint=_build_section(CheckpointConfig, "checkpoint", {"dir": "runs/elastic", "save_interval": 100,
+                                                                   **(raw.get("checkpoint") or {})}),
+        raw=raw)
+    cfg.train.train_iters = sum(cfg.stage_steps())
+    if not 0 <= cfg.train.lr_warmup_iters < cfg.train.train_iters:
+        raise ConfigError(f"train.lr_warmup_iters: must be in [0, {cfg.train.train_iters}) (the run's steps)")
+    return cfg

@@ -1,0 +1,135 @@
+"""Elastic distillation end to end on a toy sorted parent: the curriculum switches stage at its token count,
+a resumed run reproduces the straight run step by step, TP=2 and PP=2 reproduce TP=1, and the router's
+expected sizes are pulled toward the budgets."""
+
+import json
+import os
+import shutil
+
+import pytest
+
+from megatron_elastic.testing import make_tiny_sorted_parent, run_multiprocess
+
+# Stage 1: 4 steps of 8 x 32 tokens, uniform; stage 2: 2 steps of 4 x 64, full budget only.
+JOB = """
+parent: {parent}
+budgets: [1.0, 0.75, 0.5]
+router: {{hidden: 32, warmup_iters: 2}}
+curriculum:
+  stages:
+    - {{name: short, tokens: 1000, seq_length: 32, global_batch_size: 8, budget_weights: [1, 1, 1]}}
+    - {{name: long, tokens: 512, seq_length: 64, global_batch_size: 4, budget_weights: [1, 0, 0]}}
+distill: {{budgets_per_step: {mode}}}
+train: {{micro_batch_size: 2, lr: 0.001, min_lr: 0.0001, lr_warmup_iters: 1, log_interval: 1, eval_interval: 3,
+        eval_iters: 1}}
+checkpoint: {{dir: {ckpt}, save_interval: 3, keep_last: 5}}
+"""
+
+
+@pytest.fixture(scope="module")
+def parent(tmp_path_factory):
+    from megatron_elastic.parallel import destroy_parallel
+
+    paths = make_tiny_sorted_parent(str(tmp_path_factory.mktemp("pipeline")))
+    destroy_parallel()
+    return paths["importance"]
+
+
+def _config(parent, ckpt, mode="sample", overrides=()):
+    from megatron_elastic.training.elastic_config import load_elastic_config
+
+    return load_elastic_config(text=JOB.format(parent=parent, ckpt=ckpt, mode=mode), overrides=list(overrides))
+
+
+def _records(ckpt):
+    with open(os.path.join(ckpt, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _train_records(ckpt):
+    return {r["iteration"]: r for r in _records(ckpt) if "lr" in r}
+
+
+def _train(parent, ckpt, resume=False, **kw):
+    from megatron_elastic.training.elastic import train_elastic
+
+    return train_elastic(_config(parent, ckpt, **kw), resume=resume, progress=False)
+
+
+def test_curriculum_switches_stage_and_resume_reproduces_the_run(single_process_parallel, parent, tmp_path):
+    full = str(tmp_path / "full")
+    summary = _train(parent, full)
+    recs = _train_records(full)
+    assert sorted(recs) == [1, 2, 3, 4, 5, 6]
+    # 1000 tokens of stage 1 at 256 per step: steps 1-4 (the 4th step crosses 1000), then stage 2.
+    assert [recs[i]["stage"] for i in range(1, 7)] == [0, 0, 0, 0, 1, 1]
+    assert [recs[i]["seq_length"] for i in range(1, 7)] == [32] * 4 + [64] * 2
+    assert [recs[i]["tokens"] for i in range(1, 7)] == [256, 512, 768, 1024, 1280, 1536]
+    stage1_budgets = {k for i in range(1, 5) for k in recs[i] if k.startswith("kd/")}
+    assert stage1_budgets == {"kd/1", "kd/0.75", "kd/0.5"}, "uniform sampling over 16 micro-batches hits every budget"
+    assert all({k for k in recs[i] if k.startswith("kd/")} == {"kd/1"} for i in (5, 6)), "stage 2 weights (1, 0, 0)"
+    assert recs[1]["tau"] == pytest.approx(1.0) and recs[6]["tau"] < recs[5]["tau"] < recs[1]["tau"]
+    assert summary["tokens"] == 1536 and set(summary["budgets"]) == {"1", "0.75", "0.5"}
+
+    # A run that only has the step-3 checkpoint (as if killed after writing it) resumes to the same curve.
+    part = str(tmp_path / "part")
+    os.makedirs(part)
+    shutil.copytree(os.path.join(full, "iter_0000003"), os.path.join(part, "iter_0000003"))
+    with open(os.path.join(part, "latest"), "w") as f:
+        f.write("iter_0000003")
+    _train(parent, part, resume=True)
+    resumed = _train_records(part)
+    assert sorted(resumed) == [4, 5, 6]
+    for i in (4, 5, 6):
+        for key, value in recs[i].items():
+            if key.startswith(("kd/", "expected_params/", "chosen_params/")) or key in ("lr", "router_lr", "tau"):
+                assert resumed[i][key] == pytest.approx(value, rel=1e-6, abs=1e-9), (i, key)
+
+
+def test_all_budgets_per_step_trains_every_budget_on_every_micro_batch(single_process_parallel, parent, tmp_path):
+    ckpt = str(tmp_path / "all")
+    _train(parent, ckpt, mode="all", overrides=["curriculum.stages=[{name: s, tokens: 512, seq_length: 32, "
+                                                 "global_batch_size: 4, budget_weights: [1, 0, 0]}]"])
+    recs = _train_records(ckpt)
+    assert sorted(recs) == [1, 2, 3, 4]
+    assert all({k for k in r if k.startswith("kd/")} == {"kd/1", "kd/0.75", "kd/0.5"} for r in recs.values())
+
+
+def _parallel_job(rank, world, parent, root):
+    # TP=2 then PP=2 in the same two processes; each must log what TP=1 logged.
+    _train(parent, os.path.join(root, "tp2"), overrides=["parallel.tensor_model_parallel_size=2"])
+    _train(parent, os.path.join(root, "pp2"), overrides=["parallel.pipeline_model_parallel_size=2"])
+
+
+def test_tp2_and_pp2_give_the_same_losses_as_tp1(parent, tmp_path):
+    from megatron_elastic.parallel import destroy_parallel, initialize_parallel
+
+    initialize_parallel(1, 1, seed=1234)
+    _train(parent, str(tmp_path / "tp1"))
+    destroy_parallel()
+    run_multiprocess(2, _parallel_job, parent, str(tmp_path))
+    ref = _train_records(str(tmp_path / "tp1"))
+    for layout in ("tp2", "pp2"):
+        got = _train_records(str(tmp_path / layout))
+        assert sorted(got) == sorted(ref)
+        for i in ref:
+            keys = [k for k in ref[i] if k.startswith(("kd/", "expected_params/", "chosen_params/"))]
+            assert keys and keys == [k for k in got[i] if k.startswith(("kd/", "expected_params/", "chosen_params/"))]
+            for k in keys:
+                assert got[i][k] == pytest.approx(ref[i][k], rel=1e-4, abs=1e-6), (layout, i, k)
+
+
+def test_config_errors_name_the_fix(parent, tmp_path):
+    from megatron_elastic.model.config import ConfigError
+
+    with pytest.raises(ConfigError, match="budget_weights"):
+        _config(parent, str(tmp_path), overrides=["curriculum.stages=[{name: s, tokens: 10, seq_length: 8, "
+                                                  "global_batch_size: 2, budget_weights: [1, 1]}]"])
+    with pytest.raises(ConfigError, match="budgets_per_step"):
+        _config(parent, str(tmp_path), mode="every")
+    with pytest.raises(ConfigError, match="budgets"):
+        _config(parent, str(tmp_path), overrides=["budgets=[1.0, 1.5]"])
+    with pytest.raises(ConfigError, match="derived from the curriculum"):
+        _config(parent, str(tmp_path), overrides=["train.train_iters=5"])
+    with pytest.raises(ConfigError, match="unknown field"):
+        _config(parent, str(tmp_path), overrides=["router.hiden=5"])
