@@ -11,6 +11,7 @@ import warnings
 from importlib import resources
 
 TINY_PARENT = "tiny_parent.yaml"
+TINY_ELASTIC = "tiny_elastic.yaml"
 
 
 def _quiet_warnings() -> None:
@@ -101,7 +102,7 @@ def cmd_demo(args) -> int:
     overrides += list(args.set or [])
     cfg = load_pretrain_config(args.config or recipe_path(TINY_PARENT), overrides)
 
-    print(f"[1/3] data: {data_dir}")
+    print(f"[1/4] data: {data_dir}")
     try:
         read_metadata(data_dir)
         print("  reusing prepared data")
@@ -110,7 +111,7 @@ def cmd_demo(args) -> int:
                                 max_bytes=args.max_bytes, valid_every=20, no_progress=args.no_progress)
         cmd_prepare_data(ns)
 
-    print(f"[2/3] pretrain the tiny parent: {parent_dir}")
+    print(f"[2/4] pretrain the tiny parent: {parent_dir}")
     existing = latest_checkpoint(parent_dir) if os.path.isdir(parent_dir) else None
     summary = None
     if existing and json.load(open(os.path.join(existing, "trainer_state.json")))["iteration"] >= cfg.train.train_iters:
@@ -125,7 +126,7 @@ def cmd_demo(args) -> int:
     from megatron_elastic.importance.run import run_importance
 
     imp_dir = os.path.join(out, "importance")
-    print(f"\n[3/3] importance and the function-preserving sort: {imp_dir}")
+    print(f"\n[3/4] importance and the function-preserving sort: {imp_dir}")
     if os.path.isfile(os.path.join(imp_dir, "sorted", "latest")):
         print("  reusing the sorted parent")
     else:
@@ -133,6 +134,29 @@ def cmd_demo(args) -> int:
                              progress=not args.no_progress)
         print(res["table"])
         print(f"depth ranking (most important first): {res['depth_ranking']}; plot: {res['plot']}")
+    from megatron_elastic.training.elastic import results_table, train_elastic
+    from megatron_elastic.training.elastic_config import load_elastic_config
+
+    elastic_dir = os.path.join(out, "elastic")
+    print(f"\n[4/4] elastic distillation of every budget at once: {elastic_dir}")
+    elastic_overrides = [f"parent={imp_dir}", f"checkpoint.dir={elastic_dir}", f"data.path={data_dir}"]
+    if args.quick:
+        elastic_overrides += [
+            "curriculum.stages=[{name: short-context, tokens: 16384, seq_length: 128, global_batch_size: 16, "
+            "budget_weights: [1, 1, 1]}, {name: long-context, tokens: 16384, seq_length: 512, global_batch_size: 8, "
+            "budget_weights: [0.5, 0.3, 0.2]}]",
+            "router.warmup_iters=2", "train.lr_warmup_iters=2", "train.eval_interval=12", "train.eval_iters=2",
+            "checkpoint.save_interval=12"]
+    ecfg = load_elastic_config(recipe_path(TINY_ELASTIC), elastic_overrides + list(args.elastic_set or []))
+    summary_path = os.path.join(elastic_dir, "summary.json")
+    done = latest_checkpoint(elastic_dir) if os.path.isdir(elastic_dir) else None
+    if done and os.path.isfile(summary_path) and json.load(open(os.path.join(done, "trainer_state.json")))[
+            "iteration"] >= ecfg.train.train_iters:
+        print(f"  reusing the elastic run at {done}")
+        esummary = json.load(open(summary_path))
+    else:
+        esummary = train_elastic(ecfg, resume=done is not None, progress=not args.no_progress)
+    print(results_table(esummary))
     print(f"demo finished in {time.time() - t0:.0f} s; outputs in {out}")
     return 0
 
@@ -191,13 +215,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_train)
 
     m = sub.add_parser("demo", help="run the tiny CPU recipe end to end",
-                       description="Prepare the built-in corpus, pretrain the tiny parent, score and sort it on this "
-                                   "machine (later stages: elastic distillation, extraction). Re-running reuses "
-                                   "finished phases.")
+                       description="Prepare the built-in corpus, pretrain the tiny parent, score and sort it, then "
+                                   "train budgets 100/75/50%% at once by elastic distillation, on this machine "
+                                   "(extraction comes next). Re-running reuses finished phases.")
     m.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
     m.add_argument("--quick", action="store_true", help="a short run (a few minutes) to check the set-up")
     m.add_argument("--config", help="parent config (default: the packaged tiny recipe)")
     m.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override a config value")
+    m.add_argument("--elastic-set", action="append", metavar="SECTION.FIELD=VALUE",
+                   help="override a value of the elastic recipe (recipes/tiny_elastic.yaml)")
     m.add_argument("--max-bytes", type=int, default=16_000_000, help="built-in corpus size cap")
     m.add_argument("--no-progress", action="store_true", help="no progress bars")
     m.set_defaults(func=cmd_demo)

@@ -95,6 +95,12 @@ class Router(nn.Module):
         layers = self.space.layers_of(self.config, symbol)
         return layers if self.space.heterogeneous else ([-1] if layers else [])
 
+    @staticmethod
+    def is_full(budget: float) -> bool:
+        """A budget of 1.0 is the parent itself (every smaller choice has fewer parameters): the router is
+        bypassed for it, ``sample`` returns the full architecture, no gates and no probabilities."""
+        return budget >= 1.0
+
     def budget_input(self, budget: float) -> torch.Tensor:
         """One-hot of a configured budget, or the interpolation between the two nearest ones."""
         b = sorted(self.budgets)
@@ -118,8 +124,11 @@ class Router(nn.Module):
 
     def sample(self, budget: float, tau: float = 1.0, scale: float = 1.0, hard: bool = True,
                generator: Optional[torch.Generator] = None):
-        """Gumbel-Softmax sample. Returns (arch, gates for ``use_arch``, per-axis soft probabilities).
+        """Gumbel-Softmax sample. Returns (arch, gates for ``use_arch``, per-axis soft probabilities; None for
+        the full budget).
         Pass the same ``generator`` state on every TP rank so all ranks draw the same architecture."""
+        if self.is_full(budget):
+            return ElasticArch.full(self.config), {}, None
         probs, picks = {}, {}
         for axis, lg in self.logits(budget, scale).items():
             u = torch.rand(lg.shape, generator=generator).to(lg.device).clamp_(1e-10, 1 - 1e-10)
@@ -137,6 +146,8 @@ class Router(nn.Module):
         """The deterministic (argmax) architecture for ``budget``, for evaluation and extraction. With
         ``within``, every segment's argmax is taken over the choices no larger than ``within``'s (so the
         result is nested inside it)."""
+        if self.is_full(budget):
+            return ElasticArch.full(self.config)
         idx = {}
         for axis, lg in self.logits(budget).items():
             if within is not None:

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-COMMANDS = ["prepare-data", "pretrain", "importance", "demo"]
+COMMANDS = ["prepare-data", "pretrain", "importance", "train", "demo"]
 
 
 def run(*args):
@@ -37,6 +37,24 @@ def test_pretrain_with_missing_data_names_the_fix(tmp_path):
             "--set", f"checkpoint.dir={tmp_path}/ckpt", "--no-progress")
     assert r.returncode == 2
     assert "prepare-data" in r.stderr
+
+
+def test_train_without_importance_output_names_the_fix(tmp_path):
+    from megatron_elastic.cli import recipe_path
+
+    r = run("train", "--config", recipe_path("tiny_elastic.yaml"), "--set", f"parent={tmp_path}/nothing",
+            "--set", f"checkpoint.dir={tmp_path}/ckpt", "--no-progress")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "megatron-elastic importance --out" in r.stderr
+
+
+def test_train_with_bad_stage_names_the_field(tmp_path):
+    from megatron_elastic.cli import recipe_path
+
+    r = run("train", "--config", recipe_path("tiny_elastic.yaml"), "--set",
+            "curriculum.stages=[{name: s, tokens: 100, seq_length: 64, global_batch_size: 4}]")
+    assert r.returncode == 2
+    assert "curriculum.stages[0]" in r.stderr and "budget_weights" in r.stderr
 
 
 def test_importance_end_to_end(tmp_path):

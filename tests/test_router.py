@@ -23,7 +23,7 @@ def _router(heterogeneous=True, seed=0):
 @pytest.mark.parametrize("heterogeneous", [True, False])
 def test_expected_parameters_is_exact_at_hard_choices(heterogeneous):
     cfg, router = _router(heterogeneous)
-    for budget in BUDGETS:
+    for budget in BUDGETS[1:]:
         for s in range(3):
             arch, gates, probs = router.sample(budget, tau=0.5, generator=torch.Generator().manual_seed(s))
             hard = {a: F.one_hot(p.argmax(-1), p.shape[-1]).double() for a, p in probs.items()}
@@ -74,7 +74,7 @@ def test_resource_loss_alone_lands_every_budget_within_two_percent():
     for step in range(300):
         tau = max(0.05, 1.0 - step / 250)
         loss = 0
-        for b in BUDGETS:
+        for b in BUDGETS[1:]:  # 1.0 is the parent itself (the router is bypassed)
             _, _, probs = router.sample(b, tau=tau, generator=torch.Generator().manual_seed(step))
             loss = loss + resource_loss(router.expected_parameters(probs), b * full)
         opt.zero_grad()
@@ -83,6 +83,22 @@ def test_resource_loss_alone_lands_every_budget_within_two_percent():
     for b in BUDGETS:
         got = arch_parameters(cfg, router.choose(b)) / full
         assert got == pytest.approx(b, abs=0.02), (b, got)
+    assert router.sample(1.0)[1:] == ({}, None) and router.choose(1.0) == ElasticArch.full(cfg)
+    nested = router.choose_all()
+    assert list(nested) == sorted(BUDGETS, reverse=True)
+    for big, small in zip(BUDGETS, BUDGETS[1:]):
+        assert nested[small].is_within(nested[big]), (big, small)
+        assert arch_parameters(cfg, nested[small]) / full == pytest.approx(small, abs=0.02)
+
+
+def test_choose_within_never_exceeds_the_larger_choice():
+    cfg, router = _router(seed=4)  # untrained: free choices are not nested in general
+    outer = router.choose(0.5)
+    inner = router.choose(0.75, within=outer)
+    assert inner.is_within(outer)
+    free = router.choose(0.75)
+    assert router.choose(0.75, within=free) == free, "a bound the free choice meets changes nothing"
+    assert router.choose(0.75, within=ElasticArch.full(cfg)) == free
 
 
 def test_router_gradient_through_the_model_matches_finite_differences(single_process_parallel):

@@ -216,10 +216,14 @@ def router_resource_step(c: ElasticComponents, step: int, tau: float, scale: flo
     losses, fractions = [], {}
     for bi, b in enumerate(cfg.budgets):
         _, _, probs = router.sample(b, tau=tau, scale=scale, generator=noise_generator(cfg.train.seed, step, bi))
+        if probs is None:  # the full budget: the parent itself
+            fractions[b] = 1.0
+            continue
         expected = router.expected_parameters(probs)
         losses.append(resource_loss(expected, b * c.full_parameters))
         fractions[b] = float(expected.detach()) / c.full_parameters
-    (cfg.router.loss_weight * torch.stack(losses).mean()).backward()
+    if losses:
+        (cfg.router.loss_weight * torch.stack(losses).mean()).backward()
     c.router_optimizer.step()
     c.router_scheduler.step()
     c.router_optimizer.zero_grad(set_to_none=True)
@@ -410,11 +414,17 @@ def train_elastic(cfg: ElasticJobConfig, resume: bool = False, progress: bool = 
     bar.close()
 
     archs = c.router.choose_all()
+    free = {b: c.router.choose(b) for b in cfg.budgets}
     before = evaluate_budgets(c, c.teacher, archs, valid_ds, t.eval_iters, eval_gbs)
+    parent_loss = evaluate_budgets(c, c.teacher, {1.0: ElasticArch.full(c.model_config)}, valid_ds, t.eval_iters,
+                                   eval_gbs)[1.0]
     after = last_valid if last_valid is not None else evaluate_budgets(c, c.student, archs, valid_ds, t.eval_iters, eval_gbs)
     summary = {
         "steps": total_steps, "tokens": state["tokens"], "wall_time_s": time.time() - t0,
-        "parent_parameters": c.full_parameters,
+        "parent_parameters": c.full_parameters, "parent_valid_loss": parent_loss,
+        "eval_tokens": t.eval_iters * eval_gbs * cfg.eval_seq_length,
+        # True when the router's free argmax choices were already nested (choose_all did not have to clip).
+        "nested_without_clipping": all(free[b] == archs[b] for b in cfg.budgets),
         "budgets": {f"{b:g}": {"parameters": arch_parameters(c.model_config, archs[b]),
                                "fraction": arch_parameters(c.model_config, archs[b]) / c.full_parameters,
                                "valid_loss_before": before[b], "valid_loss_after": after[b],
@@ -431,7 +441,9 @@ def train_elastic(cfg: ElasticJobConfig, resume: bool = False, progress: bool = 
 
 def results_table(summary: dict) -> str:
     """Per budget: parameters, validation loss (bits/byte) of the same sub-model before and after."""
-    lines = [f"{'budget':>6} {'params':>10} {'fraction':>8} {'before bpb':>10} {'after bpb':>9}"]
+    lines = [f"validation on {summary['eval_tokens']:,} tokens; the parent (teacher): "
+             f"{summary['parent_valid_loss'] / LN2:.3f} bits/byte",
+             f"{'budget':>6} {'params':>10} {'fraction':>8} {'before bpb':>10} {'after bpb':>9}"]
     for b, r in summary["budgets"].items():
         lines.append(f"{b:>6} {r['parameters']:>10,} {r['fraction']:>8.3f} {r['valid_loss_before'] / LN2:>10.3f} "
                      f"{r['valid_loss_after'] / LN2:>9.3f}")

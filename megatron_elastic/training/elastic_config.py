@@ -213,6 +213,7 @@ def load_elastic_config(path: Optional[str] = None, overrides: Optional[List[str
                                                                    **(raw.get("checkpoint") or {})}),
         raw=raw)
     cfg.train.train_iters = sum(cfg.stage_steps())
+    cfg.validate(cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size)
     if not 0 <= cfg.train.lr_warmup_iters < cfg.train.train_iters:
         raise ConfigError(f"train.lr_warmup_iters: must be in [0, {cfg.train.train_iters}) (the run's steps)")
     return cfg
