@@ -167,12 +167,13 @@ def make_forward_step(c: ElasticComponents, step: int, tau: float, scale: float)
         def loss_func(output):
             student_logits, teacher_logits = output
             kd = kd_loss(student_logits, teacher_logits, cfg.distill.temperature, batch["loss_mask"], tp_group)
-            loss, report = kd, {"kd": kd.detach()}
+            # Reports are copies: Megatron divides the returned loss by the micro-batch count in place.
+            loss, report = kd, {"kd": kd.detach().clone()}
             if cfg.distill.lm_loss_weight > 0:
                 ce = vocab_parallel_cross_entropy(student_logits.float(), batch["labels"])
                 lm = masked_mean(ce, batch["loss_mask"])
                 loss = loss + cfg.distill.lm_loss_weight * lm
-                report["lm"] = lm.detach()
+                report["lm"] = lm.detach().clone()
             report["budget_index"] = torch.tensor(bi)
             return loss, report
 
@@ -203,9 +204,12 @@ def step_items(cfg: ElasticJobConfig, data: StageData, step: int, tokens: int, n
             batch = next(data.iterator)
             items += [{"batch": batch, "budget_index": bi, "key": (step, j)} for bi in range(n_b)]
     else:
-        drawn = cfg.curriculum.sample_budgets(tokens, num_micro * dp, step)[rank * num_micro:(rank + 1) * num_micro]
-        for j, b in enumerate(drawn):
-            items.append({"batch": next(data.iterator), "budget_index": cfg.budgets.index(b), "key": (step, j)})
+        # One draw per global micro-batch in data order: the sampler gives rank r its j-th micro-batch from
+        # global position j*dp + r, so every data-parallel layout trains the same (sample, budget) pairs.
+        drawn = cfg.curriculum.sample_budgets(tokens, num_micro * dp, step)
+        for j in range(num_micro):
+            items.append({"batch": next(data.iterator), "budget_index": cfg.budgets.index(drawn[j * dp + rank]),
+                          "key": (step, j)})
     return items
 
 

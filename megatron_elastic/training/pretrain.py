@@ -63,7 +63,8 @@ def lm_forward_step(data_iterator: Iterator, model):
 
     def loss_func(output_tensor):
         loss = masked_mean(output_tensor, loss_mask)
-        return loss, {"lm loss": loss.detach()}
+        # A copy: Megatron divides the returned loss by the number of micro-batches in place.
+        return loss, {"lm loss": loss.detach().clone()}
 
     return output, loss_func
 

@@ -84,3 +84,22 @@ def test_resume_without_checkpoint_is_a_clear_error(single_process_parallel, tin
     cfg = load_pretrain_config(text=TINY_JOB.format(data=tiny_data, ckpt=tmp_path / "none"))
     with pytest.raises(FileNotFoundError, match="drop --resume"):
         pretrain(cfg, resume=True, progress=False)
+
+
+def test_evaluate_reports_the_mean_loss_whatever_the_micro_batch_count(single_process_parallel, tiny_data):
+    """Megatron divides the loss it is handed by the micro-batch count in place; the reported value must not
+    change with it."""
+    from megatron_elastic.data.loader import build_gpt_datasets, make_loader
+    from megatron_elastic.importance.run import lm_loss
+    from megatron_elastic.model.builder import build_hybrid_model
+    from megatron_elastic.testing import tiny_config
+    from megatron_elastic.training.pretrain import evaluate
+
+    torch.manual_seed(0)
+    model = build_hybrid_model(tiny_config(vocab_size=264))
+    _, valid = build_gpt_datasets(tiny_data, 32, 1, 8, seed=1, model_vocab_size=264)
+    with torch.no_grad():
+        direct = [float(lm_loss(model, b)) for b in make_loader(valid, 0, 2)][:4]
+    for num_micro in (1, 2, 4):
+        got = evaluate(model, iter(make_loader(valid, 0, 2)), 4 // num_micro, num_micro, 32, 2)
+        assert got == pytest.approx(sum(direct) / 4, rel=1e-5), num_micro

@@ -96,12 +96,13 @@ def test_all_budgets_per_step_trains_every_budget_on_every_micro_batch(single_pr
 
 
 def _parallel_job(rank, world, parent, root):
-    # TP=2 then PP=2 in the same two processes; each must log what TP=1 logged.
+    # TP=2, PP=2, then DP=2 in the same two processes; each must log what TP=1 logged.
     _train(parent, os.path.join(root, "tp2"), overrides=["parallel.tensor_model_parallel_size=2"])
     _train(parent, os.path.join(root, "pp2"), overrides=["parallel.pipeline_model_parallel_size=2"])
+    _train(parent, os.path.join(root, "dp2"))
 
 
-def test_tp2_and_pp2_give_the_same_losses_as_tp1(parent, tmp_path):
+def test_tp2_pp2_and_dp2_give_the_same_losses_as_tp1(parent, tmp_path):
     from megatron_elastic.parallel import destroy_parallel, initialize_parallel
 
     initialize_parallel(1, 1, seed=1234)
@@ -109,7 +110,7 @@ def test_tp2_and_pp2_give_the_same_losses_as_tp1(parent, tmp_path):
     destroy_parallel()
     run_multiprocess(2, _parallel_job, parent, str(tmp_path))
     ref = _train_records(str(tmp_path / "tp1"))
-    for layout in ("tp2", "pp2"):
+    for layout in ("tp2", "pp2", "dp2"):
         got = _train_records(str(tmp_path / layout))
         assert sorted(got) == sorted(ref)
         for i in ref:
