@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -16,6 +16,10 @@ from megatron_elastic.compat import SUPPORTED_SYMBOLS
 
 ACTIVATIONS = {"relu2": squared_relu, "squared_relu": squared_relu, "gelu": torch.nn.functional.gelu,
                "silu": torch.nn.functional.silu}
+
+
+# The sizes that may differ per layer (HybridConfig.layer_overrides), by layer symbol.
+LAYER_FIELDS = {"M": ("mamba_num_heads", "mamba_head_dim"), "*": ("num_attention_heads",), "-": ("ffn_hidden_size",)}
 
 
 class ConfigError(ValueError):
@@ -47,6 +51,19 @@ class HybridConfig(TransformerConfig):
     # neurons of every group (as Mamba heads per B/C group). A multiple of the TP size balances sub-budget
     # compute across TP ranks; 1 makes every choice a plain prefix.
     elastic_ffn_groups: int = 1
+    # Per-layer sizes of a heterogeneous model (an extracted sub-model): {layer index: {field: value}} with
+    # fields in LAYER_FIELDS; the other layers use the config's own sizes. Built by the per-layer specs.
+    layer_overrides: Optional[Dict[int, Dict[str, int]]] = None
+
+    def for_layer(self, index: int) -> "HybridConfig":
+        """The config layer ``index`` (0-based, global) is built with: this one with its overrides applied."""
+        ov = (self.layer_overrides or {}).get(index)
+        if not ov:
+            return self
+        cache = self.__dict__.setdefault("_layer_configs", {})
+        if index not in cache:
+            cache[index] = dataclasses.replace(self, layer_overrides=None, **ov)
+        return cache[index]
 
     def __post_init__(self):
         _require(bool(self.hybrid_pattern), "hybrid_pattern", "is empty; give one symbol per layer, e.g. 'M-M*-'")
@@ -82,6 +99,13 @@ class HybridConfig(TransformerConfig):
             _require(self.elastic_ffn_groups >= 1 and self.ffn_hidden_size % self.elastic_ffn_groups == 0,
                      "elastic_ffn_groups", f"({self.elastic_ffn_groups}) must be >= 1 and divide ffn_hidden_size "
                      f"({self.ffn_hidden_size})")
+        if self.layer_overrides:
+            self.layer_overrides = {int(k): dict(v) for k, v in self.layer_overrides.items()}
+            for i, ov in self.layer_overrides.items():
+                _require(0 <= i < self.num_layers, "layer_overrides", f"layer {i} is outside 0..{self.num_layers - 1}")
+                bad = sorted(set(ov) - set(LAYER_FIELDS.get(self.hybrid_pattern[i], ())))
+                _require(not bad, f"layer_overrides.{i}", f"field(s) {bad} cannot vary on a "
+                         f"{self.hybrid_pattern[i]!r} layer; allowed: {LAYER_FIELDS.get(self.hybrid_pattern[i], ())}")
         _require(self.num_layers % pp == 0, "pipeline_model_parallel_size",
                  f"({pp}) must divide the number of layers ({self.num_layers})")
         self.is_hybrid_model = True
@@ -111,7 +135,7 @@ class HybridConfig(TransformerConfig):
                 "num_query_groups", "kv_channels", "mamba_num_heads", "mamba_head_dim", "mamba_num_groups",
                 "mamba_state_dim", "mamba_conv_kernel", "mamba_chunk_size", "position_embedding_type",
                 "share_embeddings_and_output_weights", "activation", "normalization", "layernorm_epsilon",
-                "add_bias_linear", "gated_linear_unit", "elastic_ffn_groups"]
+                "add_bias_linear", "gated_linear_unit", "elastic_ffn_groups", "layer_overrides"]
         return {k: getattr(self, k) for k in keys}
 
 

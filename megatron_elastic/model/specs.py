@@ -9,8 +9,7 @@ The local spec keeps separate norm modules but maps their checkpoint keys onto T
 from __future__ import annotations
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
-from megatron.core.ssm.mamba_layer import MambaLayer, MambaLayerSubmodules
-from megatron.core.ssm.mlp_layer import MLPLayer
+from megatron.core.ssm.mamba_layer import MambaLayerSubmodules
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.dot_product_attention import DotProductAttention
@@ -19,10 +18,11 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
-from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
 
 from megatron_elastic.compat import HybridStackSubmodules
 from megatron_elastic.model.mamba_mixer import MambaMixer, MambaMixerSubmodules
+from megatron_elastic.model.per_layer import PerLayerMambaLayer, PerLayerMLPLayer, PerLayerTransformerLayer
 from megatron_elastic.model.stack import HybridStack
 
 BACKENDS = ("local", "te")
@@ -30,7 +30,7 @@ BACKENDS = ("local", "te")
 
 def _stack_spec(*, norm, column_linear, row_linear, core_attention, fused_norm_linear=None, mixer_cls=MambaMixer,
                 stack_cls=HybridStack, attention_cls=SelfAttention) -> ModuleSpec:
-    """The hybrid stack spec. With ``fused_norm_linear`` (TE's LayerNorm+Linear) the pre-norms live inside
+    """The hybrid stack spec (layers built from their per-layer config, see ``per_layer.py``). With ``fused_norm_linear`` (TE's LayerNorm+Linear) the pre-norms live inside
     ``in_proj``/``linear_qkv``/``linear_fc1``; otherwise they are separate ``norm`` modules whose checkpoint
     keys are mapped onto those fused names."""
     fused = fused_norm_linear is not None
@@ -45,7 +45,7 @@ def _stack_spec(*, norm, column_linear, row_linear, core_attention, fused_norm_l
         params={"final_norm": norm},
         submodules=HybridStackSubmodules(
             mamba_layer=ModuleSpec(
-                module=MambaLayer,
+                module=PerLayerMambaLayer,
                 submodules=MambaLayerSubmodules(
                     norm=pre_norm,
                     mixer=ModuleSpec(module=mixer_cls, submodules=MambaMixerSubmodules(
@@ -55,7 +55,7 @@ def _stack_spec(*, norm, column_linear, row_linear, core_attention, fused_norm_l
                 ),
             ),
             attention_layer=ModuleSpec(
-                module=TransformerLayer,
+                module=PerLayerTransformerLayer,
                 submodules=TransformerLayerSubmodules(
                     input_layernorm=pre_norm,
                     self_attention=ModuleSpec(
@@ -69,7 +69,7 @@ def _stack_spec(*, norm, column_linear, row_linear, core_attention, fused_norm_l
                 ),
             ),
             mlp_layer=ModuleSpec(
-                module=MLPLayer,
+                module=PerLayerMLPLayer,
                 submodules=TransformerLayerSubmodules(
                     pre_mlp_layernorm=pre_norm,
                     mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=first_linear,

@@ -1,0 +1,70 @@
+"""A sliced sub-model, built as a plain (non-elastic, per-layer-sized) Megatron model, computes what the elastic
+parent computes at that choice; its dist checkpoint round-trips and loads at TP=2."""
+
+import dataclasses
+import random
+
+import pytest
+import torch
+
+from megatron_elastic.model.elastic_arch import ElasticArch
+from tests.importance.test_permute import _cfg
+from tests.model.test_elastic_model import _args, random_heterogeneous_arch
+
+
+def _model_dict(cfg):
+    keys = ["hybrid_pattern", "vocab_size", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+            "num_query_groups", "kv_channels", "mamba_num_heads", "mamba_head_dim", "mamba_num_groups",
+            "mamba_state_dim", "mamba_chunk_size", "params_dtype"]
+    return {k: getattr(cfg, k) for k in keys}
+
+
+def _sub_config(cfg, arch):
+    from megatron_elastic.extraction.slicing import sub_model_dict
+    from megatron_elastic.model.config import HybridConfig, tiny_defaults
+
+    return HybridConfig.from_dict({**tiny_defaults(), **sub_model_dict(_model_dict(cfg), cfg, arch)})
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_extracted_plain_model_matches_the_elastic_choice(single_process_parallel, seed):
+    from megatron_elastic.extraction.slicing import slice_state_dict
+    from megatron_elastic.model.builder import build_hybrid_model, parameter_count
+    from megatron_elastic.model.cost import arch_parameters
+    from megatron_elastic.model.elastic_model import build_elastic_model, use_arch
+
+    cfg = _cfg()
+    arch = random_heterogeneous_arch(cfg, random.Random(7 + seed)).validate(cfg)
+    if seed == 0:  # also the full parent and a homogeneous one
+        arch = ElasticArch.full(cfg)
+    torch.manual_seed(seed)
+    parent = build_elastic_model(cfg)
+    ids, pos, mask = _args(seq=17, seed=seed)
+    with use_arch(parent, arch), torch.no_grad():
+        want = parent(ids, pos, mask)
+    sub_cfg = _sub_config(cfg, arch)
+    kept = [i for i in range(6) if i not in arch.skipped_layers]
+    sizes = [(arch.ffn_hidden_size.get(i), arch.mamba_num_heads.get(i), arch.mamba_head_dim.get(i),
+              arch.num_attention_heads.get(i)) for i in kept]
+    varied = any(len({s[j] for s, i in zip(sizes, kept) if s[j] is not None}) > 1 for j in range(4))
+    assert bool(sub_cfg.layer_overrides) == varied, "per-layer sizes exactly where the kept layers differ"
+    plain = build_hybrid_model(sub_cfg)
+    sd = slice_state_dict(parent.state_dict(), cfg, arch)
+    missing, unexpected = plain.load_state_dict(sd, strict=False)
+    assert not unexpected and all(k.endswith("_extra_state") for k in missing)
+    assert parameter_count(plain) == arch_parameters(cfg, arch)
+    with torch.no_grad():
+        got = plain(ids, pos, mask)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_layer_overrides_are_validated():
+    from megatron_elastic.model.config import ConfigError
+
+    with pytest.raises(ConfigError, match="layer_overrides.1"):
+        _cfg(layer_overrides={1: {"mamba_num_heads": 4}})  # layer 1 is an MLP
+    with pytest.raises(ConfigError, match="outside"):
+        _cfg(layer_overrides={9: {"ffn_hidden_size": 4}})
+    cfg = _cfg(layer_overrides={"1": {"ffn_hidden_size": 12}})
+    assert cfg.for_layer(1).ffn_hidden_size == 12 and cfg.for_layer(4).ffn_hidden_size == 48
+    assert dataclasses.replace(cfg).layer_overrides == {1: {"ffn_hidden_size": 12}}
