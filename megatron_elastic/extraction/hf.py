@@ -1,0 +1,179 @@
+"""Hugging Face ``NemotronH`` checkpoints from our Megatron weights (and back).
+
+Names (``transformers``' NemotronH, saved with the released checkpoints' ``backbone.`` prefix, which
+``transformers`` maps onto ``model.``)::
+
+    embedding.word_embeddings.weight            backbone.embeddings.weight
+    decoder.layers.i.{norm,input_layernorm,pre_mlp_layernorm}.weight
+                                                backbone.layers.i.norm.weight
+    decoder.layers.i.mixer.*  (Mamba-2)         backbone.layers.i.mixer.*  (same names and layouts)
+    decoder.layers.i.self_attention.linear_qkv  backbone.layers.i.mixer.{q,k,v}_proj  (de-interleaved per KV group)
+    decoder.layers.i.self_attention.linear_proj backbone.layers.i.mixer.o_proj
+    decoder.layers.i.mlp.linear_fc1 / fc2       backbone.layers.i.mixer.up_proj / down_proj
+    decoder.final_norm.weight                   backbone.norm_f.weight
+    output_layer.weight                         lm_head.weight
+
+The stock ``NemotronHConfig`` has one size per layer type. A heterogeneous sub-model (per-layer sizes,
+``HybridConfig.layer_overrides``) is written with ``layer_overrides`` in ``config.json`` and a small
+``modeling_elastic_nemotron_h.py`` (shipped in the checkpoint, loaded with ``trust_remote_code=True``) that
+builds each overridden layer from ``transformers``' own ``NemotronHBlock`` with that layer's sizes; every
+computation stays ``transformers``' NemotronH code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Dict
+
+import torch
+
+from megatron_elastic.compat import ATTENTION, MAMBA
+
+_HF_LAYER_TYPE = {MAMBA: "linear_attention", ATTENTION: "full_attention", "-": "mlp"}
+_OVERRIDE_NAMES = {"ffn_hidden_size": "intermediate_size", "num_attention_heads": "num_attention_heads",
+                   "mamba_num_heads": "mamba_num_heads", "mamba_head_dim": "mamba_head_dim"}
+REMOTE_MODULE = "modeling_elastic_nemotron_h"
+
+_REMOTE_CODE = '''"""NemotronH with per-layer sizes (a heterogeneous sub-model extracted by megatron-elastic).
+
+Each layer listed in ``config.layer_overrides`` is rebuilt from transformers' own ``NemotronHBlock`` with a
+copy of the config carrying that layer's sizes; nothing else differs from ``NemotronHForCausalLM``.
+Caveat: transformers' Mamba cache is sized from the top-level config, so generate with ``use_cache=False``
+when Mamba layers differ in size.
+"""
+import copy
+
+from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHBlock, NemotronHForCausalLM
+
+
+class ElasticNemotronHForCausalLM(NemotronHForCausalLM):
+    def __init__(self, config):
+        super().__init__(config)
+        for index, sizes in (getattr(config, "layer_overrides", None) or {}).items():
+            layer_config = copy.deepcopy(config)
+            for name, value in sizes.items():
+                setattr(layer_config, name, value)
+            self.model.layers[int(index)] = NemotronHBlock(layer_config, layer_idx=int(index))
+        self.post_init()
+'''
+
+
+class HFExportError(ValueError):
+    """The model cannot be written as a NemotronH checkpoint; the message says why."""
+
+
+def hf_config(config) -> dict:
+    """``config.json`` for a ``HybridConfig`` (raises :class:`HFExportError` for what NemotronH cannot express)."""
+    if config.activation not in ("relu2", "squared_relu") or config.gated_linear_unit:
+        raise HFExportError("NemotronH MLPs are squared-ReLU, not gated; this model uses "
+                            f"activation={config.activation!r}, gated_linear_unit={config.gated_linear_unit}")
+    if config.position_embedding_type != "none":
+        raise HFExportError(f"NemotronH attention has no position embedding; this model uses "
+                            f"{config.position_embedding_type!r}")
+    if config.add_bias_linear:
+        raise HFExportError("NemotronH linears have no biases; this model has add_bias_linear=True")
+    cfg = {
+        "architectures": ["NemotronHForCausalLM"], "model_type": "nemotron_h",
+        "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
+        "layers_block_type": [_HF_LAYER_TYPE[s] for s in config.hybrid_pattern],
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_query_groups or config.num_attention_heads,
+        "head_dim": config.kv_channels, "intermediate_size": config.ffn_hidden_size or 1, "mlp_hidden_act": "relu2",
+        "mamba_num_heads": config.mamba_num_heads or 1, "mamba_head_dim": config.mamba_head_dim or 1,
+        "n_groups": config.mamba_num_groups, "ssm_state_size": config.mamba_state_dim,
+        "conv_kernel": config.mamba_conv_kernel, "chunk_size": config.mamba_chunk_size,
+        "use_conv_bias": True, "use_bias": False, "mlp_bias": False, "attention_bias": False,
+        "layer_norm_epsilon": config.layernorm_epsilon, "tie_word_embeddings": config.share_embeddings_and_output_weights,
+        "max_position_embeddings": config.max_sequence_length, "residual_in_fp32": False,
+        # Megatron's SSD kernels do not clamp dt from below; NemotronH clamps at time_step_min.
+        "time_step_min": 1e-30, "time_step_limit": [0.0, float("inf")],
+        "torch_dtype": str(config.params_dtype).replace("torch.", ""),
+        "pad_token_id": None, "bos_token_id": None, "eos_token_id": None,
+    }
+    if config.layer_overrides:
+        cfg["layer_overrides"] = {str(i): {_OVERRIDE_NAMES[k]: v for k, v in ov.items()}
+                                  for i, ov in sorted(config.layer_overrides.items())}
+        cfg["architectures"] = ["ElasticNemotronHForCausalLM"]
+        cfg["auto_map"] = {"AutoModelForCausalLM": f"{REMOTE_MODULE}.ElasticNemotronHForCausalLM"}
+    return cfg
+
+
+def to_hf_state_dict(state_dict: Dict[str, torch.Tensor], config) -> Dict[str, torch.Tensor]:
+    """Our (TP=1, local-spec names) state dict -> NemotronH tensors."""
+    out = {}
+    for name, t in state_dict.items():
+        if name.endswith("_extra_state"):
+            continue
+        if name == "embedding.word_embeddings.weight":
+            out["backbone.embeddings.weight"] = t
+        elif name == "decoder.final_norm.weight":
+            out["backbone.norm_f.weight"] = t
+        elif name == "output_layer.weight":
+            if not config.share_embeddings_and_output_weights:
+                out["lm_head.weight"] = t
+        else:
+            m = re.match(r"^decoder\.layers\.(\d+)\.(.+)$", name)
+            if not m:
+                raise HFExportError(f"no NemotronH name for {name!r}")
+            i, rest = int(m.group(1)), m.group(2)
+            p = f"backbone.layers.{i}."
+            lc = config.for_layer(i)
+            if rest in ("norm.weight", "input_layernorm.weight", "pre_mlp_layernorm.weight"):
+                out[p + "norm.weight"] = t
+            elif rest.startswith("mixer."):
+                out[p + rest] = t
+            elif rest == "self_attention.linear_qkv.weight":
+                g = lc.num_query_groups or lc.num_attention_heads
+                hpg, hn = lc.num_attention_heads // g, lc.kv_channels
+                blocks = t.view(g, (hpg + 2) * hn, -1)
+                out[p + "mixer.q_proj.weight"] = blocks[:, : hpg * hn].reshape(-1, t.shape[1])
+                out[p + "mixer.k_proj.weight"] = blocks[:, hpg * hn: (hpg + 1) * hn].reshape(-1, t.shape[1])
+                out[p + "mixer.v_proj.weight"] = blocks[:, (hpg + 1) * hn:].reshape(-1, t.shape[1])
+            elif rest == "self_attention.linear_proj.weight":
+                out[p + "mixer.o_proj.weight"] = t
+            elif rest == "mlp.linear_fc1.weight":
+                out[p + "mixer.up_proj.weight"] = t
+            elif rest == "mlp.linear_fc2.weight":
+                out[p + "mixer.down_proj.weight"] = t
+            else:
+                raise HFExportError(f"no NemotronH name for {name!r}")
+    return {k: v.detach().contiguous().clone() for k, v in out.items()}
+
+
+def save_hf_checkpoint(out_dir: str, config, state_dict: Dict[str, torch.Tensor],
+                       max_shard_bytes: int = 5 * 2 ** 30) -> str:
+    """Write ``config.json`` and ``model.safetensors`` (sharded with an index above ``max_shard_bytes``), plus
+    the remote-code module for a heterogeneous model. Returns ``out_dir``."""
+    from safetensors.torch import save_file
+
+    os.makedirs(out_dir, exist_ok=True)
+    cfg = hf_config(config)
+    tensors = to_hf_state_dict(state_dict, config)
+    shards, current, size = [], {}, 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        if current and size + n > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = t
+        size += n
+    shards.append(current)
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for k, shard in enumerate(shards, 1):
+            fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, os.path.join(out_dir, fname), metadata={"format": "pt"})
+            weight_map.update({name: fname for name in shard})
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    if "auto_map" in cfg:
+        with open(os.path.join(out_dir, f"{REMOTE_MODULE}.py"), "w") as f:
+            f.write(_REMOTE_CODE)
+    return out_dir
