@@ -85,6 +85,22 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_extract(args) -> int:
+    from megatron_elastic.extraction.extract import extract
+
+    if args.arch and args.budget:
+        from megatron_elastic.model.config import ConfigError
+
+        raise ConfigError("give --budget or --arch, not both")
+    rows = extract(args.checkpoint, args.out, budgets=args.budget or (None if args.arch else ["all"]),
+                   arch_file=args.arch, fmt=args.format)
+    print(f"{'sub-model':>10} {'parameters':>12} {'fraction':>8}  outputs")
+    for r in rows:
+        outs = ", ".join(r[k] for k in ("megatron", "hf") if k in r)
+        print(f"{r['name']:>10} {r['parameters']:>12,} {r['fraction']:>8.3f}  {outs}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     """The tiny end-to-end recipe on this machine's CPU (grows with the pipeline)."""
     from megatron_elastic.data.indexed import read_metadata
@@ -213,6 +229,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in checkpoint.dir")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_train)
+
+    x = sub.add_parser("extract", help="slice trained budgets into standalone Megatron and Hugging Face checkpoints",
+                       description="Zero-shot extraction: the router's (nested) choice for each budget, or an explicit "
+                                   "architecture JSON, sliced out of the elastic weights. Writes <out>/budget_<b>/"
+                                   "{megatron,hf,arch.json}: a dist_checkpointing checkpoint of a plain hybrid model "
+                                   "(loads at any TP/PP) and a NemotronH checkpoint transformers loads.")
+    x.add_argument("--checkpoint", required=True, help="an elastic training run (or its iter_* directory); with --arch "
+                                                       "also a pretrain or sorted checkpoint")
+    x.add_argument("--budget", action="append", help="a trained budget fraction (e.g. 0.5) or 'all' (repeatable; default all)")
+    x.add_argument("--arch", help="an architecture JSON (ElasticArch.to_json) instead of the router's choice")
+    x.add_argument("--format", choices=["megatron", "hf", "both"], default="both", help="what to write (default both)")
+    x.add_argument("--out", required=True, help="output directory")
+    x.set_defaults(func=cmd_extract)
 
     m = sub.add_parser("demo", help="run the tiny CPU recipe end to end",
                        description="Prepare the built-in corpus, pretrain the tiny parent, score and sort it, then "

@@ -13,3 +13,20 @@ def single_process_parallel():
     initialize_parallel(1, 1, seed=1234)
     yield
     destroy_parallel()
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory):
+    """Data, a briefly pretrained toy parent and its importance output (sorted parent), built once."""
+    from megatron_elastic.parallel import destroy_parallel
+    from megatron_elastic.testing import make_tiny_sorted_parent
+
+    paths = make_tiny_sorted_parent(str(tmp_path_factory.mktemp("pipeline")))
+    destroy_parallel()
+    return paths
+
+
+@pytest.fixture
+def parent(tiny_pipeline):
+    """The toy sorted parent's importance directory (what `train` reads)."""
+    return tiny_pipeline["importance"]

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from megatron_elastic.testing import make_tiny_sorted_parent, run_multiprocess
+from megatron_elastic.testing import run_multiprocess
 
 # Stage 1: 4 steps of 8 x 32 tokens, uniform; stage 2: 2 steps of 4 x 64, full budget only.
 JOB = """
@@ -24,15 +24,6 @@ train: {{micro_batch_size: 2, lr: 0.001, min_lr: 0.0001, lr_warmup_iters: 1, log
         eval_iters: 1}}
 checkpoint: {{dir: {ckpt}, save_interval: 3, keep_last: 5}}
 """
-
-
-@pytest.fixture(scope="module")
-def parent(tmp_path_factory):
-    from megatron_elastic.parallel import destroy_parallel
-
-    paths = make_tiny_sorted_parent(str(tmp_path_factory.mktemp("pipeline")))
-    destroy_parallel()
-    return paths["importance"]
 
 
 def _config(parent, ckpt, mode="sample", overrides=()):

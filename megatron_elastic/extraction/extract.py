@@ -1,0 +1,129 @@
+"""The ``extract`` job: slice trained budgets out of an elastic checkpoint (or any architecture out of a sorted
+parent) into standalone Megatron and Hugging Face checkpoints.
+
+Output per sub-model ``<out>/<name>/``: ``megatron/`` (a ``dist_checkpointing`` checkpoint of a plain
+hybrid model, loadable at any TP/PP, with its job config in ``trainer_state.json``), ``hf/``
+(``config.json`` + ``model.safetensors``), ``arch.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+import yaml
+
+from megatron_elastic.extraction.hf import save_hf_checkpoint
+from megatron_elastic.extraction.slicing import slice_state_dict, sub_model_dict
+from megatron_elastic.model.builder import build_hybrid_model
+from megatron_elastic.model.config import ConfigError
+from megatron_elastic.model.cost import arch_parameters
+from megatron_elastic.model.elastic_arch import ElasticArch
+from megatron_elastic.model.elastic_model import build_elastic_model
+from megatron_elastic.parallel import initialize_parallel
+from megatron_elastic.router import ElasticSpace, Router
+from megatron_elastic.training.checkpoint import EXTRA, latest_checkpoint, load_checkpoint, load_extra, save_checkpoint
+from megatron_elastic.training.config import load_pretrain_config
+
+FORMATS = ("megatron", "hf", "both")
+
+
+@dataclass
+class ElasticSource:
+    path: str                     # the checkpoint directory (iter_*)
+    job: dict                     # the parent's pretraining job config (PretrainConfig dict)
+    model: torch.nn.Module        # elastic model at TP=1, PP=1 with the checkpoint's weights
+    router: Optional[Router]      # None for a checkpoint without one (a sorted parent)
+
+
+def _resolve(checkpoint: str) -> str:
+    path = latest_checkpoint(checkpoint) if os.path.isfile(os.path.join(checkpoint, "latest")) else checkpoint
+    if path is None or not os.path.isfile(os.path.join(path, "trainer_state.json")):
+        raise FileNotFoundError(f"{checkpoint}: no checkpoint (expected a 'latest' file or trainer_state.json)")
+    return path
+
+
+def load_source(checkpoint: str) -> ElasticSource:
+    """Load an elastic-training checkpoint (model + router) or a pretrain/sorted one (model only) at TP=1."""
+    path = _resolve(checkpoint)
+    with open(os.path.join(path, "trainer_state.json")) as f:
+        state = json.load(f)
+    job = state.get("parent_config") or state.get("config")
+    if not job or "model" not in job:
+        raise ValueError(f"{path}/trainer_state.json has no model config; was it written by megatron-elastic?")
+    job = load_pretrain_config(text=yaml.safe_dump(job)).to_dict()
+    job["parallel"] = {"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1}
+    initialize_parallel(1, 1, seed=job["train"]["seed"])
+    model_cfg = load_pretrain_config(text=yaml.safe_dump(job)).model_config()
+    model = build_elastic_model(model_cfg)
+    load_checkpoint(path, model, optimizer=None, load_rng=False)
+    model.eval()
+    router = None
+    if "parent_config" in state and os.path.isfile(os.path.join(path, EXTRA)):
+        extra = load_extra(path)
+        space = ElasticSpace(**extra["space"])
+        router = Router(model_cfg, space, state["budgets"], hidden=state["config"].get("router", {}).get("hidden", 256))
+        router.load_state_dict(extra["router"])
+    return ElasticSource(path, job, model, router)
+
+
+def _budget_archs(src: ElasticSource, budgets: List[str]) -> Dict[str, ElasticArch]:
+    if src.router is None:
+        raise ConfigError(f"{src.path} has no router (not an elastic-training checkpoint); pass --arch FILE.json")
+    nested = {f"{b:g}": a for b, a in src.router.choose_all().items()}
+    if budgets == ["all"]:
+        return nested
+    out = {}
+    for b in budgets:
+        try:
+            f = float(b)
+        except ValueError:
+            raise ConfigError(f"--budget {b!r}: use a fraction such as 0.5, or 'all'") from None
+        key = f"{f:g}"
+        out[key] = nested[key] if key in nested else src.router.choose(f)
+    return out
+
+
+def extract(checkpoint: str, out: str, budgets: Optional[List[str]] = None, arch_file: Optional[str] = None,
+            fmt: str = "both") -> List[dict]:
+    """Write the requested sub-models; returns one row per sub-model (name, parameters, paths)."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format must be one of {FORMATS}, got {fmt!r}")
+    src = load_source(checkpoint)
+    config = src.model.config
+    if arch_file:
+        with open(arch_file) as f:
+            archs = {os.path.splitext(os.path.basename(arch_file))[0]: ElasticArch.from_json(f.read())}
+    else:
+        archs = _budget_archs(src, budgets or ["all"])
+    full_sd = {k: v for k, v in src.model.state_dict().items()}
+    rows = []
+    for name, arch in archs.items():
+        arch = arch.validate(config)
+        dest = os.path.join(out, f"budget_{name}" if not arch_file else name)
+        os.makedirs(dest, exist_ok=True)
+        with open(os.path.join(dest, "arch.json"), "w") as f:
+            f.write(arch.to_json())
+        sub_job = {**src.job, "model": sub_model_dict(src.job["model"], config, arch)}
+        sub_cfg = load_pretrain_config(text=yaml.safe_dump(sub_job)).model_config()
+        sliced = slice_state_dict(full_sd, config, arch)
+        row = {"name": name, "parameters": arch_parameters(config, arch),
+               "fraction": arch_parameters(config, arch) / arch_parameters(config, ElasticArch.full(config))}
+        if fmt in ("megatron", "both"):
+            plain = build_hybrid_model(sub_cfg)
+            missing, unexpected = plain.load_state_dict(sliced, strict=False)
+            missing = [k for k in missing if not k.endswith("_extra_state")]
+            if missing or unexpected:
+                raise RuntimeError(f"sliced weights do not fit the plain model: missing {missing[:4]}, "
+                                   f"unexpected {unexpected[:4]}")
+            save_checkpoint(os.path.join(dest, "megatron"), 0, plain,
+                            trainer_state={"config": sub_job, "arch": arch.to_dict(), "budget": name,
+                                           "extracted_from": src.path})
+            row["megatron"] = os.path.join(dest, "megatron")
+        if fmt in ("hf", "both"):
+            row["hf"] = save_hf_checkpoint(os.path.join(dest, "hf"), sub_cfg, sliced)
+        rows.append(row)
+    return rows

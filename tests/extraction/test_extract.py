@@ -1,0 +1,60 @@
+"""`extract` on a real (toy) elastic run: every budget's Megatron checkpoint loads into a plain model and its
+HF checkpoint into transformers, both reproducing the elastic model at the router's nested choice."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from tests.model.test_elastic_model import _args
+from tests.training.test_elastic_training import _train
+
+
+@pytest.fixture
+def elastic_run(single_process_parallel, parent, tmp_path):
+    ckpt = str(tmp_path / "elastic")
+    _train(parent, ckpt)
+    return ckpt
+
+
+def test_extract_all_budgets_megatron_and_hf(elastic_run, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from megatron_elastic.extraction.extract import extract, load_source
+    from megatron_elastic.model.builder import build_hybrid_model
+    from megatron_elastic.model.elastic_model import use_arch
+    from megatron_elastic.training.checkpoint import load_model_weights
+    from megatron_elastic.training.config import load_pretrain_config
+    from megatron_elastic.importance.run import config_from_checkpoint
+
+    out = str(tmp_path / "extracted")
+    rows = extract(elastic_run, out, budgets=["all"], fmt="both")
+    assert [r["name"] for r in rows] == ["1", "0.75", "0.5"]
+    src = load_source(elastic_run)
+    archs = src.router.choose_all()
+    ids, pos, mask = _args(seq=40, seed=3)
+    for r, (b, arch) in zip(rows, archs.items()):
+        assert r["fraction"] == pytest.approx(json.load(open(os.path.join(elastic_run, "summary.json")))
+                                              ["budgets"][f"{b:g}"]["fraction"])
+        with use_arch(src.model, arch), torch.no_grad():
+            want = src.model(ids, pos, mask)
+        job = config_from_checkpoint(os.path.join(r["megatron"], "iter_0000000"))
+        plain = build_hybrid_model(job.model_config())
+        load_model_weights(r["megatron"], plain)
+        with torch.no_grad():
+            got = plain(ids, pos, mask)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(r["hf"], trust_remote_code=True, dtype=torch.float32)
+        with torch.no_grad():
+            torch.testing.assert_close(hf(input_ids=ids, use_cache=False).logits, want, rtol=1e-4, atol=1e-4)
+    assert json.load(open(os.path.join(out, "budget_1", "arch.json")))["skipped_layers"] == []
+
+
+def test_extract_errors_name_the_fix(elastic_run, parent, tmp_path):
+    from megatron_elastic.extraction.extract import extract
+    from megatron_elastic.model.config import ConfigError
+
+    with pytest.raises(ConfigError, match="--arch"):
+        extract(os.path.join(parent, "sorted"), str(tmp_path), budgets=["0.5"])
+    with pytest.raises(ConfigError, match="fraction"):
+        extract(elastic_run, str(tmp_path), budgets=["half"])
