@@ -118,7 +118,7 @@ def cmd_demo(args) -> int:
     overrides += list(args.set or [])
     cfg = load_pretrain_config(args.config or recipe_path(TINY_PARENT), overrides)
 
-    print(f"[1/4] data: {data_dir}")
+    print(f"[1/5] data: {data_dir}")
     try:
         read_metadata(data_dir)
         print("  reusing prepared data")
@@ -127,7 +127,7 @@ def cmd_demo(args) -> int:
                                 max_bytes=args.max_bytes, valid_every=20, no_progress=args.no_progress)
         cmd_prepare_data(ns)
 
-    print(f"[2/4] pretrain the tiny parent: {parent_dir}")
+    print(f"[2/5] pretrain the tiny parent: {parent_dir}")
     existing = latest_checkpoint(parent_dir) if os.path.isdir(parent_dir) else None
     summary = None
     if existing and json.load(open(os.path.join(existing, "trainer_state.json")))["iteration"] >= cfg.train.train_iters:
@@ -142,7 +142,7 @@ def cmd_demo(args) -> int:
     from megatron_elastic.importance.run import run_importance
 
     imp_dir = os.path.join(out, "importance")
-    print(f"\n[3/4] importance and the function-preserving sort: {imp_dir}")
+    print(f"\n[3/5] importance and the function-preserving sort: {imp_dir}")
     if os.path.isfile(os.path.join(imp_dir, "sorted", "latest")):
         print("  reusing the sorted parent")
     else:
@@ -154,7 +154,7 @@ def cmd_demo(args) -> int:
     from megatron_elastic.training.elastic_config import load_elastic_config
 
     elastic_dir = os.path.join(out, "elastic")
-    print(f"\n[4/4] elastic distillation of every budget at once: {elastic_dir}")
+    print(f"\n[4/5] elastic distillation of every budget at once: {elastic_dir}")
     elastic_overrides = [f"parent={imp_dir}", f"checkpoint.dir={elastic_dir}", f"data.path={data_dir}"]
     if args.quick:
         elastic_overrides += [
@@ -173,6 +173,13 @@ def cmd_demo(args) -> int:
     else:
         esummary = train_elastic(ecfg, resume=done is not None, progress=not args.no_progress)
     print(results_table(esummary))
+
+    from megatron_elastic.extraction.extract import extract
+
+    extracted = os.path.join(out, "extracted")
+    print(f"\n[5/5] zero-shot extraction of every budget (Megatron + Hugging Face): {extracted}")
+    for r in extract(elastic_dir, extracted, budgets=["all"], fmt="both"):
+        print(f"  budget {r['name']:>5}: {r['parameters']:>10,} parameters -> {r['megatron']}, {r['hf']}")
     print(f"demo finished in {time.time() - t0:.0f} s; outputs in {out}")
     return 0
 
@@ -245,8 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("demo", help="run the tiny CPU recipe end to end",
                        description="Prepare the built-in corpus, pretrain the tiny parent, score and sort it, then "
-                                   "train budgets 100/75/50%% at once by elastic distillation, on this machine "
-                                   "(extraction comes next). Re-running reuses finished phases.")
+                                   "train budgets 100/75/50%% at once by elastic distillation and extract each as standalone "
+                                   "Megatron and Hugging Face checkpoints, on this machine. Re-running reuses finished "
+                                   "phases.")
     m.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
     m.add_argument("--quick", action="store_true", help="a short run (a few minutes) to check the set-up")
     m.add_argument("--config", help="parent config (default: the packaged tiny recipe)")

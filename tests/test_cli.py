@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-COMMANDS = ["prepare-data", "pretrain", "importance", "train", "demo"]
+COMMANDS = ["prepare-data", "pretrain", "importance", "train", "extract", "demo"]
 
 
 def run(*args):
