@@ -101,6 +101,15 @@ def cmd_extract(args) -> int:
     return 0
 
 
+def cmd_import_hf(args) -> int:
+    from megatron_elastic.extraction.import_hf import import_hf
+
+    res = import_hf(args.hf_dir, args.out, data_path=args.data)
+    print(f"imported {res['parameters']:,} parameters ({res['hybrid_pattern']}) -> {res['checkpoint']}")
+    print(f"next: megatron-elastic importance --checkpoint {args.out} --data {args.data} --out <dir>")
+    return 0
+
+
 def cmd_demo(args) -> int:
     """The tiny end-to-end recipe on this machine's CPU (grows with the pipeline)."""
     from megatron_elastic.data.indexed import read_metadata
@@ -249,6 +258,15 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--format", choices=["megatron", "hf", "both"], default="both", help="what to write (default both)")
     x.add_argument("--out", required=True, help="output directory")
     x.set_defaults(func=cmd_extract)
+
+    ih = sub.add_parser("import-hf", help="convert a Hugging Face NemotronH checkpoint into a Megatron checkpoint",
+                        description="Start the pipeline from a released parent: a local NemotronH checkpoint (config.json "
+                                    "+ safetensors, e.g. Nemotron Nano V2's format) becomes a dist_checkpointing "
+                                    "checkpoint of our hybrid model. Mamba-2, attention and MLP layers; MoE is refused.")
+    ih.add_argument("--hf-dir", required=True, help="local Hugging Face checkpoint directory (no downloads)")
+    ih.add_argument("--out", required=True, help="output checkpoint directory")
+    ih.add_argument("--data", default="runs/data", help="prepared data the checkpoint's job config points at")
+    ih.set_defaults(func=cmd_import_hf)
 
     m = sub.add_parser("demo", help="run the tiny CPU recipe end to end",
                        description="Prepare the built-in corpus, pretrain the tiny parent, score and sort it, then "

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-COMMANDS = ["prepare-data", "pretrain", "importance", "train", "extract", "demo"]
+COMMANDS = ["prepare-data", "pretrain", "importance", "train", "extract", "import-hf", "demo"]
 
 
 def run(*args):

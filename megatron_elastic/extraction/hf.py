@@ -177,3 +177,116 @@ def save_hf_checkpoint(out_dir: str, config, state_dict: Dict[str, torch.Tensor]
         with open(os.path.join(out_dir, f"{REMOTE_MODULE}.py"), "w") as f:
             f.write(_REMOTE_CODE)
     return out_dir
+
+
+# ---- import: NemotronH -> our layout --------------------------------------------------------------------
+_FROM_HF_TYPE = {"linear_attention": MAMBA, "mamba": MAMBA, "full_attention": ATTENTION, "attention": ATTENTION,
+                 "mlp": "-"}
+_FROM_HF_OVERRIDE = {v: k for k, v in _OVERRIDE_NAMES.items()}
+
+
+def model_dict_from_hf(cfg: dict) -> dict:
+    """Our ``model:`` section for a NemotronH ``config.json`` (raises :class:`HFExportError` for what our
+    hybrid model cannot hold: MoE layers, biases, another MLP activation)."""
+    types = cfg.get("layers_block_type") or cfg.get("layer_types")
+    if types is None and "hybrid_override_pattern" in cfg:
+        pattern = cfg["hybrid_override_pattern"]
+    else:
+        unknown = sorted({t for t in types or [] if t not in _FROM_HF_TYPE})
+        if types is None or unknown:
+            raise HFExportError(f"config.json: layer types {unknown or 'missing'} are not supported (Mamba-2, "
+                                f"attention and MLP layers only; MoE is not)")
+        pattern = "".join(_FROM_HF_TYPE[t] for t in types)
+    if "E" in pattern:
+        raise HFExportError("config.json: MoE layers ('E') are not supported")
+    for flag in ("use_bias", "mlp_bias", "attention_bias"):
+        if cfg.get(flag):
+            raise HFExportError(f"config.json: {flag}=true is not supported (Nemotron-H has no linear biases)")
+    if cfg.get("mlp_hidden_act", "relu2") != "relu2":
+        raise HFExportError(f"config.json: mlp_hidden_act={cfg['mlp_hidden_act']!r}; only relu2 is supported")
+    heads = cfg.get("num_attention_heads", 1)
+    out = {
+        "hybrid_pattern": pattern, "vocab_size": cfg["vocab_size"], "hidden_size": cfg["hidden_size"],
+        "ffn_hidden_size": cfg.get("intermediate_size"), "num_attention_heads": heads,
+        "num_query_groups": cfg.get("num_key_value_heads") or heads,
+        "kv_channels": cfg.get("head_dim") or cfg["hidden_size"] // heads,
+        "mamba_num_heads": cfg.get("mamba_num_heads"), "mamba_head_dim": cfg.get("mamba_head_dim"),
+        "mamba_num_groups": cfg.get("n_groups", cfg.get("mamba_n_groups", 1)),
+        "mamba_state_dim": cfg.get("ssm_state_size"), "mamba_conv_kernel": cfg.get("conv_kernel", 4),
+        "mamba_chunk_size": cfg.get("chunk_size", 128), "layernorm_epsilon": cfg.get("layer_norm_epsilon", 1e-5),
+        "share_embeddings_and_output_weights": bool(cfg.get("tie_word_embeddings", False)),
+        "max_sequence_length": cfg.get("max_position_embeddings", 4096), "position_embedding_type": "none",
+        "activation": "relu2",
+    }
+    if cfg.get("layer_overrides"):
+        out["layer_overrides"] = {int(i): {_FROM_HF_OVERRIDE[k]: v for k, v in ov.items()}
+                                  for i, ov in cfg["layer_overrides"].items()}
+    return out
+
+
+def from_hf_state_dict(tensors: Dict[str, torch.Tensor], config) -> Dict[str, torch.Tensor]:
+    """NemotronH tensors (``backbone.`` or ``model.`` prefix) -> our (TP=1, local-spec names) state dict."""
+    out = {}
+    qkv: Dict[int, Dict[str, torch.Tensor]] = {}
+    for name, t in tensors.items():
+        n = re.sub(r"^(backbone|model)\.", "", name)
+        if n == "embeddings.weight":
+            out["embedding.word_embeddings.weight"] = t
+        elif n == "norm_f.weight":
+            out["decoder.final_norm.weight"] = t
+        elif n == "lm_head.weight":
+            out["output_layer.weight"] = t
+        else:
+            m = re.match(r"^layers\.(\d+)\.(.+)$", n)
+            if not m:
+                raise HFExportError(f"unexpected NemotronH tensor {name!r}")
+            i, rest = int(m.group(1)), m.group(2)
+            sym, p = config.hybrid_pattern[i], f"decoder.layers.{i}."
+            if rest == "norm.weight":
+                out[p + {MAMBA: "norm.weight", ATTENTION: "input_layernorm.weight",
+                         "-": "pre_mlp_layernorm.weight"}[sym]] = t
+            elif sym == MAMBA and rest.startswith("mixer."):
+                out[p + rest] = t
+            elif sym == ATTENTION and rest in ("mixer.q_proj.weight", "mixer.k_proj.weight", "mixer.v_proj.weight"):
+                qkv.setdefault(i, {})[rest.split(".")[1][0]] = t
+            elif sym == ATTENTION and rest == "mixer.o_proj.weight":
+                out[p + "self_attention.linear_proj.weight"] = t
+            elif sym == "-" and rest == "mixer.up_proj.weight":
+                out[p + "mlp.linear_fc1.weight"] = t
+            elif sym == "-" and rest == "mixer.down_proj.weight":
+                out[p + "mlp.linear_fc2.weight"] = t
+            else:
+                raise HFExportError(f"unexpected NemotronH tensor {name!r} on a {sym!r} layer")
+    for i, parts in qkv.items():
+        lc = config.for_layer(i)
+        g = lc.num_query_groups or lc.num_attention_heads
+        hn, h = lc.kv_channels, parts["q"].shape[1]
+        q = parts["q"].view(g, -1, h)
+        out[f"decoder.layers.{i}.self_attention.linear_qkv.weight"] = torch.cat(
+            [q, parts["k"].view(g, hn, h), parts["v"].view(g, hn, h)], dim=1).reshape(-1, h)
+    if config.share_embeddings_and_output_weights:
+        out.pop("output_layer.weight", None)
+    return out
+
+
+def read_hf_checkpoint(hf_dir: str):
+    """(config.json dict, all tensors) of a local Hugging Face checkpoint (single or sharded safetensors)."""
+    from safetensors.torch import load_file
+
+    cfg_path = os.path.join(hf_dir, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{hf_dir}: no config.json (a Hugging Face checkpoint directory is needed)")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    index = os.path.join(hf_dir, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.isfile(os.path.join(hf_dir, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json")
+    tensors = {}
+    for fname in files:
+        tensors.update(load_file(os.path.join(hf_dir, fname)))
+    return cfg, tensors
