@@ -59,9 +59,5 @@ class ElasticMambaMixer(MambaMixer):
                          self.A_log[heads], self.D[ch] if self.D_has_hdim else self.D[heads],
                          self.norm.weight[ch] if self.rmsnorm else None, group_size)
 
-    def forward(self, hidden_states, inference_context=None, *, inference_params=None, packed_seq_params=None):
-        if packed_seq_params is not None or inference_context is not None or inference_params is not None:
-            raise NotImplementedError("ElasticMambaMixer supports training/prefill forward only")
-        zxBCdt, _ = self.in_proj(hidden_states)
-        y = self.ssm(zxBCdt, self.active_view())
-        return self.out_proj(y)
+    def current_view(self) -> MixerView:
+        return self.active_view()

@@ -12,6 +12,7 @@ from typing import FrozenSet, Optional
 
 import torch
 import torch.nn.functional as F
+from megatron.core.utils import WrappedTensor
 from torch import nn
 
 from megatron_elastic.model.stack import HybridStack
@@ -41,7 +42,9 @@ class ElasticHybridStack(HybridStack):
 
     def forward(self, hidden_states, attention_mask, *args, **kwargs):
         h = self._active_hidden
-        if self.pre_process:
+        if self.pre_process and (h is not None or self.hidden_gate is not None):
+            if isinstance(hidden_states, WrappedTensor):  # Megatron's inference path wraps the embeddings
+                hidden_states = hidden_states.unwrap()
             if h is not None:
                 hidden_states = hidden_states[..., :h]
             if self.hidden_gate is not None:

@@ -235,11 +235,56 @@ class MambaMixer(MegatronModule):
         """hidden_states: (seq, batch, d_model) -> (out (seq, batch, d_model), out_bias)."""
         if packed_seq_params is not None:
             raise NotImplementedError("megatron_elastic MambaMixer does not support packed sequences yet")
-        if inference_context is not None or inference_params is not None:
-            raise NotImplementedError("megatron_elastic MambaMixer: use megatron_elastic's generation API for decoding")
+        inference_context = inference_context if inference_context is not None else inference_params
         zxBCdt, _ = self.in_proj(hidden_states)
-        y = self.ssm(zxBCdt, self.full_view())
+        if inference_context is None:
+            y = self.ssm(zxBCdt, self.current_view())
+        else:
+            y = self.ssm_cached(zxBCdt, self.current_view(), inference_context)
         return self.out_proj(y)
+
+    def current_view(self) -> "MixerView":
+        """The view the next forward pass computes (the full mixer; elastic mixers return their choice)."""
+        return self.full_view()
+
+    def ssm_cached(self, zxBCdt: torch.Tensor, v: "MixerView", inference_context) -> torch.Tensor:
+        """``ssm`` with the recurrent state kept in Megatron's inference context (static batching), under
+        ``key_value_memory_dict[layer_number]`` as Megatron's own mixer does: a prompt (offset 0) runs the
+        chunked scan and stores the conv window and the final SSM state; later calls advance one token."""
+        seq, batch, _ = zxBCdt.shape
+        key = self.layer_number
+        if inference_context.sequence_len_offset == 0:
+            y, conv_in, final = self.ssm(zxBCdt, v, return_states=True)
+            k = v.conv_weight.shape[-1]
+            conv_state = torch.nn.functional.pad(conv_in.transpose(1, 2), (max(0, k - seq), 0))[..., -k:]
+            inference_context.key_value_memory_dict[key] = (conv_state.contiguous(), final)
+            return y
+        if seq != 1:
+            raise NotImplementedError("MambaMixer decoding advances one token per call after the prompt")
+        conv_state, ssm_state = inference_context.key_value_memory_dict[key]
+        d_inner, bc = v.nheads * v.headdim, self.ngroups_local_tp * self.d_state
+        z, xBC, dt = torch.split(zxBCdt[0], [d_inner, d_inner + 2 * bc, v.nheads], dim=-1)
+        xBC = ops.causal_conv1d_step(xBC, conv_state, v.conv_weight, v.conv_bias, activation="silu")
+        x, B, C = torch.split(xBC, [d_inner, bc, bc], dim=-1)
+        f32 = torch.float32
+        dt = torch.nn.functional.softplus(dt.to(f32) + v.dt_bias.to(f32))                  # (b, h)
+        A = -torch.exp(v.A_log.to(f32))
+        rep = v.nheads // self.ngroups_local_tp
+        Bh = B.to(f32).view(batch, self.ngroups_local_tp, 1, self.d_state).expand(-1, -1, rep, -1).reshape(
+            batch, v.nheads, self.d_state)
+        Ch = C.to(f32).view(batch, self.ngroups_local_tp, 1, self.d_state).expand(-1, -1, rep, -1).reshape(
+            batch, v.nheads, self.d_state)
+        xh = x.to(f32).view(batch, v.nheads, v.headdim)
+        ssm_state.mul_(torch.exp(dt * A)[..., None, None]).add_((dt[..., None] * xh)[..., None] * Bh[:, :, None, :])
+        y = (ssm_state * Ch[:, :, None, :]).sum(-1)
+        D = v.D.to(f32).view(v.nheads, v.headdim) if self.D_has_hdim else v.D.to(f32)[:, None]
+        y = y + xh * D
+        if not self.rmsnorm:
+            y = y * torch.nn.functional.silu(z.to(f32).view(batch, v.nheads, v.headdim))
+        y = y.reshape(batch, d_inner).to(zxBCdt.dtype)
+        if self.rmsnorm:
+            y = ops.gated_rmsnorm(y, v.norm_weight, z, self.norm.eps, v.norm_group_size, self.norm_before_gate)
+        return y.unsqueeze(0)
 
     def full_view(self) -> "MixerView":
         """The mixer's local parameters at full size."""
@@ -247,11 +292,14 @@ class MambaMixer(MegatronModule):
                          self.dt_bias, self.A_log, self.D, self.norm.weight if self.rmsnorm else None,
                          self.d_inner_local_tp // self.ngroups_local_tp)
 
-    def ssm(self, zxBCdt: torch.Tensor, v: "MixerView") -> torch.Tensor:
-        """(seq, batch, [z|x|B|C|dt] of ``v``'s sizes) -> (seq, batch, nheads*headdim): conv, SSD scan, gated norm."""
+    def ssm(self, zxBCdt: torch.Tensor, v: "MixerView", return_states: bool = False):
+        """(seq, batch, [z|x|B|C|dt] of ``v``'s sizes) -> (seq, batch, nheads*headdim): conv, SSD scan, gated norm.
+        With ``return_states`` also the conv input (batch, seq, channels) and the final SSM state
+        (batch, nheads, headdim, d_state)."""
         seq, batch, _ = zxBCdt.shape
         d_inner, bc = v.nheads * v.headdim, self.ngroups_local_tp * self.d_state
         z, xBC, dt = torch.split(zxBCdt.transpose(0, 1), [d_inner, d_inner + 2 * bc, v.nheads], dim=-1)
+        conv_in = xBC
         xBC = ops.causal_conv1d(xBC.transpose(1, 2).contiguous(), v.conv_weight, v.conv_bias,
                                 activation="silu").transpose(1, 2)
         x, B, C = torch.split(xBC, [d_inner, bc, bc], dim=-1)
@@ -267,11 +315,15 @@ class MambaMixer(MegatronModule):
             z=None if self.rmsnorm else z.reshape(batch, seq, v.nheads, v.headdim),
             dt_bias=v.dt_bias,
             dt_softplus=True,
+            return_final_states=return_states,
         )
+        if return_states:
+            y, final = y
         y = y.reshape(batch, seq, d_inner)
         if self.rmsnorm:
             y = ops.gated_rmsnorm(y, v.norm_weight, z, self.norm.eps, v.norm_group_size, self.norm_before_gate)
-        return y.transpose(0, 1).contiguous()
+        y = y.transpose(0, 1).contiguous()
+        return (y, conv_in, final.float()) if return_states else y
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         """Megatron's layout: per-head tensors and conv1d sharded on dim 0; in_proj and conv1d split into
