@@ -110,6 +110,23 @@ def cmd_import_hf(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    import torch
+
+    from megatron_elastic.data.tokenizer import get_tokenizer
+    from megatron_elastic.serving.generate import ElasticServer
+
+    server = ElasticServer.from_checkpoint(args.checkpoint)
+    tok = get_tokenizer(args.tokenizer)
+    budgets = sorted(server.archs, key=float, reverse=True) if args.budget == "all" else [args.budget]
+    prompt = torch.tensor([tok.tokenize(args.prompt)], dtype=torch.long)
+    for b in budgets:
+        out = server.generate(prompt, b, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                              generator=torch.Generator().manual_seed(args.seed))
+        print(f"--- budget {b}:\n{args.prompt}{tok.detokenize(out[0].tolist())}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     """The tiny end-to-end recipe on this machine's CPU (grows with the pipeline)."""
     from megatron_elastic.data.indexed import read_metadata
@@ -267,6 +284,19 @@ def build_parser() -> argparse.ArgumentParser:
     ih.add_argument("--out", required=True, help="output checkpoint directory")
     ih.add_argument("--data", default="runs/data", help="prepared data the checkpoint's job config points at")
     ih.set_defaults(func=cmd_import_hf)
+
+    g = sub.add_parser("generate", help="decode with any trained budget, served from one copy of the weights",
+                       description="Load an elastic checkpoint once and decode a prompt with one budget's sub-model "
+                                   "(or every budget), keeping the recurrent Mamba state and the attention KV cache.")
+    g.add_argument("--checkpoint", required=True, help="an elastic training run (or a pretrain/sorted checkpoint: full model)")
+    g.add_argument("--budget", default="1", help="a trained budget fraction, or 'all' (default 1)")
+    g.add_argument("--prompt", required=True, help="the prompt text")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed")
+    g.add_argument("--tokenizer", default="byte", help="tokenizer of the training data (default byte)")
+    g.set_defaults(func=cmd_generate)
 
     m = sub.add_parser("demo", help="run the tiny CPU recipe end to end",
                        description="Prepare the built-in corpus, pretrain the tiny parent, score and sort it, then "

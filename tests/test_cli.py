@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-COMMANDS = ["prepare-data", "pretrain", "importance", "train", "extract", "import-hf", "demo"]
+COMMANDS = ["prepare-data", "pretrain", "importance", "train", "extract", "import-hf", "generate", "demo"]
 
 
 def run(*args):

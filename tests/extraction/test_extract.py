@@ -24,7 +24,6 @@ def test_extract_all_budgets_megatron_and_hf(elastic_run, tmp_path):
     from megatron_elastic.model.builder import build_hybrid_model
     from megatron_elastic.model.elastic_model import use_arch
     from megatron_elastic.training.checkpoint import load_model_weights
-    from megatron_elastic.training.config import load_pretrain_config
     from megatron_elastic.importance.run import config_from_checkpoint
 
     out = str(tmp_path / "extracted")
