@@ -13,11 +13,13 @@ install_requires = [
     "psutil",  # megatron.core.dist_checkpointing's writer needs it
     "matplotlib",  # importance and results plots (PNG)
     "tensorboard",  # elastic training scalars (torch.utils.tensorboard)
+    "safetensors",  # Hugging Face checkpoints written by `extract`
 ]
 
 extras = {
-    "test": ["pytest>=7", "pytest-timeout", "hypothesis"],
-    "hf": ["transformers>=4.48", "safetensors"],
+    # transformers is the independent referee of the HF export/import tests (they skip without it).
+    "test": ["pytest>=7", "pytest-timeout", "hypothesis", "transformers>=5.20"],
+    "hf": ["transformers>=5.20"],  # loading the extracted NemotronH checkpoints (tested with 5.23)
     # Built for the local CUDA toolkit; apex is built in the Docker image, not from PyPI.
     "gpu": ["mamba-ssm", "causal-conv1d>=1.4", "transformer-engine[pytorch]"],
 }

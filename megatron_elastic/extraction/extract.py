@@ -3,7 +3,8 @@ parent) into standalone Megatron and Hugging Face checkpoints.
 
 Output per sub-model ``<out>/<name>/``: ``megatron/`` (a ``dist_checkpointing`` checkpoint of a plain
 hybrid model, loadable at any TP/PP, with its job config in ``trainer_state.json``), ``hf/``
-(``config.json`` + ``model.safetensors``), ``arch.json``.
+(``config.json`` + ``model.safetensors``), ``arch.json``. The parent is read tensor by tensor from its checkpoint
+and never materialised: peak memory is about one sub-model plus one parent tensor.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import torch
 import yaml
 
 from megatron_elastic.extraction.hf import save_hf_checkpoint
-from megatron_elastic.extraction.slicing import slice_state_dict, sub_model_dict
+from megatron_elastic.extraction.reader import CheckpointTensorReader
+from megatron_elastic.extraction.slicing import iter_sliced, sub_model_dict
 from megatron_elastic.model.builder import build_hybrid_model
 from megatron_elastic.model.config import ConfigError
 from megatron_elastic.model.cost import arch_parameters
@@ -35,7 +37,8 @@ FORMATS = ("megatron", "hf", "both")
 class ElasticSource:
     path: str                     # the checkpoint directory (iter_*)
     job: dict                     # the parent's pretraining job config (PretrainConfig dict)
-    model: torch.nn.Module        # elastic model at TP=1, PP=1 with the checkpoint's weights
+    config: object                # the parent's HybridConfig at TP=1
+    model: Optional[torch.nn.Module]  # elastic model at TP=1, PP=1 with the checkpoint's weights (or None)
     router: Optional[Router]      # None for a checkpoint without one (a sorted parent)
 
 
@@ -46,8 +49,9 @@ def _resolve(checkpoint: str) -> str:
     return path
 
 
-def load_source(checkpoint: str) -> ElasticSource:
-    """Load an elastic-training checkpoint (model + router) or a pretrain/sorted one (model only) at TP=1."""
+def load_source(checkpoint: str, with_model: bool = True) -> ElasticSource:
+    """Load an elastic-training checkpoint (model + router) or a pretrain/sorted one (model only) at TP=1.
+    ``with_model=False`` skips the weights (``model`` is None; read tensors with ``CheckpointTensorReader``)."""
     path = _resolve(checkpoint)
     with open(os.path.join(path, "trainer_state.json")) as f:
         state = json.load(f)
@@ -58,16 +62,18 @@ def load_source(checkpoint: str) -> ElasticSource:
     job["parallel"] = {"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1}
     initialize_parallel(1, 1, seed=job["train"]["seed"])
     model_cfg = load_pretrain_config(text=yaml.safe_dump(job)).model_config()
-    model = build_elastic_model(model_cfg)
-    load_checkpoint(path, model, optimizer=None, load_rng=False)
-    model.eval()
+    model = None
+    if with_model:
+        model = build_elastic_model(model_cfg)
+        load_checkpoint(path, model, optimizer=None, load_rng=False)
+        model.eval()
     router = None
     if "parent_config" in state and os.path.isfile(os.path.join(path, EXTRA)):
         extra = load_extra(path)
         space = ElasticSpace(**extra["space"])
         router = Router(model_cfg, space, state["budgets"], hidden=state["config"].get("router", {}).get("hidden", 256))
         router.load_state_dict(extra["router"])
-    return ElasticSource(path, job, model, router)
+    return ElasticSource(path, job, model_cfg, model, router)
 
 
 def _budget_archs(src: ElasticSource, budgets: List[str]) -> Dict[str, ElasticArch]:
@@ -92,14 +98,14 @@ def extract(checkpoint: str, out: str, budgets: Optional[List[str]] = None, arch
     """Write the requested sub-models; returns one row per sub-model (name, parameters, paths)."""
     if fmt not in FORMATS:
         raise ConfigError(f"--format must be one of {FORMATS}, got {fmt!r}")
-    src = load_source(checkpoint)
-    config = src.model.config
+    src = load_source(checkpoint, with_model=False)
+    config = src.config
+    reader = CheckpointTensorReader(src.path)  # streams parent tensors: one full-size tensor alive at a time
     if arch_file:
         with open(arch_file) as f:
             archs = {os.path.splitext(os.path.basename(arch_file))[0]: ElasticArch.from_json(f.read())}
     else:
         archs = _budget_archs(src, budgets or ["all"])
-    full_sd = {k: v for k, v in src.model.state_dict().items()}
     rows = []
     for name, arch in archs.items():
         arch = arch.validate(config)
@@ -109,7 +115,7 @@ def extract(checkpoint: str, out: str, budgets: Optional[List[str]] = None, arch
             f.write(arch.to_json())
         sub_job = {**src.job, "model": sub_model_dict(src.job["model"], config, arch)}
         sub_cfg = load_pretrain_config(text=yaml.safe_dump(sub_job)).model_config()
-        sliced = slice_state_dict(full_sd, config, arch)
+        sliced = dict(iter_sliced(iter(reader.names()), reader.load, config, arch))
         row = {"name": name, "parameters": arch_parameters(config, arch),
                "fraction": arch_parameters(config, arch) / arch_parameters(config, ElasticArch.full(config))}
         if fmt in ("megatron", "both"):

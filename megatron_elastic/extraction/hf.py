@@ -78,6 +78,7 @@ def hf_config(config) -> dict:
         "architectures": ["NemotronHForCausalLM"], "model_type": "nemotron_h",
         "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
         "layers_block_type": [_HF_LAYER_TYPE[s] for s in config.hybrid_pattern],
+        "hybrid_override_pattern": config.hybrid_pattern,  # the released checkpoints' field (vLLM, older readers)
         "num_attention_heads": config.num_attention_heads,
         "num_key_value_heads": config.num_query_groups or config.num_attention_heads,
         "head_dim": config.kv_channels, "intermediate_size": config.ffn_hidden_size or 1, "mlp_hidden_act": "relu2",
