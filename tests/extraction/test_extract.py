@@ -57,3 +57,28 @@ def test_extract_errors_name_the_fix(elastic_run, parent, tmp_path):
         extract(os.path.join(parent, "sorted"), str(tmp_path), budgets=["0.5"])
     with pytest.raises(ConfigError, match="fraction"):
         extract(elastic_run, str(tmp_path), budgets=["half"])
+
+
+def test_extraction_streams_the_parent_and_never_reads_skipped_layers(parent, tmp_path, monkeypatch):
+    """An explicit architecture from a sorted parent: tensors are read one at a time, skipped layers never."""
+    from megatron_elastic.extraction import extract as extract_mod
+    from megatron_elastic.extraction.reader import CheckpointTensorReader
+    from megatron_elastic.model.elastic_arch import ElasticArch
+    from megatron_elastic.importance.run import config_from_checkpoint
+    from megatron_elastic.parallel import initialize_parallel
+
+    initialize_parallel(1, 1)
+    sorted_ckpt = os.path.join(parent, "sorted")
+    cfg = config_from_checkpoint(os.path.join(sorted_ckpt, "iter_0000000")).model_config()
+    arch = ElasticArch.full(cfg)
+    arch.skipped_layers = (1, 4)
+    arch.hidden_size = 24
+    arch_file = tmp_path / "small.json"
+    arch_file.write_text(arch.to_json())
+    loaded = []
+    original = CheckpointTensorReader.load
+    monkeypatch.setattr(CheckpointTensorReader, "load", lambda self, name: loaded.append(name) or original(self, name))
+    rows = extract_mod.extract(sorted_ckpt, str(tmp_path / "out"), arch_file=str(arch_file), fmt="megatron")
+    assert rows[0]["name"] == "small" and loaded
+    assert not [n for n in loaded if n.startswith(("decoder.layers.1.", "decoder.layers.4."))]
+    assert len(loaded) == len(set(loaded)), "each parent tensor is read once"
