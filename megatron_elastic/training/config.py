@@ -145,9 +145,8 @@ def apply_overrides(raw: Dict[str, Any], overrides: List[str]) -> Dict[str, Any]
     return raw
 
 
-def load_pretrain_config(path: Optional[str] = None, overrides: Optional[List[str]] = None,
-                         text: Optional[str] = None) -> PretrainConfig:
-    """Load a YAML job config from ``path`` (or ``text``), apply ``overrides``, validate the sections."""
+def read_config_mapping(path: Optional[str] = None, text: Optional[str] = None) -> Dict[str, Any]:
+    """The top-level YAML mapping of a job config file ``path`` (or ``text``), with clear errors."""
     if text is None:
         try:
             with open(path) as f:
@@ -157,7 +156,13 @@ def load_pretrain_config(path: Optional[str] = None, overrides: Optional[List[st
     raw = yaml.safe_load(text) or {}
     if not isinstance(raw, dict):
         raise ConfigError("config: the top level must be a mapping of sections")
-    raw = apply_overrides(raw, overrides)
+    return raw
+
+
+def load_pretrain_config(path: Optional[str] = None, overrides: Optional[List[str]] = None,
+                         text: Optional[str] = None) -> PretrainConfig:
+    """Load a YAML job config from ``path`` (or ``text``), apply ``overrides``, validate the sections."""
+    raw = apply_overrides(read_config_mapping(path, text), overrides)
     known = {"model", "parallel", "data", "train", "checkpoint"}
     unknown = sorted(set(raw) - known)
     if unknown:

@@ -23,7 +23,8 @@ import yaml
 
 from megatron_elastic.curriculum import Curriculum, Stage
 from megatron_elastic.model.config import ConfigError
-from megatron_elastic.training.config import CheckpointConfig, ParallelConfig, _build_section, apply_overrides
+from megatron_elastic.training.config import (CheckpointConfig, ParallelConfig, _build_section, apply_overrides,
+                                              read_config_mapping)
 
 
 @dataclass
@@ -178,15 +179,7 @@ SECTIONS = {"parent", "budgets", "space", "router", "distill", "curriculum", "pa
 def load_elastic_config(path: Optional[str] = None, overrides: Optional[List[str]] = None,
                         text: Optional[str] = None) -> ElasticJobConfig:
     """Load an elastic job config from ``path`` (or ``text``) with ``section.field=value`` overrides."""
-    if text is None:
-        try:
-            with open(path) as f:
-                text = f.read()
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} not found") from None
-    raw = yaml.safe_load(text) or {}
-    if not isinstance(raw, dict):
-        raise ConfigError("config: the top level must be a mapping of sections")
+    raw = read_config_mapping(path, text)
     scalar_overrides = [o for o in overrides or [] if o.split("=", 1)[0] in ("parent", "budgets")]
     for o in scalar_overrides:
         k, v = o.split("=", 1)
