@@ -127,6 +127,16 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from megatron_elastic.plan import Hardware, dump_yaml, format_plan, make_plan
+
+    hw = Hardware(nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu_memory_gib=args.gpu_memory_gib,
+                  peak_tflops=args.peak_tflops, mfu=args.mfu, overhead_gib=args.overhead_gib)
+    plan = make_plan(args.config, hw, list(args.set or []), flash_attention=not args.no_flash_attention)
+    print(dump_yaml(plan) if args.yaml else format_plan(plan, hw))
+    return 0
+
+
 def cmd_demo(args) -> int:
     """The tiny end-to-end recipe on this machine's CPU (grows with the pipeline)."""
     from megatron_elastic.data.indexed import read_metadata
@@ -297,6 +307,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="sampling seed")
     g.add_argument("--tokenizer", default="byte", help="tokenizer of the training data (default byte)")
     g.set_defaults(func=cmd_generate)
+
+    pl = sub.add_parser("plan", help="dry run: layout, parameters, per-GPU memory and GPU-hours of an elastic job",
+                        description="Resolve an elastic config for a cluster without a GPU: parallel layout, parameter "
+                                    "counts of the parent and each budget, per-GPU memory (weights, grads, optimizer, "
+                                    "teacher, activations, logits) at each stage's sequence length, tokens and steps per "
+                                    "stage, GPU-hours at an assumed MFU. Exits 2 with the reason when it cannot fit.")
+    pl.add_argument("--config", required=True, help="elastic YAML, e.g. examples/nemotron_nano_v2_12b/elastic.yaml")
+    pl.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override a config value")
+    pl.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    pl.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
+    pl.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory per GPU (default 80, H100 SXM)")
+    pl.add_argument("--peak-tflops", type=float, default=989.0, help="dense BF16 peak per GPU (default 989, H100 SXM)")
+    pl.add_argument("--mfu", type=float, default=0.35, help="assumed model-FLOPs utilisation (default 0.35)")
+    pl.add_argument("--overhead-gib", type=float, default=4.0, help="per-GPU allowance for context/NCCL/fragmentation")
+    pl.add_argument("--no-flash-attention", action="store_true", help="count the attention probabilities")
+    pl.add_argument("--yaml", action="store_true", help="print the plan as YAML")
+    pl.set_defaults(func=cmd_plan)
 
     m = sub.add_parser("demo", help="run the tiny CPU recipe end to end",
                        description="Prepare the built-in corpus, pretrain the tiny parent, score and sort it, then "

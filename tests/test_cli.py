@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-COMMANDS = ["prepare-data", "pretrain", "importance", "train", "extract", "import-hf", "generate", "demo"]
+COMMANDS = ["prepare-data", "pretrain", "importance", "train", "extract", "import-hf", "generate", "plan", "demo"]
 
 
 def run(*args):

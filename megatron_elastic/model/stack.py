@@ -3,11 +3,15 @@
 Megatron's ``MambaStack``/``HybridStack`` hard-codes TransformerEngine's ``TENorm`` as the final norm; this
 subclass takes the norm class as a spec parameter (``final_norm``) so the stack also builds without TE.
 Everything else (layer allocation from the pattern, pipeline split, forward, sharded state dict) is
-Megatron's own.
+Megatron's own. With ``recompute_granularity="full"`` (which megatron-core 0.16's hybrid stack ignores) every
+layer's training forward is checkpointed: only its input is kept and the layer re-runs in the backward pass.
 """
 
 from __future__ import annotations
 
+import functools
+
+import torch
 from megatron.core.transformer.spec_utils import build_module
 
 from megatron_elastic.compat import HybridStack as _MegatronHybridStack
@@ -22,3 +26,13 @@ class HybridStack(_MegatronHybridStack):
                 raise ValueError("HybridStack needs a final_norm spec parameter when post_layer_norm=True")
             self.final_norm = build_module(final_norm, config=config, hidden_size=config.hidden_size,
                                            eps=config.layernorm_epsilon)
+        if getattr(config, "recompute_granularity", None) == "full":
+            for layer in self.layers:
+                layer.forward = functools.partial(_recomputed, layer, layer.forward)
+
+
+def _recomputed(layer, forward, *args, **kwargs):
+    """Activation recomputation for one layer (training only; inference and no-grad passes run it plainly)."""
+    if not layer.training or not torch.is_grad_enabled() or kwargs.get("inference_context") is not None:
+        return forward(*args, **kwargs)
+    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)

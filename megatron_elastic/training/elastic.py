@@ -115,7 +115,8 @@ def build_elastic_components(cfg: ElasticJobConfig) -> ElasticComponents:
                                 f"`megatron-elastic importance --out {cfg.parent}` first")
     job = config_from_checkpoint(src)
     job.parallel.tensor_model_parallel_size, job.parallel.pipeline_model_parallel_size = tp, pp
-    model_cfg = job.model_config()
+    recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    model_cfg = job.model_config(**(recompute if cfg.train.recompute else {}))
     if not cfg.data.path:
         cfg.data.path = job.data.path
     with open(cfg.ranking_file) as f:

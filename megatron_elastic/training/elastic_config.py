@@ -1,6 +1,7 @@
 """The elastic-distillation job config (``megatron-elastic train``): a YAML file with sections
 
 ``parent``      the importance output directory (``sorted/`` checkpoint + ``ranking.json``)
+``plan_parent_config``  optional: a parent YAML (relative to this file) that ``plan`` reads before the parent exists
 ``budgets``     parameter fractions of the parent, e.g. ``[1.0, 0.75, 0.5]``
 ``space``       the allowed sizes of every elastic axis (fractions of the parent) and heterogeneity
 ``router``      hidden size, LR, warm-up, resource-loss weight, temperature and logit-scale annealing
@@ -75,6 +76,8 @@ class ElasticTrainConfig:
     log_interval: int = 10
     eval_interval: int = 100
     eval_iters: int = 4
+    recompute: bool = False          # full activation recomputation of every layer (long contexts)
+    distributed_optimizer: bool = False  # shard optimizer state over data parallel (Megatron's; CUDA/NCCL only)
     train_iters: int = 0             # derived from the curriculum (steps of all stages); not set by the user
 
 
@@ -173,7 +176,7 @@ def _curriculum(raw: Any, budgets: List[float], router: RouterConfig, seed: int)
         raise ConfigError(f"curriculum: {e} (budget_weights follow 'budgets', largest first)") from None
 
 
-SECTIONS = {"parent", "budgets", "space", "router", "distill", "curriculum", "parallel", "data", "train", "checkpoint"}
+SECTIONS = {"parent", "plan_parent_config", "budgets", "space", "router", "distill", "curriculum", "parallel", "data", "train", "checkpoint"}
 
 
 def load_elastic_config(path: Optional[str] = None, overrides: Optional[List[str]] = None,

@@ -38,15 +38,19 @@ def build_training_components(model_cfg: HybridConfig, train_cfg,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
     )
+    dist_opt = bool(getattr(train_cfg, "distributed_optimizer", False))
+    if dist_opt and not torch.cuda.is_available():
+        raise ValueError("train.distributed_optimizer needs CUDA/NCCL (gloo has no reduce-scatter); set it to false on CPU")
     with cuda_to_cpu():
         ddp = DistributedDataParallel(
             model_cfg, DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                                     use_distributed_optimizer=False), model)
+                                                     use_distributed_optimizer=dist_opt), model)
         optimizer = get_megatron_optimizer(
             OptimizerConfig(optimizer="adam", lr=train_cfg.lr, min_lr=train_cfg.min_lr,
                             weight_decay=train_cfg.weight_decay, adam_beta1=train_cfg.adam_beta1,
                             adam_beta2=train_cfg.adam_beta2, clip_grad=train_cfg.clip_grad,
-                            bf16=model_cfg.bf16, fp16=model_cfg.fp16, params_dtype=model_cfg.params_dtype),
+                            bf16=model_cfg.bf16, fp16=model_cfg.fp16, params_dtype=model_cfg.params_dtype,
+                            use_distributed_optimizer=dist_opt),
             [ddp])
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=train_cfg.lr, min_lr=train_cfg.min_lr,

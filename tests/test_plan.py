@@ -1,0 +1,37 @@
+"""The 12B recipe's parent is Nemotron Nano V2 12B (12.31B parameters); `plan` resolves it and refuses layouts
+that cannot fit, naming the reason."""
+
+import os
+
+import pytest
+
+RECIPE = os.path.join(os.path.dirname(__file__), "..", "examples", "nemotron_nano_v2_12b", "elastic.yaml")
+
+
+def test_12b_parent_count_matches_nemotron_nano_v2_12b():
+    from megatron_elastic.plan import Hardware, make_plan
+
+    plan = make_plan(RECIPE, Hardware(nodes=16))
+    # NVIDIA-Nemotron-Nano-12B-v2: 12.31B parameters (embeddings and LM head untied).
+    assert plan.parent_parameters == pytest.approx(12.31e9, rel=0.01)
+    assert (plan.tp, plan.pp, plan.dp) == (8, 1, 16)
+    targets = {b: r["target"] / 1e9 for b, r in plan.budgets.items()}
+    assert targets["0.7311"] == pytest.approx(9.0, rel=0.01) and targets["0.4874"] == pytest.approx(6.0, rel=0.01)
+    for r in plan.budgets.values():
+        assert 0.97 * r["target"] <= r["parameters"] <= r["target"]
+    s1, s2 = plan.stages
+    assert (s1.seq_length, s1.global_batch_size, s2.seq_length, s2.global_batch_size) == (8192, 1536, 49152, 512)
+    assert s1.tokens == pytest.approx(65e9, rel=0.001) and s2.tokens == pytest.approx(45e9, rel=0.001)
+    assert s2.memory["activations"] > s1.memory["activations"]
+    assert all(s.total_memory < 80 * 2 ** 30 for s in plan.stages)
+
+
+def test_plan_refuses_what_cannot_fit():
+    from megatron_elastic.plan import Hardware, PlanError, make_plan
+
+    with pytest.raises(PlanError, match="long-context.*activations.*recompute"):
+        make_plan(RECIPE, Hardware(nodes=16), ["train.recompute=false"])
+    with pytest.raises(PlanError, match="not a multiple of TP"):
+        make_plan(RECIPE, Hardware(nodes=1, gpus_per_node=4))
+    with pytest.raises(Exception, match="divisible by tensor_model_parallel_size"):
+        make_plan(RECIPE, Hardware(nodes=16), ["parallel.tensor_model_parallel_size=16"])
