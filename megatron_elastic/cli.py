@@ -77,8 +77,17 @@ def cmd_train(args) -> int:
     from megatron_elastic.training.elastic import results_table, train_elastic
     from megatron_elastic.training.elastic_config import load_elastic_config
 
+    from megatron_elastic.training.checkpoint import latest_checkpoint
+    from megatron_elastic.training.elastic import REQUEUE_EXIT_CODE
+
     cfg = load_elastic_config(args.config, list(args.set or []))
-    summary = train_elastic(cfg, resume=args.resume, progress=not args.no_progress)
+    resume = args.resume or (args.auto_resume and os.path.isdir(cfg.checkpoint.dir)
+                             and latest_checkpoint(cfg.checkpoint.dir) is not None)
+    summary = train_elastic(cfg, resume=resume, progress=not args.no_progress, until_stage=args.until_stage)
+    if summary.get("stopped") == "preempted":
+        return REQUEUE_EXIT_CODE
+    if summary.get("stopped"):
+        return 0
     if int(os.environ.get("RANK", "0")) == int(os.environ.get("WORLD_SIZE", "1")) - 1:
         print(results_table(summary))
         print(f"checkpoint: {summary['checkpoint']}")
@@ -265,11 +274,16 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("train", help="elastic distillation: train every budget of a sorted parent at once",
                        description="Router + frozen-teacher KD over the two-stage curriculum, from the output of "
                                    "`importance`. YAML sections: parent, budgets, space, router, distill, curriculum, "
-                                   "parallel, data, train, checkpoint. Launch with torchrun for TP/PP/DP > 1.")
+                                   "parallel, data, train, checkpoint. Launch with torchrun for TP/PP/DP > 1. "
+                                   "SIGTERM/SIGUSR1 checkpoint and exit with code 99 (requeue me).")
     e.add_argument("--config", required=True, help="YAML config, e.g. examples/tiny/elastic.yaml")
     e.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
                    help="override a config value (repeatable), e.g. parent=runs/demo/importance")
     e.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in checkpoint.dir")
+    e.add_argument("--auto-resume", action="store_true",
+                   help="resume when checkpoint.dir has a checkpoint, else start fresh (for (re)queued cluster jobs)")
+    e.add_argument("--until-stage", type=int, metavar="K",
+                   help="stop with a checkpoint once curriculum stage K (1-based) is done: one job per stage")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_train)
 

@@ -85,6 +85,39 @@ def sync_router_grads(router: torch.nn.Module) -> None:
         offset += n
 
 
+REQUEUE_EXIT_CODE = 99  # the run checkpointed on a signal and wants to be requeued (launch/slurm reads it)
+_STOP = {"flag": False}
+
+
+def _on_stop_signal(signum, frame) -> None:
+    _STOP["flag"] = True
+
+
+def _install_stop_signals() -> dict:
+    import signal
+    import threading
+
+    _STOP["flag"] = False
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, _on_stop_signal) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+
+
+def _restore_signals(handlers: dict) -> None:
+    import signal
+
+    for sig, h in handlers.items():
+        signal.signal(sig, h)
+
+
+def _stop_requested() -> bool:
+    """True on every rank when any rank received a stop signal (one tiny all-reduce per step)."""
+    flag = torch.tensor([1.0 if _STOP["flag"] else 0.0], device=_device())
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
 @dataclass
 class ElasticComponents:
     config: ElasticJobConfig
@@ -274,8 +307,13 @@ def _arch_summary(c: ElasticComponents, archs: Dict[float, ElasticArch]) -> Dict
     return {f"{b:g}": arch_parameters(c.model_config, a) / c.full_parameters for b, a in archs.items()}
 
 
-def train_elastic(cfg: ElasticJobConfig, resume: bool = False, progress: bool = True) -> dict:
-    """Run (or with ``resume`` continue) the elastic distillation described by ``cfg``; returns a summary."""
+def train_elastic(cfg: ElasticJobConfig, resume: bool = False, progress: bool = True,
+                  until_stage: Optional[int] = None) -> dict:
+    """Run (or with ``resume`` continue) the elastic distillation described by ``cfg``; returns a summary.
+
+    ``until_stage=k`` stops with a checkpoint once curriculum stage ``k`` (1-based) is done (one job per stage).
+    SIGTERM/SIGUSR1 (Slurm preemption or time limit) make every rank stop after the current step with a
+    checkpoint; the summary then has ``stopped="preempted"`` (the CLI exits with ``REQUEUE_EXIT_CODE``)."""
     t0 = time.time()
     c = build_elastic_components(cfg)
     t, cur = cfg.train, cfg.curriculum
@@ -346,6 +384,17 @@ def train_elastic(cfg: ElasticJobConfig, resume: bool = False, progress: bool = 
     if state["iteration"] == 0:
         run_eval(0)
 
+    def save(step: int) -> None:
+        save_checkpoint(ckpt_dir, step, c.student.module, c.optimizer,
+                        {**{k: v for k, v in state.items() if k not in ("iteration", "scheduler", "config")},
+                         "scheduler": c.scheduler.state_dict(), "config": cfg.raw,
+                         "parent_config": config_from_checkpoint(latest_checkpoint(cfg.sorted_checkpoint)).to_dict(),
+                         "budgets": cfg.budgets},
+                        keep_last=cfg.checkpoint.keep_last,
+                        extra={"router": c.router.state_dict(), "router_optimizer": c.router_optimizer.state_dict(),
+                               "router_scheduler": c.router_scheduler.state_dict(), "space": c.router.space.__dict__})
+
+    old_handlers = _install_stop_signals()
     fb = get_forward_backward_func()
     bar = tqdm(total=total_steps, initial=state["iteration"], desc="elastic", unit="step",
                disable=not (progress and is_logger), dynamic_ncols=True)
@@ -405,18 +454,21 @@ def train_elastic(cfg: ElasticJobConfig, resume: bool = False, progress: bool = 
             window, window_t0, window_tokens = defaultdict(list), time.time(), 0
         if step % t.eval_interval == 0 or step == total_steps:
             last_valid = run_eval(step)
-        if step % cfg.checkpoint.save_interval == 0 or step == total_steps:
-            save_checkpoint(ckpt_dir, step, c.student.module, c.optimizer,
-                            {**{k: v for k, v in state.items() if k not in ("iteration", "scheduler", "config")},
-                             "scheduler": c.scheduler.state_dict(), "config": cfg.raw,
-                             "parent_config": config_from_checkpoint(latest_checkpoint(cfg.sorted_checkpoint)).to_dict(),
-                             "budgets": cfg.budgets},
-                            keep_last=cfg.checkpoint.keep_last,
-                            extra={"router": c.router.state_dict(), "router_optimizer": c.router_optimizer.state_dict(),
-                                   "router_scheduler": c.router_scheduler.state_dict(),
-                                   "space": c.router.space.__dict__})
+        stop = _stop_requested()
+        stage_done = until_stage is not None and step < total_steps and cur.stage_at(state["tokens"])[0] >= until_stage
+        if step % cfg.checkpoint.save_interval == 0 or step == total_steps or stop or stage_done:
+            save(step)
+        if stop or stage_done:
+            bar.close()
+            reason = "preempted" if stop else f"stage {until_stage} done"
+            if is_logger:
+                print(f"stopping at step {step} ({reason}); checkpoint {latest_checkpoint(ckpt_dir)}; rerun with --resume")
+            _restore_signals(old_handlers)
+            return {"stopped": "preempted" if stop else "stage", "steps": step, "tokens": state["tokens"],
+                    "checkpoint": latest_checkpoint(ckpt_dir)}
         bar.update(1)
     bar.close()
+    _restore_signals(old_handlers)
 
     archs = c.router.choose_all()
     free = {b: c.router.choose(b) for b in cfg.budgets}

@@ -41,10 +41,10 @@ def _train_records(ckpt):
     return {r["iteration"]: r for r in _records(ckpt) if "lr" in r}
 
 
-def _train(parent, ckpt, resume=False, **kw):
+def _train(parent, ckpt, resume=False, until_stage=None, **kw):
     from megatron_elastic.training.elastic import train_elastic
 
-    return train_elastic(_config(parent, ckpt, **kw), resume=resume, progress=False)
+    return train_elastic(_config(parent, ckpt, **kw), resume=resume, progress=False, until_stage=until_stage)
 
 
 def test_curriculum_switches_stage_and_resume_reproduces_the_run(single_process_parallel, parent, tmp_path):
@@ -71,10 +71,52 @@ def test_curriculum_switches_stage_and_resume_reproduces_the_run(single_process_
     _train(parent, part, resume=True)
     resumed = _train_records(part)
     assert sorted(resumed) == [4, 5, 6]
-    for i in (4, 5, 6):
-        for key, value in recs[i].items():
+    _assert_same_steps(resumed, recs, (4, 5, 6))
+
+    # One job per stage: stop after stage 1 with a checkpoint, then a second job finishes stage 2.
+    staged = str(tmp_path / "staged")
+    out = _train(parent, staged, until_stage=1)
+    assert out["stopped"] == "stage" and out["steps"] == 4 and out["checkpoint"].endswith("iter_0000004")
+    _train(parent, staged, resume=True)
+    _assert_same_steps(_train_records(staged), recs, (1, 2, 3, 4, 5, 6))
+
+
+def _assert_same_steps(got, ref, steps):
+    assert sorted(got) == sorted(steps)
+    for i in steps:
+        for key, value in ref[i].items():
             if key.startswith(("kd/", "expected_params/", "chosen_params/")) or key in ("lr", "router_lr", "tau"):
-                assert resumed[i][key] == pytest.approx(value, rel=1e-6, abs=1e-9), (i, key)
+                assert got[i][key] == pytest.approx(value, rel=1e-6, abs=1e-9), (i, key)
+
+
+def test_sigterm_checkpoints_and_exits_for_requeue(parent, tmp_path):
+    """Slurm preemption: SIGTERM mid-run -> checkpoint at the current step, exit code 99."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cfg = tmp_path / "job.yaml"
+    ckpt = tmp_path / "ckpt"
+    cfg.write_text(JOB.format(parent=parent, ckpt=ckpt, mode="sample"))
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_elastic", "train", "--config", str(cfg), "--no-progress",
+                             "--set", "checkpoint.save_interval=1000", "--set", "train.eval_interval=1000",
+                             "--set", "curriculum.stages=[{name: s, tokens: 51200, seq_length: 32, global_batch_size: 8, "
+                                      "budget_weights: [1, 1, 1]}]"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    metrics = ckpt / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and any('"lr"' in line for line in metrics.read_text().splitlines()):
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 99, err[-3000:]
+    last = max(r["iteration"] for r in _records(str(ckpt)) if "lr" in r)
+    with open(ckpt / "latest") as f:
+        assert f.read().strip() == f"iter_{last:07d}"
+    assert "preempted" in out and last < 200, "stopped early, not at the end of the run"
 
 
 def test_all_budgets_per_step_trains_every_budget_on_every_micro_batch(single_process_parallel, parent, tmp_path):
