@@ -18,11 +18,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _ranks_from_slurm() -> None:
+    """``srun`` with one task per GPU (no torchrun): take RANK/WORLD_SIZE/LOCAL_RANK from Slurm's variables.
+    Needs MASTER_ADDR/MASTER_PORT in the environment (launch/slurm/megatron_elastic.sbatch sets them)."""
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ or "MASTER_ADDR" not in os.environ:
+        return
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+
+
 def initialize_parallel(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
                         seed: int = 1234) -> None:
     """Initialise torch.distributed from the torchrun environment (or as a single process when there is
     none) and Megatron's TP/PP/DP groups, then seed Megatron's RNG streams. Idempotent."""
     compat.apply_cpu_shims()
+    _ranks_from_slurm()
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":

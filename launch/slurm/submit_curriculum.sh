@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Submit the two curriculum stages as two dependent Slurm jobs (stage 2 starts when stage 1 succeeded), each
+# with its own node count and time limit. Both resume from the same checkpoint.dir.
+#
+#   CONFIG=examples/nemotron_nano_v2_12b/elastic.yaml NODES_STAGE1=16 NODES_STAGE2=16 \
+#     launch/slurm/submit_curriculum.sh [extra `train` arguments, e.g. --set train.eval_interval=1000]
+set -euo pipefail
+
+CONFIG="${CONFIG:?set CONFIG to the elastic YAML}"
+NODES_STAGE1="${NODES_STAGE1:-16}"
+NODES_STAGE2="${NODES_STAGE2:-${NODES_STAGE1}}"
+TIME_STAGE1="${TIME_STAGE1:-04:00:00}"
+TIME_STAGE2="${TIME_STAGE2:-04:00:00}"
+here="$(cd "$(dirname "$0")" && pwd)"
+
+stage1=$(sbatch --parsable --job-name elastic-stage1 --nodes "${NODES_STAGE1}" --time "${TIME_STAGE1}" \
+  "${here}/megatron_elastic.sbatch" train --config "${CONFIG}" --until-stage 1 "$@")
+echo "stage 1: job ${stage1}"
+stage2=$(sbatch --parsable --job-name elastic-stage2 --nodes "${NODES_STAGE2}" --time "${TIME_STAGE2}" \
+  --dependency "afterok:${stage1}" "${here}/megatron_elastic.sbatch" train --config "${CONFIG}" "$@")
+echo "stage 2: job ${stage2} (after ${stage1})"

