@@ -268,6 +268,24 @@ def router_resource_step(c: ElasticComponents, step: int, tau: float, scale: flo
     return fractions
 
 
+def _nonfinite_anywhere(kd: Optional[List[Optional[float]]], student, router) -> bool:
+    """True on every rank when any rank saw a non-finite KD loss, student gradient or router gradient."""
+    bad = kd is not None and any(v is not None and not math.isfinite(v) for v in kd)
+    if not bad:
+        for p in student.module.parameters():
+            g = getattr(p, "main_grad", None)
+            g = p.grad if g is None else g
+            if g is not None and not torch.isfinite(g).all():
+                bad = True
+                break
+    if not bad:
+        bad = any(p.grad is not None and not torch.isfinite(p.grad).all() for p in router.parameters())
+    flag = torch.tensor([1.0 if bad else 0.0], device=_device())
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
 def _per_budget_means(losses: list, key: str, n_budgets: int) -> Optional[List[Optional[float]]]:
     """Mean of ``key`` per budget over this step's micro-batches, summed over data-parallel ranks (last PP
     stage only; None elsewhere). Entries are None for budgets that got no micro-batch."""
@@ -420,24 +438,44 @@ def train_elastic(cfg: ElasticJobConfig, resume: bool = False, progress: bool = 
             losses = fb(forward_step_func=make_forward_step(c, step, tau, scale), data_iterator=iter(items),
                         model=[c.pair], num_microbatches=len(items), seq_length=stage.seq_length,
                         micro_batch_size=2 * t.micro_batch_size, forward_only=False)
-            ok, grad_norm, _ = c.optimizer.step()
         c.pair.clear_cache()
         set_arch(c.student, None)
-        c.scheduler.step(increment=1)
+        kd = _per_budget_means(losses, "kd", len(cfg.budgets))
         sync_router_grads(c.router)
-        expected = router_resource_step(c, step, tau, scale)
+        bad = _nonfinite_anywhere(kd, c.student, c.router)
+        grad_norm, expected = None, {}
+        if bad:
+            # NaN/Inf in a loss or gradient: skip the update (weights, optimizer and router keep their last good
+            # state); the data and LR schedule move on. Too many in a row: checkpoint the good state and stop.
+            state["bad_steps"] = state.get("bad_steps", 0) + 1
+            state["skipped_steps"] = state.get("skipped_steps", 0) + 1
+            c.router_optimizer.zero_grad(set_to_none=True)
+            log({"iteration": step, "skipped": True, "reason": "non-finite loss or gradient",
+                 "consecutive_bad_steps": state["bad_steps"]})
+            if is_logger:
+                tqdm.write(f"step {step}: non-finite loss or gradient, update skipped "
+                           f"({state['bad_steps']} in a row, limit {t.max_bad_steps})")
+        else:
+            state["bad_steps"] = 0
+            with cuda_to_cpu():
+                ok, grad_norm, _ = c.optimizer.step()
+            expected = router_resource_step(c, step, tau, scale)
+        c.scheduler.step(increment=1)
         state["iteration"] = step
         state["tokens"] += stage.global_batch_size * stage.seq_length
         state["stage_consumed_samples"][stage_index] += stage.global_batch_size
         window_tokens += stage.global_batch_size * stage.seq_length
-        kd = _per_budget_means(losses, "kd", len(cfg.budgets))
-        if kd is not None:
+        if bad and state["bad_steps"] >= t.max_bad_steps:
+            save(step)
+            _restore_signals(old_handlers)
+            raise FloatingPointError(
+                f"step {step}: {state['bad_steps']} consecutive steps with non-finite loss or gradients; the last good "
+                f"state is checkpointed in {latest_checkpoint(ckpt_dir)}. Lower train.lr or router.lr (or check the "
+                f"data), then rerun with --resume")
+        if kd is not None and not bad:
             for b, v in zip(cfg.budgets, kd):
                 if v is not None:
                     window[f"kd/{b:g}"].append(v)
-                    if not math.isfinite(v):
-                        raise FloatingPointError(f"step {step}: KD loss of budget {b:g} is {v}; lower train.lr "
-                                                 f"or router.lr, or resume from an earlier checkpoint")
         for b, f in expected.items():
             window[f"expected_params/{b:g}"].append(f)
         if step % t.log_interval == 0 or step == total_steps:

@@ -78,6 +78,7 @@ class ElasticTrainConfig:
     eval_iters: int = 4
     recompute: bool = False          # full activation recomputation of every layer (long contexts)
     distributed_optimizer: bool = False  # shard optimizer state over data parallel (Megatron's; CUDA/NCCL only)
+    max_bad_steps: int = 3           # consecutive non-finite steps (skipped) before the run checkpoints and stops
     train_iters: int = 0             # derived from the curriculum (steps of all stages); not set by the user
 
 
@@ -112,7 +113,7 @@ class ElasticJobConfig:
         return self.data.eval_seq_length or self.curriculum.stages[0].seq_length
 
     def validate(self, world_size: int = 1) -> None:
-        for name in ("micro_batch_size", "log_interval", "eval_interval", "eval_iters"):
+        for name in ("micro_batch_size", "log_interval", "eval_interval", "eval_iters", "max_bad_steps"):
             v = getattr(self.train, name)
             if not isinstance(v, int) or v <= 0:
                 raise ConfigError(f"train.{name}: must be a positive integer, got {v!r}")

@@ -167,3 +167,44 @@ def test_config_errors_name_the_fix(parent, tmp_path):
         _config(parent, str(tmp_path), overrides=["train.train_iters=5"])
     with pytest.raises(ConfigError, match="unknown field"):
         _config(parent, str(tmp_path), overrides=["router.hiden=5"])
+
+
+def _nan_kd(monkeypatch, bad_calls):
+    import megatron_elastic.training.elastic as elastic_mod
+
+    real, calls = elastic_mod.kd_loss, {"n": 0}
+
+    def kd(*args, **kwargs):
+        calls["n"] += 1
+        out = real(*args, **kwargs)
+        return out * float("nan") if calls["n"] in bad_calls else out
+    monkeypatch.setattr(elastic_mod, "kd_loss", kd)
+
+
+def test_a_nan_step_is_skipped_and_too_many_stop_with_a_checkpoint(single_process_parallel, parent, tmp_path,
+                                                                    monkeypatch):
+    import torch
+
+    from megatron_elastic.training.checkpoint import latest_checkpoint, load_model_weights
+
+    # Step 2 = micro-batch calls 5-8 (4 micro-batches per step in stage 1): one poisoned micro-batch.
+    _nan_kd(monkeypatch, {6})
+    ckpt = str(tmp_path / "one")
+    _train(parent, ckpt)
+    recs = _records(ckpt)
+    assert [r["iteration"] for r in recs if r.get("skipped")] == [2]
+    assert sorted(_train_records(ckpt)) == [1, 2, 3, 4, 5, 6]
+
+    monkeypatch.undo()
+    _nan_kd(monkeypatch, set(range(9, 100)))  # every micro-batch from step 3 on
+    ckpt = str(tmp_path / "many")
+    with pytest.raises(FloatingPointError, match="3 consecutive steps.*--resume"):
+        _train(parent, ckpt, overrides=["checkpoint.save_interval=100"])
+    path = latest_checkpoint(ckpt)
+    assert path.endswith("iter_0000005")
+    from megatron_elastic.model.elastic_model import build_elastic_model
+    from megatron_elastic.importance.run import config_from_checkpoint
+
+    model = build_elastic_model(config_from_checkpoint(os.path.join(parent, "sorted", "iter_0000000")).model_config())
+    load_model_weights(path, model)
+    assert all(torch.isfinite(p).all() for p in model.parameters()), "the checkpoint holds the last good weights"
