@@ -18,7 +18,8 @@ import json
 import os
 import random
 import shutil
-from typing import Any, Dict, Optional
+import zlib
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -29,6 +30,7 @@ from megatron_elastic.compat import cuda_to_cpu
 
 LATEST = "latest"
 EXTRA = "extra.pt"
+MANIFEST = "manifest.json"
 
 
 def _rank() -> int:
@@ -106,6 +108,7 @@ def save_checkpoint(ckpt_dir: str, iteration: int, model, optimizer=None, traine
             torch.save(extra, os.path.join(tmp, EXTRA))
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
             json.dump({"iteration": iteration, **(trainer_state or {})}, f, indent=2)
+        write_manifest(tmp, iteration)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         pointer_tmp = os.path.join(ckpt_dir, LATEST + ".tmp")
@@ -120,6 +123,86 @@ def save_checkpoint(ckpt_dir: str, iteration: int, model, optimizer=None, traine
     return final
 
 
+class CheckpointCorruptError(RuntimeError):
+    """A checkpoint file is missing, truncated or altered; the message names it and the previous checkpoint."""
+
+
+def _file_digest(path: str) -> Tuple[int, int]:
+    crc, size = 0, 0
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(1 << 22)
+            if not block:
+                return size, crc
+            crc, size = zlib.crc32(block, crc), size + len(block)
+
+
+def write_manifest(path: str, iteration: int) -> None:
+    """``manifest.json``: every file's size and CRC32, the iteration and the code version; files and the
+    directory are fsynced so a renamed checkpoint is complete on disk."""
+    from megatron_elastic import __version__
+
+    files = {}
+    for root, _, names in os.walk(path):
+        for name in sorted(names):
+            full = os.path.join(root, name)
+            size, crc = _file_digest(full)
+            files[os.path.relpath(full, path)] = {"bytes": size, "crc32": crc}
+            with open(full, "rb") as f:
+                os.fsync(f.fileno())
+    with open(os.path.join(path, MANIFEST), "w") as f:
+        json.dump({"iteration": iteration, "code_version": __version__, "files": files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _previous_checkpoint(path: str) -> Optional[str]:
+    parent, name = os.path.split(os.path.normpath(path))
+    older = sorted(d for d in os.listdir(parent) if d.startswith("iter_") and not d.endswith(".tmp") and d < name)
+    return os.path.join(parent, older[-1]) if older else None
+
+
+def verify_checkpoint(path: str) -> None:
+    """Check every file against ``manifest.json`` (missing, size, CRC32); raises :class:`CheckpointCorruptError`
+    naming the file and the previous checkpoint. Checkpoints written before manifests existed pass."""
+    manifest = os.path.join(path, MANIFEST)
+    if not os.path.isfile(manifest):
+        return
+    with open(manifest) as f:
+        files = json.load(f)["files"]
+    for rel, want in files.items():
+        full = os.path.join(path, rel)
+        problem = None
+        if not os.path.isfile(full):
+            problem = "is missing"
+        else:
+            size, crc = _file_digest(full)
+            if size != want["bytes"]:
+                problem = f"has {size} bytes, the manifest says {want['bytes']} (truncated?)"
+            elif crc != want["crc32"]:
+                problem = "does not match its checksum (altered or corrupted)"
+        if problem:
+            prev = _previous_checkpoint(path)
+            hint = (f"; load the previous checkpoint instead: echo {os.path.basename(prev)} > "
+                    f"{os.path.join(os.path.dirname(os.path.normpath(path)), LATEST)}") if prev else ""
+            raise CheckpointCorruptError(f"checkpoint file {full} {problem}{hint}")
+
+
+def _verify_on_rank0(path: str) -> None:
+    err = None
+    if _rank() == 0:
+        try:
+            verify_checkpoint(path)
+        except CheckpointCorruptError as e:
+            err = str(e)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [err]
+        dist.broadcast_object_list(box, src=0)
+        err = box[0]
+    if err:
+        raise CheckpointCorruptError(err)
+
+
 def _prune(ckpt_dir: str, keep_last: int) -> None:
     done = sorted(d for d in os.listdir(ckpt_dir) if d.startswith("iter_") and not d.endswith(".tmp"))
     for d in done[:-keep_last]:
@@ -129,8 +212,10 @@ def _prune(ckpt_dir: str, keep_last: int) -> None:
 def load_checkpoint(path: str, model, optimizer=None, strict: bool = True, load_rng: bool = True) -> dict:
     """Load a checkpoint written by :func:`save_checkpoint` into ``model`` (and ``optimizer``), at any TP/PP
     layout. Returns the trainer state dict."""
+    _verify_on_rank0(path)
     with open(os.path.join(path, "trainer_state.json")) as f:
         trainer_state = json.load(f)
+    _check_architecture(path, trainer_state, model)
     with cuda_to_cpu():
         state = dist_checkpointing.load(_sharded_state(model, optimizer, is_loading=True), os.path.join(path, "dist"),
                                         strict="assume_ok_unexpected")
@@ -145,6 +230,27 @@ def load_checkpoint(path: str, model, optimizer=None, strict: bool = True, load_
     if load_rng and os.path.isfile(rng_file):
         set_rng_state(torch.load(rng_file, weights_only=False))
     return trainer_state
+
+
+def _check_architecture(path: str, trainer_state: dict, model) -> None:
+    """Refuse (before loading anything) a checkpoint written for another architecture."""
+    job = trainer_state.get("parent_config") or trainer_state.get("config") or {}
+    stored = job.get("model") if isinstance(job, dict) else None
+    config = getattr(model, "config", None)
+    if not stored or not hasattr(config, "architecture_dict"):
+        return
+    from megatron_elastic.model.config import HybridConfig, tiny_defaults
+
+    mine = config.architecture_dict()
+    try:
+        theirs = HybridConfig.from_dict({**tiny_defaults(), **stored}).architecture_dict()
+    except Exception:  # noqa: BLE001 - an unreadable stored config is reported by the load itself
+        return
+    diff = {k: (theirs[k], mine[k]) for k in mine if k in theirs and theirs[k] != mine[k]}
+    if diff:
+        shown = ", ".join(f"{k}: checkpoint {a!r} vs model {b!r}" for k, (a, b) in sorted(diff.items())[:6])
+        raise ValueError(f"checkpoint {path} was written for another architecture ({shown}); build the model from "
+                         f"the checkpoint's config or pick the matching checkpoint")
 
 
 def load_extra(path: str) -> Dict[str, Any]:

@@ -41,6 +41,7 @@ from megatron_elastic.data.loader import build_gpt_datasets, make_loader
 from megatron_elastic.distill import kd_loss
 from megatron_elastic.importance.run import config_from_checkpoint
 from megatron_elastic.model.builder import causal_attention_mask
+from megatron_elastic.model.config import ConfigError
 from megatron_elastic.model.cost import arch_parameters
 from megatron_elastic.model.elastic_arch import ElasticArch
 from megatron_elastic.model.elastic_model import build_elastic_model, set_arch
@@ -348,6 +349,11 @@ def train_elastic(cfg: ElasticJobConfig, resume: bool = False, progress: bool = 
         path = latest_checkpoint(ckpt_dir)
         if path is None:
             raise FileNotFoundError(f"--resume: no checkpoint in {ckpt_dir} (no 'latest' file); drop --resume to start fresh")
+        with open(os.path.join(path, "trainer_state.json")) as f:
+            saved_budgets = json.load(f).get("budgets")
+        if saved_budgets is not None and [float(b) for b in saved_budgets] != cfg.budgets:
+            raise ConfigError(f"--resume: {path} was trained for budgets {saved_budgets}, the config has "
+                              f"{cfg.budgets}; use the same budgets or a new checkpoint.dir")
         state = load_checkpoint(path, c.student.module, c.optimizer)
         c.scheduler.load_state_dict(state["scheduler"])
         extra = load_extra(path)
