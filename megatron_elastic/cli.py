@@ -361,9 +361,12 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from megatron_elastic.model.config import ConfigError
 
+    from megatron_elastic.data.indexed import DataError
+    from megatron_elastic.training.checkpoint import CheckpointCorruptError
+
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, DataError, CheckpointCorruptError) as e:
         print(f"megatron-elastic {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass
-from typing import Dict, Iterable, Iterator
+from typing import Dict, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -72,7 +72,36 @@ def read_metadata(data_dir: str) -> dict:
             p = split_prefix(data_dir, s) + ext
             if not os.path.isfile(p) or os.path.getsize(p) == 0:
                 raise FileNotFoundError(f"{p} is missing or empty: re-run `megatron-elastic prepare-data --out {data_dir}`")
+        check_indexed_dataset(split_prefix(data_dir, s), vocab_size=meta.get("vocab_size"))
     return meta
+
+
+class DataError(ValueError):
+    """A dataset file is unreadable or inconsistent; the message names the file and the fix."""
+
+
+def check_indexed_dataset(prefix: str, vocab_size: Optional[int] = None, sample_tokens: int = 1 << 20) -> None:
+    """The ``.idx`` parses, the ``.bin`` holds exactly the tokens it indexes, and (when ``vocab_size`` is
+    known) the first and last ``sample_tokens`` token ids are in range. Raises :class:`DataError`."""
+    fix = "re-create it with `megatron-elastic prepare-data`"
+    try:
+        ds = IndexedDataset(prefix, mmap=True)
+        lengths = ds.sequence_lengths
+        dtype = np.dtype(ds.index.dtype)
+    except Exception as e:  # noqa: BLE001 - Megatron raises assertion/struct/value errors on a bad index
+        raise DataError(f"{prefix}.idx is corrupted or not a Megatron index ({type(e).__name__}: {e}); {fix}") from None
+    want = int(np.sum(lengths, dtype=np.int64)) * dtype.itemsize
+    have = os.path.getsize(prefix + ".bin")
+    if have != want:
+        raise DataError(f"{prefix}.bin has {have} bytes but its index describes {want} (truncated or from another "
+                        f"index); {fix}")
+    if vocab_size and len(lengths):
+        tokens = np.memmap(prefix + ".bin", dtype=dtype, mode="r")
+        n = min(sample_tokens, len(tokens))
+        top = int(max(tokens[:n].max(), tokens[-n:].max()))
+        if top >= vocab_size:
+            raise DataError(f"{prefix}.bin holds token id {top} >= the tokenizer's vocabulary ({vocab_size}); the data "
+                            f"was written with another tokenizer; {fix}")
 
 
 def iter_documents(prefix: str) -> Iterator[np.ndarray]:
