@@ -172,6 +172,16 @@ def build_elastic_components(cfg: ElasticJobConfig) -> ElasticComponents:
 
     space = ElasticSpace.default(model_cfg, cfg.space.fractions, cfg.space.depth_fractions, depth_ranking,
                                  cfg.space.heterogeneous)
+    smallest = _smallest_arch(model_cfg, space)
+    lowest = arch_parameters(model_cfg, smallest) / arch_parameters(model_cfg, ElasticArch.full(model_cfg))
+    if min(cfg.budgets) < lowest - 1e-9:
+        raise ConfigError(f"budgets: {min(cfg.budgets)} is below the smallest sub-model the space allows ({lowest:.3f} "
+                          f"of the parent: every axis at its smallest choice); add smaller space.fractions or "
+                          f"space.depth_fractions, or raise the budget")
+    for (name, p_student), p_teacher in zip(comps.model.module.named_parameters(), teacher.parameters()):
+        if p_student.dtype != p_teacher.dtype or p_student.shape != p_teacher.shape:
+            raise ConfigError(f"teacher and student differ at {name}: {p_teacher.dtype}{tuple(p_teacher.shape)} vs "
+                              f"{p_student.dtype}{tuple(p_student.shape)}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)  # identical router on every rank
         router = Router(model_cfg, space, cfg.budgets, hidden=cfg.router.hidden).to(_device())
@@ -181,6 +191,21 @@ def build_elastic_components(cfg: ElasticJobConfig) -> ElasticComponents:
     full = arch_parameters(model_cfg, ElasticArch.full(model_cfg))
     return ElasticComponents(cfg, model_cfg, comps.model, teacher, pair, comps.optimizer, comps.scheduler, router,
                              router_opt, router_sched, full)
+
+
+def _smallest_arch(config, space: ElasticSpace) -> ElasticArch:
+    arch = ElasticArch.full(config)
+    if space.hidden:
+        arch.hidden_size = space.hidden[0]
+    for field_name, choices in (("mamba_num_heads", space.mamba_heads), ("mamba_head_dim", space.mamba_head_dim),
+                                ("num_attention_heads", space.attention_heads), ("ffn_hidden_size", space.ffn)):
+        if choices:
+            d = getattr(arch, field_name)
+            for k in d:
+                d[k] = choices[0]
+    if space.num_layers:
+        arch.skipped_layers = tuple(sorted(space.depth_ranking[space.num_layers[0]:]))
+    return arch.validate(config)
 
 
 def make_forward_step(c: ElasticComponents, step: int, tau: float, scale: float):

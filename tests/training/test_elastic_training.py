@@ -208,3 +208,10 @@ def test_a_nan_step_is_skipped_and_too_many_stop_with_a_checkpoint(single_proces
     model = build_elastic_model(config_from_checkpoint(os.path.join(parent, "sorted", "iter_0000000")).model_config())
     load_model_weights(path, model)
     assert all(torch.isfinite(p).all() for p in model.parameters()), "the checkpoint holds the last good weights"
+
+
+def test_unreachable_budget_is_refused_before_training(single_process_parallel, parent, tmp_path):
+    from megatron_elastic.model.config import ConfigError
+
+    with pytest.raises(ConfigError, match="below the smallest sub-model the space allows"):
+        _train(parent, str(tmp_path / "x"), overrides=["budgets=[1.0, 0.75, 0.05]"])
