@@ -426,6 +426,12 @@ def train_elastic(cfg: ElasticJobConfig, resume: bool = False, progress: bool = 
         return losses
 
     if is_logger:
+        from megatron_elastic.data.indexed import read_metadata
+
+        data_tokens = read_metadata(cfg.data.path).get("splits", {}).get("train", {}).get("tokens")
+        if data_tokens and cur.total_tokens > data_tokens:
+            print(f"note: the curriculum reads {cur.total_tokens:,} tokens, {cur.total_tokens / data_tokens:.1f}x the "
+                  f"training split ({data_tokens:,}): documents repeat (Megatron's GPTDataset epochs)")
         rp = sum(p.numel() for p in c.router.parameters())
         print(f"parent {c.full_parameters:,} parameters; router {rp:,} ({100 * rp / c.full_parameters:.2f}%); "
               f"budgets {cfg.budgets}; stages " + ", ".join(f"{s.name}: {n} steps x {s.global_batch_size} x {s.seq_length}"
