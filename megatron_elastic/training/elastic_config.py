@@ -145,8 +145,18 @@ class ElasticJobConfig:
                                   f"multiple of train.micro_batch_size*data_parallel_size ({t.micro_batch_size}*{dp})")
 
 
+def _is_finite_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _whole_number(v: Any, field: str) -> int:
+    if not _is_finite_number(v) or float(v) != int(v):
+        raise ConfigError(f"{field}: a whole number, got {v!r}")
+    return int(v)
+
+
 def _budgets(raw: Any) -> List[float]:
-    if not isinstance(raw, list) or not raw or not all(isinstance(b, (int, float)) and 0 < b <= 1 for b in raw):
+    if not isinstance(raw, list) or not raw or not all(_is_finite_number(b) and 0 < b <= 1 for b in raw):
         raise ConfigError(f"budgets: a list of parameter fractions in (0, 1], e.g. [1.0, 0.75, 0.5]; got {raw!r}")
     b = [float(x) for x in raw]
     if len(set(b)) != len(b):
@@ -167,9 +177,13 @@ def _curriculum(raw: Any, budgets: List[float], router: RouterConfig, seed: int)
         if not isinstance(s, dict) or set(s) != keys:
             raise ConfigError(f"curriculum.stages[{i}]: needs exactly the fields {sorted(keys)}, got "
                               f"{sorted(s) if isinstance(s, dict) else s!r}")
-        stages.append(Stage(name=str(s["name"]), tokens=int(s["tokens"]), seq_length=int(s["seq_length"]),
-                            global_batch_size=int(s["global_batch_size"]),
-                            budget_weights=[float(w) for w in s["budget_weights"]]))
+        ints = {k: _whole_number(s[k], f"curriculum.stages[{i}].{k}") for k in ("tokens", "seq_length",
+                                                                                 "global_batch_size")}
+        weights = s["budget_weights"]
+        if not isinstance(weights, list) or not all(_is_finite_number(w) for w in weights):
+            raise ConfigError(f"curriculum.stages[{i}].budget_weights: a list of finite numbers, one per budget; "
+                              f"got {weights!r}")
+        stages.append(Stage(name=str(s["name"]), budget_weights=[float(w) for w in weights], **ints))
     try:
         return Curriculum(budgets, stages, tau=(router.tau_start, router.tau_end),
                           logit_scale=(router.logit_scale_start, router.logit_scale_end), seed=seed)
