@@ -58,10 +58,11 @@ def load_source(checkpoint: str, with_model: bool = True) -> ElasticSource:
     job = state.get("parent_config") or state.get("config")
     if not job or "model" not in job:
         raise ValueError(f"{path}/trainer_state.json has no model config; was it written by megatron-elastic?")
-    job = load_pretrain_config(text=yaml.safe_dump(job)).to_dict()
-    job["parallel"] = {"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1}
-    initialize_parallel(1, 1, seed=job["train"]["seed"])
-    model_cfg = load_pretrain_config(text=yaml.safe_dump(job)).model_config()
+    job_cfg = load_pretrain_config(text=yaml.safe_dump(job))
+    job_cfg.parallel.tensor_model_parallel_size = job_cfg.parallel.pipeline_model_parallel_size = 1
+    job = job_cfg.to_dict()
+    initialize_parallel(1, 1, seed=job_cfg.train.seed)
+    model_cfg = job_cfg.model_config()
     model = None
     if with_model:
         model = build_elastic_model(model_cfg)

@@ -30,6 +30,7 @@ from typing import Dict
 import torch
 
 from megatron_elastic.compat import ATTENTION, MAMBA
+from megatron_elastic.model.specs import LOCAL_PRE_NORM_WEIGHT
 
 _HF_LAYER_TYPE = {MAMBA: "linear_attention", ATTENTION: "full_attention", "-": "mlp"}
 _OVERRIDE_NAMES = {"ffn_hidden_size": "intermediate_size", "num_attention_heads": "num_attention_heads",
@@ -121,7 +122,7 @@ def to_hf_state_dict(state_dict: Dict[str, torch.Tensor], config) -> Dict[str, t
             i, rest = int(m.group(1)), m.group(2)
             p = f"backbone.layers.{i}."
             lc = config.for_layer(i)
-            if rest in ("norm.weight", "input_layernorm.weight", "pre_mlp_layernorm.weight"):
+            if rest == LOCAL_PRE_NORM_WEIGHT[config.hybrid_pattern[i]]:
                 out[p + "norm.weight"] = t
             elif rest.startswith("mixer."):
                 out[p + rest] = t
@@ -244,8 +245,7 @@ def from_hf_state_dict(tensors: Dict[str, torch.Tensor], config) -> Dict[str, to
             i, rest = int(m.group(1)), m.group(2)
             sym, p = config.hybrid_pattern[i], f"decoder.layers.{i}."
             if rest == "norm.weight":
-                out[p + {MAMBA: "norm.weight", ATTENTION: "input_layernorm.weight",
-                         "-": "pre_mlp_layernorm.weight"}[sym]] = t
+                out[p + LOCAL_PRE_NORM_WEIGHT[sym]] = t
             elif sym == MAMBA and rest.startswith("mixer."):
                 out[p + rest] = t
             elif sym == ATTENTION and rest in ("mixer.q_proj.weight", "mixer.k_proj.weight", "mixer.v_proj.weight"):

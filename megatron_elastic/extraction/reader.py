@@ -14,9 +14,9 @@ from typing import Dict, List
 
 import torch
 
-_FUSED_NORM = {"mixer.in_proj.layer_norm_weight": "norm.weight",
-               "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
-               "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight"}
+from megatron_elastic.model.specs import PRE_NORM_PREFIX
+
+_FUSED_NORM = {fused + "layer_norm_weight": local + "weight" for local, fused in PRE_NORM_PREFIX.values()}
 _SPLITS = {"mixer.in_proj.weight": ("z", "x", "B", "C", "dt"), "mixer.conv1d.weight": ("x", "B", "C"),
            "mixer.conv1d.bias": ("x", "B", "C")}
 

@@ -20,11 +20,10 @@ from megatron_elastic.model.elastic_arch import ElasticArch
 from megatron_elastic.model.elastic_attention import proj_col_index, qkv_row_index
 from megatron_elastic.model.elastic_mamba import head_channel_index, mamba_head_index
 from megatron_elastic.model.elastic_mlp import ffn_local_index
+from megatron_elastic.model.specs import LOCAL_PRE_NORM_WEIGHT
 
 _LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 _FIELDS = {MAMBA: ("mamba_num_heads", "mamba_head_dim"), ATTENTION: ("num_attention_heads",), "-": ("ffn_hidden_size",)}
-_ARCH_FIELD = {"mamba_num_heads": "mamba_num_heads", "mamba_head_dim": "mamba_head_dim",
-               "num_attention_heads": "num_attention_heads", "ffn_hidden_size": "ffn_hidden_size"}
 
 
 def kept_layers(config, arch: ElasticArch) -> Dict[int, int]:
@@ -45,7 +44,7 @@ def sub_model_dict(model_dict: Dict[str, Any], config, arch: ElasticArch) -> Dic
     for symbol, fields in _FIELDS.items():
         layers = [i for i in remap if config.hybrid_pattern[i] == symbol]
         for f in fields:
-            values = {i: getattr(arch, _ARCH_FIELD[f])[i] for i in layers}
+            values = {i: getattr(arch, f)[i] for i in layers}
             if not values:
                 continue
             base = Counter(values.values()).most_common(1)[0][0]
@@ -84,7 +83,7 @@ def slice_tensor(name: str, tensor: torch.Tensor, config, arch: ElasticArch) -> 
         raise KeyError(f"slice_tensor: unexpected parent tensor {name!r}")
     i, rest = int(m.group(1)), m.group(2)
     sym = config.hybrid_pattern[i]
-    if rest in ("norm.weight", "input_layernorm.weight", "pre_mlp_layernorm.weight"):
+    if rest == LOCAL_PRE_NORM_WEIGHT[sym]:
         return tensor[:h].clone()
     if sym == MAMBA:
         head_idx, ch, in_rows, conv = _mamba_indices(config, arch.mamba_num_heads[i], arch.mamba_head_dim[i])

@@ -20,12 +20,19 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
 
-from megatron_elastic.compat import HybridStackSubmodules
+from megatron_elastic.compat import ATTENTION, MAMBA, HybridStackSubmodules
+from megatron_elastic.compat import MLP as MLP_SYMBOL
 from megatron_elastic.model.mamba_mixer import MambaMixer, MambaMixerSubmodules
 from megatron_elastic.model.per_layer import PerLayerMambaLayer, PerLayerMLPLayer, PerLayerTransformerLayer
 from megatron_elastic.model.stack import HybridStack
 
 BACKENDS = ("local", "te")
+
+# Each layer type's pre-norm: its module prefix in the local spec, and the TE fused linear whose
+# ``layer_norm_*`` checkpoint keys it is stored under.
+PRE_NORM_PREFIX = {MAMBA: ("norm.", "mixer.in_proj."), ATTENTION: ("input_layernorm.", "self_attention.linear_qkv."),
+                   MLP_SYMBOL: ("pre_mlp_layernorm.", "mlp.linear_fc1.")}
+LOCAL_PRE_NORM_WEIGHT = {sym: local + "weight" for sym, (local, _) in PRE_NORM_PREFIX.items()}
 
 
 def _stack_spec(*, norm, column_linear, row_linear, core_attention, fused_norm_linear=None, mixer_cls=MambaMixer,
@@ -51,7 +58,7 @@ def _stack_spec(*, norm, column_linear, row_linear, core_attention, fused_norm_l
                     mixer=ModuleSpec(module=mixer_cls, submodules=MambaMixerSubmodules(
                         in_proj=first_linear, out_proj=row_linear)),
                     mamba_bda=get_bias_dropout_add,
-                    sharded_state_dict_keys_map=keys_map("norm.", "mixer.in_proj."),
+                    sharded_state_dict_keys_map=keys_map(*PRE_NORM_PREFIX[MAMBA]),
                 ),
             ),
             attention_layer=ModuleSpec(
@@ -65,7 +72,7 @@ def _stack_spec(*, norm, column_linear, row_linear, core_attention, fused_norm_l
                                                            linear_proj=row_linear),
                     ),
                     self_attn_bda=get_bias_dropout_add,
-                    sharded_state_dict_keys_map=keys_map("input_layernorm.", "self_attention.linear_qkv."),
+                    sharded_state_dict_keys_map=keys_map(*PRE_NORM_PREFIX[ATTENTION]),
                 ),
             ),
             mlp_layer=ModuleSpec(
@@ -75,7 +82,7 @@ def _stack_spec(*, norm, column_linear, row_linear, core_attention, fused_norm_l
                     mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=first_linear,
                                                                         linear_fc2=row_linear)),
                     mlp_bda=get_bias_dropout_add,
-                    sharded_state_dict_keys_map=keys_map("pre_mlp_layernorm.", "mlp.linear_fc1."),
+                    sharded_state_dict_keys_map=keys_map(*PRE_NORM_PREFIX[MLP_SYMBOL]),
                 ),
             ),
         ),

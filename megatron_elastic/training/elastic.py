@@ -111,12 +111,17 @@ def _restore_signals(handlers: dict) -> None:
         signal.signal(sig, h)
 
 
-def _stop_requested() -> bool:
-    """True on every rank when any rank received a stop signal (one tiny all-reduce per step)."""
-    flag = torch.tensor([1.0 if _STOP["flag"] else 0.0], device=_device())
+def _any_rank(local: bool) -> bool:
+    """True on every rank when ``local`` is true on any rank (one tiny all-reduce)."""
+    flag = torch.tensor([1.0 if local else 0.0], device=_device())
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())
+
+
+def _stop_requested() -> bool:
+    """True on every rank when any rank received a stop signal."""
+    return _any_rank(_STOP["flag"])
 
 
 @dataclass
@@ -306,10 +311,7 @@ def _nonfinite_anywhere(kd: Optional[List[Optional[float]]], student, router) ->
                 break
     if not bad:
         bad = any(p.grad is not None and not torch.isfinite(p.grad).all() for p in router.parameters())
-    flag = torch.tensor([1.0 if bad else 0.0], device=_device())
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
+    return _any_rank(bad)
 
 
 def _per_budget_means(losses: list, key: str, n_budgets: int) -> Optional[List[Optional[float]]]:
@@ -439,11 +441,13 @@ def train_elastic(cfg: ElasticJobConfig, resume: bool = False, progress: bool = 
     if state["iteration"] == 0:
         run_eval(0)
 
+    parent_config = config_from_checkpoint(latest_checkpoint(cfg.sorted_checkpoint)).to_dict()
+
     def save(step: int) -> None:
         save_checkpoint(ckpt_dir, step, c.student.module, c.optimizer,
                         {**{k: v for k, v in state.items() if k not in ("iteration", "scheduler", "config")},
                          "scheduler": c.scheduler.state_dict(), "config": cfg.raw,
-                         "parent_config": config_from_checkpoint(latest_checkpoint(cfg.sorted_checkpoint)).to_dict(),
+                         "parent_config": parent_config,
                          "budgets": cfg.budgets},
                         keep_last=cfg.checkpoint.keep_last,
                         extra={"router": c.router.state_dict(), "router_optimizer": c.router_optimizer.state_dict(),

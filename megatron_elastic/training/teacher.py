@@ -54,8 +54,7 @@ class DistillationPair(nn.Module):
             return
         b = t.shape[1] // 2  # [s, 2b, h]: student rows first
         _set_input(self.student, t[:, :b])
-        self._teacher_input = t[:, b:].detach()
-        _set_input(self.teacher, self._teacher_input)
+        _set_input(self.teacher, t[:, b:].detach())
 
     def forward(self, input_ids, position_ids, attention_mask, cache_key: Any = None):
         student_out = self.student(input_ids, position_ids, attention_mask)
