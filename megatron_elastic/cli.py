@@ -141,7 +141,7 @@ def cmd_plan(args) -> int:
 
     hw = Hardware(nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu_memory_gib=args.gpu_memory_gib,
                   peak_tflops=args.peak_tflops, mfu=args.mfu, overhead_gib=args.overhead_gib)
-    plan = make_plan(args.config, hw, list(args.set or []), flash_attention=not args.no_flash_attention)
+    plan = make_plan(args.config, hw, list(args.set or []), kernels=args.kernels)
     print(dump_yaml(plan) if args.yaml else format_plan(plan, hw))
     return 0
 
@@ -335,7 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--peak-tflops", type=float, default=989.0, help="dense BF16 peak per GPU (default 989, H100 SXM)")
     pl.add_argument("--mfu", type=float, default=0.35, help="assumed model-FLOPs utilisation (default 0.35)")
     pl.add_argument("--overhead-gib", type=float, default=4.0, help="per-GPU allowance for context/NCCL/fragmentation")
-    pl.add_argument("--no-flash-attention", action="store_true", help="count the attention probabilities")
+    pl.add_argument("--kernels", choices=["fused", "reference"], default="fused",
+                    help="activation memory for the GPU kernels (mamba_ssm, TransformerEngine, flash attention) or "
+                         "the pure-PyTorch reference path (default: %(default)s)")
     pl.add_argument("--yaml", action="store_true", help="print the plan as YAML")
     pl.set_defaults(func=cmd_plan)
 

@@ -13,12 +13,13 @@ Memory model (bytes per GPU, the largest pipeline stage):
   (1F1B: the pipeline depth on the first stage); with ``recompute`` only each layer's input is kept plus one
   layer's activations;
 * logits of student and teacher at the last stage (bf16 output, fp32 softmax/KL buffers, fp32 grad);
+* backward transients: the gradients of one layer's saved activations while that layer runs backward (the
+  largest layer's activations);
 * a fixed allowance (CUDA context, NCCL buffers, fragmentation), ``overhead_gib``.
 """
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -87,24 +88,48 @@ def _bytes_per_param(config) -> int:
     return 2 if config.bf16 or config.fp16 else 4
 
 
-def layer_activation_bytes(config, i: int, seq: int, mbs: int, tp: int, flash_attention: bool = False) -> float:
-    """Activations one layer keeps for backward (one micro-batch, no recompute), in the compute dtype."""
+KERNELS = ("fused", "reference")
+
+
+def layer_activation_bytes(config, i: int, seq: int, mbs: int, tp: int, kernels: str = "fused") -> float:
+    """Bytes one layer keeps for backward (one micro-batch, no recompute).
+
+    ``kernels="fused"`` is the GPU path (TransformerEngine norms, flash attention, ``mamba_ssm``'s fused SSD scan,
+    which recomputes its chunk states in backward). ``"reference"`` is the pure-PyTorch path (the CPU, or a GPU
+    without those packages): counted tensor by tensor from what autograd saves in our code: an unfused RMSNorm
+    (input, normalised input, output), attention probabilities and GQA-expanded K/V copies for ``bmm``, and the
+    chunked SSD scan's intra-chunk decay matrices, contiguous einsum operands and chunk states, in float32.
+    """
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
     e = _bytes_per_param(config)
     sb, h = seq * mbs, config.hidden_size
     lc = config.for_layer(i)
     sym = config.hybrid_pattern[i]
+    ref = kernels == "reference"
+    norm = (3 if ref else 2) * h             # layer input (+ normalised input) + the norm's output
     if sym == MAMBA:
-        d_inner, bc, H = lc.mamba_num_heads * lc.mamba_head_dim, config.mamba_num_groups * config.mamba_state_dim, lc.mamba_num_heads
-        per_token = 2 * h + (2 * d_inner + 2 * bc + H) / tp + (d_inner + 2 * bc) / tp + 3 * d_inner / tp
-        chunk_states = 4 * mbs * math.ceil(seq / config.mamba_chunk_size) * (H / tp) * lc.mamba_head_dim * config.mamba_state_dim
-        return e * sb * per_token + chunk_states
+        H, p = lc.mamba_num_heads / tp, lc.mamba_head_dim
+        d, g, n, q = H * p, config.mamba_num_groups / tp, config.mamba_state_dim, config.mamba_chunk_size
+        bc = g * n
+        in_proj_out = 2 * d + 2 * bc + H
+        if not ref:   # conv output, scan output, gated-norm output (out_proj input), fp32 dt/dA_cumsum
+            return e * sb * (norm + in_proj_out + (d + 2 * bc) + 3 * d) + 4 * sb * 2 * H
+        # conv: its contiguous input, pre- and post-activation; gated norm: y, gated y, normalised y, its
+        # output and out_proj's contiguous input
+        model_dtype = norm + in_proj_out + 3 * (d + 2 * bc) + 5 * d
+        # the scan (float32): decay matrix and its product with C.B (2 H q), C.B (g q), contiguous B/C
+        # copies (3 g n), x copies (3 d), B*decay (H n), chunk states entering/leaving (2 d n / q), dt terms
+        scan = 2 * H * q + g * q + 3 * bc + 3 * d + H * n + 2 * d * n / q + 4 * H
+        if e != 4:
+            scan += d + 2 * bc                  # float32 copies of x, B, C
+        return e * sb * model_dtype + 4 * sb * scan
     if sym == ATTENTION:
-        q, g, hn = lc.num_attention_heads, config.num_query_groups or lc.num_attention_heads, config.kv_channels
-        per_token = 2 * h + (q + 2 * g) * hn / tp + q * hn / tp
-        probs = 0 if flash_attention else e * mbs * (q / tp) * seq * seq
-        return e * sb * per_token + probs
-    f = lc.ffn_hidden_size
-    return e * sb * (2 * h + 2 * f / tp)
+        qh, g, hn = lc.num_attention_heads / tp, (config.num_query_groups or lc.num_attention_heads) / tp, config.kv_channels
+        if ref:   # contiguous Q and GQA-expanded K, V copies, the context (proj input), probabilities
+            return e * sb * (norm + 4 * qh * hn) + e * mbs * qh * seq * seq
+        return e * sb * (norm + (qh + 2 * g) * hn + qh * hn)
+    return e * sb * (norm + 2 * lc.ffn_hidden_size / tp)
 
 
 def _stage_layers(config, pp: int) -> List[List[int]]:
@@ -114,7 +139,7 @@ def _stage_layers(config, pp: int) -> List[List[int]]:
 
 
 def memory_per_gpu(config, tp: int, pp: int, dp: int, seq: int, mbs: int, num_micro: int,
-                   distributed_optimizer: bool = True, recompute: bool = False, flash_attention: bool = False,
+                   distributed_optimizer: bool = True, recompute: bool = False, kernels: str = "fused",
                    overhead_gib: float = 0.0) -> Dict[str, float]:
     """Per-GPU bytes by component for the most loaded pipeline stage (see the module docstring)."""
     full = ElasticArch.full(config)
@@ -129,7 +154,7 @@ def memory_per_gpu(config, tp: int, pp: int, dp: int, seq: int, mbs: int, num_mi
             params += config.hidden_size + (0 if config.share_embeddings_and_output_weights else emb)
         params /= tp
         opt = (4 if e == 2 else 0) + 8
-        acts = [layer_activation_bytes(config, i, seq, mbs, tp, flash_attention) for i in layers]
+        acts = [layer_activation_bytes(config, i, seq, mbs, tp, kernels) for i in layers]
         if recompute:
             act = e * seq * mbs * config.hidden_size * len(layers) + max(acts)
         else:
@@ -142,6 +167,8 @@ def memory_per_gpu(config, tp: int, pp: int, dp: int, seq: int, mbs: int, num_mi
             "teacher": e * params,
             "activations": act * in_flight,
             "logits": (22 * seq * mbs * config.vocab_size / tp) if k == pp - 1 else 0.0,
+            "backward": max(acts),
+
             "overhead": overhead_gib * GIB,
         }
         if sum(m.values()) > sum(worst.values()):
@@ -183,7 +210,7 @@ def _parent_config(cfg: ElasticJobConfig, config_dir: str, tp: int, pp: int):
 
 
 def make_plan(config_path: str, hw: Hardware, overrides: Optional[List[str]] = None,
-              flash_attention: bool = True) -> Plan:
+              kernels: str = "fused") -> Plan:
     """Resolve and check ``config_path`` for ``hw``; raises :class:`PlanError` when it cannot fit."""
     cfg = load_elastic_config(config_path, overrides)
     tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
@@ -202,7 +229,7 @@ def make_plan(config_path: str, hw: Hardware, overrides: Optional[List[str]] = N
     for stage, steps in zip(cfg.curriculum.stages, cfg.stage_steps()):
         num_micro = stage.global_batch_size // (cfg.train.micro_batch_size * dp)
         mem = memory_per_gpu(config, tp, pp, dp, stage.seq_length, cfg.train.micro_batch_size, num_micro,
-                             cfg.train.distributed_optimizer, cfg.train.recompute, flash_attention, hw.overhead_gib)
+                             cfg.train.distributed_optimizer, cfg.train.recompute, kernels, hw.overhead_gib)
         tokens = steps * stage.global_batch_size * stage.seq_length
         w = [x / sum(stage.budget_weights) for x in stage.budget_weights]
         teacher = arch_flops_per_token(config, full_arch, stage.seq_length)

@@ -35,3 +35,21 @@ def test_plan_refuses_what_cannot_fit():
         make_plan(RECIPE, Hardware(nodes=1, gpus_per_node=4))
     with pytest.raises(Exception, match="divisible by tensor_model_parallel_size"):
         make_plan(RECIPE, Hardware(nodes=16), ["parallel.tensor_model_parallel_size=16"])
+
+
+@pytest.mark.parametrize("pattern, hidden, seq, mbs", [("M-*-", 256, 512, 4), ("*-M-M", 256, 256, 8)])
+def test_memory_estimate_is_within_15_percent_of_the_measured_cpu_peak(tmp_path, pattern, hidden, seq, mbs):
+    """A real elastic training run (student + frozen teacher + DDP + Adam, fp32) in a fresh process: its peak RSS
+    growth against `plan`'s per-GPU estimate for the same config with the reference (CPU) kernels."""
+    import json
+    import subprocess
+    import sys
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    out = tmp_path / "mem.json"
+    subprocess.run([sys.executable, os.path.join(root, "benchmarks", "plan_memory_check.py"), "--workdir",
+                    str(tmp_path), "--json", str(out), "--pattern", pattern, "--hidden", str(hidden), "--seq",
+                    str(seq), "--mbs", str(mbs)], check=True, capture_output=True, cwd=root, timeout=600)
+    r = json.loads(out.read_text())
+    assert r["measured_peak_bytes"] > 2 ** 27          # the run is big enough for the comparison to mean something
+    assert 0.85 <= r["ratio"] <= 1.15, r
