@@ -6,12 +6,9 @@ import argparse
 import json
 import os
 import sys
-import time
 import warnings
-from importlib import resources
 
-TINY_PARENT = "tiny_parent.yaml"
-TINY_ELASTIC = "tiny_elastic.yaml"
+from megatron_elastic.demo import recipe_path  # noqa: F401  (the packaged recipes, used by tests)
 
 
 def _quiet_warnings() -> None:
@@ -19,10 +16,6 @@ def _quiet_warnings() -> None:
     warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
     warnings.filterwarnings("ignore", message=".*full scope is deprecated.*")
     warnings.filterwarnings("ignore", message=".*`load_state_dict` is deprecated.*", category=FutureWarning)
-
-
-def recipe_path(name: str) -> str:
-    return str(resources.files("megatron_elastic.recipes").joinpath(name))
 
 
 def cmd_prepare_data(args) -> int:
@@ -147,85 +140,10 @@ def cmd_plan(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """The tiny end-to-end recipe on this machine's CPU (grows with the pipeline)."""
-    from megatron_elastic.data.indexed import read_metadata
-    from megatron_elastic.training.checkpoint import latest_checkpoint
-    from megatron_elastic.training.config import load_pretrain_config
-    from megatron_elastic.training.pretrain import pretrain
+    """The tiny end-to-end recipe on this machine's CPU, with a report (see megatron_elastic/demo.py)."""
+    from megatron_elastic.demo import run_demo
 
-    t0 = time.time()
-    out = os.path.abspath(args.out)
-    data_dir, parent_dir = os.path.join(out, "data"), os.path.join(out, "parent")
-    overrides = [f"data.path={data_dir}", f"checkpoint.dir={parent_dir}"]
-    if args.quick:
-        overrides += ["train.train_iters=60", "train.eval_interval=30", "train.eval_iters=4",
-                      "train.lr_warmup_iters=10", "checkpoint.save_interval=60"]
-    overrides += list(args.set or [])
-    cfg = load_pretrain_config(args.config or recipe_path(TINY_PARENT), overrides)
-
-    print(f"[1/5] data: {data_dir}")
-    try:
-        read_metadata(data_dir)
-        print("  reusing prepared data")
-    except FileNotFoundError:
-        ns = argparse.Namespace(input=None, out=data_dir, tokenizer="byte", json_key="text",
-                                max_bytes=args.max_bytes, valid_every=20, no_progress=args.no_progress)
-        cmd_prepare_data(ns)
-
-    print(f"[2/5] pretrain the tiny parent: {parent_dir}")
-    existing = latest_checkpoint(parent_dir) if os.path.isdir(parent_dir) else None
-    summary = None
-    if existing and json.load(open(os.path.join(existing, "trainer_state.json")))["iteration"] >= cfg.train.train_iters:
-        print(f"  reusing trained parent at {existing}")
-        summary = json.load(open(os.path.join(parent_dir, "summary.json")))
-    else:
-        summary = pretrain(cfg, resume=existing is not None, progress=not args.no_progress)
-    print(f"\nparent: {summary['parameters']:,} parameters, {summary['tokens']:,} tokens; validation "
-          f"{summary['initial_valid_bpb']:.3f} -> {summary['final_valid_bpb']:.3f} bits/byte "
-          f"(unigram baseline {summary['unigram_bpb']:.3f})")
-
-    from megatron_elastic.importance.run import run_importance
-
-    imp_dir = os.path.join(out, "importance")
-    print(f"\n[3/5] importance and the function-preserving sort: {imp_dir}")
-    if os.path.isfile(os.path.join(imp_dir, "sorted", "latest")):
-        print("  reusing the sorted parent")
-    else:
-        res = run_importance(parent_dir, data_dir, imp_dir, calib_tokens=8192 if args.quick else 32768,
-                             progress=not args.no_progress)
-        print(res["table"])
-        print(f"depth ranking (most important first): {res['depth_ranking']}; plot: {res['plot']}")
-    from megatron_elastic.training.elastic import results_table, train_elastic
-    from megatron_elastic.training.elastic_config import load_elastic_config
-
-    elastic_dir = os.path.join(out, "elastic")
-    print(f"\n[4/5] elastic distillation of every budget at once: {elastic_dir}")
-    elastic_overrides = [f"parent={imp_dir}", f"checkpoint.dir={elastic_dir}", f"data.path={data_dir}"]
-    if args.quick:
-        elastic_overrides += [
-            "curriculum.stages=[{name: short-context, tokens: 16384, seq_length: 128, global_batch_size: 16, "
-            "budget_weights: [1, 1, 1]}, {name: long-context, tokens: 16384, seq_length: 512, global_batch_size: 8, "
-            "budget_weights: [0.5, 0.3, 0.2]}]",
-            "router.warmup_iters=2", "train.lr_warmup_iters=2", "train.eval_interval=12", "train.eval_iters=2",
-            "checkpoint.save_interval=12"]
-    ecfg = load_elastic_config(recipe_path(TINY_ELASTIC), elastic_overrides + list(args.elastic_set or []))
-    summary_path = os.path.join(elastic_dir, "summary.json")
-    done = latest_checkpoint(elastic_dir) if os.path.isdir(elastic_dir) else None
-    if done and os.path.isfile(summary_path) and json.load(open(os.path.join(done, "trainer_state.json")))[
-            "iteration"] >= ecfg.train.train_iters:
-        print(f"  reusing the elastic run at {done}")
-        esummary = json.load(open(summary_path))
-    else:
-        esummary = train_elastic(ecfg, resume=done is not None, progress=not args.no_progress)
-    print(results_table(esummary))
-
-    from megatron_elastic.extraction.extract import extract
-
-    extracted = os.path.join(out, "extracted")
-    print(f"\n[5/5] zero-shot extraction of every budget (Megatron + Hugging Face): {extracted}")
-    for r in extract(elastic_dir, extracted, budgets=["all"], fmt="both"):
-        print(f"  budget {r['name']:>5}: {r['parameters']:>10,} parameters -> {r['megatron']}, {r['hf']}")
-    print(f"demo finished in {time.time() - t0:.0f} s; outputs in {out}")
+    run_demo(args)
     return 0
 
 
@@ -343,9 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("demo", help="run the tiny CPU recipe end to end",
                        description="Prepare the built-in corpus, pretrain the tiny parent, score and sort it, then "
-                                   "train budgets 100/75/50%% at once by elastic distillation and extract each as standalone "
-                                   "Megatron and Hugging Face checkpoints, on this machine. Re-running reuses finished "
-                                   "phases.")
+                                   "train budgets 100/75/50%% at once by elastic distillation, extract each as standalone "
+                                   "Megatron and Hugging Face checkpoints, evaluate every model on one held-out set and "
+                                   "write OUT/report.md with a results table and a Pareto plot, on this machine. "
+                                   "Re-running reuses finished phases.")
     m.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
     m.add_argument("--quick", action="store_true", help="a short run (a few minutes) to check the set-up")
     m.add_argument("--config", help="parent config (default: the packaged tiny recipe)")

@@ -1,0 +1,204 @@
+"""``megatron-elastic demo``: the tiny recipe end to end on this machine's CPU, with a report.
+
+Phases (each reused when a previous run finished it): prepare the built-in corpus -> pretrain the tiny parent ->
+importance and the function-preserving sort -> elastic distillation of budgets 100/75/50% at once (both
+curriculum stages) -> zero-shot extraction of every budget (Megatron + Hugging Face) -> evaluation of every
+extracted budget and of the baselines on one fixed held-out set -> ``report.md`` with the table and a Pareto plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from importlib import resources
+from typing import Dict, List
+
+TINY_PARENT = "tiny_parent.yaml"
+TINY_ELASTIC = "tiny_elastic.yaml"
+PHASES = 6
+
+# --quick: every phase, shortened to check a set-up in a few minutes (the numbers mean little).
+QUICK_PARENT = ["train.train_iters=40", "train.eval_interval=20", "train.eval_iters=4", "train.lr_warmup_iters=8",
+                "checkpoint.save_interval=40"]
+QUICK_ELASTIC = [
+    "curriculum.stages=[{name: short-context, tokens: 16384, seq_length: 128, global_batch_size: 16, "
+    "budget_weights: [1, 1, 1]}, {name: long-context, tokens: 16384, seq_length: 512, global_batch_size: 8, "
+    "budget_weights: [0.5, 0.3, 0.2]}]",
+    "router.warmup_iters=2", "train.lr_warmup_iters=2", "train.eval_interval=12", "train.eval_iters=2",
+    "checkpoint.save_interval=12"]
+
+
+def recipe_path(name: str) -> str:
+    return str(resources.files("megatron_elastic.recipes").joinpath(name))
+
+
+def _finished(ckpt_dir: str, iters: int) -> bool:
+    from megatron_elastic.training.checkpoint import latest_checkpoint
+
+    done = latest_checkpoint(ckpt_dir) if os.path.isdir(ckpt_dir) else None
+    if not done:
+        return False
+    with open(os.path.join(done, "trainer_state.json")) as f:
+        return json.load(f)["iteration"] >= iters
+
+
+def run_demo(args: argparse.Namespace) -> dict:
+    """Run (or finish) the demo in ``args.out``; returns the evaluation rows and phase times."""
+    from megatron_elastic.data.indexed import read_metadata
+    from megatron_elastic.training.checkpoint import latest_checkpoint
+    from megatron_elastic.training.config import load_pretrain_config
+
+    t0 = time.time()
+    times: Dict[str, float] = {}
+    out = os.path.abspath(args.out)
+    data_dir, parent_dir = os.path.join(out, "data"), os.path.join(out, "parent")
+    imp_dir, elastic_dir, extracted = (os.path.join(out, d) for d in ("importance", "elastic", "extracted"))
+    progress = not args.no_progress
+    overrides = [f"data.path={data_dir}", f"checkpoint.dir={parent_dir}"]
+    overrides += (QUICK_PARENT if args.quick else []) + list(args.set or [])
+    cfg = load_pretrain_config(args.config or recipe_path(TINY_PARENT), overrides)
+
+    def phase(k: int, name: str) -> None:
+        times[name] = time.time()
+        print(f"\n[{k}/{PHASES}] {name}", flush=True)
+
+    def done(name: str) -> None:
+        times[name] = time.time() - times[name]
+
+    phase(1, f"data: {data_dir}")
+    try:
+        read_metadata(data_dir)
+        print("  reusing prepared data")
+    except FileNotFoundError:
+        from megatron_elastic.cli import cmd_prepare_data
+
+        cmd_prepare_data(argparse.Namespace(input=None, out=data_dir, tokenizer="byte", json_key="text",
+                                            max_bytes=args.max_bytes, valid_every=20, no_progress=args.no_progress))
+    done(f"data: {data_dir}")
+
+    name = f"pretrain the tiny parent: {parent_dir}"
+    phase(2, name)
+    if _finished(parent_dir, cfg.train.train_iters) and os.path.isfile(os.path.join(parent_dir, "summary.json")):
+        print(f"  reusing trained parent at {latest_checkpoint(parent_dir)}")
+        with open(os.path.join(parent_dir, "summary.json")) as f:
+            summary = json.load(f)
+    else:
+        from megatron_elastic.training.pretrain import pretrain
+
+        summary = pretrain(cfg, resume=latest_checkpoint(parent_dir) is not None if os.path.isdir(parent_dir) else False,
+                           progress=progress)
+    print(f"parent: {summary['parameters']:,} parameters, {summary['tokens']:,} tokens; validation "
+          f"{summary['initial_valid_bpb']:.3f} -> {summary['final_valid_bpb']:.3f} bits/byte "
+          f"(unigram baseline {summary['unigram_bpb']:.3f})")
+    done(name)
+
+    name = f"importance and the function-preserving sort: {imp_dir}"
+    phase(3, name)
+    if os.path.isfile(os.path.join(imp_dir, "sorted", "latest")):
+        print("  reusing the sorted parent")
+    else:
+        from megatron_elastic.importance.run import run_importance
+
+        res = run_importance(parent_dir, data_dir, imp_dir, calib_tokens=4096 if args.quick else 32768,
+                             progress=progress)
+        print(res["table"])
+        print(f"depth ranking (most important first): {res['depth_ranking']}; plot: {res['plot']}")
+    done(name)
+
+    from megatron_elastic.training.elastic import results_table, train_elastic
+    from megatron_elastic.training.elastic_config import load_elastic_config
+
+    name = f"elastic distillation of every budget at once: {elastic_dir}"
+    phase(4, name)
+    elastic_overrides = [f"parent={imp_dir}", f"checkpoint.dir={elastic_dir}", f"data.path={data_dir}"]
+    elastic_overrides += (QUICK_ELASTIC if args.quick else []) + list(args.elastic_set or [])
+    ecfg = load_elastic_config(recipe_path(TINY_ELASTIC), elastic_overrides)
+    summary_path = os.path.join(elastic_dir, "summary.json")
+    if _finished(elastic_dir, ecfg.train.train_iters) and os.path.isfile(summary_path):
+        print(f"  reusing the elastic run at {latest_checkpoint(elastic_dir)}")
+        with open(summary_path) as f:
+            esummary = json.load(f)
+    else:
+        esummary = train_elastic(ecfg, resume=os.path.isdir(elastic_dir) and latest_checkpoint(elastic_dir) is not None,
+                                 progress=progress)
+    print(results_table(esummary))
+    done(name)
+
+    from megatron_elastic.extraction.extract import extract
+
+    name = f"zero-shot extraction of every budget (Megatron + Hugging Face): {extracted}"
+    phase(5, name)
+    rows_x = extract(elastic_dir, extracted, budgets=["all"], fmt="both")
+    for r in rows_x:
+        print(f"  budget {r['name']:>5}: {r['parameters']:>10,} parameters -> {r['megatron']}, {r['hf']}")
+    done(name)
+
+    name = "evaluate every model on one held-out set and write the report"
+    phase(6, name)
+    rows = evaluate_demo(out, parent_dir, imp_dir, rows_x, data_dir, esummary, num_tokens=8192 if args.quick else 65536,
+                         progress=progress)
+    done(name)
+    times = {k.split(":")[0]: v for k, v in times.items()}
+    total = time.time() - t0
+    report = _write_demo_report(out, rows, esummary, times, total, args)
+    print(f"\ndemo finished in {total:.0f} s; report: {report}; outputs in {out}")
+    return {"rows": rows, "phase_seconds": times, "total_seconds": total, "report": report}
+
+
+def evaluate_demo(out: str, parent_dir: str, imp_dir: str, extracted_rows: List[dict], data_dir: str, esummary: dict,
+                  num_tokens: int, progress: bool = True) -> List[dict]:
+    """Rows for the report: the parent, every extracted budget, and each smaller budget's architecture sliced from
+    the sorted parent without training (the zero-shot pruning baseline)."""
+    from tqdm import tqdm
+
+    from megatron_elastic.evaluation import evaluate_checkpoint, evaluate_subnetworks, fixed_eval_set
+    from megatron_elastic.model.elastic_arch import ElasticArch
+
+    batches = fixed_eval_set(data_dir, 256, num_tokens)
+    print(f"  {sum(int(b['loss_mask'].sum()) for b in batches):,} held-out tokens (validation split, fixed order)")
+    rows = []
+    jobs = [("parent", "parent (pretrained)", parent_dir, None)]
+    jobs += [(f"elastic {r['name']}", "Nemotron Elastic, extracted", r["megatron"], esummary["tokens"])
+             for r in extracted_rows]
+    for name, method, path, spent in tqdm(jobs, desc="evaluate", disable=not progress):
+        rows.append({"name": name, "method": method, **evaluate_checkpoint(path, batches), "train_tokens": spent})
+    archs = {r["name"]: ElasticArch.from_json(open(os.path.join(os.path.dirname(r["megatron"]), "arch.json")).read())
+             for r in extracted_rows if float(r["name"]) < 1.0}
+    for name, res in evaluate_subnetworks(os.path.join(imp_dir, "sorted"), archs, batches).items():
+        rows.append({"name": f"pruned {name}", "method": "pruned from the sorted parent, no training", **res,
+                     "train_tokens": 0})
+    from megatron_elastic.evaluation import results_markdown
+
+    print(results_markdown(rows))
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(rows, f, indent=2)
+    return rows
+
+
+def _write_demo_report(out: str, rows: List[dict], esummary: dict, times: Dict[str, float], total: float,
+                       args: argparse.Namespace) -> str:
+    from megatron_elastic.evaluation import write_report
+
+    cmd = "megatron-elastic demo" + (" --quick" if args.quick else "")
+    budgets = esummary["budgets"]
+    notes = [
+        "## How these numbers were made",
+        f"`{cmd}` on this machine ({os.cpu_count()} CPU threads), {total:.0f} s in all. Every model is scored on the "
+        "same held-out tokens (validation split of the built-in corpus, fixed order; byte tokenizer, so bits/byte = "
+        "loss / ln 2). *training tokens* counts the tokens of the one elastic run that produced all budgets together. "
+        "tokens/s is forward-only throughput of the standalone model on this CPU.",
+        "",
+        f"The elastic run: {esummary['steps']} steps, {esummary['tokens']:,} tokens, "
+        f"{esummary['wall_time_s']:.0f} s; nested without clipping: {esummary['nested_without_clipping']}. "
+        "Chosen architectures: " + "; ".join(
+            f"{b}: {r['parameters']:,} parameters ({r['fraction']:.3f} of the parent)" for b, r in budgets.items()) + ".",
+        "",
+        "## Phase times (s)",
+        "",
+        "| phase | seconds |",
+        "|---|---|",
+        *[f"| {k} | {v:.0f} |" for k, v in times.items()],
+    ]
+    return write_report(out, "megatron-elastic demo: one elastic run, every budget extracted", rows, ["\n".join(notes)])

@@ -1,0 +1,150 @@
+"""One fixed held-out evaluation for every model a run produces, and the run report.
+
+Every model (the parent, an extracted budget, a baseline) is scored on the *same* tokens: ``num_tokens`` of the
+validation split in a fixed order (``EVAL_SEED``), as next-token loss in nats/token and bits/byte (the byte
+tokenizer has one token per byte), plus forward throughput. :func:`write_report` renders the results as a
+Markdown table and a Pareto plot (parameters vs validation bits/byte).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from megatron_elastic.compat import cuda_to_cpu
+from megatron_elastic.importance.run import calibration_batches, config_from_checkpoint
+from megatron_elastic.model.builder import build_hybrid_model, causal_attention_mask, parameter_count
+from megatron_elastic.parallel import initialize_parallel
+from megatron_elastic.training.checkpoint import latest_checkpoint, load_model_weights
+from megatron_elastic.training.pretrain import batch_to_device
+
+EVAL_SEED = 4242
+LN2 = math.log(2.0)
+
+
+def fixed_eval_set(data_dir: str, seq_length: int = 256, num_tokens: int = 65536, vocab_size: Optional[int] = None,
+                   micro_batch_size: int = 8) -> List[dict]:
+    """``num_tokens`` tokens of the validation split as batches, the same ones on every call."""
+    return calibration_batches(data_dir, seq_length, num_tokens, micro_batch_size, seed=EVAL_SEED, split="valid",
+                               vocab_size=vocab_size)
+
+
+@torch.no_grad()
+def evaluate_lm(model, batches: Sequence[dict]) -> Dict[str, float]:
+    """Token-weighted mean next-token loss over ``batches``: ``loss`` (nats/token), ``bpb``, ``tokens_per_s``
+    (forward only, this process's threads)."""
+    was_training = model.training
+    model.eval()
+    total, count, seconds = 0.0, 0, 0.0
+    with cuda_to_cpu():
+        for batch in batches:
+            b = batch_to_device(batch)
+            tokens = b["tokens"]
+            t0 = time.perf_counter()
+            losses = model(tokens, b["position_ids"], causal_attention_mask(tokens.shape[1], tokens.device),
+                           labels=b["labels"])
+            seconds += time.perf_counter() - t0
+            mask = b["loss_mask"].float()
+            total += float((losses.float() * mask).sum())
+            count += int(mask.sum())
+    model.train(was_training)
+    loss = total / max(count, 1)
+    return {"loss": loss, "bpb": loss / LN2, "tokens": count,
+            "tokens_per_s": sum(int(x["tokens"].numel()) for x in batches) / max(seconds, 1e-9)}
+
+
+def load_standalone(path: str):
+    """A plain (non-elastic) model from a ``pretrain`` or ``extract`` checkpoint, at TP=1, PP=1."""
+    resolved = latest_checkpoint(path) if os.path.isfile(os.path.join(path, "latest")) else path
+    if resolved is None or not os.path.isfile(os.path.join(resolved, "trainer_state.json")):
+        raise FileNotFoundError(f"{path}: no checkpoint (expected a 'latest' file or trainer_state.json)")
+    job = config_from_checkpoint(resolved)
+    job.parallel.tensor_model_parallel_size = job.parallel.pipeline_model_parallel_size = 1
+    initialize_parallel(1, 1, seed=job.train.seed)
+    model = build_hybrid_model(job.model_config())
+    load_model_weights(resolved, model)
+    return model
+
+
+def evaluate_checkpoint(path: str, batches: Sequence[dict]) -> Dict[str, float]:
+    """:func:`evaluate_lm` of a standalone checkpoint, with its parameter count."""
+    model = load_standalone(path)
+    return {"parameters": parameter_count(model), **evaluate_lm(model, batches)}
+
+
+def results_markdown(rows: List[dict]) -> str:
+    """A Markdown table of ``rows`` (name, method, parameters, loss, bpb, tokens_per_s; optional tokens spent)."""
+    spent = any("train_tokens" in r for r in rows)
+    head = "| model | method | parameters | val loss (nats/token) | bits/byte | tokens/s |" + (
+        " training tokens |" if spent else "")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        line = (f"| {r['name']} | {r['method']} | {r['parameters']:,} | {r['loss']:.4f} | {r['bpb']:.3f} | "
+                f"{r['tokens_per_s']:,.0f} |")
+        if spent:
+            line += f" {r['train_tokens']:,} |" if r.get("train_tokens") is not None else " - |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def pareto_plot(path: str, rows: List[dict], title: str = "validation bits/byte vs parameters") -> Optional[str]:
+    """Parameters vs bits/byte, one series per method; returns the PNG path (None without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover - matplotlib is a base dependency
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    markers = iter("os^Dvx*P")
+    for method in dict.fromkeys(r["method"] for r in rows):
+        pts = sorted((r["parameters"], r["bpb"], r["name"]) for r in rows if r["method"] == method)
+        xs, ys = [p[0] / 1e6 for p in pts], [p[1] for p in pts]
+        ax.plot(xs, ys, marker=next(markers, "o"), linestyle="-" if len(pts) > 1 else "none", label=method)
+        for x, y, name in zip(xs, ys, (p[2] for p in pts)):
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel("parameters (millions)")
+    ax.set_ylabel("validation bits/byte (lower is better)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(out_dir: str, title: str, rows: List[dict], sections: Sequence[str] = ()) -> str:
+    """``report.md`` (and ``pareto.png``) in ``out_dir``; returns the report's path."""
+    os.makedirs(out_dir, exist_ok=True)
+    plot = pareto_plot(os.path.join(out_dir, "pareto.png"), rows)
+    parts = [f"# {title}", "", results_markdown(rows), ""]
+    if plot:
+        parts += ["![parameters vs validation bits/byte](pareto.png)", ""]
+    parts += [s.rstrip() + "\n" for s in sections]
+    path = os.path.join(out_dir, "report.md")
+    with open(path, "w") as f:
+        f.write("\n".join(parts))
+    return path
+
+
+def evaluate_subnetworks(checkpoint: str, archs: Dict[str, "object"], batches: Sequence[dict]) -> Dict[str, dict]:
+    """:func:`evaluate_lm` of sub-networks (name -> ElasticArch) of an elastic-capable checkpoint (e.g. the
+    sorted parent: "pruned, not trained"), with their parameter counts."""
+    from megatron_elastic.importance.run import load_parent
+    from megatron_elastic.model.cost import arch_parameters
+    from megatron_elastic.model.elastic_model import set_arch
+
+    model, job, _ = load_parent(checkpoint)
+    config = job.model_config()
+    out = {}
+    for name, arch in archs.items():
+        set_arch(model, arch)
+        out[name] = {"parameters": arch_parameters(config, arch), **evaluate_lm(model, batches)}
+    set_arch(model, None)
+    return out
