@@ -47,7 +47,9 @@ def write_split_datasets(out_dir: str, documents: Iterable[str], tokenizer, vali
         stats[split].tokens += len(ids)
     for s in SPLITS:
         if stats[s].documents == 0:
-            raise ValueError(f"the {s} split is empty: give more input text (or a smaller --valid-every)")
+            raise DataError(f"the {s} split is empty ({sum(x.documents for x in stats.values())} documents in all): give "
+                            f"more input text "
+                            f"(a larger --max-bytes for the built-in corpus) or a smaller --valid-every")
         builders[s].finalize(os.path.join(out_dir, f"{s}_text_document.idx"))
     meta = {"tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size,
             "splits": {s: asdict(stats[s]) for s in SPLITS}}

@@ -1,0 +1,52 @@
+"""`megatron-elastic demo` end to end (as the README runs it, in a subprocess) on a toy parent: every phase runs,
+the report holds every budget and baseline, the extracted models are what the report scores, and a second run
+reuses every finished phase."""
+
+import json
+import os
+import subprocess
+import sys
+
+from megatron_elastic.testing import TINY_PARENT_JOB
+
+STAGES = ("curriculum.stages=[{name: short-context, tokens: 2048, seq_length: 32, global_batch_size: 8, "
+          "budget_weights: [1, 1, 1]}, {name: long-context, tokens: 1024, seq_length: 64, global_batch_size: 4, "
+          "budget_weights: [0.5, 0.3, 0.2]}]")
+
+
+def _demo(out, cfg):
+    return subprocess.run(
+        [sys.executable, "-m", "megatron_elastic", "demo", "--quick", "--out", str(out), "--config", str(cfg),
+         "--max-bytes", "1000000", "--no-progress", "--set", "train.train_iters=8", "--set", "train.lr_warmup_iters=2", "--set", "train.eval_interval=4",
+         "--set", "checkpoint.save_interval=8",
+         "--elastic-set", STAGES, "--elastic-set", "train.micro_batch_size=4", "--elastic-set", "data.eval_seq_length=64"],
+        capture_output=True, text=True, timeout=900)
+
+
+def test_demo_runs_every_phase_writes_the_report_and_reuses_finished_phases(tmp_path):
+    cfg = tmp_path / "parent.yaml"
+    cfg.write_text(TINY_PARENT_JOB.format(data="unused", ckpt="unused", iters=8))
+    out = tmp_path / "demo"
+    r = _demo(out, cfg)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for k in range(1, 7):
+        assert f"[{k}/6]" in r.stdout
+    rows = json.loads((out / "results.json").read_text())
+    names = [x["name"] for x in rows]
+    assert names == ["parent", "elastic 1", "elastic 0.75", "elastic 0.5", "pruned 0.75", "pruned 0.5"]
+    by = {x["name"]: x for x in rows}
+    summary = json.loads((out / "elastic" / "summary.json").read_text())
+    for b in ("1", "0.75", "0.5"):
+        # the report scores the extracted standalone model of the architecture the elastic run chose
+        assert by[f"elastic {b}"]["parameters"] == summary["budgets"][b]["parameters"]
+        assert os.path.isfile(out / "extracted" / f"budget_{b}" / "hf" / "config.json")
+    assert by["pruned 0.5"]["parameters"] == by["elastic 0.5"]["parameters"] < by["parent"]["parameters"]
+    report = (out / "report.md").read_text()
+    assert all(f"| {n} |" in report for n in names) and "pareto.png" in report
+    assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+
+    again = _demo(out, cfg)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "reusing trained parent" in again.stdout and "reusing the elastic run" in again.stdout
+    strip = lambda rs: [{k: v for k, v in x.items() if k != "tokens_per_s"} for x in rs]  # noqa: E731
+    assert strip(json.loads((out / "results.json").read_text())) == strip(rows)  # same models, same tokens
