@@ -166,7 +166,7 @@ def main(argv=None):
                 cs = _scratch_run(paths[name], data, c_dir, tokens, seed, progress)
                 record(f"(c{suffix}) from scratch", name, seed, c_dir, cs["tokens"], cs["wall_time_s"],
                        cs["tokens"] * len(small))
-        if not args.no_ablation and seed == args.seeds[0]:
+        if not args.no_ablation:
             u_dir = os.path.join(out, f"ablation_uniform_stage2_seed{seed}")
             print(f"\nablation: (a) with uniform stage-2 sampling, seed {seed}: {u_dir}", flush=True)
             n = len(cfg.budgets)
@@ -198,18 +198,32 @@ def summarize(results):
                     "bpb_mean": statistics.mean(bpb), "bpb_std": statistics.stdev(bpb) if len(bpb) > 1 else None,
                     "bpb_min": min(bpb), "bpb_max": max(bpb), "train_tokens": rs[0]["train_tokens"],
                     "total_tokens_for_all_budgets": rs[0]["total_tokens_for_all_budgets"],
-                    "wall_s_mean": statistics.mean(r["wall_s"] for r in rs)})
+                    "wall_s_min": min(r["wall_s"] for r in rs)})
     order = {"1": 0, "0.75": 1, "0.5": 2}
     return sorted(out, key=lambda r: (order.get(r["budget"], 9), r["method"]))
 
 
 def report_table(summary):
     lines = ["| budget | method | parameters | bits/byte (mean) | spread (min..max, n) | tokens for this budget | "
-             "tokens for all budgets | train wall s |", "|---|---|---|---|---|---|---|---|"]
+             "tokens for all budgets | train wall s (fastest seed) |", "|---|---|---|---|---|---|---|---|"]
     for r in summary:
         spread = f"{r['bpb_min']:.3f}..{r['bpb_max']:.3f}, n={len(r['seeds'])}"
         lines.append(f"| {r['budget']} | {r['method']} | {r['parameters']:,} | {r['bpb_mean']:.3f} | {spread} | "
-                     f"{r['train_tokens']:,} | {r['total_tokens_for_all_budgets']:,} | {r['wall_s_mean']:.0f} |")
+                     f"{r['train_tokens']:,} | {r['total_tokens_for_all_budgets']:,} | {r['wall_s_min']:.0f} |")
+    return "\n".join(lines)
+
+
+def comparisons(summary):
+    """Per smaller budget: (a) minus each other method, and each method's total-token cost relative to (a)."""
+    by = {(r["method"], r["budget"]): r for r in summary}
+    lines = ["| budget | compared with | difference (a) - other | other's tokens for all budgets / (a)'s |",
+             "|---|---|---|---|"]
+    for (method, budget), r in by.items():
+        a = by.get(("(a) elastic", budget))
+        if a is None or method == "(a) elastic":
+            continue
+        lines.append(f"| {budget} | {method} | {a['bpb_mean'] - r['bpb_mean']:+.3f} | "
+                     f"{r['total_tokens_for_all_budgets'] / a['total_tokens_for_all_budgets']:.1f}x |")
     return "\n".join(lines)
 
 
@@ -220,7 +234,9 @@ def write_report(out, summary, T, args, seconds):
         f"T = {T:,} tokens. Seeds: {args.seeds}. Every model scored on the same {args.eval_tokens:,} held-out tokens. "
         f"This invocation ran {seconds:.0f} s (finished runs are reused). For (a), *tokens for this budget* is the "
         "whole run's T: the budgets share it (each micro-batch trains one sampled budget).", "",
-        report_table(summary), "", "![bits/byte vs parameters](pareto.png)", ""])
+        report_table(summary), "", "![bits/byte vs parameters](pareto.png)", "",
+        "## (a) against the others (bits/byte difference, mean over seeds; negative: (a) is better)", "",
+        comparisons(summary), ""])
     path = os.path.join(out, "report.md")
     with open(path, "w") as f:
         f.write(text)
