@@ -16,10 +16,9 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from megatron_elastic.compat import cuda_to_cpu
-from megatron_elastic.importance.run import calibration_batches, config_from_checkpoint
+from megatron_elastic.importance.run import calibration_batches, single_process_job
 from megatron_elastic.model.builder import build_hybrid_model, causal_attention_mask, parameter_count
-from megatron_elastic.parallel import initialize_parallel
-from megatron_elastic.training.checkpoint import latest_checkpoint, load_model_weights
+from megatron_elastic.training.checkpoint import load_model_weights
 from megatron_elastic.training.pretrain import batch_to_device
 
 EVAL_SEED = 4242
@@ -59,12 +58,7 @@ def evaluate_lm(model, batches: Sequence[dict]) -> Dict[str, float]:
 
 def load_standalone(path: str):
     """A plain (non-elastic) model from a ``pretrain`` or ``extract`` checkpoint, at TP=1, PP=1."""
-    resolved = latest_checkpoint(path) if os.path.isfile(os.path.join(path, "latest")) else path
-    if resolved is None or not os.path.isfile(os.path.join(resolved, "trainer_state.json")):
-        raise FileNotFoundError(f"{path}: no checkpoint (expected a 'latest' file or trainer_state.json)")
-    job = config_from_checkpoint(resolved)
-    job.parallel.tensor_model_parallel_size = job.parallel.pipeline_model_parallel_size = 1
-    initialize_parallel(1, 1, seed=job.train.seed)
+    resolved, job = single_process_job(path)
     model = build_hybrid_model(job.model_config())
     load_model_weights(resolved, model)
     return model

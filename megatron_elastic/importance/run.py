@@ -62,14 +62,21 @@ def calibration_batches(data_dir: str, seq_length: int, num_tokens: int, micro_b
     return [next(it) for _ in range(min(n, len(ds) // micro_batch_size))]
 
 
-def load_parent(checkpoint: str):
-    """(elastic model at TP=1, PP=1 with the checkpoint's weights, its PretrainConfig, checkpoint path)."""
+def single_process_job(checkpoint: str):
+    """(resolved checkpoint path, its PretrainConfig at TP=1, PP=1) with Megatron's parallel state initialised
+    for one process; ``checkpoint`` is a checkpoint directory or a run directory with a ``latest`` file."""
     path = latest_checkpoint(checkpoint) if os.path.isfile(os.path.join(checkpoint, "latest")) else checkpoint
     if path is None or not os.path.isfile(os.path.join(path, "trainer_state.json")):
         raise FileNotFoundError(f"{checkpoint}: no checkpoint (expected a 'latest' file or trainer_state.json)")
     job = config_from_checkpoint(path)
     job.parallel.tensor_model_parallel_size = job.parallel.pipeline_model_parallel_size = 1
     initialize_parallel(1, 1, seed=job.train.seed)
+    return path, job
+
+
+def load_parent(checkpoint: str):
+    """(elastic model at TP=1, PP=1 with the checkpoint's weights, its PretrainConfig, checkpoint path)."""
+    path, job = single_process_job(checkpoint)
     model = build_elastic_model(job.model_config())
     load_checkpoint(path, model, optimizer=None, load_rng=False)
     return model, job, path
