@@ -59,10 +59,10 @@ def _elastic_run(base_overrides, ckpt_dir, extra, progress):
             summary = json.load(f)
     else:
         summary = train_elastic(cfg, progress=progress)
-    paths = {}
     out = os.path.join(ckpt_dir, "extracted")
-    for r in extract(ckpt_dir, out, budgets=["all"], fmt="megatron"):
-        paths[r["name"]] = r["megatron"]
+    paths = {f"{x:g}": os.path.join(out, f"budget_{x:g}", "megatron") for x in cfg.budgets}
+    if not all(os.path.isfile(os.path.join(p, "latest")) for p in paths.values()):  # extracted by an earlier call
+        paths = {r["name"]: r["megatron"] for r in extract(ckpt_dir, out, budgets=["all"], fmt="megatron")}
     return summary, paths, summary["wall_time_s"]
 
 

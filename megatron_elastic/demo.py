@@ -37,7 +37,7 @@ def recipe_path(name: str) -> str:
 def _finished(ckpt_dir: str, iters: int) -> bool:
     from megatron_elastic.training.checkpoint import latest_checkpoint
 
-    done = latest_checkpoint(ckpt_dir) if os.path.isdir(ckpt_dir) else None
+    done = latest_checkpoint(ckpt_dir)
     if not done:
         return False
     with open(os.path.join(done, "trainer_state.json")) as f:
@@ -60,14 +60,16 @@ def run_demo(args: argparse.Namespace) -> dict:
     overrides += (QUICK_PARENT if args.quick else []) + list(args.set or [])
     cfg = load_pretrain_config(args.config or recipe_path(TINY_PARENT), overrides)
 
-    def phase(k: int, name: str) -> None:
-        times[name] = time.time()
-        print(f"\n[{k}/{PHASES}] {name}", flush=True)
+    starts: Dict[str, float] = {}
 
-    def done(name: str) -> None:
-        times[name] = time.time() - times[name]
+    def phase(k: int, title: str, where: str = "") -> None:
+        starts[title] = time.time()
+        print(f"\n[{k}/{PHASES}] {title}" + (f": {where}" if where else ""), flush=True)
 
-    phase(1, f"data: {data_dir}")
+    def done(title: str) -> None:
+        times[title] = time.time() - starts.pop(title)
+
+    phase(1, "data", data_dir)
     try:
         read_metadata(data_dir)
         print("  reusing prepared data")
@@ -76,10 +78,10 @@ def run_demo(args: argparse.Namespace) -> dict:
 
         cmd_prepare_data(argparse.Namespace(input=None, out=data_dir, tokenizer="byte", json_key="text",
                                             max_bytes=args.max_bytes, valid_every=20, no_progress=args.no_progress))
-    done(f"data: {data_dir}")
+    done("data")
 
-    name = f"pretrain the tiny parent: {parent_dir}"
-    phase(2, name)
+    name = "pretrain the tiny parent"
+    phase(2, name, parent_dir)
     if _finished(parent_dir, cfg.train.train_iters) and os.path.isfile(os.path.join(parent_dir, "summary.json")):
         print(f"  reusing trained parent at {latest_checkpoint(parent_dir)}")
         with open(os.path.join(parent_dir, "summary.json")) as f:
@@ -87,15 +89,15 @@ def run_demo(args: argparse.Namespace) -> dict:
     else:
         from megatron_elastic.training.pretrain import pretrain
 
-        summary = pretrain(cfg, resume=latest_checkpoint(parent_dir) is not None if os.path.isdir(parent_dir) else False,
+        summary = pretrain(cfg, resume=latest_checkpoint(parent_dir) is not None,
                            progress=progress)
     print(f"parent: {summary['parameters']:,} parameters, {summary['tokens']:,} tokens; validation "
           f"{summary['initial_valid_bpb']:.3f} -> {summary['final_valid_bpb']:.3f} bits/byte "
           f"(unigram baseline {summary['unigram_bpb']:.3f})")
     done(name)
 
-    name = f"importance and the function-preserving sort: {imp_dir}"
-    phase(3, name)
+    name = "importance and the function-preserving sort"
+    phase(3, name, imp_dir)
     if os.path.isfile(os.path.join(imp_dir, "sorted", "latest")):
         print("  reusing the sorted parent")
     else:
@@ -110,8 +112,8 @@ def run_demo(args: argparse.Namespace) -> dict:
     from megatron_elastic.training.elastic import results_table, train_elastic
     from megatron_elastic.training.elastic_config import load_elastic_config
 
-    name = f"elastic distillation of every budget at once: {elastic_dir}"
-    phase(4, name)
+    name = "elastic distillation of every budget at once"
+    phase(4, name, elastic_dir)
     elastic_overrides = [f"parent={imp_dir}", f"checkpoint.dir={elastic_dir}", f"data.path={data_dir}"]
     elastic_overrides += (QUICK_ELASTIC if args.quick else []) + list(args.elastic_set or [])
     ecfg = load_elastic_config(recipe_path(TINY_ELASTIC), elastic_overrides)
@@ -121,15 +123,15 @@ def run_demo(args: argparse.Namespace) -> dict:
         with open(summary_path) as f:
             esummary = json.load(f)
     else:
-        esummary = train_elastic(ecfg, resume=os.path.isdir(elastic_dir) and latest_checkpoint(elastic_dir) is not None,
+        esummary = train_elastic(ecfg, resume=latest_checkpoint(elastic_dir) is not None,
                                  progress=progress)
     print(results_table(esummary))
     done(name)
 
     from megatron_elastic.extraction.extract import extract
 
-    name = f"zero-shot extraction of every budget (Megatron + Hugging Face): {extracted}"
-    phase(5, name)
+    name = "zero-shot extraction of every budget (Megatron + Hugging Face)"
+    phase(5, name, extracted)
     rows_x = extract(elastic_dir, extracted, budgets=["all"], fmt="both")
     for r in rows_x:
         print(f"  budget {r['name']:>5}: {r['parameters']:>10,} parameters -> {r['megatron']}, {r['hf']}")
@@ -140,7 +142,6 @@ def run_demo(args: argparse.Namespace) -> dict:
     rows = evaluate_demo(out, parent_dir, imp_dir, rows_x, data_dir, esummary, num_tokens=8192 if args.quick else 65536,
                          progress=progress)
     done(name)
-    times = {k.split(":")[0]: v for k, v in times.items()}
     total = time.time() - t0
     report = _write_demo_report(out, rows, esummary, times, total, args)
     print(f"\ndemo finished in {total:.0f} s; report: {report}; outputs in {out}")
