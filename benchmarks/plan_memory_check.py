@@ -44,8 +44,9 @@ checkpoint: {dir: CKPT, save_interval: 100}
 
 # glibc keeps freed blocks below its (adaptive) mmap threshold in the heap, so the peak RSS would also count
 # freed memory; a fixed low threshold returns large blocks to the OS, so the peak RSS counts live tensors, like
-# torch.cuda.max_memory_allocated() on a GPU. Set before the process starts (the script re-executes itself).
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+# torch.cuda.max_memory_allocated() on a GPU; one arena, so helper threads' freed blocks are trimmed too. Set before
+# the process starts (the script re-executes itself).
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072", "MALLOC_ARENA_MAX": "1"}
 
 
 def main(argv=None):
