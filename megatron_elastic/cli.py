@@ -91,7 +91,7 @@ def cmd_extract(args) -> int:
     from megatron_elastic.extraction.extract import extract
 
     if args.arch and args.budget:
-        from megatron_elastic.model.config import ConfigError
+        from megatron_elastic.errors import ConfigError
 
         raise ConfigError("give --budget or --arch, not both")
     rows = extract(args.checkpoint, args.out, budgets=args.budget or (None if args.arch else ["all"]),
@@ -150,6 +150,7 @@ def cmd_demo(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megatron-elastic",
                                 description="Nemotron Elastic on Megatron-Core: nested hybrid Mamba-2/attention LLMs.")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("prepare-data", help="write Megatron indexed datasets (.bin/.idx), train and valid splits",
@@ -278,17 +279,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Run one subcommand. A project error (:class:`~megatron_elastic.errors.ElasticError`) becomes one line on
+    stderr naming the field and the fix, and exit code 2; ``--debug`` re-raises it with its traceback."""
     _quiet_warnings()
     args = build_parser().parse_args(argv)
-    from megatron_elastic.model.config import ConfigError
-
-    from megatron_elastic.data.indexed import DataError
-    from megatron_elastic.training.checkpoint import CheckpointCorruptError
+    from megatron_elastic.errors import ElasticError
 
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, DataError, CheckpointCorruptError) as e:
-        print(f"megatron-elastic {args.command}: error: {e}", file=sys.stderr)
+    except ElasticError as e:
+        if args.debug:
+            raise
+        message = " ".join(str(e).split())  # one line, whatever the message's own line breaks
+        print(f"megatron-elastic {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

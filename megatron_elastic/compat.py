@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import inspect
 from typing import Any
@@ -43,6 +44,11 @@ _stack_module = importlib.import_module(_STACK_MODULE)
 HybridStack = getattr(_stack_module, _STACK_CLASS)
 HybridStackSubmodules = getattr(_stack_module, _STACK_SUBMODULES)
 
+# megatron-core >= 0.18's hybrid stack recomputes its layers itself under recompute_granularity="full"
+# (megatron.core.recompute.checkpointed_forward); 0.16/0.17's MambaStack ignores the setting, so
+# megatron_elastic.model.stack adds per-layer recompute there. The shim goes when 0.16/0.17 support does.
+STACK_HAS_NATIVE_RECOMPUTE = hasattr(_stack_module, "checkpointed_forward")
+
 # Megatron's pattern symbols ("M" Mamba, "*" attention, "-" MLP, "E" MoE; "|" pipeline split on 0.18+).
 MAMBA, ATTENTION, MLP, MOE = "M", "*", "-", "E"
 SUPPORTED_SYMBOLS = (MAMBA, ATTENTION, MLP)
@@ -57,6 +63,34 @@ def build_hybrid_model(*, stack_spec, pattern: str, **kwargs: Any) -> torch.nn.M
     if unknown:
         raise TypeError(f"{HybridModel.__name__} in megatron-core {MCORE_VERSION} has no argument(s) {unknown}")
     return HybridModel(**kwargs)
+
+
+def mlp_submodule(mlp_cls, submodules):
+    """The ``mlp`` entry of a TransformerLayer spec. megatron-core >= 0.18 builds a layer's MLP through
+    ``MLP.as_mlp_submodule`` (and rewrites, with a warning, a plain ``ModuleSpec(module=MLP)`` given to it);
+    0.16/0.17 build it from that ModuleSpec. The ModuleSpec branch goes with 0.16/0.17 support."""
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    if hasattr(mlp_cls, "as_mlp_submodule"):
+        return functools.partial(mlp_cls.as_mlp_submodule, submodules=submodules)
+    return ModuleSpec(module=mlp_cls, submodules=submodules)
+
+
+def use_in_process_checkpoint_results_queue() -> None:
+    """Keep Megatron's checkpoint writer from starting a process that outlives a killed trainer.
+
+    ``dist_checkpointing``'s file writer collects each save's write results in a module-level queue that it
+    creates, on first use, as ``multiprocessing.get_context("spawn").Manager().Queue()``: a server process
+    (a fresh interpreter importing the main module, ~300 MB) that nothing stops when the trainer is SIGKILLed.
+    We save synchronously: the results are put and taken in this process, so a plain ``queue.Queue`` holds them.
+    Idempotent. Goes when we adopt Megatron's asynchronous saves (their results do cross processes).
+    """
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", None) is None:
+        filesystem_async._results_queue = queue.Queue()
 
 
 def cuda_available() -> bool:
@@ -122,6 +156,19 @@ def cuda_to_cpu():
     return contextlib.nullcontext() if cuda_available() else CudaToCpuMode()
 
 
+class _CpuStream:
+    """What Megatron asks of ``torch.cuda.current_stream()``, for a CPU process: waits are no-ops."""
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
 _SHIMS_APPLIED = False
 
 
@@ -138,6 +185,14 @@ def apply_cpu_shims() -> None:
     torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
     # dist_checkpointing's writer synchronises CUDA before reading tensors; on CPU there is nothing to wait for.
     torch.cuda.synchronize = lambda *args, **kwargs: None  # type: ignore[assignment]
+    # megatron-core >= 0.18's DDP grad sync orders its collectives after the current CUDA stream; the CPU runs
+    # one stream of work in program order, so every wait is already satisfied.
+    torch.cuda.current_stream = lambda *args, **kwargs: _CpuStream()  # type: ignore[assignment]
+    # Megatron's activation checkpoint (tensor_parallel.checkpoint, used by 0.18+'s hybrid stack for
+    # recompute) saves and restores "the device generator" next to the CPU one; without CUDA the device
+    # generator is the CPU generator.
+    mcore_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    mcore_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
     mcore_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
     mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     _SHIMS_APPLIED = True

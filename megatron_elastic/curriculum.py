@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from typing import List, Sequence, Tuple
+from megatron_elastic.errors import ConfigError
 
 
 @dataclass
@@ -23,9 +24,9 @@ class Stage:
 
     def validate(self, n_budgets: int) -> None:
         if self.tokens <= 0 or self.seq_length <= 0 or self.global_batch_size <= 0:
-            raise ValueError(f"stage {self.name!r}: tokens, seq_length and global_batch_size must be positive")
+            raise ConfigError(f"stage {self.name!r}: tokens, seq_length and global_batch_size must be positive")
         if len(self.budget_weights) != n_budgets or any(w < 0 for w in self.budget_weights) or sum(self.budget_weights) <= 0:
-            raise ValueError(f"stage {self.name!r}: budget_weights needs {n_budgets} non-negative weights with a "
+            raise ConfigError(f"stage {self.name!r}: budget_weights needs {n_budgets} non-negative weights with a "
                              f"positive sum (one per budget), got {self.budget_weights}")
 
 
@@ -39,7 +40,7 @@ class Curriculum:
 
     def __post_init__(self):
         if not self.stages:
-            raise ValueError("a curriculum needs at least one stage")
+            raise ConfigError("a curriculum needs at least one stage")
         for s in self.stages:
             s.validate(len(self.budgets))
 

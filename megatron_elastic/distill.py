@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+from megatron_elastic.errors import ConfigError
 
 
 def _tp_all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM, group=None) -> torch.Tensor:
@@ -47,7 +48,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     vocabulary is split over (None = not split). The teacher gets no gradient.
     """
     if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+        raise ConfigError(f"temperature must be > 0, got {temperature}")
     s = _log_softmax(student_logits.float() / temperature, tp_group)
     with torch.no_grad():
         t = _log_softmax(teacher_logits.detach().float() / temperature, tp_group)

@@ -10,6 +10,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_elastic import compat
+from megatron_elastic.errors import ConfigError
 
 
 def free_port() -> int:
@@ -46,7 +47,7 @@ def initialize_parallel(tensor_model_parallel_size: int = 1, pipeline_model_para
     world = dist.get_world_size()
     tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
     if world % (tp * pp):
-        raise ValueError(f"world size {world} is not divisible by tensor_model_parallel_size*pipeline_model_parallel_size "
+        raise ConfigError(f"world size {world} is not divisible by tensor_model_parallel_size*pipeline_model_parallel_size "
                          f"({tp}*{pp}); launch a multiple of {tp * pp} processes")
     if parallel_state.model_parallel_is_initialized():
         if (parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_pipeline_model_parallel_world_size()) != (tp, pp):

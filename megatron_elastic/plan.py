@@ -27,7 +27,7 @@ from typing import Dict, List, Optional
 import yaml
 
 from megatron_elastic.compat import ATTENTION, MAMBA
-from megatron_elastic.model.config import ConfigError
+from megatron_elastic.errors import ConfigError, PlanError
 from megatron_elastic.model.cost import arch_flops_per_token, arch_parameters, layer_parameters, scaled_arch
 from megatron_elastic.model.elastic_arch import ElasticArch
 from megatron_elastic.training.elastic_config import ElasticJobConfig, load_elastic_config
@@ -35,8 +35,6 @@ from megatron_elastic.training.elastic_config import ElasticJobConfig, load_elas
 GIB = 2 ** 30
 
 
-class PlanError(ConfigError):
-    """The job cannot run as configured on the stated hardware; the message says why and what to change."""
 
 
 @dataclass
@@ -101,7 +99,7 @@ def layer_activation_bytes(config, i: int, seq: int, mbs: int, tp: int, kernels:
     chunked SSD scan's intra-chunk decay matrices, contiguous einsum operands and chunk states, in float32.
     """
     if kernels not in KERNELS:
-        raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+        raise ConfigError(f"kernels must be one of {KERNELS}, got {kernels!r}")
     e = _bytes_per_param(config)
     sb, h = seq * mbs, config.hidden_size
     lc = config.for_layer(i)

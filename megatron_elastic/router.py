@@ -26,6 +26,7 @@ from torch import nn
 
 from megatron_elastic.compat import ATTENTION, MAMBA, MLP
 from megatron_elastic.model.elastic_arch import ElasticArch
+from megatron_elastic.errors import ConfigError
 
 AXES = ("hidden", "mamba_heads", "mamba_head_dim", "attention_heads", "ffn", "depth")
 _AXIS_SYMBOL = {"mamba_heads": MAMBA, "mamba_head_dim": MAMBA, "attention_heads": ATTENTION, "ffn": MLP}
@@ -77,7 +78,7 @@ class Router(nn.Module):
         super().__init__()
         self.config, self.space, self.budgets = config, space, [float(b) for b in budgets]
         if sorted(self.budgets) != sorted(set(self.budgets)) or not all(0 < b <= 1 for b in self.budgets):
-            raise ValueError(f"budgets must be distinct fractions in (0, 1], got {budgets}")
+            raise ConfigError(f"budgets must be distinct fractions in (0, 1], got {budgets}")
         self.segments: Dict[str, List[int]] = {
             "hidden": [-1],
             **{axis: self._seg(symbol) for axis, symbol in _AXIS_SYMBOL.items()},
@@ -105,7 +106,7 @@ class Router(nn.Module):
         """One-hot of a configured budget, or the interpolation between the two nearest ones."""
         b = sorted(self.budgets)
         if not b[0] <= budget <= b[-1]:
-            raise ValueError(f"budget {budget} is outside the configured range [{b[0]}, {b[-1]}]")
+            raise ConfigError(f"budget {budget} is outside the configured range [{b[0]}, {b[-1]}]")
         x = torch.zeros(len(self.budgets))
         for lo, hi in zip(b, b[1:] + [b[-1]]):
             if lo <= budget <= hi:

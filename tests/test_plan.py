@@ -39,8 +39,9 @@ def test_plan_refuses_what_cannot_fit():
 
 @pytest.mark.parametrize("pattern, hidden, seq, mbs", [("M-*-", 256, 512, 4), ("*-M-M", 256, 256, 8)])
 def test_memory_estimate_is_within_15_percent_of_the_measured_cpu_peak(tmp_path, pattern, hidden, seq, mbs):
-    """A real elastic training run (student + frozen teacher + DDP + Adam, fp32) in a fresh process: its peak RSS
-    growth against `plan`'s per-GPU estimate for the same config with the reference (CPU) kernels."""
+    """A real elastic training run (student + frozen teacher + DDP + Adam, fp32) in a fresh process: its peak of
+    live tensor bytes (every allocation and free of torch's CPU allocator, not process RSS) against `plan`'s
+    per-GPU estimate for the same config with the reference (CPU) kernels."""
     import json
     import subprocess
     import sys

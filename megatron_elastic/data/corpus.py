@@ -8,6 +8,7 @@ import os
 import sysconfig
 from pathlib import Path
 from typing import Iterator, List, Sequence
+from megatron_elastic.errors import DataError, InputNotFoundError
 
 
 def stdlib_root() -> Path:
@@ -46,7 +47,7 @@ def iter_user_documents(paths: Sequence[str], json_key: str = "text") -> Iterato
     file (the whole file is one document). Raises with the file and line on malformed input."""
     for p in paths:
         if not os.path.isfile(p):
-            raise FileNotFoundError(f"--input {p}: no such file")
+            raise InputNotFoundError(f"--input {p}: no such file")
         if p.endswith((".jsonl", ".json")):
             with open(p, encoding="utf-8") as f:
                 for lineno, line in enumerate(f, 1):
@@ -55,9 +56,9 @@ def iter_user_documents(paths: Sequence[str], json_key: str = "text") -> Iterato
                     try:
                         obj = json.loads(line)
                     except json.JSONDecodeError as e:
-                        raise ValueError(f"{p}:{lineno}: not valid JSON ({e.msg}); expected one object per line") from e
+                        raise DataError(f"{p}:{lineno}: not valid JSON ({e.msg}); expected one object per line") from e
                     if not isinstance(obj, dict) or json_key not in obj:
-                        raise ValueError(f"{p}:{lineno}: no {json_key!r} field; pass --json-key with the right name")
+                        raise DataError(f"{p}:{lineno}: no {json_key!r} field; pass --json-key with the right name")
                     if obj[json_key]:
                         yield str(obj[json_key])
         else:

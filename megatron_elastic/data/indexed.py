@@ -12,6 +12,8 @@ import torch
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 from tqdm import tqdm
 
+from megatron_elastic.errors import DataError, InputNotFoundError
+
 SPLITS = ("train", "valid")
 
 
@@ -33,7 +35,7 @@ def write_split_datasets(out_dir: str, documents: Iterable[str], tokenizer, vali
     tokenizer and counts, which training checks against the model's vocabulary.
     """
     if valid_every < 2:
-        raise ValueError("valid_every must be >= 2 (every N-th document goes to the validation split)")
+        raise DataError("valid_every must be >= 2 (every N-th document goes to the validation split)")
     os.makedirs(out_dir, exist_ok=True)
     dtype = token_dtype(tokenizer.vocab_size)
     builders = {s: IndexedDatasetBuilder(os.path.join(out_dir, f"{s}_text_document.bin"), dtype=dtype) for s in SPLITS}
@@ -66,20 +68,18 @@ def read_metadata(data_dir: str) -> dict:
     """Read ``metadata.json`` and check both splits exist, with errors that name the fix."""
     path = os.path.join(data_dir, "metadata.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: run `megatron-elastic prepare-data --out {data_dir}` first")
+        raise InputNotFoundError(f"{path} not found: run `megatron-elastic prepare-data --out {data_dir}` first")
     with open(path) as f:
         meta = json.load(f)
     for s in SPLITS:
         for ext in (".bin", ".idx"):
             p = split_prefix(data_dir, s) + ext
             if not os.path.isfile(p) or os.path.getsize(p) == 0:
-                raise FileNotFoundError(f"{p} is missing or empty: re-run `megatron-elastic prepare-data --out {data_dir}`")
+                raise InputNotFoundError(f"{p} is missing or empty: re-run `megatron-elastic prepare-data --out {data_dir}`")
         check_indexed_dataset(split_prefix(data_dir, s), vocab_size=meta.get("vocab_size"))
     return meta
 
 
-class DataError(ValueError):
-    """A dataset file is unreadable or inconsistent; the message names the file and the fix."""
 
 
 def check_indexed_dataset(prefix: str, vocab_size: Optional[int] = None, sample_tokens: int = 1 << 20) -> None:

@@ -12,6 +12,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
 from megatron_elastic.data.indexed import read_metadata, split_prefix
 from megatron_elastic.data.tokenizer import get_tokenizer
+from megatron_elastic.errors import ConfigError
 
 
 def build_gpt_datasets(data_dir: str, seq_length: int, train_samples: int, valid_samples: int, seed: int = 1234,
@@ -24,7 +25,7 @@ def build_gpt_datasets(data_dir: str, seq_length: int, train_samples: int, valid
     meta = read_metadata(data_dir)
     tokenizer = get_tokenizer(meta["tokenizer"])
     if model_vocab_size is not None and tokenizer.vocab_size > model_vocab_size:
-        raise ValueError(f"data in {data_dir} uses tokenizer {meta['tokenizer']!r} with {tokenizer.vocab_size} ids but "
+        raise ConfigError(f"data in {data_dir} uses tokenizer {meta['tokenizer']!r} with {tokenizer.vocab_size} ids but "
                          f"model.vocab_size is {model_vocab_size}; set model.vocab_size >= {tokenizer.vocab_size}")
     config = GPTDatasetConfig(
         random_seed=seed, sequence_length=seq_length,

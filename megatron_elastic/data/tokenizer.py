@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Iterable, List
 
 import numpy as np
+from megatron_elastic.errors import ConfigError
 
 
 class ByteTokenizer:
@@ -56,5 +57,5 @@ TOKENIZERS = {"byte": ByteTokenizer}
 
 def get_tokenizer(name: str = "byte"):
     if name not in TOKENIZERS:
-        raise ValueError(f"unknown tokenizer {name!r}; available: {sorted(TOKENIZERS)}")
+        raise ConfigError(f"unknown tokenizer {name!r}; available: {sorted(TOKENIZERS)}")
     return TOKENIZERS[name]()

@@ -29,6 +29,7 @@ from megatron_elastic.parallel import initialize_parallel
 from megatron_elastic.router import ElasticSpace, Router
 from megatron_elastic.training.checkpoint import EXTRA, latest_checkpoint, load_checkpoint, load_extra, save_checkpoint
 from megatron_elastic.training.config import load_pretrain_config
+from megatron_elastic.errors import CheckpointError, InputNotFoundError
 
 FORMATS = ("megatron", "hf", "both")
 
@@ -45,7 +46,7 @@ class ElasticSource:
 def _resolve(checkpoint: str) -> str:
     path = latest_checkpoint(checkpoint) if os.path.isfile(os.path.join(checkpoint, "latest")) else checkpoint
     if path is None or not os.path.isfile(os.path.join(path, "trainer_state.json")):
-        raise FileNotFoundError(f"{checkpoint}: no checkpoint (expected a 'latest' file or trainer_state.json)")
+        raise InputNotFoundError(f"{checkpoint}: no checkpoint (expected a 'latest' file or trainer_state.json)")
     return path
 
 
@@ -57,7 +58,7 @@ def load_source(checkpoint: str, with_model: bool = True) -> ElasticSource:
         state = json.load(f)
     job = state.get("parent_config") or state.get("config")
     if not job or "model" not in job:
-        raise ValueError(f"{path}/trainer_state.json has no model config; was it written by megatron-elastic?")
+        raise CheckpointError(f"{path}/trainer_state.json has no model config; was it written by megatron-elastic?")
     job_cfg = load_pretrain_config(text=yaml.safe_dump(job))
     job_cfg.parallel.tensor_model_parallel_size = job_cfg.parallel.pipeline_model_parallel_size = 1
     job = job_cfg.to_dict()

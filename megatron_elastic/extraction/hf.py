@@ -30,6 +30,7 @@ from typing import Dict
 import torch
 
 from megatron_elastic.compat import ATTENTION, MAMBA
+from megatron_elastic.errors import HFExportError, InputNotFoundError
 from megatron_elastic.model.specs import LOCAL_PRE_NORM_WEIGHT
 
 _HF_LAYER_TYPE = {MAMBA: "linear_attention", ATTENTION: "full_attention", "-": "mlp"}
@@ -61,8 +62,6 @@ class ElasticNemotronHForCausalLM(NemotronHForCausalLM):
 '''
 
 
-class HFExportError(ValueError):
-    """The model cannot be written as a NemotronH checkpoint; the message says why."""
 
 
 def hf_config(config) -> dict:
@@ -276,7 +275,7 @@ def read_hf_checkpoint(hf_dir: str):
 
     cfg_path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(f"{hf_dir}: no config.json (a Hugging Face checkpoint directory is needed)")
+        raise InputNotFoundError(f"{hf_dir}: no config.json (a Hugging Face checkpoint directory is needed)")
     with open(cfg_path) as f:
         cfg = json.load(f)
     index = os.path.join(hf_dir, "model.safetensors.index.json")
@@ -286,7 +285,7 @@ def read_hf_checkpoint(hf_dir: str):
     elif os.path.isfile(os.path.join(hf_dir, "model.safetensors")):
         files = ["model.safetensors"]
     else:
-        raise FileNotFoundError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json")
+        raise InputNotFoundError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json")
     tensors = {}
     for fname in files:
         tensors.update(load_file(os.path.join(hf_dir, fname)))

@@ -22,6 +22,7 @@ from megatron_elastic.parallel import initialize_parallel
 from megatron_elastic.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from megatron_elastic.training.config import PretrainConfig, load_pretrain_config
 from megatron_elastic.training.pretrain import batch_to_device, masked_mean
+from megatron_elastic.errors import CheckpointError, InputNotFoundError
 
 
 def config_from_checkpoint(path: str) -> PretrainConfig:
@@ -31,7 +32,7 @@ def config_from_checkpoint(path: str) -> PretrainConfig:
     with open(os.path.join(path, "trainer_state.json")) as f:
         state = json.load(f)
     if "config" not in state:
-        raise ValueError(f"{path}/trainer_state.json has no 'config'; was it written by megatron-elastic pretrain?")
+        raise CheckpointError(f"{path}/trainer_state.json has no 'config'; was it written by megatron-elastic pretrain?")
     return load_pretrain_config(text=yaml.safe_dump(state["config"]))
 
 
@@ -67,7 +68,7 @@ def single_process_job(checkpoint: str):
     for one process; ``checkpoint`` is a checkpoint directory or a run directory with a ``latest`` file."""
     path = latest_checkpoint(checkpoint) if os.path.isfile(os.path.join(checkpoint, "latest")) else checkpoint
     if path is None or not os.path.isfile(os.path.join(path, "trainer_state.json")):
-        raise FileNotFoundError(f"{checkpoint}: no checkpoint (expected a 'latest' file or trainer_state.json)")
+        raise InputNotFoundError(f"{checkpoint}: no checkpoint (expected a 'latest' file or trainer_state.json)")
     job = config_from_checkpoint(path)
     job.parallel.tensor_model_parallel_size = job.parallel.pipeline_model_parallel_size = 1
     initialize_parallel(1, 1, seed=job.train.seed)

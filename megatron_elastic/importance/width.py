@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from megatron_elastic.compat import ATTENTION, MAMBA
 from megatron_elastic.importance.permute import Permutation, order_within_groups
+from megatron_elastic.errors import ConfigError
 
 FFN_SOURCES = ("fc2_input", "fc1_output")
 MAMBA_SOURCES = ("x", "out_proj_input")
@@ -106,9 +107,9 @@ def collect_width_scores(model, batches: Iterable, forward: Callable, ffn_source
     """Run ``forward(model, batch)`` on every calibration batch with hooks and return the global scores.
     ``model`` is a (plain or elastic) hybrid model holding the whole network (PP=1) at any TP size."""
     if ffn_source not in FFN_SOURCES:
-        raise ValueError(f"ffn_source must be one of {FFN_SOURCES}, got {ffn_source!r}")
+        raise ConfigError(f"ffn_source must be one of {FFN_SOURCES}, got {ffn_source!r}")
     if mamba_source not in MAMBA_SOURCES:
-        raise ValueError(f"mamba_source must be one of {MAMBA_SOURCES}, got {mamba_source!r}")
+        raise ConfigError(f"mamba_source must be one of {MAMBA_SOURCES}, got {mamba_source!r}")
     config = model.config
     hidden = _Accumulator()
     per_layer: Dict[int, _Accumulator] = {}
@@ -149,7 +150,7 @@ def collect_width_scores(model, batches: Iterable, forward: Callable, ffn_source
             h.remove()
         model.train(was_training)
     if hidden.total is None:
-        raise ValueError("no calibration batches were given")
+        raise ConfigError("no calibration batches were given")
 
     scores = WidthScores(hidden=_reduce_dp(hidden.total).sqrt())
     for i, acc in per_layer.items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
 from megatron.core.process_groups_config import ProcessGroupCollection
@@ -21,7 +22,8 @@ def build_hybrid_model(config: HybridConfig, *, backend: Optional[str] = None, p
     is given.
     """
     compat.apply_cpu_shims()
-    spec = stack_spec if stack_spec is not None else hybrid_stack_spec(backend or default_backend())
+    # A copy: the caller's spec is left as it was given.
+    spec = copy.deepcopy(stack_spec) if stack_spec is not None else hybrid_stack_spec(backend or default_backend())
     if pg_collection is None:
         pg_collection = ProcessGroupCollection.use_mpu_process_groups()
     # Mixer options that Megatron passes through spec params, not the config.

@@ -13,6 +13,7 @@ from megatron.core.activations import squared_relu
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_elastic.compat import SUPPORTED_SYMBOLS
+from megatron_elastic.errors import ConfigError  # noqa: F401  (raised here; imported from here by callers)
 
 ACTIVATIONS = {"relu2": squared_relu, "squared_relu": squared_relu, "gelu": torch.nn.functional.gelu,
                "silu": torch.nn.functional.silu}
@@ -22,8 +23,23 @@ ACTIVATIONS = {"relu2": squared_relu, "squared_relu": squared_relu, "gelu": torc
 LAYER_FIELDS = {"M": ("mamba_num_heads", "mamba_head_dim"), "*": ("num_attention_heads",), "-": ("ffn_hidden_size",)}
 
 
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field and the fix."""
+
+
+# TransformerConfig options the elastic method (importance sort, cost model, slicing, extraction, HF export)
+# does not handle: refused when the config is built, rather than giving silently wrong sorts, counts or
+# extracted models. {field: (the value that is supported, why the others are not)}.
+ELASTIC_UNSUPPORTED = {
+    "add_bias_linear": (False, "linear biases are not permuted by the importance sort, counted by the cost "
+                               "model or sliced by extraction (Nemotron-H has none)"),
+    "add_qkv_bias": (False, "QKV biases are not permuted, counted or sliced (Nemotron-H has none)"),
+    "qk_layernorm": (False, "Q/K norms are not counted by the cost model nor exported (Nemotron-H has none)"),
+    "layernorm_zero_centered_gamma": (False, "the elastic RMSNorm uses the weight as it is"),
+    "apply_residual_connection_post_layernorm": (False, "the hybrid layers are pre-norm"),
+    "multi_latent_attention": (False, "only grouped-query attention is elastic"),
+    "num_moe_experts": (None, "MoE layers are not elastic yet"),
+    "sequence_parallel": (False, "the elastic linears do not slice sequence-parallel activations yet"),
+    "context_parallel_size": (1, "the Mamba-2 mixer has no context-parallel path yet"),
+}
 
 
 def _require(cond: bool, field: str, msg: str) -> None:
@@ -75,8 +91,14 @@ class HybridConfig(TransformerConfig):
         _require(self.hidden_size > 0, "hidden_size", "must be positive")
         _require(self.activation in ACTIVATIONS, "activation", f"must be one of {sorted(ACTIVATIONS)}")
         self.activation_func = ACTIVATIONS[self.activation]
-        _require(self.position_embedding_type in ("none", "rope", "learned_absolute"), "position_embedding_type",
-                 "must be 'none', 'rope' or 'learned_absolute'")
+        _require(self.position_embedding_type in ("none", "rope"), "position_embedding_type",
+                 "must be 'none' (Nemotron-H) or 'rope'; learned absolute position embeddings are not sorted, "
+                 "counted or sliced by the elastic method")
+        _require(self.normalization == "RMSNorm", "normalization",
+                 f"{self.normalization!r} is not supported; the elastic norms are RMSNorm (as in Nemotron-H)")
+        for name, (supported, why) in ELASTIC_UNSUPPORTED.items():
+            _require(getattr(self, name) == supported, name,
+                     f"{getattr(self, name)!r} is not supported: {why}; set it to {supported!r}")
         tp = self.tensor_model_parallel_size
         pp = self.pipeline_model_parallel_size
         if "*" in self.hybrid_pattern:

@@ -21,10 +21,9 @@ from dataclasses import dataclass, field
 from typing import Dict, Iterable, Tuple
 
 from megatron_elastic.compat import ATTENTION, MAMBA, MLP
+from megatron_elastic.errors import ElasticArchError  # noqa: F401
 
 
-class ElasticArchError(ValueError):
-    """An architecture choice is invalid for its parent; the message says which entry and why."""
 
 
 def _int_keys(d: Dict) -> Dict[int, int]:

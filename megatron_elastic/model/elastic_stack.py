@@ -7,38 +7,26 @@ p2p shape whatever the choice, at the cost of sending ``hidden_size - active`` z
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import FrozenSet, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from megatron.core.utils import WrappedTensor
-from torch import nn
 
 from megatron_elastic.model.stack import HybridStack
 
 
 class ElasticHybridStack(HybridStack):
     _active_hidden: Optional[int] = None
-    _skipped: FrozenSet[int] = frozenset()
     hidden_gate: Optional[torch.Tensor] = None
 
     def set_elastic(self, hidden_size: int, skipped_layers, hidden_gate: Optional[torch.Tensor] = None) -> None:
+        """Active hidden width, and the (global) indices of the layers that are the identity."""
         self._active_hidden = None if hidden_size == self.config.hidden_size else hidden_size
-        self._skipped = frozenset(skipped_layers)
+        skipped = frozenset(skipped_layers)
+        for layer in self.layers:
+            layer.skipped = layer.layer_number - 1 in skipped
         self.hidden_gate = hidden_gate
-
-    @contextmanager
-    def _kept_layers(self):
-        if not self._skipped:
-            yield
-            return
-        all_layers = self._modules["layers"]
-        self._modules["layers"] = nn.ModuleList([l for l in all_layers if l.layer_number - 1 not in self._skipped])
-        try:
-            yield
-        finally:
-            self._modules["layers"] = all_layers
 
     def forward(self, hidden_states, attention_mask, *args, **kwargs):
         h = self._active_hidden
@@ -51,8 +39,7 @@ class ElasticHybridStack(HybridStack):
                 hidden_states = hidden_states * self.hidden_gate
         elif h is not None and self.input_tensor is not None:
             self.input_tensor = self.input_tensor[..., :h]
-        with self._kept_layers():
-            out = super().forward(hidden_states, attention_mask, *args, **kwargs)
+        out = super().forward(hidden_states, attention_mask, *args, **kwargs)
         if not self.post_process and h is not None:
             out = F.pad(out, (0, self.config.hidden_size - h))
         return out

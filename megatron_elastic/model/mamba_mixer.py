@@ -29,6 +29,7 @@ from megatron.core.transformer.utils import (
 )
 
 from megatron_elastic import ops
+from megatron_elastic.errors import ConfigError
 
 
 @dataclass
@@ -104,6 +105,10 @@ def _split_sharded_tensor(sh_ten: ShardedTensor, sizes: List[int], names: List[s
     return ShardedTensorFactory(sh_ten.key, sh_ten.data, build, merge, sh_ten.replica_id)
 
 
+# megatron-core >= 0.18's names of the conv parameters -> this mixer's (and 0.16's) names.
+MEGATRON_CONV_PARAMETER_NAMES = {"conv1d_weight": "conv1d.weight", "conv1d_bias": "conv1d.bias"}
+
+
 class MambaMixer(MegatronModule):
     """Mamba-2 mixer; see the module docstring. Input/output ``[seq, batch, d_model]``.
 
@@ -161,17 +166,17 @@ class MambaMixer(MegatronModule):
             self.nheads = config.mamba_num_heads
         else:
             if (expand * d_model) % self.headdim:
-                raise ValueError(f"expand*d_model ({expand * d_model}) must be divisible by mamba_head_dim ({self.headdim})")
+                raise ConfigError(f"expand*d_model ({expand * d_model}) must be divisible by mamba_head_dim ({self.headdim})")
             self.nheads = expand * d_model // self.headdim
         self.d_inner = self.nheads * self.headdim
 
         tp = self.tp_group.size()
         if self.nheads % tp:
-            raise ValueError(f"mamba_num_heads ({self.nheads}) must be divisible by tensor_model_parallel_size ({tp})")
+            raise ConfigError(f"mamba_num_heads ({self.nheads}) must be divisible by tensor_model_parallel_size ({tp})")
         if self.ngroups % tp:
-            raise ValueError(f"mamba_num_groups ({self.ngroups}) must be divisible by tensor_model_parallel_size ({tp})")
+            raise ConfigError(f"mamba_num_groups ({self.ngroups}) must be divisible by tensor_model_parallel_size ({tp})")
         if self.nheads % self.ngroups:
-            raise ValueError(f"mamba_num_heads ({self.nheads}) must be divisible by mamba_num_groups ({self.ngroups})")
+            raise ConfigError(f"mamba_num_heads ({self.nheads}) must be divisible by mamba_num_groups ({self.ngroups})")
         self.nheads_local_tp = self.nheads // tp
         self.d_inner_local_tp = self.d_inner // tp
         self.ngroups_local_tp = self.ngroups // tp
@@ -196,6 +201,16 @@ class MambaMixer(MegatronModule):
             if p is not None:
                 setattr(p, "tensor_model_parallel", True)
                 setattr(p, "partition_dim", 0)
+        # This rank's part sizes of the packed tensors (z, x, B, C, dt rows of in_proj; x, B, C channels of conv1d),
+        # set on the parameters as megatron-core >= 0.18 does for resharding across TP sizes.
+        bc_local = self.ngroups_local_tp * self.d_state
+        self.in_proj_partition_sizes = [self.d_inner_local_tp, self.d_inner_local_tp, bc_local, bc_local,
+                                        self.nheads_local_tp]
+        self.conv1d_partition_sizes = [self.d_inner_local_tp, bc_local, bc_local]
+        setattr(self.in_proj.weight, "partition_sizes", self.in_proj_partition_sizes)
+        for p in (self.conv1d.weight, self.conv1d.bias):
+            if p is not None:
+                setattr(p, "partition_sizes", self.conv1d_partition_sizes)
         if config.perform_initialization:
             self._init_tp_invariant(tp_rank, tp, conv_init, A_init_range, dt_min, dt_max, dt_init_floor)
 
@@ -341,12 +356,22 @@ class MambaMixer(MegatronModule):
             else:
                 sd.update(sharded_state_dict_default(module, f"{prefix}{name}.", sharded_offsets, metadata,
                                                      tp_group=self.tp_group))
-        bc = self.ngroups_local_tp * self.d_state
         sd[f"{prefix}in_proj.weight"] = _split_sharded_tensor(
-            sd[f"{prefix}in_proj.weight"], [self.d_inner_local_tp, self.d_inner_local_tp, bc, bc, self.nheads_local_tp],
-            ["z", "x", "B", "C", "dt"])
+            sd[f"{prefix}in_proj.weight"], self.in_proj_partition_sizes, ["z", "x", "B", "C", "dt"])
         for key in ("conv1d.weight", "conv1d.bias"):
             if f"{prefix}{key}" in sd:
-                sd[f"{prefix}{key}"] = _split_sharded_tensor(sd[f"{prefix}{key}"], [self.d_inner_local_tp, bc, bc],
+                sd[f"{prefix}{key}"] = _split_sharded_tensor(sd[f"{prefix}{key}"], self.conv1d_partition_sizes,
                                                              ["x", "B", "C"])
         return sd
+
+    def mamba_state_shapes_per_request(self):
+        """(conv state, SSM state) shapes of one sequence on this rank, as Megatron's mixer reports them."""
+        return (self.conv1d.weight.shape[0], self.d_conv), (self.nheads_local_tp, self.headdim, self.d_state)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # megatron-core >= 0.18 holds the conv as parameters ``conv1d_weight``/``conv1d_bias`` (not an nn.Conv1d);
+        # its plain state dicts load here under this module's names (distributed checkpoints already agree).
+        for new_name, old_name in MEGATRON_CONV_PARAMETER_NAMES.items():
+            if prefix + new_name in state_dict:
+                state_dict[prefix + old_name] = state_dict.pop(prefix + new_name)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -2,9 +2,15 @@
 hold layers of different sizes: a heterogeneous sub-model extracted from an elastic parent is an ordinary
 (non-elastic) Megatron model with these layers.
 
-Megatron's hybrid stack passes Mamba layers their global layer number and transformer (attention/MLP) layers
-their number within the pipeline stage (they add the stage offset themselves); the global index is recovered
-accordingly. Stages hold equal layer counts (``HybridConfig`` requires it).
+Megatron's hybrid stack passes Mamba layers their global layer number. Transformer (attention/MLP) layers get
+their number within the pipeline stage and add the stage offset themselves, unless the stack passes
+``add_layer_offset=False`` (megatron-core >= 0.18 does: the number is already global); the global index is
+recovered by the same rule. Stages hold equal layer counts (``HybridConfig`` requires it).
+
+Each layer can also be *skipped* (``skipped = True``, set by ``ElasticHybridStack.set_elastic`` for a depth
+choice): it is then the identity. The flag lives on the layer, so Megatron's own loops over the stack's layers
+(forward, and the activation recompute of megatron-core >= 0.18, which re-runs layers by index during the
+backward pass) see the same depth choice in both passes.
 """
 
 from __future__ import annotations
@@ -22,22 +28,47 @@ def _stage_offset(config) -> int:
     return parallel_state.get_pipeline_model_parallel_rank() * (config.num_layers // pp)
 
 
+def _global_index(config, layer_number: int, kwargs) -> int:
+    """The layer's index in the whole model, by TransformerLayer's own rule for ``add_layer_offset``."""
+    return layer_number - 1 + (_stage_offset(config) if kwargs.get("add_layer_offset", True) else 0)
+
+
 def _layer_config(config, index: int):
     return config.for_layer(index) if hasattr(config, "for_layer") else config
 
 
-class PerLayerMambaLayer(MambaLayer):
+class _Skippable:
+    """A layer that is the identity while ``skipped`` (a depth choice); otherwise the Megatron layer."""
+
+    skipped: bool = False
+    _returns_context = False  # TransformerLayer returns (hidden_states, context)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if self.skipped:
+            return (hidden_states, kwargs.get("context")) if self._returns_context else hidden_states
+        return super().forward(hidden_states, *args, **kwargs)
+
+
+class PerLayerMambaLayer(_Skippable, MambaLayer):
     def __init__(self, config, submodules, layer_number: int = 1, **kwargs):
         super().__init__(_layer_config(config, layer_number - 1), submodules, layer_number=layer_number, **kwargs)
+        # megatron-core 0.16/0.17 build the Mamba pre-norm with the norm's default eps, 0.18+ with
+        # config.layernorm_epsilon (as every other norm): the same model on both, whatever the config says.
+        if isinstance(getattr(self.norm, "eps", None), float):
+            self.norm.eps = config.layernorm_epsilon
 
 
-class PerLayerTransformerLayer(TransformerLayer):
+class PerLayerTransformerLayer(_Skippable, TransformerLayer):
+    _returns_context = True
+
     def __init__(self, config, submodules, layer_number: int = 1, **kwargs):
-        index = layer_number - 1 + _stage_offset(config)
+        index = _global_index(config, layer_number, kwargs)
         super().__init__(_layer_config(config, index), submodules, layer_number=layer_number, **kwargs)
 
 
-class PerLayerMLPLayer(MLPLayer):
+class PerLayerMLPLayer(_Skippable, MLPLayer):
+    _returns_context = True
+
     def __init__(self, config, submodules, layer_number: int = 1, **kwargs):
-        index = layer_number - 1 + _stage_offset(config)
+        index = _global_index(config, layer_number, kwargs)
         super().__init__(_layer_config(config, index), submodules, layer_number=layer_number, **kwargs)

@@ -20,11 +20,12 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
 
-from megatron_elastic.compat import ATTENTION, MAMBA, HybridStackSubmodules
+from megatron_elastic.compat import ATTENTION, MAMBA, HybridStackSubmodules, mlp_submodule
 from megatron_elastic.compat import MLP as MLP_SYMBOL
 from megatron_elastic.model.mamba_mixer import MambaMixer, MambaMixerSubmodules
 from megatron_elastic.model.per_layer import PerLayerMambaLayer, PerLayerMLPLayer, PerLayerTransformerLayer
 from megatron_elastic.model.stack import HybridStack
+from megatron_elastic.errors import ConfigError
 
 BACKENDS = ("local", "te")
 
@@ -79,8 +80,7 @@ def _stack_spec(*, norm, column_linear, row_linear, core_attention, fused_norm_l
                 module=PerLayerMLPLayer,
                 submodules=TransformerLayerSubmodules(
                     pre_mlp_layernorm=pre_norm,
-                    mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=first_linear,
-                                                                        linear_fc2=row_linear)),
+                    mlp=mlp_submodule(MLP, MLPSubmodules(linear_fc1=first_linear, linear_fc2=row_linear)),
                     mlp_bda=get_bias_dropout_add,
                     sharded_state_dict_keys_map=keys_map(*PRE_NORM_PREFIX[MLP_SYMBOL]),
                 ),
@@ -114,7 +114,7 @@ def elastic_hybrid_stack_spec(backend: str = "local") -> ModuleSpec:
     Swap it for :func:`hybrid_stack_spec` to make a Megatron hybrid model elastic. Only the ``local`` backend
     is elastic so far."""
     if backend != "local":
-        raise NotImplementedError("elastic_hybrid_stack_spec: only backend='local' is implemented so far")
+        raise ConfigError("elastic_hybrid_stack_spec: only backend='local' is implemented so far")
     from megatron_elastic.model.elastic_attention import ElasticSelfAttention
     from megatron_elastic.model.elastic_layers import (
         ElasticColumnParallelLinear,
@@ -140,7 +140,7 @@ def hybrid_stack_spec(backend: str = "local") -> ModuleSpec:
             raise ImportError("backend='te' needs TransformerEngine (pip install megatron-elastic[gpu]); "
                               "use backend='local' on machines without it") from e
         return _te_spec()
-    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    raise ConfigError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
 def default_backend() -> str:

@@ -3,8 +3,10 @@
 Megatron's ``MambaStack``/``HybridStack`` hard-codes TransformerEngine's ``TENorm`` as the final norm; this
 subclass takes the norm class as a spec parameter (``final_norm``) so the stack also builds without TE.
 Everything else (layer allocation from the pattern, pipeline split, forward, sharded state dict) is
-Megatron's own. With ``recompute_granularity="full"`` (which megatron-core 0.16's hybrid stack ignores) every
-layer's training forward is checkpointed: only its input is kept and the layer re-runs in the backward pass.
+Megatron's own. With ``recompute_granularity="full"`` every layer's training forward is checkpointed: only its
+input is kept and the layer re-runs in the backward pass. megatron-core >= 0.18's stack does that itself;
+for 0.16/0.17, whose stack ignores the setting, each layer's forward is wrapped here
+(``compat.STACK_HAS_NATIVE_RECOMPUTE``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import functools
 import torch
 from megatron.core.transformer.spec_utils import build_module
 
+from megatron_elastic.compat import STACK_HAS_NATIVE_RECOMPUTE
 from megatron_elastic.compat import HybridStack as _MegatronHybridStack
 
 
@@ -26,7 +29,7 @@ class HybridStack(_MegatronHybridStack):
                 raise ValueError("HybridStack needs a final_norm spec parameter when post_layer_norm=True")
             self.final_norm = build_module(final_norm, config=config, hidden_size=config.hidden_size,
                                            eps=config.layernorm_epsilon)
-        if getattr(config, "recompute_granularity", None) == "full":
+        if getattr(config, "recompute_granularity", None) == "full" and not STACK_HAS_NATIVE_RECOMPUTE:
             for layer in self.layers:
                 layer.forward = functools.partial(_recomputed, layer, layer.forward)
 

@@ -26,7 +26,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
-from megatron_elastic.compat import cuda_to_cpu
+from megatron_elastic.compat import cuda_to_cpu, use_in_process_checkpoint_results_queue
+from megatron_elastic.errors import CheckpointCorruptError, CheckpointError, InputNotFoundError
 
 LATEST = "latest"
 EXTRA = "extra.pt"
@@ -55,7 +56,7 @@ def latest_checkpoint(ckpt_dir: str) -> Optional[str]:
         name = f.read().strip()
     path = os.path.join(ckpt_dir, name)
     if not os.path.isfile(os.path.join(path, "trainer_state.json")):
-        raise FileNotFoundError(f"{pointer} names {name}, which is incomplete or missing; "
+        raise InputNotFoundError(f"{pointer} names {name}, which is incomplete or missing; "
                                 f"point {pointer} at an earlier iter_* directory")
     return path
 
@@ -99,6 +100,7 @@ def save_checkpoint(ckpt_dir: str, iteration: int, model, optimizer=None, traine
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(os.path.join(tmp, "dist"))
     _barrier()
+    use_in_process_checkpoint_results_queue()
     with cuda_to_cpu():
         dist_checkpointing.save(_sharded_state(model, optimizer, is_loading=False), os.path.join(tmp, "dist"))
     torch.save(rng_state(), os.path.join(tmp, f"rng_rank{_rank()}.pt"))
@@ -123,8 +125,6 @@ def save_checkpoint(ckpt_dir: str, iteration: int, model, optimizer=None, traine
     return final
 
 
-class CheckpointCorruptError(RuntimeError):
-    """A checkpoint file is missing, truncated or altered; the message names it and the previous checkpoint."""
 
 
 def _file_digest(path: str) -> Tuple[int, int]:
@@ -222,7 +222,7 @@ def load_checkpoint(path: str, model, optimizer=None, strict: bool = True, load_
     missing, unexpected = model.load_state_dict(state["model"], strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if strict and missing:
-        raise RuntimeError(f"checkpoint {path} lacks model tensors {missing[:5]}... (was it written for another model?)")
+        raise CheckpointError(f"checkpoint {path} lacks model tensors {missing[:5]}... (was it written for another model?)")
     if optimizer is not None:
         with cuda_to_cpu():
             optimizer.load_state_dict(state["optimizer"])
@@ -249,7 +249,7 @@ def _check_architecture(path: str, trainer_state: dict, model) -> None:
     diff = {k: (theirs[k], mine[k]) for k in mine if k in theirs and theirs[k] != mine[k]}
     if diff:
         shown = ", ".join(f"{k}: checkpoint {a!r} vs model {b!r}" for k, (a, b) in sorted(diff.items())[:6])
-        raise ValueError(f"checkpoint {path} was written for another architecture ({shown}); build the model from "
+        raise CheckpointError(f"checkpoint {path} was written for another architecture ({shown}); build the model from "
                          f"the checkpoint's config or pick the matching checkpoint")
 
 
@@ -257,7 +257,7 @@ def load_extra(path: str) -> Dict[str, Any]:
     """The replicated ``extra`` state saved with a checkpoint (see :func:`save_checkpoint`)."""
     f = os.path.join(path, EXTRA)
     if not os.path.isfile(f):
-        raise FileNotFoundError(f"{path} has no {EXTRA}; it was not written by `megatron-elastic train`")
+        raise CheckpointError(f"{path} has no {EXTRA}; it was not written by `megatron-elastic train`")
     return torch.load(f, weights_only=False, map_location="cpu")
 
 

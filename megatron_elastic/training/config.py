@@ -93,9 +93,6 @@ class PretrainConfig:
         cfg = self.model_config()
         if "M" in cfg.hybrid_pattern and self.data.seq_length < cfg.mamba_conv_kernel:
             raise ConfigError(f"data.seq_length ({self.data.seq_length}) must be >= model.mamba_conv_kernel")
-        if cfg.position_embedding_type == "learned_absolute" and self.data.seq_length > cfg.max_sequence_length:
-            raise ConfigError(f"data.seq_length ({self.data.seq_length}) exceeds model.max_sequence_length "
-                              f"({cfg.max_sequence_length}) of the learned position embedding")
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)

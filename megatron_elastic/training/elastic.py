@@ -53,6 +53,7 @@ from megatron_elastic.training.elastic_config import ElasticJobConfig
 from megatron_elastic.training.pretrain import LN2, batch_to_device, evaluate, masked_mean
 from megatron_elastic.training.setup import build_training_components
 from megatron_elastic.training.teacher import DistillationPair
+from megatron_elastic.errors import InputNotFoundError
 
 NOISE_SEED_STRIDE = 1_000_003
 
@@ -150,7 +151,7 @@ def build_elastic_components(cfg: ElasticJobConfig) -> ElasticComponents:
     cfg.validate(dist.get_world_size())
     src = latest_checkpoint(cfg.sorted_checkpoint)
     if src is None or not os.path.isfile(cfg.ranking_file):
-        raise FileNotFoundError(f"parent: {cfg.parent} lacks sorted/latest or ranking.json; run "
+        raise InputNotFoundError(f"parent: {cfg.parent} lacks sorted/latest or ranking.json; run "
                                 f"`megatron-elastic importance --out {cfg.parent}` first")
     job = config_from_checkpoint(src)
     job.parallel.tensor_model_parallel_size, job.parallel.pipeline_model_parallel_size = tp, pp
@@ -375,7 +376,7 @@ def train_elastic(cfg: ElasticJobConfig, resume: bool = False, progress: bool = 
     if resume:
         path = latest_checkpoint(ckpt_dir)
         if path is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {ckpt_dir} (no 'latest' file); drop --resume to start fresh")
+            raise InputNotFoundError(f"--resume: no checkpoint in {ckpt_dir} (no 'latest' file); drop --resume to start fresh")
         with open(os.path.join(path, "trainer_state.json")) as f:
             saved_budgets = json.load(f).get("budgets")
         if saved_budgets is not None and [float(b) for b in saved_budgets] != cfg.budgets:

@@ -24,6 +24,7 @@ from megatron_elastic.parallel import initialize_parallel
 from megatron_elastic.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from megatron_elastic.training.config import PretrainConfig
 from megatron_elastic.training.setup import build_training_components
+from megatron_elastic.errors import InputNotFoundError
 
 LN2 = math.log(2.0)
 
@@ -133,7 +134,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -
     if resume:
         path = latest_checkpoint(ckpt_dir)
         if path is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {ckpt_dir} (no 'latest' file); drop --resume to start fresh")
+            raise InputNotFoundError(f"--resume: no checkpoint in {ckpt_dir} (no 'latest' file); drop --resume to start fresh")
         state = load_checkpoint(path, comps.unwrapped, optimizer)
         scheduler.load_state_dict(state["scheduler"])
         if is_logger:

@@ -14,6 +14,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron_elastic.compat import cuda_to_cpu
 from megatron_elastic.model.builder import build_hybrid_model
 from megatron_elastic.model.config import HybridConfig
+from megatron_elastic.errors import ConfigError
 
 
 @dataclass
@@ -40,7 +41,7 @@ def build_training_components(model_cfg: HybridConfig, train_cfg,
     )
     dist_opt = bool(getattr(train_cfg, "distributed_optimizer", False))
     if dist_opt and not torch.cuda.is_available():
-        raise ValueError("train.distributed_optimizer needs CUDA/NCCL (gloo has no reduce-scatter); set it to false on CPU")
+        raise ConfigError("train.distributed_optimizer needs CUDA/NCCL (gloo has no reduce-scatter); set it to false on CPU")
     with cuda_to_cpu():
         ddp = DistributedDataParallel(
             model_cfg, DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,

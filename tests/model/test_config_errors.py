@@ -16,6 +16,13 @@ from megatron_elastic.training.config import load_pretrain_config
     (dict(mamba_num_heads=6, mamba_num_groups=4), "mamba_num_heads", "divisible by mamba_num_groups"),
     (dict(num_query_groups=3), "num_query_groups", "must divide num_attention_heads"),
     (dict(activation="tanh"), "activation", "must be one of"),
+    # Options the elastic method (sort, cost model, extraction) does not handle are refused, not half-used.
+    (dict(add_bias_linear=True), "add_bias_linear", "set it to False"),
+    (dict(position_embedding_type="learned_absolute"), "position_embedding_type", "not sorted, counted or sliced"),
+    (dict(normalization="LayerNorm"), "normalization", "RMSNorm"),
+    (dict(qk_layernorm=True), "qk_layernorm", "set it to False"),
+    (dict(add_qkv_bias=True), "add_qkv_bias", "set it to False"),
+    (dict(sequence_parallel=True, tensor_model_parallel_size=2), "sequence_parallel", "set it to False"),
 ])
 def test_model_config_errors(overrides, field, fix):
     with pytest.raises(ConfigError, match=field) as e:

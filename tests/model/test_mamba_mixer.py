@@ -1,22 +1,24 @@
 """Our MambaMixer loads a state dict with Megatron MambaMixer's names and shapes (built by hand here) and
 computes the Mamba-2 mixer exactly as a float64 token-by-token reference written from those raw tensors."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from tests.ops.test_ssd_scan import sequential_conv, sequential_ssd
 
 
-def megatron_mixer_state_dict(d_model, nheads, headdim, ngroups, d_state, d_conv, gen):
-    """Names and shapes of megatron.core.ssm.mamba_mixer.MambaMixer at TP=1 (in_proj = [z|x|B|C|dt])."""
+def megatron_mixer_state_dict(d_model, nheads, headdim, ngroups, d_state, d_conv, gen, conv="conv1d."):
+    """Names and shapes of megatron.core.ssm.mamba_mixer.MambaMixer at TP=1 (in_proj = [z|x|B|C|dt]).
+    ``conv``: "conv1d." (megatron-core 0.16/0.17, an nn.Conv1d) or "conv1d_" (0.18+, two parameters)."""
     d_inner = nheads * headdim
     conv_dim = d_inner + 2 * ngroups * d_state
     r = lambda *s: torch.randn(*s, generator=gen) * 0.3
     return {
         "in_proj.weight": r(2 * d_inner + 2 * ngroups * d_state + nheads, d_model),
         "in_proj._extra_state": None,
-        "conv1d.weight": r(conv_dim, 1, d_conv),
-        "conv1d.bias": r(conv_dim),
+        f"{conv}weight": r(conv_dim, 1, d_conv),
+        f"{conv}bias": r(conv_dim),
         "dt_bias": r(nheads),
         "A_log": torch.rand(nheads, generator=gen).log(),
         "D": r(nheads),
@@ -46,7 +48,8 @@ def reference_mixer(sd, hidden, nheads, headdim, ngroups, d_state):
     return (y @ sd["out_proj.weight"].T).transpose(0, 1)
 
 
-def test_megatron_state_dict_loads_and_matches_reference(single_process_parallel):
+@pytest.mark.parametrize("conv", ["conv1d.", "conv1d_"], ids=["mcore0.16-names", "mcore0.18-names"])
+def test_megatron_state_dict_loads_and_matches_reference(single_process_parallel, conv):
     from megatron_elastic.testing import tiny_config
 
     cfg = tiny_config(mamba_num_heads=8, mamba_head_dim=4, mamba_num_groups=4, mamba_state_dim=6, mamba_chunk_size=5)
@@ -54,13 +57,13 @@ def test_megatron_state_dict_loads_and_matches_reference(single_process_parallel
 
     model = build_hybrid_model(cfg)
     mixer = model.decoder.layers[0].mixer
-    sd = megatron_mixer_state_dict(cfg.hidden_size, 8, 4, 4, 6, 4, torch.Generator().manual_seed(0))
-    missing, unexpected = mixer.load_state_dict(sd, strict=True)
+    sd = megatron_mixer_state_dict(cfg.hidden_size, 8, 4, 4, 6, 4, torch.Generator().manual_seed(0), conv)
+    missing, unexpected = mixer.load_state_dict(dict(sd), strict=True)
     assert not missing and not unexpected
     hidden = torch.randn(17, 2, cfg.hidden_size)
     out, bias = mixer(hidden)
     assert bias is None
-    ref = reference_mixer(sd, hidden, 8, 4, 4, 6)
+    ref = reference_mixer({k.replace("conv1d_", "conv1d."): v for k, v in sd.items()}, hidden, 8, 4, 4, 6)
     torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
 
 
@@ -82,3 +85,17 @@ def test_sharded_state_dict_uses_megatron_split_keys(single_process_parallel):
     # Separate norms are stored under TransformerEngine's fused names, as Megatron's checkpoints have them.
     assert sd["decoder.layers.0.norm.weight"].key == "decoder.layers.0.mixer.in_proj.layer_norm_weight"
     assert sd["decoder.layers.1.pre_mlp_layernorm.weight"].key == "decoder.layers.1.mlp.linear_fc1.layer_norm_weight"
+
+
+def test_mixer_reports_megatron_part_sizes_and_state_shapes(single_process_parallel):
+    """What megatron-core >= 0.18 asks of a mixer: TP-local part sizes on the packed parameters (resharding) and
+    per-request state shapes (dynamic inference), here checked against the sizes written out by hand."""
+    from megatron_elastic.model.builder import build_hybrid_model
+    from megatron_elastic.testing import tiny_config
+
+    cfg = tiny_config(mamba_num_heads=8, mamba_head_dim=4, mamba_num_groups=2, mamba_state_dim=6)
+    mixer = build_hybrid_model(cfg).decoder.layers[0].mixer
+    assert mixer.in_proj.weight.partition_sizes == [32, 32, 12, 12, 8]   # z, x (8*4), B, C (2*6), dt (8)
+    assert mixer.conv1d.weight.partition_sizes == [32, 12, 12]           # x, B, C
+    assert sum(mixer.in_proj.weight.partition_sizes) == mixer.in_proj.weight.shape[0]
+    assert mixer.mamba_state_shapes_per_request() == ((56, 4), (8, 4, 6))

@@ -32,7 +32,7 @@ def _batches():
     return out
 
 
-def _pp_job(rank, world, tmp, arch_dict=None):
+def _pp_job(rank, world, tmp, arch_dict=None, layer_overrides=None):
     from megatron.core import dist_checkpointing, parallel_state
 
     from megatron_elastic.parallel import initialize_parallel
@@ -41,16 +41,16 @@ def _pp_job(rank, world, tmp, arch_dict=None):
 
     build_hybrid_model = _builder(arch_dict)
 
-    pattern = "M-*M-M"
+    pattern, sizes = "M-*M-M", {"layer_overrides": layer_overrides} if layer_overrides else {}
     initialize_parallel(1, 1, seed=3)
-    ref = build_hybrid_model(tiny_config(hybrid_pattern=pattern))
+    ref = build_hybrid_model(tiny_config(hybrid_pattern=pattern, **sizes))
     ref_loss = _loss_and_grads(ref, _batches())
     _save(ref, f"{tmp}/weights")
     ref_grads = {n: _grad(p) for n, p in ref.named_parameters()}
 
     initialize_parallel(1, 2, seed=5)
     first, last = parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage()
-    model = build_hybrid_model(tiny_config(hybrid_pattern=pattern, pipeline_model_parallel_size=2),
+    model = build_hybrid_model(tiny_config(hybrid_pattern=pattern, pipeline_model_parallel_size=2, **sizes),
                                pre_process=first, post_process=last)
     assert len(model.decoder.layers) == 3
     model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), f"{tmp}/weights"), strict=False)
@@ -63,7 +63,7 @@ def _pp_job(rank, world, tmp, arch_dict=None):
             p.copy_(_grad(p))
     _save(model, f"{tmp}/grads")
     initialize_parallel(1, 1, seed=3)
-    back = build_hybrid_model(tiny_config(hybrid_pattern=pattern))
+    back = build_hybrid_model(tiny_config(hybrid_pattern=pattern, **sizes))
     back.load_state_dict(dist_checkpointing.load(back.sharded_state_dict(), f"{tmp}/grads"), strict=False)
     for name, p in back.named_parameters():
         torch.testing.assert_close(p.detach(), ref_grads[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
@@ -78,3 +78,11 @@ def test_pp2_matches_pp1_elastic_with_skipped_layer_per_stage(tmp_path):
     arch = {"hidden_size": 20, "mamba_num_heads": {0: 4, 3: 8, 5: 2}, "mamba_head_dim": {0: 8, 3: 3, 5: 8},
             "num_attention_heads": {2: 2}, "ffn_hidden_size": {1: 64, 4: 16}, "skipped_layers": [1, 4]}
     run_multiprocess(2, _pp_job, str(tmp_path), arch)
+
+
+def test_pp2_matches_pp1_heterogeneous_layers(tmp_path):
+    """An extracted sub-model's per-layer sizes on both stages: stage 1's layers get their own global layer's
+    sizes (a wrong layer index builds the parent's sizes, and the PP=1 weights then fail to load)."""
+    overrides = {1: {"ffn_hidden_size": 24}, 2: {"num_attention_heads": 2}, 3: {"mamba_num_heads": 4},
+                 4: {"ffn_hidden_size": 16}, 5: {"mamba_head_dim": 4}}
+    run_multiprocess(2, _pp_job, str(tmp_path), None, overrides)

@@ -8,7 +8,9 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 
+import psutil
 import pytest
 
 from tests.training.test_elastic_training import JOB
@@ -23,6 +25,18 @@ def _cmd(cfg):
     return [sys.executable, "-m", "megatron_elastic", "train", "--config", str(cfg), "--no-progress", "--auto-resume",
             "--set", "checkpoint.save_interval=1", "--set", "checkpoint.keep_last=2", "--set", "train.eval_interval=1000",
             "--set", STAGES]
+
+
+def _processes_of(marker):
+    """Live processes (not zombies) whose environment carries ``marker``: a run and whatever it started."""
+    found = []
+    for p in psutil.process_iter(["pid"]):
+        try:
+            if p.environ().get("KILL_RESUME_TEST_RUN") == marker and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
 
 
 def _curve(ckpt):
@@ -50,9 +64,10 @@ def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_curve(pare
 
     rng = random.Random(int(os.environ.get("KILL_SEED", "0")))
     kills = 0
+    marker = uuid.uuid4().hex  # inherited by everything a killed run starts
     for attempt in range(KILLS + 1):
         proc = subprocess.Popen(_cmd(tmp_path / "killed.yaml"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                text=True)
+                                text=True, env=dict(os.environ, KILL_RESUME_TEST_RUN=marker))
         # Wait until this attempt has made progress (a new checkpoint), then kill at a random moment.
         start = time.time()
         latest = run_dir / "latest"
@@ -66,6 +81,12 @@ def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_curve(pare
             proc.send_signal(signal.SIGKILL)
             proc.wait()
             kills += 1
+            # Nothing of the killed run may outlive it (a checkpoint writer may finish the file it is on).
+            deadline = time.time() + 30
+            while _processes_of(marker) and time.time() < deadline:
+                time.sleep(0.2)
+            left = [(p.pid, " ".join(p.cmdline())[:120]) for p in _processes_of(marker)]
+            assert not left, f"processes outlived the killed trainer: {left}"
             continue
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err[-3000:]

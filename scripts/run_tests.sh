@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Set up and run the test suite against each Megatron-Core generation we support (what CI runs).
+#
+# Usage: bash scripts/run_tests.sh [all|0.16|0.19] [pytest arguments...]
+#   0.16: Python 3.11, torch 2.13.0 (CPU), megatron-core 0.16.1  (.venv)
+#   0.19: Python 3.12, torch 2.14.1, megatron-core 0.19.2        (.venv-mcore0.19; the Docker image's release)
+#   all (default): both legs, one after the other; fails if either fails.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+legs="${1:-all}"
+[ $# -gt 0 ] && shift
+[ "$legs" = all ] && legs="0.16 0.19"
+status=0
+summary=""
+for leg in $legs; do
+  start=$SECONDS
+  echo "=== megatron-core $leg: setting up ==="
+  if ! venv=$(bash scripts/setup_env.sh --mcore "$leg" test | tail -n 1); then
+    summary+="megatron-core $leg: set-up failed"$'\n'
+    status=1
+    continue
+  fi
+  echo "=== megatron-core $leg: $("$venv/bin/python" -c 'import sys, torch, megatron.core as m; print(f"Python {sys.version.split()[0]}, torch {torch.__version__}, megatron-core {m.__version__}")' 2>/dev/null) ==="
+  "$venv/bin/python" -m pytest -q "$@"
+  rc=$?
+  [ $rc -ne 0 ] && status=1
+  summary+="megatron-core $leg: pytest exit $rc in $((SECONDS - start)) s (set-up included)"$'\n'
+done
+printf '\n%s' "$summary"
+exit $status
