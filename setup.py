@@ -9,11 +9,11 @@ install_requires = [
     "packaging",
     "pyyaml",
     "tqdm",
-    "einops",
     "psutil",  # megatron.core.dist_checkpointing's writer needs it
     "matplotlib",  # importance and results plots (PNG)
     "tensorboard",  # elastic training scalars (torch.utils.tensorboard)
     "safetensors",  # Hugging Face checkpoints written by `extract`
+    "wrapt",  # registers the heterogeneous NemotronH class with transformers when transformers is imported
 ]
 
 extras = {

@@ -14,6 +14,8 @@ import contextlib
 import functools
 import importlib
 import inspect
+import os
+import sys
 from typing import Any
 
 import torch
@@ -76,21 +78,47 @@ def mlp_submodule(mlp_cls, submodules):
     return ModuleSpec(module=mlp_cls, submodules=submodules)
 
 
-def use_in_process_checkpoint_results_queue() -> None:
-    """Keep Megatron's checkpoint writer from starting a process that outlives a killed trainer.
+_WRITERS_CONTAINED = False
 
-    ``dist_checkpointing``'s file writer collects each save's write results in a module-level queue that it
-    creates, on first use, as ``multiprocessing.get_context("spawn").Manager().Queue()``: a server process
-    (a fresh interpreter importing the main module, ~300 MB) that nothing stops when the trainer is SIGKILLed.
-    We save synchronously: the results are put and taken in this process, so a plain ``queue.Queue`` holds them.
-    Idempotent. Goes when we adopt Megatron's asynchronous saves (their results do cross processes).
+
+def contain_checkpoint_writer_processes() -> None:
+    """Keep Megatron's checkpoint writer from leaving processes behind when the trainer is killed (SIGKILL,
+    preemption). Idempotent; called before each save.
+
+    * ``dist_checkpointing``'s file writer collects write results in a module-level queue that it creates, on
+      first use, as ``multiprocessing.get_context("spawn").Manager().Queue()``: a server process (a fresh
+      interpreter importing the main module, ~300 MB) that nothing stops when the trainer dies. We save
+      synchronously: the results are put and taken in this process, so a plain ``queue.Queue`` holds them.
+      (Goes when we adopt Megatron's asynchronous saves, whose results do cross processes.)
+    * Each save forks one writer per file bucket, synchronised with the trainer by multiprocessing locks; a
+      writer whose trainer died holding one waits forever. Forked children of this process are therefore asked
+      (Linux ``PR_SET_PDEATHSIG``) to receive SIGKILL when it dies; the checkpoint being written is a ``.tmp``
+      directory that resuming ignores.
     """
+    global _WRITERS_CONTAINED
     import queue
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     if getattr(filesystem_async, "_results_queue", None) is None:
         filesystem_async._results_queue = queue.Queue()
+    if not _WRITERS_CONTAINED and hasattr(os, "register_at_fork") and sys.platform.startswith("linux"):
+        os.register_at_fork(after_in_child=functools.partial(_die_with_parent, os.getpid()))
+        _WRITERS_CONTAINED = True
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """In a freshly forked child: SIGKILL when the parent dies (and now, if it already has)."""
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the parent died before the request took effect
+        os._exit(1)
 
 
 def cuda_available() -> bool:

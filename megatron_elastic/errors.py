@@ -26,11 +26,17 @@ class InputNotFoundError(ElasticError, FileNotFoundError):
     """A file or directory the user named (or a step before this one should have written) does not exist."""
 
 
-class CheckpointError(ElasticError, RuntimeError):
+class UnknownBudgetError(ConfigError, KeyError):
+    """A budget that the run did not train (or an arch name it does not hold) was asked for."""
+
+    __str__ = Exception.__str__  # the message as written, not KeyError's quoted repr
+
+
+class CheckpointError(ElasticError, ValueError):
     """A checkpoint cannot be used: written for another model, or by another program."""
 
 
-class CheckpointCorruptError(CheckpointError):
+class CheckpointCorruptError(CheckpointError, RuntimeError):
     """A checkpoint file is missing, truncated or altered; the message names it and the previous checkpoint."""
 
 

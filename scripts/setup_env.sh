@@ -22,10 +22,15 @@ case "$mcore" in
     python=python3 ;;
   0.19)
     venv=.venv-mcore0.19; torch_pin="torch==2.14.1"; mcore_pin="megatron-core==0.19.2"
-    python=$(command -v python3.12 || true)
-    if [ -z "$python" ] && command -v pyenv >/dev/null 2>&1; then
-      python=$(ls -d "$(pyenv root)"/versions/3.12*/bin/python 2>/dev/null | sort -V | tail -n 1 || true)
-    fi
+    # A python3.12 on PATH that runs (a pyenv shim may not), else pyenv's newest 3.12.x.
+    python=""
+    for candidate in python3.12 $(ls -d "$(pyenv root 2>/dev/null || echo /nonexistent)"/versions/3.12*/bin/python \
+                                  2>/dev/null | sort -rV); do
+      if "$candidate" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null; then
+        python=$candidate
+        break
+      fi
+    done
     if [ -z "$python" ]; then
       echo "setup_env.sh: megatron-core 0.19 needs Python 3.12, and none was found (no python3.12 on PATH, no" \
            "pyenv 3.12.x). Fix: 'pyenv install 3.12.1' or put a python3.12 on PATH." >&2

@@ -85,3 +85,47 @@ def test_importance_end_to_end(tmp_path):
         assert os.path.exists(out / name), name
     ranking = json.loads((out / "ranking.json").read_text())["depth_ranking"]
     assert sorted(ranking) == [0, 1, 2, 3]
+
+
+def _bad_inputs(tmp, pipeline):
+    """(subcommand, arguments) with one bad input each, for every subcommand."""
+    from megatron_elastic.cli import recipe_path
+
+    bad_arch = tmp / "arch.json"
+    bad_arch.write_text('{"hidden_size": 100000}')
+    bad_yaml = tmp / "bad.yaml"
+    bad_yaml.write_text("model: {hybrid_pattern: 'M-', vocab_size: 300, hidden_size: 32, add_bias_linear: true}\n")
+    sorted_parent = f"{pipeline['importance']}/sorted"
+    return [
+        ("prepare-data", ["--out", str(tmp / "d"), "--tokenizer", "no-such-tokenizer"]),
+        ("prepare-data", ["--out", str(tmp / "d"), "--input", str(tmp / "missing.jsonl")]),
+        ("pretrain", ["--config", str(bad_yaml)]),
+        ("pretrain", ["--config", str(tmp / "missing.yaml")]),
+        ("importance", ["--checkpoint", str(tmp / "nothing"), "--out", str(tmp / "imp")]),
+        ("train", ["--config", recipe_path("tiny_elastic.yaml"), "--set", "budgets=[1.0, 2.0]"]),
+        ("extract", ["--checkpoint", sorted_parent, "--arch", str(bad_arch), "--out", str(tmp / "x")]),
+        ("extract", ["--checkpoint", str(tmp / "nothing"), "--out", str(tmp / "x")]),
+        ("import-hf", ["--hf-dir", str(tmp / "nothing"), "--out", str(tmp / "h")]),
+        ("generate", ["--checkpoint", sorted_parent, "--budget", "0.3", "--prompt", "def "]),
+        ("plan", ["--config", recipe_path("tiny_elastic.yaml"), "--gpus-per-node", "3", "--set",
+                  "parallel.tensor_model_parallel_size=2"]),
+        ("demo", ["--out", str(tmp / "demo"), "--quick", "--set", "model.position_embedding_type=learned_absolute",
+                  "--no-progress"]),
+    ]
+
+
+def test_every_subcommand_reports_a_bad_input_in_one_line(tiny_pipeline, tmp_path):
+    """Exit code 2, one line `megatron-elastic <cmd>: error: ...` on stderr, no traceback; --debug shows it."""
+    seen = set()
+    for cmd, args in _bad_inputs(tmp_path, tiny_pipeline):
+        r = run(cmd, *args)
+        lines = [line for line in r.stderr.splitlines() if line.strip()]
+        assert r.returncode == 2, (cmd, args, r.stderr[-3000:])
+        assert "Traceback" not in r.stderr, (cmd, r.stderr[-3000:])
+        errors = [line for line in lines if line.startswith(f"megatron-elastic {cmd}: error: ")]
+        assert len(errors) == 1 and len(errors[0]) > len(f"megatron-elastic {cmd}: error: ") + 10, (cmd, lines)
+        seen.add(cmd)
+    assert seen == set(COMMANDS)
+    cmd, args = _bad_inputs(tmp_path, tiny_pipeline)[6]
+    r = run("--debug", cmd, *args)
+    assert r.returncode != 0 and "Traceback" in r.stderr and "ElasticArchError" in r.stderr

@@ -14,10 +14,11 @@ Names (``transformers``' NemotronH, saved with the released checkpoints' ``backb
     output_layer.weight                         lm_head.weight
 
 The stock ``NemotronHConfig`` has one size per layer type. A heterogeneous sub-model (per-layer sizes,
-``HybridConfig.layer_overrides``) is written with ``layer_overrides`` in ``config.json`` and a small
-``modeling_elastic_nemotron_h.py`` (shipped in the checkpoint, loaded with ``trust_remote_code=True``) that
-builds each overridden layer from ``transformers``' own ``NemotronHBlock`` with that layer's sizes; every
-computation stays ``transformers``' NemotronH code.
+``HybridConfig.layer_overrides``) is written as ``model_type: elastic_nemotron_h`` with ``layer_overrides`` in
+``config.json``; :mod:`megatron_elastic.extraction.hf_model` builds each overridden layer from ``transformers``'
+own ``NemotronHBlock`` with that layer's sizes (every computation stays ``transformers``' NemotronH code). It is
+registered with transformers' Auto classes on ``import megatron_elastic``, and shipped in the checkpoint as
+``modeling_elastic_nemotron_h.py`` for ``trust_remote_code=True`` loading without the package.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from typing import Dict
 
 import torch
@@ -38,28 +40,6 @@ _OVERRIDE_NAMES = {"ffn_hidden_size": "intermediate_size", "num_attention_heads"
                    "mamba_num_heads": "mamba_num_heads", "mamba_head_dim": "mamba_head_dim"}
 REMOTE_MODULE = "modeling_elastic_nemotron_h"
 
-_REMOTE_CODE = '''"""NemotronH with per-layer sizes (a heterogeneous sub-model extracted by megatron-elastic).
-
-Each layer listed in ``config.layer_overrides`` is rebuilt from transformers' own ``NemotronHBlock`` with a
-copy of the config carrying that layer's sizes; nothing else differs from ``NemotronHForCausalLM``.
-Caveat: transformers' Mamba cache is sized from the top-level config, so generate with ``use_cache=False``
-when Mamba layers differ in size.
-"""
-import copy
-
-from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHBlock, NemotronHForCausalLM
-
-
-class ElasticNemotronHForCausalLM(NemotronHForCausalLM):
-    def __init__(self, config):
-        super().__init__(config)
-        for index, sizes in (getattr(config, "layer_overrides", None) or {}).items():
-            layer_config = copy.deepcopy(config)
-            for name, value in sizes.items():
-                setattr(layer_config, name, value)
-            self.model.layers[int(index)] = NemotronHBlock(layer_config, layer_idx=int(index))
-        self.post_init()
-'''
 
 
 
@@ -97,7 +77,9 @@ def hf_config(config) -> dict:
         cfg["layer_overrides"] = {str(i): {_OVERRIDE_NAMES[k]: v for k, v in ov.items()}
                                   for i, ov in sorted(config.layer_overrides.items())}
         cfg["architectures"] = ["ElasticNemotronHForCausalLM"]
-        cfg["auto_map"] = {"AutoModelForCausalLM": f"{REMOTE_MODULE}.ElasticNemotronHForCausalLM"}
+        cfg["model_type"] = "elastic_nemotron_h"  # hf_model.ElasticNemotronHConfig.model_type
+        cfg["auto_map"] = {"AutoConfig": f"{REMOTE_MODULE}.ElasticNemotronHConfig",
+                           "AutoModelForCausalLM": f"{REMOTE_MODULE}.ElasticNemotronHForCausalLM"}
     return cfg
 
 
@@ -174,9 +156,9 @@ def save_hf_checkpoint(out_dir: str, config, state_dict: Dict[str, torch.Tensor]
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
-    if "auto_map" in cfg:
-        with open(os.path.join(out_dir, f"{REMOTE_MODULE}.py"), "w") as f:
-            f.write(_REMOTE_CODE)
+    if "auto_map" in cfg:  # the model class's own source, for users without megatron_elastic
+        shutil.copyfile(os.path.join(os.path.dirname(__file__), "hf_model.py"),
+                        os.path.join(out_dir, f"{REMOTE_MODULE}.py"))
     return out_dir
 
 
@@ -270,7 +252,10 @@ def from_hf_state_dict(tensors: Dict[str, torch.Tensor], config) -> Dict[str, to
 
 
 def read_hf_checkpoint(hf_dir: str):
-    """(config.json dict, all tensors) of a local Hugging Face checkpoint (single or sharded safetensors)."""
+    """(config.json dict, all tensors) of a local Hugging Face checkpoint (single or sharded safetensors).
+
+    Reads ``config.json`` (JSON) and safetensors files only: pickled weights (``*.bin``, ``*.pt``) and code in
+    the directory (``modeling_*.py``, ``auto_map``) are never loaded or run."""
     from safetensors.torch import load_file
 
     cfg_path = os.path.join(hf_dir, "config.json")
@@ -288,5 +273,10 @@ def read_hf_checkpoint(hf_dir: str):
         raise InputNotFoundError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json")
     tensors = {}
     for fname in files:
-        tensors.update(load_file(os.path.join(hf_dir, fname)))
+        if os.path.basename(fname) != fname or not fname.endswith(".safetensors"):
+            raise HFExportError(f"{index}: shard {fname!r} is not a .safetensors file in {hf_dir}")
+        try:
+            tensors.update(load_file(os.path.join(hf_dir, fname)))
+        except Exception as e:  # noqa: BLE001 - safetensors' parse errors have no common base class
+            raise HFExportError(f"{os.path.join(hf_dir, fname)} is not a readable safetensors file ({e})") from None
     return cfg, tensors

@@ -15,6 +15,7 @@ from typing import Dict, List
 import torch
 
 from megatron_elastic.model.specs import PRE_NORM_PREFIX
+from megatron_elastic.training.safe_files import check_checkpoint_is_data
 
 _FUSED_NORM = {fused + "layer_norm_weight": local + "weight" for local, fused in PRE_NORM_PREFIX.values()}
 _SPLITS = {"mixer.in_proj.weight": ("z", "x", "B", "C", "dt"), "mixer.conv1d.weight": ("x", "B", "C"),
@@ -26,6 +27,7 @@ class CheckpointTensorReader:
         from megatron.core import dist_checkpointing
 
         self.dist_dir = os.path.join(checkpoint_dir, "dist")
+        check_checkpoint_is_data(checkpoint_dir)
         self.meta = {k: v for k, v in dist_checkpointing.load_tensors_metadata(self.dist_dir).items()
                      if not k.startswith("optimizer.")}
         self.keys: Dict[str, List[str]] = {}

@@ -12,7 +12,7 @@ import torch
 from megatron_elastic.model.builder import causal_attention_mask
 from megatron_elastic.model.elastic_arch import ElasticArch
 from megatron_elastic.model.elastic_model import use_arch
-from megatron_elastic.errors import ConfigError
+from megatron_elastic.errors import UnknownBudgetError
 
 
 def _context(batch: int, max_len: int):
@@ -82,7 +82,7 @@ class ElasticServer:
             return budget
         key = f"{float(budget):g}"
         if key not in self.archs:
-            raise ConfigError(f"budget {budget} is not one of the trained budgets {sorted(self.archs)}")
+            raise UnknownBudgetError(f"budget {budget} is not one of the trained budgets {sorted(self.archs)}")
         return self.archs[key]
 
     def generate(self, prompt: torch.Tensor, budget: Union[str, float, ElasticArch] = 1.0, max_new_tokens: int = 32,

@@ -26,8 +26,9 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
-from megatron_elastic.compat import cuda_to_cpu, use_in_process_checkpoint_results_queue
+from megatron_elastic.compat import cuda_to_cpu, contain_checkpoint_writer_processes
 from megatron_elastic.errors import CheckpointCorruptError, CheckpointError, InputNotFoundError
+from megatron_elastic.training.safe_files import check_checkpoint_is_data, legacy_rng_globals, load_plain
 
 LATEST = "latest"
 EXTRA = "extra.pt"
@@ -64,7 +65,9 @@ def latest_checkpoint(ckpt_dir: str) -> Optional[str]:
 def rng_state() -> Dict[str, Any]:
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached_gaussian)  # plain data
+    return {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "tracker": get_cuda_rng_tracker().get_states()}
 
@@ -73,7 +76,9 @@ def set_rng_state(state: Dict[str, Any]) -> None:
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, *rest = state["numpy"]
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else keys  # an ndarray in files written before 2026-11-25
+    np.random.set_state((name, keys.astype(np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -100,7 +105,7 @@ def save_checkpoint(ckpt_dir: str, iteration: int, model, optimizer=None, traine
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(os.path.join(tmp, "dist"))
     _barrier()
-    use_in_process_checkpoint_results_queue()
+    contain_checkpoint_writer_processes()
     with cuda_to_cpu():
         dist_checkpointing.save(_sharded_state(model, optimizer, is_loading=False), os.path.join(tmp, "dist"))
     torch.save(rng_state(), os.path.join(tmp, f"rng_rank{_rank()}.pt"))
@@ -213,6 +218,7 @@ def load_checkpoint(path: str, model, optimizer=None, strict: bool = True, load_
     """Load a checkpoint written by :func:`save_checkpoint` into ``model`` (and ``optimizer``), at any TP/PP
     layout. Returns the trainer state dict."""
     _verify_on_rank0(path)
+    check_checkpoint_is_data(path, _rank())
     with open(os.path.join(path, "trainer_state.json")) as f:
         trainer_state = json.load(f)
     _check_architecture(path, trainer_state, model)
@@ -228,7 +234,7 @@ def load_checkpoint(path: str, model, optimizer=None, strict: bool = True, load_
             optimizer.load_state_dict(state["optimizer"])
     rng_file = os.path.join(path, f"rng_rank{_rank()}.pt")
     if load_rng and os.path.isfile(rng_file):
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        set_rng_state(load_plain(rng_file, tuple(legacy_rng_globals())))
     return trainer_state
 
 
@@ -258,7 +264,8 @@ def load_extra(path: str) -> Dict[str, Any]:
     f = os.path.join(path, EXTRA)
     if not os.path.isfile(f):
         raise CheckpointError(f"{path} has no {EXTRA}; it was not written by `megatron-elastic train`")
-    return torch.load(f, weights_only=False, map_location="cpu")
+    check_checkpoint_is_data(path)
+    return load_plain(f)
 
 
 def load_model_weights(path: str, model) -> dict:

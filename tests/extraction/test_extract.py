@@ -43,7 +43,7 @@ def test_extract_all_budgets_megatron_and_hf(elastic_run, tmp_path):
         with torch.no_grad():
             got = plain(ids, pos, mask)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-        hf = transformers.AutoModelForCausalLM.from_pretrained(r["hf"], trust_remote_code=True, dtype=torch.float32)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(r["hf"], dtype=torch.float32)
         with torch.no_grad():
             torch.testing.assert_close(hf(input_ids=ids, use_cache=False).logits, want, rtol=1e-4, atol=1e-4)
     assert json.load(open(os.path.join(out, "budget_1", "arch.json")))["skipped_layers"] == []

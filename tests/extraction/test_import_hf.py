@@ -69,3 +69,35 @@ def test_import_rejects_moe_with_a_clear_error(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="safetensors"):
         read_hf_checkpoint(str(tmp_path / "x"))
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_import_reads_only_json_and_safetensors(single_process_parallel, tmp_path):
+    """A pickled `.bin` and a `modeling_*.py` (named by `auto_map`) that would create a marker file sit beside the
+    safetensors: the import neither unpickles nor runs them. Without safetensors, the directory is refused."""
+    import json
+
+    from megatron_elastic.errors import InputNotFoundError
+    from megatron_elastic.extraction.import_hf import import_hf
+
+    _, src = _tiny_hf(tmp_path)
+    marker = tmp_path / "MARKER"
+    torch.save({"weights": _Payload(str(marker))}, os.path.join(src, "pytorch_model.bin"))
+    with open(os.path.join(src, "modeling_evil.py"), "w") as f:
+        f.write(f"open({str(marker)!r}, 'w')\n")
+    cfg = json.load(open(os.path.join(src, "config.json")))
+    cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.Evil"}
+    json.dump(cfg, open(os.path.join(src, "config.json"), "w"))
+    res = import_hf(src, str(tmp_path / "ours"))
+    assert res["hybrid_pattern"] == "M-*-M-" and not marker.exists()
+    os.remove(os.path.join(src, "model.safetensors"))
+    with pytest.raises(InputNotFoundError, match="safetensors"):
+        import_hf(src, str(tmp_path / "ours2"))
+    assert not marker.exists()

@@ -101,5 +101,49 @@ def test_hf_checkpoint_loaded_by_transformers_gives_the_same_logits(single_proce
     sub_cfg = _sub_config(cfg, arch)
     assert bool(sub_cfg.layer_overrides) == (seed == 2)
     out = save_hf_checkpoint(str(tmp_path / "hf"), sub_cfg, slice_state_dict(parent.state_dict(), cfg, arch))
-    got = _hf_logits(out, ids, trust_remote_code=bool(sub_cfg.layer_overrides))
+    # No remote code: megatron_elastic (imported here) registers its class with transformers' Auto classes.
+    got = _hf_logits(out, ids)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    if sub_cfg.layer_overrides:  # without megatron_elastic: the module shipped in the checkpoint
+        torch.testing.assert_close(_hf_logits_without_megatron_elastic(out, ids, tmp_path), want, rtol=1e-4,
+                                   atol=1e-4)
+
+
+def _hf_logits_without_megatron_elastic(path, ids, tmp_path):
+    """Logits from transformers in a fresh process that never imports megatron_elastic (trust_remote_code)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("transformers")
+    torch.save(ids, tmp_path / "ids.pt")
+    code = ("import sys, torch, transformers\n"
+            f"m = transformers.AutoModelForCausalLM.from_pretrained({str(path)!r}, trust_remote_code=True, "
+            "dtype=torch.float32).eval()\n"
+            "assert 'megatron_elastic' not in sys.modules\n"
+            f"ids = torch.load({str(tmp_path / 'ids.pt')!r})\n"
+            "with torch.no_grad():\n"
+            f"    torch.save(m(input_ids=ids, use_cache=False).logits, {str(tmp_path / 'logits.pt')!r})\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                       env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    return torch.load(tmp_path / "logits.pt")
+
+
+def test_import_megatron_elastic_registers_the_class_when_transformers_is_imported(tmp_path):
+    """`import megatron_elastic` does not import transformers (every command would pay for it); importing
+    transformers afterwards, or before, registers `elastic_nemotron_h` with its Auto classes."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("transformers")
+    check = ("cfg = transformers.AutoConfig.for_model('elastic_nemotron_h')\n"
+             "cls = transformers.AutoModelForCausalLM._model_mapping[type(cfg)]\n"
+             "print(type(cfg).__name__, cls.__name__)\n")
+    ours_first = ("import sys\nimport megatron_elastic\n"
+                  "assert 'transformers' not in sys.modules, 'import megatron_elastic pulled in transformers'\n"
+                  "import transformers\n")
+    transformers_first = "import transformers\nimport megatron_elastic\n"
+    for code in (ours_first + check, transformers_first + check):
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert r.stdout.split()[-2:] == ["ElasticNemotronHConfig", "ElasticNemotronHForCausalLM"]
