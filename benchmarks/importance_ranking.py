@@ -71,20 +71,29 @@ def main():
     # One axis at half width, the others full: where does the ranking matter?
     half = ElasticArch.full(cfg)
     axis_archs = {}
-    a_h = ElasticArch.full(cfg); a_h.hidden_size = cfg.hidden_size // 2; axis_archs["hidden 1/2"] = a_h
-    a_f = ElasticArch.full(cfg); a_f.ffn_hidden_size = {i: cfg.ffn_hidden_size // 2 for i in half.ffn_hidden_size}
+    a_h = ElasticArch.full(cfg)
+    a_h.hidden_size = cfg.hidden_size // 2
+    axis_archs["hidden 1/2"] = a_h
+    a_f = ElasticArch.full(cfg)
+    a_f.ffn_hidden_size = {i: cfg.ffn_hidden_size // 2 for i in half.ffn_hidden_size}
     axis_archs["ffn 1/2"] = a_f
-    a_m = ElasticArch.full(cfg); a_m.mamba_num_heads = {i: cfg.mamba_num_heads // 2 for i in half.mamba_num_heads}
+    a_m = ElasticArch.full(cfg)
+    a_m.mamba_num_heads = {i: cfg.mamba_num_heads // 2 for i in half.mamba_num_heads}
     axis_archs["mamba heads 1/2"] = a_m
-    a_c = ElasticArch.full(cfg); a_c.mamba_head_dim = {i: cfg.mamba_head_dim // 2 for i in half.mamba_head_dim}
+    a_c = ElasticArch.full(cfg)
+    a_c.mamba_head_dim = {i: cfg.mamba_head_dim // 2 for i in half.mamba_head_dim}
     axis_archs["mamba channels 1/2"] = a_c
     a_q = ElasticArch.full(cfg)
     a_q.num_attention_heads = {i: cfg.num_attention_heads // 2 for i in half.num_attention_heads}
     axis_archs["attention heads 1/2"] = a_q
     archs.update(axis_archs)
     full_params = arch_parameters(cfg, ElasticArch.full(cfg))
-    results = {"parent_bpb": val_bpb(None), "params": {k: arch_parameters(cfg, v) / full_params for k, v in archs.items()},
-               "width": {}, "depth": {}}
+    results = {
+        "parent_bpb": val_bpb(None),
+        "params": {k: arch_parameters(cfg, v) / full_params for k, v in archs.items()},
+        "width": {},
+        "depth": {},
+    }
 
     def evaluate(perm):
         model.load_state_dict(permute_state_dict(parent_sd, cfg, perm), strict=False)
@@ -108,14 +117,17 @@ def main():
 
     results["depth"]["ours (normalized MSE)"] = skipping(ranking[-drop:])
     rng = random.Random(0)
-    results["depth"][f"random (mean of {a.seeds})"] = sum(
-        skipping(rng.sample(range(len(cfg.hybrid_pattern)), drop)) for _ in range(a.seeds)) / a.seeds
+    results["depth"][f"random (mean of {a.seeds})"] = (
+        sum(skipping(rng.sample(range(len(cfg.hybrid_pattern)), drop)) for _ in range(a.seeds)) / a.seeds
+    )
     results["depth"]["last layers"] = skipping(range(len(cfg.hybrid_pattern) - drop, len(cfg.hybrid_pattern)))
     results["depth_dropped"] = drop
 
     print(f"parent: {results['parent_bpb']:.3f} bits/byte (validation, {a.eval_tokens} tokens)")
-    print(f"\nwidth-pruned sub-models, no retraining (bits/byte; params {results['params']['75%']:.2f} / "
-          f"{results['params']['50%']:.2f} of the parent)")
+    print(
+        f"\nwidth-pruned sub-models, no retraining (bits/byte; params {results['params']['75%']:.2f} / "
+        f"{results['params']['50%']:.2f} of the parent)"
+    )
     print(f"{'ranking':26} {'~75%':>8} {'~50%':>8}")
     for name, r in results["width"].items():
         print(f"{name:26} {r['75%']:8.3f} {r['50%']:8.3f}")

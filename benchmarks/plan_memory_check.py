@@ -87,9 +87,13 @@ def main(argv=None):
     job = load_pretrain_config(text=parent.replace("DATA", data))
     initialize_parallel(1, 1, seed=1)
     config = job.model_config()
-    cfg = load_elastic_config(text=ELASTIC.replace("PARENT", os.path.join(work, "imp"))
-                              .replace("CKPT", os.path.join(work, "ckpt")).replace("TOKENS", str(2 * args.seq * args.mbs))
-                              .replace("SEQ", str(args.seq)).replace("MBS", str(args.mbs)))
+    cfg = load_elastic_config(
+        text=ELASTIC.replace("PARENT", os.path.join(work, "imp"))
+        .replace("CKPT", os.path.join(work, "ckpt"))
+        .replace("TOKENS", str(2 * args.seq * args.mbs))
+        .replace("SEQ", str(args.seq))
+        .replace("MBS", str(args.mbs))
+    )
     _write_sorted_parent(job, config, os.path.join(work, "imp"))
 
     # Checkpoint writes stage tensors in host memory (on a GPU job too), outside what `plan` estimates per GPU.
@@ -97,13 +101,27 @@ def main(argv=None):
 
     elastic_mod.save_checkpoint = lambda *a, **k: None
     _, peak = peak_live_tensor_bytes(lambda: train_elastic(cfg, progress=False))
-    est = memory_per_gpu(config, 1, 1, 1, args.seq, args.mbs, 1, distributed_optimizer=False, recompute=False,
-                         kernels="reference", overhead_gib=0.0)
+    est = memory_per_gpu(
+        config,
+        1,
+        1,
+        1,
+        args.seq,
+        args.mbs,
+        1,
+        distributed_optimizer=False,
+        recompute=False,
+        kernels="reference",
+        overhead_gib=0.0,
+    )
     total = sum(est.values())
-    out = {"measured_peak_bytes": peak, "estimated_bytes": total, "ratio": total / peak,
-           "components": est}
-    print(json.dumps({k: (v if k != "components" else {c: round(b / 2 ** 20, 1) for c, b in v.items()})
-                      for k, v in out.items()}, indent=2))
+    out = {"measured_peak_bytes": peak, "estimated_bytes": total, "ratio": total / peak, "components": est}
+    print(
+        json.dumps(
+            {k: (v if k != "components" else {c: round(b / 2**20, 1) for c, b in v.items()}) for k, v in out.items()},
+            indent=2,
+        )
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)

@@ -40,8 +40,17 @@ import yaml
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-SCRATCH_TRAIN = {"micro_batch_size": 8, "global_batch_size": 8, "lr": 3.0e-3, "min_lr": 3.0e-4, "weight_decay": 0.1,
-                 "clip_grad": 1.0, "log_interval": 20, "eval_interval": 100000, "eval_iters": 2}
+SCRATCH_TRAIN = {
+    "micro_batch_size": 8,
+    "global_batch_size": 8,
+    "lr": 3.0e-3,
+    "min_lr": 3.0e-4,
+    "weight_decay": 0.1,
+    "clip_grad": 1.0,
+    "log_interval": 20,
+    "eval_interval": 100000,
+    "eval_iters": 2,
+}
 SCRATCH_SEQ = 256
 
 
@@ -67,14 +76,23 @@ def _elastic_run(base_overrides, ckpt_dir, extra, progress):
 
 
 def _stages_with(cfg, weights_per_stage, scale=1.0):
-    return [{"name": s.name, "tokens": int(s.tokens * scale) // (s.seq_length * s.global_batch_size)
-             * s.seq_length * s.global_batch_size, "seq_length": s.seq_length,
-             "global_batch_size": s.global_batch_size, "budget_weights": w}
-            for s, w in zip(cfg.curriculum.stages, weights_per_stage)]
+    return [
+        {
+            "name": s.name,
+            "tokens": int(s.tokens * scale)
+            // (s.seq_length * s.global_batch_size)
+            * s.seq_length
+            * s.global_batch_size,
+            "seq_length": s.seq_length,
+            "global_batch_size": s.global_batch_size,
+            "budget_weights": w,
+        }
+        for s, w in zip(cfg.curriculum.stages, weights_per_stage)
+    ]
 
 
 def _flow(obj) -> str:
-    return yaml.safe_dump(obj, default_flow_style=True, width=10 ** 6).strip()
+    return yaml.safe_dump(obj, default_flow_style=True, width=10**6).strip()
 
 
 def _scratch_run(arch_ckpt, data, ckpt_dir, tokens, seed, progress):
@@ -106,7 +124,9 @@ def main(argv=None):
     p.add_argument("--equal-total", action="store_true", help="also (b) and (c) with T/2 tokens per budget")
     p.add_argument("--no-ablation", action="store_true", help="skip uniform vs skewed stage-2 sampling")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--quick", action="store_true", help="the demo's --quick curriculum (a smoke test; numbers mean little)")
+    p.add_argument(
+        "--quick", action="store_true", help="the demo's --quick curriculum (a smoke test; numbers mean little)"
+    )
     args = p.parse_args(argv)
     progress = not args.no_progress
 
@@ -120,8 +140,17 @@ def main(argv=None):
         from megatron_elastic.demo import run_demo
 
         print(f"no finished demo in {run}: running `megatron-elastic demo --out {run}` first")
-        run_demo(argparse.Namespace(out=run, quick=False, config=None, set=None, elastic_set=None,
-                                    max_bytes=16_000_000, no_progress=args.no_progress))
+        run_demo(
+            argparse.Namespace(
+                out=run,
+                quick=False,
+                config=None,
+                set=None,
+                elastic_set=None,
+                max_bytes=16_000_000,
+                no_progress=args.no_progress,
+            )
+        )
     os.makedirs(out, exist_ok=True)
     base = [f"parent={imp}", f"data.path={data}"] + (QUICK_ELASTIC if args.quick else [])
     cfg = load_elastic_config(recipe_path(TINY_ELASTIC), base)
@@ -135,13 +164,23 @@ def main(argv=None):
     def record(method, budget, seed, path, tokens, wall, total_tokens):
         if (method, budget, seed) in done:
             return
-        row = {"method": method, "budget": budget, "seed": seed, **evaluate_checkpoint(path, batches),
-               "train_tokens": tokens, "total_tokens_for_all_budgets": total_tokens, "wall_s": wall,
-               "checkpoint": path}
+        row = {
+            "method": method,
+            "budget": budget,
+            "seed": seed,
+            **evaluate_checkpoint(path, batches),
+            "train_tokens": tokens,
+            "total_tokens_for_all_budgets": total_tokens,
+            "wall_s": wall,
+            "checkpoint": path,
+        }
         results.append(row)
         done.add((method, budget, seed))
-        print(f"  {method:<34} budget {budget:<5} seed {seed}: {row['parameters']:>9,} params, "
-              f"{row['bpb']:.4f} bits/byte, {tokens:,} tokens, {wall:.0f} s", flush=True)
+        print(
+            f"  {method:<34} budget {budget:<5} seed {seed}: {row['parameters']:>9,} params, "
+            f"{row['bpb']:.4f} bits/byte, {tokens:,} tokens, {wall:.0f} s",
+            flush=True,
+        )
         with open(results_path, "w") as f:
             json.dump(results, f, indent=2)
 
@@ -160,17 +199,31 @@ def main(argv=None):
                 b_dir = os.path.join(out, f"b{suffix.replace('/', 'half')}_minitron_{name}_seed{seed}")
                 print(f"\n(b{suffix}) Minitron-style, budget {name}, seed {seed}: {b_dir}", flush=True)
                 stages = _stages_with(cfg, [[1.0]] * len(cfg.curriculum.stages), scale)
-                s, bpaths, bwall = _elastic_run(base, b_dir, seed_extra + [f"budgets=[{b}]",
-                                                                           f"curriculum.stages={_flow(stages)}"],
-                                                progress)
-                record(f"(b{suffix}) prune + distil", name, seed, bpaths[name], s["tokens"], bwall,
-                       s["tokens"] * len(small))
+                s, bpaths, bwall = _elastic_run(
+                    base, b_dir, seed_extra + [f"budgets=[{b}]", f"curriculum.stages={_flow(stages)}"], progress
+                )
+                record(
+                    f"(b{suffix}) prune + distil",
+                    name,
+                    seed,
+                    bpaths[name],
+                    s["tokens"],
+                    bwall,
+                    s["tokens"] * len(small),
+                )
                 c_dir = os.path.join(out, f"c{suffix.replace('/', 'half')}_scratch_{name}_seed{seed}")
                 print(f"\n(c{suffix}) from scratch, budget {name}, seed {seed}: {c_dir}", flush=True)
                 tokens = int(T * scale)
                 cs = _scratch_run(paths[name], data, c_dir, tokens, seed, progress)
-                record(f"(c{suffix}) from scratch", name, seed, c_dir, cs["tokens"], cs["wall_time_s"],
-                       cs["tokens"] * len(small))
+                record(
+                    f"(c{suffix}) from scratch",
+                    name,
+                    seed,
+                    c_dir,
+                    cs["tokens"],
+                    cs["wall_time_s"],
+                    cs["tokens"] * len(small),
+                )
         if not args.no_ablation:
             u_dir = os.path.join(out, f"ablation_uniform_stage2_seed{seed}")
             print(f"\nablation: (a) with uniform stage-2 sampling, seed {seed}: {u_dir}", flush=True)
@@ -183,8 +236,10 @@ def main(argv=None):
     summary = summarize(results)
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    rows = [{"name": f"{r['budget']}", "method": r["method"], "parameters": r["parameters"], "bpb": r["bpb_mean"]}
-            for r in summary]
+    rows = [
+        {"name": f"{r['budget']}", "method": r["method"], "parameters": r["parameters"], "bpb": r["bpb_mean"]}
+        for r in summary
+    ]
     pareto_plot(os.path.join(out, "pareto.png"), rows, "tiny reproduction: bits/byte vs parameters (mean over seeds)")
     report = write_report(out, summary, T, args, time.time() - t_start)
     print(f"\n{report_table(summary)}\nreport: {report}")
@@ -199,49 +254,80 @@ def summarize(results):
     out = []
     for (method, budget), rs in groups.items():
         bpb = [r["bpb"] for r in rs]
-        out.append({"method": method, "budget": budget, "parameters": rs[0]["parameters"], "seeds": [r["seed"] for r in rs],
-                    "bpb_mean": statistics.mean(bpb), "bpb_std": statistics.stdev(bpb) if len(bpb) > 1 else None,
-                    "bpb_min": min(bpb), "bpb_max": max(bpb), "train_tokens": rs[0]["train_tokens"],
-                    "total_tokens_for_all_budgets": rs[0]["total_tokens_for_all_budgets"],
-                    "wall_s_min": min(r["wall_s"] for r in rs)})
+        out.append(
+            {
+                "method": method,
+                "budget": budget,
+                "parameters": rs[0]["parameters"],
+                "seeds": [r["seed"] for r in rs],
+                "bpb_mean": statistics.mean(bpb),
+                "bpb_std": statistics.stdev(bpb) if len(bpb) > 1 else None,
+                "bpb_min": min(bpb),
+                "bpb_max": max(bpb),
+                "train_tokens": rs[0]["train_tokens"],
+                "total_tokens_for_all_budgets": rs[0]["total_tokens_for_all_budgets"],
+                "wall_s_min": min(r["wall_s"] for r in rs),
+            }
+        )
     order = {"1": 0, "0.75": 1, "0.5": 2}
     return sorted(out, key=lambda r: (order.get(r["budget"], 9), r["method"]))
 
 
 def report_table(summary):
-    lines = ["| budget | method | parameters | bits/byte (mean) | spread (min..max, n) | tokens for this budget | "
-             "tokens for all budgets | train wall s (fastest seed) |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| budget | method | parameters | bits/byte (mean) | spread (min..max, n) | tokens for this budget | "
+        "tokens for all budgets | train wall s (fastest seed) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in summary:
         spread = f"{r['bpb_min']:.3f}..{r['bpb_max']:.3f}, n={len(r['seeds'])}"
-        lines.append(f"| {r['budget']} | {r['method']} | {r['parameters']:,} | {r['bpb_mean']:.3f} | {spread} | "
-                     f"{r['train_tokens']:,} | {r['total_tokens_for_all_budgets']:,} | {r['wall_s_min']:.0f} |")
+        lines.append(
+            f"| {r['budget']} | {r['method']} | {r['parameters']:,} | {r['bpb_mean']:.3f} | {spread} | "
+            f"{r['train_tokens']:,} | {r['total_tokens_for_all_budgets']:,} | {r['wall_s_min']:.0f} |"
+        )
     return "\n".join(lines)
 
 
 def comparisons(summary):
     """Per smaller budget: (a) minus each other method, and each method's total-token cost relative to (a)."""
     by = {(r["method"], r["budget"]): r for r in summary}
-    lines = ["| budget | compared with | difference (a) - other | other's tokens for all budgets / (a)'s |",
-             "|---|---|---|---|"]
+    lines = [
+        "| budget | compared with | difference (a) - other | other's tokens for all budgets / (a)'s |",
+        "|---|---|---|---|",
+    ]
     for (method, budget), r in by.items():
         a = by.get(("(a) elastic", budget))
         if a is None or method == "(a) elastic":
             continue
-        lines.append(f"| {budget} | {method} | {a['bpb_mean'] - r['bpb_mean']:+.3f} | "
-                     f"{r['total_tokens_for_all_budgets'] / a['total_tokens_for_all_budgets']:.1f}x |")
+        lines.append(
+            f"| {budget} | {method} | {a['bpb_mean'] - r['bpb_mean']:+.3f} | "
+            f"{r['total_tokens_for_all_budgets'] / a['total_tokens_for_all_budgets']:.1f}x |"
+        )
     return "\n".join(lines)
 
 
 def write_report(out, summary, T, args, seconds):
-    text = "\n".join([
-        "# Tiny reproduction: one elastic run vs separate compression vs from scratch", "",
-        f"`python benchmarks/reproduce_small.py {' '.join(sys.argv[1:])}`".replace("  ", " "), "",
-        f"T = {T:,} tokens. Seeds: {args.seeds}. Every model scored on the same {args.eval_tokens:,} held-out tokens. "
-        f"This invocation ran {seconds:.0f} s (finished runs are reused). For (a), *tokens for this budget* is the "
-        "whole run's T: the budgets share it (each micro-batch trains one sampled budget).", "",
-        report_table(summary), "", "![bits/byte vs parameters](pareto.png)", "",
-        "## (a) against the others (bits/byte difference, mean over seeds; negative: (a) is better)", "",
-        comparisons(summary), ""])
+    text = "\n".join(
+        [
+            "# Tiny reproduction: one elastic run vs separate compression vs from scratch",
+            "",
+            f"`python benchmarks/reproduce_small.py {' '.join(sys.argv[1:])}`".replace("  ", " "),
+            "",
+            f"T = {T:,} tokens. Seeds: {args.seeds}. "
+            f"Every model scored on the same {args.eval_tokens:,} held-out tokens. "
+            f"This invocation ran {seconds:.0f} s (finished runs are reused). For (a), *tokens for this budget* is the "
+            "whole run's T: the budgets share it (each micro-batch trains one sampled budget).",
+            "",
+            report_table(summary),
+            "",
+            "![bits/byte vs parameters](pareto.png)",
+            "",
+            "## (a) against the others (bits/byte difference, mean over seeds; negative: (a) is better)",
+            "",
+            comparisons(summary),
+            "",
+        ]
+    )
     path = os.path.join(out, "report.md")
     with open(path, "w") as f:
         f.write(text)

@@ -51,20 +51,33 @@ def main(argv=None):
             model = build_hybrid_model(job.model_config())
             load_model_weights(r["megatron"], model)
             nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values() if torch.is_tensor(t))
-            rows.append({"budget": r["name"], "parameters": r["parameters"], "weight_bytes": nbytes,
-                         "rss_increase_bytes": rss() - before})
+            rows.append(
+                {
+                    "budget": r["name"],
+                    "parameters": r["parameters"],
+                    "weight_bytes": nbytes,
+                    "rss_increase_bytes": rss() - before,
+                }
+            )
             del model
             gc.collect()
     total = sum(r["weight_bytes"] for r in rows)
-    mb = lambda b: f"{b / 2 ** 20:8.2f} MiB"
+    mb = lambda b: f"{b / 2**20:8.2f} MiB"
     print(f"{'budget':>8} {'parameters':>12} {'weights':>12}")
     for r in rows:
         print(f"{r['budget']:>8} {r['parameters']:>12,} {mb(r['weight_bytes'])}")
     print(f"separate models, all budgets: {mb(total)}")
-    print(f"one elastic copy serving all: {mb(served)}  ({served / total:.2f} of the separate total; "
-          f"RSS after loading the server: {mb(server_rss)})")
-    out = {"budgets": rows, "separate_total_bytes": total, "elastic_served_bytes": served,
-           "ratio": served / total, "server_rss_increase_bytes": server_rss}
+    print(
+        f"one elastic copy serving all: {mb(served)}  ({served / total:.2f} of the separate total; "
+        f"RSS after loading the server: {mb(server_rss)})"
+    )
+    out = {
+        "budgets": rows,
+        "separate_total_bytes": total,
+        "elastic_served_bytes": served,
+        "ratio": served / total,
+        "server_rss_increase_bytes": server_rss,
+    }
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)

@@ -61,7 +61,8 @@ def timeit(fn, repeats):
 
 def mixer_times(shape, repeats):
     """Whole Mamba-2 mixer (in_proj, conv, SSD, gated norm, out_proj) at this shape: ours (megatron_elastic
-    MambaMixer, CPU path) and transformers' NemotronHMamba2Mixer forward (its torch path on CPU). Returns (ours_ms, hf_ms|str)."""
+    MambaMixer, CPU path) and transformers' NemotronHMamba2Mixer forward (its torch path on CPU).
+    Returns (ours_ms, hf_ms|str)."""
     from megatron_elastic.model.builder import build_hybrid_model
     from megatron_elastic.parallel import initialize_parallel
     from megatron_elastic.testing import tiny_config
@@ -69,8 +70,15 @@ def mixer_times(shape, repeats):
     b, l, h, p, g, n, chunk = shape
     d_model = h * p // 2
     initialize_parallel(1, 1)
-    cfg = tiny_config(hybrid_pattern="M", hidden_size=d_model, mamba_num_heads=h, mamba_head_dim=p,
-                      mamba_num_groups=g, mamba_state_dim=n, mamba_chunk_size=chunk)
+    cfg = tiny_config(
+        hybrid_pattern="M",
+        hidden_size=d_model,
+        mamba_num_heads=h,
+        mamba_head_dim=p,
+        mamba_num_groups=g,
+        mamba_state_dim=n,
+        mamba_chunk_size=chunk,
+    )
     ours_mixer = build_hybrid_model(cfg).decoder.layers[0].mixer.eval()
     hidden = torch.randn(l, b, d_model)
     with torch.no_grad():
@@ -79,9 +87,18 @@ def mixer_times(shape, repeats):
     if m is None:
         return ours, "not installed"
     try:
-        hcfg = m.NemotronHConfig(hidden_size=d_model, mamba_num_heads=h, mamba_head_dim=p, n_groups=g,
-                                 ssm_state_size=n, chunk_size=chunk, use_mamba_kernels=False,
-                                 hybrid_override_pattern="M", num_hidden_layers=1, vocab_size=256)
+        hcfg = m.NemotronHConfig(
+            hidden_size=d_model,
+            mamba_num_heads=h,
+            mamba_head_dim=p,
+            n_groups=g,
+            ssm_state_size=n,
+            chunk_size=chunk,
+            use_mamba_kernels=False,
+            hybrid_override_pattern="M",
+            num_hidden_layers=1,
+            vocab_size=256,
+        )
         hf_mixer = m.NemotronHMamba2Mixer(hcfg, layer_idx=0).eval()
     except Exception as e:  # the API differs across transformers versions
         return ours, f"n/a ({type(e).__name__}: {e})"[:60]
@@ -98,8 +115,10 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
-    print(f"{'shape (b,l,h,p,g,n,chunk)':34s} {'SSD chunked ms':>15s} {'seq. fp64 ms':>13s} {'speed-up':>9s} "
-          f"{'our mixer ms':>13s} {'HF mixer ms':>12s}")
+    print(
+        f"{'shape (b,l,h,p,g,n,chunk)':34s} {'SSD chunked ms':>15s} {'seq. fp64 ms':>13s} {'speed-up':>9s} "
+        f"{'our mixer ms':>13s} {'HF mixer ms':>12s}"
+    )
     for shape in SHAPES:
         b, l, h, p, g, n, chunk = shape
         x, dt = torch.randn(b, l, h, p), torch.randn(b, l, h)
@@ -108,8 +127,15 @@ def main():
             ours = timeit(lambda: ssd_chunk_scan_torch(x, dt, A, B, C, chunk, D=D), args.repeats)
             seq = timeit(lambda: sequential_reference(x, dt, A, B, C, D), max(1, args.repeats // 2))
         our_mixer, hf = mixer_times(shape, args.repeats)
-        rows.append({"shape": shape, "ssd_chunked_ms": ours, "ssd_sequential_fp64_ms": seq,
-                     "our_mixer_ms": our_mixer, "hf_nemotron_h_mixer_ms": hf})
+        rows.append(
+            {
+                "shape": shape,
+                "ssd_chunked_ms": ours,
+                "ssd_sequential_fp64_ms": seq,
+                "our_mixer_ms": our_mixer,
+                "hf_nemotron_h_mixer_ms": hf,
+            }
+        )
         hf_s = f"{hf:.1f}" if isinstance(hf, float) else hf
         print(f"{str(shape):34s} {ours:15.1f} {seq:13.1f} {seq / ours:8.1f}x {our_mixer:13.1f} {hf_s:>12s}")
     with open(args.json, "w") as f:

@@ -18,11 +18,10 @@ import os
 import sys
 from typing import Any
 
-import torch
-from packaging.version import Version
-
 import megatron.core
+import torch
 from megatron.core.tensor_parallel import random as mcore_random
+from packaging.version import Version
 
 MCORE_VERSION = Version(megatron.core.__version__)
 
@@ -60,11 +59,31 @@ def build_hybrid_model(*, stack_spec, pattern: str, **kwargs: Any) -> torch.nn.M
     """Build Megatron's hybrid language model under whichever name and keywords this release uses."""
     params = inspect.signature(HybridModel.__init__).parameters
     kwargs[STACK_SPEC_KWARG] = stack_spec
+    pp = getattr(kwargs.get("config"), "pipeline_model_parallel_size", 1)
+    if PATTERN_KWARG == "hybrid_layer_pattern" and pp > 1 and "|" not in pattern:
+        # 0.18+ deprecates splitting a pattern without '|' over PP stages; write the same equal split explicitly.
+        per_stage = len(pattern) // pp
+        pattern = "|".join(pattern[i * per_stage : (i + 1) * per_stage] for i in range(pp))
     kwargs[PATTERN_KWARG] = pattern
     unknown = [k for k in kwargs if k not in params]
     if unknown:
         raise TypeError(f"{HybridModel.__name__} in megatron-core {MCORE_VERSION} has no argument(s) {unknown}")
     return HybridModel(**kwargs)
+
+
+def add_layer_recompute(layers) -> None:
+    """megatron-core 0.16/0.17 shim (their hybrid stack ignores ``recompute_granularity="full"``): checkpoint each
+    layer's training forward, so only its input is kept and it re-runs in the backward pass. 0.18+ recompute in
+    the stack itself (``STACK_HAS_NATIVE_RECOMPUTE``); this goes with 0.16/0.17 support."""
+    for layer in layers:
+        layer.forward = functools.partial(_recomputed, layer, layer.forward)
+
+
+def _recomputed(layer, forward, *args, **kwargs):
+    """Activation recomputation for one layer (training only; inference and no-grad passes run it plainly)."""
+    if not layer.training or not torch.is_grad_enabled() or kwargs.get("inference_context") is not None:
+        return forward(*args, **kwargs)
+    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
 def mlp_submodule(mlp_cls, submodules):

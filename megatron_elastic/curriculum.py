@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from typing import List, Sequence, Tuple
+
 from megatron_elastic.errors import ConfigError
 
 
@@ -25,14 +26,20 @@ class Stage:
     def validate(self, n_budgets: int) -> None:
         if self.tokens <= 0 or self.seq_length <= 0 or self.global_batch_size <= 0:
             raise ConfigError(f"stage {self.name!r}: tokens, seq_length and global_batch_size must be positive")
-        if len(self.budget_weights) != n_budgets or any(w < 0 for w in self.budget_weights) or sum(self.budget_weights) <= 0:
-            raise ConfigError(f"stage {self.name!r}: budget_weights needs {n_budgets} non-negative weights with a "
-                             f"positive sum (one per budget), got {self.budget_weights}")
+        if (
+            len(self.budget_weights) != n_budgets
+            or any(w < 0 for w in self.budget_weights)
+            or sum(self.budget_weights) <= 0
+        ):
+            raise ConfigError(
+                f"stage {self.name!r}: budget_weights needs {n_budgets} non-negative weights with a "
+                f"positive sum (one per budget), got {self.budget_weights}"
+            )
 
 
 @dataclass
 class Curriculum:
-    budgets: List[float]                  # parameter fractions, largest first, e.g. [1.0, 0.75, 0.5]
+    budgets: List[float]  # parameter fractions, largest first, e.g. [1.0, 0.75, 0.5]
     stages: List[Stage]
     tau: Tuple[float, float] = (1.0, 0.05)
     logit_scale: Tuple[float, float] = (1.0, 10.0)
@@ -45,13 +52,25 @@ class Curriculum:
             s.validate(len(self.budgets))
 
     @classmethod
-    def paper_default(cls, budgets: Sequence[float], total_tokens: int, short_seq: int, long_seq: int,
-                      short_batch: int, long_batch: int) -> "Curriculum":
+    def paper_default(
+        cls,
+        budgets: Sequence[float],
+        total_tokens: int,
+        short_seq: int,
+        long_seq: int,
+        short_batch: int,
+        long_batch: int,
+    ) -> "Curriculum":
         n = len(budgets)
         skew = [0.5, 0.3, 0.2] if n == 3 else [1.0 / n] * n
         s1 = int(round(total_tokens * 65 / 110))
-        return cls(list(budgets), [Stage("short-context", s1, short_seq, short_batch, [1.0 / n] * n),
-                                   Stage("long-context", total_tokens - s1, long_seq, long_batch, skew)])
+        return cls(
+            list(budgets),
+            [
+                Stage("short-context", s1, short_seq, short_batch, [1.0 / n] * n),
+                Stage("long-context", total_tokens - s1, long_seq, long_batch, skew),
+            ],
+        )
 
     @property
     def total_tokens(self) -> int:

@@ -20,14 +20,23 @@ TINY_ELASTIC = "tiny_elastic.yaml"
 PHASES = 6
 
 # --quick: every phase, shortened to check a set-up in a few minutes (the numbers mean little).
-QUICK_PARENT = ["train.train_iters=40", "train.eval_interval=20", "train.eval_iters=4", "train.lr_warmup_iters=8",
-                "checkpoint.save_interval=40"]
+QUICK_PARENT = [
+    "train.train_iters=40",
+    "train.eval_interval=20",
+    "train.eval_iters=4",
+    "train.lr_warmup_iters=8",
+    "checkpoint.save_interval=40",
+]
 QUICK_ELASTIC = [
     "curriculum.stages=[{name: short-context, tokens: 16384, seq_length: 128, global_batch_size: 16, "
     "budget_weights: [1, 1, 1]}, {name: long-context, tokens: 16384, seq_length: 512, global_batch_size: 8, "
     "budget_weights: [0.5, 0.3, 0.2]}]",
-    "router.warmup_iters=2", "train.lr_warmup_iters=2", "train.eval_interval=12", "train.eval_iters=2",
-    "checkpoint.save_interval=12"]
+    "router.warmup_iters=2",
+    "train.lr_warmup_iters=2",
+    "train.eval_interval=12",
+    "train.eval_iters=2",
+    "checkpoint.save_interval=12",
+]
 
 
 def recipe_path(name: str) -> str:
@@ -76,8 +85,17 @@ def run_demo(args: argparse.Namespace) -> dict:
     except FileNotFoundError:
         from megatron_elastic.cli import cmd_prepare_data
 
-        cmd_prepare_data(argparse.Namespace(input=None, out=data_dir, tokenizer="byte", json_key="text",
-                                            max_bytes=args.max_bytes, valid_every=20, no_progress=args.no_progress))
+        cmd_prepare_data(
+            argparse.Namespace(
+                input=None,
+                out=data_dir,
+                tokenizer="byte",
+                json_key="text",
+                max_bytes=args.max_bytes,
+                valid_every=20,
+                no_progress=args.no_progress,
+            )
+        )
     done("data")
 
     name = "pretrain the tiny parent"
@@ -89,11 +107,12 @@ def run_demo(args: argparse.Namespace) -> dict:
     else:
         from megatron_elastic.training.pretrain import pretrain
 
-        summary = pretrain(cfg, resume=latest_checkpoint(parent_dir) is not None,
-                           progress=progress)
-    print(f"parent: {summary['parameters']:,} parameters, {summary['tokens']:,} tokens; validation "
-          f"{summary['initial_valid_bpb']:.3f} -> {summary['final_valid_bpb']:.3f} bits/byte "
-          f"(unigram baseline {summary['unigram_bpb']:.3f})")
+        summary = pretrain(cfg, resume=latest_checkpoint(parent_dir) is not None, progress=progress)
+    print(
+        f"parent: {summary['parameters']:,} parameters, {summary['tokens']:,} tokens; validation "
+        f"{summary['initial_valid_bpb']:.3f} -> {summary['final_valid_bpb']:.3f} bits/byte "
+        f"(unigram baseline {summary['unigram_bpb']:.3f})"
+    )
     done(name)
 
     name = "importance and the function-preserving sort"
@@ -103,8 +122,9 @@ def run_demo(args: argparse.Namespace) -> dict:
     else:
         from megatron_elastic.importance.run import run_importance
 
-        res = run_importance(parent_dir, data_dir, imp_dir, calib_tokens=4096 if args.quick else 32768,
-                             progress=progress)
+        res = run_importance(
+            parent_dir, data_dir, imp_dir, calib_tokens=4096 if args.quick else 32768, progress=progress
+        )
         print(res["table"])
         print(f"depth ranking (most important first): {res['depth_ranking']}; plot: {res['plot']}")
     done(name)
@@ -123,8 +143,7 @@ def run_demo(args: argparse.Namespace) -> dict:
         with open(summary_path) as f:
             esummary = json.load(f)
     else:
-        esummary = train_elastic(ecfg, resume=latest_checkpoint(elastic_dir) is not None,
-                                 progress=progress)
+        esummary = train_elastic(ecfg, resume=latest_checkpoint(elastic_dir) is not None, progress=progress)
     print(results_table(esummary))
     done(name)
 
@@ -139,8 +158,16 @@ def run_demo(args: argparse.Namespace) -> dict:
 
     name = "evaluate every model on one held-out set and write the report"
     phase(6, name)
-    rows = evaluate_demo(out, parent_dir, imp_dir, rows_x, data_dir, esummary, num_tokens=8192 if args.quick else 65536,
-                         progress=progress)
+    rows = evaluate_demo(
+        out,
+        parent_dir,
+        imp_dir,
+        rows_x,
+        data_dir,
+        esummary,
+        num_tokens=8192 if args.quick else 65536,
+        progress=progress,
+    )
     done(name)
     total = time.time() - t0
     report = _write_demo_report(out, rows, esummary, times, total, args)
@@ -148,8 +175,16 @@ def run_demo(args: argparse.Namespace) -> dict:
     return {"rows": rows, "phase_seconds": times, "total_seconds": total, "report": report}
 
 
-def evaluate_demo(out: str, parent_dir: str, imp_dir: str, extracted_rows: List[dict], data_dir: str, esummary: dict,
-                  num_tokens: int, progress: bool = True) -> List[dict]:
+def evaluate_demo(
+    out: str,
+    parent_dir: str,
+    imp_dir: str,
+    extracted_rows: List[dict],
+    data_dir: str,
+    esummary: dict,
+    num_tokens: int,
+    progress: bool = True,
+) -> List[dict]:
     """Rows for the report: the parent, every extracted budget, and each smaller budget's architecture sliced from
     the sorted parent without training (the zero-shot pruning baseline)."""
     from tqdm import tqdm
@@ -161,15 +196,21 @@ def evaluate_demo(out: str, parent_dir: str, imp_dir: str, extracted_rows: List[
     print(f"  {sum(int(b['loss_mask'].sum()) for b in batches):,} held-out tokens (validation split, fixed order)")
     rows = []
     jobs = [("parent", "parent (pretrained)", parent_dir, None)]
-    jobs += [(f"elastic {r['name']}", "Nemotron Elastic, extracted", r["megatron"], esummary["tokens"])
-             for r in extracted_rows]
+    jobs += [
+        (f"elastic {r['name']}", "Nemotron Elastic, extracted", r["megatron"], esummary["tokens"])
+        for r in extracted_rows
+    ]
     for name, method, path, spent in tqdm(jobs, desc="evaluate", disable=not progress):
         rows.append({"name": name, "method": method, **evaluate_checkpoint(path, batches), "train_tokens": spent})
-    archs = {r["name"]: ElasticArch.from_json(open(os.path.join(os.path.dirname(r["megatron"]), "arch.json")).read())
-             for r in extracted_rows if float(r["name"]) < 1.0}
+    archs = {
+        r["name"]: ElasticArch.from_json(open(os.path.join(os.path.dirname(r["megatron"]), "arch.json")).read())
+        for r in extracted_rows
+        if float(r["name"]) < 1.0
+    }
     for name, res in evaluate_subnetworks(os.path.join(imp_dir, "sorted"), archs, batches).items():
-        rows.append({"name": f"pruned {name}", "method": "pruned from the sorted parent, no training", **res,
-                     "train_tokens": 0})
+        rows.append(
+            {"name": f"pruned {name}", "method": "pruned from the sorted parent, no training", **res, "train_tokens": 0}
+        )
     from megatron_elastic.evaluation import results_markdown
 
     print(results_markdown(rows))
@@ -178,8 +219,9 @@ def evaluate_demo(out: str, parent_dir: str, imp_dir: str, extracted_rows: List[
     return rows
 
 
-def _write_demo_report(out: str, rows: List[dict], esummary: dict, times: Dict[str, float], total: float,
-                       args: argparse.Namespace) -> str:
+def _write_demo_report(
+    out: str, rows: List[dict], esummary: dict, times: Dict[str, float], total: float, args: argparse.Namespace
+) -> str:
     from megatron_elastic.evaluation import write_report
 
     cmd = "megatron-elastic demo" + (" --quick" if args.quick else "")
@@ -193,8 +235,11 @@ def _write_demo_report(out: str, rows: List[dict], esummary: dict, times: Dict[s
         "",
         f"The elastic run: {esummary['steps']} steps, {esummary['tokens']:,} tokens, "
         f"{esummary['wall_time_s']:.0f} s; nested without clipping: {esummary['nested_without_clipping']}. "
-        "Chosen architectures: " + "; ".join(
-            f"{b}: {r['parameters']:,} parameters ({r['fraction']:.3f} of the parent)" for b, r in budgets.items()) + ".",
+        "Chosen architectures: "
+        + "; ".join(
+            f"{b}: {r['parameters']:,} parameters ({r['fraction']:.3f} of the parent)" for b, r in budgets.items()
+        )
+        + ".",
         "",
         "## Phase times (s)",
         "",

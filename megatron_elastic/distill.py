@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+
 from megatron_elastic.errors import ConfigError
 
 
@@ -40,8 +41,13 @@ def _log_softmax(x: torch.Tensor, group) -> torch.Tensor:
     return x - m - torch.log(z)
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
-            loss_mask: Optional[torch.Tensor] = None, tp_group=None) -> torch.Tensor:
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float = 1.0,
+    loss_mask: Optional[torch.Tensor] = None,
+    tp_group=None,
+) -> torch.Tensor:
     """Mean over (masked) tokens of T^2 * KL(softmax(teacher/T) || softmax(student/T)).
 
     Shapes: logits ``[..., vocab_shard]``; ``loss_mask`` ``[...]`` (1 = counted). ``tp_group``: the group the
@@ -54,6 +60,6 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
         t = _log_softmax(teacher_logits.detach().float() / temperature, tp_group)
     kl = _tp_all_reduce((t.exp() * (t - s)).sum(dim=-1), dist.ReduceOp.SUM, tp_group)
     if loss_mask is None:
-        return kl.mean() * temperature ** 2
+        return kl.mean() * temperature**2
     mask = loss_mask.float()
-    return (kl * mask).sum() / mask.sum().clamp(min=1) * temperature ** 2
+    return (kl * mask).sum() / mask.sum().clamp(min=1) * temperature**2

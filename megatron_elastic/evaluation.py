@@ -25,11 +25,17 @@ EVAL_SEED = 4242
 LN2 = math.log(2.0)
 
 
-def fixed_eval_set(data_dir: str, seq_length: int = 256, num_tokens: int = 65536, vocab_size: Optional[int] = None,
-                   micro_batch_size: int = 8) -> List[dict]:
+def fixed_eval_set(
+    data_dir: str,
+    seq_length: int = 256,
+    num_tokens: int = 65536,
+    vocab_size: Optional[int] = None,
+    micro_batch_size: int = 8,
+) -> List[dict]:
     """``num_tokens`` tokens of the validation split as batches, the same ones on every call."""
-    return calibration_batches(data_dir, seq_length, num_tokens, micro_batch_size, seed=EVAL_SEED, split="valid",
-                               vocab_size=vocab_size)
+    return calibration_batches(
+        data_dir, seq_length, num_tokens, micro_batch_size, seed=EVAL_SEED, split="valid", vocab_size=vocab_size
+    )
 
 
 @torch.no_grad()
@@ -44,16 +50,21 @@ def evaluate_lm(model, batches: Sequence[dict]) -> Dict[str, float]:
             b = batch_to_device(batch)
             tokens = b["tokens"]
             t0 = time.perf_counter()
-            losses = model(tokens, b["position_ids"], causal_attention_mask(tokens.shape[1], tokens.device),
-                           labels=b["labels"])
+            losses = model(
+                tokens, b["position_ids"], causal_attention_mask(tokens.shape[1], tokens.device), labels=b["labels"]
+            )
             seconds += time.perf_counter() - t0
             mask = b["loss_mask"].float()
             total += float((losses.float() * mask).sum())
             count += int(mask.sum())
     model.train(was_training)
     loss = total / max(count, 1)
-    return {"loss": loss, "bpb": loss / LN2, "tokens": count,
-            "tokens_per_s": sum(int(x["tokens"].numel()) for x in batches) / max(seconds, 1e-9)}
+    return {
+        "loss": loss,
+        "bpb": loss / LN2,
+        "tokens": count,
+        "tokens_per_s": sum(int(x["tokens"].numel()) for x in batches) / max(seconds, 1e-9),
+    }
 
 
 def load_standalone(path: str):
@@ -74,11 +85,14 @@ def results_markdown(rows: List[dict]) -> str:
     """A Markdown table of ``rows`` (name, method, parameters, loss, bpb, tokens_per_s; optional tokens spent)."""
     spent = any("train_tokens" in r for r in rows)
     head = "| model | method | parameters | val loss (nats/token) | bits/byte | tokens/s |" + (
-        " training tokens |" if spent else "")
+        " training tokens |" if spent else ""
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        line = (f"| {r['name']} | {r['method']} | {r['parameters']:,} | {r['loss']:.4f} | {r['bpb']:.3f} | "
-                f"{r['tokens_per_s']:,.0f} |")
+        line = (
+            f"| {r['name']} | {r['method']} | {r['parameters']:,} | {r['loss']:.4f} | {r['bpb']:.3f} | "
+            f"{r['tokens_per_s']:,.0f} |"
+        )
         if spent:
             line += f" {r['train_tokens']:,} |" if r.get("train_tokens") is not None else " - |"
         lines.append(line)

@@ -29,8 +29,9 @@ def _ranks_from_slurm() -> None:
     os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
 
 
-def initialize_parallel(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
-                        seed: int = 1234) -> None:
+def initialize_parallel(
+    tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1, seed: int = 1234
+) -> None:
     """Initialise torch.distributed from the torchrun environment (or as a single process when there is
     none) and Megatron's TP/PP/DP groups, then seed Megatron's RNG streams. Idempotent."""
     compat.apply_cpu_shims()
@@ -42,15 +43,19 @@ def initialize_parallel(tensor_model_parallel_size: int = 1, pipeline_model_para
         if "RANK" in os.environ:  # torchrun / Slurm launcher environment
             dist.init_process_group(backend=backend)
         else:  # a single process; leave os.environ alone so child processes do not inherit a rendezvous
-            dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
-                                    world_size=1)
+            dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     world = dist.get_world_size()
     tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
     if world % (tp * pp):
-        raise ConfigError(f"world size {world} is not divisible by tensor_model_parallel_size*pipeline_model_parallel_size "
-                         f"({tp}*{pp}); launch a multiple of {tp * pp} processes")
+        raise ConfigError(
+            f"world size {world} is not divisible by tensor_model_parallel_size*pipeline_model_parallel_size "
+            f"({tp}*{pp}); launch a multiple of {tp * pp} processes"
+        )
     if parallel_state.model_parallel_is_initialized():
-        if (parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_pipeline_model_parallel_world_size()) != (tp, pp):
+        if (
+            parallel_state.get_tensor_model_parallel_world_size(),
+            parallel_state.get_pipeline_model_parallel_world_size(),
+        ) != (tp, pp):
             parallel_state.destroy_model_parallel()
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)

@@ -32,19 +32,17 @@ from megatron_elastic.model.cost import arch_flops_per_token, arch_parameters, l
 from megatron_elastic.model.elastic_arch import ElasticArch
 from megatron_elastic.training.elastic_config import ElasticJobConfig, load_elastic_config
 
-GIB = 2 ** 30
-
-
+GIB = 2**30
 
 
 @dataclass
 class Hardware:
     nodes: int = 1
     gpus_per_node: int = 8
-    gpu_memory_gib: float = 80.0          # H100 SXM 80 GB
-    peak_tflops: float = 989.0            # H100 SXM dense BF16
-    mfu: float = 0.35                     # assumed model-FLOPs utilisation
-    overhead_gib: float = 4.0             # CUDA context, NCCL buffers, allocator slack
+    gpu_memory_gib: float = 80.0  # H100 SXM 80 GB
+    peak_tflops: float = 989.0  # H100 SXM dense BF16
+    mfu: float = 0.35  # assumed model-FLOPs utilisation
+    overhead_gib: float = 4.0  # CUDA context, NCCL buffers, allocator slack
 
     @property
     def world(self) -> int:
@@ -58,8 +56,8 @@ class StagePlan:
     global_batch_size: int
     steps: int
     tokens: int
-    memory: Dict[str, float]              # bytes per GPU by component
-    flops: float                          # training FLOPs of the stage
+    memory: Dict[str, float]  # bytes per GPU by component
+    flops: float  # training FLOPs of the stage
     gpu_hours: float
 
     @property
@@ -105,13 +103,13 @@ def layer_activation_bytes(config, i: int, seq: int, mbs: int, tp: int, kernels:
     lc = config.for_layer(i)
     sym = config.hybrid_pattern[i]
     ref = kernels == "reference"
-    norm = (3 if ref else 2) * h             # layer input (+ normalised input) + the norm's output
+    norm = (3 if ref else 2) * h  # layer input (+ normalised input) + the norm's output
     if sym == MAMBA:
         H, p = lc.mamba_num_heads / tp, lc.mamba_head_dim
         d, g, n, q = H * p, config.mamba_num_groups / tp, config.mamba_state_dim, config.mamba_chunk_size
         bc = g * n
         in_proj_out = 2 * d + 2 * bc + H
-        if not ref:   # conv output, scan output, gated-norm output (out_proj input), fp32 dt/dA_cumsum
+        if not ref:  # conv output, scan output, gated-norm output (out_proj input), fp32 dt/dA_cumsum
             return e * sb * (norm + in_proj_out + (d + 2 * bc) + 3 * d) + 4 * sb * 2 * H
         # conv: its contiguous input, pre- and post-activation; gated norm: y, gated y, normalised y, its
         # output and out_proj's contiguous input
@@ -120,11 +118,15 @@ def layer_activation_bytes(config, i: int, seq: int, mbs: int, tp: int, kernels:
         # copies (3 g n), x copies (3 d), B*decay (H n), chunk states entering/leaving (2 d n / q), dt terms
         scan = 2 * H * q + g * q + 3 * bc + 3 * d + H * n + 2 * d * n / q + 4 * H
         if e != 4:
-            scan += d + 2 * bc                  # float32 copies of x, B, C
+            scan += d + 2 * bc  # float32 copies of x, B, C
         return e * sb * model_dtype + 4 * sb * scan
     if sym == ATTENTION:
-        qh, g, hn = lc.num_attention_heads / tp, (config.num_query_groups or lc.num_attention_heads) / tp, config.kv_channels
-        if ref:   # contiguous Q and GQA-expanded K, V copies, the context (proj input), probabilities
+        qh, g, hn = (
+            lc.num_attention_heads / tp,
+            (config.num_query_groups or lc.num_attention_heads) / tp,
+            config.kv_channels,
+        )
+        if ref:  # contiguous Q and GQA-expanded K, V copies, the context (proj input), probabilities
             return e * sb * (norm + 4 * qh * hn) + e * mbs * qh * seq * seq
         return e * sb * (norm + (qh + 2 * g) * hn + qh * hn)
     return e * sb * (norm + 2 * lc.ffn_hidden_size / tp)
@@ -136,9 +138,19 @@ def _stage_layers(config, pp: int) -> List[List[int]]:
     return [list(range(k * per, (k + 1) * per)) for k in range(pp)]
 
 
-def memory_per_gpu(config, tp: int, pp: int, dp: int, seq: int, mbs: int, num_micro: int,
-                   distributed_optimizer: bool = True, recompute: bool = False, kernels: str = "fused",
-                   overhead_gib: float = 0.0) -> Dict[str, float]:
+def memory_per_gpu(
+    config,
+    tp: int,
+    pp: int,
+    dp: int,
+    seq: int,
+    mbs: int,
+    num_micro: int,
+    distributed_optimizer: bool = True,
+    recompute: bool = False,
+    kernels: str = "fused",
+    overhead_gib: float = 0.0,
+) -> Dict[str, float]:
     """Per-GPU bytes by component for the most loaded pipeline stage (see the module docstring)."""
     full = ElasticArch.full(config)
     e = _bytes_per_param(config)
@@ -166,7 +178,6 @@ def memory_per_gpu(config, tp: int, pp: int, dp: int, seq: int, mbs: int, num_mi
             "activations": act * in_flight,
             "logits": (22 * seq * mbs * config.vocab_size / tp) if k == pp - 1 else 0.0,
             "backward": max(acts),
-
             "overhead": overhead_gib * GIB,
         }
         if sum(m.values()) > sum(worst.values()):
@@ -200,15 +211,16 @@ def _parent_config(cfg: ElasticJobConfig, config_dir: str, tp: int, pp: int):
 
         src = latest_checkpoint(cfg.sorted_checkpoint) if os.path.isdir(cfg.sorted_checkpoint) else None
         if src is None:
-            raise PlanError(f"plan: no parent architecture; set plan_parent_config (a parent YAML) or run importance "
-                            f"into {cfg.parent} first")
+            raise PlanError(
+                f"plan: no parent architecture; set plan_parent_config (a parent YAML) or run importance "
+                f"into {cfg.parent} first"
+            )
         job = config_from_checkpoint(src)
     job.parallel.tensor_model_parallel_size, job.parallel.pipeline_model_parallel_size = tp, pp
     return job.model_config()
 
 
-def make_plan(config_path: str, hw: Hardware, overrides: Optional[List[str]] = None,
-              kernels: str = "fused") -> Plan:
+def make_plan(config_path: str, hw: Hardware, overrides: Optional[List[str]] = None, kernels: str = "fused") -> Plan:
     """Resolve and check ``config_path`` for ``hw``; raises :class:`PlanError` when it cannot fit."""
     cfg = load_elastic_config(config_path, overrides)
     tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
@@ -226,17 +238,31 @@ def make_plan(config_path: str, hw: Hardware, overrides: Optional[List[str]] = N
     plan = Plan(tp, pp, dp, hw.world, full, budgets)
     for stage, steps in zip(cfg.curriculum.stages, cfg.stage_steps()):
         num_micro = stage.global_batch_size // (cfg.train.micro_batch_size * dp)
-        mem = memory_per_gpu(config, tp, pp, dp, stage.seq_length, cfg.train.micro_batch_size, num_micro,
-                             cfg.train.distributed_optimizer, cfg.train.recompute, kernels, hw.overhead_gib)
+        mem = memory_per_gpu(
+            config,
+            tp,
+            pp,
+            dp,
+            stage.seq_length,
+            cfg.train.micro_batch_size,
+            num_micro,
+            cfg.train.distributed_optimizer,
+            cfg.train.recompute,
+            kernels,
+            hw.overhead_gib,
+        )
         tokens = steps * stage.global_batch_size * stage.seq_length
         w = [x / sum(stage.budget_weights) for x in stage.budget_weights]
         teacher = arch_flops_per_token(config, full_arch, stage.seq_length)
-        student = sum(wi * arch_flops_per_token(config, budgets[f"{b:g}"]["arch"], stage.seq_length)
-                      for wi, b in zip(w, cfg.budgets))
+        student = sum(
+            wi * arch_flops_per_token(config, budgets[f"{b:g}"]["arch"], stage.seq_length)
+            for wi, b in zip(w, cfg.budgets)
+        )
         flops = tokens * (teacher + 3 * student)
         hours = flops / (hw.mfu * hw.peak_tflops * 1e12) / 3600
-        plan.stages.append(StagePlan(stage.name, stage.seq_length, stage.global_batch_size, steps, tokens, mem,
-                                     flops, hours))
+        plan.stages.append(
+            StagePlan(stage.name, stage.seq_length, stage.global_batch_size, steps, tokens, mem, flops, hours)
+        )
     for s in plan.stages:
         if s.total_memory > hw.gpu_memory_gib * GIB:
             top = max((k for k in s.memory if k != "overhead"), key=s.memory.get)
@@ -244,38 +270,62 @@ def make_plan(config_path: str, hw: Hardware, overrides: Optional[List[str]] = N
                 f"stage {s.name!r} needs {s.total_memory / GIB:.1f} GiB per GPU (largest: {top} "
                 f"{s.memory[top] / GIB:.1f} GiB) > {hw.gpu_memory_gib:g} GiB at TP={tp}, PP={pp}, DP={dp}; "
                 f"try train.recompute=true, a larger parallel.tensor_model_parallel_size, or "
-                f"train.distributed_optimizer=true with more data-parallel ranks")
+                f"train.distributed_optimizer=true with more data-parallel ranks"
+            )
     return plan
 
 
 def format_plan(plan: Plan, hw: Hardware) -> str:
     g = lambda b: f"{b / GIB:7.1f}"
-    lines = [f"layout: {hw.nodes} node(s) x {hw.gpus_per_node} GPUs = {plan.world}; TP={plan.tp} PP={plan.pp} DP={plan.dp}",
-             f"parent: {plan.parent_parameters:,} parameters ({plan.parent_parameters / 1e9:.2f}B)",
-             f"{'budget':>7} {'target':>16} {'largest uniform arch':>22}"]
+    lines = [
+        f"layout: {hw.nodes} node(s) x {hw.gpus_per_node} GPUs = {plan.world}; TP={plan.tp} PP={plan.pp} DP={plan.dp}",
+        f"parent: {plan.parent_parameters:,} parameters ({plan.parent_parameters / 1e9:.2f}B)",
+        f"{'budget':>7} {'target':>16} {'largest uniform arch':>22}",
+    ]
     for b, r in plan.budgets.items():
         lines.append(f"{b:>7} {r['target']:>16,.0f} {r['parameters']:>22,}")
     comps = list(plan.stages[0].memory)
     lines.append(f"per-GPU memory (GiB) {'stage':>14} " + " ".join(f"{c:>11}" for c in comps) + f" {'total':>8}")
     for s in plan.stages:
-        lines.append(f"{'':20} {s.name:>14} " + " ".join(f"{s.memory[c] / GIB:>11.1f}" for c in comps)
-                     + f" {g(s.total_memory):>8}")
+        lines.append(
+            f"{'':20} {s.name:>14} "
+            + " ".join(f"{s.memory[c] / GIB:>11.1f}" for c in comps)
+            + f" {g(s.total_memory):>8}"
+        )
     lines.append(f"{'stage':>14} {'seq':>7} {'batch':>6} {'steps':>8} {'tokens':>18} {'GPU-hours':>10}")
     for s in plan.stages:
-        lines.append(f"{s.name:>14} {s.seq_length:>7} {s.global_batch_size:>6} {s.steps:>8,} {s.tokens:>18,} "
-                     f"{s.gpu_hours:>10,.0f}")
-    lines.append(f"total: {plan.gpu_hours:,.0f} GPU-hours at {hw.mfu:.0%} MFU of {hw.peak_tflops:g} TFLOP/s "
-                 f"(~{plan.gpu_hours / plan.world / 24:.1f} days on {plan.world} GPUs)")
+        lines.append(
+            f"{s.name:>14} {s.seq_length:>7} {s.global_batch_size:>6} {s.steps:>8,} {s.tokens:>18,} "
+            f"{s.gpu_hours:>10,.0f}"
+        )
+    lines.append(
+        f"total: {plan.gpu_hours:,.0f} GPU-hours at {hw.mfu:.0%} MFU of {hw.peak_tflops:g} TFLOP/s "
+        f"(~{plan.gpu_hours / plan.world / 24:.1f} days on {plan.world} GPUs)"
+    )
     return "\n".join(lines)
 
 
 def plan_to_dict(plan: Plan) -> dict:
-    return {"tp": plan.tp, "pp": plan.pp, "dp": plan.dp, "world": plan.world,
-            "parent_parameters": plan.parent_parameters,
-            "budgets": {b: {"target": r["target"], "parameters": r["parameters"]} for b, r in plan.budgets.items()},
-            "stages": [{"name": s.name, "seq_length": s.seq_length, "steps": s.steps, "tokens": s.tokens,
-                        "memory_bytes": s.memory, "gpu_hours": s.gpu_hours} for s in plan.stages],
-            "gpu_hours": plan.gpu_hours}
+    return {
+        "tp": plan.tp,
+        "pp": plan.pp,
+        "dp": plan.dp,
+        "world": plan.world,
+        "parent_parameters": plan.parent_parameters,
+        "budgets": {b: {"target": r["target"], "parameters": r["parameters"]} for b, r in plan.budgets.items()},
+        "stages": [
+            {
+                "name": s.name,
+                "seq_length": s.seq_length,
+                "steps": s.steps,
+                "tokens": s.tokens,
+                "memory_bytes": s.memory,
+                "gpu_hours": s.gpu_hours,
+            }
+            for s in plan.stages
+        ],
+        "gpu_hours": plan.gpu_hours,
+    }
 
 
 def dump_yaml(plan: Plan) -> str:

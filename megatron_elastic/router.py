@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_elastic.compat import ATTENTION, MAMBA, MLP
-from megatron_elastic.model.elastic_arch import ElasticArch
 from megatron_elastic.errors import ConfigError
+from megatron_elastic.model.elastic_arch import ElasticArch
 
 AXES = ("hidden", "mamba_heads", "mamba_head_dim", "attention_heads", "ffn", "depth")
 _AXIS_SYMBOL = {"mamba_heads": MAMBA, "mamba_head_dim": MAMBA, "attention_heads": ATTENTION, "ffn": MLP}
@@ -46,11 +46,17 @@ class ElasticSpace:
     heterogeneous: bool = True
 
     @classmethod
-    def default(cls, config, fractions: Sequence[float] = (0.5, 0.625, 0.75, 0.875, 1.0),
-                depth_fractions: Sequence[float] = (0.75, 0.875, 1.0), depth_ranking: Optional[List[int]] = None,
-                heterogeneous: bool = True) -> "ElasticSpace":
+    def default(
+        cls,
+        config,
+        fractions: Sequence[float] = (0.5, 0.625, 0.75, 0.875, 1.0),
+        depth_fractions: Sequence[float] = (0.75, 0.875, 1.0),
+        depth_ranking: Optional[List[int]] = None,
+        heterogeneous: bool = True,
+    ) -> "ElasticSpace":
         """Choices at ``fractions`` of every width axis (snapped to valid multiples) and ``depth_fractions`` of
         the layers; ``depth_ranking`` defaults to the layer order (pass the importance ranking)."""
+
         def snap(full, multiple):
             return sorted({max(multiple, min(full, int(round(full * f / multiple)) * multiple)) for f in fractions})
 
@@ -60,7 +66,8 @@ class ElasticSpace:
             mamba_heads=snap(config.mamba_num_heads, config.mamba_num_groups) if MAMBA in config.hybrid_pattern else [],
             mamba_head_dim=snap(config.mamba_head_dim, 1) if MAMBA in config.hybrid_pattern else [],
             attention_heads=snap(config.num_attention_heads, config.num_query_groups)
-            if ATTENTION in config.hybrid_pattern else [],
+            if ATTENTION in config.hybrid_pattern
+            else [],
             ffn=snap(config.ffn_hidden_size, config.elastic_ffn_groups) if MLP in config.hybrid_pattern else [],
             num_layers=sorted({max(1, min(n, int(round(n * f)))) for f in depth_fractions}),
             depth_ranking=list(depth_ranking) if depth_ranking is not None else list(range(n)),
@@ -84,13 +91,25 @@ class Router(nn.Module):
             **{axis: self._seg(symbol) for axis, symbol in _AXIS_SYMBOL.items()},
             "depth": [-1],
         }
-        self.choices = {"hidden": space.hidden, "mamba_heads": space.mamba_heads,
-                        "mamba_head_dim": space.mamba_head_dim, "attention_heads": space.attention_heads,
-                        "ffn": space.ffn, "depth": space.num_layers}
-        self.nets = nn.ModuleDict({
-            axis: nn.Sequential(nn.Linear(len(self.budgets), hidden), nn.LeakyReLU(),
-                                nn.Linear(hidden, len(self.segments[axis]) * len(self.choices[axis])))
-            for axis in AXES if self.choices[axis] and self.segments[axis]})
+        self.choices = {
+            "hidden": space.hidden,
+            "mamba_heads": space.mamba_heads,
+            "mamba_head_dim": space.mamba_head_dim,
+            "attention_heads": space.attention_heads,
+            "ffn": space.ffn,
+            "depth": space.num_layers,
+        }
+        self.nets = nn.ModuleDict(
+            {
+                axis: nn.Sequential(
+                    nn.Linear(len(self.budgets), hidden),
+                    nn.LeakyReLU(),
+                    nn.Linear(hidden, len(self.segments[axis]) * len(self.choices[axis])),
+                )
+                for axis in AXES
+                if self.choices[axis] and self.segments[axis]
+            }
+        )
 
     def _seg(self, symbol: str) -> List[int]:
         layers = self.space.layers_of(self.config, symbol)
@@ -123,8 +142,14 @@ class Router(nn.Module):
         x = self.budget_input(budget).to(device=w.device, dtype=w.dtype)
         return {axis: scale * net(x).view(len(self.segments[axis]), -1) for axis, net in self.nets.items()}
 
-    def sample(self, budget: float, tau: float = 1.0, scale: float = 1.0, hard: bool = True,
-               generator: Optional[torch.Generator] = None):
+    def sample(
+        self,
+        budget: float,
+        tau: float = 1.0,
+        scale: float = 1.0,
+        hard: bool = True,
+        generator: Optional[torch.Generator] = None,
+    ):
         """Gumbel-Softmax sample. Returns (arch, gates for ``use_arch``, per-axis soft probabilities; None for
         the full budget).
         Pass the same ``generator`` state on every TP rank so all ranks draw the same architecture."""
@@ -171,8 +196,12 @@ class Router(nn.Module):
             return arch.hidden_size
         if axis == "depth":
             return len(self.config.hybrid_pattern) - len(arch.skipped_layers)
-        d = {"mamba_heads": arch.mamba_num_heads, "mamba_head_dim": arch.mamba_head_dim,
-             "attention_heads": arch.num_attention_heads, "ffn": arch.ffn_hidden_size}[axis]
+        d = {
+            "mamba_heads": arch.mamba_num_heads,
+            "mamba_head_dim": arch.mamba_head_dim,
+            "attention_heads": arch.num_attention_heads,
+            "ffn": arch.ffn_hidden_size,
+        }[axis]
         return min(d.values()) if seg == -1 else d[seg]
 
     def _arch(self, idx: Dict[str, torch.Tensor]) -> ElasticArch:
@@ -181,8 +210,12 @@ class Router(nn.Module):
         pick = lambda axis, seg: self.choices[axis][int(idx[axis][seg])]
         if "hidden" in idx:
             arch.hidden_size = pick("hidden", 0)
-        for axis, field_name in (("mamba_heads", "mamba_num_heads"), ("mamba_head_dim", "mamba_head_dim"),
-                                 ("attention_heads", "num_attention_heads"), ("ffn", "ffn_hidden_size")):
+        for axis, field_name in (
+            ("mamba_heads", "mamba_num_heads"),
+            ("mamba_head_dim", "mamba_head_dim"),
+            ("attention_heads", "num_attention_heads"),
+            ("ffn", "ffn_hidden_size"),
+        ):
             if axis not in idx:
                 continue
             d = getattr(arch, field_name)
@@ -224,8 +257,9 @@ class Router(nn.Module):
         if "depth" in probs:
             p = probs["depth"][0]
             rank_pos = {layer: r for r, layer in enumerate(self.space.depth_ranking)}
-            keep = torch.stack([sum(p[c] for c, k in enumerate(self.space.num_layers) if rank_pos[l] < k)
-                                for l in range(n)])
+            keep = torch.stack(
+                [sum(p[c] for c, k in enumerate(self.space.num_layers) if rank_pos[l] < k) for l in range(n)]
+            )
         else:
             keep = torch.ones(n, device=dev)
 
@@ -246,8 +280,14 @@ class Router(nn.Module):
             if sym == MAMBA:
                 H, P = heads(i), dims(i)
                 d_inner = H * P
-                layer = h + h * (2 * d_inner + 2 * bc + H) + (d_inner + 2 * bc) * (cfg.mamba_conv_kernel + 1) \
-                    + 3 * H + d_inner + d_inner * h
+                layer = (
+                    h
+                    + h * (2 * d_inner + 2 * bc + H)
+                    + (d_inner + 2 * bc) * (cfg.mamba_conv_kernel + 1)
+                    + 3 * H
+                    + d_inner
+                    + d_inner * h
+                )
             elif sym == ATTENTION:
                 g, hn = cfg.num_query_groups or cfg.num_attention_heads, cfg.kv_channels
                 Q = qheads(i)

@@ -17,17 +17,30 @@ def tiny_config(**overrides: Any):
 
     from megatron_elastic.model.config import HybridConfig, tiny_defaults
 
-    kw = dict(hybrid_pattern="M-*-M-", vocab_size=260, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
-              num_query_groups=2, kv_channels=8, mamba_num_heads=8, mamba_head_dim=8, mamba_num_groups=2,
-              mamba_state_dim=8, mamba_chunk_size=8, params_dtype=torch.float32)
+    kw = dict(
+        hybrid_pattern="M-*-M-",
+        vocab_size=260,
+        hidden_size=32,
+        ffn_hidden_size=64,
+        num_attention_heads=4,
+        num_query_groups=2,
+        kv_channels=8,
+        mamba_num_heads=8,
+        mamba_head_dim=8,
+        mamba_num_groups=2,
+        mamba_state_dim=8,
+        mamba_chunk_size=8,
+        params_dtype=torch.float32,
+    )
     kw.update(tiny_defaults())
     kw.update(overrides)
     return HybridConfig.from_dict(kw)
 
 
 def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, errq) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
+    )
     try:
         fn(rank, world_size, *args)
     except BaseException:  # report to the parent, which fails the test with the traceback
@@ -87,10 +100,13 @@ def make_tiny_sorted_parent(root: str, max_bytes: int = 300_000, iters: int = 20
     from megatron_elastic.training.pretrain import pretrain
 
     paths = {k: os.path.join(root, k) for k in ("data", "parent", "importance")}
-    write_split_datasets(paths["data"], iter_stdlib_documents(max_bytes=max_bytes), ByteTokenizer(), valid_every=5,
-                         progress=False)
+    write_split_datasets(
+        paths["data"], iter_stdlib_documents(max_bytes=max_bytes), ByteTokenizer(), valid_every=5, progress=False
+    )
     initialize_parallel(1, 1, seed=1234)
-    pretrain(load_pretrain_config(text=TINY_PARENT_JOB.format(data=paths["data"], ckpt=paths["parent"], iters=iters)),
-             progress=False)
+    pretrain(
+        load_pretrain_config(text=TINY_PARENT_JOB.format(data=paths["data"], ckpt=paths["parent"], iters=iters)),
+        progress=False,
+    )
     run_importance(paths["parent"], paths["data"], paths["importance"], calib_tokens=2048, progress=False)
     return paths

@@ -6,7 +6,7 @@
 #   0.19: Python 3.12, torch 2.14.1, megatron-core 0.19.2        (.venv-mcore0.19; the Docker image's release)
 #   all (default): both legs, one after the other; fails if either fails.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 2
 legs="${1:-all}"
 [ $# -gt 0 ] && shift
 [ "$legs" = all ] && legs="0.16 0.19"
@@ -21,8 +21,14 @@ for leg in $legs; do
     continue
   fi
   echo "=== megatron-core $leg: $("$venv/bin/python" -c 'import sys, torch, megatron.core as m; print(f"Python {sys.version.split()[0]}, torch {torch.__version__}, megatron-core {m.__version__}")' 2>/dev/null) ==="
+  "$venv/bin/ruff" format --check . && "$venv/bin/ruff" check .  # style: pyproject.toml [tool.ruff]
+  lint=$?
   "$venv/bin/python" -m pytest -q "$@"
   rc=$?
+  if [ $lint -ne 0 ]; then
+    summary+="megatron-core $leg: ruff format/lint failed (fix: ruff format . && ruff check --fix .)"$'\n'
+    status=1
+  fi
   [ $rc -ne 0 ] && status=1
   summary+="megatron-core $leg: pytest exit $rc in $((SECONDS - start)) s (set-up included)"$'\n'
 done

@@ -24,8 +24,8 @@ case "$mcore" in
     venv=.venv-mcore0.19; torch_pin="torch==2.14.1"; mcore_pin="megatron-core==0.19.2"
     # A python3.12 on PATH that runs (a pyenv shim may not), else pyenv's newest 3.12.x.
     python=""
-    for candidate in python3.12 $(ls -d "$(pyenv root 2>/dev/null || echo /nonexistent)"/versions/3.12*/bin/python \
-                                  2>/dev/null | sort -rV); do
+    pyenv_versions="$(pyenv root 2>/dev/null || echo /nonexistent)/versions"
+    for candidate in python3.12 $(find "$pyenv_versions" -maxdepth 3 -path "*/3.12*/bin/python" 2>/dev/null | sort -rV); do
       if "$candidate" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null; then
         python=$candidate
         break

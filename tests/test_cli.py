@@ -9,7 +9,9 @@ COMMANDS = ["prepare-data", "pretrain", "importance", "train", "extract", "impor
 
 
 def run(*args):
-    return subprocess.run([sys.executable, "-m", "megatron_elastic", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "megatron_elastic", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.mark.parametrize("cmd", [None, *COMMANDS])
@@ -33,8 +35,16 @@ def test_pretrain_with_bad_config_names_the_field(tmp_path):
 def test_pretrain_with_missing_data_names_the_fix(tmp_path):
     from megatron_elastic.cli import recipe_path
 
-    r = run("pretrain", "--config", recipe_path("tiny_parent.yaml"), "--set", f"data.path={tmp_path}/nodata",
-            "--set", f"checkpoint.dir={tmp_path}/ckpt", "--no-progress")
+    r = run(
+        "pretrain",
+        "--config",
+        recipe_path("tiny_parent.yaml"),
+        "--set",
+        f"data.path={tmp_path}/nodata",
+        "--set",
+        f"checkpoint.dir={tmp_path}/ckpt",
+        "--no-progress",
+    )
     assert r.returncode == 2
     assert "prepare-data" in r.stderr
 
@@ -42,8 +52,16 @@ def test_pretrain_with_missing_data_names_the_fix(tmp_path):
 def test_train_without_importance_output_names_the_fix(tmp_path):
     from megatron_elastic.cli import recipe_path
 
-    r = run("train", "--config", recipe_path("tiny_elastic.yaml"), "--set", f"parent={tmp_path}/nothing",
-            "--set", f"checkpoint.dir={tmp_path}/ckpt", "--no-progress")
+    r = run(
+        "train",
+        "--config",
+        recipe_path("tiny_elastic.yaml"),
+        "--set",
+        f"parent={tmp_path}/nothing",
+        "--set",
+        f"checkpoint.dir={tmp_path}/ckpt",
+        "--no-progress",
+    )
     assert r.returncode == 2, r.stderr[-2000:]
     assert "megatron-elastic importance --out" in r.stderr
 
@@ -51,8 +69,13 @@ def test_train_without_importance_output_names_the_fix(tmp_path):
 def test_train_with_bad_stage_names_the_field(tmp_path):
     from megatron_elastic.cli import recipe_path
 
-    r = run("train", "--config", recipe_path("tiny_elastic.yaml"), "--set",
-            "curriculum.stages=[{name: s, tokens: 100, seq_length: 64, global_batch_size: 4}]")
+    r = run(
+        "train",
+        "--config",
+        recipe_path("tiny_elastic.yaml"),
+        "--set",
+        "curriculum.stages=[{name: s, tokens: 100, seq_length: 64, global_batch_size: 4}]",
+    )
     assert r.returncode == 2
     assert "curriculum.stages[0]" in r.stderr and "budget_weights" in r.stderr
 
@@ -69,16 +92,33 @@ def test_importance_end_to_end(tmp_path):
     from tests.training.test_checkpoint_resume import TINY_JOB
 
     data = tmp_path / "data"
-    write_split_datasets(str(data), iter_stdlib_documents(max_bytes=200_000), ByteTokenizer(), valid_every=5,
-                         progress=False)
+    write_split_datasets(
+        str(data), iter_stdlib_documents(max_bytes=200_000), ByteTokenizer(), valid_every=5, progress=False
+    )
     cfg = tmp_path / "job.yaml"
     cfg.write_text(TINY_JOB.format(data=data, ckpt=tmp_path / "parent"))
-    r = run("pretrain", "--config", str(cfg), "--set", "train.train_iters=3", "--set", "train.lr_warmup_iters=1",
-            "--no-progress")
+    r = run(
+        "pretrain",
+        "--config",
+        str(cfg),
+        "--set",
+        "train.train_iters=3",
+        "--set",
+        "train.lr_warmup_iters=1",
+        "--no-progress",
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     out = tmp_path / "imp"
-    r = run("importance", "--checkpoint", str(tmp_path / "parent"), "--out", str(out), "--calib-tokens", "2000",
-            "--no-progress")
+    r = run(
+        "importance",
+        "--checkpoint",
+        str(tmp_path / "parent"),
+        "--out",
+        str(out),
+        "--calib-tokens",
+        "2000",
+        "--no-progress",
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "depth ranking" in r.stdout
     for name in ("scores.json", "ranking.json", "summary.txt", "sorted/latest"):
@@ -107,10 +147,28 @@ def _bad_inputs(tmp, pipeline):
         ("extract", ["--checkpoint", str(tmp / "nothing"), "--out", str(tmp / "x")]),
         ("import-hf", ["--hf-dir", str(tmp / "nothing"), "--out", str(tmp / "h")]),
         ("generate", ["--checkpoint", sorted_parent, "--budget", "0.3", "--prompt", "def "]),
-        ("plan", ["--config", recipe_path("tiny_elastic.yaml"), "--gpus-per-node", "3", "--set",
-                  "parallel.tensor_model_parallel_size=2"]),
-        ("demo", ["--out", str(tmp / "demo"), "--quick", "--set", "model.position_embedding_type=learned_absolute",
-                  "--no-progress"]),
+        (
+            "plan",
+            [
+                "--config",
+                recipe_path("tiny_elastic.yaml"),
+                "--gpus-per-node",
+                "3",
+                "--set",
+                "parallel.tensor_model_parallel_size=2",
+            ],
+        ),
+        (
+            "demo",
+            [
+                "--out",
+                str(tmp / "demo"),
+                "--quick",
+                "--set",
+                "model.position_embedding_type=learned_absolute",
+                "--no-progress",
+            ],
+        ),
     ]
 
 

@@ -9,8 +9,9 @@ from megatron_elastic.curriculum import Curriculum, Stage
 
 
 def test_paper_default_switches_stage_at_its_token_count():
-    c = Curriculum.paper_default([1.0, 0.75, 0.5], total_tokens=110_000, short_seq=256, long_seq=1024,
-                                 short_batch=8, long_batch=4)
+    c = Curriculum.paper_default(
+        [1.0, 0.75, 0.5], total_tokens=110_000, short_seq=256, long_seq=1024, short_batch=8, long_batch=4
+    )
     assert [s.tokens for s in c.stages] == [65_000, 45_000]
     i, s = c.stage_at(64_999)
     assert (i, s.seq_length, s.budget_weights) == (0, 256, [1 / 3] * 3)

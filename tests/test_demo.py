@@ -9,18 +9,47 @@ import sys
 
 from megatron_elastic.testing import TINY_PARENT_JOB
 
-STAGES = ("curriculum.stages=[{name: short-context, tokens: 2048, seq_length: 32, global_batch_size: 8, "
-          "budget_weights: [1, 1, 1]}, {name: long-context, tokens: 1024, seq_length: 64, global_batch_size: 4, "
-          "budget_weights: [0.5, 0.3, 0.2]}]")
+STAGES = (
+    "curriculum.stages=[{name: short-context, tokens: 2048, seq_length: 32, global_batch_size: 8, "
+    "budget_weights: [1, 1, 1]}, {name: long-context, tokens: 1024, seq_length: 64, global_batch_size: 4, "
+    "budget_weights: [0.5, 0.3, 0.2]}]"
+)
 
 
 def _demo(out, cfg):
     return subprocess.run(
-        [sys.executable, "-m", "megatron_elastic", "demo", "--quick", "--out", str(out), "--config", str(cfg),
-         "--max-bytes", "1000000", "--no-progress", "--set", "train.train_iters=8", "--set", "train.lr_warmup_iters=2", "--set", "train.eval_interval=4",
-         "--set", "checkpoint.save_interval=8",
-         "--elastic-set", STAGES, "--elastic-set", "train.micro_batch_size=4", "--elastic-set", "data.eval_seq_length=64"],
-        capture_output=True, text=True, timeout=900)
+        [
+            sys.executable,
+            "-m",
+            "megatron_elastic",
+            "demo",
+            "--quick",
+            "--out",
+            str(out),
+            "--config",
+            str(cfg),
+            "--max-bytes",
+            "1000000",
+            "--no-progress",
+            "--set",
+            "train.train_iters=8",
+            "--set",
+            "train.lr_warmup_iters=2",
+            "--set",
+            "train.eval_interval=4",
+            "--set",
+            "checkpoint.save_interval=8",
+            "--elastic-set",
+            STAGES,
+            "--elastic-set",
+            "train.micro_batch_size=4",
+            "--elastic-set",
+            "data.eval_seq_length=64",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
 
 
 def test_demo_runs_every_phase_writes_the_report_and_reuses_finished_phases(tmp_path):

@@ -9,8 +9,9 @@ from megatron_elastic.testing import run_multiprocess
 
 
 def _reference(student, teacher, T, mask):
-    kl = F.kl_div(F.log_softmax(student / T, -1), F.log_softmax(teacher / T, -1), log_target=True,
-                  reduction="none").sum(-1)
+    kl = F.kl_div(
+        F.log_softmax(student / T, -1), F.log_softmax(teacher / T, -1), log_target=True, reduction="none"
+    ).sum(-1)
     return (kl * mask).sum() / mask.sum() * T * T
 
 

@@ -30,15 +30,39 @@ def installed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("wheel")
     # Built from a copy of the sources: a build/ directory left in the checkout would fill the gaps.
     src = tmp / "src"
-    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv*", "build", "*.egg-info", "runs",
-                                                             "__pycache__", "docs", "tests", "benchmarks"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
-                    str(tmp / "dist"), str(src)], check=True, capture_output=True, timeout=300)
+    shutil.copytree(
+        ROOT,
+        src,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv*", "build", "*.egg-info", "runs", "__pycache__", "docs", "tests", "benchmarks"
+        ),
+    )
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp / "dist"),
+            str(src),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     wheels = list((tmp / "dist").glob("megatron_elastic-*.whl"))
     assert len(wheels) == 1, wheels
     target = tmp / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
-                    str(wheels[0])], check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheels[0])],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     # The install comes first on the path; the checkout (and its editable install) must not be needed.
     env = dict(os.environ, PYTHONPATH=str(target), PYTHONSAFEPATH="1")
     return wheels[0], target, env
@@ -47,8 +71,11 @@ def installed(tmp_path_factory):
 def test_wheel_holds_every_module_and_recipe(installed):
     wheel, _, _ = installed
     names = set(zipfile.ZipFile(wheel).namelist())
-    missing = [m for m in _source_modules() if m.replace(".", "/") + ".py" not in names
-               and m.replace(".", "/") + "/__init__.py" not in names]
+    missing = [
+        m
+        for m in _source_modules()
+        if m.replace(".", "/") + ".py" not in names and m.replace(".", "/") + "/__init__.py" not in names
+    ]
     assert not missing, f"modules left out of the wheel (a directory without __init__.py?): {missing}"
     recipes = [f for f in os.listdir(os.path.join(ROOT, "megatron_elastic", "recipes")) if f.endswith(".yaml")]
     assert recipes and all(f"megatron_elastic/recipes/{f}" in names for f in recipes)
@@ -57,14 +84,15 @@ def test_wheel_holds_every_module_and_recipe(installed):
 def test_installed_package_imports_every_module_outside_the_checkout(installed, tmp_path):
     _, target, env = installed
     modules = [m for m in _source_modules() if not m.endswith(".__main__")]  # __main__ runs the CLI
-    code = ("import importlib, sys\n"
-            f"mods = {modules!r}\n"
-            "for m in mods:\n"
-            "    mod = importlib.import_module(m)\n"
-            f"    assert mod.__file__.startswith({str(target)!r}), (m, mod.__file__)\n"
-            "print(len(mods))\n")
-    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                       timeout=300)
+    code = (
+        "import importlib, sys\n"
+        f"mods = {modules!r}\n"
+        "for m in mods:\n"
+        "    mod = importlib.import_module(m)\n"
+        f"    assert mod.__file__.startswith({str(target)!r}), (m, mod.__file__)\n"
+        "print(len(mods))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert int(r.stdout.split()[-1]) == len(modules)
 
@@ -72,22 +100,24 @@ def test_installed_package_imports_every_module_outside_the_checkout(installed, 
 def test_console_script_and_every_subcommand_help(installed, tmp_path):
     _, target, env = installed
     script = target / "bin" / "megatron-elastic"
-    r = subprocess.run([sys.executable, str(script), "--help"], cwd=tmp_path, env=env, capture_output=True,
-                       text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, str(script), "--help"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0 and "usage: megatron-elastic" in r.stdout, r.stderr[-3000:]
-    code = ("import contextlib, io\n"
-            "from megatron_elastic.cli import build_parser, main\n"
-            "commands = list(build_parser()._subparsers._group_actions[0].choices)\n"
-            "for c in commands:\n"
-            "    out = io.StringIO()\n"
-            "    try:\n"
-            "        with contextlib.redirect_stdout(out):\n"
-            "            main([c, '--help'])\n"
-            "    except SystemExit as e:\n"
-            "        assert e.code == 0, (c, e.code)\n"
-            "    assert out.getvalue().startswith('usage: megatron-elastic ' + c), c\n"
-            "print(' '.join(commands))\n")
-    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                       timeout=300)
+    code = (
+        "import contextlib, io\n"
+        "from megatron_elastic.cli import build_parser, main\n"
+        "commands = list(build_parser()._subparsers._group_actions[0].choices)\n"
+        "for c in commands:\n"
+        "    out = io.StringIO()\n"
+        "    try:\n"
+        "        with contextlib.redirect_stdout(out):\n"
+        "            main([c, '--help'])\n"
+        "    except SystemExit as e:\n"
+        "        assert e.code == 0, (c, e.code)\n"
+        "    assert out.getvalue().startswith('usage: megatron-elastic ' + c), c\n"
+        "print(' '.join(commands))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert {"prepare-data", "pretrain", "importance", "train", "extract", "demo"} <= set(r.stdout.split())

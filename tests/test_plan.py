@@ -23,7 +23,7 @@ def test_12b_parent_count_matches_nemotron_nano_v2_12b():
     assert (s1.seq_length, s1.global_batch_size, s2.seq_length, s2.global_batch_size) == (8192, 1536, 49152, 512)
     assert s1.tokens == pytest.approx(65e9, rel=0.001) and s2.tokens == pytest.approx(45e9, rel=0.001)
     assert s2.memory["activations"] > s1.memory["activations"]
-    assert all(s.total_memory < 80 * 2 ** 30 for s in plan.stages)
+    assert all(s.total_memory < 80 * 2**30 for s in plan.stages)
 
 
 def test_plan_refuses_what_cannot_fit():
@@ -48,9 +48,28 @@ def test_memory_estimate_is_within_15_percent_of_the_measured_cpu_peak(tmp_path,
 
     root = os.path.join(os.path.dirname(__file__), "..")
     out = tmp_path / "mem.json"
-    subprocess.run([sys.executable, os.path.join(root, "benchmarks", "plan_memory_check.py"), "--workdir",
-                    str(tmp_path), "--json", str(out), "--pattern", pattern, "--hidden", str(hidden), "--seq",
-                    str(seq), "--mbs", str(mbs)], check=True, capture_output=True, cwd=root, timeout=600)
+    subprocess.run(
+        [
+            sys.executable,
+            os.path.join(root, "benchmarks", "plan_memory_check.py"),
+            "--workdir",
+            str(tmp_path),
+            "--json",
+            str(out),
+            "--pattern",
+            pattern,
+            "--hidden",
+            str(hidden),
+            "--seq",
+            str(seq),
+            "--mbs",
+            str(mbs),
+        ],
+        check=True,
+        capture_output=True,
+        cwd=root,
+        timeout=600,
+    )
     r = json.loads(out.read_text())
-    assert r["measured_peak_bytes"] > 2 ** 27          # the run is big enough for the comparison to mean something
+    assert r["measured_peak_bytes"] > 2**27  # the run is big enough for the comparison to mean something
     assert 0.85 <= r["ratio"] <= 1.15, r

@@ -8,6 +8,7 @@ import os
 import sysconfig
 from pathlib import Path
 from typing import Iterator, List, Sequence
+
 from megatron_elastic.errors import DataError, InputNotFoundError
 
 

@@ -27,8 +27,9 @@ def token_dtype(vocab_size: int):
     return np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
 
 
-def write_split_datasets(out_dir: str, documents: Iterable[str], tokenizer, valid_every: int = 20,
-                         progress: bool = True) -> Dict[str, SplitStats]:
+def write_split_datasets(
+    out_dir: str, documents: Iterable[str], tokenizer, valid_every: int = 20, progress: bool = True
+) -> Dict[str, SplitStats]:
     """Tokenise ``documents`` (EOD appended to each) into ``<out_dir>/{train,valid}_text_document.{bin,idx}``.
 
     Every ``valid_every``-th document goes to ``valid`` (deterministic). Writes ``metadata.json`` with the
@@ -49,12 +50,17 @@ def write_split_datasets(out_dir: str, documents: Iterable[str], tokenizer, vali
         stats[split].tokens += len(ids)
     for s in SPLITS:
         if stats[s].documents == 0:
-            raise DataError(f"the {s} split is empty ({sum(x.documents for x in stats.values())} documents in all): give "
-                            f"more input text "
-                            f"(a larger --max-bytes for the built-in corpus) or a smaller --valid-every")
+            raise DataError(
+                f"the {s} split is empty ({sum(x.documents for x in stats.values())} documents in all): give "
+                f"more input text "
+                f"(a larger --max-bytes for the built-in corpus) or a smaller --valid-every"
+            )
         builders[s].finalize(os.path.join(out_dir, f"{s}_text_document.idx"))
-    meta = {"tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size,
-            "splits": {s: asdict(stats[s]) for s in SPLITS}}
+    meta = {
+        "tokenizer": tokenizer.name,
+        "vocab_size": tokenizer.vocab_size,
+        "splits": {s: asdict(stats[s]) for s in SPLITS},
+    }
     with open(os.path.join(out_dir, "metadata.json"), "w") as f:
         json.dump(meta, f, indent=2)
     return stats
@@ -75,11 +81,11 @@ def read_metadata(data_dir: str) -> dict:
         for ext in (".bin", ".idx"):
             p = split_prefix(data_dir, s) + ext
             if not os.path.isfile(p) or os.path.getsize(p) == 0:
-                raise InputNotFoundError(f"{p} is missing or empty: re-run `megatron-elastic prepare-data --out {data_dir}`")
+                raise InputNotFoundError(
+                    f"{p} is missing or empty: re-run `megatron-elastic prepare-data --out {data_dir}`"
+                )
         check_indexed_dataset(split_prefix(data_dir, s), vocab_size=meta.get("vocab_size"))
     return meta
-
-
 
 
 def check_indexed_dataset(prefix: str, vocab_size: Optional[int] = None, sample_tokens: int = 1 << 20) -> None:
@@ -95,15 +101,18 @@ def check_indexed_dataset(prefix: str, vocab_size: Optional[int] = None, sample_
     want = int(np.sum(lengths, dtype=np.int64)) * dtype.itemsize
     have = os.path.getsize(prefix + ".bin")
     if have != want:
-        raise DataError(f"{prefix}.bin has {have} bytes but its index describes {want} (truncated or from another "
-                        f"index); {fix}")
+        raise DataError(
+            f"{prefix}.bin has {have} bytes but its index describes {want} (truncated or from another index); {fix}"
+        )
     if vocab_size and len(lengths):
         tokens = np.memmap(prefix + ".bin", dtype=dtype, mode="r")
         n = min(sample_tokens, len(tokens))
         top = int(max(tokens[:n].max(), tokens[-n:].max()))
         if top >= vocab_size:
-            raise DataError(f"{prefix}.bin holds token id {top} >= the tokenizer's vocabulary ({vocab_size}); the data "
-                            f"was written with another tokenizer; {fix}")
+            raise DataError(
+                f"{prefix}.bin holds token id {top} >= the tokenizer's vocabulary ({vocab_size}); the data "
+                f"was written with another tokenizer; {fix}"
+            )
 
 
 def iter_documents(prefix: str) -> Iterator[np.ndarray]:

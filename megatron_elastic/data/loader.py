@@ -15,8 +15,14 @@ from megatron_elastic.data.tokenizer import get_tokenizer
 from megatron_elastic.errors import ConfigError
 
 
-def build_gpt_datasets(data_dir: str, seq_length: int, train_samples: int, valid_samples: int, seed: int = 1234,
-                       model_vocab_size: Optional[int] = None) -> Tuple[GPTDataset, GPTDataset]:
+def build_gpt_datasets(
+    data_dir: str,
+    seq_length: int,
+    train_samples: int,
+    valid_samples: int,
+    seed: int = 1234,
+    model_vocab_size: Optional[int] = None,
+) -> Tuple[GPTDataset, GPTDataset]:
     """Train and validation ``GPTDataset``s over ``<data_dir>/{train,valid}_text_document``.
 
     Checks the data's tokenizer fits the model's vocabulary. Rank 0 builds (and caches) the sample
@@ -25,17 +31,27 @@ def build_gpt_datasets(data_dir: str, seq_length: int, train_samples: int, valid
     meta = read_metadata(data_dir)
     tokenizer = get_tokenizer(meta["tokenizer"])
     if model_vocab_size is not None and tokenizer.vocab_size > model_vocab_size:
-        raise ConfigError(f"data in {data_dir} uses tokenizer {meta['tokenizer']!r} with {tokenizer.vocab_size} ids but "
-                         f"model.vocab_size is {model_vocab_size}; set model.vocab_size >= {tokenizer.vocab_size}")
+        raise ConfigError(
+            f"data in {data_dir} uses tokenizer {meta['tokenizer']!r} with {tokenizer.vocab_size} ids but "
+            f"model.vocab_size is {model_vocab_size}; set model.vocab_size >= {tokenizer.vocab_size}"
+        )
     config = GPTDatasetConfig(
-        random_seed=seed, sequence_length=seq_length,
+        random_seed=seed,
+        sequence_length=seq_length,
         blend_per_split=[([split_prefix(data_dir, "train")], None), ([split_prefix(data_dir, "valid")], None), None],
-        tokenizer=tokenizer, reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
-        create_attention_mask=False, path_to_cache=os.path.join(data_dir, "index_cache"), mmap_bin_files=True,
+        tokenizer=tokenizer,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+        path_to_cache=os.path.join(data_dir, "index_cache"),
+        mmap_bin_files=True,
     )
 
     def build():
-        return BlendedMegatronDatasetBuilder(GPTDataset, [train_samples, valid_samples, None], lambda: True, config).build()
+        return BlendedMegatronDatasetBuilder(
+            GPTDataset, [train_samples, valid_samples, None], lambda: True, config
+        ).build()
 
     if dist.is_initialized() and dist.get_world_size() > 1:
         if dist.get_rank() == 0:
@@ -53,8 +69,9 @@ class ResumableSampler(torch.utils.data.Sampler):
     """Sequential micro-batches of sample indices for one data-parallel rank, starting after
     ``consumed_samples`` (global), like Megatron's pretraining sampler: resuming continues the same stream."""
 
-    def __init__(self, total_samples: int, consumed_samples: int, micro_batch_size: int, dp_rank: int = 0,
-                 dp_size: int = 1):
+    def __init__(
+        self, total_samples: int, consumed_samples: int, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1
+    ):
         self.total, self.consumed = total_samples, consumed_samples
         self.mbs, self.dp_rank, self.dp_size = micro_batch_size, dp_rank, dp_size
 
@@ -68,7 +85,8 @@ class ResumableSampler(torch.utils.data.Sampler):
             yield list(range(first, first + self.mbs))
 
 
-def make_loader(dataset, consumed_samples: int, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1,
-                num_workers: int = 0):
+def make_loader(
+    dataset, consumed_samples: int, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1, num_workers: int = 0
+):
     sampler = ResumableSampler(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size)
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Iterable, List
 
 import numpy as np
+
 from megatron_elastic.errors import ConfigError
 
 

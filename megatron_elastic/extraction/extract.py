@@ -17,6 +17,7 @@ from typing import Dict, List, Optional
 import torch
 import yaml
 
+from megatron_elastic.errors import CheckpointError, InputNotFoundError
 from megatron_elastic.extraction.hf import save_hf_checkpoint
 from megatron_elastic.extraction.reader import CheckpointTensorReader
 from megatron_elastic.extraction.slicing import iter_sliced, sub_model_dict
@@ -29,18 +30,17 @@ from megatron_elastic.parallel import initialize_parallel
 from megatron_elastic.router import ElasticSpace, Router
 from megatron_elastic.training.checkpoint import EXTRA, latest_checkpoint, load_checkpoint, load_extra, save_checkpoint
 from megatron_elastic.training.config import load_pretrain_config
-from megatron_elastic.errors import CheckpointError, InputNotFoundError
 
 FORMATS = ("megatron", "hf", "both")
 
 
 @dataclass
 class ElasticSource:
-    path: str                     # the checkpoint directory (iter_*)
-    job: dict                     # the parent's pretraining job config (PretrainConfig dict)
-    config: object                # the parent's HybridConfig at TP=1
+    path: str  # the checkpoint directory (iter_*)
+    job: dict  # the parent's pretraining job config (PretrainConfig dict)
+    config: object  # the parent's HybridConfig at TP=1
     model: Optional[torch.nn.Module]  # elastic model at TP=1, PP=1 with the checkpoint's weights (or None)
-    router: Optional[Router]      # None for a checkpoint without one (a sorted parent)
+    router: Optional[Router]  # None for a checkpoint without one (a sorted parent)
 
 
 def _resolve(checkpoint: str) -> str:
@@ -95,8 +95,9 @@ def _budget_archs(src: ElasticSource, budgets: List[str]) -> Dict[str, ElasticAr
     return out
 
 
-def extract(checkpoint: str, out: str, budgets: Optional[List[str]] = None, arch_file: Optional[str] = None,
-            fmt: str = "both") -> List[dict]:
+def extract(
+    checkpoint: str, out: str, budgets: Optional[List[str]] = None, arch_file: Optional[str] = None, fmt: str = "both"
+) -> List[dict]:
     """Write the requested sub-models; returns one row per sub-model (name, parameters, paths)."""
     if fmt not in FORMATS:
         raise ConfigError(f"--format must be one of {FORMATS}, got {fmt!r}")
@@ -118,18 +119,25 @@ def extract(checkpoint: str, out: str, budgets: Optional[List[str]] = None, arch
         sub_job = {**src.job, "model": sub_model_dict(src.job["model"], config, arch)}
         sub_cfg = load_pretrain_config(text=yaml.safe_dump(sub_job)).model_config()
         sliced = dict(iter_sliced(iter(reader.names()), reader.load, config, arch))
-        row = {"name": name, "parameters": arch_parameters(config, arch),
-               "fraction": arch_parameters(config, arch) / arch_parameters(config, ElasticArch.full(config))}
+        row = {
+            "name": name,
+            "parameters": arch_parameters(config, arch),
+            "fraction": arch_parameters(config, arch) / arch_parameters(config, ElasticArch.full(config)),
+        }
         if fmt in ("megatron", "both"):
             plain = build_hybrid_model(sub_cfg)
             missing, unexpected = plain.load_state_dict(sliced, strict=False)
             missing = [k for k in missing if not k.endswith("_extra_state")]
             if missing or unexpected:
-                raise RuntimeError(f"sliced weights do not fit the plain model: missing {missing[:4]}, "
-                                   f"unexpected {unexpected[:4]}")
-            save_checkpoint(os.path.join(dest, "megatron"), 0, plain,
-                            trainer_state={"config": sub_job, "arch": arch.to_dict(), "budget": name,
-                                           "extracted_from": src.path})
+                raise RuntimeError(
+                    f"sliced weights do not fit the plain model: missing {missing[:4]}, unexpected {unexpected[:4]}"
+                )
+            save_checkpoint(
+                os.path.join(dest, "megatron"),
+                0,
+                plain,
+                trainer_state={"config": sub_job, "arch": arch.to_dict(), "budget": name, "extracted_from": src.path},
+            )
             row["megatron"] = os.path.join(dest, "megatron")
         if fmt in ("hf", "both"):
             row["hf"] = save_hf_checkpoint(os.path.join(dest, "hf"), sub_cfg, sliced)

@@ -36,50 +36,72 @@ from megatron_elastic.errors import HFExportError, InputNotFoundError
 from megatron_elastic.model.specs import LOCAL_PRE_NORM_WEIGHT
 
 _HF_LAYER_TYPE = {MAMBA: "linear_attention", ATTENTION: "full_attention", "-": "mlp"}
-_OVERRIDE_NAMES = {"ffn_hidden_size": "intermediate_size", "num_attention_heads": "num_attention_heads",
-                   "mamba_num_heads": "mamba_num_heads", "mamba_head_dim": "mamba_head_dim"}
+_OVERRIDE_NAMES = {
+    "ffn_hidden_size": "intermediate_size",
+    "num_attention_heads": "num_attention_heads",
+    "mamba_num_heads": "mamba_num_heads",
+    "mamba_head_dim": "mamba_head_dim",
+}
 REMOTE_MODULE = "modeling_elastic_nemotron_h"
-
-
-
 
 
 def hf_config(config) -> dict:
     """``config.json`` for a ``HybridConfig`` (raises :class:`HFExportError` for what NemotronH cannot express)."""
     if config.activation not in ("relu2", "squared_relu") or config.gated_linear_unit:
-        raise HFExportError("NemotronH MLPs are squared-ReLU, not gated; this model uses "
-                            f"activation={config.activation!r}, gated_linear_unit={config.gated_linear_unit}")
+        raise HFExportError(
+            "NemotronH MLPs are squared-ReLU, not gated; this model uses "
+            f"activation={config.activation!r}, gated_linear_unit={config.gated_linear_unit}"
+        )
     if config.position_embedding_type != "none":
-        raise HFExportError(f"NemotronH attention has no position embedding; this model uses "
-                            f"{config.position_embedding_type!r}")
+        raise HFExportError(
+            f"NemotronH attention has no position embedding; this model uses {config.position_embedding_type!r}"
+        )
     if config.add_bias_linear:
         raise HFExportError("NemotronH linears have no biases; this model has add_bias_linear=True")
     cfg = {
-        "architectures": ["NemotronHForCausalLM"], "model_type": "nemotron_h",
-        "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
+        "architectures": ["NemotronHForCausalLM"],
+        "model_type": "nemotron_h",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
         "layers_block_type": [_HF_LAYER_TYPE[s] for s in config.hybrid_pattern],
         "hybrid_override_pattern": config.hybrid_pattern,  # the released checkpoints' field (vLLM, older readers)
         "num_attention_heads": config.num_attention_heads,
         "num_key_value_heads": config.num_query_groups or config.num_attention_heads,
-        "head_dim": config.kv_channels, "intermediate_size": config.ffn_hidden_size or 1, "mlp_hidden_act": "relu2",
-        "mamba_num_heads": config.mamba_num_heads or 1, "mamba_head_dim": config.mamba_head_dim or 1,
-        "n_groups": config.mamba_num_groups, "ssm_state_size": config.mamba_state_dim,
-        "conv_kernel": config.mamba_conv_kernel, "chunk_size": config.mamba_chunk_size,
-        "use_conv_bias": True, "use_bias": False, "mlp_bias": False, "attention_bias": False,
-        "layer_norm_epsilon": config.layernorm_epsilon, "tie_word_embeddings": config.share_embeddings_and_output_weights,
-        "max_position_embeddings": config.max_sequence_length, "residual_in_fp32": False,
+        "head_dim": config.kv_channels,
+        "intermediate_size": config.ffn_hidden_size or 1,
+        "mlp_hidden_act": "relu2",
+        "mamba_num_heads": config.mamba_num_heads or 1,
+        "mamba_head_dim": config.mamba_head_dim or 1,
+        "n_groups": config.mamba_num_groups,
+        "ssm_state_size": config.mamba_state_dim,
+        "conv_kernel": config.mamba_conv_kernel,
+        "chunk_size": config.mamba_chunk_size,
+        "use_conv_bias": True,
+        "use_bias": False,
+        "mlp_bias": False,
+        "attention_bias": False,
+        "layer_norm_epsilon": config.layernorm_epsilon,
+        "tie_word_embeddings": config.share_embeddings_and_output_weights,
+        "max_position_embeddings": config.max_sequence_length,
+        "residual_in_fp32": False,
         # Megatron's SSD kernels do not clamp dt from below; NemotronH clamps at time_step_min.
-        "time_step_min": 1e-30, "time_step_limit": [0.0, float("inf")],
+        "time_step_min": 1e-30,
+        "time_step_limit": [0.0, float("inf")],
         "torch_dtype": str(config.params_dtype).replace("torch.", ""),
-        "pad_token_id": None, "bos_token_id": None, "eos_token_id": None,
+        "pad_token_id": None,
+        "bos_token_id": None,
+        "eos_token_id": None,
     }
     if config.layer_overrides:
-        cfg["layer_overrides"] = {str(i): {_OVERRIDE_NAMES[k]: v for k, v in ov.items()}
-                                  for i, ov in sorted(config.layer_overrides.items())}
+        cfg["layer_overrides"] = {
+            str(i): {_OVERRIDE_NAMES[k]: v for k, v in ov.items()} for i, ov in sorted(config.layer_overrides.items())
+        }
         cfg["architectures"] = ["ElasticNemotronHForCausalLM"]
         cfg["model_type"] = "elastic_nemotron_h"  # hf_model.ElasticNemotronHConfig.model_type
-        cfg["auto_map"] = {"AutoConfig": f"{REMOTE_MODULE}.ElasticNemotronHConfig",
-                           "AutoModelForCausalLM": f"{REMOTE_MODULE}.ElasticNemotronHForCausalLM"}
+        cfg["auto_map"] = {
+            "AutoConfig": f"{REMOTE_MODULE}.ElasticNemotronHConfig",
+            "AutoModelForCausalLM": f"{REMOTE_MODULE}.ElasticNemotronHForCausalLM",
+        }
     return cfg
 
 
@@ -112,8 +134,8 @@ def to_hf_state_dict(state_dict: Dict[str, torch.Tensor], config) -> Dict[str, t
                 hpg, hn = lc.num_attention_heads // g, lc.kv_channels
                 blocks = t.view(g, (hpg + 2) * hn, -1)
                 out[p + "mixer.q_proj.weight"] = blocks[:, : hpg * hn].reshape(-1, t.shape[1])
-                out[p + "mixer.k_proj.weight"] = blocks[:, hpg * hn: (hpg + 1) * hn].reshape(-1, t.shape[1])
-                out[p + "mixer.v_proj.weight"] = blocks[:, (hpg + 1) * hn:].reshape(-1, t.shape[1])
+                out[p + "mixer.k_proj.weight"] = blocks[:, hpg * hn : (hpg + 1) * hn].reshape(-1, t.shape[1])
+                out[p + "mixer.v_proj.weight"] = blocks[:, (hpg + 1) * hn :].reshape(-1, t.shape[1])
             elif rest == "self_attention.linear_proj.weight":
                 out[p + "mixer.o_proj.weight"] = t
             elif rest == "mlp.linear_fc1.weight":
@@ -125,8 +147,9 @@ def to_hf_state_dict(state_dict: Dict[str, torch.Tensor], config) -> Dict[str, t
     return {k: v.detach().contiguous().clone() for k, v in out.items()}
 
 
-def save_hf_checkpoint(out_dir: str, config, state_dict: Dict[str, torch.Tensor],
-                       max_shard_bytes: int = 5 * 2 ** 30) -> str:
+def save_hf_checkpoint(
+    out_dir: str, config, state_dict: Dict[str, torch.Tensor], max_shard_bytes: int = 5 * 2**30
+) -> str:
     """Write ``config.json`` and ``model.safetensors`` (sharded with an index above ``max_shard_bytes``), plus
     the remote-code module for a heterogeneous model. Returns ``out_dir``."""
     from safetensors.torch import save_file
@@ -157,14 +180,20 @@ def save_hf_checkpoint(out_dir: str, config, state_dict: Dict[str, torch.Tensor]
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
     if "auto_map" in cfg:  # the model class's own source, for users without megatron_elastic
-        shutil.copyfile(os.path.join(os.path.dirname(__file__), "hf_model.py"),
-                        os.path.join(out_dir, f"{REMOTE_MODULE}.py"))
+        shutil.copyfile(
+            os.path.join(os.path.dirname(__file__), "hf_model.py"), os.path.join(out_dir, f"{REMOTE_MODULE}.py")
+        )
     return out_dir
 
 
 # ---- import: NemotronH -> our layout --------------------------------------------------------------------
-_FROM_HF_TYPE = {"linear_attention": MAMBA, "mamba": MAMBA, "full_attention": ATTENTION, "attention": ATTENTION,
-                 "mlp": "-"}
+_FROM_HF_TYPE = {
+    "linear_attention": MAMBA,
+    "mamba": MAMBA,
+    "full_attention": ATTENTION,
+    "attention": ATTENTION,
+    "mlp": "-",
+}
 _FROM_HF_OVERRIDE = {v: k for k, v in _OVERRIDE_NAMES.items()}
 
 
@@ -177,8 +206,10 @@ def model_dict_from_hf(cfg: dict) -> dict:
     else:
         unknown = sorted({t for t in types or [] if t not in _FROM_HF_TYPE})
         if types is None or unknown:
-            raise HFExportError(f"config.json: layer types {unknown or 'missing'} are not supported (Mamba-2, "
-                                f"attention and MLP layers only; MoE is not)")
+            raise HFExportError(
+                f"config.json: layer types {unknown or 'missing'} are not supported (Mamba-2, "
+                f"attention and MLP layers only; MoE is not)"
+            )
         pattern = "".join(_FROM_HF_TYPE[t] for t in types)
     if "E" in pattern:
         raise HFExportError("config.json: MoE layers ('E') are not supported")
@@ -189,21 +220,29 @@ def model_dict_from_hf(cfg: dict) -> dict:
         raise HFExportError(f"config.json: mlp_hidden_act={cfg['mlp_hidden_act']!r}; only relu2 is supported")
     heads = cfg.get("num_attention_heads", 1)
     out = {
-        "hybrid_pattern": pattern, "vocab_size": cfg["vocab_size"], "hidden_size": cfg["hidden_size"],
-        "ffn_hidden_size": cfg.get("intermediate_size"), "num_attention_heads": heads,
+        "hybrid_pattern": pattern,
+        "vocab_size": cfg["vocab_size"],
+        "hidden_size": cfg["hidden_size"],
+        "ffn_hidden_size": cfg.get("intermediate_size"),
+        "num_attention_heads": heads,
         "num_query_groups": cfg.get("num_key_value_heads") or heads,
         "kv_channels": cfg.get("head_dim") or cfg["hidden_size"] // heads,
-        "mamba_num_heads": cfg.get("mamba_num_heads"), "mamba_head_dim": cfg.get("mamba_head_dim"),
+        "mamba_num_heads": cfg.get("mamba_num_heads"),
+        "mamba_head_dim": cfg.get("mamba_head_dim"),
         "mamba_num_groups": cfg.get("n_groups", cfg.get("mamba_n_groups", 1)),
-        "mamba_state_dim": cfg.get("ssm_state_size"), "mamba_conv_kernel": cfg.get("conv_kernel", 4),
-        "mamba_chunk_size": cfg.get("chunk_size", 128), "layernorm_epsilon": cfg.get("layer_norm_epsilon", 1e-5),
+        "mamba_state_dim": cfg.get("ssm_state_size"),
+        "mamba_conv_kernel": cfg.get("conv_kernel", 4),
+        "mamba_chunk_size": cfg.get("chunk_size", 128),
+        "layernorm_epsilon": cfg.get("layer_norm_epsilon", 1e-5),
         "share_embeddings_and_output_weights": bool(cfg.get("tie_word_embeddings", False)),
-        "max_sequence_length": cfg.get("max_position_embeddings", 4096), "position_embedding_type": "none",
+        "max_sequence_length": cfg.get("max_position_embeddings", 4096),
+        "position_embedding_type": "none",
         "activation": "relu2",
     }
     if cfg.get("layer_overrides"):
-        out["layer_overrides"] = {int(i): {_FROM_HF_OVERRIDE[k]: v for k, v in ov.items()}
-                                  for i, ov in cfg["layer_overrides"].items()}
+        out["layer_overrides"] = {
+            int(i): {_FROM_HF_OVERRIDE[k]: v for k, v in ov.items()} for i, ov in cfg["layer_overrides"].items()
+        }
     return out
 
 
@@ -245,7 +284,8 @@ def from_hf_state_dict(tensors: Dict[str, torch.Tensor], config) -> Dict[str, to
         hn, h = lc.kv_channels, parts["q"].shape[1]
         q = parts["q"].view(g, -1, h)
         out[f"decoder.layers.{i}.self_attention.linear_qkv.weight"] = torch.cat(
-            [q, parts["k"].view(g, hn, h), parts["v"].view(g, hn, h)], dim=1).reshape(-1, h)
+            [q, parts["k"].view(g, hn, h), parts["v"].view(g, hn, h)], dim=1
+        ).reshape(-1, h)
     if config.share_embeddings_and_output_weights:
         out.pop("output_layer.weight", None)
     return out

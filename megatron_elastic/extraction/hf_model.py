@@ -47,8 +47,9 @@ def register() -> None:
     AutoModelForCausalLM.register(ElasticNemotronHConfig, ElasticNemotronHForCausalLM, exist_ok=True)
     renames = conversion_mapping.get_checkpoint_conversion_mapping(NemotronHConfig.model_type)
     if renames is not None:
-        conversion_mapping.register_checkpoint_conversion_mapping(ElasticNemotronHConfig.model_type, renames,
-                                                                  overwrite=True)
+        conversion_mapping.register_checkpoint_conversion_mapping(
+            ElasticNemotronHConfig.model_type, renames, overwrite=True
+        )
 
 
 register()

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import yaml
 
+from megatron_elastic.errors import HFExportError
 from megatron_elastic.extraction.hf import from_hf_state_dict, model_dict_from_hf, read_hf_checkpoint
 from megatron_elastic.model.builder import build_hybrid_model, parameter_count
 from megatron_elastic.parallel import initialize_parallel
 from megatron_elastic.training.checkpoint import save_checkpoint
 from megatron_elastic.training.config import PretrainConfig, load_pretrain_config
-from megatron_elastic.errors import HFExportError
 
 
 def import_hf(hf_dir: str, out: str, data_path: str = "runs/data") -> dict:
@@ -32,7 +32,9 @@ def import_hf(hf_dir: str, out: str, data_path: str = "runs/data") -> dict:
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
-        raise HFExportError(f"{hf_dir}: tensors do not fit the model its config describes: missing {missing[:4]}, "
-                         f"unexpected {unexpected[:4]}")
+        raise HFExportError(
+            f"{hf_dir}: tensors do not fit the model its config describes: missing {missing[:4]}, "
+            f"unexpected {unexpected[:4]}"
+        )
     path = save_checkpoint(out, 0, model, trainer_state={"config": job, "imported_from": hf_dir})
     return {"checkpoint": path, "parameters": parameter_count(model), "hybrid_pattern": config.hybrid_pattern}

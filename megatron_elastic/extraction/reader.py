@@ -18,8 +18,11 @@ from megatron_elastic.model.specs import PRE_NORM_PREFIX
 from megatron_elastic.training.safe_files import check_checkpoint_is_data
 
 _FUSED_NORM = {fused + "layer_norm_weight": local + "weight" for local, fused in PRE_NORM_PREFIX.values()}
-_SPLITS = {"mixer.in_proj.weight": ("z", "x", "B", "C", "dt"), "mixer.conv1d.weight": ("x", "B", "C"),
-           "mixer.conv1d.bias": ("x", "B", "C")}
+_SPLITS = {
+    "mixer.in_proj.weight": ("z", "x", "B", "C", "dt"),
+    "mixer.conv1d.weight": ("x", "B", "C"),
+    "mixer.conv1d.bias": ("x", "B", "C"),
+}
 
 
 class CheckpointTensorReader:
@@ -28,8 +31,11 @@ class CheckpointTensorReader:
 
         self.dist_dir = os.path.join(checkpoint_dir, "dist")
         check_checkpoint_is_data(checkpoint_dir)
-        self.meta = {k: v for k, v in dist_checkpointing.load_tensors_metadata(self.dist_dir).items()
-                     if not k.startswith("optimizer.")}
+        self.meta = {
+            k: v
+            for k, v in dist_checkpointing.load_tensors_metadata(self.dist_dir).items()
+            if not k.startswith("optimizer.")
+        }
         self.keys: Dict[str, List[str]] = {}
         for key in sorted(self.meta):
             m = re.match(r"^(decoder\.layers\.\d+\.)(.+)$", key)
@@ -45,9 +51,11 @@ class CheckpointTensorReader:
 
     def names(self) -> List[str]:
         """Local names in layer order (embedding first)."""
+
         def order(n):
             m = re.match(r"^decoder\.layers\.(\d+)\.", n)
             return (1, int(m.group(1)), n) if m else ((0, 0, n) if n.startswith("embedding") else (2, 0, n))
+
         return sorted(self.keys, key=order)
 
     def load(self, name: str) -> torch.Tensor:
@@ -58,8 +66,9 @@ class CheckpointTensorReader:
         request = {}
         for key in self.keys[name]:
             md = self.meta[key]
-            request[key] = ShardedTensor.from_rank_offsets(key, torch.empty(md.global_shape, dtype=md.dtype),
-                                                           replica_id=0)
+            request[key] = ShardedTensor.from_rank_offsets(
+                key, torch.empty(md.global_shape, dtype=md.dtype), replica_id=0
+            )
         loaded = dist_checkpointing.load(request, self.dist_dir)
         parts = [loaded[k] for k in self.keys[name]]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)

@@ -123,8 +123,9 @@ def slice_tensor(name: str, tensor: torch.Tensor, config, arch: ElasticArch) -> 
     raise KeyError(f"slice_tensor: no slicing rule for {name!r} on a {sym!r} layer")
 
 
-def iter_sliced(names: Iterator[str], load: Callable[[str], torch.Tensor], config,
-                arch: ElasticArch) -> Iterator[Tuple[str, torch.Tensor]]:
+def iter_sliced(
+    names: Iterator[str], load: Callable[[str], torch.Tensor], config, arch: ElasticArch
+) -> Iterator[Tuple[str, torch.Tensor]]:
     """(sub-model name, sliced tensor) for every parent tensor name; ``load(name)`` fetches one parent tensor
     at a time, so only one full-size tensor is alive at once. Skipped layers are never loaded."""
     remap = kept_layers(config, arch)

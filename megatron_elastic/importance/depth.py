@@ -21,16 +21,19 @@ def _tp_sum(t: torch.Tensor) -> torch.Tensor:
     from megatron.core import parallel_state
 
     if dist.is_initialized() and parallel_state.model_parallel_is_initialized():
-        for group, size in ((parallel_state.get_tensor_model_parallel_group(),
-                             parallel_state.get_tensor_model_parallel_world_size()),
-                            (parallel_state.get_data_parallel_group(), parallel_state.get_data_parallel_world_size())):
+        for group, size in (
+            (parallel_state.get_tensor_model_parallel_group(), parallel_state.get_tensor_model_parallel_world_size()),
+            (parallel_state.get_data_parallel_group(), parallel_state.get_data_parallel_world_size()),
+        ):
             if size > 1:
                 dist.all_reduce(t, group=group)
     return t
 
 
 @torch.no_grad()
-def _nmse(model, batches: Sequence, forward: Callable, removed: Tuple[int, ...], candidates: Sequence[int]) -> torch.Tensor:
+def _nmse(
+    model, batches: Sequence, forward: Callable, removed: Tuple[int, ...], candidates: Sequence[int]
+) -> torch.Tensor:
     """NMSE per candidate layer (with ``removed`` already skipped) vs the full model, summed over batches
     and reduced over TP (vocab shards) and DP."""
     config = model.config
@@ -50,8 +53,9 @@ def _nmse(model, batches: Sequence, forward: Callable, removed: Tuple[int, ...],
     return stacked[:-1] / stacked[-1]
 
 
-def depth_scores(model, batches: Iterable, forward: Callable, iterative: bool = False,
-                 progress: Optional[Callable] = None) -> Tuple[torch.Tensor, List[int]]:
+def depth_scores(
+    model, batches: Iterable, forward: Callable, iterative: bool = False, progress: Optional[Callable] = None
+) -> Tuple[torch.Tensor, List[int]]:
     """Return (per-layer NMSE scores, ranking most-important-first). ``model`` is an elastic hybrid model
     (whole network, any TP); ``forward(model, batch)`` returns logits. In the iterative variant a layer's
     score is the NMSE at the moment it was removed."""
@@ -67,7 +71,7 @@ def depth_scores(model, batches: Iterable, forward: Callable, iterative: bool = 
         removed: List[int] = []
         scores = torch.zeros(n, dtype=torch.float64)
         steps = range(n - 1)
-        for _ in (progress(steps) if progress else steps):
+        for _ in progress(steps) if progress else steps:
             cands = [j for j in range(n) if j not in removed]
             s = _nmse(model, batches, forward, tuple(removed), cands)
             k = int(torch.argmin(s))

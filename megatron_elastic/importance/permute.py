@@ -29,9 +29,9 @@ class Permutation:
     """New order of every axis: ``new[j] = old[order[j]]``. Per-layer entries keyed by global layer index."""
 
     hidden: Optional[torch.Tensor] = None
-    mamba_heads: Dict[int, torch.Tensor] = field(default_factory=dict)       # global head ids, per group
+    mamba_heads: Dict[int, torch.Tensor] = field(default_factory=dict)  # global head ids, per group
     mamba_head_dim: Dict[int, torch.Tensor] = field(default_factory=dict)
-    attention_heads: Dict[int, torch.Tensor] = field(default_factory=dict)   # global query head ids
+    attention_heads: Dict[int, torch.Tensor] = field(default_factory=dict)  # global query head ids
     ffn: Dict[int, torch.Tensor] = field(default_factory=dict)
 
 
@@ -39,7 +39,9 @@ def _check_within_groups(order: torch.Tensor, n: int, groups: int, what: str) ->
     per = n // groups
     if sorted(order.tolist()) != list(range(n)):
         raise ValueError(f"{what}: not a permutation of range({n})")
-    if not torch.equal(order.view(groups, per).div(per, rounding_mode="floor"), torch.arange(groups)[:, None].expand(groups, per)):
+    if not torch.equal(
+        order.view(groups, per).div(per, rounding_mode="floor"), torch.arange(groups)[:, None].expand(groups, per)
+    ):
         raise ValueError(f"{what}: must permute only within each of the {groups} groups")
 
 
@@ -96,7 +98,7 @@ def permute_state_dict(sd: Dict[str, torch.Tensor], config, perm: Permutation) -
             qkv = []
             for grp in range(g):
                 base = grp * (hpg + 2) * hn
-                for h in heads[grp * hpg:(grp + 1) * hpg].tolist():
+                for h in heads[grp * hpg : (grp + 1) * hpg].tolist():
                     qkv.append(torch.arange(base + (h - grp * hpg) * hn, base + (h - grp * hpg + 1) * hn))
                 qkv.append(torch.arange(base + hpg * hn, base + (hpg + 2) * hn))
             rows(a + "linear_qkv.weight", torch.cat(qkv))
@@ -109,7 +111,11 @@ def permute_state_dict(sd: Dict[str, torch.Tensor], config, perm: Permutation) -
             fc1 = torch.cat([neurons, f + neurons]) if config.gated_linear_unit else neurons
             rows(p + "mlp.linear_fc1.weight", fc1)
             cols(p + "mlp.linear_fc2.weight", neurons)
-            norm_key, first, last = p + "pre_mlp_layernorm.weight", p + "mlp.linear_fc1.weight", p + "mlp.linear_fc2.weight"
+            norm_key, first, last = (
+                p + "pre_mlp_layernorm.weight",
+                p + "mlp.linear_fc1.weight",
+                p + "mlp.linear_fc2.weight",
+            )
         if hid is not None:
             rows(norm_key, hid)
             cols(first, hid)

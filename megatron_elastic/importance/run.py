@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from megatron_elastic.compat import ATTENTION, MAMBA
 from megatron_elastic.data.loader import build_gpt_datasets, make_loader
+from megatron_elastic.errors import CheckpointError, InputNotFoundError
 from megatron_elastic.importance.depth import depth_scores
 from megatron_elastic.importance.permute import permute_state_dict
 from megatron_elastic.importance.width import WidthScores, collect_width_scores
@@ -22,7 +23,6 @@ from megatron_elastic.parallel import initialize_parallel
 from megatron_elastic.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from megatron_elastic.training.config import PretrainConfig, load_pretrain_config
 from megatron_elastic.training.pretrain import batch_to_device, masked_mean
-from megatron_elastic.errors import CheckpointError, InputNotFoundError
 
 
 def config_from_checkpoint(path: str) -> PretrainConfig:
@@ -32,7 +32,9 @@ def config_from_checkpoint(path: str) -> PretrainConfig:
     with open(os.path.join(path, "trainer_state.json")) as f:
         state = json.load(f)
     if "config" not in state:
-        raise CheckpointError(f"{path}/trainer_state.json has no 'config'; was it written by megatron-elastic pretrain?")
+        raise CheckpointError(
+            f"{path}/trainer_state.json has no 'config'; was it written by megatron-elastic pretrain?"
+        )
     return load_pretrain_config(text=yaml.safe_dump(state["config"]))
 
 
@@ -47,17 +49,26 @@ def lm_loss(model, batch) -> torch.Tensor:
     """Mean next-token loss (nats) of a GPTDataset batch."""
     batch = batch_to_device(batch)
     tokens = batch["tokens"]
-    losses = model(tokens, batch["position_ids"], causal_attention_mask(tokens.shape[1], tokens.device),
-                   labels=batch["labels"])
+    losses = model(
+        tokens, batch["position_ids"], causal_attention_mask(tokens.shape[1], tokens.device), labels=batch["labels"]
+    )
     return masked_mean(losses, batch["loss_mask"])
 
 
-def calibration_batches(data_dir: str, seq_length: int, num_tokens: int, micro_batch_size: int = 8,
-                        seed: int = 1234, split: str = "train", vocab_size: Optional[int] = None) -> List[dict]:
+def calibration_batches(
+    data_dir: str,
+    seq_length: int,
+    num_tokens: int,
+    micro_batch_size: int = 8,
+    seed: int = 1234,
+    split: str = "train",
+    vocab_size: Optional[int] = None,
+) -> List[dict]:
     """``num_tokens`` tokens of ``split`` as GPTDataset batches."""
     n = max(1, math.ceil(num_tokens / (seq_length * micro_batch_size)))
-    train, valid = build_gpt_datasets(data_dir, seq_length, n * micro_batch_size, n * micro_batch_size, seed=seed,
-                                      model_vocab_size=vocab_size)
+    train, valid = build_gpt_datasets(
+        data_dir, seq_length, n * micro_batch_size, n * micro_batch_size, seed=seed, model_vocab_size=vocab_size
+    )
     ds = train if split == "train" else valid
     it = iter(make_loader(ds, 0, micro_batch_size))
     return [next(it) for _ in range(min(n, len(ds) // micro_batch_size))]
@@ -86,16 +97,23 @@ def load_parent(checkpoint: str):
 def summary_table(config, scores: WidthScores, depth: torch.Tensor, ranking: List[int]) -> str:
     """Per layer: type, depth score and rank, and how concentrated its width scores are (share of the
     total score held by the top half of the units)."""
+
     def top_half_share(s):
         s = torch.sort(s, descending=True).values
         return float(s[: max(1, len(s) // 2)].sum() / s.sum())
 
     rank_of = {layer: r for r, layer in enumerate(ranking)}
-    lines = [f"{'layer':>5} {'type':9} {'depth NMSE':>11} {'rank':>4}  top-half share of width score",
-             f"{'':>5} {'hidden':9} {'':>11} {'':>4}  {top_half_share(scores.hidden):.2f}"]
+    lines = [
+        f"{'layer':>5} {'type':9} {'depth NMSE':>11} {'rank':>4}  top-half share of width score",
+        f"{'':>5} {'hidden':9} {'':>11} {'':>4}  {top_half_share(scores.hidden):.2f}",
+    ]
     for i, sym in enumerate(config.hybrid_pattern):
         if sym == MAMBA:
-            kind, width = "mamba", f"heads {top_half_share(scores.mamba_heads[i]):.2f}, channels {top_half_share(scores.mamba_head_dim[i]):.2f}"
+            kind, width = (
+                "mamba",
+                f"heads {top_half_share(scores.mamba_heads[i]):.2f}, "
+                f"channels {top_half_share(scores.mamba_head_dim[i]):.2f}",
+            )
         elif sym == ATTENTION:
             kind, width = "attention", f"q-heads {top_half_share(scores.attention_heads[i]):.2f}"
         else:
@@ -116,7 +134,9 @@ def plot_importance(path: str, config, scores: WidthScores, depth: torch.Tensor)
         return None
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     colors = {MAMBA: "tab:blue", ATTENTION: "tab:red", "-": "tab:green"}
-    finite = torch.where(torch.isfinite(depth), depth, depth[torch.isfinite(depth)].max() if torch.isfinite(depth).any() else 1.0)
+    finite = torch.where(
+        torch.isfinite(depth), depth, depth[torch.isfinite(depth)].max() if torch.isfinite(depth).any() else 1.0
+    )
     ax1.bar(range(len(depth)), finite.tolist(), color=[colors[s] for s in config.hybrid_pattern])
     ax1.set_xlabel("layer (blue Mamba, red attention, green MLP)")
     ax1.set_ylabel("normalized MSE of logits when skipped")
@@ -139,37 +159,65 @@ def plot_importance(path: str, config, scores: WidthScores, depth: torch.Tensor)
     return path
 
 
-def run_importance(checkpoint: str, data: Optional[str], out: str, calib_tokens: int = 262_144,
-                   ffn_source: str = "fc2_input", iterative_depth: bool = False, progress: bool = True,
-                   mamba_source: str = "x") -> dict:
+def run_importance(
+    checkpoint: str,
+    data: Optional[str],
+    out: str,
+    calib_tokens: int = 262_144,
+    ffn_source: str = "fc2_input",
+    iterative_depth: bool = False,
+    progress: bool = True,
+    mamba_source: str = "x",
+) -> dict:
     """Score, sort and save; returns a summary dict (paths and the depth ranking)."""
     model, job, src = load_parent(checkpoint)
     config = model.config
     data = data or job.data.path
-    batches = calibration_batches(data, job.data.seq_length, calib_tokens, job.train.micro_batch_size,
-                                  job.train.seed, vocab_size=config.vocab_size)
+    batches = calibration_batches(
+        data,
+        job.data.seq_length,
+        calib_tokens,
+        job.train.micro_batch_size,
+        job.train.seed,
+        vocab_size=config.vocab_size,
+    )
     bar = (lambda it: tqdm(it, desc="calibration", unit="batch")) if progress else None
-    scores = collect_width_scores(model, batches, lm_logits, ffn_source=ffn_source, progress=bar,
-                                  mamba_source=mamba_source)
+    scores = collect_width_scores(
+        model, batches, lm_logits, ffn_source=ffn_source, progress=bar, mamba_source=mamba_source
+    )
     depth_bar = (lambda it: tqdm(it, desc="depth (iterative)", unit="layer")) if progress else None
     depth, ranking = depth_scores(model, batches, lm_logits, iterative=iterative_depth, progress=depth_bar)
     perm = scores.to_permutation(config)
     model.load_state_dict(permute_state_dict(model.state_dict(), config, perm))
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "scores.json"), "w") as f:
-        json.dump({"width": scores.to_dict(), "depth_nmse": [float(x) for x in depth], "ffn_source": ffn_source, "mamba_source": mamba_source,
-                   "calibration_tokens": sum(int(b["tokens"].numel()) for b in batches)}, f)
-    ranking_doc = {"depth_ranking": ranking, "iterative_depth": iterative_depth,
-                   "width_order": {"hidden": perm.hidden.tolist(),
-                                   "mamba_heads": {i: p.tolist() for i, p in perm.mamba_heads.items()},
-                                   "mamba_head_dim": {i: p.tolist() for i, p in perm.mamba_head_dim.items()},
-                                   "attention_heads": {i: p.tolist() for i, p in perm.attention_heads.items()},
-                                   "ffn": {i: p.tolist() for i, p in perm.ffn.items()}}}
+        json.dump(
+            {
+                "width": scores.to_dict(),
+                "depth_nmse": [float(x) for x in depth],
+                "ffn_source": ffn_source,
+                "mamba_source": mamba_source,
+                "calibration_tokens": sum(int(b["tokens"].numel()) for b in batches),
+            },
+            f,
+        )
+    ranking_doc = {
+        "depth_ranking": ranking,
+        "iterative_depth": iterative_depth,
+        "width_order": {
+            "hidden": perm.hidden.tolist(),
+            "mamba_heads": {i: p.tolist() for i, p in perm.mamba_heads.items()},
+            "mamba_head_dim": {i: p.tolist() for i, p in perm.mamba_head_dim.items()},
+            "attention_heads": {i: p.tolist() for i, p in perm.attention_heads.items()},
+            "ffn": {i: p.tolist() for i, p in perm.ffn.items()},
+        },
+    }
     with open(os.path.join(out, "ranking.json"), "w") as f:
         json.dump(ranking_doc, f)
     sorted_dir = os.path.join(out, "sorted")
-    save_checkpoint(sorted_dir, 0, model, trainer_state={"config": job.to_dict(), "sorted_from": src,
-                                                          "depth_ranking": ranking})
+    save_checkpoint(
+        sorted_dir, 0, model, trainer_state={"config": job.to_dict(), "sorted_from": src, "depth_ranking": ranking}
+    )
     table = summary_table(config, scores, depth, ranking)
     with open(os.path.join(out, "summary.txt"), "w") as f:
         f.write(table + "\n")

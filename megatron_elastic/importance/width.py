@@ -24,8 +24,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_elastic.compat import ATTENTION, MAMBA
-from megatron_elastic.importance.permute import Permutation, order_within_groups
 from megatron_elastic.errors import ConfigError
+from megatron_elastic.importance.permute import Permutation, order_within_groups
 
 FFN_SOURCES = ("fc2_input", "fc1_output")
 MAMBA_SOURCES = ("x", "out_proj_input")
@@ -46,21 +46,32 @@ class WidthScores:
             hidden=desc(self.hidden),
             mamba_heads={i: order_within_groups(s, config.mamba_num_groups) for i, s in self.mamba_heads.items()},
             mamba_head_dim={i: desc(s) for i, s in self.mamba_head_dim.items()},
-            attention_heads={i: order_within_groups(s, config.num_query_groups) for i, s in self.attention_heads.items()},
+            attention_heads={
+                i: order_within_groups(s, config.num_query_groups) for i, s in self.attention_heads.items()
+            },
             ffn={i: order_within_groups(s, config.elastic_ffn_groups) for i, s in self.ffn.items()},
         )
 
     def to_dict(self) -> dict:
         lists = lambda d: {str(k): v.tolist() for k, v in d.items()}
-        return {"hidden": self.hidden.tolist(), "mamba_heads": lists(self.mamba_heads),
-                "mamba_head_dim": lists(self.mamba_head_dim), "attention_heads": lists(self.attention_heads),
-                "ffn": lists(self.ffn)}
+        return {
+            "hidden": self.hidden.tolist(),
+            "mamba_heads": lists(self.mamba_heads),
+            "mamba_head_dim": lists(self.mamba_head_dim),
+            "attention_heads": lists(self.attention_heads),
+            "ffn": lists(self.ffn),
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> "WidthScores":
         tensors = lambda m: {int(k): torch.tensor(v) for k, v in m.items()}
-        return cls(torch.tensor(d["hidden"]), tensors(d["mamba_heads"]), tensors(d["mamba_head_dim"]),
-                   tensors(d["attention_heads"]), tensors(d["ffn"]))
+        return cls(
+            torch.tensor(d["hidden"]),
+            tensors(d["mamba_heads"]),
+            tensors(d["mamba_head_dim"]),
+            tensors(d["attention_heads"]),
+            tensors(d["ffn"]),
+        )
 
 
 class _Accumulator:
@@ -84,8 +95,11 @@ def _tp_group_and_size():
 def _reduce_dp(t: torch.Tensor) -> torch.Tensor:
     from megatron.core import parallel_state
 
-    if dist.is_initialized() and parallel_state.model_parallel_is_initialized() and \
-            parallel_state.get_data_parallel_world_size() > 1:
+    if (
+        dist.is_initialized()
+        and parallel_state.model_parallel_is_initialized()
+        and parallel_state.get_data_parallel_world_size() > 1
+    ):
         t = t.clone()
         dist.all_reduce(t, group=parallel_state.get_data_parallel_group())
     return t
@@ -101,9 +115,14 @@ def _gather_tp(t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def collect_width_scores(model, batches: Iterable, forward: Callable, ffn_source: str = "fc2_input",
-                         progress: Optional[Callable[[Iterable], Iterable]] = None,
-                         mamba_source: str = "x") -> WidthScores:
+def collect_width_scores(
+    model,
+    batches: Iterable,
+    forward: Callable,
+    ffn_source: str = "fc2_input",
+    progress: Optional[Callable[[Iterable], Iterable]] = None,
+    mamba_source: str = "x",
+) -> WidthScores:
     """Run ``forward(model, batch)`` on every calibration batch with hooks and return the global scores.
     ``model`` is a (plain or elastic) hybrid model holding the whole network (PP=1) at any TP size."""
     if ffn_source not in FFN_SOURCES:
@@ -127,23 +146,28 @@ def collect_width_scores(model, batches: Iterable, forward: Callable, ffn_source
             lo, hi = mixer.d_inner_local_tp, 2 * mixer.d_inner_local_tp
             handles.append(layer.norm.register_forward_hook(on_output(hidden)))
             if mamba_source == "x":
-                handles.append(mixer.in_proj.register_forward_hook(on_output(acc, lambda o, lo=lo, hi=hi: o[0][..., lo:hi])))
+                handles.append(
+                    mixer.in_proj.register_forward_hook(on_output(acc, lambda o, lo=lo, hi=hi: o[0][..., lo:hi]))
+                )
             else:
                 handles.append(mixer.out_proj.register_forward_pre_hook(lambda mod, inp, acc=acc: acc.add(inp[0])))
         elif sym == ATTENTION:
             handles.append(layer.input_layernorm.register_forward_hook(on_output(hidden)))
-            handles.append(layer.self_attention.linear_proj.register_forward_pre_hook(
-                lambda mod, inp, acc=acc: acc.add(inp[0])))
+            handles.append(
+                layer.self_attention.linear_proj.register_forward_pre_hook(lambda mod, inp, acc=acc: acc.add(inp[0]))
+            )
         else:
             handles.append(layer.pre_mlp_layernorm.register_forward_hook(on_output(hidden)))
             if ffn_source == "fc2_input":
-                handles.append(layer.mlp.linear_fc2.register_forward_pre_hook(lambda mod, inp, acc=acc: acc.add(inp[0])))
+                handles.append(
+                    layer.mlp.linear_fc2.register_forward_pre_hook(lambda mod, inp, acc=acc: acc.add(inp[0]))
+                )
             else:
                 handles.append(layer.mlp.linear_fc1.register_forward_hook(on_output(acc, lambda o: o[0])))
     was_training = model.training
     model.eval()
     try:
-        for batch in (progress(batches) if progress else batches):
+        for batch in progress(batches) if progress else batches:
             forward(model, batch)
     finally:
         for h in handles:
@@ -179,7 +203,7 @@ def magnitude_scores(state_dict: Dict[str, torch.Tensor], config) -> WidthScores
         p = f"decoder.layers.{i}."
         if sym == MAMBA:
             d_inner = nh * hd
-            x_rows = sd[p + "mixer.in_proj.weight"][d_inner:2 * d_inner].norm(dim=1).view(nh, hd)
+            x_rows = sd[p + "mixer.in_proj.weight"][d_inner : 2 * d_inner].norm(dim=1).view(nh, hd)
             out.mamba_heads[i] = x_rows.norm(dim=1)
             out.mamba_head_dim[i] = x_rows.norm(dim=0)
         elif sym == ATTENTION:

@@ -12,9 +12,16 @@ from megatron_elastic.model.config import HybridConfig
 from megatron_elastic.model.specs import default_backend, hybrid_stack_spec
 
 
-def build_hybrid_model(config: HybridConfig, *, backend: Optional[str] = None, pre_process: bool = True,
-                       post_process: bool = True, parallel_output: bool = True,
-                       pg_collection: Optional[ProcessGroupCollection] = None, stack_spec=None):
+def build_hybrid_model(
+    config: HybridConfig,
+    *,
+    backend: Optional[str] = None,
+    pre_process: bool = True,
+    post_process: bool = True,
+    parallel_output: bool = True,
+    pg_collection: Optional[ProcessGroupCollection] = None,
+    stack_spec=None,
+):
     """Return a Megatron hybrid LM for ``config``. ``stack_spec`` overrides the spec chosen by ``backend``.
 
     The model's forward is Megatron's: ``model(input_ids [b, s], position_ids [b, s], attention_mask)``

@@ -24,7 +24,11 @@ def layer_parameters(config, arch: ElasticArch, i: int) -> int:
         per_head = 3 * heads  # dt_bias, A_log, D
         return h + in_proj + conv + per_head + d_inner + d_inner * h  # pre-norm, ..., gated norm, out_proj
     if sym == ATTENTION:
-        q, g, hn = arch.num_attention_heads[i], config.num_query_groups or config.num_attention_heads, config.kv_channels
+        q, g, hn = (
+            arch.num_attention_heads[i],
+            config.num_query_groups or config.num_attention_heads,
+            config.kv_channels,
+        )
         return h + h * (q + 2 * g) * hn + q * hn * h
     f = arch.ffn_hidden_size[i]
     fc1 = h * f * (2 if config.gated_linear_unit else 1)
@@ -61,6 +65,7 @@ def arch_flops_per_token(config, arch: ElasticArch, seq_length: int) -> float:
 
 def scaled_arch(config, fraction: float) -> ElasticArch:
     """A homogeneous nested choice with every width axis scaled by ``fraction`` (rounded to valid values)."""
+
     def snap(full: int, multiple: int) -> int:
         return max(multiple, min(full, int(round(full * fraction / multiple)) * multiple))
 
@@ -69,7 +74,8 @@ def scaled_arch(config, fraction: float) -> ElasticArch:
         hidden_size=snap(config.hidden_size, 8 if config.hidden_size >= 64 else 1),
         mamba_num_heads={i: snap(config.mamba_num_heads, config.mamba_num_groups) for i in full.mamba_num_heads},
         mamba_head_dim=dict(full.mamba_head_dim),
-        num_attention_heads={i: snap(config.num_attention_heads, config.num_query_groups or 1)
-                             for i in full.num_attention_heads},
+        num_attention_heads={
+            i: snap(config.num_attention_heads, config.num_query_groups or 1) for i in full.num_attention_heads
+        },
         ffn_hidden_size={i: snap(config.ffn_hidden_size, config.elastic_ffn_groups) for i in full.ffn_hidden_size},
     ).validate(config)

@@ -24,8 +24,6 @@ from megatron_elastic.compat import ATTENTION, MAMBA, MLP
 from megatron_elastic.errors import ElasticArchError  # noqa: F401
 
 
-
-
 def _int_keys(d: Dict) -> Dict[int, int]:
     return {int(k): int(v) for k, v in d.items()}
 
@@ -69,32 +67,43 @@ class ElasticArch:
         p = config.hybrid_pattern
         if not 1 <= self.hidden_size <= config.hidden_size:
             raise ElasticArchError(f"hidden_size={self.hidden_size}: must be in [1, {config.hidden_size}]")
-        for name, symbol in (("mamba_num_heads", MAMBA), ("mamba_head_dim", MAMBA),
-                             ("num_attention_heads", ATTENTION), ("ffn_hidden_size", MLP)):
+        for name, symbol in (
+            ("mamba_num_heads", MAMBA),
+            ("mamba_head_dim", MAMBA),
+            ("num_attention_heads", ATTENTION),
+            ("ffn_hidden_size", MLP),
+        ):
             want = {i for i, s in enumerate(p) if s == symbol}
             have = set(getattr(self, name))
             if have != want:
                 raise ElasticArchError(
                     f"{name}: needs exactly the layers {sorted(want)} of pattern {p!r} (type {symbol!r}); "
-                    f"missing {sorted(want - have)}, not of that type {sorted(have - want)}")
+                    f"missing {sorted(want - have)}, not of that type {sorted(have - want)}"
+                )
         for i, h in self.mamba_num_heads.items():
             g, n = config.mamba_num_groups, config.mamba_num_heads
             if h % g or not g <= h <= n:
-                raise ElasticArchError(f"mamba_num_heads[{i}]={h}: must be a multiple of mamba_num_groups ({g}) in "
-                                       f"[{g}, {n}] (heads are trimmed evenly inside every B/C group)")
+                raise ElasticArchError(
+                    f"mamba_num_heads[{i}]={h}: must be a multiple of mamba_num_groups ({g}) in "
+                    f"[{g}, {n}] (heads are trimmed evenly inside every B/C group)"
+                )
         for i, d in self.mamba_head_dim.items():
             if not 1 <= d <= config.mamba_head_dim:
                 raise ElasticArchError(f"mamba_head_dim[{i}]={d}: must be in [1, {config.mamba_head_dim}]")
         for i, h in self.num_attention_heads.items():
             g, n = config.num_query_groups or config.num_attention_heads, config.num_attention_heads
             if h % g or not g <= h <= n:
-                raise ElasticArchError(f"num_attention_heads[{i}]={h}: must be a multiple of num_query_groups ({g}) "
-                                       f"in [{g}, {n}] (query heads are trimmed evenly inside every KV group)")
+                raise ElasticArchError(
+                    f"num_attention_heads[{i}]={h}: must be a multiple of num_query_groups ({g}) "
+                    f"in [{g}, {n}] (query heads are trimmed evenly inside every KV group)"
+                )
         for i, f in self.ffn_hidden_size.items():
             g = config.elastic_ffn_groups
             if not 1 <= f <= config.ffn_hidden_size or f % g:
-                raise ElasticArchError(f"ffn_hidden_size[{i}]={f}: must be a multiple of elastic_ffn_groups ({g}) in "
-                                       f"[{g}, {config.ffn_hidden_size}]")
+                raise ElasticArchError(
+                    f"ffn_hidden_size[{i}]={f}: must be a multiple of elastic_ffn_groups ({g}) in "
+                    f"[{g}, {config.ffn_hidden_size}]"
+                )
         bad = [i for i in self.skipped_layers if not 0 <= i < len(p)]
         if bad:
             raise ElasticArchError(f"skipped_layers {bad}: layer indices must be in [0, {len(p) - 1}]")
@@ -106,22 +115,36 @@ class ElasticArch:
         """True when this sub-model is nested in ``other``: no axis larger, and every layer ``other`` skips
         skipped here too (both prefixes of the same sorted parent)."""
         le = lambda a, b: a.keys() == b.keys() and all(a[k] <= b[k] for k in a)
-        return (self.hidden_size <= other.hidden_size and le(self.mamba_num_heads, other.mamba_num_heads)
-                and le(self.mamba_head_dim, other.mamba_head_dim)
-                and le(self.num_attention_heads, other.num_attention_heads)
-                and le(self.ffn_hidden_size, other.ffn_hidden_size)
-                and set(other.skipped_layers) <= set(self.skipped_layers))
+        return (
+            self.hidden_size <= other.hidden_size
+            and le(self.mamba_num_heads, other.mamba_num_heads)
+            and le(self.mamba_head_dim, other.mamba_head_dim)
+            and le(self.num_attention_heads, other.num_attention_heads)
+            and le(self.ffn_hidden_size, other.ffn_hidden_size)
+            and set(other.skipped_layers) <= set(self.skipped_layers)
+        )
 
     # ---- (de)serialisation and display ---------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {"hidden_size": self.hidden_size, "mamba_num_heads": self.mamba_num_heads,
-                "mamba_head_dim": self.mamba_head_dim, "num_attention_heads": self.num_attention_heads,
-                "ffn_hidden_size": self.ffn_hidden_size, "skipped_layers": list(self.skipped_layers)}
+        return {
+            "hidden_size": self.hidden_size,
+            "mamba_num_heads": self.mamba_num_heads,
+            "mamba_head_dim": self.mamba_head_dim,
+            "num_attention_heads": self.num_attention_heads,
+            "ffn_hidden_size": self.ffn_hidden_size,
+            "skipped_layers": list(self.skipped_layers),
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> "ElasticArch":
-        known = {"hidden_size", "mamba_num_heads", "mamba_head_dim", "num_attention_heads", "ffn_hidden_size",
-                 "skipped_layers"}
+        known = {
+            "hidden_size",
+            "mamba_num_heads",
+            "mamba_head_dim",
+            "num_attention_heads",
+            "ffn_hidden_size",
+            "skipped_layers",
+        }
         unknown = sorted(set(d) - known)
         if unknown:
             raise ElasticArchError(f"unknown field(s) {unknown}; known: {sorted(known)}")
@@ -136,12 +159,16 @@ class ElasticArch:
 
     def table(self, config) -> str:
         """One row per layer: type, active sizes / parent sizes, skipped."""
-        rows = [f"hidden_size {self.hidden_size}/{config.hidden_size}",
-                f"{'layer':>5} {'type':9} {'active / parent':28} {'skipped':7}"]
+        rows = [
+            f"hidden_size {self.hidden_size}/{config.hidden_size}",
+            f"{'layer':>5} {'type':9} {'active / parent':28} {'skipped':7}",
+        ]
         for i, s in enumerate(config.hybrid_pattern):
             if s == MAMBA:
-                desc = (f"heads {self.mamba_num_heads[i]}/{config.mamba_num_heads} x "
-                        f"dim {self.mamba_head_dim[i]}/{config.mamba_head_dim}")
+                desc = (
+                    f"heads {self.mamba_num_heads[i]}/{config.mamba_num_heads} x "
+                    f"dim {self.mamba_head_dim[i]}/{config.mamba_head_dim}"
+                )
                 kind = "mamba"
             elif s == ATTENTION:
                 desc, kind = f"q-heads {self.num_attention_heads[i]}/{config.num_attention_heads}", "attention"

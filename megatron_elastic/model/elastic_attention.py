@@ -12,8 +12,12 @@ def qkv_row_index(groups_local: int, heads_per_group: int, active_per_group: int
     """Rows of Megatron's interleaved ``linear_qkv`` (per KV group: its query heads, then k, then v) kept when
     every group keeps its first ``active_per_group`` query heads."""
     block = (heads_per_group + 2) * head_dim
-    per_group = torch.cat([torch.arange(active_per_group * head_dim),
-                           torch.arange(heads_per_group * head_dim, (heads_per_group + 2) * head_dim)])
+    per_group = torch.cat(
+        [
+            torch.arange(active_per_group * head_dim),
+            torch.arange(heads_per_group * head_dim, (heads_per_group + 2) * head_dim),
+        ]
+    )
     return (torch.arange(groups_local)[:, None] * block + per_group[None, :]).flatten()
 
 
@@ -53,12 +57,18 @@ class ElasticSelfAttention(SelfAttention):
         if self._active_heads_local is None:
             return super().forward(hidden_states, *args, **kwargs)
         core = self.core_attention
-        saved = (self.num_attention_heads_per_partition, core.num_attention_heads_per_partition,
-                 core.hidden_size_per_partition)
+        saved = (
+            self.num_attention_heads_per_partition,
+            core.num_attention_heads_per_partition,
+            core.hidden_size_per_partition,
+        )
         self.num_attention_heads_per_partition = core.num_attention_heads_per_partition = self._active_heads_local
         core.hidden_size_per_partition = self._active_heads_local * self.hidden_size_per_attention_head
         try:
             return super().forward(hidden_states, *args, **kwargs)
         finally:
-            (self.num_attention_heads_per_partition, core.num_attention_heads_per_partition,
-             core.hidden_size_per_partition) = saved
+            (
+                self.num_attention_heads_per_partition,
+                core.num_attention_heads_per_partition,
+                core.hidden_size_per_partition,
+            ) = saved

@@ -25,7 +25,6 @@ from megatron.core.tensor_parallel.mappings import (
     reduce_from_tensor_model_parallel_region,
 )
 
-
 Index = Union[torch.Tensor, slice]
 
 
@@ -47,8 +46,15 @@ def _linear_impl(layer, input_parallel, weight, bias, allreduce_dgrad, tp_group)
     """Megatron's linear autograd function (the parents' ``_forward_impl``) on a sliced weight. Sliced weights
     are temporaries without ``.main_grad``, so the fused wgrad-accumulation path is only used unsliced."""
     fusion = layer.gradient_accumulation_fusion and weight is layer.weight
-    return layer._forward_impl(input=input_parallel, weight=weight, bias=bias, gradient_accumulation_fusion=fusion,
-                               allreduce_dgrad=allreduce_dgrad, sequence_parallel=False, tp_group=tp_group)
+    return layer._forward_impl(
+        input=input_parallel,
+        weight=weight,
+        bias=bias,
+        gradient_accumulation_fusion=fusion,
+        allreduce_dgrad=allreduce_dgrad,
+        sequence_parallel=False,
+        tp_group=tp_group,
+    )
 
 
 class ElasticColumnParallelLinear(ColumnParallelLinear):
@@ -58,8 +64,9 @@ class ElasticColumnParallelLinear(ColumnParallelLinear):
         weight = self.weight if weight is None else weight
         in_features = input_.shape[-1]
         if self.active_rows is None and in_features == weight.shape[1]:
-            return super().forward(input_, weight=None if weight is self.weight else weight,
-                                   runtime_gather_output=runtime_gather_output)
+            return super().forward(
+                input_, weight=None if weight is self.weight else weight, runtime_gather_output=runtime_gather_output
+            )
         if self.sequence_parallel or self.explicit_expert_comm:
             raise NotImplementedError("elastic slicing with sequence parallelism is not supported yet")
         w = weight[:, :in_features] if in_features != weight.shape[1] else weight
@@ -67,7 +74,9 @@ class ElasticColumnParallelLinear(ColumnParallelLinear):
         if self.active_rows is not None:
             w = take(w, self.active_rows)
             bias = take(bias, self.active_rows) if bias is not None else None
-        input_parallel = input_ if self.allreduce_dgrad else copy_to_tensor_model_parallel_region(input_, group=self.tp_group)
+        input_parallel = (
+            input_ if self.allreduce_dgrad else copy_to_tensor_model_parallel_region(input_, group=self.tp_group)
+        )
         out = _linear_impl(self, input_parallel, w, bias, self.allreduce_dgrad, self.tp_group)
         gather = self.gather_output if runtime_gather_output is None else runtime_gather_output
         if gather:

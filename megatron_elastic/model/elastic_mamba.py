@@ -55,9 +55,17 @@ class ElasticMambaMixer(MambaMixer):
             return self.full_view()
         heads, ch, conv_idx, nheads_local, headdim, group_size = self._active
         conv_b = self.conv1d.bias[conv_idx] if self.conv1d.bias is not None else None
-        return MixerView(nheads_local, headdim, self.conv1d.weight.squeeze(1)[conv_idx], conv_b, self.dt_bias[heads],
-                         self.A_log[heads], self.D[ch] if self.D_has_hdim else self.D[heads],
-                         self.norm.weight[ch] if self.rmsnorm else None, group_size)
+        return MixerView(
+            nheads_local,
+            headdim,
+            self.conv1d.weight.squeeze(1)[conv_idx],
+            conv_b,
+            self.dt_bias[heads],
+            self.A_log[heads],
+            self.D[ch] if self.D_has_hdim else self.D[heads],
+            self.norm.weight[ch] if self.rmsnorm else None,
+            group_size,
+        )
 
     def current_view(self) -> MixerView:
         return self.active_view()

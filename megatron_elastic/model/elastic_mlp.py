@@ -39,7 +39,12 @@ def set_mlp_elastic(mlp, hidden_size: int, ffn_hidden_size: int, gate: Optional[
         fc1.active_rows = fc2.active_cols = None
         return
     tp_size = mlp.config.ffn_hidden_size // full_local
-    rows = ffn_local_index(mlp.config.ffn_hidden_size, mlp.config.elastic_ffn_groups, ffn_hidden_size, tp_size,
-                           fc2.tp_group.rank() if tp_size > 1 else 0).to(fc2.weight.device)
+    rows = ffn_local_index(
+        mlp.config.ffn_hidden_size,
+        mlp.config.elastic_ffn_groups,
+        ffn_hidden_size,
+        tp_size,
+        fc2.tp_group.rank() if tp_size > 1 else 0,
+    ).to(fc2.weight.device)
     fc1.active_rows = as_index(torch.cat([rows, full_local + rows]) if mlp.config.gated_linear_unit else rows)
     fc2.active_cols = as_index(rows)

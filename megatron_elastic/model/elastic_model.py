@@ -64,13 +64,20 @@ def set_arch(model, arch: Optional[ElasticArch] = None, gates: Optional[Dict[str
         i = layer.layer_number - 1
         symbol = config.hybrid_pattern[i]
         if symbol == MAMBA:
-            layer.mixer.set_elastic(arch.hidden_size, arch.mamba_num_heads[i], arch.mamba_head_dim[i],
-                                    _gate(gates, f"mamba_heads.{i}", f"mamba_head_dim.{i}", f"depth.{i}"))
+            layer.mixer.set_elastic(
+                arch.hidden_size,
+                arch.mamba_num_heads[i],
+                arch.mamba_head_dim[i],
+                _gate(gates, f"mamba_heads.{i}", f"mamba_head_dim.{i}", f"depth.{i}"),
+            )
         elif symbol == ATTENTION:
-            layer.self_attention.set_elastic(arch.hidden_size, arch.num_attention_heads[i],
-                                             _gate(gates, f"attention_heads.{i}", f"depth.{i}"))
+            layer.self_attention.set_elastic(
+                arch.hidden_size, arch.num_attention_heads[i], _gate(gates, f"attention_heads.{i}", f"depth.{i}")
+            )
         else:
-            set_mlp_elastic(layer.mlp, arch.hidden_size, arch.ffn_hidden_size[i], _gate(gates, f"ffn.{i}", f"depth.{i}"))
+            set_mlp_elastic(
+                layer.mlp, arch.hidden_size, arch.ffn_hidden_size[i], _gate(gates, f"ffn.{i}", f"depth.{i}")
+            )
     return arch
 
 

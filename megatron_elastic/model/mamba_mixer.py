@@ -15,7 +15,6 @@ from typing import List, Optional, Union
 
 import torch
 import torch.nn as nn
-
 from megatron.core.dist_checkpointing import ShardedTensor
 from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
 from megatron.core.process_groups_config import ProcessGroupCollection
@@ -38,11 +37,11 @@ class MixerView:
 
     nheads: int
     headdim: int
-    conv_weight: torch.Tensor          # (x_channels + 2*ngroups*d_state, d_conv)
+    conv_weight: torch.Tensor  # (x_channels + 2*ngroups*d_state, d_conv)
     conv_bias: Optional[torch.Tensor]
-    dt_bias: torch.Tensor              # (nheads,)
-    A_log: torch.Tensor                # (nheads,)
-    D: torch.Tensor                    # (nheads,) or (nheads*headdim,)
+    dt_bias: torch.Tensor  # (nheads,)
+    A_log: torch.Tensor  # (nheads,)
+    D: torch.Tensor  # (nheads,) or (nheads*headdim,)
     norm_weight: Optional[torch.Tensor]
     norm_group_size: int
 
@@ -58,8 +57,16 @@ class MambaMixerSubmodules:
 class GatedRMSNorm(nn.Module):
     """Grouped gated RMSNorm with Megatron's ``ExtendedRMSNorm`` parameter (``weight``) and TP sharding."""
 
-    def __init__(self, hidden_size: int, group_size: int, eps: float = 1e-5, norm_before_gate: bool = False,
-                 device=None, dtype=None, tp_group=None):
+    def __init__(
+        self,
+        hidden_size: int,
+        group_size: int,
+        eps: float = 1e-5,
+        norm_before_gate: bool = False,
+        device=None,
+        dtype=None,
+        tp_group=None,
+    ):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
         self.group_size, self.eps, self.norm_before_gate = group_size, eps, norm_before_gate
@@ -71,8 +78,12 @@ class GatedRMSNorm(nn.Module):
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         metadata = ensure_metadata_has_dp_cp_group(metadata)
         return make_sharded_tensors_for_checkpoint(
-            self.state_dict(prefix="", keep_vars=True), prefix, {"weight": 0}, sharded_offsets,
-            tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"],
+            self.state_dict(prefix="", keep_vars=True),
+            prefix,
+            {"weight": 0},
+            sharded_offsets,
+            tp_group=self.tp_group,
+            dp_cp_group=metadata["dp_cp_group"],
         )
 
 
@@ -88,8 +99,9 @@ def _split_sharded_tensor(sh_ten: ShardedTensor, sizes: List[int], names: List[s
 
     @torch.no_grad()
     def build(key, t, replica_id, flattened_range):
-        whole = replace(template, key=key, data=t, dtype=t.dtype, replica_id=replica_id,
-                        flattened_range=flattened_range)
+        whole = replace(
+            template, key=key, data=t, dtype=t.dtype, replica_id=replica_id, flattened_range=flattened_range
+        )
         parts, start = [], 0
         for size, name in zip(sizes, names):
             for part in whole.narrow(0, start, size):
@@ -166,7 +178,9 @@ class MambaMixer(MegatronModule):
             self.nheads = config.mamba_num_heads
         else:
             if (expand * d_model) % self.headdim:
-                raise ConfigError(f"expand*d_model ({expand * d_model}) must be divisible by mamba_head_dim ({self.headdim})")
+                raise ConfigError(
+                    f"expand*d_model ({expand * d_model}) must be divisible by mamba_head_dim ({self.headdim})"
+                )
             self.nheads = expand * d_model // self.headdim
         self.d_inner = self.nheads * self.headdim
 
@@ -174,7 +188,9 @@ class MambaMixer(MegatronModule):
         if self.nheads % tp:
             raise ConfigError(f"mamba_num_heads ({self.nheads}) must be divisible by tensor_model_parallel_size ({tp})")
         if self.ngroups % tp:
-            raise ConfigError(f"mamba_num_groups ({self.ngroups}) must be divisible by tensor_model_parallel_size ({tp})")
+            raise ConfigError(
+                f"mamba_num_groups ({self.ngroups}) must be divisible by tensor_model_parallel_size ({tp})"
+            )
         if self.nheads % self.ngroups:
             raise ConfigError(f"mamba_num_heads ({self.nheads}) must be divisible by mamba_num_groups ({self.ngroups})")
         self.nheads_local_tp = self.nheads // tp
@@ -183,20 +199,39 @@ class MambaMixer(MegatronModule):
         tp_rank = self.tp_group.rank()
 
         self.in_proj = build_module(
-            submodules.in_proj, self.d_model, 2 * self.d_inner + 2 * self.ngroups * self.d_state + self.nheads,
-            config=config, init_method=config.init_method, gather_output=False, bias=bias, skip_bias_add=False,
-            is_expert=False, tp_comm_buffer_name="fc1", tp_group=self.tp_group,
+            submodules.in_proj,
+            self.d_model,
+            2 * self.d_inner + 2 * self.ngroups * self.d_state + self.nheads,
+            config=config,
+            init_method=config.init_method,
+            gather_output=False,
+            bias=bias,
+            skip_bias_add=False,
+            is_expert=False,
+            tp_comm_buffer_name="fc1",
+            tp_group=self.tp_group,
         )
 
         device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
         dtype = config.params_dtype
         conv_dim = self.d_inner_local_tp + 2 * self.ngroups_local_tp * self.d_state  # x B C
-        self.conv1d = nn.Conv1d(conv_dim, conv_dim, kernel_size=d_conv, groups=conv_dim, bias=conv_bias,
-                                padding=d_conv - 1, device=device, dtype=dtype)
+        self.conv1d = nn.Conv1d(
+            conv_dim,
+            conv_dim,
+            kernel_size=d_conv,
+            groups=conv_dim,
+            bias=conv_bias,
+            padding=d_conv - 1,
+            device=device,
+            dtype=dtype,
+        )
         self.dt_bias = nn.Parameter(torch.empty(self.nheads_local_tp, device=device, dtype=dtype))
         self.A_log = nn.Parameter(torch.empty(self.nheads_local_tp, device=device, dtype=torch.float32))
-        self.D = nn.Parameter(torch.ones(self.d_inner_local_tp if D_has_hdim else self.nheads_local_tp,
-                                         device=device, dtype=torch.float32))
+        self.D = nn.Parameter(
+            torch.ones(
+                self.d_inner_local_tp if D_has_hdim else self.nheads_local_tp, device=device, dtype=torch.float32
+            )
+        )
         for p in (self.conv1d.weight, self.conv1d.bias, self.dt_bias, self.A_log, self.D):
             if p is not None:
                 setattr(p, "tensor_model_parallel", True)
@@ -204,8 +239,13 @@ class MambaMixer(MegatronModule):
         # This rank's part sizes of the packed tensors (z, x, B, C, dt rows of in_proj; x, B, C channels of conv1d),
         # set on the parameters as megatron-core >= 0.18 does for resharding across TP sizes.
         bc_local = self.ngroups_local_tp * self.d_state
-        self.in_proj_partition_sizes = [self.d_inner_local_tp, self.d_inner_local_tp, bc_local, bc_local,
-                                        self.nheads_local_tp]
+        self.in_proj_partition_sizes = [
+            self.d_inner_local_tp,
+            self.d_inner_local_tp,
+            bc_local,
+            bc_local,
+            self.nheads_local_tp,
+        ]
         self.conv1d_partition_sizes = [self.d_inner_local_tp, bc_local, bc_local]
         setattr(self.in_proj.weight, "partition_sizes", self.in_proj_partition_sizes)
         for p in (self.conv1d.weight, self.conv1d.bias):
@@ -215,15 +255,29 @@ class MambaMixer(MegatronModule):
             self._init_tp_invariant(tp_rank, tp, conv_init, A_init_range, dt_min, dt_max, dt_init_floor)
 
         if rmsnorm:
-            self.norm = GatedRMSNorm(self.d_inner_local_tp, self.d_inner_local_tp // self.ngroups_local_tp,
-                                     eps=1e-5, device=device, dtype=dtype, tp_group=self.tp_group)
+            self.norm = GatedRMSNorm(
+                self.d_inner_local_tp,
+                self.d_inner_local_tp // self.ngroups_local_tp,
+                eps=1e-5,
+                device=device,
+                dtype=dtype,
+                tp_group=self.tp_group,
+            )
             setattr(self.norm.weight, "tensor_model_parallel", True)
             setattr(self.norm.weight, "partition_dim", 0)
 
         self.out_proj = build_module(
-            submodules.out_proj, self.d_inner, self.d_model, config=config,
-            init_method=config.output_layer_init_method, bias=bias, input_is_parallel=True, skip_bias_add=True,
-            is_expert=False, tp_comm_buffer_name="fc2", tp_group=self.tp_group,
+            submodules.out_proj,
+            self.d_inner,
+            self.d_model,
+            config=config,
+            init_method=config.output_layer_init_method,
+            bias=bias,
+            input_is_parallel=True,
+            skip_bias_add=True,
+            is_expert=False,
+            tp_comm_buffer_name="fc2",
+            tp_group=self.tp_group,
         )
 
     @torch.no_grad()
@@ -240,13 +294,15 @@ class MambaMixer(MegatronModule):
         self.conv1d.weight.copy_(torch.cat([shard(w) for w in full_w]).unsqueeze(1))
         if self.conv1d.bias is not None:
             self.conv1d.bias.copy_(torch.cat([shard(b) for b in full_b]))
-        dt = torch.exp(torch.rand(self.nheads, generator=gen) * (math.log(dt_max) - math.log(dt_min))
-                       + math.log(dt_min)).clamp(min=dt_init_floor)
+        dt = torch.exp(
+            torch.rand(self.nheads, generator=gen) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+        ).clamp(min=dt_init_floor)
         self.dt_bias.copy_(shard(dt + torch.log(-torch.expm1(-dt))))  # inverse softplus
         self.A_log.copy_(shard(torch.log(torch.empty(self.nheads).uniform_(*A_init_range, generator=gen))))
 
-    def forward(self, hidden_states: torch.Tensor, inference_context=None, *, inference_params=None,
-                packed_seq_params=None):
+    def forward(
+        self, hidden_states: torch.Tensor, inference_context=None, *, inference_params=None, packed_seq_params=None
+    ):
         """hidden_states: (seq, batch, d_model) -> (out (seq, batch, d_model), out_bias)."""
         if packed_seq_params is not None:
             raise NotImplementedError("megatron_elastic MambaMixer does not support packed sequences yet")
@@ -282,13 +338,21 @@ class MambaMixer(MegatronModule):
         xBC = ops.causal_conv1d_step(xBC, conv_state, v.conv_weight, v.conv_bias, activation="silu")
         x, B, C = torch.split(xBC, [d_inner, bc, bc], dim=-1)
         f32 = torch.float32
-        dt = torch.nn.functional.softplus(dt.to(f32) + v.dt_bias.to(f32))                  # (b, h)
+        dt = torch.nn.functional.softplus(dt.to(f32) + v.dt_bias.to(f32))  # (b, h)
         A = -torch.exp(v.A_log.to(f32))
         rep = v.nheads // self.ngroups_local_tp
-        Bh = B.to(f32).view(batch, self.ngroups_local_tp, 1, self.d_state).expand(-1, -1, rep, -1).reshape(
-            batch, v.nheads, self.d_state)
-        Ch = C.to(f32).view(batch, self.ngroups_local_tp, 1, self.d_state).expand(-1, -1, rep, -1).reshape(
-            batch, v.nheads, self.d_state)
+        Bh = (
+            B.to(f32)
+            .view(batch, self.ngroups_local_tp, 1, self.d_state)
+            .expand(-1, -1, rep, -1)
+            .reshape(batch, v.nheads, self.d_state)
+        )
+        Ch = (
+            C.to(f32)
+            .view(batch, self.ngroups_local_tp, 1, self.d_state)
+            .expand(-1, -1, rep, -1)
+            .reshape(batch, v.nheads, self.d_state)
+        )
         xh = x.to(f32).view(batch, v.nheads, v.headdim)
         ssm_state.mul_(torch.exp(dt * A)[..., None, None]).add_((dt[..., None] * xh)[..., None] * Bh[:, :, None, :])
         y = (ssm_state * Ch[:, :, None, :]).sum(-1)
@@ -303,9 +367,17 @@ class MambaMixer(MegatronModule):
 
     def full_view(self) -> "MixerView":
         """The mixer's local parameters at full size."""
-        return MixerView(self.nheads_local_tp, self.headdim, self.conv1d.weight.squeeze(1), self.conv1d.bias,
-                         self.dt_bias, self.A_log, self.D, self.norm.weight if self.rmsnorm else None,
-                         self.d_inner_local_tp // self.ngroups_local_tp)
+        return MixerView(
+            self.nheads_local_tp,
+            self.headdim,
+            self.conv1d.weight.squeeze(1),
+            self.conv1d.bias,
+            self.dt_bias,
+            self.A_log,
+            self.D,
+            self.norm.weight if self.rmsnorm else None,
+            self.d_inner_local_tp // self.ngroups_local_tp,
+        )
 
     def ssm(self, zxBCdt: torch.Tensor, v: "MixerView", return_states: bool = False):
         """(seq, batch, [z|x|B|C|dt] of ``v``'s sizes) -> (seq, batch, nheads*headdim): conv, SSD scan, gated norm.
@@ -315,8 +387,9 @@ class MambaMixer(MegatronModule):
         d_inner, bc = v.nheads * v.headdim, self.ngroups_local_tp * self.d_state
         z, xBC, dt = torch.split(zxBCdt.transpose(0, 1), [d_inner, d_inner + 2 * bc, v.nheads], dim=-1)
         conv_in = xBC
-        xBC = ops.causal_conv1d(xBC.transpose(1, 2).contiguous(), v.conv_weight, v.conv_bias,
-                                activation="silu").transpose(1, 2)
+        xBC = ops.causal_conv1d(
+            xBC.transpose(1, 2).contiguous(), v.conv_weight, v.conv_bias, activation="silu"
+        ).transpose(1, 2)
         x, B, C = torch.split(xBC, [d_inner, bc, bc], dim=-1)
         D = v.D.view(v.nheads, v.headdim) if self.D_has_hdim else v.D
         y = ops.ssd_chunk_scan(
@@ -346,22 +419,40 @@ class MambaMixer(MegatronModule):
         metadata = ensure_metadata_has_dp_cp_group(metadata)
         own = {}
         self._save_to_state_dict(own, "", keep_vars=True)
-        sd = make_sharded_tensors_for_checkpoint(own, prefix, {"A_log": 0, "dt_bias": 0, "D": 0}, sharded_offsets,
-                                                 tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"])
+        sd = make_sharded_tensors_for_checkpoint(
+            own,
+            prefix,
+            {"A_log": 0, "dt_bias": 0, "D": 0},
+            sharded_offsets,
+            tp_group=self.tp_group,
+            dp_cp_group=metadata["dp_cp_group"],
+        )
         for name, module in self.named_children():
             if name == "conv1d":
-                sd.update(make_sharded_tensors_for_checkpoint(
-                    module.state_dict(prefix="", keep_vars=True), f"{prefix}{name}.", {"weight": 0, "bias": 0},
-                    sharded_offsets, tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"]))
+                sd.update(
+                    make_sharded_tensors_for_checkpoint(
+                        module.state_dict(prefix="", keep_vars=True),
+                        f"{prefix}{name}.",
+                        {"weight": 0, "bias": 0},
+                        sharded_offsets,
+                        tp_group=self.tp_group,
+                        dp_cp_group=metadata["dp_cp_group"],
+                    )
+                )
             else:
-                sd.update(sharded_state_dict_default(module, f"{prefix}{name}.", sharded_offsets, metadata,
-                                                     tp_group=self.tp_group))
+                sd.update(
+                    sharded_state_dict_default(
+                        module, f"{prefix}{name}.", sharded_offsets, metadata, tp_group=self.tp_group
+                    )
+                )
         sd[f"{prefix}in_proj.weight"] = _split_sharded_tensor(
-            sd[f"{prefix}in_proj.weight"], self.in_proj_partition_sizes, ["z", "x", "B", "C", "dt"])
+            sd[f"{prefix}in_proj.weight"], self.in_proj_partition_sizes, ["z", "x", "B", "C", "dt"]
+        )
         for key in ("conv1d.weight", "conv1d.bias"):
             if f"{prefix}{key}" in sd:
-                sd[f"{prefix}{key}"] = _split_sharded_tensor(sd[f"{prefix}{key}"], self.conv1d_partition_sizes,
-                                                             ["x", "B", "C"])
+                sd[f"{prefix}{key}"] = _split_sharded_tensor(
+                    sd[f"{prefix}{key}"], self.conv1d_partition_sizes, ["x", "B", "C"]
+                )
         return sd
 
     def mamba_state_shapes_per_request(self):

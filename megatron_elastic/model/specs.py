@@ -22,23 +22,36 @@ from megatron.core.transformer.transformer_layer import TransformerLayerSubmodul
 
 from megatron_elastic.compat import ATTENTION, MAMBA, HybridStackSubmodules, mlp_submodule
 from megatron_elastic.compat import MLP as MLP_SYMBOL
+from megatron_elastic.errors import ConfigError
 from megatron_elastic.model.mamba_mixer import MambaMixer, MambaMixerSubmodules
 from megatron_elastic.model.per_layer import PerLayerMambaLayer, PerLayerMLPLayer, PerLayerTransformerLayer
 from megatron_elastic.model.stack import HybridStack
-from megatron_elastic.errors import ConfigError
 
 BACKENDS = ("local", "te")
 
 # Each layer type's pre-norm: its module prefix in the local spec, and the TE fused linear whose
 # ``layer_norm_*`` checkpoint keys it is stored under.
-PRE_NORM_PREFIX = {MAMBA: ("norm.", "mixer.in_proj."), ATTENTION: ("input_layernorm.", "self_attention.linear_qkv."),
-                   MLP_SYMBOL: ("pre_mlp_layernorm.", "mlp.linear_fc1.")}
+PRE_NORM_PREFIX = {
+    MAMBA: ("norm.", "mixer.in_proj."),
+    ATTENTION: ("input_layernorm.", "self_attention.linear_qkv."),
+    MLP_SYMBOL: ("pre_mlp_layernorm.", "mlp.linear_fc1."),
+}
 LOCAL_PRE_NORM_WEIGHT = {sym: local + "weight" for sym, (local, _) in PRE_NORM_PREFIX.items()}
 
 
-def _stack_spec(*, norm, column_linear, row_linear, core_attention, fused_norm_linear=None, mixer_cls=MambaMixer,
-                stack_cls=HybridStack, attention_cls=SelfAttention) -> ModuleSpec:
-    """The hybrid stack spec (layers built from their per-layer config, see ``per_layer.py``). With ``fused_norm_linear`` (TE's LayerNorm+Linear) the pre-norms live inside
+def _stack_spec(
+    *,
+    norm,
+    column_linear,
+    row_linear,
+    core_attention,
+    fused_norm_linear=None,
+    mixer_cls=MambaMixer,
+    stack_cls=HybridStack,
+    attention_cls=SelfAttention,
+) -> ModuleSpec:
+    """The hybrid stack spec (layers built from their per-layer config, see ``per_layer.py``). With
+    ``fused_norm_linear`` (TE's LayerNorm+Linear) the pre-norms live inside
     ``in_proj``/``linear_qkv``/``linear_fc1``; otherwise they are separate ``norm`` modules whose checkpoint
     keys are mapped onto those fused names."""
     fused = fused_norm_linear is not None
@@ -56,8 +69,9 @@ def _stack_spec(*, norm, column_linear, row_linear, core_attention, fused_norm_l
                 module=PerLayerMambaLayer,
                 submodules=MambaLayerSubmodules(
                     norm=pre_norm,
-                    mixer=ModuleSpec(module=mixer_cls, submodules=MambaMixerSubmodules(
-                        in_proj=first_linear, out_proj=row_linear)),
+                    mixer=ModuleSpec(
+                        module=mixer_cls, submodules=MambaMixerSubmodules(in_proj=first_linear, out_proj=row_linear)
+                    ),
                     mamba_bda=get_bias_dropout_add,
                     sharded_state_dict_keys_map=keys_map(*PRE_NORM_PREFIX[MAMBA]),
                 ),
@@ -69,8 +83,9 @@ def _stack_spec(*, norm, column_linear, row_linear, core_attention, fused_norm_l
                     self_attention=ModuleSpec(
                         module=attention_cls,
                         params={"attn_mask_type": AttnMaskType.causal},
-                        submodules=SelfAttentionSubmodules(linear_qkv=first_linear, core_attention=core_attention,
-                                                           linear_proj=row_linear),
+                        submodules=SelfAttentionSubmodules(
+                            linear_qkv=first_linear, core_attention=core_attention, linear_proj=row_linear
+                        ),
                     ),
                     self_attn_bda=get_bias_dropout_add,
                     sharded_state_dict_keys_map=keys_map(*PRE_NORM_PREFIX[ATTENTION]),
@@ -90,8 +105,12 @@ def _stack_spec(*, norm, column_linear, row_linear, core_attention, fused_norm_l
 
 
 def _local_spec() -> ModuleSpec:
-    return _stack_spec(norm=WrappedTorchNorm, column_linear=ColumnParallelLinear, row_linear=RowParallelLinear,
-                       core_attention=DotProductAttention)
+    return _stack_spec(
+        norm=WrappedTorchNorm,
+        column_linear=ColumnParallelLinear,
+        row_linear=RowParallelLinear,
+        core_attention=DotProductAttention,
+    )
 
 
 def _te_spec() -> ModuleSpec:
@@ -104,8 +123,13 @@ def _te_spec() -> ModuleSpec:
         TERowParallelLinear,
     )
 
-    return _stack_spec(norm=TENorm, column_linear=TEColumnParallelLinear, row_linear=TERowParallelLinear,
-                       core_attention=TEDotProductAttention, fused_norm_linear=TELayerNormColumnParallelLinear)
+    return _stack_spec(
+        norm=TENorm,
+        column_linear=TEColumnParallelLinear,
+        row_linear=TERowParallelLinear,
+        core_attention=TEDotProductAttention,
+        fused_norm_linear=TELayerNormColumnParallelLinear,
+    )
 
 
 def elastic_hybrid_stack_spec(backend: str = "local") -> ModuleSpec:
@@ -124,9 +148,15 @@ def elastic_hybrid_stack_spec(backend: str = "local") -> ModuleSpec:
     from megatron_elastic.model.elastic_mamba import ElasticMambaMixer
     from megatron_elastic.model.elastic_stack import ElasticHybridStack
 
-    return _stack_spec(norm=ElasticRMSNorm, column_linear=ElasticColumnParallelLinear,
-                       row_linear=ElasticRowParallelLinear, core_attention=DotProductAttention,
-                       mixer_cls=ElasticMambaMixer, stack_cls=ElasticHybridStack, attention_cls=ElasticSelfAttention)
+    return _stack_spec(
+        norm=ElasticRMSNorm,
+        column_linear=ElasticColumnParallelLinear,
+        row_linear=ElasticRowParallelLinear,
+        core_attention=DotProductAttention,
+        mixer_cls=ElasticMambaMixer,
+        stack_cls=ElasticHybridStack,
+        attention_cls=ElasticSelfAttention,
+    )
 
 
 def hybrid_stack_spec(backend: str = "local") -> ModuleSpec:
@@ -137,8 +167,10 @@ def hybrid_stack_spec(backend: str = "local") -> ModuleSpec:
         try:
             import transformer_engine  # noqa: F401
         except ImportError as e:
-            raise ImportError("backend='te' needs TransformerEngine (pip install megatron-elastic[gpu]); "
-                              "use backend='local' on machines without it") from e
+            raise ImportError(
+                "backend='te' needs TransformerEngine (pip install megatron-elastic[gpu]); "
+                "use backend='local' on machines without it"
+            ) from e
         return _te_spec()
     raise ConfigError(f"backend must be one of {BACKENDS}, got {backend!r}")
 

@@ -5,18 +5,14 @@ subclass takes the norm class as a spec parameter (``final_norm``) so the stack 
 Everything else (layer allocation from the pattern, pipeline split, forward, sharded state dict) is
 Megatron's own. With ``recompute_granularity="full"`` every layer's training forward is checkpointed: only its
 input is kept and the layer re-runs in the backward pass. megatron-core >= 0.18's stack does that itself;
-for 0.16/0.17, whose stack ignores the setting, each layer's forward is wrapped here
-(``compat.STACK_HAS_NATIVE_RECOMPUTE``).
+for 0.16/0.17, whose stack ignores the setting, ``compat.add_layer_recompute`` wraps each layer's forward.
 """
 
 from __future__ import annotations
 
-import functools
-
-import torch
 from megatron.core.transformer.spec_utils import build_module
 
-from megatron_elastic.compat import STACK_HAS_NATIVE_RECOMPUTE
+from megatron_elastic.compat import STACK_HAS_NATIVE_RECOMPUTE, add_layer_recompute
 from megatron_elastic.compat import HybridStack as _MegatronHybridStack
 
 
@@ -27,15 +23,8 @@ class HybridStack(_MegatronHybridStack):
         if self.post_process and post_layer_norm:
             if final_norm is None:
                 raise ValueError("HybridStack needs a final_norm spec parameter when post_layer_norm=True")
-            self.final_norm = build_module(final_norm, config=config, hidden_size=config.hidden_size,
-                                           eps=config.layernorm_epsilon)
+            self.final_norm = build_module(
+                final_norm, config=config, hidden_size=config.hidden_size, eps=config.layernorm_epsilon
+            )
         if getattr(config, "recompute_granularity", None) == "full" and not STACK_HAS_NATIVE_RECOMPUTE:
-            for layer in self.layers:
-                layer.forward = functools.partial(_recomputed, layer, layer.forward)
-
-
-def _recomputed(layer, forward, *args, **kwargs):
-    """Activation recomputation for one layer (training only; inference and no-grad passes run it plainly)."""
-    if not layer.training or not torch.is_grad_enabled() or kwargs.get("inference_context") is not None:
-        return forward(*args, **kwargs)
-    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+            add_layer_recompute(self.layers)

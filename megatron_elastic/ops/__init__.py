@@ -6,7 +6,14 @@ from .gated_rmsnorm import HAVE_MAMBA_SSM_NORM, gated_rmsnorm, gated_rmsnorm_tor
 from .ssd import HAVE_MAMBA_SSM_SSD, ssd_chunk_scan, ssd_chunk_scan_torch
 
 __all__ = [
-    "HAVE_CAUSAL_CONV1D", "HAVE_MAMBA_SSM_NORM", "HAVE_MAMBA_SSM_SSD",
-    "causal_conv1d", "causal_conv1d_step", "causal_conv1d_torch",
-    "gated_rmsnorm", "gated_rmsnorm_torch", "ssd_chunk_scan", "ssd_chunk_scan_torch",
+    "HAVE_CAUSAL_CONV1D",
+    "HAVE_MAMBA_SSM_NORM",
+    "HAVE_MAMBA_SSM_SSD",
+    "causal_conv1d",
+    "causal_conv1d_step",
+    "causal_conv1d_torch",
+    "gated_rmsnorm",
+    "gated_rmsnorm_torch",
+    "ssd_chunk_scan",
+    "ssd_chunk_scan_torch",
 ]

@@ -29,8 +29,9 @@ def causal_conv1d_torch(
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
     dim, width = weight.shape
-    y = F.conv1d(x, weight.unsqueeze(1).to(x.dtype), None if bias is None else bias.to(x.dtype),
-                 padding=width - 1, groups=dim)[..., : x.shape[-1]]
+    y = F.conv1d(
+        x, weight.unsqueeze(1).to(x.dtype), None if bias is None else bias.to(x.dtype), padding=width - 1, groups=dim
+    )[..., : x.shape[-1]]
     return F.silu(y) if activation is not None else y
 
 

@@ -136,16 +136,49 @@ def ssd_chunk_scan_torch(
 
 
 def ssd_chunk_scan(
-    x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=True,
-    dt_limit=(0.0, float("inf")), initial_states=None, return_final_states=False,
+    x,
+    dt,
+    A,
+    B,
+    C,
+    chunk_size,
+    D=None,
+    z=None,
+    dt_bias=None,
+    dt_softplus=True,
+    dt_limit=(0.0, float("inf")),
+    initial_states=None,
+    return_final_states=False,
 ):
     """SSD chunked scan: ``mamba_ssm``'s Triton kernel on CUDA when installed, else :func:`ssd_chunk_scan_torch`."""
     if HAVE_MAMBA_SSM_SSD and x.is_cuda:
         return _mamba_chunk_scan_combined(
-            x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, initial_states=initial_states,
-            dt_softplus=dt_softplus, dt_limit=dt_limit, return_final_states=return_final_states,
+            x,
+            dt,
+            A,
+            B,
+            C,
+            chunk_size,
+            D=D,
+            z=z,
+            dt_bias=dt_bias,
+            initial_states=initial_states,
+            dt_softplus=dt_softplus,
+            dt_limit=dt_limit,
+            return_final_states=return_final_states,
         )
     return ssd_chunk_scan_torch(
-        x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
-        initial_states=initial_states, return_final_states=return_final_states,
+        x,
+        dt,
+        A,
+        B,
+        C,
+        chunk_size,
+        D=D,
+        z=z,
+        dt_bias=dt_bias,
+        dt_softplus=dt_softplus,
+        dt_limit=dt_limit,
+        initial_states=initial_states,
+        return_final_states=return_final_states,
     )

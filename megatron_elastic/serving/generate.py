@@ -9,10 +9,10 @@ from typing import Dict, Optional, Union
 
 import torch
 
+from megatron_elastic.errors import UnknownBudgetError
 from megatron_elastic.model.builder import causal_attention_mask
 from megatron_elastic.model.elastic_arch import ElasticArch
 from megatron_elastic.model.elastic_model import use_arch
-from megatron_elastic.errors import UnknownBudgetError
 
 
 def _context(batch: int, max_len: int):
@@ -22,8 +22,15 @@ def _context(batch: int, max_len: int):
 
 
 @torch.no_grad()
-def decode(model, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
-           generator: Optional[torch.Generator] = None, return_logits: bool = False):
+def decode(
+    model,
+    prompt: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    generator: Optional[torch.Generator] = None,
+    return_logits: bool = False,
+):
     """Continue ``prompt`` ``[batch, seq]`` by ``max_new_tokens`` tokens with ``model`` (a Megatron hybrid LM at
     TP=PP=1, plain or elastic at its current choice). Greedy when ``temperature == 0``, else sampled (optionally
     from the ``top_k`` most likely). Returns the new tokens ``[batch, max_new_tokens]`` (and the logits that
@@ -33,8 +40,9 @@ def decode(model, prompt: torch.Tensor, max_new_tokens: int, temperature: float 
     batch, seq = prompt.shape
     ctx = _context(batch, seq + max_new_tokens)
     pos = torch.arange(seq, device=prompt.device).unsqueeze(0).expand(batch, -1)
-    logits = model(prompt, pos, causal_attention_mask(seq, prompt.device), inference_context=ctx,
-                   runtime_gather_output=True)[:, -1]
+    logits = model(
+        prompt, pos, causal_attention_mask(seq, prompt.device), inference_context=ctx, runtime_gather_output=True
+    )[:, -1]
     ctx.sequence_len_offset += seq
     tokens, chosen_logits = [], []
     for t in range(max_new_tokens):
@@ -46,7 +54,9 @@ def decode(model, prompt: torch.Tensor, max_new_tokens: int, temperature: float 
             if top_k:
                 kth = torch.topk(scores, min(top_k, scores.shape[-1]), dim=-1).values[..., -1:]
                 scores = scores.masked_fill(scores < kth, float("-inf"))
-            nxt = torch.multinomial(torch.softmax(scores, -1).cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+            nxt = (
+                torch.multinomial(torch.softmax(scores, -1).cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+            )
         tokens.append(nxt)
         if t + 1 == max_new_tokens:
             break
@@ -73,8 +83,11 @@ class ElasticServer:
         from megatron_elastic.extraction.extract import load_source
 
         src = load_source(checkpoint)
-        archs = ({f"{b:g}": a for b, a in src.router.choose_all().items()} if src.router is not None
-                 else {"1": ElasticArch.full(src.model.config)})
+        archs = (
+            {f"{b:g}": a for b, a in src.router.choose_all().items()}
+            if src.router is not None
+            else {"1": ElasticArch.full(src.model.config)}
+        )
         return cls(src.model, archs)
 
     def arch(self, budget: Union[str, float, ElasticArch]) -> ElasticArch:
@@ -85,8 +98,9 @@ class ElasticServer:
             raise UnknownBudgetError(f"budget {budget} is not one of the trained budgets {sorted(self.archs)}")
         return self.archs[key]
 
-    def generate(self, prompt: torch.Tensor, budget: Union[str, float, ElasticArch] = 1.0, max_new_tokens: int = 32,
-                 **kwargs):
+    def generate(
+        self, prompt: torch.Tensor, budget: Union[str, float, ElasticArch] = 1.0, max_new_tokens: int = 32, **kwargs
+    ):
         with use_arch(self.model, self.arch(budget)):
             return decode(self.model, prompt, max_new_tokens, **kwargs)
 

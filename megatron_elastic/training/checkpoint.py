@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
-from megatron_elastic.compat import cuda_to_cpu, contain_checkpoint_writer_processes
+from megatron_elastic.compat import contain_checkpoint_writer_processes, cuda_to_cpu
 from megatron_elastic.errors import CheckpointCorruptError, CheckpointError, InputNotFoundError
 from megatron_elastic.training.safe_files import check_checkpoint_is_data, legacy_rng_globals, load_plain
 
@@ -57,8 +57,9 @@ def latest_checkpoint(ckpt_dir: str) -> Optional[str]:
         name = f.read().strip()
     path = os.path.join(ckpt_dir, name)
     if not os.path.isfile(os.path.join(path, "trainer_state.json")):
-        raise InputNotFoundError(f"{pointer} names {name}, which is incomplete or missing; "
-                                f"point {pointer} at an earlier iter_* directory")
+        raise InputNotFoundError(
+            f"{pointer} names {name}, which is incomplete or missing; point {pointer} at an earlier iter_* directory"
+        )
     return path
 
 
@@ -67,9 +68,13 @@ def rng_state() -> Dict[str, Any]:
 
     name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
     numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached_gaussian)  # plain data
-    return {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "tracker": get_cuda_rng_tracker().get_states()}
+    return {
+        "python": random.getstate(),
+        "numpy": numpy_state,
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "tracker": get_cuda_rng_tracker().get_states(),
+    }
 
 
 def set_rng_state(state: Dict[str, Any]) -> None:
@@ -94,8 +99,15 @@ def _sharded_state(model, optimizer, is_loading: bool):
     return state
 
 
-def save_checkpoint(ckpt_dir: str, iteration: int, model, optimizer=None, trainer_state: Optional[dict] = None,
-                    keep_last: Optional[int] = None, extra: Optional[Dict[str, Any]] = None) -> str:
+def save_checkpoint(
+    ckpt_dir: str,
+    iteration: int,
+    model,
+    optimizer=None,
+    trainer_state: Optional[dict] = None,
+    keep_last: Optional[int] = None,
+    extra: Optional[Dict[str, Any]] = None,
+) -> str:
     """Save ``model`` (a Megatron module), ``optimizer`` (a Megatron optimizer) and ``trainer_state``
     (JSON-serialisable) atomically; collective over all ranks. ``extra``: replicated state (identical on every
     rank, e.g. the router and its optimizer), written once by rank 0 to ``extra.pt``. Returns the path."""
@@ -128,8 +140,6 @@ def save_checkpoint(ckpt_dir: str, iteration: int, model, optimizer=None, traine
             _prune(ckpt_dir, keep_last)
     _barrier()
     return final
-
-
 
 
 def _file_digest(path: str) -> Tuple[int, int]:
@@ -188,8 +198,14 @@ def verify_checkpoint(path: str) -> None:
                 problem = "does not match its checksum (altered or corrupted)"
         if problem:
             prev = _previous_checkpoint(path)
-            hint = (f"; load the previous checkpoint instead: echo {os.path.basename(prev)} > "
-                    f"{os.path.join(os.path.dirname(os.path.normpath(path)), LATEST)}") if prev else ""
+            hint = (
+                (
+                    f"; load the previous checkpoint instead: echo {os.path.basename(prev)} > "
+                    f"{os.path.join(os.path.dirname(os.path.normpath(path)), LATEST)}"
+                )
+                if prev
+                else ""
+            )
             raise CheckpointCorruptError(f"checkpoint file {full} {problem}{hint}")
 
 
@@ -223,12 +239,15 @@ def load_checkpoint(path: str, model, optimizer=None, strict: bool = True, load_
         trainer_state = json.load(f)
     _check_architecture(path, trainer_state, model)
     with cuda_to_cpu():
-        state = dist_checkpointing.load(_sharded_state(model, optimizer, is_loading=True), os.path.join(path, "dist"),
-                                        strict="assume_ok_unexpected")
+        state = dist_checkpointing.load(
+            _sharded_state(model, optimizer, is_loading=True), os.path.join(path, "dist"), strict="assume_ok_unexpected"
+        )
     missing, unexpected = model.load_state_dict(state["model"], strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if strict and missing:
-        raise CheckpointError(f"checkpoint {path} lacks model tensors {missing[:5]}... (was it written for another model?)")
+        raise CheckpointError(
+            f"checkpoint {path} lacks model tensors {missing[:5]}... (was it written for another model?)"
+        )
     if optimizer is not None:
         with cuda_to_cpu():
             optimizer.load_state_dict(state["optimizer"])
@@ -255,8 +274,10 @@ def _check_architecture(path: str, trainer_state: dict, model) -> None:
     diff = {k: (theirs[k], mine[k]) for k in mine if k in theirs and theirs[k] != mine[k]}
     if diff:
         shown = ", ".join(f"{k}: checkpoint {a!r} vs model {b!r}" for k, (a, b) in sorted(diff.items())[:6])
-        raise CheckpointError(f"checkpoint {path} was written for another architecture ({shown}); build the model from "
-                         f"the checkpoint's config or pick the matching checkpoint")
+        raise CheckpointError(
+            f"checkpoint {path} was written for another architecture ({shown}); build the model from "
+            f"the checkpoint's config or pick the matching checkpoint"
+        )
 
 
 def load_extra(path: str) -> Dict[str, Any]:

@@ -20,7 +20,7 @@ class ParallelConfig:
 
 @dataclass
 class DataConfig:
-    path: str = "runs/data"          # a directory written by `megatron-elastic prepare-data`
+    path: str = "runs/data"  # a directory written by `megatron-elastic prepare-data`
     seq_length: int = 256
     num_workers: int = 0
 
@@ -70,10 +70,20 @@ class PretrainConfig:
             raise ConfigError(f"model.{e}") from None
 
     def validate(self, world_size: int = 1) -> None:
-        _positive(self, "parallel.tensor_model_parallel_size", "parallel.pipeline_model_parallel_size",
-                  "data.seq_length", "train.micro_batch_size", "train.global_batch_size", "train.train_iters",
-                  "train.log_interval", "train.eval_interval", "train.eval_iters", "checkpoint.save_interval",
-                  "checkpoint.keep_last")
+        _positive(
+            self,
+            "parallel.tensor_model_parallel_size",
+            "parallel.pipeline_model_parallel_size",
+            "data.seq_length",
+            "train.micro_batch_size",
+            "train.global_batch_size",
+            "train.train_iters",
+            "train.log_interval",
+            "train.eval_interval",
+            "train.eval_iters",
+            "checkpoint.save_interval",
+            "checkpoint.keep_last",
+        )
         t = self.train
         if not 0 < t.lr:
             raise ConfigError("train.lr: must be > 0")
@@ -85,11 +95,16 @@ class PretrainConfig:
             raise ConfigError(f"train.lr_warmup_iters: must be in [0, train.train_iters={t.train_iters})")
         mp = self.parallel.tensor_model_parallel_size * self.parallel.pipeline_model_parallel_size
         if world_size % mp:
-            raise ConfigError(f"parallel: world size {world_size} is not a multiple of TP*PP={mp}; launch a multiple of {mp} processes")
+            raise ConfigError(
+                f"parallel: world size {world_size} is not a multiple of TP*PP={mp}; "
+                f"launch a multiple of {mp} processes"
+            )
         dp = world_size // mp
         if t.global_batch_size % (t.micro_batch_size * dp):
-            raise ConfigError(f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
-                              f"micro_batch_size*data_parallel_size ({t.micro_batch_size}*{dp})")
+            raise ConfigError(
+                f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
+                f"micro_batch_size*data_parallel_size ({t.micro_batch_size}*{dp})"
+            )
         cfg = self.model_config()
         if "M" in cfg.hybrid_pattern and self.data.seq_length < cfg.mamba_conv_kernel:
             raise ConfigError(f"data.seq_length ({self.data.seq_length}) must be >= model.mamba_conv_kernel")
@@ -118,9 +133,11 @@ def _build_section(cls, section: str, values: Any):
     out = {}
     for k, v in values.items():
         default = getattr(cls(), k)
-        if isinstance(default, bool) != isinstance(v, bool) or (
-                isinstance(default, (int, float)) and not isinstance(v, (int, float))) or (
-                isinstance(default, str) and not isinstance(v, str)):
+        if (
+            isinstance(default, bool) != isinstance(v, bool)
+            or (isinstance(default, (int, float)) and not isinstance(v, (int, float)))
+            or (isinstance(default, str) and not isinstance(v, str))
+        ):
             raise ConfigError(f"{section}.{k}: expected {type(default).__name__}, got {v!r}")
         if isinstance(default, float) and isinstance(v, int):
             v = float(v)
@@ -156,8 +173,9 @@ def read_config_mapping(path: Optional[str] = None, text: Optional[str] = None) 
     return raw
 
 
-def load_pretrain_config(path: Optional[str] = None, overrides: Optional[List[str]] = None,
-                         text: Optional[str] = None) -> PretrainConfig:
+def load_pretrain_config(
+    path: Optional[str] = None, overrides: Optional[List[str]] = None, text: Optional[str] = None
+) -> PretrainConfig:
     """Load a YAML job config from ``path`` (or ``text``), apply ``overrides``, validate the sections."""
     raw = apply_overrides(read_config_mapping(path, text), overrides)
     known = {"model", "parallel", "data", "train", "checkpoint"}

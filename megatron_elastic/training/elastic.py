@@ -39,6 +39,7 @@ from tqdm import tqdm
 from megatron_elastic.compat import cuda_to_cpu
 from megatron_elastic.data.loader import build_gpt_datasets, make_loader
 from megatron_elastic.distill import kd_loss
+from megatron_elastic.errors import InputNotFoundError
 from megatron_elastic.importance.run import config_from_checkpoint
 from megatron_elastic.model.builder import causal_attention_mask
 from megatron_elastic.model.config import ConfigError
@@ -47,13 +48,17 @@ from megatron_elastic.model.elastic_arch import ElasticArch
 from megatron_elastic.model.elastic_model import build_elastic_model, set_arch
 from megatron_elastic.parallel import initialize_parallel
 from megatron_elastic.router import ElasticSpace, Router, resource_loss
-from megatron_elastic.training.checkpoint import (latest_checkpoint, load_checkpoint, load_extra,
-                                                  load_model_weights, save_checkpoint)
+from megatron_elastic.training.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    load_extra,
+    load_model_weights,
+    save_checkpoint,
+)
 from megatron_elastic.training.elastic_config import ElasticJobConfig
 from megatron_elastic.training.pretrain import LN2, batch_to_device, evaluate, masked_mean
 from megatron_elastic.training.setup import build_training_components
 from megatron_elastic.training.teacher import DistillationPair
-from megatron_elastic.errors import InputNotFoundError
 
 NOISE_SEED_STRIDE = 1_000_003
 
@@ -83,7 +88,7 @@ def sync_router_grads(router: torch.nn.Module) -> None:
     offset = 0
     for p in params:
         n = p.numel()
-        p.grad.copy_(flat[offset:offset + n].view_as(p))
+        p.grad.copy_(flat[offset : offset + n].view_as(p))
         offset += n
 
 
@@ -129,8 +134,8 @@ def _stop_requested() -> bool:
 class ElasticComponents:
     config: ElasticJobConfig
     model_config: object
-    student: torch.nn.Module          # DDP-wrapped elastic student
-    teacher: torch.nn.Module          # frozen elastic model with the sorted parent's weights
+    student: torch.nn.Module  # DDP-wrapped elastic student
+    teacher: torch.nn.Module  # frozen elastic model with the sorted parent's weights
     pair: DistillationPair
     optimizer: object
     scheduler: object
@@ -151,8 +156,10 @@ def build_elastic_components(cfg: ElasticJobConfig) -> ElasticComponents:
     cfg.validate(dist.get_world_size())
     src = latest_checkpoint(cfg.sorted_checkpoint)
     if src is None or not os.path.isfile(cfg.ranking_file):
-        raise InputNotFoundError(f"parent: {cfg.parent} lacks sorted/latest or ranking.json; run "
-                                f"`megatron-elastic importance --out {cfg.parent}` first")
+        raise InputNotFoundError(
+            f"parent: {cfg.parent} lacks sorted/latest or ranking.json; run "
+            f"`megatron-elastic importance --out {cfg.parent}` first"
+        )
     job = config_from_checkpoint(src)
     job.parallel.tensor_model_parallel_size, job.parallel.pipeline_model_parallel_size = tp, pp
     recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
@@ -168,26 +175,39 @@ def build_elastic_components(cfg: ElasticJobConfig) -> ElasticComponents:
         return model
 
     comps = build_training_components(model_cfg, cfg.train, build_model=build_student)
-    teacher = build_elastic_model(model_cfg, pre_process=parallel_state.is_pipeline_first_stage(),
-                                  post_process=parallel_state.is_pipeline_last_stage())
+    teacher = build_elastic_model(
+        model_cfg,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+    )
     load_model_weights(src, teacher)
-    pair = DistillationPair(comps.model, teacher, model_cfg, parallel_state.is_pipeline_first_stage(),
-                            parallel_state.is_pipeline_last_stage())
+    pair = DistillationPair(
+        comps.model,
+        teacher,
+        model_cfg,
+        parallel_state.is_pipeline_first_stage(),
+        parallel_state.is_pipeline_last_stage(),
+    )
     model_cfg.finalize_model_grads_func = lambda _models, *a, **k: finalize_model_grads([comps.model], *a, **k)
     model_cfg.no_sync_func = comps.model.no_sync
 
-    space = ElasticSpace.default(model_cfg, cfg.space.fractions, cfg.space.depth_fractions, depth_ranking,
-                                 cfg.space.heterogeneous)
+    space = ElasticSpace.default(
+        model_cfg, cfg.space.fractions, cfg.space.depth_fractions, depth_ranking, cfg.space.heterogeneous
+    )
     smallest = _smallest_arch(model_cfg, space)
     lowest = arch_parameters(model_cfg, smallest) / arch_parameters(model_cfg, ElasticArch.full(model_cfg))
     if min(cfg.budgets) < lowest - 1e-9:
-        raise ConfigError(f"budgets: {min(cfg.budgets)} is below the smallest sub-model the space allows ({lowest:.3f} "
-                          f"of the parent: every axis at its smallest choice); add smaller space.fractions or "
-                          f"space.depth_fractions, or raise the budget")
+        raise ConfigError(
+            f"budgets: {min(cfg.budgets)} is below the smallest sub-model the space allows ({lowest:.3f} "
+            f"of the parent: every axis at its smallest choice); add smaller space.fractions or "
+            f"space.depth_fractions, or raise the budget"
+        )
     for (name, p_student), p_teacher in zip(comps.model.module.named_parameters(), teacher.parameters()):
         if p_student.dtype != p_teacher.dtype or p_student.shape != p_teacher.shape:
-            raise ConfigError(f"teacher and student differ at {name}: {p_teacher.dtype}{tuple(p_teacher.shape)} vs "
-                              f"{p_student.dtype}{tuple(p_student.shape)}")
+            raise ConfigError(
+                f"teacher and student differ at {name}: {p_teacher.dtype}{tuple(p_teacher.shape)} vs "
+                f"{p_student.dtype}{tuple(p_student.shape)}"
+            )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)  # identical router on every rank
         router = Router(model_cfg, space, cfg.budgets, hidden=cfg.router.hidden).to(_device())
@@ -195,40 +215,59 @@ def build_elastic_components(cfg: ElasticJobConfig) -> ElasticComponents:
     warm = cfg.router.warmup_iters
     router_sched = torch.optim.lr_scheduler.LambdaLR(router_opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
     full = arch_parameters(model_cfg, ElasticArch.full(model_cfg))
-    return ElasticComponents(cfg, model_cfg, comps.model, teacher, pair, comps.optimizer, comps.scheduler, router,
-                             router_opt, router_sched, full)
+    return ElasticComponents(
+        cfg,
+        model_cfg,
+        comps.model,
+        teacher,
+        pair,
+        comps.optimizer,
+        comps.scheduler,
+        router,
+        router_opt,
+        router_sched,
+        full,
+    )
 
 
 def _smallest_arch(config, space: ElasticSpace) -> ElasticArch:
     arch = ElasticArch.full(config)
     if space.hidden:
         arch.hidden_size = space.hidden[0]
-    for field_name, choices in (("mamba_num_heads", space.mamba_heads), ("mamba_head_dim", space.mamba_head_dim),
-                                ("num_attention_heads", space.attention_heads), ("ffn_hidden_size", space.ffn)):
+    for field_name, choices in (
+        ("mamba_num_heads", space.mamba_heads),
+        ("mamba_head_dim", space.mamba_head_dim),
+        ("num_attention_heads", space.attention_heads),
+        ("ffn_hidden_size", space.ffn),
+    ):
         if choices:
             d = getattr(arch, field_name)
             for k in d:
                 d[k] = choices[0]
     if space.num_layers:
-        arch.skipped_layers = tuple(sorted(space.depth_ranking[space.num_layers[0]:]))
+        arch.skipped_layers = tuple(sorted(space.depth_ranking[space.num_layers[0] :]))
     return arch.validate(config)
 
 
 def make_forward_step(c: ElasticComponents, step: int, tau: float, scale: float):
     """Megatron ``forward_step_func`` for one optimizer step: items are (micro-batch, budget index)."""
     cfg, router = c.config, c.router
-    tp_group = parallel_state.get_tensor_model_parallel_group() if c.model_config.tensor_model_parallel_size > 1 else None
+    tp_group = (
+        parallel_state.get_tensor_model_parallel_group() if c.model_config.tensor_model_parallel_size > 1 else None
+    )
 
     def forward_step(data_iterator, model):
         item = next(data_iterator)
         bi = item["budget_index"]
         batch = batch_to_device(item["batch"])
-        arch, gates, _ = router.sample(cfg.budgets[bi], tau=tau, scale=scale,
-                                       generator=noise_generator(cfg.train.seed, step, bi))
+        arch, gates, _ = router.sample(
+            cfg.budgets[bi], tau=tau, scale=scale, generator=noise_generator(cfg.train.seed, step, bi)
+        )
         set_arch(c.student, arch, gates)
         tokens = batch["tokens"]
-        out = model(tokens, batch["position_ids"], causal_attention_mask(tokens.shape[1], tokens.device),
-                    cache_key=item["key"])
+        out = model(
+            tokens, batch["position_ids"], causal_attention_mask(tokens.shape[1], tokens.device), cache_key=item["key"]
+        )
 
         def loss_func(output):
             student_logits, teacher_logits = output
@@ -254,8 +293,14 @@ class StageData:
     def __init__(self, cfg: ElasticJobConfig, stage_index: int, consumed: int, vocab_size: int):
         stage, steps = cfg.curriculum.stages[stage_index], cfg.stage_steps()[stage_index]
         self.seq_length = stage.seq_length
-        train, _ = build_gpt_datasets(cfg.data.path, stage.seq_length, steps * stage.global_batch_size, 1,
-                                      seed=cfg.train.seed + stage_index, model_vocab_size=vocab_size)
+        train, _ = build_gpt_datasets(
+            cfg.data.path,
+            stage.seq_length,
+            steps * stage.global_batch_size,
+            1,
+            seed=cfg.train.seed + stage_index,
+            model_vocab_size=vocab_size,
+        )
         dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
         self.iterator = iter(make_loader(train, consumed, cfg.train.micro_batch_size, rank, dp, cfg.data.num_workers))
 
@@ -274,8 +319,13 @@ def step_items(cfg: ElasticJobConfig, data: StageData, step: int, tokens: int, n
         # global position j*dp + r, so every data-parallel layout trains the same (sample, budget) pairs.
         drawn = cfg.curriculum.sample_budgets(tokens, num_micro * dp, step)
         for j in range(num_micro):
-            items.append({"batch": next(data.iterator), "budget_index": cfg.budgets.index(drawn[j * dp + rank]),
-                          "key": (step, j)})
+            items.append(
+                {
+                    "batch": next(data.iterator),
+                    "budget_index": cfg.budgets.index(drawn[j * dp + rank]),
+                    "key": (step, j),
+                }
+            )
     return items
 
 
@@ -332,8 +382,9 @@ def _per_budget_means(losses: list, key: str, n_budgets: int) -> Optional[List[O
     return [float(s / n) if n else None for s, n in zip(sums, counts)]
 
 
-def evaluate_budgets(c: ElasticComponents, model, archs: Dict[float, ElasticArch], valid_ds, num_batches: int,
-                     global_batch: int) -> Dict[float, float]:
+def evaluate_budgets(
+    c: ElasticComponents, model, archs: Dict[float, ElasticArch], valid_ds, num_batches: int, global_batch: int
+) -> Dict[float, float]:
     """Validation LM loss (nats/token) of ``model`` (student or teacher) at every budget's architecture."""
     t = c.config.train
     dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
@@ -354,8 +405,9 @@ def _arch_summary(c: ElasticComponents, archs: Dict[float, ElasticArch]) -> Dict
     return {f"{b:g}": arch_parameters(c.model_config, a) / c.full_parameters for b, a in archs.items()}
 
 
-def train_elastic(cfg: ElasticJobConfig, resume: bool = False, progress: bool = True,
-                  until_stage: Optional[int] = None) -> dict:
+def train_elastic(
+    cfg: ElasticJobConfig, resume: bool = False, progress: bool = True, until_stage: Optional[int] = None
+) -> dict:
     """Run (or with ``resume`` continue) the elastic distillation described by ``cfg``; returns a summary.
 
     ``until_stage=k`` stops with a checkpoint once curriculum stage ``k`` (1-based) is done (one job per stage).
@@ -376,12 +428,16 @@ def train_elastic(cfg: ElasticJobConfig, resume: bool = False, progress: bool = 
     if resume:
         path = latest_checkpoint(ckpt_dir)
         if path is None:
-            raise InputNotFoundError(f"--resume: no checkpoint in {ckpt_dir} (no 'latest' file); drop --resume to start fresh")
+            raise InputNotFoundError(
+                f"--resume: no checkpoint in {ckpt_dir} (no 'latest' file); drop --resume to start fresh"
+            )
         with open(os.path.join(path, "trainer_state.json")) as f:
             saved_budgets = json.load(f).get("budgets")
         if saved_budgets is not None and [float(b) for b in saved_budgets] != cfg.budgets:
-            raise ConfigError(f"--resume: {path} was trained for budgets {saved_budgets}, the config has "
-                              f"{cfg.budgets}; use the same budgets or a new checkpoint.dir")
+            raise ConfigError(
+                f"--resume: {path} was trained for budgets {saved_budgets}, the config has "
+                f"{cfg.budgets}; use the same budgets or a new checkpoint.dir"
+            )
         state = load_checkpoint(path, c.student.module, c.optimizer)
         c.scheduler.load_state_dict(state["scheduler"])
         extra = load_extra(path)
@@ -392,8 +448,14 @@ def train_elastic(cfg: ElasticJobConfig, resume: bool = False, progress: bool = 
             print(f"resumed from {path} at step {state['iteration']} ({state['tokens']:,} tokens)")
 
     eval_gbs = cur.stages[0].global_batch_size
-    _, valid_ds = build_gpt_datasets(cfg.data.path, cfg.eval_seq_length, 1, (t.eval_iters + 1) * eval_gbs,
-                                     seed=t.seed, model_vocab_size=c.model_config.vocab_size)
+    _, valid_ds = build_gpt_datasets(
+        cfg.data.path,
+        cfg.eval_seq_length,
+        1,
+        (t.eval_iters + 1) * eval_gbs,
+        seed=t.seed,
+        model_vocab_size=c.model_config.vocab_size,
+    )
     metrics_path = os.path.join(ckpt_dir, "metrics.jsonl")
     writer = None
     if is_logger:
@@ -423,8 +485,10 @@ def train_elastic(cfg: ElasticJobConfig, resume: bool = False, progress: bool = 
         rec.update({f"chosen_params/{b}": v for b, v in _arch_summary(c, archs).items()})
         log(rec)
         if is_logger:
-            cells = "  ".join(f"{b:g}: {v / LN2:.3f} bpb @ {arch_parameters(c.model_config, archs[b]) / c.full_parameters:.3f}"
-                              for b, v in losses.items())
+            cells = "  ".join(
+                f"{b:g}: {v / LN2:.3f} bpb @ {arch_parameters(c.model_config, archs[b]) / c.full_parameters:.3f}"
+                for b, v in losses.items()
+            )
             tqdm.write(f"step {it}: valid {cells}")
         return losses
 
@@ -433,31 +497,55 @@ def train_elastic(cfg: ElasticJobConfig, resume: bool = False, progress: bool = 
 
         data_tokens = read_metadata(cfg.data.path).get("splits", {}).get("train", {}).get("tokens")
         if data_tokens and cur.total_tokens > data_tokens:
-            print(f"note: the curriculum reads {cur.total_tokens:,} tokens, {cur.total_tokens / data_tokens:.1f}x the "
-                  f"training split ({data_tokens:,}): documents repeat (Megatron's GPTDataset epochs)")
+            print(
+                f"note: the curriculum reads {cur.total_tokens:,} tokens, {cur.total_tokens / data_tokens:.1f}x the "
+                f"training split ({data_tokens:,}): documents repeat (Megatron's GPTDataset epochs)"
+            )
         rp = sum(p.numel() for p in c.router.parameters())
-        print(f"parent {c.full_parameters:,} parameters; router {rp:,} ({100 * rp / c.full_parameters:.2f}%); "
-              f"budgets {cfg.budgets}; stages " + ", ".join(f"{s.name}: {n} steps x {s.global_batch_size} x {s.seq_length}"
-                                                            for s, n in zip(cur.stages, stage_steps)))
+        print(
+            f"parent {c.full_parameters:,} parameters; router {rp:,} ({100 * rp / c.full_parameters:.2f}%); "
+            f"budgets {cfg.budgets}; stages "
+            + ", ".join(
+                f"{s.name}: {n} steps x {s.global_batch_size} x {s.seq_length}" for s, n in zip(cur.stages, stage_steps)
+            )
+        )
     if state["iteration"] == 0:
         run_eval(0)
 
     parent_config = config_from_checkpoint(latest_checkpoint(cfg.sorted_checkpoint)).to_dict()
 
     def save(step: int) -> None:
-        save_checkpoint(ckpt_dir, step, c.student.module, c.optimizer,
-                        {**{k: v for k, v in state.items() if k not in ("iteration", "scheduler", "config")},
-                         "scheduler": c.scheduler.state_dict(), "config": cfg.raw,
-                         "parent_config": parent_config,
-                         "budgets": cfg.budgets},
-                        keep_last=cfg.checkpoint.keep_last,
-                        extra={"router": c.router.state_dict(), "router_optimizer": c.router_optimizer.state_dict(),
-                               "router_scheduler": c.router_scheduler.state_dict(), "space": c.router.space.__dict__})
+        save_checkpoint(
+            ckpt_dir,
+            step,
+            c.student.module,
+            c.optimizer,
+            {
+                **{k: v for k, v in state.items() if k not in ("iteration", "scheduler", "config")},
+                "scheduler": c.scheduler.state_dict(),
+                "config": cfg.raw,
+                "parent_config": parent_config,
+                "budgets": cfg.budgets,
+            },
+            keep_last=cfg.checkpoint.keep_last,
+            extra={
+                "router": c.router.state_dict(),
+                "router_optimizer": c.router_optimizer.state_dict(),
+                "router_scheduler": c.router_scheduler.state_dict(),
+                "space": c.router.space.__dict__,
+            },
+        )
 
     old_handlers = _install_stop_signals()
     fb = get_forward_backward_func()
-    bar = tqdm(total=total_steps, initial=state["iteration"], desc="elastic", unit="step",
-               disable=not (progress and is_logger), dynamic_ncols=True)
+    bar = tqdm(
+        total=total_steps,
+        initial=state["iteration"],
+        desc="elastic",
+        unit="step",
+        disable=not (progress and is_logger),
+        dynamic_ncols=True,
+    )
     data, data_stage = None, None
     window: Dict[str, list] = defaultdict(list)
     window_t0, window_tokens = time.time(), 0
@@ -468,8 +556,10 @@ def train_elastic(cfg: ElasticJobConfig, resume: bool = False, progress: bool = 
             data = StageData(cfg, stage_index, state["stage_consumed_samples"][stage_index], c.model_config.vocab_size)
             data_stage = stage_index
             if is_logger and step > 1:
-                tqdm.write(f"step {step}: stage {stage.name!r} (seq {stage.seq_length}, global batch "
-                           f"{stage.global_batch_size}, budget weights {stage.budget_weights})")
+                tqdm.write(
+                    f"step {step}: stage {stage.name!r} (seq {stage.seq_length}, global batch "
+                    f"{stage.global_batch_size}, budget weights {stage.budget_weights})"
+                )
         tau, scale = cur.tau_at(state["tokens"]), cur.logit_scale_at(state["tokens"])
         num_micro = stage.global_batch_size // (t.micro_batch_size * dp)
         items = step_items(cfg, data, step, state["tokens"], num_micro)
@@ -477,9 +567,15 @@ def train_elastic(cfg: ElasticJobConfig, resume: bool = False, progress: bool = 
             c.student.zero_grad_buffer()
             c.optimizer.zero_grad()
             c.router_optimizer.zero_grad(set_to_none=True)
-            losses = fb(forward_step_func=make_forward_step(c, step, tau, scale), data_iterator=iter(items),
-                        model=[c.pair], num_microbatches=len(items), seq_length=stage.seq_length,
-                        micro_batch_size=2 * t.micro_batch_size, forward_only=False)
+            losses = fb(
+                forward_step_func=make_forward_step(c, step, tau, scale),
+                data_iterator=iter(items),
+                model=[c.pair],
+                num_microbatches=len(items),
+                seq_length=stage.seq_length,
+                micro_batch_size=2 * t.micro_batch_size,
+                forward_only=False,
+            )
         c.pair.clear_cache()
         set_arch(c.student, None)
         kd = _per_budget_means(losses, "kd", len(cfg.budgets))
@@ -492,11 +588,19 @@ def train_elastic(cfg: ElasticJobConfig, resume: bool = False, progress: bool = 
             state["bad_steps"] = state.get("bad_steps", 0) + 1
             state["skipped_steps"] = state.get("skipped_steps", 0) + 1
             c.router_optimizer.zero_grad(set_to_none=True)
-            log({"iteration": step, "skipped": True, "reason": "non-finite loss or gradient",
-                 "consecutive_bad_steps": state["bad_steps"]})
+            log(
+                {
+                    "iteration": step,
+                    "skipped": True,
+                    "reason": "non-finite loss or gradient",
+                    "consecutive_bad_steps": state["bad_steps"],
+                }
+            )
             if is_logger:
-                tqdm.write(f"step {step}: non-finite loss or gradient, update skipped "
-                           f"({state['bad_steps']} in a row, limit {t.max_bad_steps})")
+                tqdm.write(
+                    f"step {step}: non-finite loss or gradient, update skipped "
+                    f"({state['bad_steps']} in a row, limit {t.max_bad_steps})"
+                )
         else:
             state["bad_steps"] = 0
             with cuda_to_cpu():
@@ -513,7 +617,8 @@ def train_elastic(cfg: ElasticJobConfig, resume: bool = False, progress: bool = 
             raise FloatingPointError(
                 f"step {step}: {state['bad_steps']} consecutive steps with non-finite loss or gradients; the last good "
                 f"state is checkpointed in {latest_checkpoint(ckpt_dir)}. Lower train.lr or router.lr (or check the "
-                f"data), then rerun with --resume")
+                f"data), then rerun with --resume"
+            )
         if kd is not None and not bad:
             for b, v in zip(cfg.budgets, kd):
                 if v is not None:
@@ -522,11 +627,18 @@ def train_elastic(cfg: ElasticJobConfig, resume: bool = False, progress: bool = 
             window[f"expected_params/{b:g}"].append(f)
         if step % t.log_interval == 0 or step == total_steps:
             elapsed = time.time() - window_t0
-            rec = {"iteration": step, "tokens": state["tokens"], "stage": stage_index, "seq_length": stage.seq_length,
-                   "tau": tau, "logit_scale": scale, "lr": c.optimizer.param_groups[0]["lr"],
-                   "router_lr": c.router_optimizer.param_groups[0]["lr"],
-                   "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                   "tokens_per_s": window_tokens / max(elapsed, 1e-9)}
+            rec = {
+                "iteration": step,
+                "tokens": state["tokens"],
+                "stage": stage_index,
+                "seq_length": stage.seq_length,
+                "tau": tau,
+                "logit_scale": scale,
+                "lr": c.optimizer.param_groups[0]["lr"],
+                "router_lr": c.router_optimizer.param_groups[0]["lr"],
+                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "tokens_per_s": window_tokens / max(elapsed, 1e-9),
+            }
             rec.update({k: float(np.mean(v)) for k, v in window.items()})
             rec.update({f"chosen_params/{b}": v for b, v in _arch_summary(c, c.router.choose_all()).items()})
             log(rec)
@@ -542,10 +654,16 @@ def train_elastic(cfg: ElasticJobConfig, resume: bool = False, progress: bool = 
             bar.close()
             reason = "preempted" if stop else f"stage {until_stage} done"
             if is_logger:
-                print(f"stopping at step {step} ({reason}); checkpoint {latest_checkpoint(ckpt_dir)}; rerun with --resume")
+                print(
+                    f"stopping at step {step} ({reason}); checkpoint {latest_checkpoint(ckpt_dir)}; rerun with --resume"
+                )
             _restore_signals(old_handlers)
-            return {"stopped": "preempted" if stop else "stage", "steps": step, "tokens": state["tokens"],
-                    "checkpoint": latest_checkpoint(ckpt_dir)}
+            return {
+                "stopped": "preempted" if stop else "stage",
+                "steps": step,
+                "tokens": state["tokens"],
+                "checkpoint": latest_checkpoint(ckpt_dir),
+            }
         bar.update(1)
     bar.close()
     _restore_signals(old_handlers)
@@ -553,19 +671,33 @@ def train_elastic(cfg: ElasticJobConfig, resume: bool = False, progress: bool = 
     archs = c.router.choose_all()
     free = {b: c.router.choose(b) for b in cfg.budgets}
     before = evaluate_budgets(c, c.teacher, archs, valid_ds, t.eval_iters, eval_gbs)
-    parent_loss = evaluate_budgets(c, c.teacher, {1.0: ElasticArch.full(c.model_config)}, valid_ds, t.eval_iters,
-                                   eval_gbs)[1.0]
-    after = last_valid if last_valid is not None else evaluate_budgets(c, c.student, archs, valid_ds, t.eval_iters, eval_gbs)
+    parent_loss = evaluate_budgets(
+        c, c.teacher, {1.0: ElasticArch.full(c.model_config)}, valid_ds, t.eval_iters, eval_gbs
+    )[1.0]
+    after = (
+        last_valid
+        if last_valid is not None
+        else evaluate_budgets(c, c.student, archs, valid_ds, t.eval_iters, eval_gbs)
+    )
     summary = {
-        "steps": total_steps, "tokens": state["tokens"], "wall_time_s": time.time() - t0,
-        "parent_parameters": c.full_parameters, "parent_valid_loss": parent_loss,
+        "steps": total_steps,
+        "tokens": state["tokens"],
+        "wall_time_s": time.time() - t0,
+        "parent_parameters": c.full_parameters,
+        "parent_valid_loss": parent_loss,
         "eval_tokens": t.eval_iters * eval_gbs * cfg.eval_seq_length,
         # True when the router's free argmax choices were already nested (choose_all did not have to clip).
         "nested_without_clipping": all(free[b] == archs[b] for b in cfg.budgets),
-        "budgets": {f"{b:g}": {"parameters": arch_parameters(c.model_config, archs[b]),
-                               "fraction": arch_parameters(c.model_config, archs[b]) / c.full_parameters,
-                               "valid_loss_before": before[b], "valid_loss_after": after[b],
-                               "arch": archs[b].to_dict()} for b in cfg.budgets},
+        "budgets": {
+            f"{b:g}": {
+                "parameters": arch_parameters(c.model_config, archs[b]),
+                "fraction": arch_parameters(c.model_config, archs[b]) / c.full_parameters,
+                "valid_loss_before": before[b],
+                "valid_loss_after": after[b],
+                "arch": archs[b].to_dict(),
+            }
+            for b in cfg.budgets
+        },
         "checkpoint": latest_checkpoint(ckpt_dir),
     }
     if is_logger:
@@ -578,10 +710,14 @@ def train_elastic(cfg: ElasticJobConfig, resume: bool = False, progress: bool = 
 
 def results_table(summary: dict) -> str:
     """Per budget: parameters, validation loss (bits/byte) of the same sub-model before and after."""
-    lines = [f"validation on {summary['eval_tokens']:,} tokens; the parent (teacher): "
-             f"{summary['parent_valid_loss'] / LN2:.3f} bits/byte",
-             f"{'budget':>6} {'params':>10} {'fraction':>8} {'before bpb':>10} {'after bpb':>9}"]
+    lines = [
+        f"validation on {summary['eval_tokens']:,} tokens; the parent (teacher): "
+        f"{summary['parent_valid_loss'] / LN2:.3f} bits/byte",
+        f"{'budget':>6} {'params':>10} {'fraction':>8} {'before bpb':>10} {'after bpb':>9}",
+    ]
     for b, r in summary["budgets"].items():
-        lines.append(f"{b:>6} {r['parameters']:>10,} {r['fraction']:>8.3f} {r['valid_loss_before'] / LN2:>10.3f} "
-                     f"{r['valid_loss_after'] / LN2:>9.3f}")
+        lines.append(
+            f"{b:>6} {r['parameters']:>10,} {r['fraction']:>8.3f} {r['valid_loss_before'] / LN2:>10.3f} "
+            f"{r['valid_loss_after'] / LN2:>9.3f}"
+        )
     return "\n".join(lines)

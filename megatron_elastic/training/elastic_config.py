@@ -24,8 +24,13 @@ import yaml
 
 from megatron_elastic.curriculum import Curriculum, Stage
 from megatron_elastic.model.config import ConfigError
-from megatron_elastic.training.config import (CheckpointConfig, ParallelConfig, _build_section, apply_overrides,
-                                              read_config_mapping)
+from megatron_elastic.training.config import (
+    CheckpointConfig,
+    ParallelConfig,
+    _build_section,
+    apply_overrides,
+    read_config_mapping,
+)
 
 
 @dataclass
@@ -38,27 +43,27 @@ class SpaceConfig:
 @dataclass
 class RouterConfig:
     hidden: int = 256
-    lr: float = 1e-2                 # paper §Router
-    warmup_iters: int = 60           # paper: 60-step linear warm-up for model and router
-    loss_weight: float = 1.0         # lambda in L = L_KD + lambda * L_router (paper)
-    tau_start: float = 1.0           # Gumbel-Softmax temperature, annealed linearly over the run (paper)
+    lr: float = 1e-2  # paper §Router
+    warmup_iters: int = 60  # paper: 60-step linear warm-up for model and router
+    loss_weight: float = 1.0  # lambda in L = L_KD + lambda * L_router (paper)
+    tau_start: float = 1.0  # Gumbel-Softmax temperature, annealed linearly over the run (paper)
     tau_end: float = 0.05
-    logit_scale_start: float = 1.0   # router-logit scale, increased linearly (paper)
+    logit_scale_start: float = 1.0  # router-logit scale, increased linearly (paper)
     logit_scale_end: float = 10.0
 
 
 @dataclass
 class DistillConfig:
-    temperature: float = 1.0         # KD temperature: not given by the paper (our choice)
-    lm_loss_weight: float = 0.0      # frozen-teacher mode: KD only (paper); > 0 adds next-token CE
+    temperature: float = 1.0  # KD temperature: not given by the paper (our choice)
+    lm_loss_weight: float = 0.0  # frozen-teacher mode: KD only (paper); > 0 adds next-token CE
     budgets_per_step: str = "sample"  # "sample": each micro-batch gets one budget; "all": every budget sees it
 
 
 @dataclass
 class ElasticDataConfig:
-    path: str = ""                   # default: the data the parent was trained on
+    path: str = ""  # default: the data the parent was trained on
     num_workers: int = 0
-    eval_seq_length: int = 0         # default: the first stage's sequence length
+    eval_seq_length: int = 0  # default: the first stage's sequence length
 
 
 @dataclass
@@ -66,7 +71,7 @@ class ElasticTrainConfig:
     micro_batch_size: int = 4
     lr: float = 1e-3
     min_lr: float = 1e-4
-    lr_warmup_iters: int = 60        # paper: 60 steps
+    lr_warmup_iters: int = 60  # paper: 60 steps
     lr_decay_style: str = "cosine"
     weight_decay: float = 0.01
     adam_beta1: float = 0.9
@@ -76,10 +81,10 @@ class ElasticTrainConfig:
     log_interval: int = 10
     eval_interval: int = 100
     eval_iters: int = 4
-    recompute: bool = False          # full activation recomputation of every layer (long contexts)
+    recompute: bool = False  # full activation recomputation of every layer (long contexts)
     distributed_optimizer: bool = False  # shard optimizer state over data parallel (Megatron's; CUDA/NCCL only)
-    max_bad_steps: int = 3           # consecutive non-finite steps (skipped) before the run checkpoints and stops
-    train_iters: int = 0             # derived from the curriculum (steps of all stages); not set by the user
+    max_bad_steps: int = 3  # consecutive non-finite steps (skipped) before the run checkpoints and stops
+    train_iters: int = 0  # derived from the curriculum (steps of all stages); not set by the user
 
 
 @dataclass
@@ -93,7 +98,9 @@ class ElasticJobConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: ElasticDataConfig = field(default_factory=ElasticDataConfig)
     train: ElasticTrainConfig = field(default_factory=ElasticTrainConfig)
-    checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(dir="runs/elastic", save_interval=100))
+    checkpoint: CheckpointConfig = field(
+        default_factory=lambda: CheckpointConfig(dir="runs/elastic", save_interval=100)
+    )
     raw: Dict[str, Any] = field(default_factory=dict)  # the resolved YAML mapping (stored in checkpoints)
 
     @property
@@ -136,13 +143,17 @@ class ElasticJobConfig:
             raise ConfigError("space: fractions and depth_fractions must lie in (0, 1]")
         mp = self.parallel.tensor_model_parallel_size * self.parallel.pipeline_model_parallel_size
         if world_size % mp:
-            raise ConfigError(f"parallel: world size {world_size} is not a multiple of TP*PP={mp}; "
-                              f"launch a multiple of {mp} processes")
+            raise ConfigError(
+                f"parallel: world size {world_size} is not a multiple of TP*PP={mp}; "
+                f"launch a multiple of {mp} processes"
+            )
         dp = world_size // mp
         for s in self.curriculum.stages:
             if s.global_batch_size % (t.micro_batch_size * dp):
-                raise ConfigError(f"curriculum stage {s.name!r}: global_batch_size ({s.global_batch_size}) must be a "
-                                  f"multiple of train.micro_batch_size*data_parallel_size ({t.micro_batch_size}*{dp})")
+                raise ConfigError(
+                    f"curriculum stage {s.name!r}: global_batch_size ({s.global_batch_size}) must be a "
+                    f"multiple of train.micro_batch_size*data_parallel_size ({t.micro_batch_size}*{dp})"
+                )
 
 
 def _is_finite_number(v: Any) -> bool:
@@ -166,8 +177,9 @@ def _budgets(raw: Any) -> List[float]:
 
 def _curriculum(raw: Any, budgets: List[float], router: RouterConfig, seed: int) -> Curriculum:
     if not isinstance(raw, dict) or not isinstance(raw.get("stages"), list) or not raw["stages"]:
-        raise ConfigError("curriculum: needs 'stages', a list of {name, tokens, seq_length, global_batch_size, "
-                          "budget_weights}")
+        raise ConfigError(
+            "curriculum: needs 'stages', a list of {name, tokens, seq_length, global_batch_size, budget_weights}"
+        )
     unknown = sorted(set(raw) - {"stages"})
     if unknown:
         raise ConfigError(f"curriculum: unknown field(s) {unknown}; known: ['stages']")
@@ -175,27 +187,49 @@ def _curriculum(raw: Any, budgets: List[float], router: RouterConfig, seed: int)
     keys = {f.name for f in dataclasses.fields(Stage)}
     for i, s in enumerate(raw["stages"]):
         if not isinstance(s, dict) or set(s) != keys:
-            raise ConfigError(f"curriculum.stages[{i}]: needs exactly the fields {sorted(keys)}, got "
-                              f"{sorted(s) if isinstance(s, dict) else s!r}")
-        ints = {k: _whole_number(s[k], f"curriculum.stages[{i}].{k}") for k in ("tokens", "seq_length",
-                                                                                 "global_batch_size")}
+            raise ConfigError(
+                f"curriculum.stages[{i}]: needs exactly the fields {sorted(keys)}, got "
+                f"{sorted(s) if isinstance(s, dict) else s!r}"
+            )
+        ints = {
+            k: _whole_number(s[k], f"curriculum.stages[{i}].{k}") for k in ("tokens", "seq_length", "global_batch_size")
+        }
         weights = s["budget_weights"]
         if not isinstance(weights, list) or not all(_is_finite_number(w) for w in weights):
-            raise ConfigError(f"curriculum.stages[{i}].budget_weights: a list of finite numbers, one per budget; "
-                              f"got {weights!r}")
+            raise ConfigError(
+                f"curriculum.stages[{i}].budget_weights: a list of finite numbers, one per budget; got {weights!r}"
+            )
         stages.append(Stage(name=str(s["name"]), budget_weights=[float(w) for w in weights], **ints))
     try:
-        return Curriculum(budgets, stages, tau=(router.tau_start, router.tau_end),
-                          logit_scale=(router.logit_scale_start, router.logit_scale_end), seed=seed)
+        return Curriculum(
+            budgets,
+            stages,
+            tau=(router.tau_start, router.tau_end),
+            logit_scale=(router.logit_scale_start, router.logit_scale_end),
+            seed=seed,
+        )
     except ValueError as e:
         raise ConfigError(f"curriculum: {e} (budget_weights follow 'budgets', largest first)") from None
 
 
-SECTIONS = {"parent", "plan_parent_config", "budgets", "space", "router", "distill", "curriculum", "parallel", "data", "train", "checkpoint"}
+SECTIONS = {
+    "parent",
+    "plan_parent_config",
+    "budgets",
+    "space",
+    "router",
+    "distill",
+    "curriculum",
+    "parallel",
+    "data",
+    "train",
+    "checkpoint",
+}
 
 
-def load_elastic_config(path: Optional[str] = None, overrides: Optional[List[str]] = None,
-                        text: Optional[str] = None) -> ElasticJobConfig:
+def load_elastic_config(
+    path: Optional[str] = None, overrides: Optional[List[str]] = None, text: Optional[str] = None
+) -> ElasticJobConfig:
     """Load an elastic job config from ``path`` (or ``text``) with ``section.field=value`` overrides."""
     raw = read_config_mapping(path, text)
     scalar_overrides = [o for o in overrides or [] if o.split("=", 1)[0] in ("parent", "budgets")]
@@ -212,17 +246,26 @@ def load_elastic_config(path: Optional[str] = None, overrides: Optional[List[str
     router = _build_section(RouterConfig, "router", raw.get("router"))
     train = _build_section(ElasticTrainConfig, "train", raw.get("train"))
     if train.train_iters:
-        raise ConfigError("train.train_iters: derived from the curriculum's token counts; set the stages' tokens instead")
+        raise ConfigError(
+            "train.train_iters: derived from the curriculum's token counts; set the stages' tokens instead"
+        )
     cfg = ElasticJobConfig(
-        parent=raw["parent"], budgets=budgets,
+        parent=raw["parent"],
+        budgets=budgets,
         curriculum=_curriculum(raw.get("curriculum"), budgets, router, train.seed),
-        space=_build_section(SpaceConfig, "space", raw.get("space")), router=router,
+        space=_build_section(SpaceConfig, "space", raw.get("space")),
+        router=router,
         distill=_build_section(DistillConfig, "distill", raw.get("distill")),
         parallel=_build_section(ParallelConfig, "parallel", raw.get("parallel")),
-        data=_build_section(ElasticDataConfig, "data", raw.get("data")), train=train,
-        checkpoint=_build_section(CheckpointConfig, "checkpoint", {"dir": "runs/elastic", "save_interval": 100,
-                                                                   **(raw.get("checkpoint") or {})}),
-        raw=raw)
+        data=_build_section(ElasticDataConfig, "data", raw.get("data")),
+        train=train,
+        checkpoint=_build_section(
+            CheckpointConfig,
+            "checkpoint",
+            {"dir": "runs/elastic", "save_interval": 100, **(raw.get("checkpoint") or {})},
+        ),
+        raw=raw,
+    )
     cfg.train.train_iters = sum(cfg.stage_steps())
     cfg.validate(cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size)
     if not 0 <= cfg.train.lr_warmup_iters < cfg.train.train_iters:

@@ -19,12 +19,12 @@ from tqdm import tqdm
 from megatron_elastic.compat import cuda_to_cpu
 from megatron_elastic.data.indexed import split_prefix
 from megatron_elastic.data.loader import build_gpt_datasets, make_loader
+from megatron_elastic.errors import InputNotFoundError
 from megatron_elastic.model.builder import causal_attention_mask, parameter_count
 from megatron_elastic.parallel import initialize_parallel
 from megatron_elastic.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from megatron_elastic.training.config import PretrainConfig
 from megatron_elastic.training.setup import build_training_components
-from megatron_elastic.errors import InputNotFoundError
 
 LN2 = math.log(2.0)
 
@@ -86,21 +86,32 @@ def _broadcast_from_last_stage(value: Optional[float]) -> float:
     if not dist.is_initialized() or parallel_state.get_pipeline_model_parallel_world_size() == 1:
         return value
     t = torch.tensor([value if value is not None else 0.0])
-    dist.broadcast(t, src=parallel_state.get_pipeline_model_parallel_last_rank(),
-                   group=parallel_state.get_pipeline_model_parallel_group())
+    dist.broadcast(
+        t,
+        src=parallel_state.get_pipeline_model_parallel_last_rank(),
+        group=parallel_state.get_pipeline_model_parallel_group(),
+    )
     return float(t)
 
 
-def evaluate(model, loader_iter, num_batches: int, num_microbatches: int, seq_length: int, micro_batch_size: int) -> float:
+def evaluate(
+    model, loader_iter, num_batches: int, num_microbatches: int, seq_length: int, micro_batch_size: int
+) -> float:
     """Mean validation loss (nats/token) over ``num_batches`` global batches."""
     fb = get_forward_backward_func()
     model.eval()
     values = []
     with torch.no_grad(), cuda_to_cpu():
         for _ in range(num_batches):
-            losses = fb(forward_step_func=lm_forward_step, data_iterator=loader_iter, model=[model],
-                        num_microbatches=num_microbatches, seq_length=seq_length,
-                        micro_batch_size=micro_batch_size, forward_only=True)
+            losses = fb(
+                forward_step_func=lm_forward_step,
+                data_iterator=loader_iter,
+                model=[model],
+                num_microbatches=num_microbatches,
+                seq_length=seq_length,
+                micro_batch_size=micro_batch_size,
+                forward_only=True,
+            )
             values.append(_mean_reported(losses))
     model.train()
     if values[0] is None:
@@ -134,7 +145,9 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -
     if resume:
         path = latest_checkpoint(ckpt_dir)
         if path is None:
-            raise InputNotFoundError(f"--resume: no checkpoint in {ckpt_dir} (no 'latest' file); drop --resume to start fresh")
+            raise InputNotFoundError(
+                f"--resume: no checkpoint in {ckpt_dir} (no 'latest' file); drop --resume to start fresh"
+            )
         state = load_checkpoint(path, comps.unwrapped, optimizer)
         scheduler.load_state_dict(state["scheduler"])
         if is_logger:
@@ -142,10 +155,12 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -
 
     train_samples = t.train_iters * t.global_batch_size
     valid_samples = (t.train_iters // t.eval_interval + 2) * t.eval_iters * t.global_batch_size
-    train_ds, valid_ds = build_gpt_datasets(cfg.data.path, seq, train_samples, valid_samples, seed=t.seed,
-                                            model_vocab_size=model_cfg.vocab_size)
-    train_iter = iter(make_loader(train_ds, state["consumed_train_samples"], t.micro_batch_size, dp_rank, dp,
-                                  cfg.data.num_workers))
+    train_ds, valid_ds = build_gpt_datasets(
+        cfg.data.path, seq, train_samples, valid_samples, seed=t.seed, model_vocab_size=model_cfg.vocab_size
+    )
+    train_iter = iter(
+        make_loader(train_ds, state["consumed_train_samples"], t.micro_batch_size, dp_rank, dp, cfg.data.num_workers)
+    )
     valid_loader_start = lambda: iter(make_loader(valid_ds, 0, t.micro_batch_size, dp_rank, dp))
 
     unigram = unigram_entropy_nats(cfg.data.path)
@@ -168,20 +183,34 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -
         state["initial_valid_loss"] = v0
         log({"iteration": 0, "valid_loss": v0, "valid_bpb": v0 / LN2, "unigram_bpb": unigram / LN2})
         if is_logger:
-            print(f"parameters: {int(n_params):,}  tokens/iter: {tokens_per_iter:,}  "
-                  f"unigram baseline: {unigram / LN2:.3f} bits/byte  initial valid: {v0 / LN2:.3f} bits/byte")
+            print(
+                f"parameters: {int(n_params):,}  tokens/iter: {tokens_per_iter:,}  "
+                f"unigram baseline: {unigram / LN2:.3f} bits/byte  initial valid: {v0 / LN2:.3f} bits/byte"
+            )
 
-    bar = tqdm(total=t.train_iters, initial=start_iter, desc="pretrain", unit="it",
-               disable=not (progress and is_logger), dynamic_ncols=True)
+    bar = tqdm(
+        total=t.train_iters,
+        initial=start_iter,
+        desc="pretrain",
+        unit="it",
+        disable=not (progress and is_logger),
+        dynamic_ncols=True,
+    )
     loss_window, window_t0 = [], time.time()
     last_valid = state.get("last_valid_loss")
     for it in range(start_iter + 1, t.train_iters + 1):
         with cuda_to_cpu():
             model.zero_grad_buffer()
             optimizer.zero_grad()
-            losses = fb(forward_step_func=lm_forward_step, data_iterator=train_iter, model=[model],
-                        num_microbatches=num_micro, seq_length=seq, micro_batch_size=t.micro_batch_size,
-                        forward_only=False)
+            losses = fb(
+                forward_step_func=lm_forward_step,
+                data_iterator=train_iter,
+                model=[model],
+                num_microbatches=num_micro,
+                seq_length=seq,
+                micro_batch_size=t.micro_batch_size,
+                forward_only=False,
+            )
             ok, grad_norm, _ = optimizer.step()
         scheduler.step(increment=1)
         state["consumed_train_samples"] += t.global_batch_size
@@ -189,9 +218,13 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -
         loss_window.append(loss)
         if it % t.log_interval == 0 or it == t.train_iters:
             elapsed = time.time() - window_t0
-            rec = {"iteration": it, "train_loss": float(np.mean(loss_window)), "lr": optimizer.param_groups[0]["lr"],
-                   "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                   "tokens_per_s": len(loss_window) * tokens_per_iter / max(elapsed, 1e-9)}
+            rec = {
+                "iteration": it,
+                "train_loss": float(np.mean(loss_window)),
+                "lr": optimizer.param_groups[0]["lr"],
+                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "tokens_per_s": len(loss_window) * tokens_per_iter / max(elapsed, 1e-9),
+            }
             log(rec)
             bar.set_postfix(loss=f"{rec['train_loss']:.3f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
             loss_window, window_t0 = [], time.time()
@@ -203,17 +236,30 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -
                 bar.write(f"iteration {it}: valid loss {last_valid:.4f} nats/token = {last_valid / LN2:.3f} bits/byte")
         if it % cfg.checkpoint.save_interval == 0 or it == t.train_iters:
             state["iteration"] = it
-            save_checkpoint(ckpt_dir, it, comps.unwrapped, optimizer,
-                            {**{k: v for k, v in state.items() if k != "iteration"},
-                             "scheduler": scheduler.state_dict(), "config": cfg.to_dict()},
-                            keep_last=cfg.checkpoint.keep_last)
+            save_checkpoint(
+                ckpt_dir,
+                it,
+                comps.unwrapped,
+                optimizer,
+                {
+                    **{k: v for k, v in state.items() if k != "iteration"},
+                    "scheduler": scheduler.state_dict(),
+                    "config": cfg.to_dict(),
+                },
+                keep_last=cfg.checkpoint.keep_last,
+            )
         bar.update(1)
     bar.close()
-    summary = {"parameters": int(n_params), "train_iters": t.train_iters,
-               "tokens": t.train_iters * tokens_per_iter, "wall_time_s": time.time() - t0,
-               "unigram_bpb": unigram / LN2, "initial_valid_bpb": state.get("initial_valid_loss", float("nan")) / LN2,
-               "final_valid_bpb": (last_valid / LN2) if last_valid is not None else None,
-               "checkpoint": latest_checkpoint(ckpt_dir)}
+    summary = {
+        "parameters": int(n_params),
+        "train_iters": t.train_iters,
+        "tokens": t.train_iters * tokens_per_iter,
+        "wall_time_s": time.time() - t0,
+        "unigram_bpb": unigram / LN2,
+        "initial_valid_bpb": state.get("initial_valid_loss", float("nan")) / LN2,
+        "final_valid_bpb": (last_valid / LN2) if last_valid is not None else None,
+        "checkpoint": latest_checkpoint(ckpt_dir),
+    }
     if is_logger:
         with open(os.path.join(ckpt_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)

@@ -25,15 +25,19 @@ from megatron_elastic.errors import UnsafeCheckpointError
 
 DCP_METADATA = ".metadata"
 # The classes torch.distributed.checkpoint pickles into its .metadata index (found by reading real ones).
-_DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.planner",
-                "torch.distributed.checkpoint.filesystem")
+_DCP_MODULES = (
+    "torch.distributed.checkpoint.metadata",
+    "torch.distributed.checkpoint.planner",
+    "torch.distributed.checkpoint.filesystem",
+)
 _TORCH_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout")}
 
 
 def _refuse(path: str, what: str) -> UnsafeCheckpointError:
     return UnsafeCheckpointError(
         f"checkpoint file {path} holds {what}, not plain data (tensors, numbers, strings, containers); it was not "
-        f"loaded. Re-create the checkpoint, or load an earlier iteration written by megatron-elastic")
+        f"loaded. Re-create the checkpoint, or load an earlier iteration written by megatron-elastic"
+    )
 
 
 def legacy_rng_globals() -> list:
@@ -60,8 +64,11 @@ class _IndexUnpickler(pickle.Unpickler):
     """Admits only torch.distributed.checkpoint's index classes, torch.Size and torch dtypes."""
 
     def find_class(self, module: str, name: str):
-        allowed = module in _DCP_MODULES or (module, name) in _TORCH_GLOBALS or \
-            (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
+        allowed = (
+            module in _DCP_MODULES
+            or (module, name) in _TORCH_GLOBALS
+            or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
+        )
         if not allowed:
             raise pickle.UnpicklingError(f"{module}.{name}")
         obj = super().find_class(module, name)
@@ -86,8 +93,11 @@ def check_checkpoint_is_data(path: str, rank: int = 0) -> None:
     """Check every pickled file of checkpoint ``path`` that this rank will read; raise naming the first bad one."""
     dist_dir = os.path.join(path, "dist")
     check_dcp_index(dist_dir)
-    for name, allow in ((os.path.join("dist", "common.pt"), ()), ("extra.pt", ()),
-                        (f"rng_rank{rank}.pt", tuple(legacy_rng_globals()))):
+    for name, allow in (
+        (os.path.join("dist", "common.pt"), ()),
+        ("extra.pt", ()),
+        (f"rng_rank{rank}.pt", tuple(legacy_rng_globals())),
+    ):
         f = os.path.join(path, name)
         if os.path.isfile(f):
             load_plain(f, allow)

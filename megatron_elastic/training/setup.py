@@ -12,15 +12,15 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_elastic.compat import cuda_to_cpu
+from megatron_elastic.errors import ConfigError
 from megatron_elastic.model.builder import build_hybrid_model
 from megatron_elastic.model.config import HybridConfig
-from megatron_elastic.errors import ConfigError
 
 
 @dataclass
 class TrainingComponents:
-    model: torch.nn.Module            # the DDP-wrapped model (call this one)
-    optimizer: object                 # Megatron optimizer
+    model: torch.nn.Module  # the DDP-wrapped model (call this one)
+    optimizer: object  # Megatron optimizer
     scheduler: OptimizerParamScheduler
 
     @property
@@ -28,8 +28,9 @@ class TrainingComponents:
         return self.model.module
 
 
-def build_training_components(model_cfg: HybridConfig, train_cfg,
-                              build_model: Callable = build_hybrid_model) -> TrainingComponents:
+def build_training_components(
+    model_cfg: HybridConfig, train_cfg, build_model: Callable = build_hybrid_model
+) -> TrainingComponents:
     """Build the model for this pipeline stage with ``build_model(config, pre_process=, post_process=)`` (load
     initial weights there: the optimizer copies them), wrap it in Megatron's DDP and create the optimizer and
     LR/weight-decay schedule from ``train_cfg`` (``lr``, ``min_lr``, ``weight_decay``, ``adam_beta1/2``,
@@ -41,21 +42,44 @@ def build_training_components(model_cfg: HybridConfig, train_cfg,
     )
     dist_opt = bool(getattr(train_cfg, "distributed_optimizer", False))
     if dist_opt and not torch.cuda.is_available():
-        raise ConfigError("train.distributed_optimizer needs CUDA/NCCL (gloo has no reduce-scatter); set it to false on CPU")
+        raise ConfigError(
+            "train.distributed_optimizer needs CUDA/NCCL (gloo has no reduce-scatter); set it to false on CPU"
+        )
     with cuda_to_cpu():
         ddp = DistributedDataParallel(
-            model_cfg, DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                                     use_distributed_optimizer=dist_opt), model)
+            model_cfg,
+            DistributedDataParallelConfig(
+                grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=dist_opt
+            ),
+            model,
+        )
         optimizer = get_megatron_optimizer(
-            OptimizerConfig(optimizer="adam", lr=train_cfg.lr, min_lr=train_cfg.min_lr,
-                            weight_decay=train_cfg.weight_decay, adam_beta1=train_cfg.adam_beta1,
-                            adam_beta2=train_cfg.adam_beta2, clip_grad=train_cfg.clip_grad,
-                            bf16=model_cfg.bf16, fp16=model_cfg.fp16, params_dtype=model_cfg.params_dtype,
-                            use_distributed_optimizer=dist_opt),
-            [ddp])
+            OptimizerConfig(
+                optimizer="adam",
+                lr=train_cfg.lr,
+                min_lr=train_cfg.min_lr,
+                weight_decay=train_cfg.weight_decay,
+                adam_beta1=train_cfg.adam_beta1,
+                adam_beta2=train_cfg.adam_beta2,
+                clip_grad=train_cfg.clip_grad,
+                bf16=model_cfg.bf16,
+                fp16=model_cfg.fp16,
+                params_dtype=model_cfg.params_dtype,
+                use_distributed_optimizer=dist_opt,
+            ),
+            [ddp],
+        )
     scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=train_cfg.lr, min_lr=train_cfg.min_lr,
-        lr_warmup_steps=train_cfg.lr_warmup_iters, lr_decay_steps=train_cfg.train_iters,
-        lr_decay_style=train_cfg.lr_decay_style, start_wd=train_cfg.weight_decay, end_wd=train_cfg.weight_decay,
-        wd_incr_steps=train_cfg.train_iters, wd_incr_style="constant")
+        optimizer,
+        init_lr=0.0,
+        max_lr=train_cfg.lr,
+        min_lr=train_cfg.min_lr,
+        lr_warmup_steps=train_cfg.lr_warmup_iters,
+        lr_decay_steps=train_cfg.train_iters,
+        lr_decay_style=train_cfg.lr_decay_style,
+        start_wd=train_cfg.weight_decay,
+        end_wd=train_cfg.weight_decay,
+        wd_incr_steps=train_cfg.train_iters,
+        wd_incr_style="constant",
+    )
     return TrainingComponents(ddp, optimizer, scheduler)

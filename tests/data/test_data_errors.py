@@ -14,8 +14,9 @@ from megatron_elastic.data.tokenizer import ByteTokenizer
 @pytest.fixture(scope="module")
 def good(tmp_path_factory):
     out = tmp_path_factory.mktemp("good")
-    write_split_datasets(str(out), iter_stdlib_documents(max_bytes=100_000), ByteTokenizer(), valid_every=5,
-                         progress=False)
+    write_split_datasets(
+        str(out), iter_stdlib_documents(max_bytes=100_000), ByteTokenizer(), valid_every=5, progress=False
+    )
     return str(out)
 
 
@@ -30,14 +31,17 @@ def test_good_data_passes(good):
     assert read_metadata(good)["vocab_size"] == 258
 
 
-@pytest.mark.parametrize("damage,error,message", [
-    ("truncate_bin", DataError, "truncated"),
-    ("garbage_idx", DataError, "corrupted"),
-    ("remove_idx", FileNotFoundError, "missing or empty"),
-    ("empty_bin", FileNotFoundError, "missing or empty"),
-    ("small_vocab", DataError, "token id"),
-    ("no_metadata", FileNotFoundError, "prepare-data"),
-])
+@pytest.mark.parametrize(
+    "damage,error,message",
+    [
+        ("truncate_bin", DataError, "truncated"),
+        ("garbage_idx", DataError, "corrupted"),
+        ("remove_idx", FileNotFoundError, "missing or empty"),
+        ("empty_bin", FileNotFoundError, "missing or empty"),
+        ("small_vocab", DataError, "token id"),
+        ("no_metadata", FileNotFoundError, "prepare-data"),
+    ],
+)
 def test_damaged_data_is_named(data, damage, error, message):
     prefix = split_prefix(data, "train")
     if damage == "truncate_bin":

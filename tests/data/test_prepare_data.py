@@ -28,8 +28,9 @@ def test_user_jsonl_and_text_round_trip(tmp_path):
     tx2 = tmp_path / "c.md"
     tx2.write_text(texts[6])
     out = tmp_path / "data"
-    stats = write_split_datasets(str(out), iter_user_documents([str(jl), str(tx), str(tx2)]), ByteTokenizer(),
-                                 valid_every=3, progress=False)
+    stats = write_split_datasets(
+        str(out), iter_user_documents([str(jl), str(tx), str(tx2)]), ByteTokenizer(), valid_every=3, progress=False
+    )
     train, valid = _read_back(out, "train"), _read_back(out, "valid")
     assert valid == [texts[2], texts[5]]
     assert train == [t for i, t in enumerate(texts) if i not in (2, 5)]
@@ -51,8 +52,9 @@ def test_builtin_corpus_is_stdlib_files_in_order(tmp_path):
     assert docs == expected
     out = tmp_path / "d"
     write_split_datasets(str(out), docs, ByteTokenizer(), valid_every=4, progress=False)
-    assert _read_back(out, "train") + _read_back(out, "valid") == \
-        [d for i, d in enumerate(docs) if i % 4 != 3] + [d for i, d in enumerate(docs) if i % 4 == 3]
+    assert _read_back(out, "train") + _read_back(out, "valid") == [d for i, d in enumerate(docs) if i % 4 != 3] + [
+        d for i, d in enumerate(docs) if i % 4 == 3
+    ]
 
 
 def test_bad_inputs_have_clear_errors(tmp_path):

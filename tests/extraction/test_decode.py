@@ -32,7 +32,7 @@ def test_decode_equals_rerunning_the_sequence(single_process_parallel, seed):
         new, step_logits = decode(model, prompt, max_new_tokens=6, return_logits=True)
         full = _full_logits(model, torch.cat([prompt, new], 1))
     # The logits that chose token t are the full run's logits at the position before it.
-    want = full[:, prompt.shape[1] - 1: prompt.shape[1] - 1 + new.shape[1]]
+    want = full[:, prompt.shape[1] - 1 : prompt.shape[1] - 1 + new.shape[1]]
     torch.testing.assert_close(step_logits, want, rtol=1e-4, atol=1e-4)
     assert torch.equal(new, want.argmax(-1))
 

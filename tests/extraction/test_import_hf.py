@@ -11,11 +11,23 @@ transformers = pytest.importorskip("transformers")
 def _tiny_hf(tmp_path, seed=0):
     from transformers import NemotronHConfig, NemotronHForCausalLM
 
-    cfg = NemotronHConfig(vocab_size=96, hidden_size=32, layers_block_type=["linear_attention", "mlp", "full_attention",
-                                                                             "mlp", "linear_attention", "mlp"],
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=40,
-                          mamba_num_heads=4, mamba_head_dim=8, n_groups=2, ssm_state_size=8, conv_kernel=4,
-                          chunk_size=16, tie_word_embeddings=False, max_position_embeddings=128)
+    cfg = NemotronHConfig(
+        vocab_size=96,
+        hidden_size=32,
+        layers_block_type=["linear_attention", "mlp", "full_attention", "mlp", "linear_attention", "mlp"],
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        intermediate_size=40,
+        mamba_num_heads=4,
+        mamba_head_dim=8,
+        n_groups=2,
+        ssm_state_size=8,
+        conv_kernel=4,
+        chunk_size=16,
+        tie_word_embeddings=False,
+        max_position_embeddings=128,
+    )
     torch.manual_seed(seed)
     model = NemotronHForCausalLM(cfg).eval()
     with torch.no_grad():  # non-trivial values everywhere (the default init leaves some at 1/0)

@@ -13,9 +13,21 @@ from tests.model.test_elastic_model import _args, random_heterogeneous_arch
 
 
 def _model_dict(cfg):
-    keys = ["hybrid_pattern", "vocab_size", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-            "num_query_groups", "kv_channels", "mamba_num_heads", "mamba_head_dim", "mamba_num_groups",
-            "mamba_state_dim", "mamba_chunk_size", "params_dtype"]
+    keys = [
+        "hybrid_pattern",
+        "vocab_size",
+        "hidden_size",
+        "ffn_hidden_size",
+        "num_attention_heads",
+        "num_query_groups",
+        "kv_channels",
+        "mamba_num_heads",
+        "mamba_head_dim",
+        "mamba_num_groups",
+        "mamba_state_dim",
+        "mamba_chunk_size",
+        "params_dtype",
+    ]
     return {k: getattr(cfg, k) for k in keys}
 
 
@@ -44,8 +56,15 @@ def test_extracted_plain_model_matches_the_elastic_choice(single_process_paralle
         want = parent(ids, pos, mask)
     sub_cfg = _sub_config(cfg, arch)
     kept = [i for i in range(6) if i not in arch.skipped_layers]
-    sizes = [(arch.ffn_hidden_size.get(i), arch.mamba_num_heads.get(i), arch.mamba_head_dim.get(i),
-              arch.num_attention_heads.get(i)) for i in kept]
+    sizes = [
+        (
+            arch.ffn_hidden_size.get(i),
+            arch.mamba_num_heads.get(i),
+            arch.mamba_head_dim.get(i),
+            arch.num_attention_heads.get(i),
+        )
+        for i in kept
+    ]
     varied = any(len({s[j] for s, i in zip(sizes, kept) if s[j] is not None}) > 1 for j in range(4))
     assert bool(sub_cfg.layer_overrides) == varied, "per-layer sizes exactly where the kept layers differ"
     plain = build_hybrid_model(sub_cfg)
@@ -72,8 +91,9 @@ def test_layer_overrides_are_validated():
 
 def _hf_logits(path, ids, trust_remote_code=False):
     transformers = pytest.importorskip("transformers")
-    hf = transformers.AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code,
-                                                           dtype=torch.float32)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        path, trust_remote_code=trust_remote_code, dtype=torch.float32
+    )
     hf.eval()
     with torch.no_grad():
         return hf(input_ids=ids, use_cache=False).logits
@@ -91,8 +111,13 @@ def test_hf_checkpoint_loaded_by_transformers_gives_the_same_logits(single_proce
 
     cfg = _cfg()
     rng = random.Random(50 + seed)
-    arch = (ElasticArch.full(cfg) if seed == 0 else random_homogeneous_arch(cfg, rng) if seed == 1
-            else random_heterogeneous_arch(cfg, rng)).validate(cfg)
+    arch = (
+        ElasticArch.full(cfg)
+        if seed == 0
+        else random_homogeneous_arch(cfg, rng)
+        if seed == 1
+        else random_heterogeneous_arch(cfg, rng)
+    ).validate(cfg)
     torch.manual_seed(seed)
     parent = build_elastic_model(cfg)
     ids, pos, mask = _args(seq=23, seed=seed)
@@ -105,8 +130,7 @@ def test_hf_checkpoint_loaded_by_transformers_gives_the_same_logits(single_proce
     got = _hf_logits(out, ids)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     if sub_cfg.layer_overrides:  # without megatron_elastic: the module shipped in the checkpoint
-        torch.testing.assert_close(_hf_logits_without_megatron_elastic(out, ids, tmp_path), want, rtol=1e-4,
-                                   atol=1e-4)
+        torch.testing.assert_close(_hf_logits_without_megatron_elastic(out, ids, tmp_path), want, rtol=1e-4, atol=1e-4)
 
 
 def _hf_logits_without_megatron_elastic(path, ids, tmp_path):
@@ -116,15 +140,23 @@ def _hf_logits_without_megatron_elastic(path, ids, tmp_path):
 
     pytest.importorskip("transformers")
     torch.save(ids, tmp_path / "ids.pt")
-    code = ("import sys, torch, transformers\n"
-            f"m = transformers.AutoModelForCausalLM.from_pretrained({str(path)!r}, trust_remote_code=True, "
-            "dtype=torch.float32).eval()\n"
-            "assert 'megatron_elastic' not in sys.modules\n"
-            f"ids = torch.load({str(tmp_path / 'ids.pt')!r})\n"
-            "with torch.no_grad():\n"
-            f"    torch.save(m(input_ids=ids, use_cache=False).logits, {str(tmp_path / 'logits.pt')!r})\n")
-    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                       env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    code = (
+        "import sys, torch, transformers\n"
+        f"m = transformers.AutoModelForCausalLM.from_pretrained({str(path)!r}, trust_remote_code=True, "
+        "dtype=torch.float32).eval()\n"
+        "assert 'megatron_elastic' not in sys.modules\n"
+        f"ids = torch.load({str(tmp_path / 'ids.pt')!r})\n"
+        "with torch.no_grad():\n"
+        f"    torch.save(m(input_ids=ids, use_cache=False).logits, {str(tmp_path / 'logits.pt')!r})\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return torch.load(tmp_path / "logits.pt")
 
@@ -136,12 +168,16 @@ def test_import_megatron_elastic_registers_the_class_when_transformers_is_import
     import sys
 
     pytest.importorskip("transformers")
-    check = ("cfg = transformers.AutoConfig.for_model('elastic_nemotron_h')\n"
-             "cls = transformers.AutoModelForCausalLM._model_mapping[type(cfg)]\n"
-             "print(type(cfg).__name__, cls.__name__)\n")
-    ours_first = ("import sys\nimport megatron_elastic\n"
-                  "assert 'transformers' not in sys.modules, 'import megatron_elastic pulled in transformers'\n"
-                  "import transformers\n")
+    check = (
+        "cfg = transformers.AutoConfig.for_model('elastic_nemotron_h')\n"
+        "cls = transformers.AutoModelForCausalLM._model_mapping[type(cfg)]\n"
+        "print(type(cfg).__name__, cls.__name__)\n"
+    )
+    ours_first = (
+        "import sys\nimport megatron_elastic\n"
+        "assert 'transformers' not in sys.modules, 'import megatron_elastic pulled in transformers'\n"
+        "import transformers\n"
+    )
     transformers_first = "import transformers\nimport megatron_elastic\n"
     for code in (ours_first + check, transformers_first + check):
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)

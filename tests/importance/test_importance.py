@@ -33,9 +33,11 @@ def test_width_scores_match_direct_computation(single_process_parallel):
     # Direct: recompute the FFN input of layer 1 and the attention context of layer 2 by capturing them.
     captured = {}
     h1 = model.decoder.layers[1].mlp.linear_fc2.register_forward_pre_hook(
-        lambda m, i: captured.setdefault("ffn", []).append(i[0].detach()))
+        lambda m, i: captured.setdefault("ffn", []).append(i[0].detach())
+    )
     h2 = model.decoder.layers[2].self_attention.linear_proj.register_forward_pre_hook(
-        lambda m, i: captured.setdefault("attn", []).append(i[0].detach()))
+        lambda m, i: captured.setdefault("attn", []).append(i[0].detach())
+    )
     with torch.no_grad():
         for b in batches:
             model(*b)

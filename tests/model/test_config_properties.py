@@ -8,22 +8,24 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-FIELDS = st.fixed_dictionaries({
-    "hybrid_pattern": st.text(alphabet="M*-", min_size=1, max_size=5),
-    "vocab_size": st.integers(1, 300),
-    "hidden_size": st.integers(1, 48),
-    "ffn_hidden_size": st.integers(1, 64),
-    "num_attention_heads": st.integers(1, 8),
-    "num_query_groups": st.integers(1, 8),
-    "kv_channels": st.integers(1, 16),
-    "mamba_num_heads": st.integers(1, 8),
-    "mamba_head_dim": st.integers(1, 8),
-    "mamba_num_groups": st.integers(1, 4),
-    "mamba_state_dim": st.integers(1, 8),
-    "mamba_chunk_size": st.integers(1, 16),
-    "mamba_conv_kernel": st.integers(1, 5),
-    "elastic_ffn_groups": st.integers(1, 4),
-})
+FIELDS = st.fixed_dictionaries(
+    {
+        "hybrid_pattern": st.text(alphabet="M*-", min_size=1, max_size=5),
+        "vocab_size": st.integers(1, 300),
+        "hidden_size": st.integers(1, 48),
+        "ffn_hidden_size": st.integers(1, 64),
+        "num_attention_heads": st.integers(1, 8),
+        "num_query_groups": st.integers(1, 8),
+        "kv_channels": st.integers(1, 16),
+        "mamba_num_heads": st.integers(1, 8),
+        "mamba_head_dim": st.integers(1, 8),
+        "mamba_num_groups": st.integers(1, 4),
+        "mamba_state_dim": st.integers(1, 8),
+        "mamba_chunk_size": st.integers(1, 16),
+        "mamba_conv_kernel": st.integers(1, 5),
+        "elastic_ffn_groups": st.integers(1, 4),
+    }
+)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

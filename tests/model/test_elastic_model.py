@@ -15,9 +15,19 @@ PATTERN = "M-*M-*-M"
 def _cfg(**kw):
     from megatron_elastic.testing import tiny_config
 
-    base = dict(hybrid_pattern=PATTERN, hidden_size=32, ffn_hidden_size=48, num_attention_heads=8,
-                num_query_groups=2, kv_channels=4, mamba_num_heads=8, mamba_head_dim=6, mamba_num_groups=2,
-                mamba_state_dim=5, mamba_chunk_size=7)
+    base = dict(
+        hybrid_pattern=PATTERN,
+        hidden_size=32,
+        ffn_hidden_size=48,
+        num_attention_heads=8,
+        num_query_groups=2,
+        kv_channels=4,
+        mamba_num_heads=8,
+        mamba_head_dim=6,
+        mamba_num_groups=2,
+        mamba_state_dim=5,
+        mamba_chunk_size=7,
+    )
     base.update(kw)
     return tiny_config(**base)
 
@@ -41,9 +51,11 @@ def mamba_rows(cfg, k_per_group, p_active):
 def slice_parent(parent_sd, cfg, arch):
     """The state dict of the plain smaller model: kept layers renumbered, every tensor sliced."""
     h = arch.hidden_size
-    out = {"embedding.word_embeddings.weight": parent_sd["embedding.word_embeddings.weight"][:, :h],
-           "output_layer.weight": parent_sd["output_layer.weight"][:, :h],
-           "decoder.final_norm.weight": parent_sd["decoder.final_norm.weight"][:h]}
+    out = {
+        "embedding.word_embeddings.weight": parent_sd["embedding.word_embeddings.weight"][:, :h],
+        "output_layer.weight": parent_sd["output_layer.weight"][:, :h],
+        "decoder.final_norm.weight": parent_sd["decoder.final_norm.weight"][:h],
+    }
     kept = [i for i in range(len(cfg.hybrid_pattern)) if i not in arch.skipped_layers]
     d_inner, bc = cfg.mamba_num_heads * cfg.mamba_head_dim, cfg.mamba_num_groups * cfg.mamba_state_dim
     for new, old in enumerate(kept):
@@ -51,8 +63,12 @@ def slice_parent(parent_sd, cfg, arch):
         sym = cfg.hybrid_pattern[old]
         if sym == "M":
             heads, chans = mamba_rows(cfg, arch.mamba_num_heads[old] // cfg.mamba_num_groups, arch.mamba_head_dim[old])
-            rows = chans + [d_inner + c for c in chans] + list(range(2 * d_inner, 2 * d_inner + 2 * bc)) + \
-                [2 * d_inner + 2 * bc + hh for hh in heads]
+            rows = (
+                chans
+                + [d_inner + c for c in chans]
+                + list(range(2 * d_inner, 2 * d_inner + 2 * bc))
+                + [2 * d_inner + 2 * bc + hh for hh in heads]
+            )
             conv = chans + list(range(d_inner, d_inner + 2 * bc))
             m = "mixer."
             out[dst + "norm.weight"] = parent_sd[src + "norm.weight"][:h]
@@ -70,8 +86,8 @@ def slice_parent(parent_sd, cfg, arch):
             rows, cols = [], []
             for g in range(groups):
                 base = g * (hpg + 2) * hn
-                rows += list(range(base, base + k * hn))                              # its first k query heads
-                rows += list(range(base + hpg * hn, base + (hpg + 2) * hn))           # its k and v
+                rows += list(range(base, base + k * hn))  # its first k query heads
+                rows += list(range(base + hpg * hn, base + (hpg + 2) * hn))  # its k and v
                 cols += list(range(g * hpg * hn, (g * hpg + k) * hn))
             a = "self_attention."
             out[dst + "input_layernorm.weight"] = parent_sd[src + "input_layernorm.weight"][:h]
@@ -95,22 +111,27 @@ def random_homogeneous_arch(cfg, rng):
     skipped = tuple(i for i in range(len(pattern)) if rng.random() < 0.25)
     if len(skipped) == len(pattern):
         skipped = skipped[1:]
-    return ElasticArch(hidden_size=rng.randint(4, cfg.hidden_size),
-                       mamba_num_heads={i: mh for i, s in enumerate(pattern) if s == "M"},
-                       mamba_head_dim={i: md for i, s in enumerate(pattern) if s == "M"},
-                       num_attention_heads={i: ah for i, s in enumerate(pattern) if s == "*"},
-                       ffn_hidden_size={i: ff for i, s in enumerate(pattern) if s == "-"},
-                       skipped_layers=skipped)
+    return ElasticArch(
+        hidden_size=rng.randint(4, cfg.hidden_size),
+        mamba_num_heads={i: mh for i, s in enumerate(pattern) if s == "M"},
+        mamba_head_dim={i: md for i, s in enumerate(pattern) if s == "M"},
+        num_attention_heads={i: ah for i, s in enumerate(pattern) if s == "*"},
+        ffn_hidden_size={i: ff for i, s in enumerate(pattern) if s == "-"},
+        skipped_layers=skipped,
+    )
 
 
 def plain_config_for(cfg, arch):
     kept = "".join(s for i, s in enumerate(cfg.hybrid_pattern) if i not in arch.skipped_layers)
     first = lambda d, default: next(iter(d.values()), default)
-    return _cfg(hybrid_pattern=kept, hidden_size=arch.hidden_size,
-                ffn_hidden_size=first(arch.ffn_hidden_size, cfg.ffn_hidden_size),
-                num_attention_heads=first(arch.num_attention_heads, cfg.num_attention_heads),
-                mamba_num_heads=first(arch.mamba_num_heads, cfg.mamba_num_heads),
-                mamba_head_dim=first(arch.mamba_head_dim, cfg.mamba_head_dim))
+    return _cfg(
+        hybrid_pattern=kept,
+        hidden_size=arch.hidden_size,
+        ffn_hidden_size=first(arch.ffn_hidden_size, cfg.ffn_hidden_size),
+        num_attention_heads=first(arch.num_attention_heads, cfg.num_attention_heads),
+        mamba_num_heads=first(arch.mamba_num_heads, cfg.mamba_num_heads),
+        mamba_head_dim=first(arch.mamba_head_dim, cfg.mamba_head_dim),
+    )
 
 
 def _loss(logits):
@@ -186,8 +207,9 @@ def test_gate_gradient_matches_finite_differences(single_process_parallel):
 
     ones = [torch.tensor(1.0, dtype=torch.float64, requires_grad=True) for _ in keys]
     loss = loss_at(ones)
-    assert torch.equal(loss, loss_at([torch.tensor(1.0, dtype=torch.float64)] * len(keys))), \
+    assert torch.equal(loss, loss_at([torch.tensor(1.0, dtype=torch.float64)] * len(keys))), (
         "unit gates must leave the forward pass exactly the sliced sub-model"
+    )
     grads = torch.autograd.grad(loss, ones)
     eps = 1e-6
     for j, key in enumerate(keys):
@@ -199,19 +221,25 @@ def test_gate_gradient_matches_finite_differences(single_process_parallel):
         assert abs(float(grads[j])) > 0, key
 
 
-@pytest.mark.parametrize("change,message", [
-    (dict(hidden_size=0), "hidden_size=0"),
-    (dict(hidden_size=33), "hidden_size=33"),
-    (dict(mamba_num_heads={0: 3, 3: 8, 7: 8}), "mamba_num_heads\\[0\\]=3: must be a multiple of mamba_num_groups"),
-    (dict(mamba_num_heads={0: 10, 3: 8, 7: 8}), "mamba_num_heads\\[0\\]=10"),
-    (dict(mamba_head_dim={0: 0, 3: 6, 7: 6}), "mamba_head_dim\\[0\\]=0"),
-    (dict(num_attention_heads={2: 3, 5: 8}), "num_attention_heads\\[2\\]=3: must be a multiple of num_query_groups"),
-    (dict(ffn_hidden_size={1: 49, 4: 48, 6: 48}), "ffn_hidden_size\\[1\\]=49"),
-    (dict(ffn_hidden_size={1: 48, 4: 48}), "ffn_hidden_size: needs exactly the layers \\[1, 4, 6\\]"),
-    (dict(num_attention_heads={2: 8, 3: 8, 5: 8}), "not of that type \\[3\\]"),
-    (dict(skipped_layers=(8,)), "skipped_layers \\[8\\]"),
-    (dict(skipped_layers=tuple(range(8))), "cannot skip every layer"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (dict(hidden_size=0), "hidden_size=0"),
+        (dict(hidden_size=33), "hidden_size=33"),
+        (dict(mamba_num_heads={0: 3, 3: 8, 7: 8}), "mamba_num_heads\\[0\\]=3: must be a multiple of mamba_num_groups"),
+        (dict(mamba_num_heads={0: 10, 3: 8, 7: 8}), "mamba_num_heads\\[0\\]=10"),
+        (dict(mamba_head_dim={0: 0, 3: 6, 7: 6}), "mamba_head_dim\\[0\\]=0"),
+        (
+            dict(num_attention_heads={2: 3, 5: 8}),
+            "num_attention_heads\\[2\\]=3: must be a multiple of num_query_groups",
+        ),
+        (dict(ffn_hidden_size={1: 49, 4: 48, 6: 48}), "ffn_hidden_size\\[1\\]=49"),
+        (dict(ffn_hidden_size={1: 48, 4: 48}), "ffn_hidden_size: needs exactly the layers \\[1, 4, 6\\]"),
+        (dict(num_attention_heads={2: 8, 3: 8, 5: 8}), "not of that type \\[3\\]"),
+        (dict(skipped_layers=(8,)), "skipped_layers \\[8\\]"),
+        (dict(skipped_layers=tuple(range(8))), "cannot skip every layer"),
+    ],
+)
 def test_invalid_choices_are_rejected(change, message):
     cfg = _cfg()
     arch = ElasticArch.full(cfg)
@@ -268,9 +296,15 @@ def reference_forward(sd, cfg, arch, ids):
         p = f"decoder.layers.{new}."
         sym = cfg.hybrid_pattern[old]
         if sym == "M":
-            mixer_sd = {k[len(p + "mixer."):]: v for k, v in sd.items() if k.startswith(p + "mixer.")}
-            x = x + reference_mixer(mixer_sd, rms(x, sd[p + "norm.weight"]), arch.mamba_num_heads[old],
-                                    arch.mamba_head_dim[old], cfg.mamba_num_groups, cfg.mamba_state_dim)
+            mixer_sd = {k[len(p + "mixer.") :]: v for k, v in sd.items() if k.startswith(p + "mixer.")}
+            x = x + reference_mixer(
+                mixer_sd,
+                rms(x, sd[p + "norm.weight"]),
+                arch.mamba_num_heads[old],
+                arch.mamba_head_dim[old],
+                cfg.mamba_num_groups,
+                cfg.mamba_state_dim,
+            )
         elif sym == "*":
             hn, groups = cfg.kv_channels, cfg.num_query_groups
             k = arch.num_attention_heads[old] // groups
@@ -278,7 +312,7 @@ def reference_forward(sd, cfg, arch, ids):
             qkv = qkv.reshape(s, -1, groups, (k + 2) * hn)
             q, kk, v = qkv.split([k * hn, hn, hn], dim=-1)
             q = q.reshape(s, -1, groups, k, hn)
-            scores = torch.einsum("sbgkd,tbgd->bgkst", q, kk) / hn ** 0.5
+            scores = torch.einsum("sbgkd,tbgd->bgkst", q, kk) / hn**0.5
             scores = scores.masked_fill(torch.ones(s, s, dtype=torch.bool).triu(1), float("-inf"))
             ctx = torch.einsum("bgkst,tbgd->sbgkd", scores.softmax(-1), v).reshape(s, -1, groups * k * hn)
             x = x + ctx @ sd[p + "self_attention.linear_proj.weight"].T
@@ -295,8 +329,9 @@ def random_heterogeneous_arch(cfg, rng):
         arch.mamba_num_heads[i] = rng.choice(range(cfg.mamba_num_groups, cfg.mamba_num_heads + 1, cfg.mamba_num_groups))
         arch.mamba_head_dim[i] = rng.randint(1, cfg.mamba_head_dim)
     for i in arch.num_attention_heads:
-        arch.num_attention_heads[i] = rng.choice(range(cfg.num_query_groups, cfg.num_attention_heads + 1,
-                                                       cfg.num_query_groups))
+        arch.num_attention_heads[i] = rng.choice(
+            range(cfg.num_query_groups, cfg.num_attention_heads + 1, cfg.num_query_groups)
+        )
     for i in arch.ffn_hidden_size:
         arch.ffn_hidden_size[i] = rng.randint(1, cfg.ffn_hidden_size)
     return arch

@@ -38,9 +38,17 @@ def reference_mixer(sd, hidden, nheads, headdim, ngroups, d_state):
     xBC = sequential_conv(xBC.transpose(1, 2), sd["conv1d.weight"][:, 0], sd["conv1d.bias"]).transpose(1, 2)
     x, B, C = xBC.split([d_inner, bc, bc], dim=-1)
     b, s = x.shape[:2]
-    y, _ = sequential_ssd(x.reshape(b, s, nheads, headdim), dt, -sd["A_log"].exp(), B.reshape(b, s, ngroups, d_state),
-                          C.reshape(b, s, ngroups, d_state), sd["D"], None, sd["dt_bias"],
-                          torch.zeros(b, nheads, headdim, d_state, dtype=torch.float64))
+    y, _ = sequential_ssd(
+        x.reshape(b, s, nheads, headdim),
+        dt,
+        -sd["A_log"].exp(),
+        B.reshape(b, s, ngroups, d_state),
+        C.reshape(b, s, ngroups, d_state),
+        sd["D"],
+        None,
+        sd["dt_bias"],
+        torch.zeros(b, nheads, headdim, d_state, dtype=torch.float64),
+    )
     y = y.reshape(b, s, d_inner) * F.silu(z)
     gs = d_inner // ngroups
     yg = y.reshape(b, s, ngroups, gs)
@@ -95,7 +103,7 @@ def test_mixer_reports_megatron_part_sizes_and_state_shapes(single_process_paral
 
     cfg = tiny_config(mamba_num_heads=8, mamba_head_dim=4, mamba_num_groups=2, mamba_state_dim=6)
     mixer = build_hybrid_model(cfg).decoder.layers[0].mixer
-    assert mixer.in_proj.weight.partition_sizes == [32, 32, 12, 12, 8]   # z, x (8*4), B, C (2*6), dt (8)
-    assert mixer.conv1d.weight.partition_sizes == [32, 12, 12]           # x, B, C
+    assert mixer.in_proj.weight.partition_sizes == [32, 32, 12, 12, 8]  # z, x (8*4), B, C (2*6), dt (8)
+    assert mixer.conv1d.weight.partition_sizes == [32, 12, 12]  # x, B, C
     assert sum(mixer.in_proj.weight.partition_sizes) == mixer.in_proj.weight.shape[0]
     assert mixer.mamba_state_shapes_per_request() == ((56, 4), (8, 4, 6))

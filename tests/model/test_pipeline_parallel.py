@@ -16,9 +16,15 @@ def _loss_and_grads(model, batches):
     from megatron_elastic.training.pretrain import lm_forward_step
 
     with cuda_to_cpu():
-        losses = get_forward_backward_func()(forward_step_func=lm_forward_step, data_iterator=iter(batches),
-                                             model=[model], num_microbatches=NUM_MICRO, seq_length=SEQ,
-                                             micro_batch_size=MBS, forward_only=False)
+        losses = get_forward_backward_func()(
+            forward_step_func=lm_forward_step,
+            data_iterator=iter(batches),
+            model=[model],
+            num_microbatches=NUM_MICRO,
+            seq_length=SEQ,
+            micro_batch_size=MBS,
+            forward_only=False,
+        )
     return torch.stack([d["lm loss"] for d in losses]).mean() if losses else None
 
 
@@ -27,8 +33,14 @@ def _batches():
     out = []
     for _ in range(NUM_MICRO):
         t = torch.randint(0, 260, (MBS, SEQ + 1), generator=g)
-        out.append({"tokens": t[:, :-1], "labels": t[:, 1:], "loss_mask": torch.ones(MBS, SEQ),
-                    "position_ids": torch.arange(SEQ).expand(MBS, -1)})
+        out.append(
+            {
+                "tokens": t[:, :-1],
+                "labels": t[:, 1:],
+                "loss_mask": torch.ones(MBS, SEQ),
+                "position_ids": torch.arange(SEQ).expand(MBS, -1),
+            }
+        )
     return out
 
 
@@ -50,8 +62,11 @@ def _pp_job(rank, world, tmp, arch_dict=None, layer_overrides=None):
 
     initialize_parallel(1, 2, seed=5)
     first, last = parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage()
-    model = build_hybrid_model(tiny_config(hybrid_pattern=pattern, pipeline_model_parallel_size=2, **sizes),
-                               pre_process=first, post_process=last)
+    model = build_hybrid_model(
+        tiny_config(hybrid_pattern=pattern, pipeline_model_parallel_size=2, **sizes),
+        pre_process=first,
+        post_process=last,
+    )
     assert len(model.decoder.layers) == 3
     model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), f"{tmp}/weights"), strict=False)
     loss = _loss_and_grads(model, _batches())
@@ -75,14 +90,25 @@ def test_pp2_matches_pp1(tmp_path):
 
 def test_pp2_matches_pp1_elastic_with_skipped_layer_per_stage(tmp_path):
     # Layers 0-2 on stage 0, 3-5 on stage 1; one skipped on each; smaller hidden crosses the stage boundary.
-    arch = {"hidden_size": 20, "mamba_num_heads": {0: 4, 3: 8, 5: 2}, "mamba_head_dim": {0: 8, 3: 3, 5: 8},
-            "num_attention_heads": {2: 2}, "ffn_hidden_size": {1: 64, 4: 16}, "skipped_layers": [1, 4]}
+    arch = {
+        "hidden_size": 20,
+        "mamba_num_heads": {0: 4, 3: 8, 5: 2},
+        "mamba_head_dim": {0: 8, 3: 3, 5: 8},
+        "num_attention_heads": {2: 2},
+        "ffn_hidden_size": {1: 64, 4: 16},
+        "skipped_layers": [1, 4],
+    }
     run_multiprocess(2, _pp_job, str(tmp_path), arch)
 
 
 def test_pp2_matches_pp1_heterogeneous_layers(tmp_path):
     """An extracted sub-model's per-layer sizes on both stages: stage 1's layers get their own global layer's
     sizes (a wrong layer index builds the parent's sizes, and the PP=1 weights then fail to load)."""
-    overrides = {1: {"ffn_hidden_size": 24}, 2: {"num_attention_heads": 2}, 3: {"mamba_num_heads": 4},
-                 4: {"ffn_hidden_size": 16}, 5: {"mamba_head_dim": 4}}
+    overrides = {
+        1: {"ffn_hidden_size": 24},
+        2: {"num_attention_heads": 2},
+        3: {"mamba_num_heads": 4},
+        4: {"ffn_hidden_size": 16},
+        5: {"mamba_head_dim": 4},
+    }
     run_multiprocess(2, _pp_job, str(tmp_path), None, overrides)

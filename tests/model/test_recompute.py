@@ -20,8 +20,9 @@ def test_recompute_matches_and_saves_memory(single_process_parallel):
     torch.manual_seed(0)
     plain = build_hybrid_model(_cfg())
     torch.manual_seed(0)
-    recomputed = build_hybrid_model(_cfg(recompute_granularity="full", recompute_method="uniform",
-                                         recompute_num_layers=1))
+    recomputed = build_hybrid_model(
+        _cfg(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    )
     recomputed.load_state_dict(plain.state_dict())
     l1, g1 = _loss_and_grads(plain, ids, pos, mask)
     l2, g2 = _loss_and_grads(recomputed, ids, pos, mask)
@@ -36,9 +37,11 @@ def test_recompute_matches_and_saves_memory(single_process_parallel):
         def pack(t):
             total.append(t.numel() * t.element_size())
             return t
+
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             model(ids, pos, mask).float().pow(2).mean()
         return sum(total)
+
     assert saved_bytes(recomputed) < 0.5 * saved_bytes(plain)
 
 
@@ -53,13 +56,19 @@ def test_recompute_with_skipped_layers_matches_the_plain_elastic_model(single_pr
     ids, pos, mask = _args(seq=21, batch=2)
     cfg = elastic_cfg()
     full = ElasticArch.full(cfg)
-    arch = ElasticArch(hidden_size=24, mamba_num_heads=full.mamba_num_heads, mamba_head_dim=full.mamba_head_dim,
-                       num_attention_heads=full.num_attention_heads,
-                       ffn_hidden_size={i: 32 for i in full.ffn_hidden_size}, skipped_layers=(1, 3, 6))
+    arch = ElasticArch(
+        hidden_size=24,
+        mamba_num_heads=full.mamba_num_heads,
+        mamba_head_dim=full.mamba_head_dim,
+        num_attention_heads=full.num_attention_heads,
+        ffn_hidden_size={i: 32 for i in full.ffn_hidden_size},
+        skipped_layers=(1, 3, 6),
+    )
     torch.manual_seed(0)
     plain = build_elastic_model(cfg)
-    recomputed = build_elastic_model(elastic_cfg(recompute_granularity="full", recompute_method="uniform",
-                                                 recompute_num_layers=1))
+    recomputed = build_elastic_model(
+        elastic_cfg(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    )
     recomputed.load_state_dict(plain.state_dict())
     with use_arch(plain, arch):
         l1, g1 = _loss_and_grads(plain, ids, pos, mask)

@@ -105,12 +105,19 @@ def test_tp2_matches_tp1_gqa_and_mamba_groups(tmp_path):
 
 def test_tp2_matches_tp1_more_groups_than_ranks(tmp_path):
     # 4 Mamba groups over 2 ranks (2 local groups each), 8 query heads in 4 KV groups.
-    run_multiprocess(2, _tp_job, str(tmp_path), dict(mamba_num_groups=4, num_attention_heads=8,
-                                                     num_query_groups=4, kv_channels=4))
+    run_multiprocess(
+        2, _tp_job, str(tmp_path), dict(mamba_num_groups=4, num_attention_heads=8, num_query_groups=4, kv_channels=4)
+    )
 
 
-SUB_BUDGET = {"hidden_size": 24, "mamba_num_heads": {0: 4, 4: 6}, "mamba_head_dim": {0: 5, 4: 8},
-              "num_attention_heads": {2: 2}, "ffn_hidden_size": {1: 40, 3: 64, 5: 10}, "skipped_layers": [3]}
+SUB_BUDGET = {
+    "hidden_size": 24,
+    "mamba_num_heads": {0: 4, 4: 6},
+    "mamba_head_dim": {0: 5, 4: 8},
+    "num_attention_heads": {2: 2},
+    "ffn_hidden_size": {1: 40, 3: 64, 5: 10},
+    "skipped_layers": [3],
+}
 
 
 @pytest.mark.parametrize("ffn_groups", [1, 2])

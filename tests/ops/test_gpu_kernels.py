@@ -51,8 +51,9 @@ def test_causal_conv1d_kernel_matches_torch():
 def test_gated_rmsnorm_kernel_matches_torch():
     x, z = torch.randn(4, 10, 64, device="cuda"), torch.randn(4, 10, 64, device="cuda")
     w = torch.randn(64, device="cuda")
-    torch.testing.assert_close(ops.gated_rmsnorm(x, w, z, group_size=16), ops.gated_rmsnorm_torch(x, w, z, group_size=16),
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        ops.gated_rmsnorm(x, w, z, group_size=16), ops.gated_rmsnorm_torch(x, w, z, group_size=16), rtol=1e-4, atol=1e-4
+    )
 
 
 @needs_cuda

@@ -32,21 +32,44 @@ def sequential_ssd(x, dt, A, B, C, D, z, dt_bias, h0):
 def _inputs(b, l, h, p, g, n, dtype, seed=0):
     gen = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=gen, dtype=dtype)
-    return dict(x=r(b, l, h, p), dt=r(b, l, h), A=-torch.rand(h, generator=gen, dtype=dtype) * 3 - 0.1,
-                B=r(b, l, g, n), C=r(b, l, g, n), D=r(h), z=r(b, l, h, p), dt_bias=r(h) * 0.5, h0=r(b, h, p, n))
+    return dict(
+        x=r(b, l, h, p),
+        dt=r(b, l, h),
+        A=-torch.rand(h, generator=gen, dtype=dtype) * 3 - 0.1,
+        B=r(b, l, g, n),
+        C=r(b, l, g, n),
+        D=r(h),
+        z=r(b, l, h, p),
+        dt_bias=r(h) * 0.5,
+        h0=r(b, h, p, n),
+    )
 
 
-@pytest.mark.parametrize("shape,chunk", [
-    ((2, 16, 4, 3, 2, 5), 4),    # chunk divides length
-    ((1, 23, 4, 2, 1, 3), 8),    # it does not (padding path)
-    ((2, 9, 6, 4, 3, 4), 16),    # chunk longer than the sequence
-    ((1, 33, 8, 2, 8, 2), 5),    # one head per group
-])
+@pytest.mark.parametrize(
+    "shape,chunk",
+    [
+        ((2, 16, 4, 3, 2, 5), 4),  # chunk divides length
+        ((1, 23, 4, 2, 1, 3), 8),  # it does not (padding path)
+        ((2, 9, 6, 4, 3, 4), 16),  # chunk longer than the sequence
+        ((1, 33, 8, 2, 8, 2), 5),  # one head per group
+    ],
+)
 def test_ssd_forward_matches_sequential_float64(shape, chunk):
     t = _inputs(*shape, torch.float64)
     y_ref, s_ref = sequential_ssd(**t)
-    y, s = ops.ssd_chunk_scan_torch(t["x"], t["dt"], t["A"], t["B"], t["C"], chunk, D=t["D"], z=t["z"],
-                                    dt_bias=t["dt_bias"], initial_states=t["h0"], return_final_states=True)
+    y, s = ops.ssd_chunk_scan_torch(
+        t["x"],
+        t["dt"],
+        t["A"],
+        t["B"],
+        t["C"],
+        chunk,
+        D=t["D"],
+        z=t["z"],
+        dt_bias=t["dt_bias"],
+        initial_states=t["h0"],
+        return_final_states=True,
+    )
     torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(s, s_ref, rtol=1e-10, atol=1e-10)
 
@@ -55,8 +78,9 @@ def test_ssd_float32_close_to_float64_reference():
     t = _inputs(2, 40, 4, 8, 2, 16, torch.float64, seed=3)
     y_ref, _ = sequential_ssd(**{**t, "h0": torch.zeros_like(t["h0"])})
     t32 = {k: v.float() for k, v in t.items()}
-    y = ops.ssd_chunk_scan_torch(t32["x"], t32["dt"], t32["A"], t32["B"], t32["C"], 16, D=t32["D"], z=t32["z"],
-                                 dt_bias=t32["dt_bias"])
+    y = ops.ssd_chunk_scan_torch(
+        t32["x"], t32["dt"], t32["A"], t32["B"], t32["C"], 16, D=t32["D"], z=t32["z"], dt_bias=t32["dt_bias"]
+    )
     assert y.dtype == torch.float32
     torch.testing.assert_close(y.double(), y_ref, rtol=1e-4, atol=1e-4)
 
@@ -70,8 +94,19 @@ def test_ssd_backward_matches_sequential_float64(chunk):
     w = torch.randn(1, 13, 4, 2, dtype=torch.float64)
     y_ref, s_ref = sequential_ssd(**t)
     g_ref = torch.autograd.grad((y_ref * w).sum() + s_ref.sum(), [t[k] for k in names])
-    y, s = ops.ssd_chunk_scan_torch(t["x"], t["dt"], t["A"], t["B"], t["C"], chunk, D=t["D"], z=t["z"],
-                                    dt_bias=t["dt_bias"], initial_states=t["h0"], return_final_states=True)
+    y, s = ops.ssd_chunk_scan_torch(
+        t["x"],
+        t["dt"],
+        t["A"],
+        t["B"],
+        t["C"],
+        chunk,
+        D=t["D"],
+        z=t["z"],
+        dt_bias=t["dt_bias"],
+        initial_states=t["h0"],
+        return_final_states=True,
+    )
     g = torch.autograd.grad((y * w).sum() + s.sum(), [t[k] for k in names])
     for name, a, b in zip(names, g, g_ref):
         assert torch.isfinite(a).all(), name
@@ -122,8 +157,8 @@ def test_gated_rmsnorm_matches_per_group_formula(group_size):
     gated = x * z * torch.sigmoid(z)
     ref = torch.empty_like(gated)
     for s in range(0, 12, group_size):
-        blk = gated[..., s:s + group_size]
-        ref[..., s:s + group_size] = blk / torch.sqrt((blk ** 2).mean(-1, keepdim=True) + 1e-5)
+        blk = gated[..., s : s + group_size]
+        ref[..., s : s + group_size] = blk / torch.sqrt((blk**2).mean(-1, keepdim=True) + 1e-5)
     torch.testing.assert_close(out, ref * w)
     with pytest.raises(ValueError, match="group_size"):
         ops.gated_rmsnorm_torch(x, w, z, group_size=5)

@@ -27,8 +27,9 @@ def _corrupt(path, how):
 
 
 @pytest.mark.parametrize("how,message", [("truncate", "truncated"), ("flip", "checksum"), ("remove", "missing")])
-def test_damaged_checkpoint_names_the_file_and_the_previous_one(single_process_parallel, parent, tmp_path, how,
-                                                                message):
+def test_damaged_checkpoint_names_the_file_and_the_previous_one(
+    single_process_parallel, parent, tmp_path, how, message
+):
     from megatron_elastic.training.checkpoint import CheckpointCorruptError
 
     ckpt = str(tmp_path / "run")
@@ -51,6 +52,13 @@ def test_other_architecture_and_other_budgets_are_refused(single_process_paralle
     with pytest.raises(ValueError, match="another architecture.*hidden_size: checkpoint 32 vs model 48"):
         load_model_weights(ckpt, other)
     with pytest.raises(ConfigError, match="trained for budgets"):
-        _train(parent, ckpt, resume=True, overrides=["budgets=[1.0, 0.5]",
-                                                     "curriculum.stages=[{name: s, tokens: 512, seq_length: 32, "
-                                                     "global_batch_size: 8, budget_weights: [1, 1]}]"])
+        _train(
+            parent,
+            ckpt,
+            resume=True,
+            overrides=[
+                "budgets=[1.0, 0.5]",
+                "curriculum.stages=[{name: s, tokens: 512, seq_length: 32, "
+                "global_batch_size: 8, budget_weights: [1, 1]}]",
+            ],
+        )

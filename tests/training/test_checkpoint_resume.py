@@ -25,8 +25,9 @@ checkpoint: {{dir: {ckpt}, save_interval: 3, keep_last: 5}}
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("data")
-    write_split_datasets(str(out), iter_stdlib_documents(max_bytes=300_000), ByteTokenizer(), valid_every=5,
-                         progress=False)
+    write_split_datasets(
+        str(out), iter_stdlib_documents(max_bytes=300_000), ByteTokenizer(), valid_every=5, progress=False
+    )
     return str(out)
 
 

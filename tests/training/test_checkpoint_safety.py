@@ -55,14 +55,25 @@ def elastic_run(tiny_pipeline, tmp_path_factory):
     from megatron_elastic.training.elastic_config import load_elastic_config  # noqa: F401
 
     run = tmp_path_factory.mktemp("safety") / "run"
-    cfg = _config(tiny_pipeline["importance"], str(run), overrides=[
-        "curriculum.stages=[{name: s, tokens: 512, seq_length: 32, global_batch_size: 8, budget_weights: [1, 1, 1]}]"])
+    cfg = _config(
+        tiny_pipeline["importance"],
+        str(run),
+        overrides=[
+            "curriculum.stages=[{name: s, tokens: 512, seq_length: 32, global_batch_size: 8, "
+            "budget_weights: [1, 1, 1]}]"
+        ],
+    )
     job = run.parent / "job.yaml"
     import yaml
 
     job.write_text(yaml.safe_dump(cfg.raw))
-    r = subprocess.run([sys.executable, "-m", "megatron_elastic", "train", "--config", str(job), "--no-progress"],
-                       capture_output=True, text=True, timeout=600, cwd=ROOT)
+    r = subprocess.run(
+        [sys.executable, "-m", "megatron_elastic", "train", "--config", str(job), "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return {"job": str(job), "run": str(run), "pipeline": tiny_pipeline}
 
@@ -72,8 +83,18 @@ def _commands(run_dir, job, pipeline, parent_copy, out):
         "train": ["train", "--config", job, "--resume", "--no-progress", "--set", f"checkpoint.dir={run_dir}"],
         "extract": ["extract", "--checkpoint", run_dir, "--out", out],
         "generate": ["generate", "--checkpoint", run_dir, "--prompt", "def ", "--max-new-tokens", "2"],
-        "importance": ["importance", "--checkpoint", parent_copy, "--data", pipeline["data"], "--out", out,
-                       "--calib-tokens", "256", "--no-progress"],
+        "importance": [
+            "importance",
+            "--checkpoint",
+            parent_copy,
+            "--data",
+            pipeline["data"],
+            "--out",
+            out,
+            "--calib-tokens",
+            "256",
+            "--no-progress",
+        ],
     }
 
 
@@ -93,20 +114,23 @@ def test_every_command_refuses_a_file_that_would_run_code(elastic_run, tmp_path,
     if name == "extra.pt":
         commands.pop("importance")  # the parent has none; importance never reads an elastic run
     # One process runs every command through the CLI's entry point (one interpreter start, not four).
-    driver = ("import contextlib, io, json, sys\n"
-              "from megatron_elastic.cli import main\n"
-              "results = {}\n"
-              "for cmd, args in json.loads(sys.argv[1]).items():\n"
-              "    err = io.StringIO()\n"
-              "    with contextlib.redirect_stderr(err):\n"
-              "        try:\n"
-              "            rc = main(args)\n"
-              "        except BaseException as e:  # a traceback here fails the test below\n"
-              "            rc, err = repr(e), io.StringIO('Traceback ' + repr(e))\n"
-              "    results[cmd] = [rc, err.getvalue()]\n"
-              "print(json.dumps(results))\n")
-    r = subprocess.run([sys.executable, "-c", driver, json.dumps(commands)], capture_output=True, text=True,
-                       timeout=900, cwd=tmp_path)
+    driver = (
+        "import contextlib, io, json, sys\n"
+        "from megatron_elastic.cli import main\n"
+        "results = {}\n"
+        "for cmd, args in json.loads(sys.argv[1]).items():\n"
+        "    err = io.StringIO()\n"
+        "    with contextlib.redirect_stderr(err):\n"
+        "        try:\n"
+        "            rc = main(args)\n"
+        "        except BaseException as e:  # a traceback here fails the test below\n"
+        "            rc, err = repr(e), io.StringIO('Traceback ' + repr(e))\n"
+        "    results[cmd] = [rc, err.getvalue()]\n"
+        "print(json.dumps(results))\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", driver, json.dumps(commands)], capture_output=True, text=True, timeout=900, cwd=tmp_path
+    )
     assert not os.path.exists(marker), f"a command unpickled {name}"
     assert r.returncode == 0, r.stderr[-3000:]
     results = json.loads(r.stdout.strip().splitlines()[-1])
@@ -125,11 +149,17 @@ def test_the_cli_exits_2_on_a_refused_file(elastic_run, tmp_path):
     latest = os.path.join(run_dir, open(os.path.join(run_dir, "latest")).read().strip())
     marker = str(tmp_path / "MARKER")
     _poison(latest, "extra.pt", marker)
-    r = subprocess.run([sys.executable, "-m", "megatron_elastic", "extract", "--checkpoint", run_dir, "--out",
-                        str(tmp_path / "out")], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    r = subprocess.run(
+        [sys.executable, "-m", "megatron_elastic", "extract", "--checkpoint", run_dir, "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert r.returncode == 2 and not os.path.exists(marker), r.stderr[-3000:]
     assert [line for line in r.stderr.splitlines() if line.strip()] == [
-        line for line in r.stderr.splitlines() if line.startswith("megatron-elastic extract: error: ")]
+        line for line in r.stderr.splitlines() if line.startswith("megatron-elastic extract: error: ")
+    ]
 
 
 def test_no_unsafe_load_in_the_package():

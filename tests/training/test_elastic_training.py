@@ -99,11 +99,27 @@ def test_sigterm_checkpoints_and_exits_for_requeue(parent, tmp_path):
     cfg = tmp_path / "job.yaml"
     ckpt = tmp_path / "ckpt"
     cfg.write_text(JOB.format(parent=parent, ckpt=ckpt, mode="sample"))
-    proc = subprocess.Popen([sys.executable, "-m", "megatron_elastic", "train", "--config", str(cfg), "--no-progress",
-                             "--set", "checkpoint.save_interval=1000", "--set", "train.eval_interval=1000",
-                             "--set", "curriculum.stages=[{name: s, tokens: 51200, seq_length: 32, global_batch_size: 8, "
-                                      "budget_weights: [1, 1, 1]}]"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "megatron_elastic",
+            "train",
+            "--config",
+            str(cfg),
+            "--no-progress",
+            "--set",
+            "checkpoint.save_interval=1000",
+            "--set",
+            "train.eval_interval=1000",
+            "--set",
+            "curriculum.stages=[{name: s, tokens: 51200, seq_length: 32, global_batch_size: 8, "
+            "budget_weights: [1, 1, 1]}]",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     metrics = ckpt / "metrics.jsonl"
     # Signal once training is under way (however slow a loaded machine is to get there).
     deadline, started = time.time() + 600, False
@@ -122,8 +138,15 @@ def test_sigterm_checkpoints_and_exits_for_requeue(parent, tmp_path):
 
 def test_all_budgets_per_step_trains_every_budget_on_every_micro_batch(single_process_parallel, parent, tmp_path):
     ckpt = str(tmp_path / "all")
-    _train(parent, ckpt, mode="all", overrides=["curriculum.stages=[{name: s, tokens: 512, seq_length: 32, "
-                                                 "global_batch_size: 4, budget_weights: [1, 0, 0]}]"])
+    _train(
+        parent,
+        ckpt,
+        mode="all",
+        overrides=[
+            "curriculum.stages=[{name: s, tokens: 512, seq_length: 32, "
+            "global_batch_size: 4, budget_weights: [1, 0, 0]}]"
+        ],
+    )
     recs = _train_records(ckpt)
     assert sorted(recs) == [1, 2, 3, 4]
     assert all({k for k in r if k.startswith("kd/")} == {"kd/1", "kd/0.75", "kd/0.5"} for r in recs.values())
@@ -158,8 +181,13 @@ def test_config_errors_name_the_fix(parent, tmp_path):
     from megatron_elastic.model.config import ConfigError
 
     with pytest.raises(ConfigError, match="budget_weights"):
-        _config(parent, str(tmp_path), overrides=["curriculum.stages=[{name: s, tokens: 10, seq_length: 8, "
-                                                  "global_batch_size: 2, budget_weights: [1, 1]}]"])
+        _config(
+            parent,
+            str(tmp_path),
+            overrides=[
+                "curriculum.stages=[{name: s, tokens: 10, seq_length: 8, global_batch_size: 2, budget_weights: [1, 1]}]"
+            ],
+        )
     with pytest.raises(ConfigError, match="budgets_per_step"):
         _config(parent, str(tmp_path), mode="every")
     with pytest.raises(ConfigError, match="budgets"):
@@ -179,11 +207,13 @@ def _nan_kd(monkeypatch, bad_calls):
         calls["n"] += 1
         out = real(*args, **kwargs)
         return out * float("nan") if calls["n"] in bad_calls else out
+
     monkeypatch.setattr(elastic_mod, "kd_loss", kd)
 
 
-def test_a_nan_step_is_skipped_and_too_many_stop_with_a_checkpoint(single_process_parallel, parent, tmp_path,
-                                                                    monkeypatch):
+def test_a_nan_step_is_skipped_and_too_many_stop_with_a_checkpoint(
+    single_process_parallel, parent, tmp_path, monkeypatch
+):
     import torch
 
     from megatron_elastic.training.checkpoint import latest_checkpoint, load_model_weights
@@ -203,8 +233,8 @@ def test_a_nan_step_is_skipped_and_too_many_stop_with_a_checkpoint(single_proces
         _train(parent, ckpt, overrides=["checkpoint.save_interval=100"])
     path = latest_checkpoint(ckpt)
     assert path.endswith("iter_0000005")
-    from megatron_elastic.model.elastic_model import build_elastic_model
     from megatron_elastic.importance.run import config_from_checkpoint
+    from megatron_elastic.model.elastic_model import build_elastic_model
 
     model = build_elastic_model(config_from_checkpoint(os.path.join(parent, "sorted", "iter_0000000")).model_config())
     load_model_weights(path, model)

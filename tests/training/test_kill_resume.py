@@ -17,14 +17,31 @@ from tests.training.test_elastic_training import JOB
 
 STEPS = 28
 KILLS = 4
-STAGES = ("curriculum.stages=[{name: s, tokens: 4096, seq_length: 32, global_batch_size: 8, budget_weights: [1, 1, 1]}, "
-          "{name: l, tokens: 3072, seq_length: 64, global_batch_size: 4, budget_weights: [0.5, 0.3, 0.2]}]")
+STAGES = (
+    "curriculum.stages=[{name: s, tokens: 4096, seq_length: 32, global_batch_size: 8, budget_weights: [1, 1, 1]}, "
+    "{name: l, tokens: 3072, seq_length: 64, global_batch_size: 4, budget_weights: [0.5, 0.3, 0.2]}]"
+)
 
 
 def _cmd(cfg):
-    return [sys.executable, "-m", "megatron_elastic", "train", "--config", str(cfg), "--no-progress", "--auto-resume",
-            "--set", "checkpoint.save_interval=1", "--set", "checkpoint.keep_last=2", "--set", "train.eval_interval=1000",
-            "--set", STAGES]
+    return [
+        sys.executable,
+        "-m",
+        "megatron_elastic",
+        "train",
+        "--config",
+        str(cfg),
+        "--no-progress",
+        "--auto-resume",
+        "--set",
+        "checkpoint.save_interval=1",
+        "--set",
+        "checkpoint.keep_last=2",
+        "--set",
+        "train.eval_interval=1000",
+        "--set",
+        STAGES,
+    ]
 
 
 def _processes_of(marker):
@@ -66,8 +83,13 @@ def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_curve(pare
     kills = 0
     marker = uuid.uuid4().hex  # inherited by everything a killed run starts
     for attempt in range(KILLS + 1):
-        proc = subprocess.Popen(_cmd(tmp_path / "killed.yaml"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                text=True, env=dict(os.environ, KILL_RESUME_TEST_RUN=marker))
+        proc = subprocess.Popen(
+            _cmd(tmp_path / "killed.yaml"),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=dict(os.environ, KILL_RESUME_TEST_RUN=marker),
+        )
         # Wait until this attempt has made progress (a new checkpoint), then kill at a random moment.
         start = time.time()
         latest = run_dir / "latest"
