@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pretrain a hybrid parent from a YAML config (sections model, parallel, data, "
         "train, checkpoint). Launch with torchrun for TP/PP/DP > 1.",
     )
-    t.add_argument("--config", required=True, help="YAML config, e.g. examples/tiny/parent.yaml")
+    t.add_argument("--config", required=True, help="YAML config, e.g. megatron_elastic/recipes/tiny_parent.yaml")
     t.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override a config value (repeatable)")
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in checkpoint.dir")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -240,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
         "parallel, data, train, checkpoint. Launch with torchrun for TP/PP/DP > 1. "
         "SIGTERM/SIGUSR1 checkpoint and exit with code 99 (requeue me).",
     )
-    e.add_argument("--config", required=True, help="YAML config, e.g. examples/tiny/elastic.yaml")
+    e.add_argument("--config", required=True, help="YAML config, e.g. megatron_elastic/recipes/tiny_elastic.yaml")
     e.add_argument(
         "--set",
         action="append",

@@ -3,7 +3,7 @@ and budget-sampling weights; the router temperature and logit scale annealed ove
 
 Defaults follow the paper's 12B recipe in proportion: stage 1 = 65/110 of the tokens at short context with
 uniform budget sampling, stage 2 = 45/110 at long context sampling (full, middle, smallest) = (0.5, 0.3, 0.2);
-temperature 1.0 -> 0.05 and router-logit scale 1 -> 10, linear (DESIGN §4-5). Everything is configurable.
+temperature 1.0 -> 0.05 and router-logit scale 1 -> 10, linear. Everything is configurable.
 """
 
 from __future__ import annotations
