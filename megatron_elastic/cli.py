@@ -19,21 +19,17 @@ def _quiet_warnings() -> None:
 
 
 def cmd_prepare_data(args) -> int:
-    from megatron_elastic.data.corpus import iter_stdlib_documents, iter_user_documents, stdlib_root
-    from megatron_elastic.data.indexed import write_split_datasets
-    from megatron_elastic.data.tokenizer import get_tokenizer
+    from megatron_elastic.data.prepare import prepare_data
 
-    tok = get_tokenizer(args.tokenizer)
-    if args.input:
-        docs = iter_user_documents(args.input, args.json_key)
-        source = f"{len(args.input)} file(s)"
-    else:
-        docs = iter_stdlib_documents(args.max_bytes)
-        source = f"Python standard library at {stdlib_root()}"
-    print(f"prepare-data: {source} -> {args.out} (tokenizer: {tok.name}, vocab {tok.vocab_size})")
-    stats = write_split_datasets(args.out, docs, tok, valid_every=args.valid_every, progress=not args.no_progress)
-    for split, s in stats.items():
-        print(f"  {split:5s}: {s.documents:6d} documents, {s.tokens:11,d} tokens")
+    prepare_data(
+        args.out,
+        args.input,
+        args.json_key,
+        args.tokenizer,
+        args.max_bytes,
+        args.valid_every,
+        progress=not args.no_progress,
+    )
     return 0
 
 

@@ -83,19 +83,9 @@ def run_demo(args: argparse.Namespace) -> dict:
         read_metadata(data_dir)
         print("  reusing prepared data")
     except FileNotFoundError:
-        from megatron_elastic.cli import cmd_prepare_data
+        from megatron_elastic.data.prepare import prepare_data
 
-        cmd_prepare_data(
-            argparse.Namespace(
-                input=None,
-                out=data_dir,
-                tokenizer="byte",
-                json_key="text",
-                max_bytes=args.max_bytes,
-                valid_every=20,
-                no_progress=args.no_progress,
-            )
-        )
+        prepare_data(data_dir, max_bytes=args.max_bytes, progress=progress)
     done("data")
 
     name = "pretrain the tiny parent"

@@ -8,7 +8,6 @@ Markdown table and a Pareto plot (parameters vs validation bits/byte).
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from typing import Dict, List, Optional, Sequence
@@ -16,13 +15,13 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from megatron_elastic.compat import cuda_to_cpu
-from megatron_elastic.importance.run import calibration_batches, single_process_job
+from megatron_elastic.data.loader import calibration_batches
 from megatron_elastic.model.builder import build_hybrid_model, causal_attention_mask, parameter_count
 from megatron_elastic.training.checkpoint import load_model_weights
-from megatron_elastic.training.pretrain import batch_to_device
+from megatron_elastic.training.lm import LN2, batch_to_device
+from megatron_elastic.training.runs import single_process_job
 
 EVAL_SEED = 4242
-LN2 = math.log(2.0)
 
 
 def fixed_eval_set(
@@ -144,9 +143,9 @@ def write_report(out_dir: str, title: str, rows: List[dict], sections: Sequence[
 def evaluate_subnetworks(checkpoint: str, archs: Dict[str, "object"], batches: Sequence[dict]) -> Dict[str, dict]:
     """:func:`evaluate_lm` of sub-networks (name -> ElasticArch) of an elastic-capable checkpoint (e.g. the
     sorted parent: "pruned, not trained"), with their parameter counts."""
-    from megatron_elastic.importance.run import load_parent
     from megatron_elastic.model.cost import arch_parameters
     from megatron_elastic.model.elastic_model import set_arch
+    from megatron_elastic.training.runs import load_parent
 
     model, job, _ = load_parent(checkpoint)
     config = job.model_config()

@@ -206,8 +206,8 @@ def _parent_config(cfg: ElasticJobConfig, config_dir: str, tp: int, pp: int):
         path = ref if os.path.isabs(ref) else os.path.join(config_dir, ref)
         job = load_pretrain_config(path)
     else:
-        from megatron_elastic.importance.run import config_from_checkpoint
         from megatron_elastic.training.checkpoint import latest_checkpoint
+        from megatron_elastic.training.runs import config_from_checkpoint
 
         src = latest_checkpoint(cfg.sorted_checkpoint) if os.path.isdir(cfg.sorted_checkpoint) else None
         if src is None:

@@ -15,8 +15,8 @@ def test_fixed_eval_set_is_the_same_validation_tokens_every_time(tiny_pipeline):
     b = fixed_eval_set(tiny_pipeline["data"], 64, 2048, micro_batch_size=4)
     assert sum(x["tokens"].numel() for x in a) == 2048
     assert all(torch.equal(x["tokens"], y["tokens"]) for x, y in zip(a, b))
+    from megatron_elastic.data.loader import calibration_batches
     from megatron_elastic.evaluation import EVAL_SEED
-    from megatron_elastic.importance.run import calibration_batches
 
     train = calibration_batches(tiny_pipeline["data"], 64, 2048, 4, seed=EVAL_SEED, split="train")
     assert not any(torch.equal(x["tokens"], y["tokens"]) for x, y in zip(a, train))  # held out, not training text
@@ -24,7 +24,7 @@ def test_fixed_eval_set_is_the_same_validation_tokens_every_time(tiny_pipeline):
 
 def test_evaluate_lm_matches_a_float64_cross_entropy_of_the_logits(tiny_pipeline):
     from megatron_elastic.evaluation import evaluate_lm, fixed_eval_set, load_standalone
-    from megatron_elastic.importance.run import lm_logits
+    from megatron_elastic.training.lm import lm_logits
 
     batches = fixed_eval_set(tiny_pipeline["data"], 64, 1024, micro_batch_size=4)
     model = load_standalone(tiny_pipeline["parent"])
@@ -45,9 +45,9 @@ def test_evaluate_lm_matches_a_float64_cross_entropy_of_the_logits(tiny_pipeline
 def test_masked_subnetwork_scores_like_its_extracted_model_and_report_is_written(tiny_pipeline, tmp_path):
     from megatron_elastic.evaluation import evaluate_checkpoint, evaluate_subnetworks, fixed_eval_set, write_report
     from megatron_elastic.extraction.extract import extract
-    from megatron_elastic.importance.run import config_from_checkpoint
     from megatron_elastic.model.elastic_arch import ElasticArch
     from megatron_elastic.parallel import initialize_parallel
+    from megatron_elastic.training.runs import config_from_checkpoint
 
     initialize_parallel(1, 1)
     sorted_ckpt = os.path.join(tiny_pipeline["importance"], "sorted")

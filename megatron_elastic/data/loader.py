@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -90,3 +91,22 @@ def make_loader(
 ):
     sampler = ResumableSampler(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size)
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers)
+
+
+def calibration_batches(
+    data_dir: str,
+    seq_length: int,
+    num_tokens: int,
+    micro_batch_size: int = 8,
+    seed: int = 1234,
+    split: str = "train",
+    vocab_size: Optional[int] = None,
+) -> List[dict]:
+    """``num_tokens`` tokens of ``split`` as GPTDataset batches."""
+    n = max(1, math.ceil(num_tokens / (seq_length * micro_batch_size)))
+    train, valid = build_gpt_datasets(
+        data_dir, seq_length, n * micro_batch_size, n * micro_batch_size, seed=seed, model_vocab_size=vocab_size
+    )
+    ds = train if split == "train" else valid
+    it = iter(make_loader(ds, 0, micro_batch_size))
+    return [next(it) for _ in range(min(n, len(ds) // micro_batch_size))]

@@ -17,7 +17,7 @@ from typing import Dict, List, Optional
 import torch
 import yaml
 
-from megatron_elastic.errors import CheckpointError, InputNotFoundError
+from megatron_elastic.errors import CheckpointError
 from megatron_elastic.extraction.hf import save_hf_checkpoint
 from megatron_elastic.extraction.reader import CheckpointTensorReader
 from megatron_elastic.extraction.slicing import iter_sliced, sub_model_dict
@@ -28,7 +28,13 @@ from megatron_elastic.model.elastic_arch import ElasticArch
 from megatron_elastic.model.elastic_model import build_elastic_model
 from megatron_elastic.parallel import initialize_parallel
 from megatron_elastic.router import ElasticSpace, Router
-from megatron_elastic.training.checkpoint import EXTRA, latest_checkpoint, load_checkpoint, load_extra, save_checkpoint
+from megatron_elastic.training.checkpoint import (
+    EXTRA,
+    load_checkpoint,
+    load_extra,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from megatron_elastic.training.config import load_pretrain_config
 
 FORMATS = ("megatron", "hf", "both")
@@ -43,17 +49,10 @@ class ElasticSource:
     router: Optional[Router]  # None for a checkpoint without one (a sorted parent)
 
 
-def _resolve(checkpoint: str) -> str:
-    path = latest_checkpoint(checkpoint) if os.path.isfile(os.path.join(checkpoint, "latest")) else checkpoint
-    if path is None or not os.path.isfile(os.path.join(path, "trainer_state.json")):
-        raise InputNotFoundError(f"{checkpoint}: no checkpoint (expected a 'latest' file or trainer_state.json)")
-    return path
-
-
 def load_source(checkpoint: str, with_model: bool = True) -> ElasticSource:
     """Load an elastic-training checkpoint (model + router) or a pretrain/sorted one (model only) at TP=1.
     ``with_model=False`` skips the weights (``model`` is None; read tensors with ``CheckpointTensorReader``)."""
-    path = _resolve(checkpoint)
+    path = resolve_checkpoint(checkpoint)
     with open(os.path.join(path, "trainer_state.json")) as f:
         state = json.load(f)
     job = state.get("parent_config") or state.get("config")

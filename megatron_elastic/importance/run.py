@@ -4,7 +4,6 @@ sorted checkpoint, a summary table and a plot."""
 from __future__ import annotations
 
 import json
-import math
 import os
 from typing import List, Optional
 
@@ -12,86 +11,13 @@ import torch
 from tqdm import tqdm
 
 from megatron_elastic.compat import ATTENTION, MAMBA
-from megatron_elastic.data.loader import build_gpt_datasets, make_loader
-from megatron_elastic.errors import CheckpointError, InputNotFoundError
+from megatron_elastic.data.loader import calibration_batches
 from megatron_elastic.importance.depth import depth_scores
 from megatron_elastic.importance.permute import permute_state_dict
 from megatron_elastic.importance.width import WidthScores, collect_width_scores
-from megatron_elastic.model.builder import causal_attention_mask
-from megatron_elastic.model.elastic_model import build_elastic_model
-from megatron_elastic.parallel import initialize_parallel
-from megatron_elastic.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from megatron_elastic.training.config import PretrainConfig, load_pretrain_config
-from megatron_elastic.training.pretrain import batch_to_device, masked_mean
-
-
-def config_from_checkpoint(path: str) -> PretrainConfig:
-    """The job config stored in a checkpoint's ``trainer_state.json``."""
-    import yaml
-
-    with open(os.path.join(path, "trainer_state.json")) as f:
-        state = json.load(f)
-    if "config" not in state:
-        raise CheckpointError(
-            f"{path}/trainer_state.json has no 'config'; was it written by megatron-elastic pretrain?"
-        )
-    return load_pretrain_config(text=yaml.safe_dump(state["config"]))
-
-
-def lm_logits(model, batch):
-    """Logits ``[b, s, vocab/tp]`` for a GPTDataset batch."""
-    batch = batch_to_device(batch)
-    tokens = batch["tokens"]
-    return model(tokens, batch["position_ids"], causal_attention_mask(tokens.shape[1], tokens.device))
-
-
-def lm_loss(model, batch) -> torch.Tensor:
-    """Mean next-token loss (nats) of a GPTDataset batch."""
-    batch = batch_to_device(batch)
-    tokens = batch["tokens"]
-    losses = model(
-        tokens, batch["position_ids"], causal_attention_mask(tokens.shape[1], tokens.device), labels=batch["labels"]
-    )
-    return masked_mean(losses, batch["loss_mask"])
-
-
-def calibration_batches(
-    data_dir: str,
-    seq_length: int,
-    num_tokens: int,
-    micro_batch_size: int = 8,
-    seed: int = 1234,
-    split: str = "train",
-    vocab_size: Optional[int] = None,
-) -> List[dict]:
-    """``num_tokens`` tokens of ``split`` as GPTDataset batches."""
-    n = max(1, math.ceil(num_tokens / (seq_length * micro_batch_size)))
-    train, valid = build_gpt_datasets(
-        data_dir, seq_length, n * micro_batch_size, n * micro_batch_size, seed=seed, model_vocab_size=vocab_size
-    )
-    ds = train if split == "train" else valid
-    it = iter(make_loader(ds, 0, micro_batch_size))
-    return [next(it) for _ in range(min(n, len(ds) // micro_batch_size))]
-
-
-def single_process_job(checkpoint: str):
-    """(resolved checkpoint path, its PretrainConfig at TP=1, PP=1) with Megatron's parallel state initialised
-    for one process; ``checkpoint`` is a checkpoint directory or a run directory with a ``latest`` file."""
-    path = latest_checkpoint(checkpoint) if os.path.isfile(os.path.join(checkpoint, "latest")) else checkpoint
-    if path is None or not os.path.isfile(os.path.join(path, "trainer_state.json")):
-        raise InputNotFoundError(f"{checkpoint}: no checkpoint (expected a 'latest' file or trainer_state.json)")
-    job = config_from_checkpoint(path)
-    job.parallel.tensor_model_parallel_size = job.parallel.pipeline_model_parallel_size = 1
-    initialize_parallel(1, 1, seed=job.train.seed)
-    return path, job
-
-
-def load_parent(checkpoint: str):
-    """(elastic model at TP=1, PP=1 with the checkpoint's weights, its PretrainConfig, checkpoint path)."""
-    path, job = single_process_job(checkpoint)
-    model = build_elastic_model(job.model_config())
-    load_checkpoint(path, model, optimizer=None, load_rng=False)
-    return model, job, path
+from megatron_elastic.training.checkpoint import save_checkpoint
+from megatron_elastic.training.lm import lm_logits
+from megatron_elastic.training.runs import load_parent
 
 
 def summary_table(config, scores: WidthScores, depth: torch.Tensor, ranking: List[int]) -> str:

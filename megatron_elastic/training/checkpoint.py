@@ -63,6 +63,14 @@ def latest_checkpoint(ckpt_dir: str) -> Optional[str]:
     return path
 
 
+def resolve_checkpoint(checkpoint: str) -> str:
+    """The checkpoint directory ``checkpoint`` names: itself, or the newest one of a run directory (``latest``)."""
+    path = latest_checkpoint(checkpoint) if os.path.isfile(os.path.join(checkpoint, LATEST)) else checkpoint
+    if path is None or not os.path.isfile(os.path.join(path, "trainer_state.json")):
+        raise InputNotFoundError(f"{checkpoint}: no checkpoint (expected a 'latest' file or trainer_state.json)")
+    return path
+
+
 def rng_state() -> Dict[str, Any]:
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
@@ -291,6 +299,4 @@ def load_extra(path: str) -> Dict[str, Any]:
 
 def load_model_weights(path: str, model) -> dict:
     """Load only the model weights of a checkpoint (a checkpoint directory or its parent with ``latest``)."""
-    if os.path.isfile(os.path.join(path, LATEST)):
-        path = latest_checkpoint(path)
-    return load_checkpoint(path, model, optimizer=None, load_rng=False)
+    return load_checkpoint(resolve_checkpoint(path), model, optimizer=None, load_rng=False)

@@ -40,7 +40,6 @@ from megatron_elastic.compat import cuda_to_cpu
 from megatron_elastic.data.loader import build_gpt_datasets, make_loader
 from megatron_elastic.distill import kd_loss
 from megatron_elastic.errors import InputNotFoundError
-from megatron_elastic.importance.run import config_from_checkpoint
 from megatron_elastic.model.builder import causal_attention_mask
 from megatron_elastic.model.config import ConfigError
 from megatron_elastic.model.cost import arch_parameters
@@ -56,7 +55,9 @@ from megatron_elastic.training.checkpoint import (
     save_checkpoint,
 )
 from megatron_elastic.training.elastic_config import ElasticJobConfig
-from megatron_elastic.training.pretrain import LN2, batch_to_device, evaluate, masked_mean
+from megatron_elastic.training.lm import LN2, batch_to_device, masked_mean
+from megatron_elastic.training.pretrain import evaluate
+from megatron_elastic.training.runs import config_from_checkpoint
 from megatron_elastic.training.setup import build_training_components
 from megatron_elastic.training.teacher import DistillationPair
 

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
-from typing import Dict, Iterator, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -20,13 +19,12 @@ from megatron_elastic.compat import cuda_to_cpu
 from megatron_elastic.data.indexed import split_prefix
 from megatron_elastic.data.loader import build_gpt_datasets, make_loader
 from megatron_elastic.errors import InputNotFoundError
-from megatron_elastic.model.builder import causal_attention_mask, parameter_count
+from megatron_elastic.model.builder import parameter_count
 from megatron_elastic.parallel import initialize_parallel
 from megatron_elastic.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from megatron_elastic.training.config import PretrainConfig
+from megatron_elastic.training.lm import LN2, lm_forward_step
 from megatron_elastic.training.setup import build_training_components
-
-LN2 = math.log(2.0)
 
 
 def unigram_entropy_nats(data_dir: str) -> float:
@@ -43,31 +41,6 @@ def unigram_entropy_nats(data_dir: str) -> float:
         counts[: len(c)] += c
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
-
-
-def batch_to_device(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Move a GPTDataset batch to the current CUDA device (or leave it on the CPU)."""
-    dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    return {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
-
-
-def masked_mean(per_token_loss: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Mean of a per-token loss over the tokens the mask counts (float32)."""
-    return (per_token_loss.float() * loss_mask).sum() / loss_mask.sum().clamp(min=1)
-
-
-def lm_forward_step(data_iterator: Iterator, model):
-    """Megatron ``forward_step_func``: per-token LM loss averaged over the loss mask."""
-    batch = batch_to_device(next(data_iterator))
-    tokens, labels, loss_mask = batch["tokens"], batch["labels"], batch["loss_mask"]
-    output = model(tokens, batch["position_ids"], causal_attention_mask(tokens.shape[1], tokens.device), labels=labels)
-
-    def loss_func(output_tensor):
-        loss = masked_mean(output_tensor, loss_mask)
-        # A copy: Megatron divides the returned loss by the number of micro-batches in place.
-        return loss, {"lm loss": loss.detach().clone()}
-
-    return output, loss_func
 
 
 def _mean_reported(losses_reduced, key: str = "lm loss") -> Optional[float]:

@@ -21,10 +21,10 @@ def elastic_run(single_process_parallel, parent, tmp_path):
 def test_extract_all_budgets_megatron_and_hf(elastic_run, tmp_path):
     transformers = pytest.importorskip("transformers")
     from megatron_elastic.extraction.extract import extract, load_source
-    from megatron_elastic.importance.run import config_from_checkpoint
     from megatron_elastic.model.builder import build_hybrid_model
     from megatron_elastic.model.elastic_model import use_arch
     from megatron_elastic.training.checkpoint import load_model_weights
+    from megatron_elastic.training.runs import config_from_checkpoint
 
     out = str(tmp_path / "extracted")
     rows = extract(elastic_run, out, budgets=["all"], fmt="both")
@@ -64,9 +64,9 @@ def test_extraction_streams_the_parent_and_never_reads_skipped_layers(parent, tm
     """An explicit architecture from a sorted parent: tensors are read one at a time, skipped layers never."""
     from megatron_elastic.extraction import extract as extract_mod
     from megatron_elastic.extraction.reader import CheckpointTensorReader
-    from megatron_elastic.importance.run import config_from_checkpoint
     from megatron_elastic.model.elastic_arch import ElasticArch
     from megatron_elastic.parallel import initialize_parallel
+    from megatron_elastic.training.runs import config_from_checkpoint
 
     initialize_parallel(1, 1)
     sorted_ckpt = os.path.join(parent, "sorted")

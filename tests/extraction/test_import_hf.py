@@ -41,9 +41,9 @@ def _tiny_hf(tmp_path, seed=0):
 def test_import_round_trip_is_bit_exact_and_logits_match(single_process_parallel, tmp_path):
     from megatron_elastic.extraction.hf import read_hf_checkpoint, save_hf_checkpoint
     from megatron_elastic.extraction.import_hf import import_hf
-    from megatron_elastic.importance.run import config_from_checkpoint
     from megatron_elastic.model.builder import build_hybrid_model, causal_attention_mask, position_ids_for
     from megatron_elastic.training.checkpoint import load_model_weights
+    from megatron_elastic.training.runs import config_from_checkpoint
 
     hf_model, src = _tiny_hf(tmp_path)
     res = import_hf(src, str(tmp_path / "ours"))

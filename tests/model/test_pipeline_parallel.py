@@ -13,7 +13,7 @@ def _loss_and_grads(model, batches):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_elastic.compat import cuda_to_cpu
-    from megatron_elastic.training.pretrain import lm_forward_step
+    from megatron_elastic.training.lm import lm_forward_step
 
     with cuda_to_cpu():
         losses = get_forward_backward_func()(

@@ -91,9 +91,9 @@ def test_evaluate_reports_the_mean_loss_whatever_the_micro_batch_count(single_pr
     """Megatron divides the loss it is handed by the micro-batch count in place; the reported value must not
     change with it."""
     from megatron_elastic.data.loader import build_gpt_datasets, make_loader
-    from megatron_elastic.importance.run import lm_loss
     from megatron_elastic.model.builder import build_hybrid_model
     from megatron_elastic.testing import tiny_config
+    from megatron_elastic.training.lm import lm_loss
     from megatron_elastic.training.pretrain import evaluate
 
     torch.manual_seed(0)

@@ -1,0 +1,55 @@
+"""Language-model helpers shared by pretraining, elastic training, importance and evaluation: batches on the
+device, the masked mean of a per-token loss, logits and loss of a ``GPTDataset`` batch, nats -> bits."""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Iterator
+
+import torch
+
+from megatron_elastic.model.builder import causal_attention_mask
+
+LN2 = math.log(2.0)  # nats per bit: a loss in nats/token divided by LN2 is bits/token (bits/byte for bytes)
+
+
+def batch_to_device(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Move a GPTDataset batch to the current CUDA device (or leave it on the CPU)."""
+    dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
+
+
+def masked_mean(per_token_loss: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Mean of a per-token loss over the tokens the mask counts (float32)."""
+    return (per_token_loss.float() * loss_mask).sum() / loss_mask.sum().clamp(min=1)
+
+
+def lm_forward_step(data_iterator: Iterator, model):
+    """Megatron ``forward_step_func``: per-token LM loss averaged over the loss mask."""
+    batch = batch_to_device(next(data_iterator))
+    tokens, labels, loss_mask = batch["tokens"], batch["labels"], batch["loss_mask"]
+    output = model(tokens, batch["position_ids"], causal_attention_mask(tokens.shape[1], tokens.device), labels=labels)
+
+    def loss_func(output_tensor):
+        loss = masked_mean(output_tensor, loss_mask)
+        # A copy: Megatron divides the returned loss by the number of micro-batches in place.
+        return loss, {"lm loss": loss.detach().clone()}
+
+    return output, loss_func
+
+
+def lm_logits(model, batch):
+    """Logits ``[b, s, vocab/tp]`` for a GPTDataset batch."""
+    batch = batch_to_device(batch)
+    tokens = batch["tokens"]
+    return model(tokens, batch["position_ids"], causal_attention_mask(tokens.shape[1], tokens.device))
+
+
+def lm_loss(model, batch) -> torch.Tensor:
+    """Mean next-token loss (nats) of a GPTDataset batch."""
+    batch = batch_to_device(batch)
+    tokens = batch["tokens"]
+    losses = model(
+        tokens, batch["position_ids"], causal_attention_mask(tokens.shape[1], tokens.device), labels=batch["labels"]
+    )
+    return masked_mean(losses, batch["loss_mask"])
