@@ -33,7 +33,7 @@ import torch
 
 from megatron_elastic.compat import ATTENTION, MAMBA
 from megatron_elastic.errors import HFExportError, InputNotFoundError
-from megatron_elastic.model.specs import LOCAL_PRE_NORM_WEIGHT
+from megatron_elastic.model.layouts import LOCAL_PRE_NORM_WEIGHT, QKVLayout
 
 _HF_LAYER_TYPE = {MAMBA: "linear_attention", ATTENTION: "full_attention", "-": "mlp"}
 _OVERRIDE_NAMES = {
@@ -130,12 +130,8 @@ def to_hf_state_dict(state_dict: Dict[str, torch.Tensor], config) -> Dict[str, t
             elif rest.startswith("mixer."):
                 out[p + rest] = t
             elif rest == "self_attention.linear_qkv.weight":
-                g = lc.num_query_groups or lc.num_attention_heads
-                hpg, hn = lc.num_attention_heads // g, lc.kv_channels
-                blocks = t.view(g, (hpg + 2) * hn, -1)
-                out[p + "mixer.q_proj.weight"] = blocks[:, : hpg * hn].reshape(-1, t.shape[1])
-                out[p + "mixer.k_proj.weight"] = blocks[:, hpg * hn : (hpg + 1) * hn].reshape(-1, t.shape[1])
-                out[p + "mixer.v_proj.weight"] = blocks[:, (hpg + 1) * hn :].reshape(-1, t.shape[1])
+                for part, rows in zip("qkv", QKVLayout.of_config(lc).q_k_v_rows()):
+                    out[p + f"mixer.{part}_proj.weight"] = t[rows]
             elif rest == "self_attention.linear_proj.weight":
                 out[p + "mixer.o_proj.weight"] = t
             elif rest == "mlp.linear_fc1.weight":
@@ -279,13 +275,11 @@ def from_hf_state_dict(tensors: Dict[str, torch.Tensor], config) -> Dict[str, to
             else:
                 raise HFExportError(f"unexpected NemotronH tensor {name!r} on a {sym!r} layer")
     for i, parts in qkv.items():
-        lc = config.for_layer(i)
-        g = lc.num_query_groups or lc.num_attention_heads
-        hn, h = lc.kv_channels, parts["q"].shape[1]
-        q = parts["q"].view(g, -1, h)
-        out[f"decoder.layers.{i}.self_attention.linear_qkv.weight"] = torch.cat(
-            [q, parts["k"].view(g, hn, h), parts["v"].view(g, hn, h)], dim=1
-        ).reshape(-1, h)
+        rows = QKVLayout.of_config(config.for_layer(i)).q_k_v_rows()
+        w = parts["q"].new_empty(sum(len(r) for r in rows), parts["q"].shape[1])
+        for part, r in zip("qkv", rows):
+            w[r] = parts[part]
+        out[f"decoder.layers.{i}.self_attention.linear_qkv.weight"] = w
     if config.share_embeddings_and_output_weights:
         out.pop("output_layer.weight", None)
     return out

@@ -14,14 +14,14 @@ from typing import Dict, List
 
 import torch
 
-from megatron_elastic.model.specs import PRE_NORM_PREFIX
+from megatron_elastic.model.layouts import PRE_NORM_PREFIX, MambaLayout
 from megatron_elastic.training.safe_files import check_checkpoint_is_data
 
 _FUSED_NORM = {fused + "layer_norm_weight": local + "weight" for local, fused in PRE_NORM_PREFIX.values()}
 _SPLITS = {
-    "mixer.in_proj.weight": ("z", "x", "B", "C", "dt"),
-    "mixer.conv1d.weight": ("x", "B", "C"),
-    "mixer.conv1d.bias": ("x", "B", "C"),
+    "mixer.in_proj.weight": MambaLayout.IN_PROJ_PARTS,
+    "mixer.conv1d.weight": MambaLayout.CONV_PARTS,
+    "mixer.conv1d.bias": MambaLayout.CONV_PARTS,
 }
 
 

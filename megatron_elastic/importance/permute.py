@@ -22,6 +22,7 @@ from typing import Dict, Optional
 import torch
 
 from megatron_elastic.compat import ATTENTION, MAMBA
+from megatron_elastic.model.layouts import HIDDEN_DIMS, MODEL_HIDDEN_DIMS, index_layer_tensor, layer_unit_index
 
 
 @dataclass
@@ -45,6 +46,26 @@ def _check_within_groups(order: torch.Tensor, n: int, groups: int, what: str) ->
         raise ValueError(f"{what}: must permute only within each of the {groups} groups")
 
 
+def _layer_units(config, sym: str, perm: Permutation, i: int) -> Dict[str, torch.Tensor]:
+    """Layer ``i``'s units in their new order (identity where ``perm`` has no entry), checked for validity."""
+    if sym == MAMBA:
+        nh, hd = config.mamba_num_heads, config.mamba_head_dim
+        heads = perm.mamba_heads.get(i, torch.arange(nh))
+        chans = perm.mamba_head_dim.get(i, torch.arange(hd))
+        _check_within_groups(heads, nh, config.mamba_num_groups, f"mamba heads of layer {i}")
+        _check_within_groups(chans, hd, 1, f"mamba head channels of layer {i}")
+        return {"heads": heads, "head_channels": chans}
+    if sym == ATTENTION:
+        q, g = config.num_attention_heads, config.num_query_groups
+        heads = perm.attention_heads.get(i, torch.arange(q))
+        _check_within_groups(heads, q, g, f"attention heads of layer {i}")
+        return {"heads": heads}
+    f = config.ffn_hidden_size
+    neurons = perm.ffn.get(i, torch.arange(f))
+    _check_within_groups(neurons, f, config.elastic_ffn_groups, f"FFN neurons of layer {i}")
+    return {"neurons": neurons}
+
+
 def permute_state_dict(sd: Dict[str, torch.Tensor], config, perm: Permutation) -> Dict[str, torch.Tensor]:
     """A new state dict with ``perm`` applied (``sd`` is not modified). Keys are the model's own
     (``model.state_dict()`` at TP=1, PP=1); ``_extra_state`` entries pass through."""
@@ -52,74 +73,22 @@ def permute_state_dict(sd: Dict[str, torch.Tensor], config, perm: Permutation) -
     H = config.hidden_size
     hid = perm.hidden
 
-    def rows(key, idx):
-        out[key] = out[key].index_select(0, idx)
-
-    def cols(key, idx):
-        out[key] = out[key].index_select(1, idx)
-
     if hid is not None:
         _check_within_groups(hid, H, 1, "hidden permutation")
-        cols("embedding.word_embeddings.weight", hid)
-        if "output_layer.weight" in out:
-            cols("output_layer.weight", hid)
-        rows("decoder.final_norm.weight", hid)
+        for name, dim in MODEL_HIDDEN_DIMS.items():
+            if name in out:
+                out[name] = out[name].index_select(dim, hid)
 
-    d_inner = config.mamba_num_heads * config.mamba_head_dim if config.mamba_num_heads else 0
-    bc = config.mamba_num_groups * config.mamba_state_dim
     for i, sym in enumerate(config.hybrid_pattern):
         p = f"decoder.layers.{i}."
-        if sym == MAMBA:
-            m = p + "mixer."
-            nh, hd = config.mamba_num_heads, config.mamba_head_dim
-            heads = perm.mamba_heads.get(i, torch.arange(nh))
-            chans = perm.mamba_head_dim.get(i, torch.arange(hd))
-            _check_within_groups(heads, nh, config.mamba_num_groups, f"mamba heads of layer {i}")
-            _check_within_groups(chans, hd, 1, f"mamba head channels of layer {i}")
-            x = (heads[:, None] * hd + chans[None, :]).flatten()
-            rest = torch.arange(2 * d_inner, 2 * d_inner + 2 * bc)
-            rows(m + "in_proj.weight", torch.cat([x, d_inner + x, rest, 2 * d_inner + 2 * bc + heads]))
-            conv = torch.cat([x, torch.arange(d_inner, d_inner + 2 * bc)])
-            rows(m + "conv1d.weight", conv)
-            if m + "conv1d.bias" in out:
-                rows(m + "conv1d.bias", conv)
-            for name in ("dt_bias", "A_log"):
-                rows(m + name, heads)
-            rows(m + "D", x if out[m + "D"].numel() == d_inner else heads)
-            rows(m + "norm.weight", x)
-            cols(m + "out_proj.weight", x)
-            norm_key, first, last = p + "norm.weight", m + "in_proj.weight", m + "out_proj.weight"
-        elif sym == ATTENTION:
-            a = p + "self_attention."
-            q, g, hn = config.num_attention_heads, config.num_query_groups, config.kv_channels
-            hpg = q // g
-            heads = perm.attention_heads.get(i, torch.arange(q))
-            _check_within_groups(heads, q, g, f"attention heads of layer {i}")
-            qkv = []
-            for grp in range(g):
-                base = grp * (hpg + 2) * hn
-                for h in heads[grp * hpg : (grp + 1) * hpg].tolist():
-                    qkv.append(torch.arange(base + (h - grp * hpg) * hn, base + (h - grp * hpg + 1) * hn))
-                qkv.append(torch.arange(base + hpg * hn, base + (hpg + 2) * hn))
-            rows(a + "linear_qkv.weight", torch.cat(qkv))
-            cols(a + "linear_proj.weight", (heads[:, None] * hn + torch.arange(hn)[None, :]).flatten())
-            norm_key, first, last = p + "input_layernorm.weight", a + "linear_qkv.weight", a + "linear_proj.weight"
-        else:
-            f = config.ffn_hidden_size
-            neurons = perm.ffn.get(i, torch.arange(f))
-            _check_within_groups(neurons, f, config.elastic_ffn_groups, f"FFN neurons of layer {i}")
-            fc1 = torch.cat([neurons, f + neurons]) if config.gated_linear_unit else neurons
-            rows(p + "mlp.linear_fc1.weight", fc1)
-            cols(p + "mlp.linear_fc2.weight", neurons)
-            norm_key, first, last = (
-                p + "pre_mlp_layernorm.weight",
-                p + "mlp.linear_fc1.weight",
-                p + "mlp.linear_fc2.weight",
-            )
+        units = _layer_units(config, sym, perm, i)
+        index = layer_unit_index(config, sym, units)
+        for name in index:
+            if p + name in out:
+                out[p + name] = index_layer_tensor(config, sym, name, out[p + name], units, index)
         if hid is not None:
-            rows(norm_key, hid)
-            cols(first, hid)
-            rows(last, hid)
+            for name, dim in HIDDEN_DIMS[sym].items():
+                out[p + name] = out[p + name].index_select(dim, hid)
     return out
 
 

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from megatron_elastic.compat import ATTENTION, MAMBA
 from megatron_elastic.errors import ConfigError
 from megatron_elastic.importance.permute import Permutation, order_within_groups
+from megatron_elastic.model.layouts import MambaLayout, QKVLayout
 
 FFN_SOURCES = ("fc2_input", "fc1_output")
 MAMBA_SOURCES = ("x", "out_proj_input")
@@ -143,12 +144,10 @@ def collect_width_scores(
         acc = per_layer.setdefault(i, _Accumulator())
         if sym == MAMBA:
             mixer = layer.mixer
-            lo, hi = mixer.d_inner_local_tp, 2 * mixer.d_inner_local_tp
+            x = mixer.layout.in_proj_part("x")  # this rank's x rows of in_proj's output
             handles.append(layer.norm.register_forward_hook(on_output(hidden)))
             if mamba_source == "x":
-                handles.append(
-                    mixer.in_proj.register_forward_hook(on_output(acc, lambda o, lo=lo, hi=hi: o[0][..., lo:hi]))
-                )
+                handles.append(mixer.in_proj.register_forward_hook(on_output(acc, lambda o, x=x: o[0][..., x])))
             else:
                 handles.append(mixer.out_proj.register_forward_pre_hook(lambda mod, inp, acc=acc: acc.add(inp[0])))
         elif sym == ATTENTION:
@@ -202,13 +201,14 @@ def magnitude_scores(state_dict: Dict[str, torch.Tensor], config) -> WidthScores
     for i, sym in enumerate(config.hybrid_pattern):
         p = f"decoder.layers.{i}."
         if sym == MAMBA:
-            d_inner = nh * hd
-            x_rows = sd[p + "mixer.in_proj.weight"][d_inner : 2 * d_inner].norm(dim=1).view(nh, hd)
+            x = MambaLayout.of_config(config).in_proj_part("x")
+            x_rows = sd[p + "mixer.in_proj.weight"][x].norm(dim=1).view(nh, hd)
             out.mamba_heads[i] = x_rows.norm(dim=1)
             out.mamba_head_dim[i] = x_rows.norm(dim=0)
         elif sym == ATTENTION:
-            q, g, hn = config.num_attention_heads, config.num_query_groups, config.kv_channels
-            w = sd[p + "self_attention.linear_qkv.weight"].view(g, (q // g + 2) * hn, -1)[:, : (q // g) * hn]
+            q, hn = config.num_attention_heads, config.kv_channels
+            q_rows = QKVLayout.of_config(config).q_k_v_rows()[0]
+            w = sd[p + "self_attention.linear_qkv.weight"][q_rows]
             out.attention_heads[i] = w.reshape(q, hn, -1).flatten(1).norm(dim=1)
         else:
             out.ffn[i] = sd[p + "mlp.linear_fc1.weight"][: config.ffn_hidden_size].norm(dim=1)

@@ -7,24 +7,7 @@ from typing import Optional
 import torch
 from megatron.core.transformer.attention import SelfAttention
 
-
-def qkv_row_index(groups_local: int, heads_per_group: int, active_per_group: int, head_dim: int) -> torch.Tensor:
-    """Rows of Megatron's interleaved ``linear_qkv`` (per KV group: its query heads, then k, then v) kept when
-    every group keeps its first ``active_per_group`` query heads."""
-    block = (heads_per_group + 2) * head_dim
-    per_group = torch.cat(
-        [
-            torch.arange(active_per_group * head_dim),
-            torch.arange(heads_per_group * head_dim, (heads_per_group + 2) * head_dim),
-        ]
-    )
-    return (torch.arange(groups_local)[:, None] * block + per_group[None, :]).flatten()
-
-
-def proj_col_index(groups_local: int, heads_per_group: int, active_per_group: int, head_dim: int) -> torch.Tensor:
-    """Columns of ``linear_proj`` (query heads in order) for the same choice."""
-    heads = (torch.arange(groups_local)[:, None] * heads_per_group + torch.arange(active_per_group)[None, :]).flatten()
-    return (heads[:, None] * head_dim + torch.arange(head_dim)[None, :]).flatten()
+from megatron_elastic.model.layouts import QKVLayout
 
 
 class ElasticSelfAttention(SelfAttention):
@@ -45,13 +28,14 @@ class ElasticSelfAttention(SelfAttention):
             self.linear_proj.active_cols = None
             return
         groups_local = self.num_query_groups_per_partition
-        hpg = self.num_attention_heads_per_partition // groups_local
-        k = num_attention_heads // self.config.num_query_groups
-        hn = self.hidden_size_per_attention_head
+        local = QKVLayout(
+            groups_local, self.num_attention_heads_per_partition // groups_local, self.hidden_size_per_attention_head
+        )  # this TP rank's KV groups and their heads
+        heads = local.nested_heads(num_attention_heads // self.config.num_query_groups * groups_local)
         dev = self.linear_proj.weight.device
-        self.linear_qkv.active_rows = qkv_row_index(groups_local, hpg, k, hn).to(dev)
-        self.linear_proj.active_cols = proj_col_index(groups_local, hpg, k, hn).to(dev)
-        self._active_heads_local = k * groups_local
+        self.linear_qkv.active_rows = local.qkv_rows(heads).to(dev)
+        self.linear_proj.active_cols = local.proj_cols(heads).to(dev)
+        self._active_heads_local = heads.numel()
 
     def forward(self, hidden_states, *args, **kwargs):
         if self._active_heads_local is None:

@@ -9,18 +9,6 @@ import torch
 from megatron_elastic.model.mamba_mixer import MambaMixer, MixerView
 
 
-def mamba_head_index(nheads_local: int, ngroups_local: int, heads_per_group: int) -> torch.Tensor:
-    """Local head indices kept when every B/C group keeps its first ``heads_per_group`` heads.
-    Heads of a group are contiguous (head h belongs to group h // (nheads/ngroups))."""
-    r = nheads_local // ngroups_local
-    return (torch.arange(ngroups_local)[:, None] * r + torch.arange(heads_per_group)[None, :]).flatten()
-
-
-def head_channel_index(heads: torch.Tensor, headdim: int, active_headdim: int) -> torch.Tensor:
-    """Channel indices (into ``nheads*headdim``) of the first ``active_headdim`` channels of ``heads``."""
-    return (heads[:, None] * headdim + torch.arange(active_headdim)[None, :]).flatten()
-
-
 class ElasticMambaMixer(MambaMixer):
     """``MambaMixer`` whose active heads (per group) and head channels are set by :meth:`set_elastic`.
 
@@ -41,14 +29,14 @@ class ElasticMambaMixer(MambaMixer):
             self.out_proj.active_cols = None
             return
         dev = self.dt_bias.device
-        k = nheads // self.ngroups
-        heads = mamba_head_index(self.nheads_local_tp, self.ngroups_local_tp, k).to(dev)
-        ch = head_channel_index(heads, self.headdim, headdim)
-        dl, bc = self.d_inner_local_tp, self.ngroups_local_tp * self.d_state
-        bc_rows = torch.arange(2 * bc, device=dev)
-        self.in_proj.active_rows = torch.cat([ch, dl + ch, 2 * dl + bc_rows, 2 * dl + 2 * bc + heads])
+        local = self.layout  # this TP rank's sizes: every rank keeps the same heads of each of its groups
+        heads = local.nested_heads(nheads // self.ngroups * self.ngroups_local_tp).to(dev)
+        head_channels = torch.arange(headdim, device=dev)
+        ch = local.channels(heads, head_channels)
+        self.in_proj.active_rows = local.in_proj_rows(heads, head_channels)
         self.out_proj.active_cols = ch
-        self._active = (heads, ch, torch.cat([ch, dl + bc_rows]), k * self.ngroups_local_tp, headdim, k * headdim)
+        conv = local.conv_channels(heads, head_channels)
+        self._active = (heads, ch, conv, heads.numel(), headdim, heads.numel() // self.ngroups_local_tp * headdim)
 
     def active_view(self) -> MixerView:
         if self._active is None:

@@ -29,6 +29,7 @@ from megatron.core.transformer.utils import (
 
 from megatron_elastic import ops
 from megatron_elastic.errors import ConfigError
+from megatron_elastic.model.layouts import MambaLayout
 
 
 @dataclass
@@ -238,15 +239,9 @@ class MambaMixer(MegatronModule):
                 setattr(p, "partition_dim", 0)
         # This rank's part sizes of the packed tensors (z, x, B, C, dt rows of in_proj; x, B, C channels of conv1d),
         # set on the parameters as megatron-core >= 0.18 does for resharding across TP sizes.
-        bc_local = self.ngroups_local_tp * self.d_state
-        self.in_proj_partition_sizes = [
-            self.d_inner_local_tp,
-            self.d_inner_local_tp,
-            bc_local,
-            bc_local,
-            self.nheads_local_tp,
-        ]
-        self.conv1d_partition_sizes = [self.d_inner_local_tp, bc_local, bc_local]
+        self.layout = MambaLayout(self.nheads_local_tp, self.headdim, self.ngroups_local_tp, self.d_state)
+        self.in_proj_partition_sizes = self.layout.in_proj_sizes
+        self.conv1d_partition_sizes = self.layout.conv_sizes
         setattr(self.in_proj.weight, "partition_sizes", self.in_proj_partition_sizes)
         for p in (self.conv1d.weight, self.conv1d.bias):
             if p is not None:
@@ -446,12 +441,12 @@ class MambaMixer(MegatronModule):
                     )
                 )
         sd[f"{prefix}in_proj.weight"] = _split_sharded_tensor(
-            sd[f"{prefix}in_proj.weight"], self.in_proj_partition_sizes, ["z", "x", "B", "C", "dt"]
+            sd[f"{prefix}in_proj.weight"], self.in_proj_partition_sizes, list(MambaLayout.IN_PROJ_PARTS)
         )
         for key in ("conv1d.weight", "conv1d.bias"):
             if f"{prefix}{key}" in sd:
                 sd[f"{prefix}{key}"] = _split_sharded_tensor(
-                    sd[f"{prefix}{key}"], self.conv1d_partition_sizes, ["x", "B", "C"]
+                    sd[f"{prefix}{key}"], self.conv1d_partition_sizes, list(MambaLayout.CONV_PARTS)
                 )
         return sd
 

@@ -23,20 +23,12 @@ from megatron.core.transformer.transformer_layer import TransformerLayerSubmodul
 from megatron_elastic.compat import ATTENTION, MAMBA, HybridStackSubmodules, mlp_submodule
 from megatron_elastic.compat import MLP as MLP_SYMBOL
 from megatron_elastic.errors import ConfigError
+from megatron_elastic.model.layouts import PRE_NORM_PREFIX
 from megatron_elastic.model.mamba_mixer import MambaMixer, MambaMixerSubmodules
 from megatron_elastic.model.per_layer import PerLayerMambaLayer, PerLayerMLPLayer, PerLayerTransformerLayer
 from megatron_elastic.model.stack import HybridStack
 
 BACKENDS = ("local", "te")
-
-# Each layer type's pre-norm: its module prefix in the local spec, and the TE fused linear whose
-# ``layer_norm_*`` checkpoint keys it is stored under.
-PRE_NORM_PREFIX = {
-    MAMBA: ("norm.", "mixer.in_proj."),
-    ATTENTION: ("input_layernorm.", "self_attention.linear_qkv."),
-    MLP_SYMBOL: ("pre_mlp_layernorm.", "mlp.linear_fc1."),
-}
-LOCAL_PRE_NORM_WEIGHT = {sym: local + "weight" for sym, (local, _) in PRE_NORM_PREFIX.items()}
 
 
 def _stack_spec(

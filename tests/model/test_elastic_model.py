@@ -259,8 +259,9 @@ def test_ffn_choice_must_respect_ffn_groups():
 
 @pytest.mark.parametrize("groups,tp,active", [(1, 2, 40), (2, 2, 40), (4, 2, 12), (1, 4, 10), (8, 4, 24)])
 def test_ffn_local_index_is_the_global_choice_split_over_ranks(groups, tp, active):
-    from megatron_elastic.model.elastic_mlp import ffn_local_index
+    from megatron_elastic.model.layouts import FFNLayout
 
+    ffn_local_index = lambda f, groups, active, tp, rank: FFNLayout(f, groups).local_neurons(active, tp, rank)
     F_ = 64
     want = sorted(g * (F_ // groups) + j for g in range(groups) for j in range(active // groups))
     shard = F_ // tp
