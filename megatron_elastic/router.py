@@ -26,10 +26,11 @@ from torch import nn
 
 from megatron_elastic.compat import ATTENTION, MAMBA, MLP
 from megatron_elastic.errors import ConfigError
-from megatron_elastic.model.elastic_arch import ElasticArch
+from megatron_elastic.model.config import LAYER_FIELDS
+from megatron_elastic.model.cost import layer_parameter_count, non_layer_parameters
+from megatron_elastic.model.elastic_arch import AXIS_FIELD, AXIS_SYMBOL, ElasticArch
 
-AXES = ("hidden", "mamba_heads", "mamba_head_dim", "attention_heads", "ffn", "depth")
-_AXIS_SYMBOL = {"mamba_heads": MAMBA, "mamba_head_dim": MAMBA, "attention_heads": ATTENTION, "ffn": MLP}
+AXES = ("hidden", *AXIS_FIELD, "depth")
 
 
 @dataclass
@@ -88,17 +89,10 @@ class Router(nn.Module):
             raise ConfigError(f"budgets must be distinct fractions in (0, 1], got {budgets}")
         self.segments: Dict[str, List[int]] = {
             "hidden": [-1],
-            **{axis: self._seg(symbol) for axis, symbol in _AXIS_SYMBOL.items()},
+            **{axis: self._seg(symbol) for axis, symbol in AXIS_SYMBOL.items()},
             "depth": [-1],
         }
-        self.choices = {
-            "hidden": space.hidden,
-            "mamba_heads": space.mamba_heads,
-            "mamba_head_dim": space.mamba_head_dim,
-            "attention_heads": space.attention_heads,
-            "ffn": space.ffn,
-            "depth": space.num_layers,
-        }
+        self.choices = {"hidden": space.hidden, **{a: getattr(space, a) for a in AXIS_FIELD}, "depth": space.num_layers}
         self.nets = nn.ModuleDict(
             {
                 axis: nn.Sequential(
@@ -196,12 +190,7 @@ class Router(nn.Module):
             return arch.hidden_size
         if axis == "depth":
             return len(self.config.hybrid_pattern) - len(arch.skipped_layers)
-        d = {
-            "mamba_heads": arch.mamba_num_heads,
-            "mamba_head_dim": arch.mamba_head_dim,
-            "attention_heads": arch.num_attention_heads,
-            "ffn": arch.ffn_hidden_size,
-        }[axis]
+        d = getattr(arch, AXIS_FIELD[axis])
         return min(d.values()) if seg == -1 else d[seg]
 
     def _arch(self, idx: Dict[str, torch.Tensor]) -> ElasticArch:
@@ -210,12 +199,7 @@ class Router(nn.Module):
         pick = lambda axis, seg: self.choices[axis][int(idx[axis][seg])]
         if "hidden" in idx:
             arch.hidden_size = pick("hidden", 0)
-        for axis, field_name in (
-            ("mamba_heads", "mamba_num_heads"),
-            ("mamba_head_dim", "mamba_head_dim"),
-            ("attention_heads", "num_attention_heads"),
-            ("ffn", "ffn_hidden_size"),
-        ):
+        for axis, field_name in AXIS_FIELD.items():
             if axis not in idx:
                 continue
             d = getattr(arch, field_name)
@@ -242,7 +226,7 @@ class Router(nn.Module):
                 gates.update({f"depth.{l}": g[0] for l in range(len(self.config.hybrid_pattern))})
             else:
                 for k, layer in enumerate(self.segments[axis]):
-                    layers = self.space.layers_of(self.config, _AXIS_SYMBOL[axis]) if layer == -1 else [layer]
+                    layers = self.space.layers_of(self.config, AXIS_SYMBOL[axis]) if layer == -1 else [layer]
                     gates.update({f"{axis}.{l}": g[k] for l in layers})
         return gates
 
@@ -270,32 +254,11 @@ class Router(nn.Module):
             segs = self.segments[axis]
             return lambda layer: v[0] if segs == [-1] else v[segs.index(layer)]
 
-        heads, dims = per_layer("mamba_heads", cfg.mamba_num_heads), per_layer("mamba_head_dim", cfg.mamba_head_dim)
-        qheads, ffn = per_layer("attention_heads", cfg.num_attention_heads), per_layer("ffn", cfg.ffn_hidden_size)
-        total = h  # final norm
-        vocab = cfg.vocab_size * h
-        total = total + (vocab if cfg.share_embeddings_and_output_weights else 2 * vocab)
-        bc = cfg.mamba_num_groups * cfg.mamba_state_dim
+        expected = {AXIS_FIELD[a]: per_layer(a, getattr(cfg, AXIS_FIELD[a])) for a in AXIS_FIELD}
+        total = non_layer_parameters(cfg, h)
         for i, sym in enumerate(cfg.hybrid_pattern):
-            if sym == MAMBA:
-                H, P = heads(i), dims(i)
-                d_inner = H * P
-                layer = (
-                    h
-                    + h * (2 * d_inner + 2 * bc + H)
-                    + (d_inner + 2 * bc) * (cfg.mamba_conv_kernel + 1)
-                    + 3 * H
-                    + d_inner
-                    + d_inner * h
-                )
-            elif sym == ATTENTION:
-                g, hn = cfg.num_query_groups or cfg.num_attention_heads, cfg.kv_channels
-                Q = qheads(i)
-                layer = h + h * (Q + 2 * g) * hn + Q * hn * h
-            else:
-                f = ffn(i)
-                layer = h + h * f * (2 if cfg.gated_linear_unit else 1) + f * h
-            total = total + keep[i] * layer
+            layer_sizes = {field: expected[field](i) for field in LAYER_FIELDS[sym]}
+            total = total + keep[i] * layer_parameter_count(cfg, sym, h, layer_sizes)
         return total
 
 

@@ -15,6 +15,7 @@ from megatron_elastic.data.loader import calibration_batches
 from megatron_elastic.importance.depth import depth_scores
 from megatron_elastic.importance.permute import permute_state_dict
 from megatron_elastic.importance.width import WidthScores, collect_width_scores
+from megatron_elastic.model.elastic_arch import AXIS_FIELD
 from megatron_elastic.training.checkpoint import save_checkpoint
 from megatron_elastic.training.lm import lm_logits
 from megatron_elastic.training.runs import load_parent
@@ -132,10 +133,7 @@ def run_importance(
         "iterative_depth": iterative_depth,
         "width_order": {
             "hidden": perm.hidden.tolist(),
-            "mamba_heads": {i: p.tolist() for i, p in perm.mamba_heads.items()},
-            "mamba_head_dim": {i: p.tolist() for i, p in perm.mamba_head_dim.items()},
-            "attention_heads": {i: p.tolist() for i, p in perm.attention_heads.items()},
-            "ffn": {i: p.tolist() for i, p in perm.ffn.items()},
+            **{a: {i: p.tolist() for i, p in getattr(perm, a).items()} for a in AXIS_FIELD},
         },
     }
     with open(os.path.join(out, "ranking.json"), "w") as f:

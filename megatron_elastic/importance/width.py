@@ -26,6 +26,7 @@ import torch.distributed as dist
 from megatron_elastic.compat import ATTENTION, MAMBA
 from megatron_elastic.errors import ConfigError
 from megatron_elastic.importance.permute import Permutation, order_within_groups
+from megatron_elastic.model.elastic_arch import AXIS_FIELD
 from megatron_elastic.model.layouts import MambaLayout, QKVLayout
 
 FFN_SOURCES = ("fc2_input", "fc1_output")
@@ -55,24 +56,12 @@ class WidthScores:
 
     def to_dict(self) -> dict:
         lists = lambda d: {str(k): v.tolist() for k, v in d.items()}
-        return {
-            "hidden": self.hidden.tolist(),
-            "mamba_heads": lists(self.mamba_heads),
-            "mamba_head_dim": lists(self.mamba_head_dim),
-            "attention_heads": lists(self.attention_heads),
-            "ffn": lists(self.ffn),
-        }
+        return {"hidden": self.hidden.tolist(), **{a: lists(getattr(self, a)) for a in AXIS_FIELD}}
 
     @classmethod
     def from_dict(cls, d: dict) -> "WidthScores":
         tensors = lambda m: {int(k): torch.tensor(v) for k, v in m.items()}
-        return cls(
-            torch.tensor(d["hidden"]),
-            tensors(d["mamba_heads"]),
-            tensors(d["mamba_head_dim"]),
-            tensors(d["attention_heads"]),
-            tensors(d["ffn"]),
-        )
+        return cls(torch.tensor(d["hidden"]), **{a: tensors(d[a]) for a in AXIS_FIELD})
 
 
 class _Accumulator:

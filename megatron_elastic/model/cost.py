@@ -6,42 +6,54 @@ against a plain model built at the smaller shape.
 
 from __future__ import annotations
 
+from typing import Any, Dict
+
 from megatron_elastic.compat import ATTENTION, MAMBA
+from megatron_elastic.model.config import LAYER_FIELDS
 from megatron_elastic.model.elastic_arch import ElasticArch
 
 
-def layer_parameters(config, arch: ElasticArch, i: int) -> int:
-    """Parameters of layer ``i`` at ``arch`` (0 if skipped), including its pre-norm."""
-    if i in arch.skipped_layers:
-        return 0
-    h = arch.hidden_size
-    sym = config.hybrid_pattern[i]
+def layer_parameter_count(config, sym: str, hidden, sizes: Dict[str, Any]):
+    """Parameters of one layer of type ``sym`` (pre-norm included) at ``hidden`` width and its ``sizes``
+    (``LAYER_FIELDS[sym]`` -> value). Plain arithmetic: integers give the exact count, tensors (the router's
+    expected sizes) a differentiable one."""
+    h = hidden
     if sym == MAMBA:
-        heads, dim = arch.mamba_num_heads[i], arch.mamba_head_dim[i]
+        heads, dim = sizes["mamba_num_heads"], sizes["mamba_head_dim"]
         d_inner, bc = heads * dim, config.mamba_num_groups * config.mamba_state_dim
         in_proj = h * (2 * d_inner + 2 * bc + heads)
         conv = (d_inner + 2 * bc) * (config.mamba_conv_kernel + 1)  # weight + bias
         per_head = 3 * heads  # dt_bias, A_log, D
         return h + in_proj + conv + per_head + d_inner + d_inner * h  # pre-norm, ..., gated norm, out_proj
     if sym == ATTENTION:
-        q, g, hn = (
-            arch.num_attention_heads[i],
-            config.num_query_groups or config.num_attention_heads,
-            config.kv_channels,
-        )
+        q, hn = sizes["num_attention_heads"], config.kv_channels
+        g = config.num_query_groups or config.num_attention_heads
         return h + h * (q + 2 * g) * hn + q * hn * h
-    f = arch.ffn_hidden_size[i]
-    fc1 = h * f * (2 if config.gated_linear_unit else 1)
-    return h + fc1 + f * h
+    f = sizes["ffn_hidden_size"]
+    return h + h * f * (2 if config.gated_linear_unit else 1) + f * h
+
+
+def non_layer_parameters(config, hidden, include_embeddings: bool = True):
+    """Parameters outside the layers at ``hidden`` width: the final norm and the embedding / output layer."""
+    n = hidden
+    if include_embeddings:
+        vocab_params = config.vocab_size * hidden
+        n = n + (vocab_params if config.share_embeddings_and_output_weights else 2 * vocab_params)
+    return n
+
+
+def layer_parameters(config, arch: ElasticArch, i: int) -> int:
+    """Parameters of layer ``i`` at ``arch`` (0 if skipped), including its pre-norm."""
+    if i in arch.skipped_layers:
+        return 0
+    sym = config.hybrid_pattern[i]
+    return layer_parameter_count(config, sym, arch.hidden_size, {f: getattr(arch, f)[i] for f in LAYER_FIELDS[sym]})
 
 
 def arch_parameters(config, arch: ElasticArch, include_embeddings: bool = True) -> int:
     """Total parameters of the sub-model ``arch`` (what the extracted plain model holds)."""
-    n = sum(layer_parameters(config, arch, i) for i in range(len(config.hybrid_pattern))) + arch.hidden_size
-    if include_embeddings:
-        vocab_params = config.vocab_size * arch.hidden_size
-        n += vocab_params if config.share_embeddings_and_output_weights else 2 * vocab_params
-    return n
+    layers = sum(layer_parameters(config, arch, i) for i in range(len(config.hybrid_pattern)))
+    return layers + non_layer_parameters(config, arch.hidden_size, include_embeddings)
 
 
 def arch_flops_per_token(config, arch: ElasticArch, seq_length: int) -> float:

@@ -23,6 +23,17 @@ from typing import Dict, Iterable, Tuple
 from megatron_elastic.compat import ATTENTION, MAMBA, MLP
 from megatron_elastic.errors import ElasticArchError  # noqa: F401
 
+# The per-layer width axes: axis name (router, search space, importance scores and permutations, gate keys) ->
+# the ElasticArch / HybridConfig field it sizes, and the layer type it belongs to. The model-wide axes are
+# "hidden" (hidden_size) and "depth" (skipped_layers).
+AXIS_FIELD = {
+    "mamba_heads": "mamba_num_heads",
+    "mamba_head_dim": "mamba_head_dim",
+    "attention_heads": "num_attention_heads",
+    "ffn": "ffn_hidden_size",
+}
+AXIS_SYMBOL = {"mamba_heads": MAMBA, "mamba_head_dim": MAMBA, "attention_heads": ATTENTION, "ffn": MLP}
+
 
 def _int_keys(d: Dict) -> Dict[int, int]:
     return {int(k): int(v) for k, v in d.items()}
