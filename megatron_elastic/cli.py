@@ -72,8 +72,9 @@ def cmd_importance(args) -> int:
 
 def cmd_train(args) -> int:
     from megatron_elastic.training.checkpoint import latest_checkpoint
-    from megatron_elastic.training.elastic import REQUEUE_EXIT_CODE, results_table, train_elastic
+    from megatron_elastic.training.elastic import results_table, train_elastic
     from megatron_elastic.training.elastic_config import load_elastic_config
+    from megatron_elastic.training.preemption import REQUEUE_EXIT_CODE
 
     cfg = load_elastic_config(args.config, list(args.set or []))
     resume = args.resume or (

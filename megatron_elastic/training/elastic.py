@@ -19,6 +19,7 @@ optimizer, the data position of every stage, the tokens consumed (the curriculum
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -56,6 +57,8 @@ from megatron_elastic.training.checkpoint import (
 )
 from megatron_elastic.training.elastic_config import ElasticJobConfig
 from megatron_elastic.training.lm import LN2, batch_to_device, masked_mean
+from megatron_elastic.training.metrics import MetricsLog
+from megatron_elastic.training.preemption import StopSignals, any_rank
 from megatron_elastic.training.pretrain import evaluate
 from megatron_elastic.training.runs import config_from_checkpoint
 from megatron_elastic.training.setup import build_training_components
@@ -91,44 +94,6 @@ def sync_router_grads(router: torch.nn.Module) -> None:
         n = p.numel()
         p.grad.copy_(flat[offset : offset + n].view_as(p))
         offset += n
-
-
-REQUEUE_EXIT_CODE = 99  # the run checkpointed on a signal and wants to be requeued (launch/slurm reads it)
-_STOP = {"flag": False}
-
-
-def _on_stop_signal(signum, frame) -> None:
-    _STOP["flag"] = True
-
-
-def _install_stop_signals() -> dict:
-    import signal
-    import threading
-
-    _STOP["flag"] = False
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-    return {sig: signal.signal(sig, _on_stop_signal) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-
-
-def _restore_signals(handlers: dict) -> None:
-    import signal
-
-    for sig, h in handlers.items():
-        signal.signal(sig, h)
-
-
-def _any_rank(local: bool) -> bool:
-    """True on every rank when ``local`` is true on any rank (one tiny all-reduce)."""
-    flag = torch.tensor([1.0 if local else 0.0], device=_device())
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
-
-
-def _stop_requested() -> bool:
-    """True on every rank when any rank received a stop signal."""
-    return _any_rank(_STOP["flag"])
 
 
 @dataclass
@@ -363,7 +328,7 @@ def _nonfinite_anywhere(kd: Optional[List[Optional[float]]], student, router) ->
                 break
     if not bad:
         bad = any(p.grad is not None and not torch.isfinite(p.grad).all() for p in router.parameters())
-    return _any_rank(bad)
+    return any_rank(bad)
 
 
 def _per_budget_means(losses: list, key: str, n_budgets: int) -> Optional[List[Optional[float]]]:
@@ -415,77 +380,112 @@ def train_elastic(
     SIGTERM/SIGUSR1 (Slurm preemption or time limit) make every rank stop after the current step with a
     checkpoint; the summary then has ``stopped="preempted"`` (the CLI exits with ``REQUEUE_EXIT_CODE``)."""
     t0 = time.time()
-    c = build_elastic_components(cfg)
-    t, cur = cfg.train, cfg.curriculum
-    world = dist.get_world_size()
-    is_logger = dist.get_rank() == world - 1
-    dp = parallel_state.get_data_parallel_world_size()
-    stage_steps = cfg.stage_steps()
-    total_steps = t.train_iters
-    ckpt_dir = cfg.checkpoint.dir
-    os.makedirs(ckpt_dir, exist_ok=True)
-
-    state = {"iteration": 0, "tokens": 0, "stage_consumed_samples": [0] * len(cur.stages)}
+    run = ElasticRun(cfg, build_elastic_components(cfg))
     if resume:
-        path = latest_checkpoint(ckpt_dir)
+        run.resume()
+    run.announce()
+    if run.state["iteration"] == 0:
+        run.evaluate(0)
+    last_valid = None
+    with StopSignals() as signals, run.progress_bar(progress) as bar:
+        for step in range(run.state["iteration"] + 1, cfg.train.train_iters + 1):
+            run.train_step(step)
+            if step % cfg.train.eval_interval == 0 or step == cfg.train.train_iters:
+                last_valid = run.evaluate(step)
+            stop = signals.requested()
+            stage_done = until_stage is not None and step < cfg.train.train_iters and run.stage_index() >= until_stage
+            if step % cfg.checkpoint.save_interval == 0 or step == cfg.train.train_iters or stop or stage_done:
+                run.save(step)
+            if stop or stage_done:
+                return run.stopped(step, "preempted" if stop else "stage", until_stage)
+            bar.update(1)
+    return run.summary(t0, last_valid)
+
+
+class ElasticRun:
+    """The state of one elastic training run and the steps of its loop (see :func:`train_elastic`)."""
+
+    def __init__(self, cfg: ElasticJobConfig, c: ElasticComponents):
+        self.cfg, self.c = cfg, c
+        self.is_logger = dist.get_rank() == dist.get_world_size() - 1
+        self.dp = parallel_state.get_data_parallel_world_size()
+        self.ckpt_dir = cfg.checkpoint.dir
+        os.makedirs(self.ckpt_dir, exist_ok=True)
+        self.state = {"iteration": 0, "tokens": 0, "stage_consumed_samples": [0] * len(cfg.curriculum.stages)}
+        self.eval_gbs = cfg.curriculum.stages[0].global_batch_size
+        _, self.valid_ds = build_gpt_datasets(
+            cfg.data.path,
+            cfg.eval_seq_length,
+            1,
+            (cfg.train.eval_iters + 1) * self.eval_gbs,
+            seed=cfg.train.seed,
+            model_vocab_size=c.model_config.vocab_size,
+        )
+        self.metrics = MetricsLog(self.ckpt_dir, self.is_logger, tensorboard=True)
+        self.parent_config = config_from_checkpoint(latest_checkpoint(cfg.sorted_checkpoint)).to_dict()
+        self.forward_backward = get_forward_backward_func()
+        self.data, self.data_stage = None, None
+        self.window: Dict[str, list] = defaultdict(list)
+        self.window_t0, self.window_tokens = time.time(), 0
+        self.bar = None
+
+    # ---- resume, announce, evaluate, save -------------------------------------------------------------------
+    def resume(self) -> None:
+        """Continue from the latest checkpoint of ``checkpoint.dir`` (model, optimizers, schedules, router, data)."""
+        c, path = self.c, latest_checkpoint(self.ckpt_dir)
         if path is None:
             raise InputNotFoundError(
-                f"--resume: no checkpoint in {ckpt_dir} (no 'latest' file); drop --resume to start fresh"
+                f"--resume: no checkpoint in {self.ckpt_dir} (no 'latest' file); drop --resume to start fresh"
             )
         with open(os.path.join(path, "trainer_state.json")) as f:
             saved_budgets = json.load(f).get("budgets")
-        if saved_budgets is not None and [float(b) for b in saved_budgets] != cfg.budgets:
+        if saved_budgets is not None and [float(b) for b in saved_budgets] != self.cfg.budgets:
             raise ConfigError(
                 f"--resume: {path} was trained for budgets {saved_budgets}, the config has "
-                f"{cfg.budgets}; use the same budgets or a new checkpoint.dir"
+                f"{self.cfg.budgets}; use the same budgets or a new checkpoint.dir"
             )
-        state = load_checkpoint(path, c.student.module, c.optimizer)
-        c.scheduler.load_state_dict(state["scheduler"])
+        self.state = load_checkpoint(path, c.student.module, c.optimizer)
+        c.scheduler.load_state_dict(self.state["scheduler"])
         extra = load_extra(path)
         c.router.load_state_dict(extra["router"])
         c.router_optimizer.load_state_dict(extra["router_optimizer"])
         c.router_scheduler.load_state_dict(extra["router_scheduler"])
-        if is_logger:
-            print(f"resumed from {path} at step {state['iteration']} ({state['tokens']:,} tokens)")
+        if self.is_logger:
+            print(f"resumed from {path} at step {self.state['iteration']} ({self.state['tokens']:,} tokens)")
 
-    eval_gbs = cur.stages[0].global_batch_size
-    _, valid_ds = build_gpt_datasets(
-        cfg.data.path,
-        cfg.eval_seq_length,
-        1,
-        (t.eval_iters + 1) * eval_gbs,
-        seed=t.seed,
-        model_vocab_size=c.model_config.vocab_size,
-    )
-    metrics_path = os.path.join(ckpt_dir, "metrics.jsonl")
-    writer = None
-    if is_logger:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            writer = SummaryWriter(os.path.join(ckpt_dir, "tensorboard"))
-        except ImportError:
-            print("TensorBoard not installed (pip install tensorboard); metrics go to metrics.jsonl only")
-
-    def log(record):
-        if not is_logger:
+    def announce(self) -> None:
+        """Print the run's shape (parameters, router size, budgets, stages) and a note if data repeats."""
+        if not self.is_logger:
             return
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if writer is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "iteration":
-                    writer.add_scalar(k, v, record["iteration"])
-            writer.flush()
+        from megatron_elastic.data.indexed import read_metadata
 
-    def run_eval(it: int) -> Dict[float, float]:
+        c, cur = self.c, self.cfg.curriculum
+        data_tokens = read_metadata(self.cfg.data.path).get("splits", {}).get("train", {}).get("tokens")
+        if data_tokens and cur.total_tokens > data_tokens:
+            print(
+                f"note: the curriculum reads {cur.total_tokens:,} tokens, {cur.total_tokens / data_tokens:.1f}x the "
+                f"training split ({data_tokens:,}): documents repeat (Megatron's GPTDataset epochs)"
+            )
+        rp = sum(p.numel() for p in c.router.parameters())
+        stages = ", ".join(
+            f"{s.name}: {n} steps x {s.global_batch_size} x {s.seq_length}"
+            for s, n in zip(cur.stages, self.cfg.stage_steps())
+        )
+        print(
+            f"parent {c.full_parameters:,} parameters; router {rp:,} ({100 * rp / c.full_parameters:.2f}%); "
+            f"budgets {self.cfg.budgets}; stages {stages}"
+        )
+
+    def evaluate(self, it: int) -> Dict[float, float]:
+        """Validation loss of every budget's current choice; logged with the chosen sizes."""
+        c = self.c
         archs = c.router.choose_all()
-        losses = evaluate_budgets(c, c.student, archs, valid_ds, t.eval_iters, eval_gbs)
-        rec = {"iteration": it, "tokens": state["tokens"]}
+        losses = evaluate_budgets(c, c.student, archs, self.valid_ds, self.cfg.train.eval_iters, self.eval_gbs)
+        rec = {"iteration": it, "tokens": self.state["tokens"]}
         rec.update({f"valid_loss/{b:g}": v for b, v in losses.items()})
         rec.update({f"chosen_params/{b}": v for b, v in _arch_summary(c, archs).items()})
-        log(rec)
-        if is_logger:
+        self.metrics.log(rec)
+        if self.is_logger:
             cells = "  ".join(
                 f"{b:g}: {v / LN2:.3f} bpb @ {arch_parameters(c.model_config, archs[b]) / c.full_parameters:.3f}"
                 for b, v in losses.items()
@@ -493,82 +493,77 @@ def train_elastic(
             tqdm.write(f"step {it}: valid {cells}")
         return losses
 
-    if is_logger:
-        from megatron_elastic.data.indexed import read_metadata
-
-        data_tokens = read_metadata(cfg.data.path).get("splits", {}).get("train", {}).get("tokens")
-        if data_tokens and cur.total_tokens > data_tokens:
-            print(
-                f"note: the curriculum reads {cur.total_tokens:,} tokens, {cur.total_tokens / data_tokens:.1f}x the "
-                f"training split ({data_tokens:,}): documents repeat (Megatron's GPTDataset epochs)"
-            )
-        rp = sum(p.numel() for p in c.router.parameters())
-        print(
-            f"parent {c.full_parameters:,} parameters; router {rp:,} ({100 * rp / c.full_parameters:.2f}%); "
-            f"budgets {cfg.budgets}; stages "
-            + ", ".join(
-                f"{s.name}: {n} steps x {s.global_batch_size} x {s.seq_length}" for s, n in zip(cur.stages, stage_steps)
-            )
-        )
-    if state["iteration"] == 0:
-        run_eval(0)
-
-    parent_config = config_from_checkpoint(latest_checkpoint(cfg.sorted_checkpoint)).to_dict()
-
-    def save(step: int) -> None:
+    def save(self, step: int) -> None:
+        c, state = self.c, self.state
+        trainer_state = {
+            **{k: v for k, v in state.items() if k not in ("iteration", "scheduler", "config")},
+            "scheduler": c.scheduler.state_dict(),
+            "config": self.cfg.raw,
+            "parent_config": self.parent_config,
+            "budgets": self.cfg.budgets,
+        }
+        extra = {
+            "router": c.router.state_dict(),
+            "router_optimizer": c.router_optimizer.state_dict(),
+            "router_scheduler": c.router_scheduler.state_dict(),
+            "space": c.router.space.__dict__,
+        }
         save_checkpoint(
-            ckpt_dir,
+            self.ckpt_dir,
             step,
             c.student.module,
             c.optimizer,
-            {
-                **{k: v for k, v in state.items() if k not in ("iteration", "scheduler", "config")},
-                "scheduler": c.scheduler.state_dict(),
-                "config": cfg.raw,
-                "parent_config": parent_config,
-                "budgets": cfg.budgets,
-            },
-            keep_last=cfg.checkpoint.keep_last,
-            extra={
-                "router": c.router.state_dict(),
-                "router_optimizer": c.router_optimizer.state_dict(),
-                "router_scheduler": c.router_scheduler.state_dict(),
-                "space": c.router.space.__dict__,
-            },
+            trainer_state,
+            keep_last=self.cfg.checkpoint.keep_last,
+            extra=extra,
         )
 
-    old_handlers = _install_stop_signals()
-    fb = get_forward_backward_func()
-    bar = tqdm(
-        total=total_steps,
-        initial=state["iteration"],
-        desc="elastic",
-        unit="step",
-        disable=not (progress and is_logger),
-        dynamic_ncols=True,
-    )
-    data, data_stage = None, None
-    window: Dict[str, list] = defaultdict(list)
-    window_t0, window_tokens = time.time(), 0
-    last_valid = None
-    for step in range(state["iteration"] + 1, total_steps + 1):
-        stage_index, stage = cur.stage_at(state["tokens"])
-        if data_stage != stage_index:
-            data = StageData(cfg, stage_index, state["stage_consumed_samples"][stage_index], c.model_config.vocab_size)
-            data_stage = stage_index
-            if is_logger and step > 1:
+    @contextlib.contextmanager
+    def progress_bar(self, progress: bool):
+        self.bar = tqdm(
+            total=self.cfg.train.train_iters,
+            initial=self.state["iteration"],
+            desc="elastic",
+            unit="step",
+            disable=not (progress and self.is_logger),
+            dynamic_ncols=True,
+        )
+        try:
+            yield self.bar
+        finally:
+            self.bar.close()
+
+    # ---- one step ---------------------------------------------------------------------------------------------
+    def stage_index(self) -> int:
+        return self.cfg.curriculum.stage_at(self.state["tokens"])[0]
+
+    def _stage_data(self, step: int):
+        """(stage index, stage) at the current token count, with its data stream opened when the stage starts."""
+        stage_index, stage = self.cfg.curriculum.stage_at(self.state["tokens"])
+        if self.data_stage != stage_index:
+            consumed = self.state["stage_consumed_samples"][stage_index]
+            self.data = StageData(self.cfg, stage_index, consumed, self.c.model_config.vocab_size)
+            self.data_stage = stage_index
+            if self.is_logger and step > 1:
                 tqdm.write(
                     f"step {step}: stage {stage.name!r} (seq {stage.seq_length}, global batch "
                     f"{stage.global_batch_size}, budget weights {stage.budget_weights})"
                 )
-        tau, scale = cur.tau_at(state["tokens"]), cur.logit_scale_at(state["tokens"])
-        num_micro = stage.global_batch_size // (t.micro_batch_size * dp)
-        items = step_items(cfg, data, step, state["tokens"], num_micro)
+        return stage_index, stage
+
+    def train_step(self, step: int) -> None:
+        """One optimizer step of the student and one router step, the NaN guard, the counters and the log."""
+        c, cfg, state, t = self.c, self.cfg, self.state, self.cfg.train
+        stage_index, stage = self._stage_data(step)
+        tau, scale = cfg.curriculum.tau_at(state["tokens"]), cfg.curriculum.logit_scale_at(state["tokens"])
+        items = step_items(
+            cfg, self.data, step, state["tokens"], stage.global_batch_size // (t.micro_batch_size * self.dp)
+        )
         with cuda_to_cpu():
             c.student.zero_grad_buffer()
             c.optimizer.zero_grad()
             c.router_optimizer.zero_grad(set_to_none=True)
-            losses = fb(
+            losses = self.forward_backward(
                 forward_step_func=make_forward_step(c, step, tau, scale),
                 data_iterator=iter(items),
                 model=[c.pair],
@@ -584,129 +579,122 @@ def train_elastic(
         bad = _nonfinite_anywhere(kd, c.student, c.router)
         grad_norm, expected = None, {}
         if bad:
-            # NaN/Inf in a loss or gradient: skip the update (weights, optimizer and router keep their last good
-            # state); the data and LR schedule move on. Too many in a row: checkpoint the good state and stop.
-            state["bad_steps"] = state.get("bad_steps", 0) + 1
-            state["skipped_steps"] = state.get("skipped_steps", 0) + 1
-            c.router_optimizer.zero_grad(set_to_none=True)
-            log(
-                {
-                    "iteration": step,
-                    "skipped": True,
-                    "reason": "non-finite loss or gradient",
-                    "consecutive_bad_steps": state["bad_steps"],
-                }
-            )
-            if is_logger:
-                tqdm.write(
-                    f"step {step}: non-finite loss or gradient, update skipped "
-                    f"({state['bad_steps']} in a row, limit {t.max_bad_steps})"
-                )
+            self._skip_update(step)
         else:
             state["bad_steps"] = 0
             with cuda_to_cpu():
                 ok, grad_norm, _ = c.optimizer.step()
             expected = router_resource_step(c, step, tau, scale)
         c.scheduler.step(increment=1)
+        tokens = stage.global_batch_size * stage.seq_length
         state["iteration"] = step
-        state["tokens"] += stage.global_batch_size * stage.seq_length
+        state["tokens"] += tokens
         state["stage_consumed_samples"][stage_index] += stage.global_batch_size
-        window_tokens += stage.global_batch_size * stage.seq_length
+        self.window_tokens += tokens
         if bad and state["bad_steps"] >= t.max_bad_steps:
-            save(step)
-            _restore_signals(old_handlers)
+            self.save(step)
             raise FloatingPointError(
                 f"step {step}: {state['bad_steps']} consecutive steps with non-finite loss or gradients; the last good "
-                f"state is checkpointed in {latest_checkpoint(ckpt_dir)}. Lower train.lr or router.lr (or check the "
-                f"data), then rerun with --resume"
+                f"state is checkpointed in {latest_checkpoint(self.ckpt_dir)}. Lower train.lr or router.lr (or check "
+                f"the data), then rerun with --resume"
             )
         if kd is not None and not bad:
             for b, v in zip(cfg.budgets, kd):
                 if v is not None:
-                    window[f"kd/{b:g}"].append(v)
+                    self.window[f"kd/{b:g}"].append(v)
         for b, f in expected.items():
-            window[f"expected_params/{b:g}"].append(f)
-        if step % t.log_interval == 0 or step == total_steps:
-            elapsed = time.time() - window_t0
-            rec = {
-                "iteration": step,
-                "tokens": state["tokens"],
-                "stage": stage_index,
-                "seq_length": stage.seq_length,
-                "tau": tau,
-                "logit_scale": scale,
-                "lr": c.optimizer.param_groups[0]["lr"],
-                "router_lr": c.router_optimizer.param_groups[0]["lr"],
-                "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                "tokens_per_s": window_tokens / max(elapsed, 1e-9),
-            }
-            rec.update({k: float(np.mean(v)) for k, v in window.items()})
-            rec.update({f"chosen_params/{b}": v for b, v in _arch_summary(c, c.router.choose_all()).items()})
-            log(rec)
-            bar.set_postfix({f"kd{b:g}": f"{rec[f'kd/{b:g}']:.3f}" for b in cfg.budgets if f"kd/{b:g}" in rec})
-            window, window_t0, window_tokens = defaultdict(list), time.time(), 0
-        if step % t.eval_interval == 0 or step == total_steps:
-            last_valid = run_eval(step)
-        stop = _stop_requested()
-        stage_done = until_stage is not None and step < total_steps and cur.stage_at(state["tokens"])[0] >= until_stage
-        if step % cfg.checkpoint.save_interval == 0 or step == total_steps or stop or stage_done:
-            save(step)
-        if stop or stage_done:
-            bar.close()
-            reason = "preempted" if stop else f"stage {until_stage} done"
-            if is_logger:
-                print(
-                    f"stopping at step {step} ({reason}); checkpoint {latest_checkpoint(ckpt_dir)}; rerun with --resume"
-                )
-            _restore_signals(old_handlers)
-            return {
-                "stopped": "preempted" if stop else "stage",
-                "steps": step,
-                "tokens": state["tokens"],
-                "checkpoint": latest_checkpoint(ckpt_dir),
-            }
-        bar.update(1)
-    bar.close()
-    _restore_signals(old_handlers)
+            self.window[f"expected_params/{b:g}"].append(f)
+        if step % t.log_interval == 0 or step == t.train_iters:
+            self._log_window(step, stage_index, stage, tau, scale, grad_norm)
 
-    archs = c.router.choose_all()
-    free = {b: c.router.choose(b) for b in cfg.budgets}
-    before = evaluate_budgets(c, c.teacher, archs, valid_ds, t.eval_iters, eval_gbs)
-    parent_loss = evaluate_budgets(
-        c, c.teacher, {1.0: ElasticArch.full(c.model_config)}, valid_ds, t.eval_iters, eval_gbs
-    )[1.0]
-    after = (
-        last_valid
-        if last_valid is not None
-        else evaluate_budgets(c, c.student, archs, valid_ds, t.eval_iters, eval_gbs)
-    )
-    summary = {
-        "steps": total_steps,
-        "tokens": state["tokens"],
-        "wall_time_s": time.time() - t0,
-        "parent_parameters": c.full_parameters,
-        "parent_valid_loss": parent_loss,
-        "eval_tokens": t.eval_iters * eval_gbs * cfg.eval_seq_length,
-        # True when the router's free argmax choices were already nested (choose_all did not have to clip).
-        "nested_without_clipping": all(free[b] == archs[b] for b in cfg.budgets),
-        "budgets": {
-            f"{b:g}": {
-                "parameters": arch_parameters(c.model_config, archs[b]),
-                "fraction": arch_parameters(c.model_config, archs[b]) / c.full_parameters,
-                "valid_loss_before": before[b],
-                "valid_loss_after": after[b],
-                "arch": archs[b].to_dict(),
+    def _skip_update(self, step: int) -> None:
+        """NaN/Inf in a loss or gradient: the weights, optimizers and router keep their last good state; the data
+        and LR schedule move on. Too many in a row stop the run (see :meth:`train_step`)."""
+        state = self.state
+        state["bad_steps"] = state.get("bad_steps", 0) + 1
+        state["skipped_steps"] = state.get("skipped_steps", 0) + 1
+        self.c.router_optimizer.zero_grad(set_to_none=True)
+        self.metrics.log(
+            {
+                "iteration": step,
+                "skipped": True,
+                "reason": "non-finite loss or gradient",
+                "consecutive_bad_steps": state["bad_steps"],
             }
-            for b in cfg.budgets
-        },
-        "checkpoint": latest_checkpoint(ckpt_dir),
-    }
-    if is_logger:
-        with open(os.path.join(ckpt_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-        if writer is not None:
-            writer.close()
-    return summary
+        )
+        if self.is_logger:
+            tqdm.write(
+                f"step {step}: non-finite loss or gradient, update skipped "
+                f"({state['bad_steps']} in a row, limit {self.cfg.train.max_bad_steps})"
+            )
+
+    def _log_window(self, step, stage_index, stage, tau, scale, grad_norm) -> None:
+        """One metrics record for the steps since the last: means of the KD losses and expected sizes, rates."""
+        c = self.c
+        elapsed = time.time() - self.window_t0
+        rec = {
+            "iteration": step,
+            "tokens": self.state["tokens"],
+            "stage": stage_index,
+            "seq_length": stage.seq_length,
+            "tau": tau,
+            "logit_scale": scale,
+            "lr": c.optimizer.param_groups[0]["lr"],
+            "router_lr": c.router_optimizer.param_groups[0]["lr"],
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "tokens_per_s": self.window_tokens / max(elapsed, 1e-9),
+        }
+        rec.update({k: float(np.mean(v)) for k, v in self.window.items()})
+        rec.update({f"chosen_params/{b}": v for b, v in _arch_summary(c, c.router.choose_all()).items()})
+        self.metrics.log(rec)
+        self.bar.set_postfix({f"kd{b:g}": f"{rec[f'kd/{b:g}']:.3f}" for b in self.cfg.budgets if f"kd/{b:g}" in rec})
+        self.window, self.window_t0, self.window_tokens = defaultdict(list), time.time(), 0
+
+    # ---- the end ----------------------------------------------------------------------------------------------
+    def stopped(self, step: int, why: str, until_stage: Optional[int]) -> dict:
+        """The summary of a run stopped with a checkpoint (a signal, or ``--until-stage``)."""
+        checkpoint = latest_checkpoint(self.ckpt_dir)
+        if self.is_logger:
+            reason = "preempted" if why == "preempted" else f"stage {until_stage} done"
+            print(f"stopping at step {step} ({reason}); checkpoint {checkpoint}; rerun with --resume")
+        self.metrics.close()
+        return {"stopped": why, "steps": step, "tokens": self.state["tokens"], "checkpoint": checkpoint}
+
+    def summary(self, t0: float, last_valid: Optional[Dict[float, float]]) -> dict:
+        """Every budget's final choice, size and validation loss before (sliced teacher) and after training."""
+        c, cfg, t = self.c, self.cfg, self.cfg.train
+        evaluate = lambda model, archs: evaluate_budgets(c, model, archs, self.valid_ds, t.eval_iters, self.eval_gbs)
+        archs = c.router.choose_all()
+        free = {b: c.router.choose(b) for b in cfg.budgets}
+        before = evaluate(c.teacher, archs)
+        parent_loss = evaluate(c.teacher, {1.0: ElasticArch.full(c.model_config)})[1.0]
+        after = last_valid if last_valid is not None else evaluate(c.student, archs)
+        summary = {
+            "steps": t.train_iters,
+            "tokens": self.state["tokens"],
+            "wall_time_s": time.time() - t0,
+            "parent_parameters": c.full_parameters,
+            "parent_valid_loss": parent_loss,
+            "eval_tokens": t.eval_iters * self.eval_gbs * cfg.eval_seq_length,
+            # True when the router's free argmax choices were already nested (choose_all did not have to clip).
+            "nested_without_clipping": all(free[b] == archs[b] for b in cfg.budgets),
+            "budgets": {
+                f"{b:g}": {
+                    "parameters": arch_parameters(c.model_config, archs[b]),
+                    "fraction": arch_parameters(c.model_config, archs[b]) / c.full_parameters,
+                    "valid_loss_before": before[b],
+                    "valid_loss_after": after[b],
+                    "arch": archs[b].to_dict(),
+                }
+                for b in cfg.budgets
+            },
+            "checkpoint": latest_checkpoint(self.ckpt_dir),
+        }
+        if self.is_logger:
+            with open(os.path.join(self.ckpt_dir, "summary.json"), "w") as f:
+                json.dump(summary, f, indent=2)
+        self.metrics.close()
+        return summary
 
 
 def results_table(summary: dict) -> str:

@@ -24,6 +24,7 @@ from megatron_elastic.parallel import initialize_parallel
 from megatron_elastic.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from megatron_elastic.training.config import PretrainConfig
 from megatron_elastic.training.lm import LN2, lm_forward_step
+from megatron_elastic.training.metrics import MetricsLog
 from megatron_elastic.training.setup import build_training_components
 
 
@@ -140,12 +141,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -
     fb = get_forward_backward_func()
     tokens_per_iter = t.global_batch_size * seq
     os.makedirs(ckpt_dir, exist_ok=True)
-    metrics_path = os.path.join(ckpt_dir, "metrics.jsonl")
-
-    def log(record):
-        if is_logger:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+    log = MetricsLog(ckpt_dir, is_logger).log
 
     def run_eval():
         return evaluate(model, valid_loader_start(), t.eval_iters, num_micro, seq, t.micro_batch_size)
