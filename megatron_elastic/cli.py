@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import warnings
@@ -12,6 +13,8 @@ from megatron_elastic.demo import recipe_path  # noqa: F401  (the packaged recip
 
 
 def _quiet_warnings() -> None:
+    # A CUDA build of torch on a machine without CUDA logs this when Megatron imports cpp_extension.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
     warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
     warnings.filterwarnings("ignore", message=".*full scope is deprecated.*")

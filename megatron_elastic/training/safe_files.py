@@ -3,11 +3,13 @@
 A checkpoint directory (``iter_*``) holds:
 
 * ``trainer_state.json``, ``manifest.json``, ``dist/metadata.json``: JSON;
-* ``dist/*.distcp``: raw tensor bytes (torch.distributed.checkpoint reads byte items weights-only);
+* ``dist/*.distcp``: raw tensor bytes, and byte items (pickled ``_extra_state`` and Megatron sharded objects) that
+  torch's load planner unpickles without restriction: each is checked with a weights-only read first;
 * ``dist/common.pt``, ``extra.pt`` (router, router optimizer and scheduler, search space), ``rng_rank<r>.pt``:
   ``torch.save`` files of tensors, numbers, strings and plain containers, read with ``weights_only=True``;
 * ``dist/.metadata``: torch.distributed.checkpoint's index, a plain pickle that torch itself loads with
-  ``pickle.load``; it is checked first with an unpickler that admits only the index's own classes.
+  ``pickle.load``; it is checked first with an unpickler that admits only the index's own classes (the
+  byte items are found through it).
 
 :func:`check_checkpoint_is_data` checks every one of those files before any of them is used, and a file that holds
 anything else is refused with :class:`~megatron_elastic.errors.UnsafeCheckpointError` naming it.
@@ -15,6 +17,7 @@ anything else is refused with :class:`~megatron_elastic.errors.UnsafeCheckpointE
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 from typing import Any
@@ -78,15 +81,37 @@ class _IndexUnpickler(pickle.Unpickler):
 
 
 def check_dcp_index(dist_dir: str) -> None:
-    """Refuse a torch.distributed.checkpoint index (``dist/.metadata``) holding anything but its own classes."""
+    """Refuse a torch.distributed.checkpoint directory whose index (``.metadata``) holds anything but its own
+    classes, or whose byte items (pickled objects inside ``*.distcp``: Megatron's ``_extra_state`` and sharded
+    objects, which torch's load planner unpickles without restriction) hold anything but plain data."""
     path = os.path.join(dist_dir, DCP_METADATA)
     if not os.path.isfile(path):
         return  # the load itself reports a missing index
     try:
         with open(path, "rb") as f:
-            _IndexUnpickler(f).load()
+            index = _IndexUnpickler(f).load()
     except (pickle.UnpicklingError, AttributeError, EOFError, ValueError) as e:
         raise _refuse(path, f"an object of another kind ({e})") from None
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    for key, info in index.storage_data.items():
+        if not isinstance(index.state_dict_metadata.get(key.fqn), BytesStorageMetadata):
+            continue
+        where = os.path.join(dist_dir, str(info.relative_path))
+        if os.path.basename(str(info.relative_path)) != info.relative_path or getattr(
+            info, "transform_descriptors", None
+        ):
+            raise _refuse(
+                path, f"an item {key.fqn!r} stored as {info.relative_path!r} in a form this loader does not read"
+            )
+        with open(where, "rb") as f:
+            f.seek(info.offset)
+            blob = io.BytesIO(f.read(info.length))
+        try:
+            torch.load(blob, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            raise _refuse(where, f"an object of another kind in item {key.fqn!r} ({last.strip()[:200]})") from None
 
 
 def check_checkpoint_is_data(path: str, rank: int = 0) -> None:
