@@ -251,7 +251,6 @@ def seed_model_parallel_rng(seed: int) -> None:
     if cuda_available():
         mcore_random.model_parallel_cuda_manual_seed(seed)
         return
-    apply_cpu_shims()
     from megatron.core import parallel_state
 
     tracker = mcore_random._CUDA_RNG_STATE_TRACKER

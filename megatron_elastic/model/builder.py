@@ -23,12 +23,13 @@ def build_hybrid_model(
     stack_spec=None,
 ):
     """Return a Megatron hybrid LM for ``config``. ``stack_spec`` overrides the spec chosen by ``backend``.
+    Megatron's parallel state must exist (``megatron_elastic.parallel.initialize_parallel``, which also enables
+    the CPU back-end once per process when there is no CUDA).
 
     The model's forward is Megatron's: ``model(input_ids [b, s], position_ids [b, s], attention_mask)``
     returns logits ``[b, s, vocab/tp]`` (``parallel_output=True``) or the per-token loss when ``labels``
     is given.
     """
-    compat.apply_cpu_shims()
     # A copy: the caller's spec is left as it was given.
     spec = copy.deepcopy(stack_spec) if stack_spec is not None else hybrid_stack_spec(backend or default_backend())
     if pg_collection is None:
