@@ -29,12 +29,12 @@ RUN pip install "megatron-core==${MEGATRON_CORE_VERSION}" "nvidia-modelopt==${MO
 
 # This package (its other dependencies are small; torch comes from the base image).
 WORKDIR /opt/megatron_elastic
-COPY setup.py README.md ./
+COPY setup.py pyproject.toml README.md ./
 COPY megatron_elastic ./megatron_elastic
 COPY examples ./examples
 COPY launch ./launch
 # hadolint ignore=DL3013
-RUN pip install ".[hf]"
+RUN pip install --no-cache-dir ".[hf]"
 
 # No network at run time: model hubs offline, everything the recipes need is inside the image or mounted.
 ENV HF_HUB_OFFLINE=1 \
