@@ -93,6 +93,81 @@ def evaluate(
     return _broadcast_from_last_stage(float(np.mean(values)))
 
 
+def _resume(ckpt_dir: str, comps, is_logger: bool) -> dict:
+    """The trainer state of the latest checkpoint in ``ckpt_dir``, with the model, optimizer and LR schedule
+    restored from it."""
+    path = latest_checkpoint(ckpt_dir)
+    if path is None:
+        raise InputNotFoundError(
+            f"--resume: no checkpoint in {ckpt_dir} (no 'latest' file); drop --resume to start fresh"
+        )
+    state = load_checkpoint(path, comps.unwrapped, comps.optimizer)
+    comps.scheduler.load_state_dict(state["scheduler"])
+    if is_logger:
+        print(f"resumed from {path} at iteration {state['iteration']}")
+    return state
+
+
+def _data(cfg: PretrainConfig, vocab_size: int, consumed_samples: int):
+    """(training micro-batch iterator from ``consumed_samples`` on, a function starting a validation pass) for this
+    data-parallel rank."""
+    t, seq = cfg.train, cfg.data.seq_length
+    dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    train_samples = t.train_iters * t.global_batch_size
+    valid_samples = (t.train_iters // t.eval_interval + 2) * t.eval_iters * t.global_batch_size
+    train_ds, valid_ds = build_gpt_datasets(
+        cfg.data.path, seq, train_samples, valid_samples, seed=t.seed, model_vocab_size=vocab_size
+    )
+    train = make_loader(train_ds, consumed_samples, t.micro_batch_size, dp_rank, dp, cfg.data.num_workers)
+    return iter(train), lambda: iter(make_loader(valid_ds, 0, t.micro_batch_size, dp_rank, dp))
+
+
+def _train_iteration(comps, forward_backward, train_iter, num_micro: int, seq: int, micro_batch_size: int):
+    """One optimizer step over ``num_micro`` micro-batches (Megatron's schedule); returns (mean loss, grad norm)."""
+    with cuda_to_cpu():
+        comps.model.zero_grad_buffer()
+        comps.optimizer.zero_grad()
+        losses = forward_backward(
+            forward_step_func=lm_forward_step,
+            data_iterator=train_iter,
+            model=[comps.model],
+            num_microbatches=num_micro,
+            seq_length=seq,
+            micro_batch_size=micro_batch_size,
+            forward_only=False,
+        )
+        _, grad_norm, _ = comps.optimizer.step()
+    comps.scheduler.step(increment=1)
+    return _broadcast_from_last_stage(_mean_reported(losses)), grad_norm
+
+
+def _window_record(it: int, losses: list, t0: float, tokens_per_iter: int, optimizer, grad_norm) -> dict:
+    """The metrics record of the iterations since ``t0``: mean training loss, LR, grad norm, throughput."""
+    return {
+        "iteration": it,
+        "train_loss": float(np.mean(losses)),
+        "lr": optimizer.param_groups[0]["lr"],
+        "grad_norm": float(grad_norm) if grad_norm is not None else None,
+        "tokens_per_s": len(losses) * tokens_per_iter / max(time.time() - t0, 1e-9),
+    }
+
+
+def _save(cfg: PretrainConfig, comps, iteration: int, state: dict) -> None:
+    trainer_state = {
+        **{k: v for k, v in state.items() if k != "iteration"},
+        "scheduler": comps.scheduler.state_dict(),
+        "config": cfg.to_dict(),
+    }
+    save_checkpoint(
+        cfg.checkpoint.dir,
+        iteration,
+        comps.unwrapped,
+        comps.optimizer,
+        trainer_state,
+        keep_last=cfg.checkpoint.keep_last,
+    )
+
+
 def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -> dict:
     """Train the parent described by ``cfg``. With ``resume``, continue from the latest checkpoint in
     ``cfg.checkpoint.dir``. Returns a summary (parameters, tokens, wall time, losses)."""
@@ -103,39 +178,19 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -
     cfg.validate(world)
     model_cfg = cfg.model_config()
     t, seq = cfg.train, cfg.data.seq_length
-    dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
-    num_micro = t.global_batch_size // (t.micro_batch_size * dp)
+    num_micro = t.global_batch_size // (t.micro_batch_size * parallel_state.get_data_parallel_world_size())
     is_logger = dist.get_rank() == world - 1  # last rank: last PP stage, knows the loss
 
     comps = build_training_components(model_cfg, t)
-    model, optimizer, scheduler = comps.model, comps.optimizer, comps.scheduler
+    model, optimizer = comps.model, comps.optimizer
     model_cfg.finalize_model_grads_func = finalize_model_grads
     model_cfg.no_sync_func = model.no_sync
-
     n_params = parameter_count(comps.unwrapped)
-
-    state = {"iteration": 0, "consumed_train_samples": 0, "history": []}
     ckpt_dir = cfg.checkpoint.dir
-    if resume:
-        path = latest_checkpoint(ckpt_dir)
-        if path is None:
-            raise InputNotFoundError(
-                f"--resume: no checkpoint in {ckpt_dir} (no 'latest' file); drop --resume to start fresh"
-            )
-        state = load_checkpoint(path, comps.unwrapped, optimizer)
-        scheduler.load_state_dict(state["scheduler"])
-        if is_logger:
-            print(f"resumed from {path} at iteration {state['iteration']}")
-
-    train_samples = t.train_iters * t.global_batch_size
-    valid_samples = (t.train_iters // t.eval_interval + 2) * t.eval_iters * t.global_batch_size
-    train_ds, valid_ds = build_gpt_datasets(
-        cfg.data.path, seq, train_samples, valid_samples, seed=t.seed, model_vocab_size=model_cfg.vocab_size
+    state = (
+        _resume(ckpt_dir, comps, is_logger) if resume else {"iteration": 0, "consumed_train_samples": 0, "history": []}
     )
-    train_iter = iter(
-        make_loader(train_ds, state["consumed_train_samples"], t.micro_batch_size, dp_rank, dp, cfg.data.num_workers)
-    )
-    valid_loader_start = lambda: iter(make_loader(valid_ds, 0, t.micro_batch_size, dp_rank, dp))
+    train_iter, valid_loader_start = _data(cfg, model_cfg.vocab_size, state["consumed_train_samples"])
 
     unigram = unigram_entropy_nats(cfg.data.path)
     fb = get_forward_backward_func()
@@ -168,32 +223,11 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -
     loss_window, window_t0 = [], time.time()
     last_valid = state.get("last_valid_loss")
     for it in range(start_iter + 1, t.train_iters + 1):
-        with cuda_to_cpu():
-            model.zero_grad_buffer()
-            optimizer.zero_grad()
-            losses = fb(
-                forward_step_func=lm_forward_step,
-                data_iterator=train_iter,
-                model=[model],
-                num_microbatches=num_micro,
-                seq_length=seq,
-                micro_batch_size=t.micro_batch_size,
-                forward_only=False,
-            )
-            ok, grad_norm, _ = optimizer.step()
-        scheduler.step(increment=1)
+        loss, grad_norm = _train_iteration(comps, fb, train_iter, num_micro, seq, t.micro_batch_size)
         state["consumed_train_samples"] += t.global_batch_size
-        loss = _broadcast_from_last_stage(_mean_reported(losses))
         loss_window.append(loss)
         if it % t.log_interval == 0 or it == t.train_iters:
-            elapsed = time.time() - window_t0
-            rec = {
-                "iteration": it,
-                "train_loss": float(np.mean(loss_window)),
-                "lr": optimizer.param_groups[0]["lr"],
-                "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                "tokens_per_s": len(loss_window) * tokens_per_iter / max(elapsed, 1e-9),
-            }
+            rec = _window_record(it, loss_window, window_t0, tokens_per_iter, optimizer, grad_norm)
             log(rec)
             bar.set_postfix(loss=f"{rec['train_loss']:.3f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
             loss_window, window_t0 = [], time.time()
@@ -205,18 +239,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -
                 bar.write(f"iteration {it}: valid loss {last_valid:.4f} nats/token = {last_valid / LN2:.3f} bits/byte")
         if it % cfg.checkpoint.save_interval == 0 or it == t.train_iters:
             state["iteration"] = it
-            save_checkpoint(
-                ckpt_dir,
-                it,
-                comps.unwrapped,
-                optimizer,
-                {
-                    **{k: v for k, v in state.items() if k != "iteration"},
-                    "scheduler": scheduler.state_dict(),
-                    "config": cfg.to_dict(),
-                },
-                keep_last=cfg.checkpoint.keep_last,
-            )
+            _save(cfg, comps, it, state)
         bar.update(1)
     bar.close()
     summary = {
