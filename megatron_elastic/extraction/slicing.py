@@ -74,9 +74,10 @@ def slice_tensor(name: str, tensor: torch.Tensor, config, arch: ElasticArch) -> 
     sym = config.hybrid_pattern[i]
     layer_config = config.for_layer(i) if hasattr(config, "for_layer") else config
     units = nested_units(layer_config, sym, {f: getattr(arch, f)[i] for f in LAYER_FIELDS[sym]})
-    if rest not in HIDDEN_DIMS[sym] and rest not in layer_unit_index(layer_config, sym, units):
+    index = layer_unit_index(layer_config, sym, units)
+    if rest not in HIDDEN_DIMS[sym] and rest not in index:
         raise KeyError(f"slice_tensor: no slicing rule for {name!r} on a {sym!r} layer")
-    out = index_layer_tensor(layer_config, sym, rest, tensor, units)
+    out = index_layer_tensor(layer_config, sym, rest, tensor, units, index)
     if rest in HIDDEN_DIMS[sym]:
         out = out.narrow(HIDDEN_DIMS[sym][rest], 0, h)
     return out.contiguous().clone()

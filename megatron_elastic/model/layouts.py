@@ -76,14 +76,9 @@ class MambaLayout:
     CONV_PARTS = ("x", "B", "C")
 
     @classmethod
-    def of_config(cls, config, nheads: int = None, headdim: int = None) -> "MambaLayout":
-        """The full (TP=1) layout of a config's Mamba layer (``nheads``/``headdim``: a layer's own sizes)."""
-        return cls(
-            nheads or config.mamba_num_heads,
-            headdim or config.mamba_head_dim,
-            config.mamba_num_groups,
-            config.mamba_state_dim,
-        )
+    def of_config(cls, config) -> "MambaLayout":
+        """The full (TP=1) layout of a config's Mamba layers."""
+        return cls(config.mamba_num_heads, config.mamba_head_dim, config.mamba_num_groups, config.mamba_state_dim)
 
     @property
     def d_inner(self) -> int:
@@ -181,8 +176,8 @@ class FFNLayout:
     gated: bool = False
 
     @classmethod
-    def of_config(cls, config, ffn_hidden_size: int = None) -> "FFNLayout":
-        return cls(ffn_hidden_size or config.ffn_hidden_size, config.elastic_ffn_groups, config.gated_linear_unit)
+    def of_config(cls, config) -> "FFNLayout":
+        return cls(config.ffn_hidden_size, config.elastic_ffn_groups, config.gated_linear_unit)
 
     def nested_neurons(self, active: int) -> torch.Tensor:
         """The neurons a nested choice of ``active`` keeps: the first ``active / groups`` of every group."""
@@ -263,6 +258,7 @@ def index_layer_tensor(
     if name not in index:
         return tensor
     dim, idx = index[name]
-    if name == "mixer.D" and tensor.numel() == MambaLayout.of_config(config).d_inner:  # D_has_hdim
-        dim, idx = 0, MambaLayout.of_config(config).channels(units["heads"], units["head_channels"])
+    mamba = MambaLayout.of_config(config) if name == "mixer.D" else None
+    if mamba is not None and tensor.numel() == mamba.d_inner:  # D_has_hdim: one D per channel
+        dim, idx = 0, mamba.channels(units["heads"], units["head_channels"])
     return tensor.index_select(dim, idx.to(tensor.device))
