@@ -289,11 +289,11 @@ def _check_architecture(path: str, trainer_state: dict, model) -> None:
 
 
 def load_extra(path: str) -> Dict[str, Any]:
-    """The replicated ``extra`` state saved with a checkpoint (see :func:`save_checkpoint`)."""
+    """The replicated ``extra`` state saved with a checkpoint (see :func:`save_checkpoint`), read weights-only
+    (the checkpoint's other files are checked where they are read: ``load_checkpoint``, the tensor reader)."""
     f = os.path.join(path, EXTRA)
     if not os.path.isfile(f):
         raise CheckpointError(f"{path} has no {EXTRA}; it was not written by `megatron-elastic train`")
-    check_checkpoint_is_data(path)
     return load_plain(f)
 
 
