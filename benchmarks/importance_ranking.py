@@ -71,23 +71,20 @@ def main():
     magnitude = magnitude_scores(parent_sd, cfg).to_permutation(cfg)
     archs = {"75%": width_arch(0.75), "50%": width_arch(0.5)}
     # One axis at half width, the others full: where does the ranking matter?
-    half = ElasticArch.full(cfg)
     axis_archs = {}
     a_h = ElasticArch.full(cfg)
     a_h.hidden_size = cfg.hidden_size // 2
     axis_archs["hidden 1/2"] = a_h
-    a_f = ElasticArch.full(cfg)
-    a_f.ffn_hidden_size = {i: cfg.ffn_hidden_size // 2 for i in half.ffn_hidden_size}
-    axis_archs["ffn 1/2"] = a_f
-    a_m = ElasticArch.full(cfg)
-    a_m.mamba_num_heads = {i: cfg.mamba_num_heads // 2 for i in half.mamba_num_heads}
-    axis_archs["mamba heads 1/2"] = a_m
-    a_c = ElasticArch.full(cfg)
-    a_c.mamba_head_dim = {i: cfg.mamba_head_dim // 2 for i in half.mamba_head_dim}
-    axis_archs["mamba channels 1/2"] = a_c
-    a_q = ElasticArch.full(cfg)
-    a_q.num_attention_heads = {i: cfg.num_attention_heads // 2 for i in half.num_attention_heads}
-    axis_archs["attention heads 1/2"] = a_q
+    per_layer_axes = {
+        "ffn 1/2": "ffn_hidden_size",
+        "mamba heads 1/2": "mamba_num_heads",
+        "mamba channels 1/2": "mamba_head_dim",
+        "attention heads 1/2": "num_attention_heads",
+    }
+    for label, field in per_layer_axes.items():
+        arch = ElasticArch.full(cfg)
+        setattr(arch, field, {i: getattr(cfg, field) // 2 for i in getattr(arch, field)})
+        axis_archs[label] = arch
     archs.update(axis_archs)
     full_params = arch_parameters(cfg, ElasticArch.full(cfg))
     results = {

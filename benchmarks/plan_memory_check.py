@@ -7,7 +7,7 @@ the allocator's free lists and other processes move.
 
 Builds a ~42M-parameter parent (saved as an already-sorted parent), runs two steps of elastic training (student,
 frozen teacher, Megatron DDP + Adam, fp32) and compares with `megatron_elastic.plan.memory_per_gpu` for the
-same config (no overhead allowance, attention probabilities counted: no flash attention on the CPU).
+same config (no overhead allowance; the reference kernels: the pure-PyTorch Mamba scan, SDPA attention).
 
     python benchmarks/plan_memory_check.py --pattern '*-M-M' --hidden 256 --seq 256 --mbs 8   # other shapes
 
@@ -40,23 +40,6 @@ checkpoint: {dir: CKPT, save_interval: 100}
 """
 
 
-def peak_live_tensor_bytes(fn):
-    """Run ``fn()``; return (its result, the peak of live CPU tensor bytes while it ran, above those alive before).
-
-    Every allocation and free of torch's CPU allocator is a ``[memory]`` event of the profiler (a free of a
-    block allocated before the profile started is not reported, so the running sum can only over-count)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        result = fn()
-    deltas = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
-    live = peak = 0
-    for _, nbytes in deltas:
-        live += nbytes
-        peak = max(peak, live)
-    return result, peak
-
-
 def main(argv=None):
     warnings.filterwarnings("ignore")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -75,7 +58,7 @@ def main(argv=None):
     from megatron_elastic.data.indexed import write_split_datasets
     from megatron_elastic.data.tokenizer import ByteTokenizer
     from megatron_elastic.parallel import initialize_parallel
-    from megatron_elastic.plan import memory_per_gpu
+    from megatron_elastic.plan import memory_per_gpu, student_path
     from megatron_elastic.training.config import load_pretrain_config
     from megatron_elastic.training.elastic import train_elastic
     from megatron_elastic.training.elastic_config import load_elastic_config
@@ -100,6 +83,8 @@ def main(argv=None):
     import megatron_elastic.training.elastic as elastic_mod
 
     elastic_mod.save_checkpoint = lambda *a, **k: None
+    from megatron_elastic.testing import peak_live_tensor_bytes
+
     _, peak = peak_live_tensor_bytes(lambda: train_elastic(cfg, progress=False))
     est = memory_per_gpu(
         config,
@@ -111,7 +96,7 @@ def main(argv=None):
         1,
         distributed_optimizer=False,
         recompute=False,
-        kernels="reference",
+        path=student_path("reference"),
         overhead_gib=0.0,
     )
     total = sum(est.values())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -150,14 +151,7 @@ def cmd_generate(args) -> int:
 def cmd_plan(args) -> int:
     from megatron_elastic.plan import Hardware, dump_yaml, format_plan, make_plan
 
-    hw = Hardware(
-        nodes=args.nodes,
-        gpus_per_node=args.gpus_per_node,
-        gpu_memory_gib=args.gpu_memory_gib,
-        peak_tflops=args.peak_tflops,
-        mfu=args.mfu,
-        overhead_gib=args.overhead_gib,
-    )
+    hw = Hardware(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Hardware)})
     plan = make_plan(args.config, hw, list(args.set or []), kernels=args.kernels)
     print(dump_yaml(plan) if args.yaml else format_plan(plan, hw))
     return 0
@@ -171,196 +165,235 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="megatron-elastic", description="Nemotron Elastic on Megatron-Core: nested hybrid Mamba-2/attention LLMs."
-    )
-    p.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
-    sub = p.add_subparsers(dest="command", required=True)
+def _config_args(p, example: str, set_help: str = "override a config value (repeatable)") -> None:
+    p.add_argument("--config", required=True, help=f"YAML config, e.g. {example}")
+    p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help=set_help)
 
-    d = sub.add_parser(
-        "prepare-data",
-        help="write Megatron indexed datasets (.bin/.idx), train and valid splits",
-        description="Tokenise text into Megatron indexed datasets. Without --input, uses the built-in "
-        "corpus: this machine's Python standard library sources.",
-    )
-    d.add_argument("--out", required=True, help="output directory")
-    d.add_argument("--input", nargs="+", help="JSONL files (one object per line, text under --json-key) or text files")
-    d.add_argument("--json-key", default="text", help="JSON field holding the text (default: text)")
-    d.add_argument("--tokenizer", default="byte", help="tokenizer (default: byte)")
-    d.add_argument("--max-bytes", type=int, default=16_000_000, help="cap on built-in corpus size (default 16 MB)")
-    d.add_argument("--valid-every", type=int, default=20, help="every N-th document goes to valid (default 20)")
-    d.add_argument("--no-progress", action="store_true", help="no progress bar")
-    d.set_defaults(func=cmd_prepare_data)
 
-    t = sub.add_parser(
-        "pretrain",
-        help="pretrain a hybrid parent model",
-        description="Pretrain a hybrid parent from a YAML config (sections model, parallel, data, "
-        "train, checkpoint). Launch with torchrun for TP/PP/DP > 1.",
-    )
-    t.add_argument("--config", required=True, help="YAML config, e.g. megatron_elastic/recipes/tiny_parent.yaml")
-    t.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override a config value (repeatable)")
-    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in checkpoint.dir")
-    t.add_argument("--no-progress", action="store_true", help="no progress bar")
-    t.set_defaults(func=cmd_pretrain)
+def _no_progress_arg(p) -> None:
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    im = sub.add_parser(
-        "importance",
-        help="score a trained parent, sort it so every budget is a prefix",
-        description="Activation-based width importance and normalized-MSE depth importance on "
-        "calibration data, then the function-preserving sort. Writes scores.json, "
-        "ranking.json, summary.txt, importance.png and a sorted checkpoint in --out.",
-    )
-    im.add_argument("--checkpoint", required=True, help="a pretrain checkpoint directory (or its parent with 'latest')")
-    im.add_argument("--data", help="prepared data directory (default: the one the checkpoint was trained on)")
-    im.add_argument("--out", required=True, help="output directory")
-    im.add_argument("--calib-tokens", type=int, default=262_144, help="calibration tokens (default 262144)")
-    im.add_argument(
+
+def _prepare_data_args(p) -> None:
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--input", nargs="+", help="JSONL files (one object per line, text under --json-key) or text files")
+    p.add_argument("--json-key", default="text", help="JSON field holding the text (default: text)")
+    p.add_argument("--tokenizer", default="byte", help="tokenizer (default: byte)")
+    p.add_argument("--max-bytes", type=int, default=16_000_000, help="cap on built-in corpus size (default 16 MB)")
+    p.add_argument("--valid-every", type=int, default=20, help="every N-th document goes to valid (default 20)")
+    _no_progress_arg(p)
+
+
+def _pretrain_args(p) -> None:
+    _config_args(p, "megatron_elastic/recipes/tiny_parent.yaml")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in checkpoint.dir")
+    _no_progress_arg(p)
+
+
+def _importance_args(p) -> None:
+    p.add_argument("--checkpoint", required=True, help="a pretrain checkpoint directory (or its parent with 'latest')")
+    p.add_argument("--data", help="prepared data directory (default: the one the checkpoint was trained on)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--calib-tokens", type=int, default=262_144, help="calibration tokens (default 262144)")
+    p.add_argument(
         "--ffn-source",
         choices=["fc2_input", "fc1_output"],
         default="fc2_input",
         help="FFN activation scored: after the activation (ModelOpt) or fc1's output (paper)",
     )
-    im.add_argument(
+    p.add_argument(
         "--mamba-source",
         choices=["x", "out_proj_input"],
         default="x",
         help="Mamba activation scored: in_proj's x part (paper, ModelOpt) or the gated-norm output",
     )
-    im.add_argument("--iterative-depth", action="store_true", help="greedy: remove the least important layer, re-score")
-    im.add_argument("--no-progress", action="store_true", help="no progress bars")
-    im.set_defaults(func=cmd_importance)
+    p.add_argument("--iterative-depth", action="store_true", help="greedy: remove the least important layer, re-score")
+    _no_progress_arg(p)
 
-    e = sub.add_parser(
-        "train",
-        help="elastic distillation: train every budget of a sorted parent at once",
-        description="Router + frozen-teacher KD over the two-stage curriculum, from the output of "
-        "`importance`. YAML sections: parent, budgets, space, router, distill, curriculum, "
-        "parallel, data, train, checkpoint. Launch with torchrun for TP/PP/DP > 1. "
-        "SIGTERM/SIGUSR1 checkpoint and exit with code 99 (requeue me).",
+
+def _train_args(p) -> None:
+    _config_args(
+        p,
+        "megatron_elastic/recipes/tiny_elastic.yaml",
+        "override a config value (repeatable), e.g. parent=runs/demo/importance",
     )
-    e.add_argument("--config", required=True, help="YAML config, e.g. megatron_elastic/recipes/tiny_elastic.yaml")
-    e.add_argument(
-        "--set",
-        action="append",
-        metavar="SECTION.FIELD=VALUE",
-        help="override a config value (repeatable), e.g. parent=runs/demo/importance",
-    )
-    e.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in checkpoint.dir")
-    e.add_argument(
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in checkpoint.dir")
+    p.add_argument(
         "--auto-resume",
         action="store_true",
         help="resume when checkpoint.dir has a checkpoint, else start fresh (for (re)queued cluster jobs)",
     )
-    e.add_argument(
+    p.add_argument(
         "--until-stage",
         type=int,
         metavar="K",
         help="stop with a checkpoint once curriculum stage K (1-based) is done: one job per stage",
     )
-    e.add_argument("--no-progress", action="store_true", help="no progress bar")
-    e.set_defaults(func=cmd_train)
+    _no_progress_arg(p)
 
-    x = sub.add_parser(
-        "extract",
-        help="slice trained budgets into standalone Megatron and Hugging Face checkpoints",
-        description="Zero-shot extraction: the router's (nested) choice for each budget, or an explicit "
-        "architecture JSON, sliced out of the elastic weights. Writes <out>/budget_<b>/"
-        "{megatron,hf,arch.json}: a dist_checkpointing checkpoint of a plain hybrid model "
-        "(loads at any TP/PP) and a NemotronH checkpoint transformers loads.",
-    )
-    x.add_argument(
+
+def _extract_args(p) -> None:
+    p.add_argument(
         "--checkpoint",
         required=True,
         help="an elastic training run (or its iter_* directory); with --arch also a pretrain or sorted checkpoint",
     )
-    x.add_argument(
+    p.add_argument(
         "--budget", action="append", help="a trained budget fraction (e.g. 0.5) or 'all' (repeatable; default all)"
     )
-    x.add_argument("--arch", help="an architecture JSON (ElasticArch.to_json) instead of the router's choice")
-    x.add_argument("--format", choices=["megatron", "hf", "both"], default="both", help="what to write (default both)")
-    x.add_argument("--out", required=True, help="output directory")
-    x.set_defaults(func=cmd_extract)
+    p.add_argument("--arch", help="an architecture JSON (ElasticArch.to_json) instead of the router's choice")
+    p.add_argument("--format", choices=["megatron", "hf", "both"], default="both", help="what to write (default both)")
+    p.add_argument("--out", required=True, help="output directory")
 
-    ih = sub.add_parser(
-        "import-hf",
-        help="convert a Hugging Face NemotronH checkpoint into a Megatron checkpoint",
-        description="Start the pipeline from a released parent: a local NemotronH checkpoint (config.json "
-        "+ safetensors, e.g. Nemotron Nano V2's format) becomes a dist_checkpointing "
-        "checkpoint of our hybrid model. Mamba-2, attention and MLP layers; MoE is refused.",
-    )
-    ih.add_argument("--hf-dir", required=True, help="local Hugging Face checkpoint directory (no downloads)")
-    ih.add_argument("--out", required=True, help="output checkpoint directory")
-    ih.add_argument("--data", default="runs/data", help="prepared data the checkpoint's job config points at")
-    ih.set_defaults(func=cmd_import_hf)
 
-    g = sub.add_parser(
-        "generate",
-        help="decode with any trained budget, served from one copy of the weights",
-        description="Load an elastic checkpoint once and decode a prompt with one budget's sub-model "
-        "(or every budget), keeping the recurrent Mamba state and the attention KV cache.",
-    )
-    g.add_argument(
+def _import_hf_args(p) -> None:
+    p.add_argument("--hf-dir", required=True, help="local Hugging Face checkpoint directory (no downloads)")
+    p.add_argument("--out", required=True, help="output checkpoint directory")
+    p.add_argument("--data", default="runs/data", help="prepared data the checkpoint's job config points at")
+
+
+def _generate_args(p) -> None:
+    p.add_argument(
         "--checkpoint", required=True, help="an elastic training run (or a pretrain/sorted checkpoint: full model)"
     )
-    g.add_argument("--budget", default="1", help="a trained budget fraction, or 'all' (default 1)")
-    g.add_argument("--prompt", required=True, help="the prompt text")
-    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
-    g.add_argument("--seed", type=int, default=0, help="sampling seed")
-    g.add_argument("--tokenizer", default="byte", help="tokenizer of the training data (default byte)")
-    g.set_defaults(func=cmd_generate)
+    p.add_argument("--budget", default="1", help="a trained budget fraction, or 'all' (default 1)")
+    p.add_argument("--prompt", required=True, help="the prompt text")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--tokenizer", default="byte", help="tokenizer of the training data (default byte)")
 
-    pl = sub.add_parser(
-        "plan",
-        help="dry run: layout, parameters, per-GPU memory and GPU-hours of an elastic job",
-        description="Resolve an elastic config for a cluster without a GPU: parallel layout, parameter "
-        "counts of the parent and each budget, per-GPU memory (weights, grads, optimizer, "
-        "teacher, activations, logits) at each stage's sequence length, tokens and steps per "
-        "stage, GPU-hours at an assumed MFU. Exits 2 with the reason when it cannot fit.",
-    )
-    pl.add_argument("--config", required=True, help="elastic YAML, e.g. examples/nemotron_nano_v2_12b/elastic.yaml")
-    pl.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override a config value")
-    pl.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
-    pl.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
-    pl.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory per GPU (default 80, H100 SXM)")
-    pl.add_argument("--peak-tflops", type=float, default=989.0, help="dense BF16 peak per GPU (default 989, H100 SXM)")
-    pl.add_argument("--mfu", type=float, default=0.35, help="assumed model-FLOPs utilisation (default 0.35)")
-    pl.add_argument("--overhead-gib", type=float, default=4.0, help="per-GPU allowance for context/NCCL/fragmentation")
-    pl.add_argument(
+
+def _plan_args(p) -> None:
+    _config_args(p, "examples/nemotron_nano_v2_12b/elastic.yaml")
+    p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
+    p.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory per GPU (default 80, H100 SXM)")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="dense BF16 peak per GPU (default 989, H100 SXM)")
+    p.add_argument("--mfu", type=float, default=0.35, help="assumed model-FLOPs utilisation (default 0.35)")
+    p.add_argument("--overhead-gib", type=float, default=4.0, help="per-GPU allowance for context/NCCL/fragmentation")
+    p.add_argument(
         "--kernels",
         choices=["fused", "reference"],
         default="fused",
         help="activation memory for the GPU kernels (mamba_ssm, TransformerEngine, flash attention) or "
         "the pure-PyTorch reference path (default: %(default)s)",
     )
-    pl.add_argument("--yaml", action="store_true", help="print the plan as YAML")
-    pl.set_defaults(func=cmd_plan)
+    p.add_argument("--yaml", action="store_true", help="print the plan as YAML")
 
-    m = sub.add_parser(
-        "demo",
-        help="run the tiny CPU recipe end to end",
-        description="Prepare the built-in corpus, pretrain the tiny parent, score and sort it, then "
-        "train budgets 100/75/50%% at once by elastic distillation, extract each as standalone "
-        "Megatron and Hugging Face checkpoints, evaluate every model on one held-out set and "
-        "write OUT/report.md with a results table and a Pareto plot, on this machine. "
-        "Re-running reuses finished phases.",
-    )
-    m.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
-    m.add_argument("--quick", action="store_true", help="a short run (a few minutes) to check the set-up")
-    m.add_argument("--config", help="parent config (default: the packaged tiny recipe)")
-    m.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override a config value")
-    m.add_argument(
+
+def _demo_args(p) -> None:
+    p.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
+    p.add_argument("--quick", action="store_true", help="a short run (a few minutes) to check the set-up")
+    p.add_argument("--config", help="parent config (default: the packaged tiny recipe)")
+    p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override a config value")
+    p.add_argument(
         "--elastic-set",
         action="append",
         metavar="SECTION.FIELD=VALUE",
         help="override a value of the elastic recipe (recipes/tiny_elastic.yaml)",
     )
-    m.add_argument("--max-bytes", type=int, default=16_000_000, help="built-in corpus size cap")
-    m.add_argument("--no-progress", action="store_true", help="no progress bars")
-    m.set_defaults(func=cmd_demo)
+    p.add_argument("--max-bytes", type=int, default=16_000_000, help="built-in corpus size cap")
+    _no_progress_arg(p)
+
+
+# (name, one-line help, description, arguments, handler): the subcommands in pipeline order.
+SUBCOMMANDS = [
+    (
+        "prepare-data",
+        "write Megatron indexed datasets (.bin/.idx), train and valid splits",
+        "Tokenise text into Megatron indexed datasets. Without --input, uses the built-in corpus: this machine's "
+        "Python standard library sources.",
+        _prepare_data_args,
+        cmd_prepare_data,
+    ),
+    (
+        "pretrain",
+        "pretrain a hybrid parent model",
+        "Pretrain a hybrid parent from a YAML config (sections model, parallel, data, train, checkpoint). Launch "
+        "with torchrun for TP/PP/DP > 1.",
+        _pretrain_args,
+        cmd_pretrain,
+    ),
+    (
+        "importance",
+        "score a trained parent, sort it so every budget is a prefix",
+        "Activation-based width importance and normalized-MSE depth importance on calibration data, then the "
+        "function-preserving sort. Writes scores.json, ranking.json, summary.txt, importance.png and a sorted "
+        "checkpoint in --out.",
+        _importance_args,
+        cmd_importance,
+    ),
+    (
+        "train",
+        "elastic distillation: train every budget of a sorted parent at once",
+        "Router + frozen-teacher KD over the two-stage curriculum, from the output of `importance`. YAML "
+        "sections: parent, budgets, space, router, distill, curriculum, parallel, data, train, checkpoint. "
+        "Launch with torchrun for TP/PP/DP > 1. SIGTERM/SIGUSR1 checkpoint and exit with code 99 (requeue me).",
+        _train_args,
+        cmd_train,
+    ),
+    (
+        "extract",
+        "slice trained budgets into standalone Megatron and Hugging Face checkpoints",
+        "Zero-shot extraction: the router's (nested) choice for each budget, or an explicit architecture JSON, "
+        "sliced out of the elastic weights. Writes <out>/budget_<b>/{megatron,hf,arch.json}: a "
+        "dist_checkpointing checkpoint of a plain hybrid model (loads at any TP/PP) and a NemotronH checkpoint "
+        "transformers loads.",
+        _extract_args,
+        cmd_extract,
+    ),
+    (
+        "import-hf",
+        "convert a Hugging Face NemotronH checkpoint into a Megatron checkpoint",
+        "Start the pipeline from a released parent: a local NemotronH checkpoint (config.json + safetensors, "
+        "e.g. Nemotron Nano V2's format) becomes a dist_checkpointing checkpoint of our hybrid model. Mamba-2, "
+        "attention and MLP layers; MoE is refused.",
+        _import_hf_args,
+        cmd_import_hf,
+    ),
+    (
+        "generate",
+        "decode with any trained budget, served from one copy of the weights",
+        "Load an elastic checkpoint once and decode a prompt with one budget's sub-model (or every budget), "
+        "keeping the recurrent Mamba state and the attention KV cache.",
+        _generate_args,
+        cmd_generate,
+    ),
+    (
+        "plan",
+        "dry run: layout, parameters, per-GPU memory and GPU-hours of an elastic job",
+        "Resolve an elastic config for a cluster without a GPU: parallel layout, parameter counts of the parent "
+        "and each budget, per-GPU memory (weights, grads, optimizer, teacher, activations, logits) at each "
+        "stage's sequence length, tokens and steps per stage, GPU-hours at an assumed MFU. Exits 2 with the "
+        "reason when it cannot fit.",
+        _plan_args,
+        cmd_plan,
+    ),
+    (
+        "demo",
+        "run the tiny CPU recipe end to end",
+        "Prepare the built-in corpus, pretrain the tiny parent, score and sort it, then train budgets 100/75/50%% "
+        "at once by elastic distillation, extract each as standalone Megatron and Hugging Face checkpoints, "
+        "evaluate every model on one held-out set and write OUT/report.md with a results table and a Pareto "
+        "plot, on this machine. Re-running reuses finished phases.",
+        _demo_args,
+        cmd_demo,
+    ),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="megatron-elastic", description="Nemotron Elastic on Megatron-Core: nested hybrid Mamba-2/attention LLMs."
+    )
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, help_line, description, add_arguments, handler in SUBCOMMANDS:
+        command = sub.add_parser(name, help=help_line, description=description)
+        add_arguments(command)
+        command.set_defaults(func=handler)
     return p
 
 

@@ -86,6 +86,54 @@ def _recomputed(layer, forward, *args, **kwargs):
     return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
+def prepare_optimizer_for_load(optimizer) -> None:
+    """Before loading a checkpoint into an optimizer: megatron-core's DistributedOptimizer without Apex or
+    TransformerEngine (torch's Adam: the CPU, or a GPU without TE) is not loadable as Megatron ships it, a path
+    Megatron-LM never takes (TE is installed):
+
+    * building its sharded state dict for loading reads one shared ``step`` from the inner optimizer's
+      per-parameter state, which a fresh optimizer does not have (``assert len(steps) == 1``): give it zero
+      state at step 0, which the load overwrites;
+    * loading the reshardable parameter state copies every entry of a parameter's state from the checkpoint,
+      ``step`` included, which the checkpoint keeps in ``param_groups`` (``KeyError: 'step'``): the step is
+      left as ``load_state_dict`` set it, but as each parameter's own tensor: Megatron gives every parameter
+      the same ``step`` tensor, which torch's Adam then increments once per parameter (wrong bias correction
+      from the first step after a resume on).
+
+    Both go when Megatron handles torch's Adam in its distributed optimizer (or when TE is required)."""
+    from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE, DistributedOptimizer
+
+    if HAVE_APEX_OR_TE:
+        return
+    _keep_step_when_loading_param_state(DistributedOptimizer)
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if not isinstance(opt, DistributedOptimizer) or any(len(s) for s in inner.state.values()):
+            continue
+        opt.init_state_fn(inner, opt.config)
+        for group in inner.param_groups:
+            for p in group["params"]:
+                inner.state[p].setdefault("step", torch.tensor(0.0))
+
+
+def _keep_step_when_loading_param_state(cls) -> None:
+    original = cls._set_main_param_and_optimizer_states
+    if getattr(original, "_keeps_step", False):
+        return
+
+    def set_states(self, model_param, tensors):
+        if "step" not in tensors:
+            group_index, group_order = self.model_param_group_index_map[model_param]
+            state = self.optimizer.state[self.optimizer.param_groups[group_index]["params"][group_order]]
+            if "step" in state:
+                state["step"] = state["step"].detach().clone()
+                tensors = {**tensors, "step": state["step"]}
+        return original(self, model_param, tensors)
+
+    set_states._keeps_step = True
+    cls._set_main_param_and_optimizer_states = set_states
+
+
 def mlp_submodule(mlp_cls, submodules):
     """The ``mlp`` entry of a TransformerLayer spec. megatron-core >= 0.18 builds a layer's MLP through
     ``MLP.as_mlp_submodule`` (and rewrites, with a warning, a plain ``ModuleSpec(module=MLP)`` given to it);
@@ -199,8 +247,40 @@ class CudaToCpuMode(torch.overrides.TorchFunctionMode):
 
 
 def cuda_to_cpu():
-    """A context in which Megatron's hard-coded CUDA scalars land on the CPU; a null context with CUDA."""
+    """A context in which Megatron's hard-coded CUDA scalars land on the CPU; a null context with CUDA.
+    Jobs do not need it: :func:`enable_cpu_backend` (called by ``parallel.initialize_parallel``) holds the mode
+    for the whole process."""
     return contextlib.nullcontext() if cuda_available() else CudaToCpuMode()
+
+
+_PROCESS_MODE: CudaToCpuMode | None = None
+
+
+def enable_cpu_backend() -> None:
+    """Once per process, without CUDA: the CPU shims (:func:`apply_cpu_shims`) and :class:`CudaToCpuMode` for
+    every later torch call of this thread, until :func:`disable_cpu_backend`. A no-op with CUDA or when on."""
+    global _PROCESS_MODE
+    if cuda_available():
+        return
+    apply_cpu_shims()
+    if _PROCESS_MODE is None:
+        _PROCESS_MODE = CudaToCpuMode()
+        _PROCESS_MODE.__enter__()
+
+
+def disable_cpu_backend() -> None:
+    """Leave the process-wide :class:`CudaToCpuMode` (the shims stay: they are harmless without the mode)."""
+    global _PROCESS_MODE
+    if _PROCESS_MODE is None:
+        return
+    top = torch._C._get_function_stack_at(torch._C._len_torch_function_stack() - 1)
+    if top is not _PROCESS_MODE:
+        raise RuntimeError(
+            "disable_cpu_backend: another TorchFunctionMode was entered after enable_cpu_backend and is still "
+            "active; leave it first"
+        )
+    _PROCESS_MODE.__exit__(None, None, None)
+    _PROCESS_MODE = None
 
 
 class _CpuStream:

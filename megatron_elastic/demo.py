@@ -9,6 +9,7 @@ extracted budget and of the baselines on one fixed held-out set -> ``report.md``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import time
@@ -43,42 +44,40 @@ def recipe_path(name: str) -> str:
     return str(resources.files("megatron_elastic.recipes").joinpath(name))
 
 
-def _finished(ckpt_dir: str, iters: int) -> bool:
+def _finished_summary(ckpt_dir: str, iters: int, what: str):
+    """The summary of the run ``what`` in ``ckpt_dir`` if it reached ``iters`` iterations, else None."""
     from megatron_elastic.training.checkpoint import latest_checkpoint
 
-    done = latest_checkpoint(ckpt_dir)
-    if not done:
-        return False
+    done, summary_path = latest_checkpoint(ckpt_dir), os.path.join(ckpt_dir, "summary.json")
+    if not done or not os.path.isfile(summary_path):
+        return None
     with open(os.path.join(done, "trainer_state.json")) as f:
-        return json.load(f)["iteration"] >= iters
+        if json.load(f)["iteration"] < iters:
+            return None
+    print(f"  reusing {what} at {done}")
+    with open(summary_path) as f:
+        return json.load(f)
 
 
-def run_demo(args: argparse.Namespace) -> dict:
-    """Run (or finish) the demo in ``args.out``; returns the evaluation rows and phase times."""
+class _Phases:
+    """Prints each phase's header and records how long it took."""
+
+    def __init__(self):
+        self.seconds: Dict[str, float] = {}
+        self.count = 0
+
+    @contextlib.contextmanager
+    def __call__(self, title: str, where: str = ""):
+        self.count += 1
+        print(f"\n[{self.count}/{PHASES}] {title}" + (f": {where}" if where else ""), flush=True)
+        start = time.time()
+        yield
+        self.seconds[title] = time.time() - start
+
+
+def _prepare_demo_data(data_dir: str, args, progress: bool) -> None:
     from megatron_elastic.data.indexed import read_metadata
-    from megatron_elastic.training.checkpoint import latest_checkpoint
-    from megatron_elastic.training.config import load_pretrain_config
 
-    t0 = time.time()
-    times: Dict[str, float] = {}
-    out = os.path.abspath(args.out)
-    data_dir, parent_dir = os.path.join(out, "data"), os.path.join(out, "parent")
-    imp_dir, elastic_dir, extracted = (os.path.join(out, d) for d in ("importance", "elastic", "extracted"))
-    progress = not args.no_progress
-    overrides = [f"data.path={data_dir}", f"checkpoint.dir={parent_dir}"]
-    overrides += (QUICK_PARENT if args.quick else []) + list(args.set or [])
-    cfg = load_pretrain_config(args.config or recipe_path(TINY_PARENT), overrides)
-
-    starts: Dict[str, float] = {}
-
-    def phase(k: int, title: str, where: str = "") -> None:
-        starts[title] = time.time()
-        print(f"\n[{k}/{PHASES}] {title}" + (f": {where}" if where else ""), flush=True)
-
-    def done(title: str) -> None:
-        times[title] = time.time() - starts.pop(title)
-
-    phase(1, "data", data_dir)
     try:
         read_metadata(data_dir)
         print("  reusing prepared data")
@@ -86,15 +85,17 @@ def run_demo(args: argparse.Namespace) -> dict:
         from megatron_elastic.data.prepare import prepare_data
 
         prepare_data(data_dir, max_bytes=args.max_bytes, progress=progress)
-    done("data")
 
-    name = "pretrain the tiny parent"
-    phase(2, name, parent_dir)
-    if _finished(parent_dir, cfg.train.train_iters) and os.path.isfile(os.path.join(parent_dir, "summary.json")):
-        print(f"  reusing trained parent at {latest_checkpoint(parent_dir)}")
-        with open(os.path.join(parent_dir, "summary.json")) as f:
-            summary = json.load(f)
-    else:
+
+def _pretrain_parent(data_dir: str, parent_dir: str, args, progress: bool) -> dict:
+    from megatron_elastic.training.checkpoint import latest_checkpoint
+    from megatron_elastic.training.config import load_pretrain_config
+
+    overrides = [f"data.path={data_dir}", f"checkpoint.dir={parent_dir}"]
+    overrides += (QUICK_PARENT if args.quick else []) + list(args.set or [])
+    cfg = load_pretrain_config(args.config or recipe_path(TINY_PARENT), overrides)
+    summary = _finished_summary(parent_dir, cfg.train.train_iters, "trained parent")
+    if summary is None:
         from megatron_elastic.training.pretrain import pretrain
 
         summary = pretrain(cfg, resume=latest_checkpoint(parent_dir) is not None, progress=progress)
@@ -103,66 +104,78 @@ def run_demo(args: argparse.Namespace) -> dict:
         f"{summary['initial_valid_bpb']:.3f} -> {summary['final_valid_bpb']:.3f} bits/byte "
         f"(unigram baseline {summary['unigram_bpb']:.3f})"
     )
-    done(name)
+    return summary
 
-    name = "importance and the function-preserving sort"
-    phase(3, name, imp_dir)
+
+def _sort_parent(parent_dir: str, data_dir: str, imp_dir: str, args, progress: bool) -> None:
     if os.path.isfile(os.path.join(imp_dir, "sorted", "latest")):
         print("  reusing the sorted parent")
-    else:
-        from megatron_elastic.importance.run import run_importance
+        return
+    from megatron_elastic.importance.run import run_importance
 
-        res = run_importance(
-            parent_dir, data_dir, imp_dir, calib_tokens=4096 if args.quick else 32768, progress=progress
-        )
-        print(res["table"])
-        print(f"depth ranking (most important first): {res['depth_ranking']}; plot: {res['plot']}")
-    done(name)
+    res = run_importance(parent_dir, data_dir, imp_dir, calib_tokens=4096 if args.quick else 32768, progress=progress)
+    print(res["table"])
+    print(f"depth ranking (most important first): {res['depth_ranking']}; plot: {res['plot']}")
 
+
+def _train_elastic(imp_dir: str, elastic_dir: str, data_dir: str, args, progress: bool) -> dict:
+    from megatron_elastic.training.checkpoint import latest_checkpoint
     from megatron_elastic.training.elastic import results_table, train_elastic
     from megatron_elastic.training.elastic_config import load_elastic_config
 
-    name = "elastic distillation of every budget at once"
-    phase(4, name, elastic_dir)
-    elastic_overrides = [f"parent={imp_dir}", f"checkpoint.dir={elastic_dir}", f"data.path={data_dir}"]
-    elastic_overrides += (QUICK_ELASTIC if args.quick else []) + list(args.elastic_set or [])
-    ecfg = load_elastic_config(recipe_path(TINY_ELASTIC), elastic_overrides)
-    summary_path = os.path.join(elastic_dir, "summary.json")
-    if _finished(elastic_dir, ecfg.train.train_iters) and os.path.isfile(summary_path):
-        print(f"  reusing the elastic run at {latest_checkpoint(elastic_dir)}")
-        with open(summary_path) as f:
-            esummary = json.load(f)
-    else:
-        esummary = train_elastic(ecfg, resume=latest_checkpoint(elastic_dir) is not None, progress=progress)
-    print(results_table(esummary))
-    done(name)
+    overrides = [f"parent={imp_dir}", f"checkpoint.dir={elastic_dir}", f"data.path={data_dir}"]
+    overrides += (QUICK_ELASTIC if args.quick else []) + list(args.elastic_set or [])
+    cfg = load_elastic_config(recipe_path(TINY_ELASTIC), overrides)
+    summary = _finished_summary(elastic_dir, cfg.train.train_iters, "the elastic run")
+    if summary is None:
+        summary = train_elastic(cfg, resume=latest_checkpoint(elastic_dir) is not None, progress=progress)
+    print(results_table(summary))
+    return summary
 
+
+def _extract_all(elastic_dir: str, extracted: str) -> List[dict]:
     from megatron_elastic.extraction.extract import extract
 
-    name = "zero-shot extraction of every budget (Megatron + Hugging Face)"
-    phase(5, name, extracted)
-    rows_x = extract(elastic_dir, extracted, budgets=["all"], fmt="both")
-    for r in rows_x:
+    rows = extract(elastic_dir, extracted, budgets=["all"], fmt="both")
+    for r in rows:
         print(f"  budget {r['name']:>5}: {r['parameters']:>10,} parameters -> {r['megatron']}, {r['hf']}")
-    done(name)
+    return rows
 
-    name = "evaluate every model on one held-out set and write the report"
-    phase(6, name)
-    rows = evaluate_demo(
-        out,
-        parent_dir,
-        imp_dir,
-        rows_x,
-        data_dir,
-        esummary,
-        num_tokens=8192 if args.quick else 65536,
-        progress=progress,
+
+def run_demo(args: argparse.Namespace) -> dict:
+    """Run (or finish) the demo in ``args.out``; returns the evaluation rows and phase times."""
+    t0 = time.time()
+    out = os.path.abspath(args.out)
+    data_dir, parent_dir, imp_dir, elastic_dir, extracted = (
+        os.path.join(out, d) for d in ("data", "parent", "importance", "elastic", "extracted")
     )
-    done(name)
+    progress = not args.no_progress
+    phase = _Phases()
+    with phase("data", data_dir):
+        _prepare_demo_data(data_dir, args, progress)
+    with phase("pretrain the tiny parent", parent_dir):
+        _pretrain_parent(data_dir, parent_dir, args, progress)
+    with phase("importance and the function-preserving sort", imp_dir):
+        _sort_parent(parent_dir, data_dir, imp_dir, args, progress)
+    with phase("elastic distillation of every budget at once", elastic_dir):
+        esummary = _train_elastic(imp_dir, elastic_dir, data_dir, args, progress)
+    with phase("zero-shot extraction of every budget (Megatron + Hugging Face)", extracted):
+        rows_x = _extract_all(elastic_dir, extracted)
+    with phase("evaluate every model on one held-out set and write the report"):
+        rows = evaluate_demo(
+            out,
+            parent_dir,
+            imp_dir,
+            rows_x,
+            data_dir,
+            esummary,
+            num_tokens=8192 if args.quick else 65536,
+            progress=progress,
+        )
     total = time.time() - t0
-    report = _write_demo_report(out, rows, esummary, times, total, args)
+    report = _write_demo_report(out, rows, esummary, phase.seconds, total, args)
     print(f"\ndemo finished in {total:.0f} s; report: {report}; outputs in {out}")
-    return {"rows": rows, "phase_seconds": times, "total_seconds": total, "report": report}
+    return {"rows": rows, "phase_seconds": phase.seconds, "total_seconds": total, "report": report}
 
 
 def evaluate_demo(

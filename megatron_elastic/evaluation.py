@@ -14,9 +14,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from megatron_elastic.compat import cuda_to_cpu
 from megatron_elastic.data.loader import calibration_batches
-from megatron_elastic.model.builder import build_hybrid_model, causal_attention_mask, parameter_count
+from megatron_elastic.model.builder import build_hybrid_model, parameter_count
 from megatron_elastic.training.checkpoint import load_model_weights
 from megatron_elastic.training.lm import LN2, batch_to_device
 from megatron_elastic.training.runs import single_process_job
@@ -44,18 +43,15 @@ def evaluate_lm(model, batches: Sequence[dict]) -> Dict[str, float]:
     was_training = model.training
     model.eval()
     total, count, seconds = 0.0, 0, 0.0
-    with cuda_to_cpu():
-        for batch in batches:
-            b = batch_to_device(batch)
-            tokens = b["tokens"]
-            t0 = time.perf_counter()
-            losses = model(
-                tokens, b["position_ids"], causal_attention_mask(tokens.shape[1], tokens.device), labels=b["labels"]
-            )
-            seconds += time.perf_counter() - t0
-            mask = b["loss_mask"].float()
-            total += float((losses.float() * mask).sum())
-            count += int(mask.sum())
+    for batch in batches:
+        b = batch_to_device(batch)
+        tokens = b["tokens"]
+        t0 = time.perf_counter()
+        losses = model(tokens, b["position_ids"], None, labels=b["labels"])
+        seconds += time.perf_counter() - t0
+        mask = b["loss_mask"].float()
+        total += float((losses.float() * mask).sum())
+        count += int(mask.sum())
     model.train(was_training)
     loss = total / max(count, 1)
     return {

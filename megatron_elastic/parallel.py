@@ -33,8 +33,9 @@ def initialize_parallel(
     tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1, seed: int = 1234
 ) -> None:
     """Initialise torch.distributed from the torchrun environment (or as a single process when there is
-    none) and Megatron's TP/PP/DP groups, then seed Megatron's RNG streams. Idempotent."""
-    compat.apply_cpu_shims()
+    none) and Megatron's TP/PP/DP groups, then seed Megatron's RNG streams. Idempotent. Without CUDA it also
+    enables the CPU back-end for this process (``compat.enable_cpu_backend``), until :func:`destroy_parallel`."""
+    compat.enable_cpu_backend()
     _ranks_from_slurm()
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -63,8 +64,9 @@ def initialize_parallel(
 
 
 def destroy_parallel() -> None:
-    """Tear down Megatron's groups and the default process group."""
+    """Tear down Megatron's groups and the default process group, and leave the CPU back-end's mode."""
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+    compat.disable_cpu_backend()

@@ -20,6 +20,7 @@ Memory model (bytes per GPU, the largest pipeline stage):
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -30,6 +31,7 @@ from megatron_elastic.compat import ATTENTION, MAMBA
 from megatron_elastic.errors import ConfigError, PlanError
 from megatron_elastic.model.cost import arch_flops_per_token, arch_parameters, layer_parameters, scaled_arch
 from megatron_elastic.model.elastic_arch import ElasticArch
+from megatron_elastic.model.kernels import MACHINES, KernelPath, student_kernels, teacher_kernels
 from megatron_elastic.training.elastic_config import ElasticJobConfig, load_elastic_config
 
 GIB = 2**30
@@ -73,6 +75,8 @@ class Plan:
     world: int
     parent_parameters: int
     budgets: Dict[str, dict]
+    student: KernelPath
+    teacher: KernelPath
     stages: List[StagePlan] = field(default_factory=list)
 
     @property
@@ -84,36 +88,41 @@ def _bytes_per_param(config) -> int:
     return 2 if config.bf16 or config.fp16 else 4
 
 
-KERNELS = ("fused", "reference")
+KERNELS = tuple(MACHINES)
 
 
-def layer_activation_bytes(config, i: int, seq: int, mbs: int, tp: int, kernels: str = "fused") -> float:
-    """Bytes one layer keeps for backward (one micro-batch, no recompute).
-
-    ``kernels="fused"`` is the GPU path (TransformerEngine norms, flash attention, ``mamba_ssm``'s fused SSD scan,
-    which recomputes its chunk states in backward). ``"reference"`` is the pure-PyTorch path (the CPU, or a GPU
-    without those packages): counted tensor by tensor from what autograd saves in our code: an unfused RMSNorm
-    (input, normalised input, output), attention probabilities and GQA-expanded K/V copies for ``bmm``, and the
-    chunked SSD scan's intra-chunk decay matrices, contiguous einsum operands and chunk states, in float32.
-    """
-    if kernels not in KERNELS:
+def student_path(kernels: str, sequence_parallel: bool = False) -> KernelPath:
+    """The student's kernel path on the machine ``kernels`` names (see ``model.kernels.MACHINES``)."""
+    if kernels not in MACHINES:
         raise ConfigError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+    return student_kernels(MACHINES[kernels], sequence_parallel)
+
+
+def layer_activation_bytes(config, i: int, seq: int, mbs: int, tp: int, path: KernelPath) -> float:
+    """Bytes one layer keeps for backward (one micro-batch, no recompute), for the kernels of ``path``.
+
+    Counted tensor by tensor from what autograd saves. Hidden-size tensors (the layer input, the norm's
+    output, and the unfused norm's normalised input) are split over TP with sequence parallelism (Megatron's
+    sequence-parallel linears save their local input and gather it again in backward). Attention (SDPA or TE)
+    keeps Q/K/V (views of the QKV output), its output and a float32 log-sum-exp per query and head, never the
+    ``s x s`` probabilities. The ``mamba_ssm`` scan recomputes its chunk states in backward; the pure-PyTorch
+    scan keeps its intra-chunk decay matrices, contiguous einsum operands and chunk states, in float32.
+    """
     e = _bytes_per_param(config)
     sb, h = seq * mbs, config.hidden_size
     lc = config.for_layer(i)
     sym = config.hybrid_pattern[i]
-    ref = kernels == "reference"
-    norm = (3 if ref else 2) * h  # layer input (+ normalised input) + the norm's output
+    hidden = (2 if path.norm == "te" else 3) * h / (tp if path.sequence_parallel else 1)
     if sym == MAMBA:
         H, p = lc.mamba_num_heads / tp, lc.mamba_head_dim
         d, g, n, q = H * p, config.mamba_num_groups / tp, config.mamba_state_dim, config.mamba_chunk_size
         bc = g * n
         in_proj_out = 2 * d + 2 * bc + H
-        if not ref:  # conv output, scan output, gated-norm output (out_proj input), fp32 dt/dA_cumsum
-            return e * sb * (norm + in_proj_out + (d + 2 * bc) + 3 * d) + 4 * sb * 2 * H
+        if path.mamba_scan == "mamba_ssm":  # conv output, scan output, gated-norm output, fp32 dt/dA_cumsum
+            return e * sb * (hidden + in_proj_out + (d + 2 * bc) + 3 * d) + 4 * sb * 2 * H
         # conv: its contiguous input, pre- and post-activation; gated norm: y, gated y, normalised y, its
         # output and out_proj's contiguous input
-        model_dtype = norm + in_proj_out + 3 * (d + 2 * bc) + 5 * d
+        model_dtype = hidden + in_proj_out + 3 * (d + 2 * bc) + 5 * d
         # the scan (float32): decay matrix and its product with C.B (2 H q), C.B (g q), contiguous B/C
         # copies (3 g n), x copies (3 d), B*decay (H n), chunk states entering/leaving (2 d n / q), dt terms
         scan = 2 * H * q + g * q + 3 * bc + 3 * d + H * n + 2 * d * n / q + 4 * H
@@ -126,10 +135,10 @@ def layer_activation_bytes(config, i: int, seq: int, mbs: int, tp: int, kernels:
             (config.num_query_groups or lc.num_attention_heads) / tp,
             config.kv_channels,
         )
-        if ref:  # contiguous Q and GQA-expanded K, V copies, the context (proj input), probabilities
-            return e * sb * (norm + 4 * qh * hn) + e * mbs * qh * seq * seq
-        return e * sb * (norm + (qh + 2 * g) * hn + qh * hn)
-    return e * sb * (norm + 2 * lc.ffn_hidden_size / tp)
+        # the fused QKV output (Q/K/V are views of it), the kernel's output and its [s, b, heads*hn] copy
+        # (linear_proj's input), the float32 log-sum-exp
+        return e * sb * (hidden + (qh + 2 * g) * hn + 2 * qh * hn) + 4 * sb * qh
+    return e * sb * (hidden + 2 * lc.ffn_hidden_size / tp)
 
 
 def _stage_layers(config, pp: int) -> List[List[int]]:
@@ -148,10 +157,12 @@ def memory_per_gpu(
     num_micro: int,
     distributed_optimizer: bool = True,
     recompute: bool = False,
-    kernels: str = "fused",
+    path: Optional[KernelPath] = None,
     overhead_gib: float = 0.0,
 ) -> Dict[str, float]:
-    """Per-GPU bytes by component for the most loaded pipeline stage (see the module docstring)."""
+    """Per-GPU bytes by component for the most loaded pipeline stage (see the module docstring), for the student
+    kernels ``path`` (default: the ``fused`` machine, no sequence parallelism)."""
+    path = path or student_path("fused")
     full = ElasticArch.full(config)
     e = _bytes_per_param(config)
     emb = config.vocab_size * config.hidden_size
@@ -164,9 +175,10 @@ def memory_per_gpu(
             params += config.hidden_size + (0 if config.share_embeddings_and_output_weights else emb)
         params /= tp
         opt = (4 if e == 2 else 0) + 8
-        acts = [layer_activation_bytes(config, i, seq, mbs, tp, kernels) for i in layers]
-        if recompute:
-            act = e * seq * mbs * config.hidden_size * len(layers) + max(acts)
+        acts = [layer_activation_bytes(config, i, seq, mbs, tp, path) for i in layers]
+        if recompute:  # each layer's input (split over TP with sequence parallelism) + one layer's activations
+            layer_input = e * seq * mbs * config.hidden_size / (tp if path.sequence_parallel else 1)
+            act = layer_input * len(layers) + max(acts)
         else:
             act = sum(acts)
         in_flight = min(pp - k, num_micro) if pp > 1 else 1
@@ -198,7 +210,7 @@ def largest_admissible(config, target: float) -> ElasticArch:
     return best or scaled_arch(config, 0.1)
 
 
-def _parent_config(cfg: ElasticJobConfig, config_dir: str, tp: int, pp: int):
+def _parent_config(cfg: ElasticJobConfig, config_dir: str):
     from megatron_elastic.training.config import load_pretrain_config
 
     ref = cfg.raw.get("plan_parent_config")
@@ -216,62 +228,86 @@ def _parent_config(cfg: ElasticJobConfig, config_dir: str, tp: int, pp: int):
                 f"into {cfg.parent} first"
             )
         job = config_from_checkpoint(src)
-    job.parallel.tensor_model_parallel_size, job.parallel.pipeline_model_parallel_size = tp, pp
+    job.parallel = dataclasses.replace(cfg.parallel)
     return job.model_config()
 
 
-def make_plan(config_path: str, hw: Hardware, overrides: Optional[List[str]] = None, kernels: str = "fused") -> Plan:
-    """Resolve and check ``config_path`` for ``hw``; raises :class:`PlanError` when it cannot fit."""
-    cfg = load_elastic_config(config_path, overrides)
+def stage_memory(cfg: ElasticJobConfig, config, dp: int, path: KernelPath, overhead_gib: float):
+    """Per-GPU bytes by component at every curriculum stage of ``cfg`` (model ``config``, student ``path``)."""
     tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
-    if hw.world % (tp * pp):
-        raise PlanError(f"{hw.world} GPUs is not a multiple of TP*PP = {tp * pp}; change --nodes/--gpus-per-node")
-    dp = hw.world // (tp * pp)
-    cfg.validate(hw.world)
-    config = _parent_config(cfg, os.path.dirname(os.path.abspath(config_path)), tp, pp)
-    full_arch = ElasticArch.full(config)
-    full = arch_parameters(config, full_arch)
-    budgets = {}
-    for b in cfg.budgets:
-        arch = full_arch if b >= 1.0 else largest_admissible(config, b * full)
-        budgets[f"{b:g}"] = {"target": b * full, "arch": arch, "parameters": arch_parameters(config, arch)}
-    plan = Plan(tp, pp, dp, hw.world, full, budgets)
-    for stage, steps in zip(cfg.curriculum.stages, cfg.stage_steps()):
-        num_micro = stage.global_batch_size // (cfg.train.micro_batch_size * dp)
-        mem = memory_per_gpu(
+    return [
+        memory_per_gpu(
             config,
             tp,
             pp,
             dp,
             stage.seq_length,
             cfg.train.micro_batch_size,
-            num_micro,
+            stage.global_batch_size // (cfg.train.micro_batch_size * dp),
             cfg.train.distributed_optimizer,
             cfg.train.recompute,
-            kernels,
-            hw.overhead_gib,
+            path,
+            overhead_gib,
         )
+        for stage in cfg.curriculum.stages
+    ]
+
+
+def check_fits(cfg: ElasticJobConfig, memories: List[Dict[str, float]], gpu_memory_gib: float, dp: int) -> None:
+    """Raise :class:`PlanError` naming the stage, its largest component and the fixes when a stage needs more
+    than ``gpu_memory_gib`` per GPU (what ``plan`` refuses and ``train`` checks before its first step)."""
+    tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
+    for stage, mem in zip(cfg.curriculum.stages, memories):
+        total = sum(mem.values())
+        if total > gpu_memory_gib * GIB:
+            top = max((k for k in mem if k != "overhead"), key=mem.get)
+            fixes = [] if cfg.train.recompute else ["train.recompute=true"]
+            if tp > 1 and not cfg.parallel.sequence_parallel:
+                fixes.append("parallel.sequence_parallel=true")
+            fixes.append("a larger parallel.tensor_model_parallel_size")
+            if not cfg.train.distributed_optimizer:
+                fixes.append("train.distributed_optimizer=true")
+            raise PlanError(
+                f"stage {stage.name!r} needs {total / GIB:.1f} GiB per GPU (largest: {top} "
+                f"{mem[top] / GIB:.1f} GiB) > {gpu_memory_gib:g} GiB at TP={tp}, PP={pp}, DP={dp}; "
+                f"try {', '.join(fixes)}"
+            )
+
+
+def make_plan(config_path: str, hw: Hardware, overrides: Optional[List[str]] = None, kernels: str = "fused") -> Plan:
+    """Resolve and check ``config_path`` for ``hw``, whose GPUs have the packages ``kernels`` names; raises
+    :class:`PlanError` when it cannot fit."""
+    cfg = load_elastic_config(config_path, overrides)
+    tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
+    if hw.world % (tp * pp):
+        raise PlanError(f"{hw.world} GPUs is not a multiple of TP*PP = {tp * pp}; change --nodes/--gpus-per-node")
+    dp = hw.world // (tp * pp)
+    cfg.validate(hw.world)
+    config = _parent_config(cfg, os.path.dirname(os.path.abspath(config_path)))
+    full_arch = ElasticArch.full(config)
+    full = arch_parameters(config, full_arch)
+    budgets = {}
+    for b in cfg.budgets:
+        arch = full_arch if b >= 1.0 else largest_admissible(config, b * full)
+        budgets[f"{b:g}"] = {"target": b * full, "arch": arch, "parameters": arch_parameters(config, arch)}
+    student = student_path(kernels, cfg.parallel.sequence_parallel)
+    teacher = teacher_kernels(MACHINES[kernels], cfg.parallel.sequence_parallel)
+    plan = Plan(tp, pp, dp, hw.world, full, budgets, student, teacher)
+    memories = stage_memory(cfg, config, dp, student, hw.overhead_gib)
+    for stage, steps, mem in zip(cfg.curriculum.stages, cfg.stage_steps(), memories):
         tokens = steps * stage.global_batch_size * stage.seq_length
         w = [x / sum(stage.budget_weights) for x in stage.budget_weights]
-        teacher = arch_flops_per_token(config, full_arch, stage.seq_length)
-        student = sum(
+        teacher_flops = arch_flops_per_token(config, full_arch, stage.seq_length)
+        student_flops = sum(
             wi * arch_flops_per_token(config, budgets[f"{b:g}"]["arch"], stage.seq_length)
             for wi, b in zip(w, cfg.budgets)
         )
-        flops = tokens * (teacher + 3 * student)
+        flops = tokens * (teacher_flops + 3 * student_flops)
         hours = flops / (hw.mfu * hw.peak_tflops * 1e12) / 3600
         plan.stages.append(
             StagePlan(stage.name, stage.seq_length, stage.global_batch_size, steps, tokens, mem, flops, hours)
         )
-    for s in plan.stages:
-        if s.total_memory > hw.gpu_memory_gib * GIB:
-            top = max((k for k in s.memory if k != "overhead"), key=s.memory.get)
-            raise PlanError(
-                f"stage {s.name!r} needs {s.total_memory / GIB:.1f} GiB per GPU (largest: {top} "
-                f"{s.memory[top] / GIB:.1f} GiB) > {hw.gpu_memory_gib:g} GiB at TP={tp}, PP={pp}, DP={dp}; "
-                f"try train.recompute=true, a larger parallel.tensor_model_parallel_size, or "
-                f"train.distributed_optimizer=true with more data-parallel ranks"
-            )
+    check_fits(cfg, memories, hw.gpu_memory_gib, dp)
     return plan
 
 
@@ -280,6 +316,8 @@ def format_plan(plan: Plan, hw: Hardware) -> str:
     lines = [
         f"layout: {hw.nodes} node(s) x {hw.gpus_per_node} GPUs = {plan.world}; TP={plan.tp} PP={plan.pp} DP={plan.dp}",
         f"parent: {plan.parent_parameters:,} parameters ({plan.parent_parameters / 1e9:.2f}B)",
+        f"student kernels: {plan.student.describe()}",
+        f"teacher kernels: {plan.teacher.describe()}",
         f"{'budget':>7} {'target':>16} {'largest uniform arch':>22}",
     ]
     for b, r in plan.budgets.items():
@@ -312,6 +350,7 @@ def plan_to_dict(plan: Plan) -> dict:
         "dp": plan.dp,
         "world": plan.world,
         "parent_parameters": plan.parent_parameters,
+        "kernels": {"student": dataclasses.asdict(plan.student), "teacher": dataclasses.asdict(plan.teacher)},
         "budgets": {b: {"target": r["target"], "parameters": r["parameters"]} for b, r in plan.budgets.items()},
         "stages": [
             {

@@ -110,3 +110,20 @@ def make_tiny_sorted_parent(root: str, max_bytes: int = 300_000, iters: int = 20
     )
     run_importance(paths["parent"], paths["data"], paths["importance"], calib_tokens=2048, progress=False)
     return paths
+
+
+def peak_live_tensor_bytes(fn):
+    """Run ``fn()``; return (its result, the peak of live CPU tensor bytes while it ran, above those alive before).
+
+    Every allocation and free of torch's CPU allocator is a ``[memory]`` event of the profiler (a free of a
+    block allocated before the profile started is not reported, so the running sum can only over-count)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+    deltas = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in deltas:
+        live += nbytes
+        peak = max(peak, live)
+    return result, peak

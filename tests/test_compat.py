@@ -30,6 +30,7 @@ def test_cpu_rng_tracker_forks_named_streams_and_restores_default():
 
 
 def test_cuda_to_cpu_mode_only_inside_the_context():
+    compat.disable_cpu_backend()  # an earlier test may have left a parallel job's process-wide mode on
     with compat.cuda_to_cpu():
         t = torch.zeros(2, device="cuda")
         assert t.device.type == "cpu"
@@ -44,3 +45,21 @@ def test_cuda_to_cpu_mode_only_inside_the_context():
 def test_version_compat_names():
     assert compat.PATTERN_KWARG in ("hybrid_override_pattern", "hybrid_layer_pattern")
     assert compat.HybridModel.__name__ in ("MambaModel", "HybridModel")
+
+
+def test_a_parallel_job_holds_the_cpu_backend_until_it_is_torn_down():
+    from megatron_elastic.parallel import destroy_parallel, initialize_parallel
+
+    destroy_parallel()
+    assert torch.ones(1).type() == "torch.FloatTensor"
+    initialize_parallel(1, 1, seed=3)
+    initialize_parallel(1, 1, seed=3)  # idempotent: the mode is entered once
+    try:
+        assert torch.zeros(1, device="cuda").device.type == "cpu"
+        assert torch.ones(1).type() == "torch.cuda.FloatTensor"
+    finally:
+        destroy_parallel()
+    assert torch.ones(1).type() == "torch.FloatTensor"
+    with pytest.raises((AssertionError, RuntimeError)):
+        torch.zeros(1, device="cuda")
+    destroy_parallel()  # a second tear-down is harmless

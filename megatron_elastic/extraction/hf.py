@@ -31,7 +31,7 @@ from typing import Dict
 
 import torch
 
-from megatron_elastic.compat import ATTENTION, MAMBA
+from megatron_elastic.compat import ATTENTION, MAMBA, MLP
 from megatron_elastic.errors import HFExportError, InputNotFoundError
 from megatron_elastic.model.layouts import LOCAL_PRE_NORM_WEIGHT, QKVLayout
 
@@ -105,41 +105,50 @@ def hf_config(config) -> dict:
     return cfg
 
 
+# Our (TP=1, local-spec) names -> NemotronH names, for the tensors outside the layers.
+_MODEL_NAMES = {
+    "embedding.word_embeddings.weight": "backbone.embeddings.weight",
+    "decoder.final_norm.weight": "backbone.norm_f.weight",
+    "output_layer.weight": "lm_head.weight",
+}
+# (layer symbol, our name inside the layer) -> the NemotronH name inside the layer, for the one-to-one tensors. The
+# pre-norm is "norm.weight" for every layer type (ours: LOCAL_PRE_NORM_WEIGHT), Mamba's "mixer.*" names are the
+# same on both sides, and attention's fused QKV is split into q/k/v_proj by QKVLayout.
+_LAYER_NAMES = {
+    (ATTENTION, "self_attention.linear_proj.weight"): "mixer.o_proj.weight",
+    (MLP, "mlp.linear_fc1.weight"): "mixer.up_proj.weight",
+    (MLP, "mlp.linear_fc2.weight"): "mixer.down_proj.weight",
+}
+_HF_LAYER_NAMES = {(sym, hf): ours for (sym, ours), hf in _LAYER_NAMES.items()}
+_HF_QKV = {f"mixer.{part}_proj.weight": part for part in "qkv"}
+
+
 def to_hf_state_dict(state_dict: Dict[str, torch.Tensor], config) -> Dict[str, torch.Tensor]:
     """Our (TP=1, local-spec names) state dict -> NemotronH tensors."""
     out = {}
     for name, t in state_dict.items():
         if name.endswith("_extra_state"):
             continue
-        if name == "embedding.word_embeddings.weight":
-            out["backbone.embeddings.weight"] = t
-        elif name == "decoder.final_norm.weight":
-            out["backbone.norm_f.weight"] = t
-        elif name == "output_layer.weight":
-            if not config.share_embeddings_and_output_weights:
-                out["lm_head.weight"] = t
+        if name in _MODEL_NAMES:
+            if name != "output_layer.weight" or not config.share_embeddings_and_output_weights:
+                out[_MODEL_NAMES[name]] = t
+            continue
+        m = re.match(r"^decoder\.layers\.(\d+)\.(.+)$", name)
+        if not m:
+            raise HFExportError(f"no NemotronH name for {name!r}")
+        i, rest = int(m.group(1)), m.group(2)
+        sym, p = config.hybrid_pattern[i], f"backbone.layers.{i}."
+        if rest == LOCAL_PRE_NORM_WEIGHT[sym]:
+            out[p + "norm.weight"] = t
+        elif sym == MAMBA and rest.startswith("mixer."):
+            out[p + rest] = t
+        elif sym == ATTENTION and rest == "self_attention.linear_qkv.weight":
+            for part, rows in zip("qkv", QKVLayout.of_config(config.for_layer(i)).q_k_v_rows()):
+                out[p + f"mixer.{part}_proj.weight"] = t[rows]
+        elif (sym, rest) in _LAYER_NAMES:
+            out[p + _LAYER_NAMES[sym, rest]] = t
         else:
-            m = re.match(r"^decoder\.layers\.(\d+)\.(.+)$", name)
-            if not m:
-                raise HFExportError(f"no NemotronH name for {name!r}")
-            i, rest = int(m.group(1)), m.group(2)
-            p = f"backbone.layers.{i}."
-            lc = config.for_layer(i)
-            if rest == LOCAL_PRE_NORM_WEIGHT[config.hybrid_pattern[i]]:
-                out[p + "norm.weight"] = t
-            elif rest.startswith("mixer."):
-                out[p + rest] = t
-            elif rest == "self_attention.linear_qkv.weight":
-                for part, rows in zip("qkv", QKVLayout.of_config(lc).q_k_v_rows()):
-                    out[p + f"mixer.{part}_proj.weight"] = t[rows]
-            elif rest == "self_attention.linear_proj.weight":
-                out[p + "mixer.o_proj.weight"] = t
-            elif rest == "mlp.linear_fc1.weight":
-                out[p + "mixer.up_proj.weight"] = t
-            elif rest == "mlp.linear_fc2.weight":
-                out[p + "mixer.down_proj.weight"] = t
-            else:
-                raise HFExportError(f"no NemotronH name for {name!r}")
+            raise HFExportError(f"no NemotronH name for {name!r}")
     return {k: v.detach().contiguous().clone() for k, v in out.items()}
 
 
@@ -244,36 +253,29 @@ def model_dict_from_hf(cfg: dict) -> dict:
 
 def from_hf_state_dict(tensors: Dict[str, torch.Tensor], config) -> Dict[str, torch.Tensor]:
     """NemotronH tensors (``backbone.`` or ``model.`` prefix) -> our (TP=1, local-spec names) state dict."""
+    ours_of = {hf: ours for ours, hf in _MODEL_NAMES.items()}
     out = {}
     qkv: Dict[int, Dict[str, torch.Tensor]] = {}
     for name, t in tensors.items():
-        n = re.sub(r"^(backbone|model)\.", "", name)
-        if n == "embeddings.weight":
-            out["embedding.word_embeddings.weight"] = t
-        elif n == "norm_f.weight":
-            out["decoder.final_norm.weight"] = t
-        elif n == "lm_head.weight":
-            out["output_layer.weight"] = t
+        n = re.sub(r"^(backbone|model)\.", "backbone.", name)
+        if n in ours_of:
+            out[ours_of[n]] = t
+            continue
+        m = re.match(r"^backbone\.layers\.(\d+)\.(.+)$", n)
+        if not m:
+            raise HFExportError(f"unexpected NemotronH tensor {name!r}")
+        i, rest = int(m.group(1)), m.group(2)
+        sym, p = config.hybrid_pattern[i], f"decoder.layers.{i}."
+        if rest == "norm.weight":
+            out[p + LOCAL_PRE_NORM_WEIGHT[sym]] = t
+        elif sym == MAMBA and rest.startswith("mixer."):
+            out[p + rest] = t
+        elif sym == ATTENTION and rest in _HF_QKV:
+            qkv.setdefault(i, {})[_HF_QKV[rest]] = t
+        elif (sym, rest) in _HF_LAYER_NAMES:
+            out[p + _HF_LAYER_NAMES[sym, rest]] = t
         else:
-            m = re.match(r"^layers\.(\d+)\.(.+)$", n)
-            if not m:
-                raise HFExportError(f"unexpected NemotronH tensor {name!r}")
-            i, rest = int(m.group(1)), m.group(2)
-            sym, p = config.hybrid_pattern[i], f"decoder.layers.{i}."
-            if rest == "norm.weight":
-                out[p + LOCAL_PRE_NORM_WEIGHT[sym]] = t
-            elif sym == MAMBA and rest.startswith("mixer."):
-                out[p + rest] = t
-            elif sym == ATTENTION and rest in ("mixer.q_proj.weight", "mixer.k_proj.weight", "mixer.v_proj.weight"):
-                qkv.setdefault(i, {})[rest.split(".")[1][0]] = t
-            elif sym == ATTENTION and rest == "mixer.o_proj.weight":
-                out[p + "self_attention.linear_proj.weight"] = t
-            elif sym == "-" and rest == "mixer.up_proj.weight":
-                out[p + "mlp.linear_fc1.weight"] = t
-            elif sym == "-" and rest == "mixer.down_proj.weight":
-                out[p + "mlp.linear_fc2.weight"] = t
-            else:
-                raise HFExportError(f"unexpected NemotronH tensor {name!r} on a {sym!r} layer")
+            raise HFExportError(f"unexpected NemotronH tensor {name!r} on a {sym!r} layer")
     for i, parts in qkv.items():
         rows = QKVLayout.of_config(config.for_layer(i)).q_k_v_rows()
         w = parts["q"].new_empty(sum(len(r) for r in rows), parts["q"].shape[1])

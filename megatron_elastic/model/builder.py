@@ -28,7 +28,8 @@ def build_hybrid_model(
 
     The model's forward is Megatron's: ``model(input_ids [b, s], position_ids [b, s], attention_mask)``
     returns logits ``[b, s, vocab/tp]`` (``parallel_output=True``) or the per-token loss when ``labels``
-    is given.
+    is given. Its attention layers are causal by type, so ``attention_mask=None`` is what the project passes:
+    no ``s x s`` mask is ever made (:func:`causal_attention_mask` gives the explicit one, for comparisons).
     """
     # A copy: the caller's spec is left as it was given.
     spec = copy.deepcopy(stack_spec) if stack_spec is not None else hybrid_stack_spec(backend or default_backend())

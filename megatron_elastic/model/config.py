@@ -41,7 +41,6 @@ ELASTIC_UNSUPPORTED = {
     "apply_residual_connection_post_layernorm": (False, "the hybrid layers are pre-norm"),
     "multi_latent_attention": (False, "only grouped-query attention is elastic"),
     "num_moe_experts": (None, "MoE layers are not elastic yet"),
-    "sequence_parallel": (False, "the elastic linears do not slice sequence-parallel activations yet"),
     "context_parallel_size": (1, "the Mamba-2 mixer has no context-parallel path yet"),
 }
 
@@ -113,6 +112,12 @@ class HybridConfig(TransformerConfig):
             )
         tp = self.tensor_model_parallel_size
         pp = self.pipeline_model_parallel_size
+        _require(
+            not self.sequence_parallel or tp >= 2,
+            "sequence_parallel",
+            "needs tensor_model_parallel_size >= 2 (it splits the sequence over the TP ranks); set it to False or "
+            "raise the TP size",
+        )
         if "*" in self.hybrid_pattern:
             h, g = self.num_attention_heads, self.num_query_groups or self.num_attention_heads
             _require(h % g == 0, "num_query_groups", f"({g}) must divide num_attention_heads ({h})")

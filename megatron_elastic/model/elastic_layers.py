@@ -23,7 +23,10 @@ from megatron.core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
     gather_from_tensor_model_parallel_region,
     reduce_from_tensor_model_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
 )
+
+from megatron_elastic.model.norms import RMSNorm
 
 Index = Union[torch.Tensor, slice]
 
@@ -42,9 +45,10 @@ def as_index(idx: torch.Tensor) -> Index:
     return idx
 
 
-def _linear_impl(layer, input_parallel, weight, bias, allreduce_dgrad, tp_group):
+def _linear_impl(layer, input_parallel, weight, bias, allreduce_dgrad, tp_group, sequence_parallel=False):
     """Megatron's linear autograd function (the parents' ``_forward_impl``) on a sliced weight. Sliced weights
-    are temporaries without ``.main_grad``, so the fused wgrad-accumulation path is only used unsliced."""
+    are temporaries without ``.main_grad``, so the fused wgrad-accumulation path is only used unsliced. With
+    ``sequence_parallel`` it all-gathers the sequence-split input first (and reduce-scatters its gradient)."""
     fusion = layer.gradient_accumulation_fusion and weight is layer.weight
     return layer._forward_impl(
         input=input_parallel,
@@ -52,7 +56,7 @@ def _linear_impl(layer, input_parallel, weight, bias, allreduce_dgrad, tp_group)
         bias=bias,
         gradient_accumulation_fusion=fusion,
         allreduce_dgrad=allreduce_dgrad,
-        sequence_parallel=False,
+        sequence_parallel=sequence_parallel,
         tp_group=tp_group,
     )
 
@@ -67,17 +71,20 @@ class ElasticColumnParallelLinear(ColumnParallelLinear):
             return super().forward(
                 input_, weight=None if weight is self.weight else weight, runtime_gather_output=runtime_gather_output
             )
-        if self.sequence_parallel or self.explicit_expert_comm:
-            raise NotImplementedError("elastic slicing with sequence parallelism is not supported yet")
+        if self.explicit_expert_comm:
+            raise NotImplementedError("expert linears are not elastic")
         w = weight[:, :in_features] if in_features != weight.shape[1] else weight
         bias = self.bias if not self.skip_bias_add else None
         if self.active_rows is not None:
             w = take(w, self.active_rows)
             bias = take(bias, self.active_rows) if bias is not None else None
+        # As the parent: the input is used as it is when the backward all-reduces its gradient or when it is a
+        # sequence-parallel part (gathered inside the linear).
+        sp = self.sequence_parallel
         input_parallel = (
-            input_ if self.allreduce_dgrad else copy_to_tensor_model_parallel_region(input_, group=self.tp_group)
+            input_ if self.allreduce_dgrad or sp else copy_to_tensor_model_parallel_region(input_, group=self.tp_group)
         )
-        out = _linear_impl(self, input_parallel, w, bias, self.allreduce_dgrad, self.tp_group)
+        out = _linear_impl(self, input_parallel, w, bias, self.allreduce_dgrad, self.tp_group, sp)
         gather = self.gather_output if runtime_gather_output is None else runtime_gather_output
         if gather:
             if self.active_rows is not None:
@@ -103,15 +110,18 @@ class ElasticRowParallelLinear(RowParallelLinear):
     def _sliced_forward(self, input_):
         if self.active_cols is None and self.active_output_size is None:
             return super().forward(input_)
-        if self.sequence_parallel or self.explicit_expert_comm or not self.input_is_parallel:
-            raise NotImplementedError("elastic slicing needs input_is_parallel and no sequence parallelism")
+        if self.explicit_expert_comm or not self.input_is_parallel:
+            raise NotImplementedError("elastic slicing needs input_is_parallel (and no expert linears)")
         w = self.weight
         if self.active_output_size is not None:
             w = w[: self.active_output_size]
         if self.active_cols is not None:
             w = take(w, self.active_cols, dim=1)
         out = _linear_impl(self, input_, w, None, False, None)
-        out = reduce_from_tensor_model_parallel_region(out, group=self.tp_group)
+        if self.sequence_parallel:  # each rank keeps the sum over ranks of its part of the sequence
+            out = reduce_scatter_to_sequence_parallel_region(out, group=self.tp_group)
+        else:
+            out = reduce_from_tensor_model_parallel_region(out, group=self.tp_group)
         bias = self.bias
         if bias is not None and self.active_output_size is not None:
             bias = bias[: self.active_output_size]
@@ -120,14 +130,9 @@ class ElasticRowParallelLinear(RowParallelLinear):
         return out, bias
 
 
-class ElasticRMSNorm(torch.nn.RMSNorm):
+class ElasticRMSNorm(RMSNorm):
     """RMSNorm over the active (leading) channels of its input; exactly ``torch.nn.RMSNorm`` at full width.
     Built like Megatron's norms: ``ElasticRMSNorm(config, hidden_size, eps)``."""
-
-    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **kwargs):
-        if getattr(config, "normalization", "RMSNorm") != "RMSNorm":
-            raise ValueError(f"ElasticRMSNorm needs normalization='RMSNorm', got {config.normalization!r}")
-        super().__init__(hidden_size, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.shape[-1]

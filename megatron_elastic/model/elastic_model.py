@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from typing import Dict, Optional
 
@@ -51,14 +52,23 @@ def _gate(gates: Optional[Dict[str, torch.Tensor]], *keys: str) -> Optional[torc
 def set_arch(model, arch: Optional[ElasticArch] = None, gates: Optional[Dict[str, torch.Tensor]] = None) -> ElasticArch:
     """Make ``model`` (elastic, possibly DDP-wrapped, one PP stage) compute the sub-model ``arch`` (None = the
     full parent) until the next call. ``gates`` maps ``"hidden"`` and ``"<axis>.<layer>"`` to scalar tensors
-    that multiply the corresponding active slice (the router's straight-through samples)."""
+    that multiply the corresponding active slice (the router's straight-through samples).
+
+    The choice also travels with each forward pass: with activation recompute, the stack puts itself back at
+    the choice of the forward pass whose gradient is flowing before its layers re-run (Megatron's 1F1B
+    schedule runs micro-batch k+1's forward, at another choice, before micro-batch k's backward)."""
     m = _unwrap(model)
     config = m.config
     arch = (arch or ElasticArch.full(config)).validate(config)
     unknown = [k for k in (gates or {}) if k != "hidden" and k.split(".")[0] not in AXES]
     if unknown:
         raise KeyError(f"unknown gate key(s) {unknown}; use 'hidden' or '<axis>.<layer>' with axis in {AXES}")
-    stack = m.decoder
+    _set_stack_arch(m.decoder, config, arch, gates)
+    m.decoder.choice = functools.partial(_set_stack_arch, m.decoder, config, arch, gates)
+    return arch
+
+
+def _set_stack_arch(stack, config, arch: ElasticArch, gates) -> None:
     stack.set_elastic(arch.hidden_size, arch.skipped_layers, _gate(gates, "hidden"))
     for layer in stack.layers:
         i = layer.layer_number - 1
@@ -78,7 +88,6 @@ def set_arch(model, arch: Optional[ElasticArch] = None, gates: Optional[Dict[str
             set_mlp_elastic(
                 layer.mlp, arch.hidden_size, arch.ffn_hidden_size[i], _gate(gates, f"ffn.{i}", f"depth.{i}")
             )
-    return arch
 
 
 @contextmanager

@@ -172,6 +172,32 @@ class MambaMixer(MegatronModule):
         self.pg_collection = pg_collection
         self.tp_group = pg_collection.tp
 
+        self._set_sizes(config, expand, d_model)
+        self.in_proj = self._tp_linear(
+            submodules.in_proj,
+            self.d_model,
+            2 * self.d_inner + 2 * self.ngroups * self.d_state + self.nheads,
+            config.init_method,
+            "fc1",
+            gather_output=False,
+            skip_bias_add=False,
+        )
+        self._build_local_parameters(config, conv_bias)
+        if config.perform_initialization:
+            tp = self.tp_group.size()
+            self._init_tp_invariant(self.tp_group.rank(), tp, conv_init, A_init_range, dt_min, dt_max, dt_init_floor)
+        self.out_proj = self._tp_linear(
+            submodules.out_proj,
+            self.d_inner,
+            self.d_model,
+            config.output_layer_init_method,
+            "fc2",
+            input_is_parallel=True,
+            skip_bias_add=True,
+        )
+
+    def _set_sizes(self, config, expand: int, d_model: int) -> None:
+        """Global and this rank's head, group and channel counts, checked against the TP size."""
         self.d_state = config.mamba_state_dim
         self.headdim = config.mamba_head_dim
         self.ngroups = config.mamba_num_groups
@@ -197,59 +223,46 @@ class MambaMixer(MegatronModule):
         self.nheads_local_tp = self.nheads // tp
         self.d_inner_local_tp = self.d_inner // tp
         self.ngroups_local_tp = self.ngroups // tp
-        tp_rank = self.tp_group.rank()
+        # This rank's part sizes of the packed tensors (z, x, B, C, dt rows of in_proj; x, B, C channels of conv1d).
+        self.layout = MambaLayout(self.nheads_local_tp, self.headdim, self.ngroups_local_tp, self.d_state)
 
-        self.in_proj = build_module(
-            submodules.in_proj,
-            self.d_model,
-            2 * self.d_inner + 2 * self.ngroups * self.d_state + self.nheads,
-            config=config,
-            init_method=config.init_method,
-            gather_output=False,
-            bias=bias,
-            skip_bias_add=False,
+    def _tp_linear(self, spec, input_size: int, output_size: int, init_method, buffer_name: str, **kwargs):
+        """A tensor-parallel projection built from its spec (column- or row-parallel by the spec)."""
+        return build_module(
+            spec,
+            input_size,
+            output_size,
+            config=self.config,
+            init_method=init_method,
+            bias=False,
             is_expert=False,
-            tp_comm_buffer_name="fc1",
+            tp_comm_buffer_name=buffer_name,
             tp_group=self.tp_group,
+            **kwargs,
         )
 
+    def _build_local_parameters(self, config, conv_bias: bool) -> None:
+        """This rank's conv1d, dt_bias, A_log, D and gated norm (all split over TP along dim 0), with Megatron's
+        TP attributes and, as megatron-core >= 0.18 sets them for resharding, the packed part sizes."""
         device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
         dtype = config.params_dtype
-        conv_dim = self.d_inner_local_tp + 2 * self.ngroups_local_tp * self.d_state  # x B C
+        conv_dim = sum(self.layout.conv_sizes)  # x B C
         self.conv1d = nn.Conv1d(
             conv_dim,
             conv_dim,
-            kernel_size=d_conv,
+            kernel_size=self.d_conv,
             groups=conv_dim,
             bias=conv_bias,
-            padding=d_conv - 1,
+            padding=self.d_conv - 1,
             device=device,
             dtype=dtype,
         )
         self.dt_bias = nn.Parameter(torch.empty(self.nheads_local_tp, device=device, dtype=dtype))
         self.A_log = nn.Parameter(torch.empty(self.nheads_local_tp, device=device, dtype=torch.float32))
-        self.D = nn.Parameter(
-            torch.ones(
-                self.d_inner_local_tp if D_has_hdim else self.nheads_local_tp, device=device, dtype=torch.float32
-            )
-        )
-        for p in (self.conv1d.weight, self.conv1d.bias, self.dt_bias, self.A_log, self.D):
-            if p is not None:
-                setattr(p, "tensor_model_parallel", True)
-                setattr(p, "partition_dim", 0)
-        # This rank's part sizes of the packed tensors (z, x, B, C, dt rows of in_proj; x, B, C channels of conv1d),
-        # set on the parameters as megatron-core >= 0.18 does for resharding across TP sizes.
-        self.layout = MambaLayout(self.nheads_local_tp, self.headdim, self.ngroups_local_tp, self.d_state)
-        self.in_proj_partition_sizes = self.layout.in_proj_sizes
-        self.conv1d_partition_sizes = self.layout.conv_sizes
-        setattr(self.in_proj.weight, "partition_sizes", self.in_proj_partition_sizes)
-        for p in (self.conv1d.weight, self.conv1d.bias):
-            if p is not None:
-                setattr(p, "partition_sizes", self.conv1d_partition_sizes)
-        if config.perform_initialization:
-            self._init_tp_invariant(tp_rank, tp, conv_init, A_init_range, dt_min, dt_max, dt_init_floor)
-
-        if rmsnorm:
+        d_size = self.d_inner_local_tp if self.D_has_hdim else self.nheads_local_tp
+        self.D = nn.Parameter(torch.ones(d_size, device=device, dtype=torch.float32))
+        split = [self.conv1d.weight, self.conv1d.bias, self.dt_bias, self.A_log, self.D]
+        if self.rmsnorm:
             self.norm = GatedRMSNorm(
                 self.d_inner_local_tp,
                 self.d_inner_local_tp // self.ngroups_local_tp,
@@ -258,22 +271,17 @@ class MambaMixer(MegatronModule):
                 dtype=dtype,
                 tp_group=self.tp_group,
             )
-            setattr(self.norm.weight, "tensor_model_parallel", True)
-            setattr(self.norm.weight, "partition_dim", 0)
-
-        self.out_proj = build_module(
-            submodules.out_proj,
-            self.d_inner,
-            self.d_model,
-            config=config,
-            init_method=config.output_layer_init_method,
-            bias=bias,
-            input_is_parallel=True,
-            skip_bias_add=True,
-            is_expert=False,
-            tp_comm_buffer_name="fc2",
-            tp_group=self.tp_group,
-        )
+            split.append(self.norm.weight)
+        for p in split:
+            if p is not None:
+                setattr(p, "tensor_model_parallel", True)
+                setattr(p, "partition_dim", 0)
+        self.in_proj_partition_sizes = self.layout.in_proj_sizes
+        self.conv1d_partition_sizes = self.layout.conv_sizes
+        setattr(self.in_proj.weight, "partition_sizes", self.in_proj_partition_sizes)
+        for p in (self.conv1d.weight, self.conv1d.bias):
+            if p is not None:
+                setattr(p, "partition_sizes", self.conv1d_partition_sizes)
 
     @torch.no_grad()
     def _init_tp_invariant(self, tp_rank, tp, conv_init, A_init_range, dt_min, dt_max, dt_init_floor):

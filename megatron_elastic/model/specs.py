@@ -12,12 +12,10 @@ from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.ssm.mamba_layer import MambaLayerSubmodules
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
-from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
 
 from megatron_elastic.compat import ATTENTION, MAMBA, HybridStackSubmodules, mlp_submodule
@@ -25,7 +23,9 @@ from megatron_elastic.compat import MLP as MLP_SYMBOL
 from megatron_elastic.errors import ConfigError
 from megatron_elastic.model.layouts import PRE_NORM_PREFIX
 from megatron_elastic.model.mamba_mixer import MambaMixer, MambaMixerSubmodules
+from megatron_elastic.model.norms import RMSNorm
 from megatron_elastic.model.per_layer import PerLayerMambaLayer, PerLayerMLPLayer, PerLayerTransformerLayer
+from megatron_elastic.model.sdpa_attention import SDPAttention
 from megatron_elastic.model.stack import HybridStack
 
 BACKENDS = ("local", "te")
@@ -98,10 +98,10 @@ def _stack_spec(
 
 def _local_spec() -> ModuleSpec:
     return _stack_spec(
-        norm=WrappedTorchNorm,
+        norm=RMSNorm,
         column_linear=ColumnParallelLinear,
         row_linear=RowParallelLinear,
-        core_attention=DotProductAttention,
+        core_attention=SDPAttention,
     )
 
 
@@ -144,7 +144,7 @@ def elastic_hybrid_stack_spec(backend: str = "local") -> ModuleSpec:
         norm=ElasticRMSNorm,
         column_linear=ElasticColumnParallelLinear,
         row_linear=ElasticRowParallelLinear,
-        core_attention=DotProductAttention,
+        core_attention=SDPAttention,
         mixer_cls=ElasticMambaMixer,
         stack_cls=ElasticHybridStack,
         attention_cls=ElasticSelfAttention,
@@ -168,14 +168,7 @@ def hybrid_stack_spec(backend: str = "local") -> ModuleSpec:
 
 
 def default_backend() -> str:
-    """'te' when CUDA and TransformerEngine are available, else 'local'."""
-    import torch
+    """'te' when CUDA and TransformerEngine are available, else 'local' (``kernels.teacher_kernels`` decides)."""
+    from megatron_elastic.model.kernels import Machine, teacher_kernels
 
-    if torch.cuda.is_available():
-        try:
-            import transformer_engine  # noqa: F401
-
-            return "te"
-        except ImportError:
-            pass
-    return "local"
+    return teacher_kernels(Machine.here()).backend

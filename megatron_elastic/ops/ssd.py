@@ -40,6 +40,17 @@ def _segment_sum(a: torch.Tensor) -> torch.Tensor:
     return out.masked_fill(~lower, float("-inf"))
 
 
+def _step_sizes(dt: torch.Tensor, dt_bias, dt_softplus: bool, dt_limit: Tuple[float, float]) -> torch.Tensor:
+    """Mamba-2's step sizes: dt + dt_bias, softplus, clamped to ``dt_limit``."""
+    if dt_bias is not None:
+        dt = dt + dt_bias.to(dt.dtype)
+    if dt_softplus:
+        dt = F.softplus(dt)
+    if dt_limit != (0.0, float("inf")):
+        dt = dt.clamp(min=dt_limit[0], max=dt_limit[1])
+    return dt
+
+
 def ssd_chunk_scan_torch(
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -69,23 +80,11 @@ def ssd_chunk_scan_torch(
     cdtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     out_dtype = x.dtype
 
-    dt = dt.to(cdtype)
-    if dt_bias is not None:
-        dt = dt + dt_bias.to(cdtype)
-    if dt_softplus:
-        dt = F.softplus(dt)
-    if dt_limit != (0.0, float("inf")):
-        dt = dt.clamp(min=dt_limit[0], max=dt_limit[1])
-
+    dt = _step_sizes(dt.to(cdtype), dt_bias, dt_softplus, dt_limit)
     # Pad the sequence to a whole number of chunks: dt = 0 on padding means no decay and no input,
     # so padded steps change neither the outputs of real steps nor the final state.
     pad = (-l) % chunk_size
-    xs, Bs, Cs = x.to(cdtype), B.to(cdtype), C.to(cdtype)
-    if pad:
-        xs = F.pad(xs, (0, 0, 0, 0, 0, pad))
-        dt = F.pad(dt, (0, 0, 0, pad))
-        Bs = F.pad(Bs, (0, 0, 0, 0, 0, pad))
-        Cs = F.pad(Cs, (0, 0, 0, 0, 0, pad))
+    xs, dt, Bs, Cs = (F.pad(t.to(cdtype), (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))
     L = l + pad
     c, q = L // chunk_size, chunk_size
 

@@ -10,7 +10,6 @@ from typing import Dict, Optional, Union
 import torch
 
 from megatron_elastic.errors import UnknownBudgetError
-from megatron_elastic.model.builder import causal_attention_mask
 from megatron_elastic.model.elastic_arch import ElasticArch
 from megatron_elastic.model.elastic_model import use_arch
 
@@ -40,9 +39,7 @@ def decode(
     batch, seq = prompt.shape
     ctx = _context(batch, seq + max_new_tokens)
     pos = torch.arange(seq, device=prompt.device).unsqueeze(0).expand(batch, -1)
-    logits = model(
-        prompt, pos, causal_attention_mask(seq, prompt.device), inference_context=ctx, runtime_gather_output=True
-    )[:, -1]
+    logits = model(prompt, pos, None, inference_context=ctx, runtime_gather_output=True)[:, -1]
     ctx.sequence_len_offset += seq
     tokens, chosen_logits = [], []
     for t in range(max_new_tokens):

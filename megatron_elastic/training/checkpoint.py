@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
-from megatron_elastic.compat import contain_checkpoint_writer_processes, cuda_to_cpu
+from megatron_elastic.compat import contain_checkpoint_writer_processes, prepare_optimizer_for_load
 from megatron_elastic.errors import CheckpointCorruptError, CheckpointError, InputNotFoundError
 from megatron_elastic.training.safe_files import check_checkpoint_is_data, legacy_rng_globals, load_plain
 
@@ -98,12 +98,19 @@ def set_rng_state(state: Dict[str, Any]) -> None:
     get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+# Megatron's DistributedOptimizer writes its (data-parallel-sharded) state in the canonical per-parameter layout, so
+# a checkpoint resumes at any TP/PP/DP and with or without the distributed optimizer ('dp_reshardable' would save
+# without gathering, but resume only at the same TP/PP). Other optimizers ignore the key.
+_OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
 def _sharded_state(model, optimizer, is_loading: bool):
     model_sd = model.sharded_state_dict()
     state = {"model": model_sd}
     if optimizer is not None:
-        with cuda_to_cpu():
-            state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
+        state["optimizer"] = optimizer.sharded_state_dict(
+            model_sd, is_loading=is_loading, metadata=dict(_OPTIMIZER_METADATA)
+        )
     return state
 
 
@@ -126,8 +133,7 @@ def save_checkpoint(
         os.makedirs(os.path.join(tmp, "dist"))
     _barrier()
     contain_checkpoint_writer_processes()
-    with cuda_to_cpu():
-        dist_checkpointing.save(_sharded_state(model, optimizer, is_loading=False), os.path.join(tmp, "dist"))
+    dist_checkpointing.save(_sharded_state(model, optimizer, is_loading=False), os.path.join(tmp, "dist"))
     torch.save(rng_state(), os.path.join(tmp, f"rng_rank{_rank()}.pt"))
     _barrier()
     if _rank() == 0:
@@ -246,10 +252,11 @@ def load_checkpoint(path: str, model, optimizer=None, strict: bool = True, load_
     with open(os.path.join(path, "trainer_state.json")) as f:
         trainer_state = json.load(f)
     _check_architecture(path, trainer_state, model)
-    with cuda_to_cpu():
-        state = dist_checkpointing.load(
-            _sharded_state(model, optimizer, is_loading=True), os.path.join(path, "dist"), strict="assume_ok_unexpected"
-        )
+    if optimizer is not None:
+        prepare_optimizer_for_load(optimizer)
+    state = dist_checkpointing.load(
+        _sharded_state(model, optimizer, is_loading=True), os.path.join(path, "dist"), strict="assume_ok_unexpected"
+    )
     missing, unexpected = model.load_state_dict(state["model"], strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if strict and missing:
@@ -257,8 +264,7 @@ def load_checkpoint(path: str, model, optimizer=None, strict: bool = True, load_
             f"checkpoint {path} lacks model tensors {missing[:5]}... (was it written for another model?)"
         )
     if optimizer is not None:
-        with cuda_to_cpu():
-            optimizer.load_state_dict(state["optimizer"])
+        optimizer.load_state_dict(state["optimizer"])
     rng_file = os.path.join(path, f"rng_rank{_rank()}.pt")
     if load_rng and os.path.isfile(rng_file):
         set_rng_state(load_plain(rng_file, tuple(legacy_rng_globals())))

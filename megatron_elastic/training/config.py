@@ -16,6 +16,24 @@ from megatron_elastic.model.config import ConfigError, HybridConfig, tiny_defaul
 class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
+    sequence_parallel: bool = False  # split activations between the TP linears along the sequence (needs TP >= 2)
+
+    def check(self) -> None:
+        if self.sequence_parallel and self.tensor_model_parallel_size < 2:
+            raise ConfigError(
+                "parallel.sequence_parallel: needs parallel.tensor_model_parallel_size >= 2 (it splits the "
+                "sequence over the TP ranks); set it to false or raise the TP size"
+            )
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """The data-parallel size of this layout on ``world_size`` processes (which it must divide)."""
+        mp = self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+        if world_size % mp:
+            raise ConfigError(
+                f"parallel: world size {world_size} is not a multiple of TP*PP={mp}; "
+                f"launch a multiple of {mp} processes"
+            )
+        return world_size // mp
 
 
 @dataclass
@@ -26,10 +44,11 @@ class DataConfig:
 
 
 @dataclass
-class TrainConfig:
+class OptimizationConfig:
+    """What pretraining and elastic training share: Adam, the LR schedule, clipping, the seed and the log and
+    evaluation cadence (``training.setup.build_training`` reads these)."""
+
     micro_batch_size: int = 8
-    global_batch_size: int = 8
-    train_iters: int = 1000
     lr: float = 3e-3
     min_lr: float = 3e-4
     lr_warmup_iters: int = 50
@@ -42,6 +61,21 @@ class TrainConfig:
     log_interval: int = 10
     eval_interval: int = 200
     eval_iters: int = 20
+
+    def check_schedule(self) -> None:
+        """The learning-rate fields make a schedule Megatron can run."""
+        if not 0 < self.lr:
+            raise ConfigError("train.lr: must be > 0")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"train.min_lr: must be in [0, train.lr={self.lr}]")
+        if self.lr_decay_style not in ("cosine", "linear", "constant"):
+            raise ConfigError("train.lr_decay_style: must be 'cosine', 'linear' or 'constant'")
+
+
+@dataclass
+class TrainConfig(OptimizationConfig):
+    global_batch_size: int = 8
+    train_iters: int = 1000
 
 
 @dataclass
@@ -64,6 +98,7 @@ class PretrainConfig:
         kw = {**tiny_defaults(), **self.model, **overrides}
         kw.setdefault("tensor_model_parallel_size", self.parallel.tensor_model_parallel_size)
         kw.setdefault("pipeline_model_parallel_size", self.parallel.pipeline_model_parallel_size)
+        kw.setdefault("sequence_parallel", self.parallel.sequence_parallel)
         try:
             return HybridConfig.from_dict(kw)
         except ConfigError as e:
@@ -85,21 +120,11 @@ class PretrainConfig:
             "checkpoint.keep_last",
         )
         t = self.train
-        if not 0 < t.lr:
-            raise ConfigError("train.lr: must be > 0")
-        if not 0 <= t.min_lr <= t.lr:
-            raise ConfigError(f"train.min_lr: must be in [0, train.lr={t.lr}]")
-        if t.lr_decay_style not in ("cosine", "linear", "constant"):
-            raise ConfigError("train.lr_decay_style: must be 'cosine', 'linear' or 'constant'")
+        t.check_schedule()
         if not 0 <= t.lr_warmup_iters < t.train_iters:
             raise ConfigError(f"train.lr_warmup_iters: must be in [0, train.train_iters={t.train_iters})")
-        mp = self.parallel.tensor_model_parallel_size * self.parallel.pipeline_model_parallel_size
-        if world_size % mp:
-            raise ConfigError(
-                f"parallel: world size {world_size} is not a multiple of TP*PP={mp}; "
-                f"launch a multiple of {mp} processes"
-            )
-        dp = world_size // mp
+        self.parallel.check()
+        dp = self.parallel.data_parallel_size(world_size)
         if t.global_batch_size % (t.micro_batch_size * dp):
             raise ConfigError(
                 f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "

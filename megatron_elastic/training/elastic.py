@@ -20,6 +20,7 @@ optimizer, the data position of every stage, the tokens consumed (the curriculum
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -37,11 +38,9 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 from tqdm import tqdm
 
-from megatron_elastic.compat import cuda_to_cpu
 from megatron_elastic.data.loader import build_gpt_datasets, make_loader
 from megatron_elastic.distill import kd_loss
 from megatron_elastic.errors import InputNotFoundError
-from megatron_elastic.model.builder import causal_attention_mask
 from megatron_elastic.model.config import ConfigError
 from megatron_elastic.model.cost import arch_parameters
 from megatron_elastic.model.elastic_arch import ElasticArch
@@ -72,10 +71,11 @@ def noise_generator(seed: int, step: int, budget_index: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * NOISE_SEED_STRIDE + step) * 16 + budget_index)
 
 
-def sync_router_grads(router: torch.nn.Module) -> None:
+def sync_router_grads(router: torch.nn.Module, sequence_parallel: bool = False) -> None:
     """Sum router gradients over pipeline stages (each stage holds the gates of its own layers), average over
-    data-parallel replicas. Tensor-parallel ranks already hold identical gradients (gates act on replicated
-    activations)."""
+    data-parallel replicas. Without sequence parallelism tensor-parallel ranks already hold identical gradients
+    (gates act on replicated activations); with it each rank's gates act on its part of the sequence, so the
+    gradients are summed over the TP group."""
     params = list(router.parameters())
     for p in params:
         if p.grad is None:
@@ -85,6 +85,8 @@ def sync_router_grads(router: torch.nn.Module) -> None:
     flat = torch.cat([p.grad.reshape(-1) for p in params])
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         dist.all_reduce(flat, group=parallel_state.get_pipeline_model_parallel_group())
+    if sequence_parallel and parallel_state.get_tensor_model_parallel_world_size() > 1:
+        dist.all_reduce(flat, group=parallel_state.get_tensor_model_parallel_group())
     dp = parallel_state.get_data_parallel_world_size()
     if dp > 1:
         dist.all_reduce(flat, group=parallel_state.get_data_parallel_group())
@@ -127,7 +129,7 @@ def build_elastic_components(cfg: ElasticJobConfig) -> ElasticComponents:
             f"`megatron-elastic importance --out {cfg.parent}` first"
         )
     job = config_from_checkpoint(src)
-    job.parallel.tensor_model_parallel_size, job.parallel.pipeline_model_parallel_size = tp, pp
+    job.parallel = dataclasses.replace(cfg.parallel)
     recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     model_cfg = job.model_config(**(recompute if cfg.train.recompute else {}))
     if not cfg.data.path:
@@ -231,9 +233,7 @@ def make_forward_step(c: ElasticComponents, step: int, tau: float, scale: float)
         )
         set_arch(c.student, arch, gates)
         tokens = batch["tokens"]
-        out = model(
-            tokens, batch["position_ids"], causal_attention_mask(tokens.shape[1], tokens.device), cache_key=item["key"]
-        )
+        out = model(tokens, batch["position_ids"], None, cache_key=item["key"])
 
         def loss_func(output):
             student_logits, teacher_logits = output
@@ -559,31 +559,29 @@ class ElasticRun:
         items = step_items(
             cfg, self.data, step, state["tokens"], stage.global_batch_size // (t.micro_batch_size * self.dp)
         )
-        with cuda_to_cpu():
-            c.student.zero_grad_buffer()
-            c.optimizer.zero_grad()
-            c.router_optimizer.zero_grad(set_to_none=True)
-            losses = self.forward_backward(
-                forward_step_func=make_forward_step(c, step, tau, scale),
-                data_iterator=iter(items),
-                model=[c.pair],
-                num_microbatches=len(items),
-                seq_length=stage.seq_length,
-                micro_batch_size=2 * t.micro_batch_size,
-                forward_only=False,
-            )
+        c.student.zero_grad_buffer()
+        c.optimizer.zero_grad()
+        c.router_optimizer.zero_grad(set_to_none=True)
+        losses = self.forward_backward(
+            forward_step_func=make_forward_step(c, step, tau, scale),
+            data_iterator=iter(items),
+            model=[c.pair],
+            num_microbatches=len(items),
+            seq_length=stage.seq_length,
+            micro_batch_size=2 * t.micro_batch_size,
+            forward_only=False,
+        )
         c.pair.clear_cache()
         set_arch(c.student, None)
         kd = _per_budget_means(losses, "kd", len(cfg.budgets))
-        sync_router_grads(c.router)
+        sync_router_grads(c.router, c.model_config.sequence_parallel)
         bad = _nonfinite_anywhere(kd, c.student, c.router)
         grad_norm, expected = None, {}
         if bad:
             self._skip_update(step)
         else:
             state["bad_steps"] = 0
-            with cuda_to_cpu():
-                ok, grad_norm, _ = c.optimizer.step()
+            ok, grad_norm, _ = c.optimizer.step()
             expected = router_resource_step(c, step, tau, scale)
         c.scheduler.step(increment=1)
         tokens = stage.global_batch_size * stage.seq_length

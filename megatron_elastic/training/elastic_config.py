@@ -26,6 +26,7 @@ from megatron_elastic.curriculum import Curriculum, Stage
 from megatron_elastic.model.config import ConfigError
 from megatron_elastic.training.config import (
     CheckpointConfig,
+    OptimizationConfig,
     ParallelConfig,
     _build_section,
     apply_overrides,
@@ -67,22 +68,16 @@ class ElasticDataConfig:
 
 
 @dataclass
-class ElasticTrainConfig:
+class ElasticTrainConfig(OptimizationConfig):
     micro_batch_size: int = 4
     lr: float = 1e-3
     min_lr: float = 1e-4
     lr_warmup_iters: int = 60  # paper: 60 steps
-    lr_decay_style: str = "cosine"
     weight_decay: float = 0.01
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    clip_grad: float = 1.0
-    seed: int = 1234
-    log_interval: int = 10
     eval_interval: int = 100
     eval_iters: int = 4
     recompute: bool = False  # full activation recomputation of every layer (long contexts)
-    distributed_optimizer: bool = False  # shard optimizer state over data parallel (Megatron's; CUDA/NCCL only)
+    distributed_optimizer: bool = False  # shard optimizer state over data parallel (Megatron's DistributedOptimizer)
     max_bad_steps: int = 3  # consecutive non-finite steps (skipped) before the run checkpoints and stops
     train_iters: int = 0  # derived from the curriculum (steps of all stages); not set by the user
 
@@ -125,10 +120,7 @@ class ElasticJobConfig:
             if not isinstance(v, int) or v <= 0:
                 raise ConfigError(f"train.{name}: must be a positive integer, got {v!r}")
         t = self.train
-        if not 0 < t.lr or not 0 <= t.min_lr <= t.lr:
-            raise ConfigError(f"train.lr must be > 0 and train.min_lr in [0, lr]; got lr={t.lr}, min_lr={t.min_lr}")
-        if t.lr_decay_style not in ("cosine", "linear", "constant"):
-            raise ConfigError("train.lr_decay_style: must be 'cosine', 'linear' or 'constant'")
+        t.check_schedule()
         r = self.router
         if r.hidden <= 0 or r.lr <= 0 or r.warmup_iters < 0 or r.loss_weight < 0:
             raise ConfigError("router: hidden and lr must be > 0, warmup_iters and loss_weight >= 0")
@@ -141,13 +133,8 @@ class ElasticJobConfig:
             raise ConfigError(f"distill.budgets_per_step: 'sample' or 'all', got {d.budgets_per_step!r}")
         if not all(0 < f <= 1 for f in self.space.fractions + self.space.depth_fractions):
             raise ConfigError("space: fractions and depth_fractions must lie in (0, 1]")
-        mp = self.parallel.tensor_model_parallel_size * self.parallel.pipeline_model_parallel_size
-        if world_size % mp:
-            raise ConfigError(
-                f"parallel: world size {world_size} is not a multiple of TP*PP={mp}; "
-                f"launch a multiple of {mp} processes"
-            )
-        dp = world_size // mp
+        self.parallel.check()
+        dp = self.parallel.data_parallel_size(world_size)
         for s in self.curriculum.stages:
             if s.global_batch_size % (t.micro_batch_size * dp):
                 raise ConfigError(

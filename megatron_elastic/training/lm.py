@@ -8,8 +8,6 @@ from typing import Dict, Iterator
 
 import torch
 
-from megatron_elastic.model.builder import causal_attention_mask
-
 LN2 = math.log(2.0)  # nats per bit: a loss in nats/token divided by LN2 is bits/token (bits/byte for bytes)
 
 
@@ -28,7 +26,7 @@ def lm_forward_step(data_iterator: Iterator, model):
     """Megatron ``forward_step_func``: per-token LM loss averaged over the loss mask."""
     batch = batch_to_device(next(data_iterator))
     tokens, labels, loss_mask = batch["tokens"], batch["labels"], batch["loss_mask"]
-    output = model(tokens, batch["position_ids"], causal_attention_mask(tokens.shape[1], tokens.device), labels=labels)
+    output = model(tokens, batch["position_ids"], None, labels=labels)
 
     def loss_func(output_tensor):
         loss = masked_mean(output_tensor, loss_mask)
@@ -42,14 +40,12 @@ def lm_logits(model, batch):
     """Logits ``[b, s, vocab/tp]`` for a GPTDataset batch."""
     batch = batch_to_device(batch)
     tokens = batch["tokens"]
-    return model(tokens, batch["position_ids"], causal_attention_mask(tokens.shape[1], tokens.device))
+    return model(tokens, batch["position_ids"], None)
 
 
 def lm_loss(model, batch) -> torch.Tensor:
     """Mean next-token loss (nats) of a GPTDataset batch."""
     batch = batch_to_device(batch)
     tokens = batch["tokens"]
-    losses = model(
-        tokens, batch["position_ids"], causal_attention_mask(tokens.shape[1], tokens.device), labels=batch["labels"]
-    )
+    losses = model(tokens, batch["position_ids"], None, labels=batch["labels"])
     return masked_mean(losses, batch["loss_mask"])

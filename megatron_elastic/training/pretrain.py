@@ -15,7 +15,6 @@ from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from tqdm import tqdm
 
-from megatron_elastic.compat import cuda_to_cpu
 from megatron_elastic.data.indexed import split_prefix
 from megatron_elastic.data.loader import build_gpt_datasets, make_loader
 from megatron_elastic.errors import InputNotFoundError
@@ -75,7 +74,7 @@ def evaluate(
     fb = get_forward_backward_func()
     model.eval()
     values = []
-    with torch.no_grad(), cuda_to_cpu():
+    with torch.no_grad():
         for _ in range(num_batches):
             losses = fb(
                 forward_step_func=lm_forward_step,
@@ -124,19 +123,18 @@ def _data(cfg: PretrainConfig, vocab_size: int, consumed_samples: int):
 
 def _train_iteration(comps, forward_backward, train_iter, num_micro: int, seq: int, micro_batch_size: int):
     """One optimizer step over ``num_micro`` micro-batches (Megatron's schedule); returns (mean loss, grad norm)."""
-    with cuda_to_cpu():
-        comps.model.zero_grad_buffer()
-        comps.optimizer.zero_grad()
-        losses = forward_backward(
-            forward_step_func=lm_forward_step,
-            data_iterator=train_iter,
-            model=[comps.model],
-            num_microbatches=num_micro,
-            seq_length=seq,
-            micro_batch_size=micro_batch_size,
-            forward_only=False,
-        )
-        _, grad_norm, _ = comps.optimizer.step()
+    comps.model.zero_grad_buffer()
+    comps.optimizer.zero_grad()
+    losses = forward_backward(
+        forward_step_func=lm_forward_step,
+        data_iterator=train_iter,
+        model=[comps.model],
+        num_microbatches=num_micro,
+        seq_length=seq,
+        micro_batch_size=micro_batch_size,
+        forward_only=False,
+    )
+    _, grad_norm, _ = comps.optimizer.step()
     comps.scheduler.step(increment=1)
     return _broadcast_from_last_stage(_mean_reported(losses)), grad_norm
 
@@ -166,6 +164,25 @@ def _save(cfg: PretrainConfig, comps, iteration: int, state: dict) -> None:
         trainer_state,
         keep_last=cfg.checkpoint.keep_last,
     )
+
+
+def _write_summary(cfg: PretrainConfig, seconds: float, n_params: int, unigram: float, state, last_valid, is_logger):
+    """The run's summary (also ``summary.json`` in the checkpoint directory, written by the logging rank)."""
+    t = cfg.train
+    summary = {
+        "parameters": n_params,
+        "train_iters": t.train_iters,
+        "tokens": t.train_iters * t.global_batch_size * cfg.data.seq_length,
+        "wall_time_s": seconds,
+        "unigram_bpb": unigram / LN2,
+        "initial_valid_bpb": state.get("initial_valid_loss", float("nan")) / LN2,
+        "final_valid_bpb": (last_valid / LN2) if last_valid is not None else None,
+        "checkpoint": latest_checkpoint(cfg.checkpoint.dir),
+    }
+    if is_logger:
+        with open(os.path.join(cfg.checkpoint.dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    return summary
 
 
 def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -> dict:
@@ -203,8 +220,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -
 
     start_iter = state["iteration"]
     if start_iter == 0:
-        v0 = run_eval()
-        state["initial_valid_loss"] = v0
+        v0 = state["initial_valid_loss"] = run_eval()
         log({"iteration": 0, "valid_loss": v0, "valid_bpb": v0 / LN2, "unigram_bpb": unigram / LN2})
         if is_logger:
             print(
@@ -242,17 +258,4 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -
             _save(cfg, comps, it, state)
         bar.update(1)
     bar.close()
-    summary = {
-        "parameters": int(n_params),
-        "train_iters": t.train_iters,
-        "tokens": t.train_iters * tokens_per_iter,
-        "wall_time_s": time.time() - t0,
-        "unigram_bpb": unigram / LN2,
-        "initial_valid_bpb": state.get("initial_valid_loss", float("nan")) / LN2,
-        "final_valid_bpb": (last_valid / LN2) if last_valid is not None else None,
-        "checkpoint": latest_checkpoint(ckpt_dir),
-    }
-    if is_logger:
-        with open(os.path.join(ckpt_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-    return summary
+    return _write_summary(cfg, time.time() - t0, int(n_params), unigram, state, last_valid, is_logger)

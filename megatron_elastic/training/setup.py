@@ -11,8 +11,6 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from megatron_elastic.compat import cuda_to_cpu
-from megatron_elastic.errors import ConfigError
 from megatron_elastic.model.builder import build_hybrid_model
 from megatron_elastic.model.config import HybridConfig
 
@@ -28,6 +26,10 @@ class TrainingComponents:
         return self.model.module
 
 
+# The fields of an OptimizationConfig that Megatron's OptimizerConfig takes under the same names.
+_ADAM_FIELDS = ("lr", "min_lr", "weight_decay", "adam_beta1", "adam_beta2", "clip_grad")
+
+
 def build_training_components(
     model_cfg: HybridConfig, train_cfg, build_model: Callable = build_hybrid_model
 ) -> TrainingComponents:
@@ -41,34 +43,22 @@ def build_training_components(
         post_process=parallel_state.is_pipeline_last_stage(),
     )
     dist_opt = bool(getattr(train_cfg, "distributed_optimizer", False))
-    if dist_opt and not torch.cuda.is_available():
-        raise ConfigError(
-            "train.distributed_optimizer needs CUDA/NCCL (gloo has no reduce-scatter); set it to false on CPU"
-        )
-    with cuda_to_cpu():
-        ddp = DistributedDataParallel(
-            model_cfg,
-            DistributedDataParallelConfig(
-                grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=dist_opt
-            ),
-            model,
-        )
-        optimizer = get_megatron_optimizer(
-            OptimizerConfig(
-                optimizer="adam",
-                lr=train_cfg.lr,
-                min_lr=train_cfg.min_lr,
-                weight_decay=train_cfg.weight_decay,
-                adam_beta1=train_cfg.adam_beta1,
-                adam_beta2=train_cfg.adam_beta2,
-                clip_grad=train_cfg.clip_grad,
-                bf16=model_cfg.bf16,
-                fp16=model_cfg.fp16,
-                params_dtype=model_cfg.params_dtype,
-                use_distributed_optimizer=dist_opt,
-            ),
-            [ddp],
-        )
+    ddp = DistributedDataParallel(
+        model_cfg,
+        DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=dist_opt
+        ),
+        model,
+    )
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam",
+            **{name: getattr(train_cfg, name) for name in _ADAM_FIELDS},
+            **{name: getattr(model_cfg, name) for name in ("bf16", "fp16", "params_dtype")},
+            use_distributed_optimizer=dist_opt,
+        ),
+        [ddp],
+    )
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,

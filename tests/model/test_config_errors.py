@@ -24,7 +24,7 @@ from megatron_elastic.training.config import load_pretrain_config
         (dict(normalization="LayerNorm"), "normalization", "RMSNorm"),
         (dict(qk_layernorm=True), "qk_layernorm", "set it to False"),
         (dict(add_qkv_bias=True), "add_qkv_bias", "set it to False"),
-        (dict(sequence_parallel=True, tensor_model_parallel_size=2), "sequence_parallel", "set it to False"),
+        (dict(sequence_parallel=True), "sequence_parallel", "tensor_model_parallel_size >= 2"),
     ],
 )
 def test_model_config_errors(overrides, field, fix):
@@ -53,6 +53,7 @@ model: {hybrid_pattern: "M-*", vocab_size: 264, hidden_size: 32, ffn_hidden_size
         ("", ["train.min_lr=1.0"], "train.min_lr"),
         ("", ["train.lr_warmup_iters=5000"], "train.lr_warmup_iters"),
         ("", ["parallel.tensor_model_parallel_size=0"], "parallel.tensor_model_parallel_size"),
+        ("", ["parallel.sequence_parallel=true"], "parallel.sequence_parallel: needs"),
         ("trian: {}\n", [], "unknown section"),
         ("", ["train.epochs=3"], "train: unknown field"),
         ("", ["model.hybrid_pattern=M?"], "model.hybrid_pattern"),

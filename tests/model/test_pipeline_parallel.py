@@ -12,19 +12,17 @@ SEQ, MBS, NUM_MICRO = 20, 2, 2
 def _loss_and_grads(model, batches):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_elastic.compat import cuda_to_cpu
     from megatron_elastic.training.lm import lm_forward_step
 
-    with cuda_to_cpu():
-        losses = get_forward_backward_func()(
-            forward_step_func=lm_forward_step,
-            data_iterator=iter(batches),
-            model=[model],
-            num_microbatches=NUM_MICRO,
-            seq_length=SEQ,
-            micro_batch_size=MBS,
-            forward_only=False,
-        )
+    losses = get_forward_backward_func()(
+        forward_step_func=lm_forward_step,
+        data_iterator=iter(batches),
+        model=[model],
+        num_microbatches=NUM_MICRO,
+        seq_length=SEQ,
+        micro_batch_size=MBS,
+        forward_only=False,
+    )
     return torch.stack([d["lm loss"] for d in losses]).mean() if losses else None
 
 
@@ -112,3 +110,105 @@ def test_pp2_matches_pp1_heterogeneous_layers(tmp_path):
         5: {"mamba_head_dim": 4},
     }
     run_multiprocess(2, _pp_job, str(tmp_path), None, overrides)
+
+
+# Three micro-batches, each at its own sub-model (as elastic training samples a budget per micro-batch).
+MICRO_ARCHS = [
+    None,  # the full parent
+    {
+        "hidden_size": 20,
+        "mamba_num_heads": {0: 4, 3: 8, 5: 2},
+        "mamba_head_dim": {0: 8, 3: 3, 5: 8},
+        "num_attention_heads": {2: 2},
+        "ffn_hidden_size": {1: 64, 4: 16},
+        "skipped_layers": [4],
+    },
+    {
+        "hidden_size": 28,
+        "mamba_num_heads": {0: 2, 3: 4, 5: 6},
+        "mamba_head_dim": {0: 3, 3: 8, 5: 5},
+        "num_attention_heads": {2: 4},
+        "ffn_hidden_size": {1: 8, 4: 48},
+        "skipped_layers": [1],
+    },
+]
+
+
+def _per_micro_batch_grads(model, gates, batches, recompute_layers):
+    """Megatron's schedule over len(batches) micro-batches, micro-batch k at MICRO_ARCHS[k] with router-like
+    gates (a slice of ``gates`` per micro-batch) on the hidden width and on layers 0, 2 and 5 (two on layer 5:
+    the layer multiplies by their product, as with the router's axis and depth gates)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_elastic.model.elastic_arch import ElasticArch
+    from megatron_elastic.model.elastic_model import set_arch
+    from megatron_elastic.training.lm import lm_forward_step
+
+    counter = iter(range(len(batches)))
+
+    def forward_step(data_iterator, model):
+        k = next(counter)
+        arch = ElasticArch.from_dict(MICRO_ARCHS[k]) if MICRO_ARCHS[k] else None
+        g = gates[5 * k : 5 * k + 5]
+        keys = ("hidden", "mamba_heads.0", "attention_heads.2", "mamba_heads.5", "depth.5")
+        set_arch(model, arch, dict(zip(keys, g)))
+        return lm_forward_step(data_iterator, model)
+
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter(batches),
+        model=[model],
+        num_microbatches=len(batches),
+        seq_length=SEQ,
+        micro_batch_size=MBS,
+        forward_only=False,
+    )
+    set_arch(model, None)
+    return torch.stack([d["lm loss"] for d in losses]) if losses else None
+
+
+def _pp_recompute_job(rank, world, tmp):
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing, parallel_state
+
+    from megatron_elastic.model.elastic_model import build_elastic_model
+    from megatron_elastic.parallel import initialize_parallel
+    from megatron_elastic.testing import tiny_config
+
+    pattern, n = "M-*M-M", len(MICRO_ARCHS)
+    batches = [_batches()[0], _batches()[1], _batches()[0]]
+    initialize_parallel(1, 1, seed=3)
+    ref = build_elastic_model(tiny_config(hybrid_pattern=pattern))
+    ref_gates = torch.nn.Parameter(torch.linspace(0.7, 1.3, 5 * n))
+    ref_losses = _per_micro_batch_grads(ref, ref_gates, batches, recompute_layers=False)
+    _save(ref, f"{tmp}/weights")
+    ref_grads = {name: _grad(p) for name, p in ref.named_parameters()}
+
+    recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    initialize_parallel(1, 2, seed=5)
+    first, last = parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage()
+    cfg = tiny_config(hybrid_pattern=pattern, pipeline_model_parallel_size=2, **recompute)
+    model = build_elastic_model(cfg, pre_process=first, post_process=last)
+    model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), f"{tmp}/weights"), strict=False)
+    gates = torch.nn.Parameter(torch.linspace(0.7, 1.3, 5 * n))
+    losses = _per_micro_batch_grads(model, gates, batches, recompute_layers=True)
+    if last:
+        torch.testing.assert_close(losses, ref_losses, rtol=1e-6, atol=1e-6)
+    # each stage holds the gradient of the gates of its own layers: sum over the stages, as the router's is
+    dist.all_reduce(gates.grad, group=parallel_state.get_pipeline_model_parallel_group())
+    torch.testing.assert_close(gates.grad, ref_gates.grad, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(_grad(p))
+    _save(model, f"{tmp}/grads")
+    initialize_parallel(1, 1, seed=3)
+    back = build_elastic_model(tiny_config(hybrid_pattern=pattern))
+    back.load_state_dict(dist_checkpointing.load(back.sharded_state_dict(), f"{tmp}/grads"), strict=False)
+    for name, p in back.named_parameters():
+        torch.testing.assert_close(p.detach(), ref_grads[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_pp2_recompute_with_a_sub_model_per_micro_batch_matches_pp1(tmp_path):
+    """1F1B runs micro-batch k+1's forward before micro-batch k's backward; with full recompute, k's layers re-run
+    in that backward. Losses, every weight gradient and the gates' gradients equal PP=1 without recompute."""
+    run_multiprocess(2, _pp_recompute_job, str(tmp_path))

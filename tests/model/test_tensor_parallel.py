@@ -60,7 +60,20 @@ def _builder(arch_dict):
     return build
 
 
-def _tp_job(rank, world, tmp, overrides, arch_dict=None):
+def _sum_sequence_parallel_grads(model):
+    """What Megatron's finalize_model_grads does for weights marked ``sequence_parallel`` (replicated weights that
+    each rank applies to its part of the sequence): sum their gradients over the TP group."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    marked = [p for p in model.parameters() if getattr(p, "sequence_parallel", False)]
+    for p in marked:
+        if p.grad is not None:  # None: a skipped layer's norm
+            dist.all_reduce(p.grad, group=parallel_state.get_tensor_model_parallel_group())
+    return len(marked)
+
+
+def _tp_job(rank, world, tmp, overrides, arch_dict=None, sequence_parallel=False):
     from megatron.core import dist_checkpointing, parallel_state
 
     from megatron_elastic.parallel import initialize_parallel
@@ -69,7 +82,8 @@ def _tp_job(rank, world, tmp, overrides, arch_dict=None):
     build_hybrid_model = _builder(arch_dict)
 
     torch.manual_seed(0)
-    ids = torch.randint(0, 260, (2, 21))  # 21: not a multiple of the chunk size
+    # not a multiple of the chunk size; with sequence parallelism a multiple of the TP size
+    ids = torch.randint(0, 260, (2, 22 if sequence_parallel else 21))
 
     # Reference at TP=1 (both ranks compute it; they are data-parallel replicas).
     initialize_parallel(1, 1, seed=7)
@@ -82,12 +96,16 @@ def _tp_job(rank, world, tmp, overrides, arch_dict=None):
     # Same weights at TP=2.
     initialize_parallel(2, 1, seed=11)
     assert parallel_state.get_tensor_model_parallel_world_size() == 2
-    model = build_hybrid_model(tiny_config(tensor_model_parallel_size=2, **overrides), parallel_output=False)
+    tp2 = tiny_config(tensor_model_parallel_size=2, sequence_parallel=sequence_parallel, **overrides)
+    model = build_hybrid_model(tp2, parallel_output=False)
     model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), f"{tmp}/weights"), strict=False)
     loss, logits = _loss_and_logits(model, ids)
     torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
     loss.backward()
+    summed = _sum_sequence_parallel_grads(model)
+    if sequence_parallel:
+        assert summed == len(tp2.hybrid_pattern) + 1, "every pre-norm and the final norm are marked"
     _grads_as_params(model)
     _save(model, f"{tmp}/grads")
 
@@ -126,3 +144,27 @@ def test_tp2_matches_tp1_elastic_sub_budget(tmp_path, ffn_groups):
     # hidden, a skipped layer): every TP rank slices its own shard. ffn_groups=1: the FFN choice is a prefix
     # (rank 0 does more); ffn_groups=2: both ranks keep the same number of neurons.
     run_multiprocess(2, _tp_job, str(tmp_path), {"elastic_ffn_groups": ffn_groups}, SUB_BUDGET)
+
+
+@pytest.mark.parametrize("case", ["plain", "elastic-full", "elastic-sub-budget", "elastic-random"])
+def test_tp2_sequence_parallel_matches_tp1(tmp_path, case):
+    """TP=2 with sequence parallelism (activations between the TP linears split along the sequence): logits,
+    loss and every gradient equal the TP=1 model's, for the plain model, the elastic model at its full choice,
+    at a fixed heterogeneous sub-budget (sliced hidden, heads, channels, FFN, a skipped layer) and at a random one."""
+    arch = None
+    if case == "elastic-full":
+        from megatron_elastic.model.elastic_arch import ElasticArch
+        from megatron_elastic.testing import tiny_config
+
+        arch = ElasticArch.full(tiny_config()).to_dict()
+    elif case == "elastic-sub-budget":
+        arch = SUB_BUDGET
+    elif case == "elastic-random":
+        import random
+
+        from megatron_elastic.testing import tiny_config
+        from tests.model.test_elastic_model import random_heterogeneous_arch
+
+        cfg = tiny_config(tensor_model_parallel_size=2)
+        arch = random_heterogeneous_arch(cfg, random.Random(2024)).validate(cfg).to_dict()
+    run_multiprocess(2, _tp_job, str(tmp_path), {}, arch, True)

@@ -152,29 +152,85 @@ def test_all_budgets_per_step_trains_every_budget_on_every_micro_batch(single_pr
     assert all({k for k in r if k.startswith("kd/")} == {"kd/1", "kd/0.75", "kd/0.5"} for r in recs.values())
 
 
-def _parallel_job(rank, world, parent, root):
-    # TP=2, PP=2, then DP=2 in the same two processes; each must log what TP=1 logged.
-    _train(parent, os.path.join(root, "tp2"), overrides=["parallel.tensor_model_parallel_size=2"])
-    _train(parent, os.path.join(root, "pp2"), overrides=["parallel.pipeline_model_parallel_size=2"])
-    _train(parent, os.path.join(root, "dp2"))
+# Layouts run in two processes; each must log what TP=1 logged, step by step.
+LAYOUTS = {
+    "tp2": ["parallel.tensor_model_parallel_size=2"],
+    "pp2": ["parallel.pipeline_model_parallel_size=2"],
+    "dp2": [],
+    # sequence parallelism: norms, residuals and the router's gates act on each rank's part of the sequence
+    "tp2-sp": ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"],
+    # 1F1B runs micro-batch k+1 (another budget) before micro-batch k's backward, which re-runs k's layers
+    "pp2-recompute": ["parallel.pipeline_model_parallel_size=2", "train.recompute=true"],
+}
 
 
-def test_tp2_pp2_and_dp2_give_the_same_losses_as_tp1(parent, tmp_path):
+def _parallel_job(rank, world, parent, root, layouts):
+    for layout in layouts:
+        _train(parent, os.path.join(root, layout), overrides=LAYOUTS[layout])
+
+
+def _assert_same_losses(got, ref, steps, layout):
+    assert sorted(got) == sorted(steps)
+    for i in steps:
+        keys = [k for k in ref[i] if k.startswith(("kd/", "expected_params/", "chosen_params/"))]
+        assert keys and keys == [k for k in got[i] if k.startswith(("kd/", "expected_params/", "chosen_params/"))]
+        for k in keys:
+            assert got[i][k] == pytest.approx(ref[i][k], rel=1e-4, abs=1e-6), (layout, i, k)
+
+
+@pytest.mark.parametrize("layouts", [("tp2", "pp2", "dp2"), ("tp2-sp", "pp2-recompute")])
+def test_parallel_layouts_give_the_same_losses_as_tp1(parent, tmp_path, layouts):
     from megatron_elastic.parallel import destroy_parallel, initialize_parallel
 
     initialize_parallel(1, 1, seed=1234)
     _train(parent, str(tmp_path / "tp1"))
     destroy_parallel()
-    run_multiprocess(2, _parallel_job, parent, str(tmp_path))
+    run_multiprocess(2, _parallel_job, parent, str(tmp_path), layouts)
     ref = _train_records(str(tmp_path / "tp1"))
-    for layout in ("tp2", "pp2", "dp2"):
-        got = _train_records(str(tmp_path / layout))
-        assert sorted(got) == sorted(ref)
-        for i in ref:
-            keys = [k for k in ref[i] if k.startswith(("kd/", "expected_params/", "chosen_params/"))]
-            assert keys and keys == [k for k in got[i] if k.startswith(("kd/", "expected_params/", "chosen_params/"))]
-            for k in keys:
-                assert got[i][k] == pytest.approx(ref[i][k], rel=1e-4, abs=1e-6), (layout, i, k)
+    for layout in layouts:
+        _assert_same_losses(_train_records(str(tmp_path / layout)), ref, sorted(ref), layout)
+
+
+def _resume_copy(src, dst, iteration):
+    """``dst`` holds only ``src``'s checkpoint at ``iteration`` (as if the run was killed after writing it)."""
+    name = f"iter_{iteration:07d}"
+    os.makedirs(dst)
+    shutil.copytree(os.path.join(src, name), os.path.join(dst, name))
+    with open(os.path.join(dst, "latest"), "w") as f:
+        f.write(name)
+
+
+DIST_OPT = ["train.distributed_optimizer=true"]
+
+
+def _distributed_optimizer_job(rank, world, parent, root):
+    # DP=2 with the optimizer state sharded over the two ranks, then its step-3 checkpoint resumed at TP=2.
+    _train(parent, os.path.join(root, "dp2"), overrides=DIST_OPT)
+    if rank == 0:
+        _resume_copy(os.path.join(root, "dp2"), os.path.join(root, "tp2"), 3)
+    import torch.distributed as dist
+
+    dist.barrier()
+    _train(parent, os.path.join(root, "tp2"), resume=True, overrides=DIST_OPT + LAYOUTS["tp2"])
+
+
+def test_distributed_optimizer_matches_and_its_checkpoint_resumes_at_other_layouts(parent, tmp_path):
+    """Megatron's DistributedOptimizer at DP=2 equals the plain optimizer at DP=1 step by step; its step-3
+    checkpoint (optimizer state in two shards) resumes exactly at DP=1 and at TP=2 (Megatron's resharding)."""
+    from megatron_elastic.parallel import destroy_parallel, initialize_parallel
+
+    initialize_parallel(1, 1, seed=1234)
+    _train(parent, str(tmp_path / "ref"))
+    destroy_parallel()
+    run_multiprocess(2, _distributed_optimizer_job, parent, str(tmp_path))
+    ref = _train_records(str(tmp_path / "ref"))
+    _assert_same_losses(_train_records(str(tmp_path / "dp2")), ref, sorted(ref), "dp2")
+    _assert_same_losses(_train_records(str(tmp_path / "tp2")), ref, [4, 5, 6], "tp2 resumed")
+    _resume_copy(str(tmp_path / "dp2"), str(tmp_path / "dp1"), 3)
+    initialize_parallel(1, 1, seed=1234)
+    _train(parent, str(tmp_path / "dp1"), resume=True, overrides=DIST_OPT)
+    destroy_parallel()
+    _assert_same_losses(_train_records(str(tmp_path / "dp1")), ref, [4, 5, 6], "dp1 resumed")
 
 
 def test_config_errors_name_the_fix(parent, tmp_path):
