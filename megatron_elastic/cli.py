@@ -273,12 +273,14 @@ def _plan_args(p) -> None:
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense BF16 peak per GPU (default 989, H100 SXM)")
     p.add_argument("--mfu", type=float, default=0.35, help="assumed model-FLOPs utilisation (default 0.35)")
     p.add_argument("--overhead-gib", type=float, default=4.0, help="per-GPU allowance for context/NCCL/fragmentation")
+    from megatron_elastic.model.kernels import MACHINES
+
     p.add_argument(
         "--kernels",
-        choices=["fused", "reference"],
+        choices=list(MACHINES),
         default="fused",
-        help="activation memory for the GPU kernels (mamba_ssm, TransformerEngine, flash attention) or "
-        "the pure-PyTorch reference path (default: %(default)s)",
+        help="the training GPUs' packages: 'fused' (mamba_ssm, causal_conv1d, TransformerEngine: the Docker image) "
+        "or 'reference' (none: the pure-PyTorch Mamba path); attention is SDPA either way (default: %(default)s)",
     )
     p.add_argument("--yaml", action="store_true", help="print the plan as YAML")
 

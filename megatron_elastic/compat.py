@@ -20,6 +20,7 @@ from typing import Any
 
 import megatron.core
 import torch
+import torch.distributed as dist
 from megatron.core.tensor_parallel import random as mcore_random
 from packaging.version import Version
 
@@ -323,6 +324,56 @@ def apply_cpu_shims() -> None:
     mcore_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
     mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     _SHIMS_APPLIED = True
+
+
+class _Done:
+    """The work handle of a collective that already finished (what ``async_op=True`` callers wait on)."""
+
+    def wait(self) -> bool:
+        return True
+
+    def is_completed(self) -> bool:
+        return True
+
+
+def reduce_scatter_by_all_reduce(output, input, op=None, group=None, async_op=False):
+    """``torch.distributed.reduce_scatter_tensor`` for a backend without it: all-reduce ``input`` (the whole
+    ``world * output.numel()`` elements), keep this rank's chunk along dim 0. Twice the traffic of a real
+    reduce-scatter; the same result."""
+    reduced = input.clone()
+    dist.all_reduce(reduced, op=op if op is not None else dist.ReduceOp.SUM, group=group)
+    output.copy_(reduced.chunk(dist.get_world_size(group), dim=0)[dist.get_rank(group)].reshape(output.shape))
+    return _Done() if async_op else None
+
+
+# Where Megatron binds the reduce-scatter it calls (module globals, bound at import).
+_REDUCE_SCATTER_USERS = (
+    "megatron.core.tensor_parallel.mappings",
+    "megatron.core.tensor_parallel.layers",
+    "megatron.core.distributed.param_and_grad_buffer",
+)
+
+
+def ensure_reduce_scatter() -> bool:
+    """Give the default process group a reduce-scatter if its backend has none (older gloo builds): probe it
+    once (a collective: every rank calls this from ``parallel.initialize_parallel``), and only if the probe
+    fails route torch's and Megatron's reduce-scatter through :func:`reduce_scatter_by_all_reduce`. Returns
+    whether the shim was installed. Goes when every supported torch's gloo reduce-scatters (2.13's does)."""
+    if dist.get_backend() != "gloo" or dist.get_world_size() == 1:
+        return False  # NCCL has it; one process never reduce-scatters
+    probe = torch.zeros(dist.get_world_size())
+    try:
+        dist.reduce_scatter_tensor(torch.zeros(1), probe)
+        return False
+    except RuntimeError:
+        pass
+    dist.reduce_scatter_tensor = reduce_scatter_by_all_reduce
+    dist._reduce_scatter_base = reduce_scatter_by_all_reduce
+    for name in _REDUCE_SCATTER_USERS:
+        module = importlib.import_module(name)
+        if hasattr(module, "dist_reduce_scatter_func"):
+            module.dist_reduce_scatter_func = reduce_scatter_by_all_reduce
+    return True
 
 
 def seed_model_parallel_rng(seed: int) -> None:

@@ -45,6 +45,7 @@ def initialize_parallel(
             dist.init_process_group(backend=backend)
         else:  # a single process; leave os.environ alone so child processes do not inherit a rendezvous
             dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+        compat.ensure_reduce_scatter()
     world = dist.get_world_size()
     tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
     if world % (tp * pp):

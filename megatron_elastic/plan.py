@@ -4,18 +4,7 @@ Resolves the config, checks the parallel layout, counts the parameters of the pa
 largest admissible architecture, estimates per-GPU memory at each curriculum stage and the GPU-hours of the run
 from a stated MFU. Refuses layouts that cannot fit, naming the reason.
 
-Memory model (bytes per GPU, the largest pipeline stage):
-
-* student weights (2 B/param in bf16, 4 in fp32), main grads (4, fp32), optimizer: fp32 master (bf16 only) +
-  Adam moments (4 + 4), divided by the data-parallel size with the distributed optimizer;
-* teacher weights (same dtype, no grads, no optimizer);
-* activations kept for backward per micro-batch (per layer type, below), times the micro-batches in flight
-  (1F1B: the pipeline depth on the first stage); with ``recompute`` only each layer's input is kept plus one
-  layer's activations;
-* logits of student and teacher at the last stage (bf16 output, fp32 softmax/KL buffers, fp32 grad);
-* backward transients: the gradients of one layer's saved activations while that layer runs backward (the
-  largest layer's activations);
-* a fixed allowance (CUDA context, NCCL buffers, fragmentation), ``overhead_gib``.
+The memory model is ``model.memory`` (also used by ``train``'s check before its first step).
 """
 
 from __future__ import annotations
@@ -27,14 +16,13 @@ from typing import Dict, List, Optional
 
 import yaml
 
-from megatron_elastic.compat import ATTENTION, MAMBA
-from megatron_elastic.errors import ConfigError, PlanError
-from megatron_elastic.model.cost import arch_flops_per_token, arch_parameters, layer_parameters, scaled_arch
+from megatron_elastic.errors import PlanError
+from megatron_elastic.model.cost import arch_flops_per_token, arch_parameters, scaled_arch
 from megatron_elastic.model.elastic_arch import ElasticArch
-from megatron_elastic.model.kernels import MACHINES, KernelPath, student_kernels, teacher_kernels
+from megatron_elastic.model.kernels import MACHINES, KernelPath, teacher_kernels
+from megatron_elastic.model.memory import GIB, student_path
 from megatron_elastic.training.elastic_config import ElasticJobConfig, load_elastic_config
-
-GIB = 2**30
+from megatron_elastic.training.memory_check import check_fits, stage_memory
 
 
 @dataclass
@@ -84,119 +72,6 @@ class Plan:
         return sum(s.gpu_hours for s in self.stages)
 
 
-def _bytes_per_param(config) -> int:
-    return 2 if config.bf16 or config.fp16 else 4
-
-
-KERNELS = tuple(MACHINES)
-
-
-def student_path(kernels: str, sequence_parallel: bool = False) -> KernelPath:
-    """The student's kernel path on the machine ``kernels`` names (see ``model.kernels.MACHINES``)."""
-    if kernels not in MACHINES:
-        raise ConfigError(f"kernels must be one of {KERNELS}, got {kernels!r}")
-    return student_kernels(MACHINES[kernels], sequence_parallel)
-
-
-def layer_activation_bytes(config, i: int, seq: int, mbs: int, tp: int, path: KernelPath) -> float:
-    """Bytes one layer keeps for backward (one micro-batch, no recompute), for the kernels of ``path``.
-
-    Counted tensor by tensor from what autograd saves. Hidden-size tensors (the layer input, the norm's
-    output, and the unfused norm's normalised input) are split over TP with sequence parallelism (Megatron's
-    sequence-parallel linears save their local input and gather it again in backward). Attention (SDPA or TE)
-    keeps Q/K/V (views of the QKV output), its output and a float32 log-sum-exp per query and head, never the
-    ``s x s`` probabilities. The ``mamba_ssm`` scan recomputes its chunk states in backward; the pure-PyTorch
-    scan keeps its intra-chunk decay matrices, contiguous einsum operands and chunk states, in float32.
-    """
-    e = _bytes_per_param(config)
-    sb, h = seq * mbs, config.hidden_size
-    lc = config.for_layer(i)
-    sym = config.hybrid_pattern[i]
-    hidden = (2 if path.norm == "te" else 3) * h / (tp if path.sequence_parallel else 1)
-    if sym == MAMBA:
-        H, p = lc.mamba_num_heads / tp, lc.mamba_head_dim
-        d, g, n, q = H * p, config.mamba_num_groups / tp, config.mamba_state_dim, config.mamba_chunk_size
-        bc = g * n
-        in_proj_out = 2 * d + 2 * bc + H
-        if path.mamba_scan == "mamba_ssm":  # conv output, scan output, gated-norm output, fp32 dt/dA_cumsum
-            return e * sb * (hidden + in_proj_out + (d + 2 * bc) + 3 * d) + 4 * sb * 2 * H
-        # conv: its contiguous input, pre- and post-activation; gated norm: y, gated y, normalised y, its
-        # output and out_proj's contiguous input
-        model_dtype = hidden + in_proj_out + 3 * (d + 2 * bc) + 5 * d
-        # the scan (float32): decay matrix and its product with C.B (2 H q), C.B (g q), contiguous B/C
-        # copies (3 g n), x copies (3 d), B*decay (H n), chunk states entering/leaving (2 d n / q), dt terms
-        scan = 2 * H * q + g * q + 3 * bc + 3 * d + H * n + 2 * d * n / q + 4 * H
-        if e != 4:
-            scan += d + 2 * bc  # float32 copies of x, B, C
-        return e * sb * model_dtype + 4 * sb * scan
-    if sym == ATTENTION:
-        qh, g, hn = (
-            lc.num_attention_heads / tp,
-            (config.num_query_groups or lc.num_attention_heads) / tp,
-            config.kv_channels,
-        )
-        # the fused QKV output (Q/K/V are views of it), the kernel's output and its [s, b, heads*hn] copy
-        # (linear_proj's input), the float32 log-sum-exp
-        return e * sb * (hidden + (qh + 2 * g) * hn + 2 * qh * hn) + 4 * sb * qh
-    return e * sb * (hidden + 2 * lc.ffn_hidden_size / tp)
-
-
-def _stage_layers(config, pp: int) -> List[List[int]]:
-    n = len(config.hybrid_pattern)
-    per = n // pp
-    return [list(range(k * per, (k + 1) * per)) for k in range(pp)]
-
-
-def memory_per_gpu(
-    config,
-    tp: int,
-    pp: int,
-    dp: int,
-    seq: int,
-    mbs: int,
-    num_micro: int,
-    distributed_optimizer: bool = True,
-    recompute: bool = False,
-    path: Optional[KernelPath] = None,
-    overhead_gib: float = 0.0,
-) -> Dict[str, float]:
-    """Per-GPU bytes by component for the most loaded pipeline stage (see the module docstring), for the student
-    kernels ``path`` (default: the ``fused`` machine, no sequence parallelism)."""
-    path = path or student_path("fused")
-    full = ElasticArch.full(config)
-    e = _bytes_per_param(config)
-    emb = config.vocab_size * config.hidden_size
-    worst: Dict[str, float] = {}
-    for k, layers in enumerate(_stage_layers(config, pp)):
-        params = sum(layer_parameters(config, full, i) for i in layers)
-        if k == 0:
-            params += emb
-        if k == pp - 1:
-            params += config.hidden_size + (0 if config.share_embeddings_and_output_weights else emb)
-        params /= tp
-        opt = (4 if e == 2 else 0) + 8
-        acts = [layer_activation_bytes(config, i, seq, mbs, tp, path) for i in layers]
-        if recompute:  # each layer's input (split over TP with sequence parallelism) + one layer's activations
-            layer_input = e * seq * mbs * config.hidden_size / (tp if path.sequence_parallel else 1)
-            act = layer_input * len(layers) + max(acts)
-        else:
-            act = sum(acts)
-        in_flight = min(pp - k, num_micro) if pp > 1 else 1
-        m = {
-            "weights": e * params,
-            "grads": 4 * params,
-            "optimizer": opt * params / (dp if distributed_optimizer else 1),
-            "teacher": e * params,
-            "activations": act * in_flight,
-            "logits": (22 * seq * mbs * config.vocab_size / tp) if k == pp - 1 else 0.0,
-            "backward": max(acts),
-            "overhead": overhead_gib * GIB,
-        }
-        if sum(m.values()) > sum(worst.values()):
-            worst = m
-    return worst
-
-
 def largest_admissible(config, target: float) -> ElasticArch:
     """The largest uniformly scaled architecture with at most ``target`` parameters (a fine search)."""
     best = None
@@ -230,48 +105,6 @@ def _parent_config(cfg: ElasticJobConfig, config_dir: str):
         job = config_from_checkpoint(src)
     job.parallel = dataclasses.replace(cfg.parallel)
     return job.model_config()
-
-
-def stage_memory(cfg: ElasticJobConfig, config, dp: int, path: KernelPath, overhead_gib: float):
-    """Per-GPU bytes by component at every curriculum stage of ``cfg`` (model ``config``, student ``path``)."""
-    tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
-    return [
-        memory_per_gpu(
-            config,
-            tp,
-            pp,
-            dp,
-            stage.seq_length,
-            cfg.train.micro_batch_size,
-            stage.global_batch_size // (cfg.train.micro_batch_size * dp),
-            cfg.train.distributed_optimizer,
-            cfg.train.recompute,
-            path,
-            overhead_gib,
-        )
-        for stage in cfg.curriculum.stages
-    ]
-
-
-def check_fits(cfg: ElasticJobConfig, memories: List[Dict[str, float]], gpu_memory_gib: float, dp: int) -> None:
-    """Raise :class:`PlanError` naming the stage, its largest component and the fixes when a stage needs more
-    than ``gpu_memory_gib`` per GPU (what ``plan`` refuses and ``train`` checks before its first step)."""
-    tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
-    for stage, mem in zip(cfg.curriculum.stages, memories):
-        total = sum(mem.values())
-        if total > gpu_memory_gib * GIB:
-            top = max((k for k in mem if k != "overhead"), key=mem.get)
-            fixes = [] if cfg.train.recompute else ["train.recompute=true"]
-            if tp > 1 and not cfg.parallel.sequence_parallel:
-                fixes.append("parallel.sequence_parallel=true")
-            fixes.append("a larger parallel.tensor_model_parallel_size")
-            if not cfg.train.distributed_optimizer:
-                fixes.append("train.distributed_optimizer=true")
-            raise PlanError(
-                f"stage {stage.name!r} needs {total / GIB:.1f} GiB per GPU (largest: {top} "
-                f"{mem[top] / GIB:.1f} GiB) > {gpu_memory_gib:g} GiB at TP={tp}, PP={pp}, DP={dp}; "
-                f"try {', '.join(fixes)}"
-            )
 
 
 def make_plan(config_path: str, hw: Hardware, overrides: Optional[List[str]] = None, kernels: str = "fused") -> Plan:

@@ -63,3 +63,33 @@ def test_a_parallel_job_holds_the_cpu_backend_until_it_is_torn_down():
     with pytest.raises((AssertionError, RuntimeError)):
         torch.zeros(1, device="cuda")
     destroy_parallel()  # a second tear-down is harmless
+
+
+def _reduce_scatter_job(rank, world):
+    import torch.distributed as dist
+
+    from megatron_elastic.parallel import initialize_parallel
+
+    initialize_parallel(1, 1)
+    assert not compat.ensure_reduce_scatter(), "this torch's gloo reduce-scatters: no shim"
+    g = torch.Generator().manual_seed(17)
+    inputs = [torch.randn(world * 3, 5, generator=g) for _ in range(world)]  # every rank's input, same on all
+    definition = sum(inputs).chunk(world, dim=0)[rank]
+    for op, expect in (
+        (dist.ReduceOp.SUM, definition),
+        (dist.ReduceOp.MAX, torch.stack(inputs).amax(0).chunk(world)[rank]),
+    ):
+        shim, native = torch.empty(3, 5), torch.empty(3, 5)
+        handle = compat.reduce_scatter_by_all_reduce(shim, inputs[rank], op=op, async_op=True)
+        assert handle.wait()
+        dist.reduce_scatter_tensor(native, inputs[rank], op=op)
+        torch.testing.assert_close(shim, expect)
+        torch.testing.assert_close(native, expect)
+
+
+def test_reduce_scatter_shim_equals_the_definition_and_gloo():
+    """The all-reduce-and-keep-your-chunk reduce-scatter (for a gloo without one) against the definition (the sum
+    of every rank's input, this rank's chunk) and against gloo's own reduce-scatter."""
+    from megatron_elastic.testing import run_multiprocess
+
+    run_multiprocess(2, _reduce_scatter_job)

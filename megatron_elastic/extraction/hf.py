@@ -123,6 +123,14 @@ _HF_LAYER_NAMES = {(sym, hf): ours for (sym, ours), hf in _LAYER_NAMES.items()}
 _HF_QKV = {f"mixer.{part}_proj.weight": part for part in "qkv"}
 
 
+def _layer_part(name: str, root: str, config, problem: str):
+    """(layer index, the name inside the layer, the layer's symbol) of ``<root>.layers.<i>.<rest>``."""
+    m = re.match(rf"^{root}\.layers\.(\d+)\.(.+)$", name)
+    if not m:
+        raise HFExportError(f"{problem} {name!r}")
+    return int(m.group(1)), m.group(2), config.hybrid_pattern[int(m.group(1))]
+
+
 def to_hf_state_dict(state_dict: Dict[str, torch.Tensor], config) -> Dict[str, torch.Tensor]:
     """Our (TP=1, local-spec names) state dict -> NemotronH tensors."""
     out = {}
@@ -133,11 +141,8 @@ def to_hf_state_dict(state_dict: Dict[str, torch.Tensor], config) -> Dict[str, t
             if name != "output_layer.weight" or not config.share_embeddings_and_output_weights:
                 out[_MODEL_NAMES[name]] = t
             continue
-        m = re.match(r"^decoder\.layers\.(\d+)\.(.+)$", name)
-        if not m:
-            raise HFExportError(f"no NemotronH name for {name!r}")
-        i, rest = int(m.group(1)), m.group(2)
-        sym, p = config.hybrid_pattern[i], f"backbone.layers.{i}."
+        i, rest, sym = _layer_part(name, "decoder", config, "no NemotronH name for")
+        p = f"backbone.layers.{i}."
         if rest == LOCAL_PRE_NORM_WEIGHT[sym]:
             out[p + "norm.weight"] = t
         elif sym == MAMBA and rest.startswith("mixer."):
@@ -261,11 +266,8 @@ def from_hf_state_dict(tensors: Dict[str, torch.Tensor], config) -> Dict[str, to
         if n in ours_of:
             out[ours_of[n]] = t
             continue
-        m = re.match(r"^backbone\.layers\.(\d+)\.(.+)$", n)
-        if not m:
-            raise HFExportError(f"unexpected NemotronH tensor {name!r}")
-        i, rest = int(m.group(1)), m.group(2)
-        sym, p = config.hybrid_pattern[i], f"decoder.layers.{i}."
+        i, rest, sym = _layer_part(n, "backbone", config, "unexpected NemotronH tensor")
+        p = f"decoder.layers.{i}."
         if rest == "norm.weight":
             out[p + LOCAL_PRE_NORM_WEIGHT[sym]] = t
         elif sym == MAMBA and rest.startswith("mixer."):

@@ -56,16 +56,37 @@ def set_arch(model, arch: Optional[ElasticArch] = None, gates: Optional[Dict[str
 
     The choice also travels with each forward pass: with activation recompute, the stack puts itself back at
     the choice of the forward pass whose gradient is flowing before its layers re-run (Megatron's 1F1B
-    schedule runs micro-batch k+1's forward, at another choice, before micro-batch k's backward)."""
+    schedule runs micro-batch k+1's forward, at another choice, before micro-batch k's backward). The modules
+    multiply by leaf stand-ins of the gates that pass each gradient they receive on to the gate's own graph
+    (:func:`_linked_to`): a re-run layer's backward (Megatron's reentrant recompute) then never runs through
+    the router's graph itself, which several layers share."""
     m = _unwrap(model)
     config = m.config
     arch = (arch or ElasticArch.full(config)).validate(config)
     unknown = [k for k in (gates or {}) if k != "hidden" and k.split(".")[0] not in AXES]
     if unknown:
         raise KeyError(f"unknown gate key(s) {unknown}; use 'hidden' or '<axis>.<layer>' with axis in {AXES}")
+    gates = {k: _linked_to(g) for k, g in gates.items()} if gates else gates
     _set_stack_arch(m.decoder, config, arch, gates)
     m.decoder.choice = functools.partial(_set_stack_arch, m.decoder, config, arch, gates)
     return arch
+
+
+def _linked_to(gate: torch.Tensor) -> torch.Tensor:
+    """A leaf with ``gate``'s value whose every gradient is passed on into ``gate``'s graph (kept for further
+    passes): each backward that reaches the stand-in (one per micro-batch, or one per re-run layer under
+    reentrant recompute) adds its part to the router's gradients, and the router's graph is never freed while a
+    layer still needs it."""
+    if not gate.requires_grad:
+        return gate
+    leaf = gate.detach().requires_grad_(True)
+    leaf.register_hook(functools.partial(_pass_on, gate))
+    return leaf
+
+
+def _pass_on(gate: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    torch.autograd.backward(gate, grad, retain_graph=True)
+    return grad
 
 
 def _set_stack_arch(stack, config, arch: ElasticArch, gates) -> None:

@@ -41,10 +41,12 @@ from tqdm import tqdm
 from megatron_elastic.data.loader import build_gpt_datasets, make_loader
 from megatron_elastic.distill import kd_loss
 from megatron_elastic.errors import InputNotFoundError
+from megatron_elastic.model.builder import build_hybrid_model
 from megatron_elastic.model.config import ConfigError
 from megatron_elastic.model.cost import arch_parameters
 from megatron_elastic.model.elastic_arch import ElasticArch
 from megatron_elastic.model.elastic_model import build_elastic_model, set_arch
+from megatron_elastic.model.kernels import Machine, teacher_kernels
 from megatron_elastic.parallel import initialize_parallel
 from megatron_elastic.router import ElasticSpace, Router, resource_loss
 from megatron_elastic.training.checkpoint import (
@@ -56,6 +58,7 @@ from megatron_elastic.training.checkpoint import (
 )
 from megatron_elastic.training.elastic_config import ElasticJobConfig
 from megatron_elastic.training.lm import LN2, batch_to_device, masked_mean
+from megatron_elastic.training.memory_check import check_this_gpu
 from megatron_elastic.training.metrics import MetricsLog
 from megatron_elastic.training.preemption import StopSignals, any_rank
 from megatron_elastic.training.pretrain import evaluate
@@ -103,7 +106,7 @@ class ElasticComponents:
     config: ElasticJobConfig
     model_config: object
     student: torch.nn.Module  # DDP-wrapped elastic student
-    teacher: torch.nn.Module  # frozen elastic model with the sorted parent's weights
+    teacher: torch.nn.Module  # the frozen parent (plain TE or local model) with the sorted weights
     pair: DistillationPair
     optimizer: object
     scheduler: object
@@ -115,6 +118,21 @@ class ElasticComponents:
 
 def _device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _build_parent(model_cfg, src: str, backend: str = "local"):
+    """This pipeline stage of the sorted parent at ``src``: an elastic model on the local backend, a plain
+    TransformerEngine model on ``te``."""
+    stage = dict(
+        pre_process=parallel_state.is_pipeline_first_stage(), post_process=parallel_state.is_pipeline_last_stage()
+    )
+    model = (
+        build_elastic_model(model_cfg, **stage)
+        if backend == "local"
+        else build_hybrid_model(model_cfg, backend=backend, **stage)
+    )
+    load_model_weights(src, model)
+    return model
 
 
 def build_elastic_components(cfg: ElasticJobConfig) -> ElasticComponents:
@@ -134,6 +152,7 @@ def build_elastic_components(cfg: ElasticJobConfig) -> ElasticComponents:
     model_cfg = job.model_config(**(recompute if cfg.train.recompute else {}))
     if not cfg.data.path:
         cfg.data.path = job.data.path
+    check_this_gpu(cfg, model_cfg, parallel_state.get_data_parallel_world_size())
     with open(cfg.ranking_file) as f:
         depth_ranking = json.load(f)["depth_ranking"]
 
@@ -143,12 +162,11 @@ def build_elastic_components(cfg: ElasticJobConfig) -> ElasticComponents:
         return model
 
     comps = build_training_components(model_cfg, cfg.train, build_model=build_student)
-    teacher = build_elastic_model(
-        model_cfg,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
-    )
-    load_model_weights(src, teacher)
+    # The frozen teacher is the whole parent, never sliced: TransformerEngine's spec where it runs (same checkpoint
+    # keys), else the plain local spec (kernels.teacher_kernels decides, as it does for `plan`).
+    # (Local: the elastic model at its full choice, which also scores the pruned sub-models in the summary.)
+    teacher_backend = teacher_kernels(Machine.here(), model_cfg.sequence_parallel).backend
+    teacher = _build_parent(model_cfg, src, teacher_backend)
     pair = DistillationPair(
         comps.model,
         teacher,
@@ -170,7 +188,10 @@ def build_elastic_components(cfg: ElasticJobConfig) -> ElasticComponents:
             f"of the parent: every axis at its smallest choice); add smaller space.fractions or "
             f"space.depth_fractions, or raise the budget"
         )
+    same_layout = teacher_backend == "local"  # TE fuses the norms into the linears: other parameters, same keys
     for (name, p_student), p_teacher in zip(comps.model.module.named_parameters(), teacher.parameters()):
+        if not same_layout:
+            break
         if p_student.dtype != p_teacher.dtype or p_student.shape != p_teacher.shape:
             raise ConfigError(
                 f"teacher and student differ at {name}: {p_teacher.dtype}{tuple(p_teacher.shape)} vs "
@@ -365,6 +386,10 @@ def evaluate_budgets(
     if was_teacher:
         c.teacher.eval()
     return out
+
+
+def _unwrap_decoder(model):
+    return getattr(getattr(model, "module", model), "decoder", None)
 
 
 def _arch_summary(c: ElasticComponents, archs: Dict[float, ElasticArch]) -> Dict[str, float]:
@@ -664,8 +689,12 @@ class ElasticRun:
         evaluate = lambda model, archs: evaluate_budgets(c, model, archs, self.valid_ds, t.eval_iters, self.eval_gbs)
         archs = c.router.choose_all()
         free = {b: c.router.choose(b) for b in cfg.budgets}
-        before = evaluate(c.teacher, archs)
-        parent_loss = evaluate(c.teacher, {1.0: ElasticArch.full(c.model_config)})[1.0]
+        # The pruned, untrained sub-models: slices of the parent (the local teacher is elastic; a TE teacher is not,
+        # so an elastic copy of the parent is built for this once).
+        parent = c.teacher if hasattr(_unwrap_decoder(c.teacher), "set_elastic") else None
+        parent = parent or _build_parent(c.model_config, latest_checkpoint(cfg.sorted_checkpoint)).eval()
+        before = evaluate(parent, archs)
+        parent_loss = evaluate(parent, {1.0: ElasticArch.full(c.model_config)})[1.0]
         after = last_valid if last_valid is not None else evaluate(c.student, archs)
         summary = {
             "steps": t.train_iters,

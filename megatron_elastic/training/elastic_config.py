@@ -79,6 +79,7 @@ class ElasticTrainConfig(OptimizationConfig):
     recompute: bool = False  # full activation recomputation of every layer (long contexts)
     distributed_optimizer: bool = False  # shard optimizer state over data parallel (Megatron's DistributedOptimizer)
     max_bad_steps: int = 3  # consecutive non-finite steps (skipped) before the run checkpoints and stops
+    memory_check: bool = True  # on CUDA, refuse before the first step when `plan`'s memory model says no fit
     train_iters: int = 0  # derived from the curriculum (steps of all stages); not set by the user
 
 

@@ -191,6 +191,15 @@ def test_parallel_layouts_give_the_same_losses_as_tp1(parent, tmp_path, layouts)
         _assert_same_losses(_train_records(str(tmp_path / layout)), ref, sorted(ref), layout)
 
 
+def test_recompute_trains_exactly_like_without(single_process_parallel, parent, tmp_path):
+    """Full activation recompute with the router's gates on every layer (megatron-core 0.18+ re-runs layers in a
+    nested backward that must not consume the router's graph, which every layer shares): the same run step by step."""
+    _train(parent, str(tmp_path / "plain"))
+    _train(parent, str(tmp_path / "recompute"), overrides=["train.recompute=true"])
+    ref = _train_records(str(tmp_path / "plain"))
+    _assert_same_losses(_train_records(str(tmp_path / "recompute")), ref, sorted(ref), "recompute")
+
+
 def _resume_copy(src, dst, iteration):
     """``dst`` holds only ``src``'s checkpoint at ``iteration`` (as if the run was killed after writing it)."""
     name = f"iter_{iteration:07d}"
