@@ -56,17 +56,19 @@ def set_arch(model, arch: Optional[ElasticArch] = None, gates: Optional[Dict[str
 
     The choice also travels with each forward pass: with activation recompute, the stack puts itself back at
     the choice of the forward pass whose gradient is flowing before its layers re-run (Megatron's 1F1B
-    schedule runs micro-batch k+1's forward, at another choice, before micro-batch k's backward). The modules
-    multiply by leaf stand-ins of the gates that pass each gradient they receive on to the gate's own graph
-    (:func:`_linked_to`): a re-run layer's backward (Megatron's reentrant recompute) then never runs through
-    the router's graph itself, which several layers share."""
+    schedule runs micro-batch k+1's forward, at another choice, before micro-batch k's backward). With
+    recompute the modules also multiply by leaf stand-ins of the gates that pass each gradient they receive on
+    to the gate's own graph (:func:`_linked_to`), so that a re-run layer's backward (Megatron's reentrant
+    recompute) never runs through the router's graph itself, which several layers share; the gates' gradients
+    then arrive through ``backward()`` (what Megatron's schedules call), not ``torch.autograd.grad``."""
     m = _unwrap(model)
     config = m.config
     arch = (arch or ElasticArch.full(config)).validate(config)
     unknown = [k for k in (gates or {}) if k != "hidden" and k.split(".")[0] not in AXES]
     if unknown:
         raise KeyError(f"unknown gate key(s) {unknown}; use 'hidden' or '<axis>.<layer>' with axis in {AXES}")
-    gates = {k: _linked_to(g) for k, g in gates.items()} if gates else gates
+    if gates and config.recompute_granularity is not None:
+        gates = {k: _linked_to(g) for k, g in gates.items()}
     _set_stack_arch(m.decoder, config, arch, gates)
     m.decoder.choice = functools.partial(_set_stack_arch, m.decoder, config, arch, gates)
     return arch
