@@ -271,7 +271,12 @@ def _plan_args(p) -> None:
     p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
     p.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory per GPU (default 80, H100 SXM)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense BF16 peak per GPU (default 989, H100 SXM)")
-    p.add_argument("--mfu", type=float, default=0.35, help="assumed model-FLOPs utilisation (default 0.35)")
+    p.add_argument(
+        "--mfu",
+        type=float,
+        default=0.35,
+        help="assumed share of peak FLOPs achieved on the work done, recompute's extra forward included (default 0.35)",
+    )
     p.add_argument("--overhead-gib", type=float, default=4.0, help="per-GPU allowance for context/NCCL/fragmentation")
     from megatron_elastic.model.kernels import MACHINES
 

@@ -22,7 +22,15 @@ def free_port() -> int:
 def _ranks_from_slurm() -> None:
     """``srun`` with one task per GPU (no torchrun): take RANK/WORLD_SIZE/LOCAL_RANK from Slurm's variables.
     Needs MASTER_ADDR/MASTER_PORT in the environment (launch/slurm/megatron_elastic.sbatch sets them)."""
-    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ or "MASTER_ADDR" not in os.environ:
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
+        return
+    if "MASTER_ADDR" not in os.environ:
+        if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+            raise ConfigError(
+                f"srun started {os.environ['SLURM_NTASKS']} tasks but MASTER_ADDR is not set: each would train alone, "
+                "writing the same checkpoints; export MASTER_ADDR and MASTER_PORT (the first node of the job, as "
+                "launch/slurm/megatron_elastic.sbatch does) or launch with torchrun"
+            )
         return
     os.environ["RANK"] = os.environ["SLURM_PROCID"]
     os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]

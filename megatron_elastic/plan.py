@@ -31,7 +31,7 @@ class Hardware:
     gpus_per_node: int = 8
     gpu_memory_gib: float = 80.0  # H100 SXM 80 GB
     peak_tflops: float = 989.0  # H100 SXM dense BF16
-    mfu: float = 0.35  # assumed model-FLOPs utilisation
+    mfu: float = 0.35  # assumed utilisation of peak FLOPs on the work done (recompute's extra forward included)
     overhead_gib: float = 4.0  # CUDA context, NCCL buffers, allocator slack
 
     @property
@@ -135,7 +135,10 @@ def make_plan(config_path: str, hw: Hardware, overrides: Optional[List[str]] = N
             wi * arch_flops_per_token(config, budgets[f"{b:g}"]["arch"], stage.seq_length)
             for wi, b in zip(w, cfg.budgets)
         )
-        flops = tokens * (teacher_flops + 3 * student_flops)
+        # The work the GPUs do: the teacher's forward, the student's forward and backward (3 forwards' worth), plus
+        # one more student forward when every layer is recomputed in the backward pass.
+        student_passes = 4 if cfg.train.recompute else 3
+        flops = tokens * (teacher_flops + student_passes * student_flops)
         hours = flops / (hw.mfu * hw.peak_tflops * 1e12) / 3600
         plan.stages.append(
             StagePlan(stage.name, stage.seq_length, stage.global_batch_size, steps, tokens, mem, flops, hours)
@@ -169,9 +172,11 @@ def format_plan(plan: Plan, hw: Hardware) -> str:
             f"{s.name:>14} {s.seq_length:>7} {s.global_batch_size:>6} {s.steps:>8,} {s.tokens:>18,} "
             f"{s.gpu_hours:>10,.0f}"
         )
+    low, high = (plan.gpu_hours * hw.mfu / u for u in (hw.mfu + 0.1, max(hw.mfu - 0.1, 0.05)))
     lines.append(
-        f"total: {plan.gpu_hours:,.0f} GPU-hours at {hw.mfu:.0%} MFU of {hw.peak_tflops:g} TFLOP/s "
-        f"(~{plan.gpu_hours / plan.world / 24:.1f} days on {plan.world} GPUs)"
+        f"total: {plan.gpu_hours:,.0f} GPU-hours at {hw.mfu:.0%} of {hw.peak_tflops:g} TFLOP/s on the work done "
+        f"(recompute included) (~{plan.gpu_hours / plan.world / 24:.1f} days on {plan.world} GPUs); "
+        f"{low:,.0f}-{high:,.0f} GPU-hours at {hw.mfu + 0.1:.0%}-{max(hw.mfu - 0.1, 0.05):.0%}"
     )
     return "\n".join(lines)
 

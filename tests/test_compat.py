@@ -1,5 +1,7 @@
 """The CPU stand-ins for Megatron's CUDA assumptions behave like what they replace."""
 
+import os
+
 import pytest
 import torch
 
@@ -93,3 +95,26 @@ def test_reduce_scatter_shim_equals_the_definition_and_gloo():
     from megatron_elastic.testing import run_multiprocess
 
     run_multiprocess(2, _reduce_scatter_job)
+
+
+def test_srun_tasks_without_a_rendezvous_are_refused():
+    """Tasks started by srun with no MASTER_ADDR would each train alone into the same checkpoint directory."""
+    from megatron_elastic.errors import ConfigError
+    from megatron_elastic.parallel import _ranks_from_slurm
+
+    saved = dict(os.environ)
+    try:
+        for name in ("RANK", "MASTER_ADDR", "WORLD_SIZE", "LOCAL_RANK", "SLURM_LOCALID"):
+            os.environ.pop(name, None)
+        os.environ.update(SLURM_PROCID="1", SLURM_NTASKS="2")
+        with pytest.raises(ConfigError, match="MASTER_ADDR is not set"):
+            _ranks_from_slurm()
+        os.environ["SLURM_NTASKS"] = "1"  # one task: a single process, as before
+        _ranks_from_slurm()
+        assert "RANK" not in os.environ
+        os.environ.update(SLURM_NTASKS="2", MASTER_ADDR="127.0.0.1")
+        _ranks_from_slurm()
+        assert (os.environ["RANK"], os.environ["WORLD_SIZE"]) == ("1", "2")
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)

@@ -37,6 +37,35 @@ def test_plan_refuses_what_cannot_fit():
         make_plan(RECIPE, Hardware(nodes=16), ["parallel.tensor_model_parallel_size=16"])
 
 
+def test_plan_counts_recompute_and_sequence_parallelism_and_prints_its_kernels():
+    """Recompute adds one student forward to the work (GPU-hours); sequence parallelism divides the layer inputs
+    kept under recompute by TP; the kernel path printed is the one `train` builds on that machine."""
+    from megatron_elastic.model.cost import arch_flops_per_token
+    from megatron_elastic.plan import Hardware, format_plan, make_plan
+
+    roomy = Hardware(nodes=16, gpu_memory_gib=400)
+    on, off = make_plan(RECIPE, roomy), make_plan(RECIPE, roomy, ["train.recompute=false"])
+    no_sp = make_plan(RECIPE, roomy, ["parallel.sequence_parallel=false"])
+    config = None
+    for s_on, s_off, stage_weights in zip(on.stages, off.stages, ([1, 1, 1], [0.5, 0.3, 0.2])):
+        archs = [r["arch"] for r in on.budgets.values()]
+        if config is None:
+            from megatron_elastic.plan import _parent_config
+            from megatron_elastic.training.elastic_config import load_elastic_config
+
+            config = _parent_config(load_elastic_config(RECIPE), os.path.dirname(RECIPE))
+        w = [x / sum(stage_weights) for x in stage_weights]
+        student = sum(wi * arch_flops_per_token(config, a, s_on.seq_length) for wi, a in zip(w, archs))
+        assert s_on.flops - s_off.flops == pytest.approx(s_on.tokens * student, rel=1e-9)
+    assert on.stages[1].memory["activations"] < no_sp.stages[1].memory["activations"] / 4
+    text = format_plan(on, roomy)
+    assert (
+        "student kernels: local spec: attention sdpa, Mamba scan mamba_ssm" in text and "sequence parallel on" in text
+    )
+    assert "teacher kernels: te spec" in text
+    assert "attention sdpa, Mamba scan torch" in format_plan(make_plan(RECIPE, roomy, kernels="reference"), roomy)
+
+
 @pytest.mark.parametrize("pattern, hidden, seq, mbs", [("M-*-", 256, 512, 4), ("*-M-M", 256, 256, 8)])
 def test_memory_estimate_is_within_15_percent_of_the_measured_cpu_peak(tmp_path, pattern, hidden, seq, mbs):
     """A real elastic training run (student + frozen teacher + DDP + Adam, fp32) in a fresh process: its peak of
