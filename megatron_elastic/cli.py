@@ -75,17 +75,25 @@ def cmd_importance(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from megatron_elastic.training.checkpoint import latest_checkpoint
-    from megatron_elastic.training.elastic import results_table, train_elastic
-    from megatron_elastic.training.elastic_config import load_elastic_config
-    from megatron_elastic.training.preemption import REQUEUE_EXIT_CODE
+    # The stop handlers go in before torch and Megatron are imported: a preemption during start-up is kept.
+    from megatron_elastic.training.preemption import REQUEUE_EXIT_CODE, StopSignals, mark_for_requeue
 
-    cfg = load_elastic_config(args.config, list(args.set or []))
-    resume = args.resume or (
-        args.auto_resume and os.path.isdir(cfg.checkpoint.dir) and latest_checkpoint(cfg.checkpoint.dir) is not None
-    )
-    summary = train_elastic(cfg, resume=resume, progress=not args.no_progress, until_stage=args.until_stage)
+    with StopSignals() as signals:
+        from megatron_elastic.training.checkpoint import latest_checkpoint
+        from megatron_elastic.training.elastic import train_elastic
+        from megatron_elastic.training.elastic_config import load_elastic_config
+
+        cfg = load_elastic_config(args.config, list(args.set or []))
+        resume = args.resume or (
+            args.auto_resume and os.path.isdir(cfg.checkpoint.dir) and latest_checkpoint(cfg.checkpoint.dir) is not None
+        )
+        summary = train_elastic(
+            cfg, resume=resume, progress=not args.no_progress, until_stage=args.until_stage, signals=signals
+        )
+    from megatron_elastic.training.elastic import results_table
+
     if summary.get("stopped") == "preempted":
+        mark_for_requeue()
         return REQUEUE_EXIT_CODE
     if summary.get("stopped"):
         return 0

@@ -397,22 +397,33 @@ def _arch_summary(c: ElasticComponents, archs: Dict[float, ElasticArch]) -> Dict
 
 
 def train_elastic(
-    cfg: ElasticJobConfig, resume: bool = False, progress: bool = True, until_stage: Optional[int] = None
+    cfg: ElasticJobConfig,
+    resume: bool = False,
+    progress: bool = True,
+    until_stage: Optional[int] = None,
+    signals: Optional[StopSignals] = None,
 ) -> dict:
     """Run (or with ``resume`` continue) the elastic distillation described by ``cfg``; returns a summary.
 
     ``until_stage=k`` stops with a checkpoint once curriculum stage ``k`` (1-based) is done (one job per stage).
     SIGTERM/SIGUSR1 (Slurm preemption or time limit) make every rank stop after the current step with a
-    checkpoint; the summary then has ``stopped="preempted"`` (the CLI exits with ``REQUEUE_EXIT_CODE``)."""
+    checkpoint; the summary then has ``stopped="preempted"`` (the CLI exits with ``REQUEUE_EXIT_CODE``). Pass
+    ``signals`` (an entered :class:`StopSignals`) to count signals from before the call, as the CLI does."""
     t0 = time.time()
-    run = ElasticRun(cfg, build_elastic_components(cfg))
-    if resume:
-        run.resume()
-    run.announce()
-    if run.state["iteration"] == 0:
-        run.evaluate(0)
+    # Handlers first: a signal during start-up (model build, resume, first evaluation) stops after the first step.
+    with contextlib.nullcontext(signals) if signals is not None else StopSignals() as signals:
+        run = ElasticRun(cfg, build_elastic_components(cfg))
+        if resume:
+            run.resume()
+        run.announce()
+        if run.state["iteration"] == 0:
+            run.evaluate(0)
+        return _train_loop(run, cfg, signals, progress, until_stage, t0)
+
+
+def _train_loop(run: "ElasticRun", cfg: ElasticJobConfig, signals: StopSignals, progress, until_stage, t0) -> dict:
     last_valid = None
-    with StopSignals() as signals, run.progress_bar(progress) as bar:
+    with run.progress_bar(progress) as bar:
         for step in range(run.state["iteration"] + 1, cfg.train.train_iters + 1):
             run.train_step(step)
             if step % cfg.train.eval_interval == 0 or step == cfg.train.train_iters:

@@ -17,7 +17,7 @@ TORCHRUN = os.path.join(ROOT, "launch", "torchrun.sh")
 FAKE = {
     # Records its arguments (one per line) and the rendezvous environment; exits with $FAKE_EXIT.
     "srun": 'printf "%s\\n" "$@" > "$LOG/srun.args"; echo "$MASTER_ADDR:$MASTER_PORT" > "$LOG/srun.env"; '
-    'exit "${FAKE_EXIT:-0}"',
+    'if [ -n "${FAKE_MARK:-}" ]; then touch "$MEGATRON_ELASTIC_REQUEUE_MARKER"; fi; exit "${FAKE_EXIT:-0}"',
     "torchrun": 'printf "%s\\n" "$@" > "$LOG/torchrun.args"',
     "scontrol": 'case "$1" in show) for i in $(seq 1 "$FAKE_NODES"); do printf "node%03d\\n" "$i"; done;; '
     'requeue) echo "$2" > "$LOG/requeue";; esac',
@@ -49,7 +49,7 @@ def _slurm_env(nodes):
         SLURM_JOB_ID=123,
         SLURM_JOB_NODELIST=f"node[001-{nodes:03d}]",
         SLURM_JOB_NUM_NODES=nodes,
-        SLURM_GPUS_ON_NODE=8,
+        SLURM_NTASKS_PER_NODE=8,
         FAKE_NODES=nodes,
     )
 
@@ -62,6 +62,8 @@ def test_sbatch_torchrun_one_node(fake_bin, tmp_path):
     r = _run(SBATCH, ["train", "--config", "cfg.yaml"], fake_bin, tmp_path, LAUNCHER="torchrun", **_slurm_env(1))
     assert r.returncode == 0, r.stderr
     assert _lines(tmp_path / "srun.args") == [
+        "--ntasks",
+        "1",
         "--ntasks-per-node",
         "1",
         "--kill-on-bad-exit=1",
@@ -98,6 +100,8 @@ def test_sbatch_srun_four_nodes_in_a_container(fake_bin, tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert _lines(tmp_path / "srun.args") == [
+        "--ntasks",
+        "32",
         "--ntasks-per-node",
         "8",
         "--kill-on-bad-exit=1",
@@ -106,7 +110,7 @@ def test_sbatch_srun_four_nodes_in_a_container(fake_bin, tmp_path):
         "--container-workdir",
         "/workspace",
         "--container-mounts",
-        "/lustre:/lustre",
+        f"/lustre:/lustre,{tmp_path}:{tmp_path}",
         "python",
         "-m",
         "megatron_elastic",
@@ -124,6 +128,11 @@ def test_sbatch_srun_four_nodes_in_a_container(fake_bin, tmp_path):
 def test_sbatch_requeues_when_the_run_checkpointed_on_a_signal(fake_bin, tmp_path):
     r = _run(SBATCH, ["train", "--config", "cfg.yaml"], fake_bin, tmp_path, FAKE_EXIT=99, **_slurm_env(2))
     assert r.returncode == 0 and _lines(tmp_path / "requeue") == ["123"]
+    os.remove(tmp_path / "requeue")
+    # srun --kill-on-bad-exit reports 143 for the ranks it ended: rank 0's marker decides.
+    r = _run(SBATCH, ["train", "--config", "c.yaml"], fake_bin, tmp_path, FAKE_EXIT=143, FAKE_MARK=1, **_slurm_env(2))
+    assert r.returncode == 0 and _lines(tmp_path / "requeue") == ["123"]
+    assert not list(tmp_path.glob(".megatron-elastic-requeue-*")), "the marker is consumed"
     r = _run(SBATCH, ["importance", "--out", "x"], fake_bin, tmp_path, FAKE_EXIT=3, **_slurm_env(2))
     assert r.returncode == 3 and "--auto-resume" not in _lines(tmp_path / "srun.args")
 

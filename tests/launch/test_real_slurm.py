@@ -1,0 +1,197 @@
+"""`launch/slurm/megatron_elastic.sbatch` on a real single-node Slurm (Debian's slurm-wlm + munge): the daemons are
+started by a fixture with a configuration written into a temporary directory, the script runs its CPU profile (the
+same script; ``--gpus-per-node=0``, 2 tasks, gloo). Skipped with the reason where Slurm cannot be started here
+(``.ci/run`` installs the packages). Multi-node host lists stay with the fake-command tests."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.launch.test_launch_scripts import SBATCH
+
+DAEMONS = ("munged", "slurmctld", "slurmd")
+
+
+def _why_not() -> str:
+    missing = [
+        d for d in (*DAEMONS, "sbatch", "scontrol") if not shutil.which(d) and not os.path.exists(f"/usr/sbin/{d}")
+    ]
+    if missing:
+        return f"Slurm is not installed ({', '.join(missing)} missing): apt-get install slurm-wlm munge"
+    if os.geteuid() != 0:
+        return "starting slurmctld/slurmd needs root"
+    return ""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _daemon(name: str) -> str:
+    return shutil.which(name) or f"/usr/sbin/{name}"
+
+
+CONF = """ClusterName=elastictest
+SlurmctldHost={host}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+AuthInfo=socket={root}/munge.socket
+CryptoType=crypto/munge
+MpiDefault=none
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+ReturnToService=2
+SlurmctldPidFile={root}/slurmctld.pid
+SlurmdPidFile={root}/slurmd.pid
+SlurmdSpoolDir={root}/spool
+StateSaveLocation={root}/state
+SlurmctldLogFile={root}/slurmctld.log
+SlurmdLogFile={root}/slurmd.log
+SlurmctldPort={ctld_port}
+SlurmdPort={d_port}
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+KillWait=30
+MinJobAge=600
+NodeName={host} CPUs={cpus} State=UNKNOWN
+PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """A running single-node Slurm; yields the environment (``SLURM_CONF``) that its commands need."""
+    why = _why_not()
+    if why:
+        pytest.skip(why)
+    root = tmp_path_factory.mktemp("slurm")
+    for d in ("spool", "state"):
+        (root / d).mkdir()
+    key = root / "munge.key"
+    key.write_bytes(os.urandom(1024))
+    key.chmod(0o400)
+    host = socket.gethostname()
+    conf = root / "slurm.conf"
+    cpus = os.cpu_count() or 2
+    conf.write_text(CONF.format(host=host, root=root, ctld_port=_free_port(), d_port=_free_port(), cpus=cpus))
+    env = {**os.environ, "SLURM_CONF": str(conf)}
+    munge = [_daemon("munged"), f"--socket={root}/munge.socket", f"--key-file={key}", f"--pid-file={root}/munged.pid"]
+    subprocess.run([*munge, f"--log-file={root}/munged.log", "--force"], check=True, env=env, timeout=30)
+    subprocess.run([_daemon("slurmctld"), "-f", str(conf)], check=True, env=env, timeout=30)
+    subprocess.run([_daemon("slurmd"), "-f", str(conf)], check=True, env=env, timeout=30)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            out = subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True).stdout
+            if out.strip() in ("idle", "mixed", "allocated"):
+                break
+            time.sleep(1)
+        else:
+            pytest.fail(f"the test Slurm did not come up: {(root / 'slurmctld.log').read_text()[-2000:]}")
+        yield env
+    finally:
+        subprocess.run(["scancel", "--full", "--user", "root"], env=env, capture_output=True)
+        for pid_file in ("slurmd.pid", "slurmctld.pid", "munged.pid"):
+            try:
+                os.kill(int((root / pid_file).read_text()), signal.SIGTERM)
+            except (OSError, ValueError):
+                pass
+
+
+def _sbatch(env, args, cwd, **extra):
+    """Submit the project's sbatch script with its CPU profile: 2 tasks on the one node, no GPUs."""
+    cmd = ["sbatch", "--parsable", "--ntasks-per-node=2", "--gpus-per-node=0", *extra.pop("opts", []), SBATCH, *args]
+    e = {**env, "PYTHON": sys.executable, "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1", **extra}
+    out = subprocess.run(cmd, env=e, cwd=cwd, capture_output=True, text=True, check=True, timeout=60)
+    return out.stdout.strip().split(";")[0]
+
+
+def _job(env, job_id) -> dict:
+    out = subprocess.run(["scontrol", "show", "job", job_id], env=env, capture_output=True, text=True).stdout
+    return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
+
+
+def _wait(env, job_id, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=600) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        job = _job(env, job_id)
+        if job.get("JobState") in states:
+            return job
+        time.sleep(1)
+    raise AssertionError(f"job {job_id} did not reach {states}: {_job(env, job_id)}")
+
+
+def _logged_steps(metrics):
+    """Iterations in a metrics.jsonl being written (a torn last line is skipped)."""
+    steps = []
+    for line in metrics.read_text().splitlines() if metrics.exists() else []:
+        try:
+            steps.append(json.loads(line)["iteration"])
+        except ValueError:
+            pass
+    return steps
+
+
+def test_one_rank_per_task_nodes_times_tasks_per_node(slurm, tmp_path):
+    """Every rank reports its Slurm rank and world size: 2 tasks per node on 1 node is 2 ranks (the old script
+    asked for 1 task per node and started 1)."""
+    report = tmp_path / "report.sh"
+    report.write_text('#!/bin/bash\necho "rank ${SLURM_PROCID} of ${SLURM_NTASKS} local ${SLURM_LOCALID}"\n')
+    report.chmod(0o755)
+    job_id = _sbatch(slurm, ["prepare-data", "--help"], tmp_path, PYTHON=str(report))
+    job = _wait(slurm, job_id)
+    assert job["JobState"] == "COMPLETED", job
+    out = (tmp_path / f"megatron-elastic-{job_id}.out").read_text()
+    assert sorted(line for line in out.splitlines() if line.startswith("rank ")) == [
+        "rank 0 of 2 local 0",
+        "rank 1 of 2 local 1",
+    ], out
+
+
+def test_stop_signal_checkpoints_requeues_and_the_requeued_job_finishes(slurm, parent, tmp_path):
+    """SIGUSR1 to the batch script (what ``--signal=B:USR1@N`` sends before the time limit, and preemption):
+    the ranks checkpoint at the current step, the job requeues itself (same id, restart count 1) and the requeued
+    job resumes from that step and finishes the run. At most the current step is lost."""
+    from tests.training.test_elastic_training import JOB
+
+    ckpt = tmp_path / "ckpt"
+    cfg = tmp_path / "elastic.yaml"
+    cfg.write_text(JOB.format(parent=parent, ckpt=ckpt, mode="sample"))
+    stages = (
+        "curriculum.stages=[{name: s, tokens: 6144, seq_length: 32, global_batch_size: 8, budget_weights: [1, 1, 1]}]"
+    )
+    args = ["train", "--config", str(cfg), "--no-progress", "--set", stages, "--set", "train.eval_interval=1000",
+            "--set", "checkpoint.save_interval=1000"]  # fmt: skip
+    job_id = _sbatch(slurm, args, tmp_path, opts=["--time=20"])
+    metrics = ckpt / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if max(_logged_steps(metrics), default=0) >= 3:
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError(f"the job never reached step 3: {_job(slurm, job_id)}")
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], env=slurm, check=True)
+    job = _wait(slurm, job_id, timeout=900)
+    out = (tmp_path / f"megatron-elastic-{job_id}.out").read_text()
+    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", (job, out)
+    assert "requeueing job" in out and "resumed from" in out, out
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    train_steps = [r["iteration"] for r in records if "lr" in r]
+    stopped_at = int(out.split("stopping at step ")[1].split()[0])
+    assert stopped_at >= 3
+    # Before the stop: 1..stopped_at; after the requeue: stopped_at+1..the end, each step once.
+    assert train_steps == list(range(1, 25)), train_steps
