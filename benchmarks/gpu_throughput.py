@@ -82,9 +82,9 @@ def _pretrain_throughput(config, seq: int, steps: int, device: str) -> dict:
     return {"tokens_per_s": steps * seq / seconds, "peak_bytes": _peak_bytes(device)}
 
 
-def _elastic_throughput(work: str, data: str, seq: int, steps: int, device: str) -> dict:
+def _elastic_throughput(work: str, data: str, seq: int, steps: int, device: str):
     """`train_elastic` steps (teacher + a sampled budget per micro-batch, 3 micro-batches a step): tokens/s from
-    its metrics (after the first step) and the peak allocated memory."""
+    its metrics (after the first step) and the peak allocated memory; and the job config it ran."""
     import torch
 
     from megatron_elastic.training.elastic import train_elastic

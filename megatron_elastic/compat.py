@@ -247,13 +247,6 @@ class CudaToCpuMode(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def cuda_to_cpu():
-    """A context in which Megatron's hard-coded CUDA scalars land on the CPU; a null context with CUDA.
-    Jobs do not need it: :func:`enable_cpu_backend` (called by ``parallel.initialize_parallel``) holds the mode
-    for the whole process."""
-    return contextlib.nullcontext() if cuda_available() else CudaToCpuMode()
-
-
 _PROCESS_MODE: CudaToCpuMode | None = None
 
 

@@ -33,7 +33,7 @@ def test_cpu_rng_tracker_forks_named_streams_and_restores_default():
 
 def test_cuda_to_cpu_mode_only_inside_the_context():
     compat.disable_cpu_backend()  # an earlier test may have left a parallel job's process-wide mode on
-    with compat.cuda_to_cpu():
+    with compat.CudaToCpuMode():
         t = torch.zeros(2, device="cuda")
         assert t.device.type == "cpu"
         assert t.cuda() is t

@@ -134,7 +134,7 @@ MICRO_ARCHS = [
 ]
 
 
-def _per_micro_batch_grads(model, gates, batches, recompute_layers):
+def _per_micro_batch_grads(model, gates, batches):
     """Megatron's schedule over len(batches) micro-batches, micro-batch k at MICRO_ARCHS[k] with router-like
     gates (a slice of ``gates`` per micro-batch) on the hidden width and on layers 0, 2 and 5 (two on layer 5:
     the layer multiplies by their product, as with the router's axis and depth gates)."""
@@ -180,7 +180,7 @@ def _pp_recompute_job(rank, world, tmp):
     initialize_parallel(1, 1, seed=3)
     ref = build_elastic_model(tiny_config(hybrid_pattern=pattern))
     ref_gates = torch.nn.Parameter(torch.linspace(0.7, 1.3, 5 * n))
-    ref_losses = _per_micro_batch_grads(ref, ref_gates, batches, recompute_layers=False)
+    ref_losses = _per_micro_batch_grads(ref, ref_gates, batches)
     _save(ref, f"{tmp}/weights")
     ref_grads = {name: _grad(p) for name, p in ref.named_parameters()}
 
@@ -191,7 +191,7 @@ def _pp_recompute_job(rank, world, tmp):
     model = build_elastic_model(cfg, pre_process=first, post_process=last)
     model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), f"{tmp}/weights"), strict=False)
     gates = torch.nn.Parameter(torch.linspace(0.7, 1.3, 5 * n))
-    losses = _per_micro_batch_grads(model, gates, batches, recompute_layers=True)
+    losses = _per_micro_batch_grads(model, gates, batches)
     if last:
         torch.testing.assert_close(losses, ref_losses, rtol=1e-6, atol=1e-6)
     # each stage holds the gradient of the gates of its own layers: sum over the stages, as the router's is
