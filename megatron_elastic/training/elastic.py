@@ -388,10 +388,6 @@ def evaluate_budgets(
     return out
 
 
-def _unwrap_decoder(model):
-    return getattr(getattr(model, "module", model), "decoder", None)
-
-
 def _arch_summary(c: ElasticComponents, archs: Dict[float, ElasticArch]) -> Dict[str, float]:
     return {f"{b:g}": arch_parameters(c.model_config, a) / c.full_parameters for b, a in archs.items()}
 
@@ -702,7 +698,7 @@ class ElasticRun:
         free = {b: c.router.choose(b) for b in cfg.budgets}
         # The pruned, untrained sub-models: slices of the parent (the local teacher is elastic; a TE teacher is not,
         # so an elastic copy of the parent is built for this once).
-        parent = c.teacher if hasattr(_unwrap_decoder(c.teacher), "set_elastic") else None
+        parent = c.teacher if hasattr(c.teacher.decoder, "set_elastic") else None  # the teacher is never DDP-wrapped
         parent = parent or _build_parent(c.model_config, latest_checkpoint(cfg.sorted_checkpoint)).eval()
         before = evaluate(parent, archs)
         parent_loss = evaluate(parent, {1.0: ElasticArch.full(c.model_config)})[1.0]
