@@ -21,6 +21,15 @@ ENV TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST} \
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
+# NGC images pin their whole Python environment through PIP_CONSTRAINT (/etc/pip/constraint.txt), which rejects
+# the pins below (transformers, for one). Like Megatron-LM's own images we replace it, but keep the image's CUDA
+# stack as NVIDIA built and tested it: torch, TransformerEngine, triton, apex, flash-attn and the nvidia-* wheels.
+RUN mkdir -p /etc/pip \
+ && python -m pip list --format=freeze \
+    | grep -iE '^(torch|torchvision|transformer[-_]engine[-_a-z0-9]*|triton|apex|flash[-_]attn|nvidia-[a-z0-9-]+)==' \
+    > /etc/pip/keep-cuda-stack.txt
+ENV PIP_CONSTRAINT=/etc/pip/keep-cuda-stack.txt
+
 # Pinned Megatron-Core and ModelOpt; Mamba kernels built from source against the container's torch/CUDA.
 RUN pip install "megatron-core==${MEGATRON_CORE_VERSION}" "nvidia-modelopt==${MODELOPT_VERSION}" \
         "transformers==${TRANSFORMERS_VERSION}" \
@@ -37,12 +46,22 @@ COPY launch ./launch
 RUN pip install --no-cache-dir ".[hf]"
 
 # No network at run time: model hubs offline, everything the recipes need is inside the image or mounted.
+# Run-time settings: Triton's kernel cache on local disk (not a shared home), PyTorch's expandable segments (less
+# fragmentation when context length changes between curriculum stages). The collective timeout is a config field
+# (parallel.distributed_timeout_minutes); launch/slurm sets the NCCL variables of a cluster.
 ENV HF_HUB_OFFLINE=1 \
-    TRANSFORMERS_OFFLINE=1
+    TRANSFORMERS_OFFLINE=1 \
+    TRITON_CACHE_DIR=/tmp/triton-cache \
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 
-RUN useradd --create-home --uid 1000 --shell /bin/bash elastic \
+# A non-root user with uid 1000: the base image's own (Ubuntu 24.04 images have `ubuntu`) or a new one. Under
+# pyxis/enroot the job runs as the submitting user anyway. The recipes and launch scripts are reachable from the
+# working directory, so `--config examples/...` works as in the README.
+RUN (id -u 1000 > /dev/null 2>&1 || useradd --create-home --uid 1000 --shell /bin/bash elastic) \
  && mkdir -p /workspace \
- && chown elastic:elastic /workspace
+ && ln -s /opt/megatron_elastic/examples /workspace/examples \
+ && ln -s /opt/megatron_elastic/launch /workspace/launch \
+ && chown -h 1000:1000 /workspace /workspace/examples /workspace/launch
 USER 1000:1000
 WORKDIR /workspace
 

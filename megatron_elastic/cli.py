@@ -92,7 +92,7 @@ def cmd_train(args) -> int:
         )
     from megatron_elastic.training.elastic import results_table
 
-    if summary.get("stopped") == "preempted":
+    if summary.get("stopped") in ("preempted", "time_limit"):
         mark_for_requeue()
         return REQUEUE_EXIT_CODE
     if summary.get("stopped"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 
@@ -38,21 +39,27 @@ def _ranks_from_slurm() -> None:
 
 
 def initialize_parallel(
-    tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1, seed: int = 1234
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    seed: int = 1234,
+    timeout_minutes: int = 30,
 ) -> None:
     """Initialise torch.distributed from the torchrun environment (or as a single process when there is
     none) and Megatron's TP/PP/DP groups, then seed Megatron's RNG streams. Idempotent. Without CUDA it also
-    enables the CPU back-end for this process (``compat.enable_cpu_backend``), until :func:`destroy_parallel`."""
+    enables the CPU back-end for this process (``compat.enable_cpu_backend``), until :func:`destroy_parallel`.
+    ``timeout_minutes`` bounds every collective of every group (a rank waiting longer fails instead of hanging)."""
     compat.enable_cpu_backend()
     _ranks_from_slurm()
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        timeout = datetime.timedelta(minutes=timeout_minutes)
         if "RANK" in os.environ:  # torchrun / Slurm launcher environment
-            dist.init_process_group(backend=backend)
+            dist.init_process_group(backend=backend, timeout=timeout)
         else:  # a single process; leave os.environ alone so child processes do not inherit a rendezvous
-            dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+            init = f"tcp://127.0.0.1:{free_port()}"
+            dist.init_process_group(backend=backend, init_method=init, rank=0, world_size=1, timeout=timeout)
         compat.ensure_reduce_scatter()
     world = dist.get_world_size()
     tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
@@ -68,7 +75,9 @@ def initialize_parallel(
         ) != (tp, pp):
             parallel_state.destroy_model_parallel()
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, distributed_timeout_minutes=timeout_minutes
+        )
     compat.seed_model_parallel_rng(seed)
 
 

@@ -4,6 +4,9 @@
 #
 #   CONFIG=examples/nemotron_nano_v2_12b/elastic.yaml NODES_STAGE1=16 NODES_STAGE2=16 \
 #     launch/slurm/submit_curriculum.sh [extra `train` arguments, e.g. --set train.eval_interval=1000]
+#
+# SBATCH_ARGS: more sbatch options for both jobs, e.g. "--account=abc --partition=batch" (Slurm's own SBATCH_*
+# variables, e.g. SBATCH_ACCOUNT, work too).
 set -euo pipefail
 
 CONFIG="${CONFIG:?set CONFIG to the elastic YAML}"
@@ -12,10 +15,11 @@ NODES_STAGE2="${NODES_STAGE2:-${NODES_STAGE1}}"
 TIME_STAGE1="${TIME_STAGE1:-04:00:00}"
 TIME_STAGE2="${TIME_STAGE2:-04:00:00}"
 here="$(cd "$(dirname "$0")" && pwd)"
+read -r -a sbatch_args <<< "${SBATCH_ARGS:-}"
 
-stage1=$(sbatch --parsable --job-name elastic-stage1 --nodes "${NODES_STAGE1}" --time "${TIME_STAGE1}" \
+stage1=$(sbatch --parsable "${sbatch_args[@]}" --job-name elastic-stage1 --nodes "${NODES_STAGE1}" --time "${TIME_STAGE1}" \
   "${here}/megatron_elastic.sbatch" train --config "${CONFIG}" --until-stage 1 "$@")
 echo "stage 1: job ${stage1}"
-stage2=$(sbatch --parsable --job-name elastic-stage2 --nodes "${NODES_STAGE2}" --time "${TIME_STAGE2}" \
+stage2=$(sbatch --parsable "${sbatch_args[@]}" --job-name elastic-stage2 --nodes "${NODES_STAGE2}" --time "${TIME_STAGE2}" \
   --dependency "afterok:${stage1}" "${here}/megatron_elastic.sbatch" train --config "${CONFIG}" "$@")
 echo "stage 2: job ${stage2} (after ${stage1})"

@@ -17,8 +17,14 @@ class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     sequence_parallel: bool = False  # split activations between the TP linears along the sequence (needs TP >= 2)
+    # How long a rank waits in a collective before failing (NCCL's default is 10): longer than the slowest
+    # checkpoint write, whose barrier the fastest ranks wait in.
+    distributed_timeout_minutes: int = 30
 
     def check(self) -> None:
+        t = self.distributed_timeout_minutes
+        if isinstance(t, bool) or not isinstance(t, int) or t <= 0:
+            raise ConfigError(f"parallel.distributed_timeout_minutes: must be a positive integer, got {t!r}")
         if self.sequence_parallel and self.tensor_model_parallel_size < 2:
             raise ConfigError(
                 "parallel.sequence_parallel: needs parallel.tensor_model_parallel_size >= 2 (it splits the "

@@ -60,7 +60,7 @@ from megatron_elastic.training.elastic_config import ElasticJobConfig
 from megatron_elastic.training.lm import LN2, batch_to_device, masked_mean
 from megatron_elastic.training.memory_check import check_this_gpu
 from megatron_elastic.training.metrics import MetricsLog
-from megatron_elastic.training.preemption import StopSignals, any_rank
+from megatron_elastic.training.preemption import StopSignals, WallTimeLimit, any_rank
 from megatron_elastic.training.pretrain import evaluate
 from megatron_elastic.training.runs import config_from_checkpoint
 from megatron_elastic.training.setup import build_training_components
@@ -138,7 +138,7 @@ def _build_parent(model_cfg, src: str, backend: str = "local"):
 def build_elastic_components(cfg: ElasticJobConfig) -> ElasticComponents:
     """Parallel state, student (from the sorted parent), teacher, pair, optimizers and the router."""
     tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
-    initialize_parallel(tp, pp, seed=cfg.train.seed)
+    initialize_parallel(tp, pp, seed=cfg.train.seed, timeout_minutes=cfg.parallel.distributed_timeout_minutes)
     cfg.validate(dist.get_world_size())
     src = latest_checkpoint(cfg.sorted_checkpoint)
     if src is None or not os.path.isfile(cfg.ranking_file):
@@ -349,7 +349,7 @@ def _nonfinite_anywhere(kd: Optional[List[Optional[float]]], student, router) ->
                 break
     if not bad:
         bad = any(p.grad is not None and not torch.isfinite(p.grad).all() for p in router.parameters())
-    return any_rank(bad)
+    return any_rank(bad)[0]
 
 
 def _per_budget_means(losses: list, key: str, n_budgets: int) -> Optional[List[Optional[float]]]:
@@ -403,33 +403,50 @@ def train_elastic(
 
     ``until_stage=k`` stops with a checkpoint once curriculum stage ``k`` (1-based) is done (one job per stage).
     SIGTERM/SIGUSR1 (Slurm preemption or time limit) make every rank stop after the current step with a
-    checkpoint; the summary then has ``stopped="preempted"`` (the CLI exits with ``REQUEUE_EXIT_CODE``). Pass
+    checkpoint, and so does the wall-time limit (``train.exit_duration_minutes``, the job end Slurm gives;
+    :class:`WallTimeLimit`); the summary then has ``stopped="preempted"`` or ``"time_limit"`` (the CLI exits with
+    ``REQUEUE_EXIT_CODE``). Pass
     ``signals`` (an entered :class:`StopSignals`) to count signals from before the call, as the CLI does."""
     t0 = time.time()
     # Handlers first: a signal during start-up (model build, resume, first evaluation) stops after the first step.
     with contextlib.nullcontext(signals) if signals is not None else StopSignals() as signals:
+        limit = WallTimeLimit(cfg.train.exit_duration_minutes, started=signals.started)
         run = ElasticRun(cfg, build_elastic_components(cfg))
         if resume:
+            load_t0 = time.time()
             run.resume()
+            limit.load = time.time() - load_t0
         run.announce()
         if run.state["iteration"] == 0:
             run.evaluate(0)
-        return _train_loop(run, cfg, signals, progress, until_stage, t0)
+        return _train_loop(run, cfg, signals, limit, progress, until_stage, t0)
 
 
-def _train_loop(run: "ElasticRun", cfg: ElasticJobConfig, signals: StopSignals, progress, until_stage, t0) -> dict:
+def _train_loop(run: "ElasticRun", cfg: ElasticJobConfig, signals, limit, progress, until_stage, t0) -> dict:
+    """Steps until the end of the curriculum, a stop signal, the wall-time limit or the end of ``until_stage``;
+    every stop but the last writes a checkpoint at the current step first."""
     last_valid = None
+    limit.startup = time.time() - limit.started
     with run.progress_bar(progress) as bar:
         for step in range(run.state["iteration"] + 1, cfg.train.train_iters + 1):
+            step_t0 = time.time()
             run.train_step(step)
             if step % cfg.train.eval_interval == 0 or step == cfg.train.train_iters:
                 last_valid = run.evaluate(step)
-            stop = signals.requested()
+            limit.step_done(time.time() - step_t0)
+            signalled, out_of_time = any_rank(signals.received, limit.near())
             stage_done = until_stage is not None and step < cfg.train.train_iters and run.stage_index() >= until_stage
-            if step % cfg.checkpoint.save_interval == 0 or step == cfg.train.train_iters or stop or stage_done:
+            stop = signalled or out_of_time or stage_done
+            if step % cfg.checkpoint.save_interval == 0 or step == cfg.train.train_iters or stop:
+                save_t0 = time.time()
                 run.save(step)
-            if stop or stage_done:
-                return run.stopped(step, "preempted" if stop else "stage", until_stage)
+                limit.save_done(time.time() - save_t0)
+            if signalled:
+                return run.stopped(step, "preempted", "preempted: a stop signal")
+            if out_of_time:
+                return run.stopped(step, "time_limit", f"wall-time limit: {limit.describe()}")
+            if stage_done:
+                return run.stopped(step, "stage", f"stage {until_stage} done")
             bar.update(1)
     return run.summary(t0, last_valid)
 
@@ -681,11 +698,11 @@ class ElasticRun:
         self.window, self.window_t0, self.window_tokens = defaultdict(list), time.time(), 0
 
     # ---- the end ----------------------------------------------------------------------------------------------
-    def stopped(self, step: int, why: str, until_stage: Optional[int]) -> dict:
-        """The summary of a run stopped with a checkpoint (a signal, or ``--until-stage``)."""
+    def stopped(self, step: int, why: str, reason: str) -> dict:
+        """The summary of a run stopped with a checkpoint: ``why`` is ``preempted``, ``time_limit`` (both want a
+        requeue) or ``stage`` (``--until-stage``)."""
         checkpoint = latest_checkpoint(self.ckpt_dir)
         if self.is_logger:
-            reason = "preempted" if why == "preempted" else f"stage {until_stage} done"
             print(f"stopping at step {step} ({reason}); checkpoint {checkpoint}; rerun with --resume")
         self.metrics.close()
         return {"stopped": why, "steps": step, "tokens": self.state["tokens"], "checkpoint": checkpoint}

@@ -79,6 +79,7 @@ class ElasticTrainConfig(OptimizationConfig):
     recompute: bool = False  # full activation recomputation of every layer (long contexts)
     distributed_optimizer: bool = False  # shard optimizer state over data parallel (Megatron's DistributedOptimizer)
     max_bad_steps: int = 3  # consecutive non-finite steps (skipped) before the run checkpoints and stops
+    exit_duration_minutes: Optional[float] = None  # checkpoint and exit for requeue before this much wall time
     memory_check: bool = True  # on CUDA, refuse before the first step when `plan`'s memory model says no fit
     train_iters: int = 0  # derived from the curriculum (steps of all stages); not set by the user
 
@@ -122,6 +123,15 @@ class ElasticJobConfig:
                 raise ConfigError(f"train.{name}: must be a positive integer, got {v!r}")
         t = self.train
         t.check_schedule()
+        if t.exit_duration_minutes is not None and (
+            isinstance(t.exit_duration_minutes, bool)
+            or not isinstance(t.exit_duration_minutes, (int, float))
+            or not t.exit_duration_minutes > 0
+        ):
+            raise ConfigError(
+                f"train.exit_duration_minutes: must be a positive number of minutes (or null for no limit), "
+                f"got {t.exit_duration_minutes!r}"
+            )
         r = self.router
         if r.hidden <= 0 or r.lr <= 0 or r.warmup_iters < 0 or r.loss_weight < 0:
             raise ConfigError("router: hidden and lr must be > 0, warmup_iters and loss_weight >= 0")

@@ -1,18 +1,21 @@
-"""Stopping a training job cleanly when the cluster asks: SIGTERM / SIGUSR1 (Slurm preemption or time limit)
-set a flag; every rank checks it after a step (one all-reduce), checkpoints and exits with
-``REQUEUE_EXIT_CODE``; rank 0 also writes the file ``$MEGATRON_ELASTIC_REQUEUE_MARKER`` names (the launch
-script requeues the job when it exists: exit codes do not survive ``srun --kill-on-bad-exit``, which ends the
-other ranks with 143 once the first one exits)."""
+"""Stopping a training job cleanly before the cluster ends it: SIGTERM / SIGUSR1 (Slurm preemption or time limit)
+set a flag, and :class:`WallTimeLimit` says when the job's wall time is nearly up; every rank checks both after a
+step (one all-reduce), checkpoints and exits with ``REQUEUE_EXIT_CODE``; rank 0 also writes the file
+``$MEGATRON_ELASTIC_REQUEUE_MARKER`` names (the launch script requeues the job when it exists: exit codes do not
+survive ``srun --kill-on-bad-exit``, which ends the other ranks with 143 once the first one exits)."""
 
 from __future__ import annotations
 
 import os
 import signal
 import threading
+import time
+from typing import List, Optional
 
 REQUEUE_EXIT_CODE = 99  # the run checkpointed on a signal and wants to be requeued (launch/slurm reads it)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 REQUEUE_MARKER_ENV = "MEGATRON_ELASTIC_REQUEUE_MARKER"
+JOB_END_ENV = "MEGATRON_ELASTIC_JOB_END_TIME"  # the job's end (seconds since the epoch); launch/slurm sets it
 
 
 def mark_for_requeue() -> None:
@@ -24,16 +27,16 @@ def mark_for_requeue() -> None:
             f.write("checkpointed on a stop signal; requeue\n")
 
 
-def any_rank(local: bool) -> bool:
-    """True on every rank when ``local`` is true on any rank (one tiny all-reduce)."""
+def any_rank(*local: bool) -> List[bool]:
+    """Element-wise: true on every rank where the flag is true on any rank (one tiny all-reduce)."""
     import torch  # here: the CLI installs the handlers before anything heavy is imported
     import torch.distributed as dist
 
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    flag = torch.tensor([1.0 if local else 0.0], device=device)
+    flags = torch.tensor([1.0 if f else 0.0 for f in local], device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return [bool(f) for f in flags.tolist()]
 
 
 class StopSignals:
@@ -42,6 +45,7 @@ class StopSignals:
 
     def __init__(self):
         self.received = False
+        self.started = time.time()  # the process's start, for all practical purposes (see WallTimeLimit)
         self._previous = {}
 
     def _on_signal(self, signum, frame) -> None:
@@ -56,6 +60,61 @@ class StopSignals:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
-    def requested(self) -> bool:
-        """True on every rank when any rank received a stop signal."""
-        return any_rank(self.received)
+
+class WallTimeLimit:
+    """When to stop so that the stop checkpoint is written before the job's wall time runs out.
+
+    The deadline is the earlier of ``started + exit_duration_minutes`` (``train.exit_duration_minutes``, like
+    Megatron's ``--exit-duration-in-mins``) and the job's end time in ``$MEGATRON_ELASTIC_JOB_END_TIME`` (the
+    Slurm script exports it). The run stops after the step at which ``now + margin`` passes the deadline, where
+    ``margin = SAFETY * (slowest loop step + checkpoint time)``, both measured in this process: the checkpoint time
+    is the slowest save so far, before the first save the resume load, and before either the start-up (model
+    build and parent load, the same order of work)."""
+
+    SAFETY = 1.5
+
+    def __init__(self, exit_duration_minutes: Optional[float], started: float):
+        deadlines = []
+        if exit_duration_minutes is not None:
+            deadlines.append(started + 60.0 * exit_duration_minutes)
+        job_end = os.environ.get(JOB_END_ENV, "").strip()
+        if job_end:
+            try:
+                deadlines.append(float(job_end))
+            except ValueError:
+                raise ValueError(f"${JOB_END_ENV}={job_end!r}: expected seconds since the epoch") from None
+        self.started = started
+        self.deadline = min(deadlines) if deadlines else None
+        self.slowest_step = 0.0
+        self.startup = None  # seconds from ``started`` to the first step
+        self.slowest_save = None
+        self.load = None
+
+    def step_done(self, seconds: float) -> None:
+        self.slowest_step = max(self.slowest_step, seconds)
+
+    def save_done(self, seconds: float) -> None:
+        self.slowest_save = max(self.slowest_save or 0.0, seconds)
+
+    def checkpoint_seconds(self) -> float:
+        for measured in (self.slowest_save, self.load, self.startup):
+            if measured is not None:
+                return measured
+        return 0.0
+
+    def margin(self) -> float:
+        return self.SAFETY * (self.slowest_step + self.checkpoint_seconds())
+
+    def near(self, now: Optional[float] = None) -> bool:
+        """True when the next step and the stop checkpoint might not both fit before the deadline."""
+        if self.deadline is None:
+            return False
+        return (time.time() if now is None else now) + self.margin() >= self.deadline
+
+    def describe(self, now: Optional[float] = None) -> str:
+        now = time.time() if now is None else now
+        return (
+            f"{(now - self.started) / 60:.1f} min in, {(self.deadline - now) / 60:.1f} min to the limit; margin "
+            f"{self.margin():.0f} s = {self.SAFETY} x (step {self.slowest_step:.1f} s + checkpoint "
+            f"{self.checkpoint_seconds():.1f} s)"
+        )

@@ -190,7 +190,8 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -
     ``cfg.checkpoint.dir``. Returns a summary (parameters, tokens, wall time, losses)."""
     t0 = time.time()
     tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
-    initialize_parallel(tp, pp, seed=cfg.train.seed)
+    cfg.parallel.check()  # before the process groups take its timeout
+    initialize_parallel(tp, pp, seed=cfg.train.seed, timeout_minutes=cfg.parallel.distributed_timeout_minutes)
     world = dist.get_world_size()
     cfg.validate(world)
     model_cfg = cfg.model_config()

@@ -211,6 +211,15 @@ def test_dockerfile_structure_and_lint():
     users = [i[1] for i in instructions if i[0] == "USER"]
     assert users and users[-1].split(":")[0] not in ("0", "root"), "runs as a non-root user"
     assert "HF_HUB_OFFLINE=1" in text and "megatron-elastic --help" in text
+    # NGC's PIP_CONSTRAINT replaced by one that holds the CUDA stack; no fixed-uid useradd that clashes with the
+    # base image's uid-1000 user; the README's `--config examples/...` resolves from the working directory.
+    envs = " ".join(i[1] for i in instructions if i[0] == "ENV")
+    assert "PIP_CONSTRAINT=/etc/pip/keep-cuda-stack.txt" in envs and "torch|" in text
+    assert "id -u 1000" in text, "useradd --uid 1000 must be skipped when the base image has that uid"
+    assert "ln -s /opt/megatron_elastic/examples /workspace/examples" in text
+    assert [i[1] for i in instructions if i[0] == "WORKDIR"][-1] == "/workspace"
+    for name in ("TRITON_CACHE_DIR=", "PYTORCH_CUDA_ALLOC_CONF="):
+        assert f"    {name}" in text, f"ENV {name}... (run-time settings)"
     for name in ("mamba-ssm==", "causal-conv1d==", "megatron-core==", "nvidia-modelopt=="):
         assert name in text
     hadolint = tool("hadolint")

@@ -95,8 +95,7 @@ def slurm(tmp_path_factory):
         subprocess.run([_daemon("slurmd"), "-f", str(conf)], check=True, env=env, timeout=30)
         deadline = time.time() + 60
         while time.time() < deadline:
-            out = subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True).stdout
-            if out.strip() in ("idle", "mixed", "allocated"):
+            if _node_state(env) in ("idle", "mixed", "allocated"):
                 break
             time.sleep(1)
         else:
@@ -134,13 +133,32 @@ def _job(env, job_id) -> dict:
 
 
 def _wait(env, job_id, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=600) -> dict:
+    """Poll until the job reaches one of ``states``. Slurm holds a requeued job for about two minutes (its
+    BeginTime); the test lets it start as soon as the node is idle again (its previous run fully cleaned up),
+    which changes nothing but the wait."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         job = _job(env, job_id)
         if job.get("JobState") in states:
             return job
+        held = job.get("JobState") == "PENDING" and job.get("Reason") == "BeginTime" and job.get("Restarts") != "0"
+        if held and _node_state(env) == "idle":
+            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=env, capture_output=True)
         time.sleep(1)
     raise AssertionError(f"job {job_id} did not reach {states}: {_job(env, job_id)}")
+
+
+def _node_state(env) -> str:
+    return subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True).stdout.strip()
+
+
+def _explain(env, job, out_file) -> str:
+    """An assertion message: the job's state fields, its output and the controller's log."""
+    fields = {k: job.get(k) for k in ("JobState", "Reason", "Restarts", "ExitCode", "RunTime", "StartTime", "EndTime")}
+    log = os.path.join(os.path.dirname(env["SLURM_CONF"]), "slurmctld.log")
+    tail = open(log).read()[-3000:] if os.path.exists(log) else ""
+    out = out_file.read_text()[-3000:] if out_file.exists() else "(no output)"
+    return f"{fields}\n--- output ---\n{out}\n--- slurmctld.log ---\n{tail}"
 
 
 def _logged_steps(metrics):
@@ -170,37 +188,119 @@ def test_one_rank_per_task_nodes_times_tasks_per_node(slurm, tmp_path):
     ], out
 
 
-def test_stop_signal_checkpoints_requeues_and_the_requeued_job_finishes(slurm, parent, tmp_path):
-    """SIGUSR1 to the batch script (what ``--signal=B:USR1@N`` sends before the time limit, and preemption):
-    the ranks checkpoint at the current step, the job requeues itself (same id, restart count 1) and the requeued
-    job resumes from that step and finishes the run. At most the current step is lost."""
+def _train_config(parent, tmp_path, tokens=6144):
+    """The tiny elastic job, one stage of ``tokens`` (256 a step), no periodic checkpoints or evaluations: every
+    checkpoint the test sees is a stop checkpoint."""
     from tests.training.test_elastic_training import JOB
 
     ckpt = tmp_path / "ckpt"
     cfg = tmp_path / "elastic.yaml"
     cfg.write_text(JOB.format(parent=parent, ckpt=ckpt, mode="sample"))
-    stages = (
-        "curriculum.stages=[{name: s, tokens: 6144, seq_length: 32, global_batch_size: 8, budget_weights: [1, 1, 1]}]"
-    )
+    stage = f"{{name: s, tokens: {tokens}, seq_length: 32, global_batch_size: 8, budget_weights: [1, 1, 1]}}"
+    stages = f"curriculum.stages=[{stage}]"
     args = ["train", "--config", str(cfg), "--no-progress", "--set", stages, "--set", "train.eval_interval=1000",
             "--set", "checkpoint.save_interval=1000"]  # fmt: skip
-    job_id = _sbatch(slurm, args, tmp_path, opts=["--time=20"])
-    metrics = ckpt / "metrics.jsonl"
-    deadline = time.time() + 300
+    return args, ckpt / "metrics.jsonl"
+
+
+def _wait_for_step(env, job_id, metrics, step, timeout=300):
+    deadline = time.time() + timeout
     while time.time() < deadline:
-        if max(_logged_steps(metrics), default=0) >= 3:
-            break
+        if max(_logged_steps(metrics), default=0) >= step:
+            return
         time.sleep(0.5)
-    else:
-        raise AssertionError(f"the job never reached step 3: {_job(slurm, job_id)}")
+    raise AssertionError(f"the job never reached step {step}: {_job(env, job_id)}")
+
+
+def _train_steps(metrics):
+    return [r["iteration"] for r in map(json.loads, metrics.read_text().splitlines()) if "lr" in r]
+
+
+def test_stop_signal_checkpoints_requeues_and_the_requeued_job_finishes(slurm, parent, tmp_path):
+    """SIGUSR1 to the batch script (what ``--signal=B:USR1@N`` sends before the time limit, and preemption):
+    the ranks checkpoint at the current step, the job requeues itself (same id, restart count 1) and the requeued
+    job resumes from that step and finishes the run. At most the current step is lost."""
+    args, metrics = _train_config(parent, tmp_path)
+    job_id = _sbatch(slurm, args, tmp_path, opts=["--time=20"])
+    _wait_for_step(slurm, job_id, metrics, 3)
     subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], env=slurm, check=True)
     job = _wait(slurm, job_id, timeout=900)
-    out = (tmp_path / f"megatron-elastic-{job_id}.out").read_text()
-    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", (job, out)
+    out_file = tmp_path / f"megatron-elastic-{job_id}.out"
+    out = out_file.read_text()
+    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", _explain(slurm, job, out_file)
     assert "requeueing job" in out and "resumed from" in out, out
-    records = [json.loads(line) for line in metrics.read_text().splitlines()]
-    train_steps = [r["iteration"] for r in records if "lr" in r]
     stopped_at = int(out.split("stopping at step ")[1].split()[0])
-    assert stopped_at >= 3
+    assert stopped_at >= 3 and "preempted" in out
     # Before the stop: 1..stopped_at; after the requeue: stopped_at+1..the end, each step once.
-    assert train_steps == list(range(1, 25)), train_steps
+    assert _train_steps(metrics) == list(range(1, 25))
+
+
+def test_a_job_near_its_time_limit_checkpoints_requeues_and_finishes(slurm, parent, tmp_path):
+    """A 1-minute job whose run needs longer (1000 steps, about 100 s here): the ranks read the job's end from
+    Slurm (the script exports it) and stop before it with a checkpoint; the job requeues itself (as often as
+    needed) and the run finishes, every step once. The USR1 warning is switched to SIGURG here (ignored by the
+    script) so only the wall-time check acts."""
+    args, metrics = _train_config(parent, tmp_path, tokens=1000 * 256)
+    job_id = _sbatch(slurm, args, tmp_path, opts=["--time=1", "--signal=B:URG@1"])
+    job = _wait(slurm, job_id, timeout=1200)
+    out_file = tmp_path / f"megatron-elastic-{job_id}.out"
+    out = out_file.read_text()
+    assert job["JobState"] == "COMPLETED" and int(job["Restarts"]) >= 1, _explain(slurm, job, out_file)
+    assert "wall-time limit" in out and "requeueing job" in out and "resumed from" in out, out
+    assert _train_steps(metrics) == list(range(1, 1001))
+
+
+def test_a_requeue_from_outside_loses_at_most_the_current_step(slurm, parent, tmp_path):
+    """``scontrol requeue`` (what an operator or a preempting scheduler does): Slurm sends SIGTERM to the ranks and
+    to srun, which then kills the step after KillWait; the ranks checkpoint at the current step first, and the job
+    Slurm requeued resumes there and finishes, every step once."""
+    args, metrics = _train_config(parent, tmp_path)
+    job_id = _sbatch(slurm, args, tmp_path, opts=["--time=20"])
+    _wait_for_step(slurm, job_id, metrics, 3)
+    subprocess.run(["scontrol", "requeue", job_id], env=slurm, check=True)
+    job = _wait(slurm, job_id, timeout=900)
+    out_file = tmp_path / f"megatron-elastic-{job_id}.out"
+    out = out_file.read_text()
+    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", _explain(slurm, job, out_file)
+    stopped_at = int(out.split("stopping at step ")[1].split()[0])
+    assert f"resumed from {metrics.parent / f'iter_{stopped_at:07d}'}" in out, out
+    assert _train_steps(metrics) == list(range(1, 25))
+
+
+def _submit_curriculum(env, config, cwd):
+    e = {**env, "CONFIG": str(config), "NODES_STAGE1": "1", "TIME_STAGE1": "20", "TIME_STAGE2": "20",
+         "SBATCH_ARGS": "--ntasks-per-node=2 --gpus-per-node=0", "PYTHON": sys.executable,
+         "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1"}  # fmt: skip
+    script = os.path.join(os.path.dirname(SBATCH), "submit_curriculum.sh")
+    out = subprocess.run(["bash", script, "--no-progress"], env=e, cwd=cwd, capture_output=True, text=True, check=True)
+    return out.stdout.split("stage 1: job ")[1].split()[0], out.stdout.split("stage 2: job ")[1].split()[0]
+
+
+def test_the_curriculum_runs_as_two_jobs_and_stage_2_starts_only_after_stage_1(slurm, parent, tmp_path):
+    """``submit_curriculum.sh``: stage 1 (``--until-stage 1``) stops with a checkpoint at the stage boundary, the
+    stage-2 job (``afterok``) starts after it ended, resumes there and finishes; when stage 1 fails, stage 2 never
+    starts."""
+    from tests.training.test_elastic_training import JOB
+
+    ckpt = tmp_path / "ckpt"
+    config = tmp_path / "elastic.yaml"
+    config.write_text(JOB.format(parent=parent, ckpt=ckpt, mode="sample"))
+    first, second = _submit_curriculum(slurm, config, tmp_path)
+    one, two = _wait(slurm, first), _wait(slurm, second)
+    assert one["JobState"] == "COMPLETED", _explain(slurm, one, tmp_path / f"elastic-stage1-{first}.out")
+    assert two["JobState"] == "COMPLETED", _explain(slurm, two, tmp_path / f"elastic-stage2-{second}.out")
+    assert two["StartTime"] >= one["EndTime"], "stage 2 started before stage 1 ended"
+    out = (tmp_path / f"elastic-stage2-{second}.out").read_text()
+    assert f"resumed from {ckpt / 'iter_0000004'}" in out, out  # stage 1 = steps 1-4 of the tiny curriculum
+    assert _train_steps(ckpt / "metrics.jsonl") == [1, 2, 3, 4, 5, 6]
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    first, second = _submit_curriculum(slurm, broken / "missing.yaml", broken)
+    assert _wait(slurm, first)["JobState"] == "FAILED"
+    deadline = time.time() + 60
+    while _job(slurm, second).get("Reason") != "DependencyNeverSatisfied" and time.time() < deadline:
+        time.sleep(1)
+    assert _job(slurm, second)["JobState"] == "PENDING", "stage 2 ran although stage 1 failed"
+    assert _job(slurm, second)["Reason"] == "DependencyNeverSatisfied"
+    subprocess.run(["scancel", second], env=slurm, check=True)

@@ -54,6 +54,7 @@ model: {hybrid_pattern: "M-*", vocab_size: 264, hidden_size: 32, ffn_hidden_size
         ("", ["train.lr_warmup_iters=5000"], "train.lr_warmup_iters"),
         ("", ["parallel.tensor_model_parallel_size=0"], "parallel.tensor_model_parallel_size"),
         ("", ["parallel.sequence_parallel=true"], "parallel.sequence_parallel: needs"),
+        ("", ["parallel.distributed_timeout_minutes=0"], "parallel.distributed_timeout_minutes: must be a positive"),
         ("trian: {}\n", [], "unknown section"),
         ("", ["train.epochs=3"], "train: unknown field"),
         ("", ["model.hybrid_pattern=M?"], "model.hybrid_pattern"),
