@@ -127,7 +127,6 @@ def main(argv=None):
 
     from megatron_elastic.data.corpus import iter_stdlib_documents
     from megatron_elastic.data.indexed import write_split_datasets
-    from megatron_elastic.data.tokenizer import ByteTokenizer
     from megatron_elastic.model.cost import arch_flops_per_token, arch_parameters, scaled_arch
     from megatron_elastic.model.elastic_arch import ElasticArch
     from megatron_elastic.model.kernels import Machine, student_kernels
@@ -137,9 +136,7 @@ def main(argv=None):
 
     work = tempfile.mkdtemp()
     data = os.path.join(work, "data")
-    write_split_datasets(
-        data, iter_stdlib_documents(max_bytes=2_000_000), ByteTokenizer(), valid_every=5, progress=False
-    )
+    write_split_datasets(data, iter_stdlib_documents(max_bytes=2_000_000), "byte", valid_every=5, progress=False)
     h = args.hidden
     text = PARENT.format(pattern=args.pattern, h=h, f=4 * h, a=h // 64, mh=h // 32, seq=args.seq).replace("DATA", data)
     if device == "cuda":

@@ -56,7 +56,6 @@ def main(argv=None):
 
     from megatron_elastic.data.corpus import iter_stdlib_documents
     from megatron_elastic.data.indexed import write_split_datasets
-    from megatron_elastic.data.tokenizer import ByteTokenizer
     from megatron_elastic.model.memory import memory_per_gpu, student_path
     from megatron_elastic.parallel import initialize_parallel
     from megatron_elastic.training.config import load_pretrain_config
@@ -64,7 +63,7 @@ def main(argv=None):
     from megatron_elastic.training.elastic_config import load_elastic_config
 
     data = os.path.join(work, "data")
-    write_split_datasets(data, iter_stdlib_documents(max_bytes=400_000), ByteTokenizer(), valid_every=5, progress=False)
+    write_split_datasets(data, iter_stdlib_documents(max_bytes=400_000), "byte", valid_every=5, progress=False)
     h = args.hidden
     parent = PARENT.format(pattern=args.pattern, h=h, f=4 * h, a=h // 64, mh=h // 32, seq=args.seq)
     job = load_pretrain_config(text=parent.replace("DATA", data))

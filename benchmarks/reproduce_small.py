@@ -131,7 +131,7 @@ def main(argv=None):
     progress = not args.no_progress
 
     from megatron_elastic.demo import QUICK_ELASTIC, TINY_ELASTIC, recipe_path
-    from megatron_elastic.evaluation import evaluate_checkpoint, fixed_eval_set, pareto_plot
+    from megatron_elastic.evaluation import eval_set_bits_per_byte, evaluate_checkpoint, fixed_eval_set, pareto_plot
     from megatron_elastic.training.elastic_config import load_elastic_config
 
     run, out = os.path.abspath(args.run), os.path.abspath(args.out)
@@ -157,6 +157,7 @@ def main(argv=None):
     T = cfg.curriculum.total_tokens
     small = [b for b in cfg.budgets if b < 1.0]
     batches = fixed_eval_set(data, 256, args.eval_tokens)
+    bits = eval_set_bits_per_byte(data, batches)
     results_path = os.path.join(out, "results.json")
     results = json.load(open(results_path)) if os.path.isfile(results_path) else []
     done = {(r["method"], r["budget"], r["seed"]) for r in results}
@@ -168,7 +169,7 @@ def main(argv=None):
             "method": method,
             "budget": budget,
             "seed": seed,
-            **evaluate_checkpoint(path, batches),
+            **evaluate_checkpoint(path, batches, bits),
             "train_tokens": tokens,
             "total_tokens_for_all_budgets": total_tokens,
             "wall_s": wall,

@@ -33,6 +33,7 @@ def cmd_prepare_data(args) -> int:
         args.max_bytes,
         args.valid_every,
         progress=not args.no_progress,
+        workers=args.workers,
     )
     return 0
 
@@ -136,11 +137,11 @@ def cmd_import_hf(args) -> int:
 def cmd_generate(args) -> int:
     import torch
 
-    from megatron_elastic.data.tokenizer import get_tokenizer
+    from megatron_elastic.data.tokenizer import load_tokenizer
     from megatron_elastic.serving.generate import ElasticServer
 
     server = ElasticServer.from_checkpoint(args.checkpoint)
-    tok = get_tokenizer(args.tokenizer)
+    tok = load_tokenizer(args.tokenizer)
     budgets = sorted(server.archs, key=float, reverse=True) if args.budget == "all" else [args.budget]
     prompt = torch.tensor([tok.tokenize(args.prompt)], dtype=torch.long)
     for b in budgets:
@@ -186,7 +187,14 @@ def _prepare_data_args(p) -> None:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--input", nargs="+", help="JSONL files (one object per line, text under --json-key) or text files")
     p.add_argument("--json-key", default="text", help="JSON field holding the text (default: text)")
-    p.add_argument("--tokenizer", default="byte", help="tokenizer (default: byte)")
+    p.add_argument(
+        "--tokenizer",
+        default="byte",
+        help="'byte' (default) or a tokenizer on disk: a Hugging Face tokenizer directory (tokenizer.json), a "
+        "SentencePiece .model file, or a directory with Megatron's tokenizer_metadata.json; read offline and copied "
+        "into --out",
+    )
+    p.add_argument("--workers", type=int, default=1, help="tokenising processes (default 1)")
     p.add_argument("--max-bytes", type=int, default=16_000_000, help="cap on built-in corpus size (default 16 MB)")
     p.add_argument("--valid-every", type=int, default=20, help="every N-th document goes to valid (default 20)")
     _no_progress_arg(p)
@@ -270,7 +278,9 @@ def _generate_args(p) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--tokenizer", default="byte", help="tokenizer of the training data (default byte)")
+    p.add_argument(
+        "--tokenizer", default="byte", help="tokenizer of the training data: 'byte' (default) or its directory/file"
+    )
 
 
 def _plan_args(p) -> None:

@@ -192,10 +192,16 @@ def evaluate_demo(
     the sorted parent without training (the zero-shot pruning baseline)."""
     from tqdm import tqdm
 
-    from megatron_elastic.evaluation import evaluate_checkpoint, evaluate_subnetworks, fixed_eval_set
+    from megatron_elastic.evaluation import (
+        eval_set_bits_per_byte,
+        evaluate_checkpoint,
+        evaluate_subnetworks,
+        fixed_eval_set,
+    )
     from megatron_elastic.model.elastic_arch import ElasticArch
 
     batches = fixed_eval_set(data_dir, 256, num_tokens)
+    bits = eval_set_bits_per_byte(data_dir, batches)
     print(f"  {sum(int(b['loss_mask'].sum()) for b in batches):,} held-out tokens (validation split, fixed order)")
     rows = []
     jobs = [("parent", "parent (pretrained)", parent_dir, None)]
@@ -204,13 +210,13 @@ def evaluate_demo(
         for r in extracted_rows
     ]
     for name, method, path, spent in tqdm(jobs, desc="evaluate", disable=not progress):
-        rows.append({"name": name, "method": method, **evaluate_checkpoint(path, batches), "train_tokens": spent})
+        rows.append({"name": name, "method": method, **evaluate_checkpoint(path, batches, bits), "train_tokens": spent})
     archs = {
         r["name"]: ElasticArch.from_json(open(os.path.join(os.path.dirname(r["megatron"]), "arch.json")).read())
         for r in extracted_rows
         if float(r["name"]) < 1.0
     }
-    for name, res in evaluate_subnetworks(os.path.join(imp_dir, "sorted"), archs, batches).items():
+    for name, res in evaluate_subnetworks(os.path.join(imp_dir, "sorted"), archs, batches, bits).items():
         rows.append(
             {"name": f"pruned {name}", "method": "pruned from the sorted parent, no training", **res, "train_tokens": 0}
         )

@@ -1,8 +1,9 @@
 """One fixed held-out evaluation for every model a run produces, and the run report.
 
 Every model (the parent, an extracted budget, a baseline) is scored on the *same* tokens: ``num_tokens`` of the
-validation split in a fixed order (``EVAL_SEED``), as next-token loss in nats/token and bits/byte (the byte
-tokenizer has one token per byte), plus forward throughput. :func:`write_report` renders the results as a
+validation split in a fixed order (``EVAL_SEED``), as next-token loss in nats/token and bits/byte (bytes per token
+measured on those tokens' text: :func:`eval_set_bits_per_byte`; exactly 1 for the byte tokenizer), plus forward
+throughput. :func:`write_report` renders the results as a
 Markdown table and a Pareto plot (parameters vs validation bits/byte).
 """
 
@@ -14,10 +15,12 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from megatron_elastic.data.loader import calibration_batches
+from megatron_elastic.data.indexed import data_tokenizer_spec, read_metadata
+from megatron_elastic.data.loader import bits_per_byte_of, calibration_batches
+from megatron_elastic.data.tokenizer import BitsPerByte, load_tokenizer
 from megatron_elastic.model.builder import build_hybrid_model, parameter_count
 from megatron_elastic.training.checkpoint import load_model_weights
-from megatron_elastic.training.lm import LN2, batch_to_device
+from megatron_elastic.training.lm import batch_to_device
 from megatron_elastic.training.runs import single_process_job
 
 EVAL_SEED = 4242
@@ -36,10 +39,18 @@ def fixed_eval_set(
     )
 
 
+def eval_set_bits_per_byte(data_dir: str, batches: Sequence[dict]) -> BitsPerByte:
+    """The bits/byte unit of ``batches`` (from :func:`fixed_eval_set` of ``data_dir``): bytes per token of their
+    text, decoded with the data's tokenizer."""
+    meta = read_metadata(data_dir)
+    tokenizer = load_tokenizer(data_tokenizer_spec(data_dir, meta))
+    return bits_per_byte_of(tokenizer, [row for b in batches for row in b["tokens"]])
+
+
 @torch.no_grad()
-def evaluate_lm(model, batches: Sequence[dict]) -> Dict[str, float]:
-    """Token-weighted mean next-token loss over ``batches``: ``loss`` (nats/token), ``bpb``, ``tokens_per_s``
-    (forward only, this process's threads)."""
+def evaluate_lm(model, batches: Sequence[dict], bits: BitsPerByte = BitsPerByte()) -> Dict[str, float]:
+    """Token-weighted mean next-token loss over ``batches``: ``loss`` (nats/token), ``bpb`` (in the unit
+    ``bits``), ``tokens_per_s`` (forward only, this process's threads)."""
     was_training = model.training
     model.eval()
     total, count, seconds = 0.0, 0, 0.0
@@ -56,7 +67,7 @@ def evaluate_lm(model, batches: Sequence[dict]) -> Dict[str, float]:
     loss = total / max(count, 1)
     return {
         "loss": loss,
-        "bpb": loss / LN2,
+        "bpb": bits(loss),
         "tokens": count,
         "tokens_per_s": sum(int(x["tokens"].numel()) for x in batches) / max(seconds, 1e-9),
     }
@@ -70,10 +81,10 @@ def load_standalone(path: str):
     return model
 
 
-def evaluate_checkpoint(path: str, batches: Sequence[dict]) -> Dict[str, float]:
+def evaluate_checkpoint(path: str, batches: Sequence[dict], bits: BitsPerByte = BitsPerByte()) -> Dict[str, float]:
     """:func:`evaluate_lm` of a standalone checkpoint, with its parameter count."""
     model = load_standalone(path)
-    return {"parameters": parameter_count(model), **evaluate_lm(model, batches)}
+    return {"parameters": parameter_count(model), **evaluate_lm(model, batches, bits)}
 
 
 def results_markdown(rows: List[dict]) -> str:
@@ -136,7 +147,9 @@ def write_report(out_dir: str, title: str, rows: List[dict], sections: Sequence[
     return path
 
 
-def evaluate_subnetworks(checkpoint: str, archs: Dict[str, "object"], batches: Sequence[dict]) -> Dict[str, dict]:
+def evaluate_subnetworks(
+    checkpoint: str, archs: Dict[str, "object"], batches: Sequence[dict], bits: BitsPerByte = BitsPerByte()
+) -> Dict[str, dict]:
     """:func:`evaluate_lm` of sub-networks (name -> ElasticArch) of an elastic-capable checkpoint (e.g. the
     sorted parent: "pruned, not trained"), with their parameter counts."""
     from megatron_elastic.model.cost import arch_parameters
@@ -148,6 +161,6 @@ def evaluate_subnetworks(checkpoint: str, archs: Dict[str, "object"], batches: S
     out = {}
     for name, arch in archs.items():
         set_arch(model, arch)
-        out[name] = {"parameters": arch_parameters(config, arch), **evaluate_lm(model, batches)}
+        out[name] = {"parameters": arch_parameters(config, arch), **evaluate_lm(model, batches, bits)}
     set_arch(model, None)
     return out

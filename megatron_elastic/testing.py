@@ -93,7 +93,6 @@ def make_tiny_sorted_parent(root: str, max_bytes: int = 300_000, iters: int = 20
     ``iters``-step pretrained parent, importance + sort. Returns the paths {data, parent, importance}."""
     from megatron_elastic.data.corpus import iter_stdlib_documents
     from megatron_elastic.data.indexed import write_split_datasets
-    from megatron_elastic.data.tokenizer import ByteTokenizer
     from megatron_elastic.importance.run import run_importance
     from megatron_elastic.parallel import initialize_parallel
     from megatron_elastic.training.config import load_pretrain_config
@@ -101,7 +100,7 @@ def make_tiny_sorted_parent(root: str, max_bytes: int = 300_000, iters: int = 20
 
     paths = {k: os.path.join(root, k) for k in ("data", "parent", "importance")}
     write_split_datasets(
-        paths["data"], iter_stdlib_documents(max_bytes=max_bytes), ByteTokenizer(), valid_every=5, progress=False
+        paths["data"], iter_stdlib_documents(max_bytes=max_bytes), "byte", valid_every=5, progress=False
     )
     initialize_parallel(1, 1, seed=1234)
     pretrain(

@@ -88,13 +88,10 @@ def test_importance_end_to_end(tmp_path):
 
     from megatron_elastic.data.corpus import iter_stdlib_documents
     from megatron_elastic.data.indexed import write_split_datasets
-    from megatron_elastic.data.tokenizer import ByteTokenizer
     from tests.training.test_checkpoint_resume import TINY_JOB
 
     data = tmp_path / "data"
-    write_split_datasets(
-        str(data), iter_stdlib_documents(max_bytes=200_000), ByteTokenizer(), valid_every=5, progress=False
-    )
+    write_split_datasets(str(data), iter_stdlib_documents(max_bytes=200_000), "byte", valid_every=5, progress=False)
     cfg = tmp_path / "job.yaml"
     cfg.write_text(TINY_JOB.format(data=data, ckpt=tmp_path / "parent"))
     r = run(

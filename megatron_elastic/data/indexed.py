@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 from dataclasses import asdict, dataclass
-from typing import Dict, Iterable, Iterator, Optional
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 from tqdm import tqdm
 
+from megatron_elastic.data.tokenizer import BYTE, copy_tokenizer, describe, load_tokenizer
 from megatron_elastic.errors import DataError, InputNotFoundError
 
 SPLITS = ("train", "valid")
@@ -21,33 +23,71 @@ SPLITS = ("train", "valid")
 class SplitStats:
     documents: int = 0
     tokens: int = 0
+    bytes: int = 0  # UTF-8 bytes of the documents' text
 
 
 def token_dtype(vocab_size: int):
     return np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
 
 
-def write_split_datasets(
-    out_dir: str, documents: Iterable[str], tokenizer, valid_every: int = 20, progress: bool = True
-) -> Dict[str, SplitStats]:
-    """Tokenise ``documents`` (EOD appended to each) into ``<out_dir>/{train,valid}_text_document.{bin,idx}``.
+_worker_tokenizer = None
 
-    Every ``valid_every``-th document goes to ``valid`` (deterministic). Writes ``metadata.json`` with the
-    tokenizer and counts, which training checks against the model's vocabulary.
+
+def _start_worker(spec: str) -> None:
+    global _worker_tokenizer
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per worker is the parallelism
+    _worker_tokenizer = load_tokenizer(spec)
+
+
+def _encode(text: str) -> Tuple[List[int], int]:
+    return _worker_tokenizer.tokenize(text) + [_worker_tokenizer.eod], len(text.encode("utf-8"))
+
+
+def encode_documents(documents: Iterable[str], spec: str, workers: int = 1) -> Iterator[Tuple[List[int], int]]:
+    """``(token ids + EOD, UTF-8 bytes)`` of every document, in order; ``workers`` > 1 tokenises in that many
+    processes (each loads the tokenizer once)."""
+    if workers <= 1:
+        _start_worker(spec)
+        yield from map(_encode, documents)
+        return
+    with multiprocessing.get_context("fork").Pool(workers, initializer=_start_worker, initargs=(spec,)) as pool:
+        yield from pool.imap(_encode, documents, chunksize=32)
+
+
+def write_split_datasets(
+    out_dir: str,
+    documents: Iterable[str],
+    tokenizer: str = BYTE,
+    valid_every: int = 20,
+    progress: bool = True,
+    workers: int = 1,
+) -> Dict[str, SplitStats]:
+    """Tokenise ``documents`` (EOD appended to each) with the tokenizer spec ``tokenizer`` into
+    ``<out_dir>/{train,valid}_text_document.{bin,idx}``.
+
+    Every ``valid_every``-th document goes to ``valid`` (deterministic, whatever ``workers``). A tokenizer on disk is
+    copied to ``<out_dir>/tokenizer``, so the data carries it. Writes ``metadata.json`` (tokenizer, vocabulary,
+    counts of documents, tokens and text bytes), which training checks against the model.
     """
     if valid_every < 2:
         raise DataError("valid_every must be >= 2 (every N-th document goes to the validation split)")
+    if workers < 1:
+        raise DataError(f"workers must be >= 1, got {workers}")
+    tok = load_tokenizer(tokenizer)
     os.makedirs(out_dir, exist_ok=True)
-    dtype = token_dtype(tokenizer.vocab_size)
+    stored = copy_tokenizer(tokenizer, os.path.join(out_dir, "tokenizer"))
+    dtype = token_dtype(tok.vocab_size)
     builders = {s: IndexedDatasetBuilder(os.path.join(out_dir, f"{s}_text_document.bin"), dtype=dtype) for s in SPLITS}
     stats = {s: SplitStats() for s in SPLITS}
-    for i, text in enumerate(tqdm(documents, desc="tokenising", unit="doc", disable=not progress)):
-        split = "valid" if i % valid_every == valid_every - 1 else "train"
-        ids = tokenizer.tokenize(text) + [tokenizer.eod]
-        builders[split].add_item(torch.tensor(ids, dtype=torch.int64))
-        builders[split].end_document()
-        stats[split].documents += 1
-        stats[split].tokens += len(ids)
+    with tqdm(desc="tokenising", unit="tok", unit_scale=True, disable=not progress) as bar:
+        for i, (ids, n_bytes) in enumerate(encode_documents(documents, stored, workers)):
+            split = "valid" if i % valid_every == valid_every - 1 else "train"
+            builders[split].add_item(torch.tensor(ids, dtype=torch.int64))
+            builders[split].end_document()
+            stats[split].documents += 1
+            stats[split].tokens += len(ids)
+            stats[split].bytes += n_bytes
+            bar.update(len(ids))
     for s in SPLITS:
         if stats[s].documents == 0:
             raise DataError(
@@ -57,13 +97,21 @@ def write_split_datasets(
             )
         builders[s].finalize(os.path.join(out_dir, f"{s}_text_document.idx"))
     meta = {
-        "tokenizer": tokenizer.name,
-        "vocab_size": tokenizer.vocab_size,
+        "tokenizer": BYTE if stored == BYTE else os.path.relpath(stored, out_dir),
+        "tokenizer_name": describe(tokenizer),
+        "vocab_size": tok.vocab_size,
+        "eod": tok.eod,
         "splits": {s: asdict(stats[s]) for s in SPLITS},
     }
     with open(os.path.join(out_dir, "metadata.json"), "w") as f:
         json.dump(meta, f, indent=2)
     return stats
+
+
+def data_tokenizer_spec(data_dir: str, meta: dict) -> str:
+    """The spec of the tokenizer a ``prepare-data`` directory was written with (its copy inside the directory)."""
+    spec = meta.get("tokenizer", BYTE)
+    return spec if spec == BYTE else os.path.join(data_dir, spec)
 
 
 def split_prefix(data_dir: str, split: str) -> str:

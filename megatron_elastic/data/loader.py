@@ -11,9 +11,8 @@ import torch.distributed as dist
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
-from megatron_elastic.data.indexed import read_metadata, split_prefix
-from megatron_elastic.data.tokenizer import get_tokenizer
-from megatron_elastic.errors import ConfigError
+from megatron_elastic.data.indexed import data_tokenizer_spec, read_metadata, split_prefix
+from megatron_elastic.data.tokenizer import BitsPerByte, bytes_per_token, check_vocabulary, load_tokenizer
 
 
 def build_gpt_datasets(
@@ -30,12 +29,8 @@ def build_gpt_datasets(
     indices first; the other ranks then read the cache.
     """
     meta = read_metadata(data_dir)
-    tokenizer = get_tokenizer(meta["tokenizer"])
-    if model_vocab_size is not None and tokenizer.vocab_size > model_vocab_size:
-        raise ConfigError(
-            f"data in {data_dir} uses tokenizer {meta['tokenizer']!r} with {tokenizer.vocab_size} ids but "
-            f"model.vocab_size is {model_vocab_size}; set model.vocab_size >= {tokenizer.vocab_size}"
-        )
+    tokenizer = load_tokenizer(data_tokenizer_spec(data_dir, meta))
+    check_vocabulary(tokenizer, model_vocab_size, f"data {data_dir} (tokenizer {meta.get('tokenizer_name', 'byte')})")
     config = GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_length,
@@ -64,6 +59,20 @@ def build_gpt_datasets(
         datasets = build()
     train, valid, _ = datasets
     return train, valid
+
+
+def eval_bits_per_byte(dataset: GPTDataset, samples: int, max_tokens: int = 1 << 20) -> BitsPerByte:
+    """The bits/byte unit of an evaluation that reads the first ``samples`` samples of ``dataset``: bytes per token
+    measured on their text, at most ``max_tokens`` of it (exactly 1 for the byte tokenizer)."""
+    n = min(samples, len(dataset), max(1, max_tokens // dataset.config.sequence_length))
+    return bits_per_byte_of(dataset.config.tokenizer, [dataset[i]["tokens"] for i in range(n)])
+
+
+def bits_per_byte_of(tokenizer, token_lists) -> BitsPerByte:
+    """The bits/byte unit for text given as token ids (``token_lists``: sequences or tensors)."""
+    name = "byte" if getattr(tokenizer, "library", None) == "byte-level" else str(getattr(tokenizer, "path", "?"))
+    lists = [t.tolist() if hasattr(t, "tolist") else list(t) for t in token_lists]
+    return BitsPerByte(bytes_per_token(tokenizer, lists), name)
 
 
 class ResumableSampler(torch.utils.data.Sampler):

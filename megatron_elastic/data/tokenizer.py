@@ -1,62 +1,150 @@
-"""Byte-level tokenizer: ids 0..255 are the UTF-8 bytes, then the special tokens. No files, no downloads."""
+"""Tokenizers, through Megatron-Core's tokenizer system (``megatron.core.tokenizers.MegatronTokenizer``).
+
+A tokenizer is named by a string, the *spec*:
+
+* ``byte``: Megatron's byte-level tokenizer laid out as this project always had it: ids 0..255 are the UTF-8
+  bytes, ``<eod>`` = 256, ``<pad>`` = 257, vocabulary 258. No files.
+* a path, read offline (nothing is downloaded): a Hugging Face tokenizer directory (``tokenizer.json`` and/or
+  ``tokenizer_config.json``; a ``tokenizer.json`` file names its directory), a SentencePiece ``*.model`` file, or a
+  directory Megatron wrote (``tokenizer_metadata.json``, ``MegatronTokenizer.write_metadata``).
+
+Every tokenizer returned has what Megatron's ``GPTDataset`` reads (``eod``, ``pad``, ``vocab_size``,
+``unique_identifiers``, ``tokenize``) and ``detokenize``.
+"""
 
 from __future__ import annotations
 
-from typing import Iterable, List
+import glob
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence, Tuple
 
-import numpy as np
+from megatron_elastic.errors import ConfigError, DataError, InputNotFoundError
 
-from megatron_elastic.errors import ConfigError
-
-
-class ByteTokenizer:
-    """UTF-8 bytes + ``<eod>`` (256) + ``<pad>`` (257). ``vocab_size`` = 258.
-
-    Has the attributes Megatron's ``GPTDataset`` reads (``eod``, ``pad``, ``vocab_size``, ``tokenize``).
-    """
-
-    name = "byte"
-    EOD, PAD = 256, 257
-
-    def __init__(self):
-        # Megatron's datasets hash this into their index-cache names.
-        self.unique_identifiers = {"class": type(self).__name__, "vocab_size": self.vocab_size}
-
-    @property
-    def vocab_size(self) -> int:
-        return 258
-
-    @property
-    def eod(self) -> int:
-        return self.EOD
-
-    @property
-    def pad(self) -> int:
-        return self.PAD
-
-    @property
-    def vocab(self):
-        return {**{bytes([i]).decode("latin-1"): i for i in range(256)}, "<eod>": self.EOD, "<pad>": self.PAD}
-
-    @property
-    def inv_vocab(self):
-        return {v: k for k, v in self.vocab.items()}
-
-    def tokenize(self, text: str) -> List[int]:
-        return list(text.encode("utf-8"))
-
-    def detokenize(self, ids: Iterable[int]) -> str:
-        return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
-
-    def bits_per_byte(self, nats_per_token: float) -> float:
-        """Each token is one byte, so bits/byte = nats/token / ln 2."""
-        return nats_per_token / float(np.log(2))
+LN2 = math.log(2.0)  # nats per bit: a loss in nats/token divided by LN2 is bits/token
+BYTE = "byte"
+BYTE_EOD, BYTE_PAD = 256, 257
+HF_FILES = ("tokenizer.json", "tokenizer_config.json")
+MEGATRON_METADATA = "tokenizer_metadata.json"
+FIX = "give 'byte' or a tokenizer on disk (a Hugging Face tokenizer directory, a SentencePiece .model file)"
 
 
-TOKENIZERS = {"byte": ByteTokenizer}
+def load_tokenizer(spec: str = BYTE):
+    """The Megatron tokenizer ``spec`` names (see the module docstring); clear errors for what cannot load."""
+    from megatron.core.tokenizers import MegatronTokenizer
+
+    if spec == BYTE:
+        return MegatronTokenizer.from_pretrained(
+            metadata_path={"library": "byte-level"},
+            vocab_size=256,
+            special_tokens=["<pad>", "<eod>"],  # byte-level numbers specials downwards from 257
+            _eos_id=BYTE_EOD,
+            _pad_id=BYTE_PAD,
+        )
+    library, path = tokenizer_library(spec)
+    kwargs = {"use_fast": True} if library == "huggingface" else {}
+    metadata = os.path.join(path, MEGATRON_METADATA) if library == "megatron-metadata" else {"library": library}
+    try:
+        tokenizer = MegatronTokenizer.from_pretrained(path, metadata_path=metadata, **kwargs)
+    except ImportError as e:
+        raise DataError(f"tokenizer {spec}: needs {e.name or 'a missing package'}: pip install 'megatron-elastic[hf]'")
+    except Exception as e:  # noqa: BLE001 - transformers/sentencepiece raise many kinds for a bad file
+        raise DataError(f"tokenizer {spec}: cannot be read ({type(e).__name__}: {e}); {FIX}") from None
+    if tokenizer.eod is None or tokenizer.eod < 0:
+        raise DataError(
+            f"tokenizer {spec}: has no end-of-document token (its eos_token); set `eos_token` in its "
+            f"tokenizer_config.json (documents are separated by it)"
+        )
+    return tokenizer
 
 
-def get_tokenizer(name: str = "byte"):
-    if name not in TOKENIZERS:
-        raise ConfigError(f"unknown tokenizer {name!r}; available: {sorted(TOKENIZERS)}")
-    return TOKENIZERS[name]()
+def tokenizer_library(spec: str) -> Tuple[str, str]:
+    """``(library, path)`` of a tokenizer on disk: ``huggingface``, ``sentencepiece`` or ``megatron-metadata``."""
+    path = os.path.abspath(os.path.expanduser(spec))
+    if not os.path.exists(path):
+        raise InputNotFoundError(f"tokenizer {spec}: no such file or directory; {FIX}")
+    if not os.access(path, os.R_OK):
+        raise InputNotFoundError(f"tokenizer {spec}: not readable (permissions); make it readable or copy it")
+    if os.path.isfile(path):
+        if path.endswith(".model"):
+            return "sentencepiece", path
+        if os.path.basename(path) in HF_FILES:
+            path = os.path.dirname(path)
+        else:
+            raise DataError(
+                f"tokenizer {spec}: a file that is neither tokenizer.json nor a SentencePiece .model; {FIX}"
+            )
+    if os.path.isfile(os.path.join(path, MEGATRON_METADATA)):
+        return "megatron-metadata", path
+    if any(os.path.isfile(os.path.join(path, f)) for f in HF_FILES):
+        return "huggingface", path
+    models = glob.glob(os.path.join(path, "*.model"))
+    if len(models) == 1:
+        return "sentencepiece", models[0]
+    raise DataError(f"tokenizer {spec}: the directory has no tokenizer.json, tokenizer_config.json or *.model; {FIX}")
+
+
+def describe(spec: str) -> str:
+    """A short name for reports and metrics: ``byte`` or ``<library>:<directory or file name>``."""
+    if spec == BYTE:
+        return BYTE
+    library, path = tokenizer_library(spec)
+    return f"{library}:{os.path.basename(path.rstrip(os.sep))}"
+
+
+def copy_tokenizer(spec: str, dest: str) -> str:
+    """Copy the tokenizer's files into ``dest`` (a dataset or a checkpoint carries its tokenizer); returns the
+    spec that loads the copy (``byte`` stays ``byte``)."""
+    if spec == BYTE:
+        return BYTE
+    library, path = tokenizer_library(spec)
+    os.makedirs(dest, exist_ok=True)
+    if os.path.isfile(path):  # a SentencePiece model file
+        shutil.copy2(path, dest)
+        return os.path.join(dest, os.path.basename(path))
+    for name in os.listdir(path):
+        src = os.path.join(path, name)
+        if os.path.isfile(src) and (
+            name.endswith((".json", ".model", ".txt", ".jinja", ".tiktoken")) or "vocab" in name
+        ):
+            shutil.copy2(src, dest)
+    return dest
+
+
+def check_vocabulary(tokenizer, model_vocab_size: Optional[int], where: str) -> None:
+    """The model can embed every id the tokenizer makes."""
+    if model_vocab_size is not None and tokenizer.vocab_size > model_vocab_size:
+        raise ConfigError(
+            f"{where}: the tokenizer has {tokenizer.vocab_size} ids but model.vocab_size is {model_vocab_size}; "
+            f"set model.vocab_size >= {tokenizer.vocab_size} (a multiple of 128 is usual) or use the model's tokenizer"
+        )
+
+
+def bytes_per_token(tokenizer, documents: Sequence[Sequence[int]]) -> float:
+    """UTF-8 bytes of the text ``documents`` (token ids) decode to, per token: what turns a loss per token into
+    bits per byte. Exactly 1 for the byte tokenizer (each token one byte; the end of document counts as one)."""
+    if getattr(tokenizer, "library", None) == "byte-level":
+        return 1.0
+    tokens = sum(len(d) for d in documents)
+    if tokens == 0:
+        raise DataError("no tokens to measure bytes per token on (empty evaluation text)")
+    text = (tokenizer.detokenize([int(i) for i in d if int(i) != tokenizer.eod]) for d in documents)
+    return sum(len(t.encode("utf-8")) for t in text) / tokens
+
+
+@dataclass(frozen=True)
+class BitsPerByte:
+    """Loss in nats/token -> bits per byte of text: divided by ``ln 2 x bytes_per_token`` of the evaluated text
+    (measured: :func:`megatron_elastic.data.loader.eval_bits_per_byte`; exactly 1 for the byte tokenizer)."""
+
+    bytes_per_token: float = 1.0
+    tokenizer: str = BYTE
+
+    def __call__(self, nats_per_token: float) -> float:
+        return nats_per_token / (LN2 * self.bytes_per_token)
+
+    def record(self) -> Dict[str, object]:
+        """What metrics and summaries say about the unit."""
+        return {"tokenizer": self.tokenizer, "bytes_per_token": self.bytes_per_token}

@@ -38,7 +38,8 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 from tqdm import tqdm
 
-from megatron_elastic.data.loader import build_gpt_datasets, make_loader
+from megatron_elastic.data.loader import build_gpt_datasets, eval_bits_per_byte, make_loader
+from megatron_elastic.data.tokenizer import BitsPerByte
 from megatron_elastic.distill import kd_loss
 from megatron_elastic.errors import InputNotFoundError
 from megatron_elastic.model.builder import build_hybrid_model
@@ -57,7 +58,7 @@ from megatron_elastic.training.checkpoint import (
     save_checkpoint,
 )
 from megatron_elastic.training.elastic_config import ElasticJobConfig
-from megatron_elastic.training.lm import LN2, batch_to_device, masked_mean
+from megatron_elastic.training.lm import batch_to_device, masked_mean
 from megatron_elastic.training.memory_check import check_this_gpu
 from megatron_elastic.training.metrics import MetricsLog
 from megatron_elastic.training.preemption import StopSignals, WallTimeLimit, any_rank
@@ -470,6 +471,7 @@ class ElasticRun:
             seed=cfg.train.seed,
             model_vocab_size=c.model_config.vocab_size,
         )
+        self.bits = eval_bits_per_byte(self.valid_ds, cfg.train.eval_iters * self.eval_gbs)
         self.metrics = MetricsLog(self.ckpt_dir, self.is_logger, tensorboard=True)
         self.parent_config = config_from_checkpoint(latest_checkpoint(cfg.sorted_checkpoint)).to_dict()
         self.forward_backward = get_forward_backward_func()
@@ -530,13 +532,14 @@ class ElasticRun:
         c = self.c
         archs = c.router.choose_all()
         losses = evaluate_budgets(c, c.student, archs, self.valid_ds, self.cfg.train.eval_iters, self.eval_gbs)
-        rec = {"iteration": it, "tokens": self.state["tokens"]}
+        rec = {"iteration": it, "tokens": self.state["tokens"], **(self.bits.record() if it == 0 else {})}
         rec.update({f"valid_loss/{b:g}": v for b, v in losses.items()})
+        rec.update({f"valid_bpb/{b:g}": self.bits(v) for b, v in losses.items()})
         rec.update({f"chosen_params/{b}": v for b, v in _arch_summary(c, archs).items()})
         self.metrics.log(rec)
         if self.is_logger:
             cells = "  ".join(
-                f"{b:g}: {v / LN2:.3f} bpb @ {arch_parameters(c.model_config, archs[b]) / c.full_parameters:.3f}"
+                f"{b:g}: {self.bits(v):.3f} bpb @ {arch_parameters(c.model_config, archs[b]) / c.full_parameters:.3f}"
                 for b, v in losses.items()
             )
             tqdm.write(f"step {it}: valid {cells}")
@@ -727,6 +730,7 @@ class ElasticRun:
             "parent_parameters": c.full_parameters,
             "parent_valid_loss": parent_loss,
             "eval_tokens": t.eval_iters * self.eval_gbs * cfg.eval_seq_length,
+            **self.bits.record(),
             # True when the router's free argmax choices were already nested (choose_all did not have to clip).
             "nested_without_clipping": all(free[b] == archs[b] for b in cfg.budgets),
             "budgets": {
@@ -750,14 +754,15 @@ class ElasticRun:
 
 def results_table(summary: dict) -> str:
     """Per budget: parameters, validation loss (bits/byte) of the same sub-model before and after."""
+    bits = BitsPerByte(summary["bytes_per_token"], summary["tokenizer"])
     lines = [
-        f"validation on {summary['eval_tokens']:,} tokens; the parent (teacher): "
-        f"{summary['parent_valid_loss'] / LN2:.3f} bits/byte",
+        f"validation on {summary['eval_tokens']:,} tokens (tokenizer {bits.tokenizer}, {bits.bytes_per_token:.2f} "
+        f"bytes/token); the parent (teacher): {bits(summary['parent_valid_loss']):.3f} bits/byte",
         f"{'budget':>6} {'params':>10} {'fraction':>8} {'before bpb':>10} {'after bpb':>9}",
     ]
     for b, r in summary["budgets"].items():
         lines.append(
-            f"{b:>6} {r['parameters']:>10,} {r['fraction']:>8.3f} {r['valid_loss_before'] / LN2:>10.3f} "
-            f"{r['valid_loss_after'] / LN2:>9.3f}"
+            f"{b:>6} {r['parameters']:>10,} {r['fraction']:>8.3f} {bits(r['valid_loss_before']):>10.3f} "
+            f"{bits(r['valid_loss_after']):>9.3f}"
         )
     return "\n".join(lines)

@@ -1,14 +1,11 @@
 """Language-model helpers shared by pretraining, elastic training, importance and evaluation: batches on the
-device, the masked mean of a per-token loss, logits and loss of a ``GPTDataset`` batch, nats -> bits."""
+device, the masked mean of a per-token loss, logits and loss of a ``GPTDataset`` batch."""
 
 from __future__ import annotations
 
-import math
 from typing import Dict, Iterator
 
 import torch
-
-LN2 = math.log(2.0)  # nats per bit: a loss in nats/token divided by LN2 is bits/token (bits/byte for bytes)
 
 
 def batch_to_device(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

@@ -16,13 +16,13 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from tqdm import tqdm
 
 from megatron_elastic.data.indexed import split_prefix
-from megatron_elastic.data.loader import build_gpt_datasets, make_loader
+from megatron_elastic.data.loader import build_gpt_datasets, eval_bits_per_byte, make_loader
 from megatron_elastic.errors import InputNotFoundError
 from megatron_elastic.model.builder import parameter_count
 from megatron_elastic.parallel import initialize_parallel
 from megatron_elastic.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from megatron_elastic.training.config import PretrainConfig
-from megatron_elastic.training.lm import LN2, lm_forward_step
+from megatron_elastic.training.lm import lm_forward_step
 from megatron_elastic.training.metrics import MetricsLog
 from megatron_elastic.training.setup import build_training_components
 
@@ -108,8 +108,8 @@ def _resume(ckpt_dir: str, comps, is_logger: bool) -> dict:
 
 
 def _data(cfg: PretrainConfig, vocab_size: int, consumed_samples: int):
-    """(training micro-batch iterator from ``consumed_samples`` on, a function starting a validation pass) for this
-    data-parallel rank."""
+    """(training micro-batch iterator from ``consumed_samples`` on, a function starting a validation pass, the
+    bits/byte unit of that validation text) for this data-parallel rank."""
     t, seq = cfg.train, cfg.data.seq_length
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     train_samples = t.train_iters * t.global_batch_size
@@ -118,7 +118,8 @@ def _data(cfg: PretrainConfig, vocab_size: int, consumed_samples: int):
         cfg.data.path, seq, train_samples, valid_samples, seed=t.seed, model_vocab_size=vocab_size
     )
     train = make_loader(train_ds, consumed_samples, t.micro_batch_size, dp_rank, dp, cfg.data.num_workers)
-    return iter(train), lambda: iter(make_loader(valid_ds, 0, t.micro_batch_size, dp_rank, dp))
+    bits = eval_bits_per_byte(valid_ds, t.eval_iters * t.global_batch_size)
+    return iter(train), lambda: iter(make_loader(valid_ds, 0, t.micro_batch_size, dp_rank, dp)), bits
 
 
 def _train_iteration(comps, forward_backward, train_iter, num_micro: int, seq: int, micro_batch_size: int):
@@ -166,7 +167,9 @@ def _save(cfg: PretrainConfig, comps, iteration: int, state: dict) -> None:
     )
 
 
-def _write_summary(cfg: PretrainConfig, seconds: float, n_params: int, unigram: float, state, last_valid, is_logger):
+def _write_summary(
+    cfg: PretrainConfig, seconds: float, n_params: int, unigram: float, state, last_valid, is_logger, bits
+):  # noqa: E501
     """The run's summary (also ``summary.json`` in the checkpoint directory, written by the logging rank)."""
     t = cfg.train
     summary = {
@@ -174,9 +177,10 @@ def _write_summary(cfg: PretrainConfig, seconds: float, n_params: int, unigram: 
         "train_iters": t.train_iters,
         "tokens": t.train_iters * t.global_batch_size * cfg.data.seq_length,
         "wall_time_s": seconds,
-        "unigram_bpb": unigram / LN2,
-        "initial_valid_bpb": state.get("initial_valid_loss", float("nan")) / LN2,
-        "final_valid_bpb": (last_valid / LN2) if last_valid is not None else None,
+        **bits.record(),
+        "unigram_bpb": bits(unigram),
+        "initial_valid_bpb": bits(state.get("initial_valid_loss", float("nan"))),
+        "final_valid_bpb": bits(last_valid) if last_valid is not None else None,
         "checkpoint": latest_checkpoint(cfg.checkpoint.dir),
     }
     if is_logger:
@@ -208,7 +212,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -
     state = (
         _resume(ckpt_dir, comps, is_logger) if resume else {"iteration": 0, "consumed_train_samples": 0, "history": []}
     )
-    train_iter, valid_loader_start = _data(cfg, model_cfg.vocab_size, state["consumed_train_samples"])
+    train_iter, valid_loader_start, bits = _data(cfg, model_cfg.vocab_size, state["consumed_train_samples"])
 
     unigram = unigram_entropy_nats(cfg.data.path)
     fb = get_forward_backward_func()
@@ -222,11 +226,12 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -
     start_iter = state["iteration"]
     if start_iter == 0:
         v0 = state["initial_valid_loss"] = run_eval()
-        log({"iteration": 0, "valid_loss": v0, "valid_bpb": v0 / LN2, "unigram_bpb": unigram / LN2})
+        log({"iteration": 0, "valid_loss": v0, "valid_bpb": bits(v0), "unigram_bpb": bits(unigram), **bits.record()})
         if is_logger:
             print(
-                f"parameters: {int(n_params):,}  tokens/iter: {tokens_per_iter:,}  "
-                f"unigram baseline: {unigram / LN2:.3f} bits/byte  initial valid: {v0 / LN2:.3f} bits/byte"
+                f"parameters: {int(n_params):,}  tokens/iter: {tokens_per_iter:,}  tokenizer: {bits.tokenizer} "
+                f"({bits.bytes_per_token:.2f} bytes/token)  unigram baseline: {bits(unigram):.3f} bits/byte  "
+                f"initial valid: {bits(v0):.3f} bits/byte"
             )
 
     bar = tqdm(
@@ -251,12 +256,12 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -
         if it % t.eval_interval == 0 or it == t.train_iters:
             last_valid = run_eval()
             state["last_valid_loss"] = last_valid
-            log({"iteration": it, "valid_loss": last_valid, "valid_bpb": last_valid / LN2})
+            log({"iteration": it, "valid_loss": last_valid, "valid_bpb": bits(last_valid)})
             if is_logger:
-                bar.write(f"iteration {it}: valid loss {last_valid:.4f} nats/token = {last_valid / LN2:.3f} bits/byte")
+                bar.write(f"iteration {it}: valid loss {last_valid:.4f} nats/token = {bits(last_valid):.3f} bits/byte")
         if it % cfg.checkpoint.save_interval == 0 or it == t.train_iters:
             state["iteration"] = it
             _save(cfg, comps, it, state)
         bar.update(1)
     bar.close()
-    return _write_summary(cfg, time.time() - t0, int(n_params), unigram, state, last_valid, is_logger)
+    return _write_summary(cfg, time.time() - t0, int(n_params), unigram, state, last_valid, is_logger, bits)

@@ -8,15 +8,12 @@ import pytest
 
 from megatron_elastic.data.corpus import iter_stdlib_documents
 from megatron_elastic.data.indexed import DataError, read_metadata, split_prefix, write_split_datasets
-from megatron_elastic.data.tokenizer import ByteTokenizer
 
 
 @pytest.fixture(scope="module")
 def good(tmp_path_factory):
     out = tmp_path_factory.mktemp("good")
-    write_split_datasets(
-        str(out), iter_stdlib_documents(max_bytes=100_000), ByteTokenizer(), valid_every=5, progress=False
-    )
+    write_split_datasets(str(out), iter_stdlib_documents(max_bytes=100_000), "byte", valid_every=5, progress=False)
     return str(out)
 
 

@@ -7,14 +7,12 @@ import pytest
 
 from megatron_elastic.data.corpus import iter_stdlib_documents, iter_user_documents, stdlib_files
 from megatron_elastic.data.indexed import iter_documents, read_metadata, split_prefix, write_split_datasets
-from megatron_elastic.data.tokenizer import ByteTokenizer
 
 
 def _read_back(out, split):
-    tok = ByteTokenizer()
     docs = []
     for ids in iter_documents(split_prefix(str(out), split)):
-        assert ids[-1] == tok.eod
+        assert ids[-1] == 256, "the byte tokenizer's end of document"
         docs.append(bytes(ids[:-1].astype(np.uint8).tolist()).decode("utf-8"))
     return docs
 
@@ -29,7 +27,7 @@ def test_user_jsonl_and_text_round_trip(tmp_path):
     tx2.write_text(texts[6])
     out = tmp_path / "data"
     stats = write_split_datasets(
-        str(out), iter_user_documents([str(jl), str(tx), str(tx2)]), ByteTokenizer(), valid_every=3, progress=False
+        str(out), iter_user_documents([str(jl), str(tx), str(tx2)]), "byte", valid_every=3, progress=False
     )
     train, valid = _read_back(out, "train"), _read_back(out, "valid")
     assert valid == [texts[2], texts[5]]
@@ -51,7 +49,7 @@ def test_builtin_corpus_is_stdlib_files_in_order(tmp_path):
             break
     assert docs == expected
     out = tmp_path / "d"
-    write_split_datasets(str(out), docs, ByteTokenizer(), valid_every=4, progress=False)
+    write_split_datasets(str(out), docs, "byte", valid_every=4, progress=False)
     assert _read_back(out, "train") + _read_back(out, "valid") == [d for i, d in enumerate(docs) if i % 4 != 3] + [
         d for i, d in enumerate(docs) if i % 4 == 3
     ]
@@ -71,4 +69,4 @@ def test_bad_inputs_have_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="prepare-data"):
         read_metadata(str(tmp_path / "nothing"))
     with pytest.raises(ValueError, match="split is empty"):
-        write_split_datasets(str(tmp_path / "e"), ["only one document"], ByteTokenizer(), progress=False)
+        write_split_datasets(str(tmp_path / "e"), ["only one document"], "byte", progress=False)

@@ -9,7 +9,6 @@ import torch
 
 from megatron_elastic.data.corpus import iter_stdlib_documents
 from megatron_elastic.data.indexed import write_split_datasets
-from megatron_elastic.data.tokenizer import ByteTokenizer
 
 TINY_JOB = """
 model: {{hybrid_pattern: "M-*M", vocab_size: 264, hidden_size: 32, ffn_hidden_size: 64, num_attention_heads: 4,
@@ -25,9 +24,7 @@ checkpoint: {{dir: {ckpt}, save_interval: 3, keep_last: 5}}
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("data")
-    write_split_datasets(
-        str(out), iter_stdlib_documents(max_bytes=300_000), ByteTokenizer(), valid_every=5, progress=False
-    )
+    write_split_datasets(str(out), iter_stdlib_documents(max_bytes=300_000), "byte", valid_every=5, progress=False)
     return str(out)
 
 

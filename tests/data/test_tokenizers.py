@@ -1,0 +1,134 @@
+"""Tokenizers through Megatron-Core's tokenizer system: the byte tokenizer keeps its layout; a Hugging Face BPE
+tokenizer trained here (no downloads) prepares data with 1 or 2 workers (the ids are what ``tokenizers`` itself
+gives), the data carries the tokenizer, training reports bits/byte from the measured bytes per token, and bad
+tokenizers fail with errors that name the fix."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from megatron_elastic.data.corpus import iter_stdlib_documents
+from megatron_elastic.data.indexed import data_tokenizer_spec, iter_documents, read_metadata, split_prefix
+from megatron_elastic.data.prepare import prepare_data
+from megatron_elastic.data.tokenizer import BitsPerByte, load_tokenizer
+from megatron_elastic.errors import ConfigError, DataError, InputNotFoundError
+
+tokenizers = pytest.importorskip("tokenizers", reason="the Hugging Face tokenizers (pip install '.[hf]')")
+transformers = pytest.importorskip("transformers", reason="pip install '.[hf]'")
+
+DOCS = list(iter_stdlib_documents(max_bytes=300_000))
+
+
+def train_bpe(out_dir, vocab_size=600):
+    """A byte-level BPE tokenizer trained on the built-in corpus, saved as a Hugging Face tokenizer directory."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(DOCS[:40], trainer)
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(out_dir)
+    return tok
+
+
+@pytest.fixture(scope="module")
+def bpe(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bpe")
+    reference = train_bpe(str(root / "tokenizer"))
+    return {"dir": str(root / "tokenizer"), "reference": reference, "root": root}
+
+
+def test_the_byte_tokenizer_is_megatrons_with_the_projects_layout():
+    tok = load_tokenizer("byte")
+    text = "héllo ✓\n"
+    assert tok.tokenize(text) == list(text.encode("utf-8"))
+    assert (tok.vocab_size, tok.eod, tok.pad) == (258, 256, 257)
+    assert tok.detokenize(list(text.encode("utf-8")) + [256]) == text.rstrip()  # Megatron's byte-level rstrips
+
+
+def test_prepare_data_with_a_hf_tokenizer_gives_the_tokenizers_own_ids_with_any_number_of_workers(bpe):
+    reference = bpe["reference"]
+    eod = reference.token_to_id("<|endoftext|>")
+    outs = {}
+    for workers in (1, 2):
+        out = str(bpe["root"] / f"data{workers}")
+        stats = prepare_data(out, tokenizer=bpe["dir"], max_bytes=300_000, valid_every=5, progress=False, workers=workers)
+        outs[workers] = out
+        meta = read_metadata(out)
+        assert meta["tokenizer"] == "tokenizer" and os.path.isfile(os.path.join(out, "tokenizer", "tokenizer.json"))
+        assert meta["vocab_size"] == reference.get_vocab_size() and meta["eod"] == eod
+        assert stats["train"].bytes == sum(len(d.encode()) for i, d in enumerate(DOCS) if i % 5 != 4)
+    for split in ("train", "valid"):
+        a = [d.tolist() for d in iter_documents(split_prefix(outs[1], split))]
+        b = [d.tolist() for d in iter_documents(split_prefix(outs[2], split))]
+        assert a == b, "2 workers write exactly what 1 worker writes"
+    valid = [d for i, d in enumerate(DOCS) if i % 5 == 4]
+    stored = [d.tolist() for d in iter_documents(split_prefix(outs[1], "valid"))]
+    assert stored == [reference.encode(d).ids + [eod] for d in valid]
+    # The copy inside the data directory loads and round-trips the text.
+    tok = load_tokenizer(data_tokenizer_spec(outs[1], read_metadata(outs[1])))
+    assert tok.detokenize(stored[0][:-1]) == valid[0]
+
+
+def test_pretraining_on_bpe_data_reports_bits_per_byte_from_measured_bytes_per_token(bpe, tmp_path):
+    from megatron_elastic.parallel import destroy_parallel
+    from megatron_elastic.training.config import load_pretrain_config
+    from megatron_elastic.training.pretrain import pretrain
+
+    data = str(bpe["root"] / "data1")
+    if not os.path.isdir(data):
+        prepare_data(data, tokenizer=bpe["dir"], max_bytes=300_000, valid_every=5, progress=False)
+    job = f"""
+model: {{hybrid_pattern: "M*-", hidden_size: 32, ffn_hidden_size: 64, num_attention_heads: 4, num_query_groups: 2,
+        mamba_num_heads: 4, mamba_head_dim: 8, mamba_num_groups: 2, mamba_state_dim: 8, vocab_size: 640}}
+data: {{path: {data}, seq_length: 64}}
+train: {{micro_batch_size: 4, global_batch_size: 4, train_iters: 3, lr: 0.003, min_lr: 0.0003, lr_warmup_iters: 1,
+        log_interval: 1, eval_interval: 3, eval_iters: 2}}
+checkpoint: {{dir: {tmp_path / "ckpt"}, save_interval: 1000}}
+"""
+    try:
+        summary = pretrain(load_pretrain_config(text=job), progress=False)
+    finally:
+        destroy_parallel()
+    assert summary["tokenizer"].endswith("tokenizer")
+    # Independent: bytes per token of the same evaluation windows, decoded with the `tokenizers` library itself.
+    from megatron_elastic.data.loader import build_gpt_datasets
+
+    _, valid = build_gpt_datasets(data, 64, 1, 16, seed=1234)
+    windows = [valid[i]["tokens"].tolist() for i in range(8)]
+    eod = bpe["reference"].token_to_id("<|endoftext|>")
+    text_bytes = sum(len(bpe["reference"].decode([t for t in w if t != eod]).encode()) for w in windows)
+    assert summary["bytes_per_token"] == pytest.approx(text_bytes / sum(map(len, windows)), rel=1e-9)
+    assert 1.5 < summary["bytes_per_token"] < 6, "a BPE token is several bytes of Python source"
+    records = [json.loads(line) for line in open(tmp_path / "ckpt" / "metrics.jsonl")]
+    first = next(r for r in records if "valid_bpb" in r)
+    assert first["bytes_per_token"] == summary["bytes_per_token"] and first["tokenizer"] == summary["tokenizer"]
+    assert first["valid_bpb"] == pytest.approx(BitsPerByte(summary["bytes_per_token"])(first["valid_loss"]))
+    assert first["valid_bpb"] == pytest.approx(first["valid_loss"] / np.log(2) / summary["bytes_per_token"])
+
+
+def test_bad_tokenizers_and_vocabularies_name_the_fix(bpe, tmp_path):
+    with pytest.raises(InputNotFoundError, match="no such file.*'byte'"):
+        load_tokenizer(str(tmp_path / "missing"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="no tokenizer.json"):
+        load_tokenizer(str(empty))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "tokenizer.json").write_text("{not json")
+    with pytest.raises(DataError, match="cannot be read"):
+        load_tokenizer(str(broken))
+    # Data tokenised with the 600-id BPE, a model with the byte vocabulary: refused, naming model.vocab_size.
+    from megatron_elastic.data.loader import build_gpt_datasets
+
+    data = str(bpe["root"] / "data1")
+    if not os.path.isdir(data):
+        prepare_data(data, tokenizer=bpe["dir"], max_bytes=300_000, valid_every=5, progress=False)
+    with pytest.raises(ConfigError, match=r"model.vocab_size is 258; set model.vocab_size >= \d+"):
+        build_gpt_datasets(data, 64, 1, 1, model_vocab_size=258)
