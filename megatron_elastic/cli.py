@@ -122,15 +122,26 @@ def cmd_extract(args) -> int:
     for r in rows:
         outs = ", ".join(r[k] for k in ("megatron", "hf") if k in r)
         print(f"{r['name']:>10} {r['parameters']:>12,} {r['fraction']:>8.3f}  {outs}")
+    if rows and "tokenizer" in rows[0]:
+        print(f"tokenizer in the Hugging Face exports: {rows[0]['tokenizer']}")
     return 0
 
 
 def cmd_import_hf(args) -> int:
+    from megatron_elastic.errors import ConfigError
     from megatron_elastic.extraction.import_hf import import_hf
+    from megatron_elastic.training.config import apply_overrides, read_config_mapping
 
-    res = import_hf(args.hf_dir, args.out, data_path=args.data)
+    if args.config and args.data:
+        raise ConfigError("import-hf: give --data (a prepare-data directory) or --config (its data section), not both")
+    if args.config:
+        data = apply_overrides(read_config_mapping(args.config), list(args.set or [])).get("data") or {}
+    else:
+        data = {"path": args.data or "runs/data"}
+    res = import_hf(args.hf_dir, args.out, data=data)
     print(f"imported {res['parameters']:,} parameters ({res['hybrid_pattern']}) -> {res['checkpoint']}")
-    print(f"next: megatron-elastic importance --checkpoint {args.out} --data {args.data} --out <dir>")
+    print(f"data: {res['data']}")
+    print(f"next: megatron-elastic importance --checkpoint {args.out} --out <dir>")
     return 0
 
 
@@ -265,7 +276,13 @@ def _extract_args(p) -> None:
 def _import_hf_args(p) -> None:
     p.add_argument("--hf-dir", required=True, help="local Hugging Face checkpoint directory (no downloads)")
     p.add_argument("--out", required=True, help="output checkpoint directory")
-    p.add_argument("--data", default="runs/data", help="prepared data the checkpoint's job config points at")
+    p.add_argument("--data", help="a prepare-data directory the checkpoint's job points at (default runs/data)")
+    p.add_argument(
+        "--config",
+        help="a job YAML whose data section the checkpoint's job takes instead (e.g. a Megatron blend; without "
+        "data.tokenizer the tokenizer inside --hf-dir is used)",
+    )
+    p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override a field of --config")
 
 
 def _generate_args(p) -> None:

@@ -15,8 +15,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from megatron_elastic.data.indexed import data_tokenizer_spec, read_metadata
-from megatron_elastic.data.loader import bits_per_byte_of, calibration_batches
+from megatron_elastic.data.loader import as_source, bits_per_byte_of, calibration_batches
 from megatron_elastic.data.tokenizer import BitsPerByte, load_tokenizer
 from megatron_elastic.model.builder import build_hybrid_model, parameter_count
 from megatron_elastic.training.checkpoint import load_model_weights
@@ -39,12 +38,10 @@ def fixed_eval_set(
     )
 
 
-def eval_set_bits_per_byte(data_dir: str, batches: Sequence[dict]) -> BitsPerByte:
-    """The bits/byte unit of ``batches`` (from :func:`fixed_eval_set` of ``data_dir``): bytes per token of their
-    text, decoded with the data's tokenizer."""
-    meta = read_metadata(data_dir)
-    tokenizer = load_tokenizer(data_tokenizer_spec(data_dir, meta))
-    return bits_per_byte_of(tokenizer, [row for b in batches for row in b["tokens"]])
+def eval_set_bits_per_byte(data, batches: Sequence[dict]) -> BitsPerByte:
+    """The bits/byte unit of ``batches`` (from :func:`fixed_eval_set` of ``data``, a ``DataSource`` or a
+    ``prepare-data`` directory): bytes per token of their text, decoded with the data's tokenizer."""
+    return bits_per_byte_of(load_tokenizer(as_source(data).tokenizer), [row for b in batches for row in b["tokens"]])
 
 
 @torch.no_grad()

@@ -54,7 +54,7 @@ def _demo(out, cfg):
 
 def test_demo_runs_every_phase_writes_the_report_and_reuses_finished_phases(tmp_path):
     cfg = tmp_path / "parent.yaml"
-    cfg.write_text(TINY_PARENT_JOB.format(data="unused", ckpt="unused", iters=8))
+    cfg.write_text(TINY_PARENT_JOB.format(data="unused", ckpt="unused", iters=8, vocab_size=264))
     out = tmp_path / "demo"
     r = _demo(out, cfg)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

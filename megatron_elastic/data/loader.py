@@ -3,50 +3,54 @@
 from __future__ import annotations
 
 import math
-import os
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
-from megatron_elastic.data.indexed import data_tokenizer_spec, read_metadata, split_prefix
-from megatron_elastic.data.tokenizer import BitsPerByte, bytes_per_token, check_vocabulary, load_tokenizer
+from megatron_elastic.data.source import DataSource
+from megatron_elastic.data.tokenizer import BitsPerByte, bytes_per_token
+
+
+def as_source(data: Union[DataSource, str]) -> DataSource:
+    """A :class:`DataSource`, or a ``prepare-data`` directory as one."""
+    return data if isinstance(data, DataSource) else DataSource.from_dir(data)
 
 
 def build_gpt_datasets(
-    data_dir: str,
+    data: Union[DataSource, str],
     seq_length: int,
     train_samples: int,
     valid_samples: int,
     seed: int = 1234,
     model_vocab_size: Optional[int] = None,
 ) -> Tuple[GPTDataset, GPTDataset]:
-    """Train and validation ``GPTDataset``s over ``<data_dir>/{train,valid}_text_document``.
+    """Train and validation ``GPTDataset``s of ``data`` (a :class:`DataSource` or a ``prepare-data`` directory):
+    blends and splits as Megatron builds them.
 
-    Checks the data's tokenizer fits the model's vocabulary. Rank 0 builds (and caches) the sample
-    indices first; the other ranks then read the cache.
+    Checks the tokenizer fits the model's vocabulary and every prefix is sound. Rank 0 builds (and caches) the
+    sample indices first; the other ranks then read the cache.
     """
-    meta = read_metadata(data_dir)
-    tokenizer = load_tokenizer(data_tokenizer_spec(data_dir, meta))
-    check_vocabulary(tokenizer, model_vocab_size, f"data {data_dir} (tokenizer {meta.get('tokenizer_name', 'byte')})")
+    source = as_source(data)
+    tokenizer = source.check(model_vocab_size)
     config = GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_length,
-        blend_per_split=[([split_prefix(data_dir, "train")], None), ([split_prefix(data_dir, "valid")], None), None],
+        **source.megatron_blends(),
         tokenizer=tokenizer,
         reset_position_ids=False,
         reset_attention_mask=False,
         eod_mask_loss=False,
         create_attention_mask=False,
-        path_to_cache=os.path.join(data_dir, "index_cache"),
+        path_to_cache=source.cache_dir,
         mmap_bin_files=True,
     )
 
     def build():
         return BlendedMegatronDatasetBuilder(
-            GPTDataset, [train_samples, valid_samples, None], lambda: True, config
+            GPTDataset, [train_samples, valid_samples, 0 if source.split else None], lambda: True, config
         ).build()
 
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -103,7 +107,7 @@ def make_loader(
 
 
 def calibration_batches(
-    data_dir: str,
+    data: Union[DataSource, str],
     seq_length: int,
     num_tokens: int,
     micro_batch_size: int = 8,
@@ -114,7 +118,7 @@ def calibration_batches(
     """``num_tokens`` tokens of ``split`` as GPTDataset batches."""
     n = max(1, math.ceil(num_tokens / (seq_length * micro_batch_size)))
     train, valid = build_gpt_datasets(
-        data_dir, seq_length, n * micro_batch_size, n * micro_batch_size, seed=seed, model_vocab_size=vocab_size
+        data, seq_length, n * micro_batch_size, n * micro_batch_size, seed=seed, model_vocab_size=vocab_size
     )
     ds = train if split == "train" else valid
     it = iter(make_loader(ds, 0, micro_batch_size))

@@ -17,6 +17,7 @@ from typing import Dict, List, Optional
 import torch
 import yaml
 
+from megatron_elastic.data.source import DataSource
 from megatron_elastic.errors import CheckpointError
 from megatron_elastic.extraction.hf import save_hf_checkpoint
 from megatron_elastic.extraction.reader import CheckpointTensorReader
@@ -140,5 +141,27 @@ def extract(
             row["megatron"] = os.path.join(dest, "megatron")
         if fmt in ("hf", "both"):
             row["hf"] = save_hf_checkpoint(os.path.join(dest, "hf"), sub_cfg, sliced)
+            row["tokenizer"] = _export_tokenizer(src.job, row["hf"])
         rows.append(row)
     return rows
+
+
+def _export_tokenizer(job: dict, hf_dir: str) -> str:
+    """Copy the tokenizer the parent was trained with into the Hugging Face export (``transformers`` then loads
+    model and tokenizer from one directory); returns what was done, for the summary."""
+    from megatron_elastic.data.tokenizer import BYTE, copy_tokenizer, tokenizer_library
+
+    data = job.get("data") or {}
+    try:
+        spec = data.get("tokenizer") or (DataSource.from_dir(data["path"]).tokenizer if data.get("path") else None)
+    except (OSError, ValueError) as e:  # the parent's data directory is gone: say so, the weights are fine
+        return f"not copied: the parent's data ({data.get('path')}) cannot be read: {e}"
+    if spec is None:
+        return "not copied: the parent's job names no data"
+    if spec == BYTE:
+        return "byte (no tokenizer files: ids 0-255 are UTF-8 bytes, <eod> 256, <pad> 257)"
+    library, _ = tokenizer_library(spec)
+    if library != "huggingface":
+        return f"not copied: {library} tokenizers are not loadable by transformers ({spec})"
+    copy_tokenizer(spec, hf_dir)
+    return spec

@@ -7,8 +7,12 @@ kernels (and ours) do not. The two agree wherever ``softplus(dt + dt_bias) >= ti
 
 from __future__ import annotations
 
+import os
+from typing import Optional
+
 import yaml
 
+from megatron_elastic.data.tokenizer import tokenizer_library
 from megatron_elastic.errors import HFExportError
 from megatron_elastic.extraction.hf import from_hf_state_dict, model_dict_from_hf, read_hf_checkpoint
 from megatron_elastic.model.builder import build_hybrid_model, parameter_count
@@ -17,14 +21,21 @@ from megatron_elastic.training.checkpoint import save_checkpoint
 from megatron_elastic.training.config import PretrainConfig, load_pretrain_config
 
 
-def import_hf(hf_dir: str, out: str, data_path: str = "runs/data") -> dict:
-    """Convert ``hf_dir`` into a checkpoint under ``out`` (``latest`` + ``iter_0000000``); returns a summary."""
+def import_hf(hf_dir: str, out: str, data: Optional[dict] = None) -> dict:
+    """Convert ``hf_dir`` into a checkpoint under ``out`` (``latest`` + ``iter_0000000``); returns a summary.
+
+    ``data`` becomes the job's data section (what ``importance`` calibrates on by default): ``{"path": DIR}`` or a
+    Megatron blend; a blend without a tokenizer gets the one inside ``hf_dir``."""
     hf_cfg, tensors = read_hf_checkpoint(hf_dir)
     model_dict = model_dict_from_hf(hf_cfg)
     dtype = hf_cfg.get("torch_dtype") or hf_cfg.get("dtype") or "float32"
     model_dict["params_dtype"] = dtype if dtype in ("float32", "bfloat16", "float16") else "float32"
     job = PretrainConfig(model=model_dict).to_dict()
-    job["data"]["path"] = data_path
+    data = dict(data or {"path": "runs/data"})
+    if data.get("blend") and not data.get("tokenizer"):
+        tokenizer_library(hf_dir)  # the release ships its tokenizer; refuse clearly if this one does not
+        data["tokenizer"] = os.path.abspath(hf_dir)
+    job["data"].update(data)
     initialize_parallel(1, 1, seed=job["train"]["seed"])
     config = load_pretrain_config(text=yaml.safe_dump(job)).model_config()
     model = build_hybrid_model(config)
@@ -37,4 +48,10 @@ def import_hf(hf_dir: str, out: str, data_path: str = "runs/data") -> dict:
             f"unexpected {unexpected[:4]}"
         )
     path = save_checkpoint(out, 0, model, trainer_state={"config": job, "imported_from": hf_dir})
-    return {"checkpoint": path, "parameters": parameter_count(model), "hybrid_pattern": config.hybrid_pattern}
+    source = {k: v for k, v in job["data"].items() if k in ("path", "blend", "split", "valid_blend", "tokenizer") and v}
+    return {
+        "checkpoint": path,
+        "parameters": parameter_count(model),
+        "hybrid_pattern": config.hybrid_pattern,
+        "data": source,
+    }

@@ -96,10 +96,11 @@ def run_importance(
     progress: bool = True,
     mamba_source: str = "x",
 ) -> dict:
-    """Score, sort and save; returns a summary dict (paths and the depth ranking)."""
+    """Score, sort and save; returns a summary dict (paths and the depth ranking). ``data``: a ``prepare-data``
+    directory, or None for the data the parent was trained on (its ``data`` section: a directory or a blend)."""
     model, job, src = load_parent(checkpoint)
     config = model.config
-    data = data or job.data.path
+    data = data or job.data.source(out)  # default: the parent's own data (a blend caches its index under out)
     batches = calibration_batches(
         data,
         job.data.seq_length,

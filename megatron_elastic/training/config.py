@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -43,10 +44,38 @@ class ParallelConfig:
 
 
 @dataclass
-class DataConfig:
-    path: str = "runs/data"  # a directory written by `megatron-elastic prepare-data`
-    seq_length: int = 256
+class DataSourceConfig:
+    """Where the tokens come from (resolved by ``megatron_elastic.data.source.DataSource``): ``path``, a
+    ``prepare-data`` directory, or ``blend`` in Megatron's syntax with ``split`` or ``valid_blend`` and the
+    ``tokenizer`` the prefixes were written with."""
+
+    path: str = ""
+    blend: Optional[List[Any]] = None  # [0.3, /data/a_text_document, 0.7, /data/b_text_document]
+    split: str = "99,1,0"  # train, valid, test weights, when there is no valid_blend
+    valid_blend: Optional[List[Any]] = None
+    tokenizer: str = ""  # with a blend: 'byte' or a tokenizer directory/file
+    cache_dir: str = ""  # Megatron's sample-index cache for a blend (default: <checkpoint.dir>/index_cache)
     num_workers: int = 0
+
+    SOURCE_FIELDS = ("path", "blend", "split", "valid_blend", "tokenizer")
+
+    def names_data(self) -> bool:
+        return bool(self.path or self.blend)
+
+    def take_source(self, other: "DataSourceConfig") -> None:
+        """Use ``other``'s data (e.g. the data the parent was trained on)."""
+        for name in self.SOURCE_FIELDS:
+            setattr(self, name, getattr(other, name))
+
+    def source(self, checkpoint_dir: str):
+        from megatron_elastic.data.source import DataSource
+
+        return DataSource.from_config(self, self.cache_dir or os.path.join(checkpoint_dir, "index_cache"))
+
+
+@dataclass
+class DataConfig(DataSourceConfig):
+    seq_length: int = 256
 
 
 @dataclass

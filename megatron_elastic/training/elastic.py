@@ -151,8 +151,8 @@ def build_elastic_components(cfg: ElasticJobConfig) -> ElasticComponents:
     job.parallel = dataclasses.replace(cfg.parallel)
     recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     model_cfg = job.model_config(**(recompute if cfg.train.recompute else {}))
-    if not cfg.data.path:
-        cfg.data.path = job.data.path
+    if not cfg.data.names_data():
+        cfg.data.take_source(job.data)
     check_this_gpu(cfg, model_cfg, parallel_state.get_data_parallel_world_size())
     with open(cfg.ranking_file) as f:
         depth_ranking = json.load(f)["depth_ranking"]
@@ -282,7 +282,7 @@ class StageData:
         stage, steps = cfg.curriculum.stages[stage_index], cfg.stage_steps()[stage_index]
         self.seq_length = stage.seq_length
         train, _ = build_gpt_datasets(
-            cfg.data.path,
+            cfg.data.source(cfg.checkpoint.dir),
             stage.seq_length,
             steps * stage.global_batch_size,
             1,
@@ -464,7 +464,7 @@ class ElasticRun:
         self.state = {"iteration": 0, "tokens": 0, "stage_consumed_samples": [0] * len(cfg.curriculum.stages)}
         self.eval_gbs = cfg.curriculum.stages[0].global_batch_size
         _, self.valid_ds = build_gpt_datasets(
-            cfg.data.path,
+            cfg.data.source(cfg.checkpoint.dir),
             cfg.eval_seq_length,
             1,
             (cfg.train.eval_iters + 1) * self.eval_gbs,
@@ -508,10 +508,8 @@ class ElasticRun:
         """Print the run's shape (parameters, router size, budgets, stages) and a note if data repeats."""
         if not self.is_logger:
             return
-        from megatron_elastic.data.indexed import read_metadata
-
         c, cur = self.c, self.cfg.curriculum
-        data_tokens = read_metadata(self.cfg.data.path).get("splits", {}).get("train", {}).get("tokens")
+        data_tokens = self.cfg.data.source(self.cfg.checkpoint.dir).train_tokens()
         if data_tokens and cur.total_tokens > data_tokens:
             print(
                 f"note: the curriculum reads {cur.total_tokens:,} tokens, {cur.total_tokens / data_tokens:.1f}x the "

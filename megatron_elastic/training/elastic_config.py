@@ -26,6 +26,7 @@ from megatron_elastic.curriculum import Curriculum, Stage
 from megatron_elastic.model.config import ConfigError
 from megatron_elastic.training.config import (
     CheckpointConfig,
+    DataSourceConfig,
     OptimizationConfig,
     ParallelConfig,
     _build_section,
@@ -61,9 +62,9 @@ class DistillConfig:
 
 
 @dataclass
-class ElasticDataConfig:
-    path: str = ""  # default: the data the parent was trained on
-    num_workers: int = 0
+class ElasticDataConfig(DataSourceConfig):
+    """Default (no path, no blend): the data the parent was trained on."""
+
     eval_seq_length: int = 0  # default: the first stage's sequence length
 
 

@@ -15,7 +15,6 @@ from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from tqdm import tqdm
 
-from megatron_elastic.data.indexed import split_prefix
 from megatron_elastic.data.loader import build_gpt_datasets, eval_bits_per_byte, make_loader
 from megatron_elastic.errors import InputNotFoundError
 from megatron_elastic.model.builder import parameter_count
@@ -27,19 +26,24 @@ from megatron_elastic.training.metrics import MetricsLog
 from megatron_elastic.training.setup import build_training_components
 
 
-def unigram_entropy_nats(data_dir: str) -> float:
-    """Entropy (nats/token) of the training split's unigram distribution: the loss of the best model that
-    ignores context. A trained LM must end well below it."""
+def unigram_entropy_nats(source, max_tokens_per_prefix: int = 1 << 24) -> float:
+    """Entropy (nats/token) of the training data's unigram distribution (the blend's prefixes mixed by their
+    weights, each counted on its first ``max_tokens_per_prefix`` tokens): the loss of the best model that ignores
+    context. A trained LM must end well below it."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    ds = IndexedDataset(split_prefix(data_dir, "train"))
-    counts = np.zeros(1, dtype=np.int64)
-    for i in range(len(ds)):
-        c = np.bincount(ds[i])
-        if len(c) > len(counts):
-            counts = np.pad(counts, (0, len(c) - len(counts)))
-        counts[: len(c)] += c
-    p = counts[counts > 0] / counts.sum()
+    prefixes, weights = source.train[0], source.train[1]
+    mix = np.zeros(1, dtype=np.float64)
+    for i, prefix in enumerate(prefixes):
+        ds = IndexedDataset(prefix, mmap=True)
+        tokens = np.memmap(prefix + ".bin", dtype=ds.index.dtype, mode="r")[:max_tokens_per_prefix]
+        counts = np.bincount(tokens).astype(np.float64)
+        p = counts / max(counts.sum(), 1)
+        w = weights[i] / sum(weights) if weights else len(tokens)
+        if len(p) > len(mix):
+            mix = np.pad(mix, (0, len(p) - len(mix)))
+        mix[: len(p)] += w * p
+    p = mix[mix > 0] / mix.sum()
     return float(-(p * np.log(p)).sum())
 
 
@@ -115,7 +119,7 @@ def _data(cfg: PretrainConfig, vocab_size: int, consumed_samples: int):
     train_samples = t.train_iters * t.global_batch_size
     valid_samples = (t.train_iters // t.eval_interval + 2) * t.eval_iters * t.global_batch_size
     train_ds, valid_ds = build_gpt_datasets(
-        cfg.data.path, seq, train_samples, valid_samples, seed=t.seed, model_vocab_size=vocab_size
+        cfg.data.source(cfg.checkpoint.dir), seq, train_samples, valid_samples, seed=t.seed, model_vocab_size=vocab_size
     )
     train = make_loader(train_ds, consumed_samples, t.micro_batch_size, dp_rank, dp, cfg.data.num_workers)
     bits = eval_bits_per_byte(valid_ds, t.eval_iters * t.global_batch_size)
@@ -214,7 +218,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -
     )
     train_iter, valid_loader_start, bits = _data(cfg, model_cfg.vocab_size, state["consumed_train_samples"])
 
-    unigram = unigram_entropy_nats(cfg.data.path)
+    unigram = unigram_entropy_nats(cfg.data.source(cfg.checkpoint.dir))
     fb = get_forward_backward_func()
     tokens_per_iter = t.global_batch_size * seq
     os.makedirs(ckpt_dir, exist_ok=True)

@@ -57,7 +57,9 @@ def test_prepare_data_with_a_hf_tokenizer_gives_the_tokenizers_own_ids_with_any_
     outs = {}
     for workers in (1, 2):
         out = str(bpe["root"] / f"data{workers}")
-        stats = prepare_data(out, tokenizer=bpe["dir"], max_bytes=300_000, valid_every=5, progress=False, workers=workers)
+        stats = prepare_data(
+            out, tokenizer=bpe["dir"], max_bytes=300_000, valid_every=5, progress=False, workers=workers
+        )
         outs[workers] = out
         meta = read_metadata(out)
         assert meta["tokenizer"] == "tokenizer" and os.path.isfile(os.path.join(out, "tokenizer", "tokenizer.json"))
@@ -132,3 +134,35 @@ def test_bad_tokenizers_and_vocabularies_name_the_fix(bpe, tmp_path):
         prepare_data(data, tokenizer=bpe["dir"], max_bytes=300_000, valid_every=5, progress=False)
     with pytest.raises(ConfigError, match=r"model.vocab_size is 258; set model.vocab_size >= \d+"):
         build_gpt_datasets(data, 64, 1, 1, model_vocab_size=258)
+
+
+def test_the_whole_pipeline_on_bpe_data_ends_in_a_hf_export_transformers_loads_with_its_tokenizer(bpe, tmp_path):
+    """prepare-data -> pretrain -> importance -> train (a few steps) -> extract on BPE-tokenised data; the Hugging
+    Face export holds the tokenizer files, and ``transformers`` loads model and tokenizer from it and generates."""
+    from megatron_elastic.extraction.extract import extract
+    from megatron_elastic.parallel import destroy_parallel
+    from megatron_elastic.testing import make_tiny_sorted_parent
+    from megatron_elastic.training.elastic import train_elastic
+    from megatron_elastic.training.elastic_config import load_elastic_config
+    from tests.training.test_elastic_training import JOB
+
+    try:
+        paths = make_tiny_sorted_parent(str(tmp_path), iters=4, tokenizer=bpe["dir"], vocab_size=640)
+        ckpt = str(tmp_path / "elastic")
+        job = JOB.format(parent=paths["importance"], ckpt=ckpt, mode="sample")
+        stage = "{name: s, tokens: 512, seq_length: 32, global_batch_size: 8, budget_weights: [1, 1, 1]}"
+        stages = f"curriculum.stages=[{stage}]"
+        summary = train_elastic(load_elastic_config(text=job, overrides=[stages]), progress=False)
+        assert summary["tokenizer"].endswith("tokenizer") and summary["bytes_per_token"] > 1.5
+        rows = extract(ckpt, str(tmp_path / "extracted"), ["0.5"], fmt="hf")
+    finally:
+        destroy_parallel()
+    hf_dir = rows[0]["hf"]
+    assert os.path.isfile(os.path.join(hf_dir, "tokenizer.json")), rows[0]["tokenizer"]
+    tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True).eval()
+    ids = tok("def main():\n    return", return_tensors="pt").input_ids
+    assert ids[0].tolist() == bpe["reference"].encode("def main():\n    return").ids
+    out = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] == ids.shape[1] + 5
+    assert isinstance(tok.decode(out[0]), str) and tok.decode(out[0]).startswith("def main():")

@@ -113,3 +113,25 @@ def test_import_reads_only_json_and_safetensors(single_process_parallel, tmp_pat
     with pytest.raises(InputNotFoundError, match="safetensors"):
         import_hf(src, str(tmp_path / "ours2"))
     assert not marker.exists()
+
+
+def test_import_takes_a_blend_and_the_releases_own_tokenizer(single_process_parallel, tmp_path):
+    """``import-hf --config``: the imported parent's job gets the config's blend; without ``data.tokenizer`` the
+    tokenizer inside the HF directory (a tokenizer.json saved beside the weights) is used; none there: refused."""
+    from megatron_elastic.errors import DataError
+    from megatron_elastic.extraction.import_hf import import_hf
+    from megatron_elastic.training.runs import config_from_checkpoint
+
+    _, src = _tiny_hf(tmp_path)
+    blend = {"blend": [0.3, "/data/a_text_document", 0.7, "/data/b_text_document"], "split": "98,2,0"}
+    with pytest.raises(DataError, match="no tokenizer.json"):
+        import_hf(src, str(tmp_path / "no_tokenizer"), data=blend)
+    from tokenizers import Tokenizer, models
+
+    tok = Tokenizer(models.WordLevel({"<unk>": 0, "a": 1, "</s>": 2}, unk_token="<unk>"))
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>").save_pretrained(src)
+    res = import_hf(src, str(tmp_path / "ours"), data=blend)
+    job = config_from_checkpoint(res["checkpoint"])
+    assert job.data.blend == blend["blend"] and job.data.split == "98,2,0"
+    assert job.data.tokenizer == os.path.abspath(src) and job.data.path == ""
+    assert res["data"]["tokenizer"] == os.path.abspath(src)
