@@ -79,8 +79,8 @@ def run_multiprocess(world_size: int, fn: Callable, *args: Any, timeout: float =
 
 TINY_PARENT_JOB = """
 model: {{hybrid_pattern: "M-*-M-", vocab_size: {vocab_size}, hidden_size: 32, ffn_hidden_size: 64,
-        num_attention_heads: 4, num_query_groups: 2, kv_channels: 8, mamba_num_heads: 4, mamba_head_dim: 8, mamba_num_groups: 2,
-        mamba_state_dim: 8, mamba_chunk_size: 16}}
+        num_attention_heads: 4, num_query_groups: 2, kv_channels: 8, mamba_num_heads: 4, mamba_head_dim: 8,
+        mamba_num_groups: 2, mamba_state_dim: 8, mamba_chunk_size: 16}}
 data: {{path: {data}, seq_length: 64}}
 train: {{micro_batch_size: 4, global_batch_size: 4, train_iters: {iters}, lr: 0.003, min_lr: 0.0003,
         lr_warmup_iters: 2, log_interval: 5, eval_interval: 100, eval_iters: 1}}
