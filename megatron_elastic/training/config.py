@@ -193,6 +193,8 @@ def _build_section(cls, section: str, values: Any):
     out = {}
     for k, v in values.items():
         default = getattr(cls(), k)
+        if v is None and isinstance(default, str):  # `field:` / `--set section.field=` left empty: unset
+            v = ""
         if (
             isinstance(default, bool) != isinstance(v, bool)
             or (isinstance(default, (int, float)) and not isinstance(v, (int, float)))

@@ -134,3 +134,13 @@ def test_bad_splits_and_sources_name_the_fix(prefixes, tmp_path):
     wide = write_prefix(str(tmp_path / "wide_text_document"), 250, 300, documents=20)
     with pytest.raises(DataError, match=f"{wide}.bin holds token id 29[0-9] >= the tokenizer's vocabulary"):
         DataSource.from_config(_Data(blend=[1, prefixes["a"], 1, wide], tokenizer="byte")).check()
+
+
+def test_an_empty_override_unsets_the_directory_so_a_blend_can_replace_it(prefixes):
+    from megatron_elastic.training.config import load_pretrain_config
+
+    job = "model: {hybrid_pattern: M*-, vocab_size: 264}\ndata: {path: runs/data, seq_length: 32}\n"
+    cfg = load_pretrain_config(
+        text=job, overrides=["data.path=", f"data.blend=[1, {prefixes['a']}]", "data.tokenizer=byte"]
+    )
+    assert cfg.data.path == "" and DataSource.from_config(cfg.data).train == ([prefixes["a"]], [1.0])
