@@ -148,11 +148,12 @@ def cmd_import_hf(args) -> int:
 def cmd_generate(args) -> int:
     import torch
 
+    from megatron_elastic.data.source import job_tokenizer_spec
     from megatron_elastic.data.tokenizer import load_tokenizer
     from megatron_elastic.serving.generate import ElasticServer
 
     server = ElasticServer.from_checkpoint(args.checkpoint)
-    tok = load_tokenizer(args.tokenizer)
+    tok = load_tokenizer(args.tokenizer or job_tokenizer_spec(server.job.get("data") or {}) or "byte")
     budgets = sorted(server.archs, key=float, reverse=True) if args.budget == "all" else [args.budget]
     prompt = torch.tensor([tok.tokenize(args.prompt)], dtype=torch.long)
     for b in budgets:
@@ -296,7 +297,8 @@ def _generate_args(p) -> None:
     p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument(
-        "--tokenizer", default="byte", help="tokenizer of the training data: 'byte' (default) or its directory/file"
+        "--tokenizer",
+        help="'byte' or a tokenizer directory/file (default: the one the checkpoint's training data was written with)",
     )
 
 

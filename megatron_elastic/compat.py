@@ -250,6 +250,16 @@ class CudaToCpuMode(torch.overrides.TorchFunctionMode):
 _PROCESS_MODE: CudaToCpuMode | None = None
 
 
+def static_compiled_shapes() -> None:
+    """Megatron's fused element-wise functions are ``torch.compile``d (``megatron.core.jit.jit_fuser``). After a
+    second shape (a curriculum stage with another sequence length, another model in the process) dynamo compiles
+    them again with dynamic shapes and keeps both graphs; activation recomputation can then re-run a layer through
+    the other graph than its forward did, saving different tensors, and fails (``torch.utils.checkpoint``: "Recomputed
+    values ... have different metadata", pytorch#166926). With automatic dynamic shapes off, each shape gets its
+    own static graph, chosen by its guards the same way in the forward and the recomputation."""
+    torch._dynamo.config.automatic_dynamic_shapes = False
+
+
 def enable_cpu_backend() -> None:
     """Once per process, without CUDA: the CPU shims (:func:`apply_cpu_shims`) and :class:`CudaToCpuMode` for
     every later torch call of this thread, until :func:`disable_cpu_backend`. A no-op with CUDA or when on."""

@@ -106,6 +106,16 @@ class DataSource:
         return {"blend": self.train, "split": self.split}
 
 
+def job_tokenizer_spec(data: dict) -> Optional[str]:
+    """The tokenizer a job's ``data`` section (a mapping) was tokenised with: its ``tokenizer``, or that of its
+    ``prepare-data`` directory; None when it names neither."""
+    if data.get("tokenizer"):
+        return data["tokenizer"]
+    if data.get("path"):
+        return DataSource.from_dir(data["path"]).tokenizer
+    return None
+
+
 def parse_blend(blend: Sequence, field_name: str) -> Blend:
     """Megatron's blend list -> (prefixes, weights or None), with errors that name ``field_name``."""
     if isinstance(blend, str):

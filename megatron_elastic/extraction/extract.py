@@ -17,7 +17,7 @@ from typing import Dict, List, Optional
 import torch
 import yaml
 
-from megatron_elastic.data.source import DataSource
+from megatron_elastic.data.source import job_tokenizer_spec
 from megatron_elastic.errors import CheckpointError
 from megatron_elastic.extraction.hf import save_hf_checkpoint
 from megatron_elastic.extraction.reader import CheckpointTensorReader
@@ -153,7 +153,7 @@ def _export_tokenizer(job: dict, hf_dir: str) -> str:
 
     data = job.get("data") or {}
     try:
-        spec = data.get("tokenizer") or (DataSource.from_dir(data["path"]).tokenizer if data.get("path") else None)
+        spec = job_tokenizer_spec(data)
     except (OSError, ValueError) as e:  # the parent's data directory is gone: say so, the weights are fine
         return f"not copied: the parent's data ({data.get('path')}) cannot be read: {e}"
     if spec is None:

@@ -72,8 +72,9 @@ class ElasticServer:
     ``server.generate(prompt_ids, budget=0.5, max_new_tokens=64)`` decodes with that budget's sub-model.
     """
 
-    def __init__(self, model, archs: Dict[str, ElasticArch]):
+    def __init__(self, model, archs: Dict[str, ElasticArch], job: Optional[dict] = None):
         self.model, self.archs = model, archs
+        self.job = job or {}  # the parent's job: its data section names the tokenizer (job_tokenizer_spec)
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str) -> "ElasticServer":
@@ -85,7 +86,7 @@ class ElasticServer:
             if src.router is not None
             else {"1": ElasticArch.full(src.model.config)}
         )
-        return cls(src.model, archs)
+        return cls(src.model, archs, src.job)
 
     def arch(self, budget: Union[str, float, ElasticArch]) -> ElasticArch:
         if isinstance(budget, ElasticArch):

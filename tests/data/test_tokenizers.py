@@ -155,6 +155,14 @@ def test_the_whole_pipeline_on_bpe_data_ends_in_a_hf_export_transformers_loads_w
         summary = train_elastic(load_elastic_config(text=job, overrides=[stages]), progress=False)
         assert summary["tokenizer"].endswith("tokenizer") and summary["bytes_per_token"] > 1.5
         rows = extract(ckpt, str(tmp_path / "extracted"), ["0.5"], fmt="hf")
+        # `generate` without --tokenizer reads the checkpoint's own: the prompt goes in as BPE ids.
+        from megatron_elastic.cli import main
+        from megatron_elastic.data.source import job_tokenizer_spec
+        from megatron_elastic.serving.generate import ElasticServer
+
+        spec = job_tokenizer_spec(ElasticServer.from_checkpoint(ckpt).job["data"])
+        assert spec == os.path.join(paths["data"], "tokenizer")
+        assert main(["generate", "--checkpoint", ckpt, "--prompt", "def main", "--max-new-tokens", "2"]) == 0
     finally:
         destroy_parallel()
     hf_dir = rows[0]["hf"]

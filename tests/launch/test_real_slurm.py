@@ -45,7 +45,7 @@ SlurmctldHost={host}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=socket={root}/munge.socket
+AuthInfo=socket={root}/munge.socket,cred_expire=10
 CryptoType=crypto/munge
 MpiDefault=none
 ProctrackType=proctrack/linuxproc
@@ -133,16 +133,17 @@ def _job(env, job_id) -> dict:
 
 
 def _wait(env, job_id, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=600) -> dict:
-    """Poll until the job reaches one of ``states``. Slurm holds a requeued job for about two minutes (its
-    BeginTime); the test lets it start as soon as the node is idle again (its previous run fully cleaned up),
-    which changes nothing but the wait."""
-    deadline = time.time() + timeout
+    """Poll until the job reaches one of ``states``. Slurm holds a requeued job for two minutes (its BeginTime);
+    once its old credential has expired (``cred_expire``: 10 s in the test Slurm, 120 s by default; a start before
+    that fails the job with "Job credential revoked"), the test lets it start, which changes nothing but the wait."""
+    deadline, held_since = time.time() + timeout, None
     while time.time() < deadline:
         job = _job(env, job_id)
         if job.get("JobState") in states:
             return job
         held = job.get("JobState") == "PENDING" and job.get("Reason") == "BeginTime" and job.get("Restarts") != "0"
-        if held and _node_state(env) == "idle":
+        held_since = (held_since or time.time()) if held else None
+        if held and time.time() - held_since > 20:
             subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=env, capture_output=True)
         time.sleep(1)
     raise AssertionError(f"job {job_id} did not reach {states}: {_job(env, job_id)}")
