@@ -250,14 +250,14 @@ class CudaToCpuMode(torch.overrides.TorchFunctionMode):
 _PROCESS_MODE: CudaToCpuMode | None = None
 
 
-def static_compiled_shapes() -> None:
-    """Megatron's fused element-wise functions are ``torch.compile``d (``megatron.core.jit.jit_fuser``). After a
-    second shape (a curriculum stage with another sequence length, another model in the process) dynamo compiles
-    them again with dynamic shapes and keeps both graphs; activation recomputation can then re-run a layer through
-    the other graph than its forward did, saving different tensors, and fails (``torch.utils.checkpoint``: "Recomputed
-    values ... have different metadata", pytorch#166926). With automatic dynamic shapes off, each shape gets its
-    own static graph, chosen by its guards the same way in the forward and the recomputation."""
-    torch._dynamo.config.automatic_dynamic_shapes = False
+def eager_fused_functions() -> None:
+    """Megatron's fused element-wise functions are ``torch.compile``d (``megatron.core.jit.jit_fuser``). An elastic
+    run feeds them many shapes (every budget's widths, every stage's sequence length): dynamo recompiles, keeps static
+    and dynamic graphs, falls back to eager past its cache limit, and activation recomputation can re-run a layer
+    through another graph than its forward did, saving different tensors ("Recomputed values ... have different
+    metadata", pytorch#166926; reproduced here by a PP run with recompute across a stage switch). They run eagerly
+    in our processes: the same code in the forward and the recomputation."""
+    torch._dynamo.config.disable = True
 
 
 def enable_cpu_backend() -> None:

@@ -49,7 +49,7 @@ def initialize_parallel(
     enables the CPU back-end for this process (``compat.enable_cpu_backend``), until :func:`destroy_parallel`.
     ``timeout_minutes`` bounds every collective of every group (a rank waiting longer fails instead of hanging)."""
     compat.enable_cpu_backend()
-    compat.static_compiled_shapes()
+    compat.eager_fused_functions()
     _ranks_from_slurm()
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
