@@ -118,10 +118,11 @@ def cmd_extract(args) -> int:
         arch_file=args.arch,
         fmt=args.format,
     )
-    print(f"{'sub-model':>10} {'parameters':>12} {'fraction':>8}  outputs")
+    print(f"{'sub-model':>10} {'parameters':>12} {'fraction':>8} {'trained':>7}  outputs")
     for r in rows:
         outs = ", ".join(r[k] for k in ("megatron", "hf") if k in r)
-        print(f"{r['name']:>10} {r['parameters']:>12,} {r['fraction']:>8.3f}  {outs}")
+        trained = {True: "yes", False: "no"}.get(r.get("trained"), "-")
+        print(f"{r['name']:>10} {r['parameters']:>12,} {r['fraction']:>8.3f} {trained:>7}  {outs}")
     if rows and "tokenizer" in rows[0]:
         print(f"tokenizer in the Hugging Face exports: {rows[0]['tokenizer']}")
     return 0
@@ -267,7 +268,11 @@ def _extract_args(p) -> None:
         help="an elastic training run (or its iter_* directory); with --arch also a pretrain or sorted checkpoint",
     )
     p.add_argument(
-        "--budget", action="append", help="a trained budget fraction (e.g. 0.5) or 'all' (repeatable; default all)"
+        "--budget",
+        action="append",
+        help="a budget fraction: a trained one (e.g. 0.5), any value between the smallest trained budget and 1 "
+        "(chosen zero-shot between its trained neighbours, marked trained=false in arch.json), or 'all' trained "
+        "ones (repeatable; default all)",
     )
     p.add_argument("--arch", help="an architecture JSON (ElasticArch.to_json) instead of the router's choice")
     p.add_argument("--format", choices=["megatron", "hf", "both"], default="both", help="what to write (default both)")
@@ -290,7 +295,12 @@ def _generate_args(p) -> None:
     p.add_argument(
         "--checkpoint", required=True, help="an elastic training run (or a pretrain/sorted checkpoint: full model)"
     )
-    p.add_argument("--budget", default="1", help="a trained budget fraction, or 'all' (default 1)")
+    p.add_argument(
+        "--budget",
+        default="1",
+        help="a budget fraction (a trained one, or any value between the smallest trained budget and 1: chosen "
+        "zero-shot between its trained neighbours), or 'all' trained ones (default 1)",
+    )
     p.add_argument("--prompt", required=True, help="the prompt text")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")

@@ -10,6 +10,11 @@ budget's (expected) parameter count onto its target.
 * Depth: the choice is how many layers to keep; the kept layers are the top of the importance ranking.
 * ``sample``: hard one-hot per segment in the forward pass, straight-through gradients; the value of the chosen
   component is the gate (1.0 forward) handed to ``use_arch`` so the router's gradient flows through the model.
+* Nesting: ``sample_nested`` draws every budget from the largest down, each smaller budget's Gumbel choice masked
+  to the choices no larger than the next larger budget's draw, so every sampled set is nested and training samples
+  exactly the family ``choose_all`` extracts (its noise-free limit).
+* Any budget after training: ``choose_budgets`` gives an untrained budget between two trained ones from the
+  interpolated budget input, bounded by its trained neighbours (so nested) and moved onto its parameter target.
 * ``expected_parameters``: the parameter count under the soft choice probabilities. The count is multilinear in
   independent per-axis choices, so its expectation is the count at the expected sizes (and the kept-layer
   probabilities); at a hard choice it equals :func:`megatron_elastic.model.cost.arch_parameters` exactly.
@@ -17,8 +22,9 @@ budget's (expected) parameter count onto its target.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -27,10 +33,31 @@ from torch import nn
 from megatron_elastic.compat import ATTENTION, MAMBA, MLP
 from megatron_elastic.errors import ConfigError
 from megatron_elastic.model.config import LAYER_FIELDS
-from megatron_elastic.model.cost import layer_parameter_count, non_layer_parameters
+from megatron_elastic.model.cost import arch_parameters, layer_parameter_count, non_layer_parameters
 from megatron_elastic.model.elastic_arch import AXIS_FIELD, AXIS_SYMBOL, ElasticArch
 
 AXES = ("hidden", *AXIS_FIELD, "depth")
+
+
+@dataclass
+class RouterSample:
+    """One Gumbel draw: the architecture, its straight-through gates, the per-axis probabilities (None for the
+    full budget) and ``free_arch``, the argmax of the same noisy logits without the nesting mask."""
+
+    arch: ElasticArch
+    gates: Dict[str, torch.Tensor]
+    probs: Optional[Dict[str, torch.Tensor]]
+    free_arch: ElasticArch
+
+
+@dataclass
+class BudgetChoice:
+    """A budget's architecture after training: ``trained`` budgets are the router's nested choices; an untrained
+    one lies between the trained budgets ``between`` (zero-shot, never sampled in training)."""
+
+    arch: ElasticArch
+    trained: bool
+    between: Tuple[float, float]
 
 
 @dataclass
@@ -75,6 +102,25 @@ class ElasticSpace:
             heterogeneous=heterogeneous,
         )
 
+    def smallest_arch(self, config) -> ElasticArch:
+        """Every axis at its smallest choice: the smallest sub-model this space reaches."""
+        arch = ElasticArch.full(config)
+        if self.hidden:
+            arch.hidden_size = self.hidden[0]
+        for field_name, choices in (
+            ("mamba_num_heads", self.mamba_heads),
+            ("mamba_head_dim", self.mamba_head_dim),
+            ("num_attention_heads", self.attention_heads),
+            ("ffn_hidden_size", self.ffn),
+        ):
+            if choices:
+                d = getattr(arch, field_name)
+                for k in d:
+                    d[k] = choices[0]
+        if self.num_layers:
+            arch.skipped_layers = tuple(sorted(self.depth_ranking[self.num_layers[0] :]))
+        return arch.validate(config)
+
     def layers_of(self, config, symbol: str) -> List[int]:
         return [i for i, s in enumerate(config.hybrid_pattern) if s == symbol]
 
@@ -82,9 +128,18 @@ class ElasticSpace:
 class Router(nn.Module):
     """Budget -> per-axis choice logits. ``budgets`` are parameter fractions of the parent, e.g. (1, .75, .5)."""
 
-    def __init__(self, config, space: ElasticSpace, budgets: Sequence[float], hidden: int = 256):
+    def __init__(
+        self,
+        config,
+        space: ElasticSpace,
+        budgets: Sequence[float],
+        hidden: int = 256,
+        fixed_arch: Optional[ElasticArch] = None,
+    ):
         super().__init__()
         self.config, self.space, self.budgets = config, space, [float(b) for b in budgets]
+        # A fixed-architecture run (the exact baseline): every budget below 1.0 is this sub-model, no search.
+        self.fixed_arch = fixed_arch.validate(config) if fixed_arch is not None else None
         if sorted(self.budgets) != sorted(set(self.budgets)) or not all(0 < b <= 1 for b in self.budgets):
             raise ConfigError(f"budgets must be distinct fractions in (0, 1], got {budgets}")
         self.segments: Dict[str, List[int]] = {
@@ -143,46 +198,193 @@ class Router(nn.Module):
         scale: float = 1.0,
         hard: bool = True,
         generator: Optional[torch.Generator] = None,
+        within: Optional[ElasticArch] = None,
     ):
         """Gumbel-Softmax sample. Returns (arch, gates for ``use_arch``, per-axis soft probabilities; None for
-        the full budget).
+        the full budget). With ``within``, choices larger than ``within``'s are masked out before the softmax
+        (the draw is nested inside it).
         Pass the same ``generator`` state on every TP rank so all ranks draw the same architecture."""
-        if self.is_full(budget):
-            return ElasticArch.full(self.config), {}, None
-        probs, picks = {}, {}
+        s = self.draw(budget, tau, scale, hard, generator, within)
+        return s.arch, s.gates, s.probs
+
+    def draw(
+        self,
+        budget: float,
+        tau: float = 1.0,
+        scale: float = 1.0,
+        hard: bool = True,
+        generator: Optional[torch.Generator] = None,
+        within: Optional[ElasticArch] = None,
+    ) -> "RouterSample":
+        """:meth:`sample` with the unmasked choice of the same noise (``free_arch``) kept for the nesting log."""
+        if self.is_full(budget) or self.fixed_arch is not None:
+            arch = ElasticArch.full(self.config) if self.is_full(budget) else self.fixed_arch
+            return RouterSample(arch, {}, None, arch)
+        probs, picks, free = {}, {}, {}
         for axis, lg in self.logits(budget, scale).items():
             u = torch.rand(lg.shape, generator=generator).to(lg.device).clamp_(1e-10, 1 - 1e-10)
-            y = F.softmax((lg - torch.log(-torch.log(u))) / tau, dim=-1)
+            noisy = lg - torch.log(-torch.log(u))
+            free[axis] = noisy.detach().argmax(-1)
+            if within is not None:
+                noisy = noisy.masked_fill(~self._allowed(axis, within, noisy.device), float("-inf"))
+            y = F.softmax(noisy / tau, dim=-1)
             probs[axis] = y
             idx = y.argmax(-1)
             onehot = F.one_hot(idx, y.shape[-1]).to(y.dtype)
             picks[axis] = (onehot - y.detach() + y) if hard else y
         arch = self._arch({a: p.argmax(-1) for a, p in picks.items()})
-        gates = self._gates(picks)
-        return arch, gates, probs
+        return RouterSample(arch, self._gates(picks), probs, self._arch(free))
+
+    def sample_nested(
+        self, tau: float, scale: float, generator_of: Callable[[int], torch.Generator], only: Optional[float] = None
+    ) -> Dict[float, "RouterSample"]:
+        """Draw every budget from the largest down, each within the draw of the next larger one
+        (``generator_of(budget_index)`` gives each budget its noise). With ``only``, stop at that budget and keep
+        the autograd graph for it alone (the larger draws only bound it)."""
+        out, prev = {}, None
+        for b in sorted(self.budgets, reverse=True):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and (only is None or b == only)):
+                s = out[b] = self.draw(b, tau, scale, generator=generator_of(self.budgets.index(b)), within=prev)
+            prev = s.arch
+            if b == only:
+                break
+        return out
+
+    def _allowed(self, axis: str, within: ElasticArch, device=None) -> torch.Tensor:
+        """``[segments, choices]``: True where the choice is no larger than ``within``'s size in that segment."""
+        limit = torch.tensor([self._value_in(within, axis, seg) for seg in self.segments[axis]])
+        return (torch.tensor(self.choices[axis]).unsqueeze(0) <= limit.unsqueeze(1)).to(device)
 
     @torch.no_grad()
-    def choose(self, budget: float, within: Optional[ElasticArch] = None) -> ElasticArch:
+    def choose(
+        self, budget: float, within: Optional[ElasticArch] = None, containing: Optional[ElasticArch] = None
+    ) -> ElasticArch:
         """The deterministic (argmax) architecture for ``budget``, for evaluation and extraction. With
         ``within``, every segment's argmax is taken over the choices no larger than ``within``'s (so the
-        result is nested inside it)."""
+        result is nested inside it); with ``containing``, over the choices no smaller than its (so it nests in
+        the result)."""
         if self.is_full(budget):
             return ElasticArch.full(self.config)
+        if self.fixed_arch is not None:
+            return self.fixed_arch
+        return self._arch(self._bounded_argmax(self.logits(budget), within, containing))
+
+    def _bounded_argmax(self, logits, within, containing) -> Dict[str, torch.Tensor]:
         idx = {}
-        for axis, lg in self.logits(budget).items():
+        for axis, lg in logits.items():
+            allowed = torch.ones_like(lg, dtype=torch.bool)
             if within is not None:
-                limit = torch.tensor([self._value_in(within, axis, seg) for seg in self.segments[axis]])
-                allowed = torch.tensor(self.choices[axis]).unsqueeze(0) <= limit.unsqueeze(1)
-                lg = lg.masked_fill(~allowed.to(lg.device), float("-inf"))
-            idx[axis] = lg.argmax(-1)
-        return self._arch(idx)
+                allowed &= self._allowed(axis, within, lg.device)
+            if containing is not None:
+                limit = torch.tensor([self._value_in(containing, axis, seg) for seg in self.segments[axis]])
+                allowed &= (torch.tensor(self.choices[axis]).unsqueeze(0) >= limit.unsqueeze(1)).to(lg.device)
+            idx[axis] = lg.masked_fill(~allowed, float("-inf")).argmax(-1)
+        return idx
 
     def choose_all(self) -> Dict[float, ElasticArch]:
-        """``choose`` for every configured budget, largest first, each nested inside the next larger one."""
+        """``choose`` for every configured budget, largest first, each nested inside the next larger one: the
+        noise-free limit of :meth:`sample_nested`, i.e. what training samples once the temperature is low."""
         out, prev = {}, None
         for b in sorted(self.budgets, reverse=True):
             prev = out[b] = self.choose(b, within=prev)
         return out
+
+    def smallest_budget(self) -> float:
+        return min(self.budgets)
+
+    @torch.no_grad()
+    def choose_budgets(self, budgets: Sequence[float], tolerance: float = 0.01) -> Dict[float, "BudgetChoice"]:
+        """The architecture of every fraction in ``budgets``: a trained budget's nested choice (``choose_all``), or
+        for an untrained one between two trained budgets, the argmax of the router's logits at the interpolated
+        budget input, bounded by the two trained neighbours' choices (so it nests between them) and then moved,
+        one choice of one segment at a time, onto its parameter target (``tolerance``, relative). Untrained budgets
+        are chosen largest first, each also within the one above it, so the whole set is nested. Towards the full
+        budget (which the router never sees) the logits of the largest trained budget below it rank the moves.
+        A budget above 1 or below the smallest trained budget raises ``ConfigError``."""
+        trained = self.choose_all()
+        trained.setdefault(1.0, ElasticArch.full(self.config))  # the whole elastic model, trained or not
+        lo_all = self.smallest_budget()
+        for b in budgets:
+            if not isinstance(b, (int, float)) or isinstance(b, bool) or not lo_all <= b <= 1.0:
+                raise ConfigError(
+                    f"budget {b!r}: must be a fraction between the smallest trained budget {lo_all:g} and 1 (the "
+                    f"router only interpolates between trained budgets {sorted(self.budgets)})"
+                )
+        full = arch_parameters(self.config, ElasticArch.full(self.config))
+        ordered = sorted(trained)
+        out: Dict[float, BudgetChoice] = {}
+        above = None
+        for b in sorted(set(float(x) for x in budgets), reverse=True):
+            key = next((t for t in trained if abs(t - b) < 1e-9), None)
+            if key is not None:
+                out[b] = BudgetChoice(trained[key], key in self.budgets, (key, key))
+                above = trained[key]
+                continue
+            if self.fixed_arch is not None:
+                raise ConfigError(
+                    f"budget {b:g}: a fixed-architecture run has only its trained budgets {sorted(self.budgets)}"
+                )
+            lo = max(t for t in ordered if t < b)
+            hi = min(t for t in ordered if t > b)
+            target = b * full
+            # Bounds: the nearest chosen sub-models around the target, so the set stays nested. Normally the trained
+            # neighbours (or the untrained budget just chosen above); a neighbour whose choice missed its own
+            # target past this one is replaced by the next one out (finally the full model / the space's smallest).
+            count = lambda a: arch_parameters(self.config, a)
+            above_all = [trained[t] for t in ordered if t > b] + ([above] if above is not None else [])
+            upper = min((a for a in above_all if count(a) >= target), key=count, default=trained[1.0])
+            below = [trained[t] for t in ordered if t < b] + [self.space.smallest_arch(self.config)]
+            lower = max((a for a in below if count(a) <= target and a.is_within(upper)), key=count)
+            logits = self.logits(lo if self.is_full(hi) else b)
+            idx = self._bounded_argmax(logits, upper, lower)
+            idx = self._move_to_target(idx, logits, upper, lower, target, tolerance)
+            arch = self._arch(idx)
+            got = count(arch) / full
+            if abs(got / b - 1) > 0.02:
+                warnings.warn(
+                    f"budget {b:g}: the closest sub-model nested between its neighbours has {got:.3f} of the parent's "
+                    f"parameters (the space's choices are too coarse here; add space.fractions)",
+                    stacklevel=2,
+                )
+            out[b] = BudgetChoice(arch, False, (lo, hi))
+            above = arch
+        return {b: out[float(b)] for b in budgets}
+
+    def _move_to_target(self, idx, logits, upper, lower, target, tolerance):
+        """Greedy: while the parameter count is off target by more than ``tolerance``, take the one-step move (one
+        segment one choice smaller, or larger) inside [lower, upper] that brings the count closer at the least
+        loss of logit per parameter moved; stop when no move gets closer."""
+        bounds = {
+            axis: (
+                [self.choices[axis].index(self._value_in(lower, axis, seg)) for seg in self.segments[axis]],
+                [self.choices[axis].index(self._value_in(upper, axis, seg)) for seg in self.segments[axis]],
+            )
+            for axis in idx
+        }
+        idx = {a: v.clone() for a, v in idx.items()}
+        count = arch_parameters(self.config, self._arch(idx))
+        while abs(count / target - 1) > tolerance:
+            step = -1 if count > target else 1
+            best = None
+            for axis, v in idx.items():
+                lo_b, hi_b = bounds[axis]
+                for k in range(len(v)):
+                    new = int(v[k]) + step
+                    if not lo_b[k] <= new <= hi_b[k]:
+                        continue
+                    v[k] = new
+                    moved = arch_parameters(self.config, self._arch(idx))
+                    v[k] = new - step
+                    if abs(moved - target) >= abs(count - target):
+                        continue
+                    cost = float(logits[axis][k, int(v[k])] - logits[axis][k, new]) / abs(moved - count)
+                    if best is None or cost < best[0]:
+                        best = (cost, axis, k, new, moved)
+            if best is None:
+                break
+            _, axis, k, new, count = best
+            idx[axis][k] = new
+        return idx
 
     def _value_in(self, arch: ElasticArch, axis: str, seg: int) -> int:
         """The size ``arch`` has on ``axis`` in segment ``seg`` (a layer index, or -1 for all layers)."""

@@ -137,3 +137,82 @@ def test_router_gradient_through_the_model_matches_finite_differences(single_pro
             down = float(objective(y0)[0])
             w[idx] += eps
         assert float(g[idx]) == pytest.approx((up - down) / (2 * eps), rel=1e-4, abs=1e-6), idx
+
+
+def _trained_router(seed=1, steps=300):
+    """A router trained by the resource loss alone on nested draws (fast; no model)."""
+    cfg, router = _router(seed=seed)
+    full = arch_parameters(cfg, ElasticArch.full(cfg))
+    opt = torch.optim.Adam(router.parameters(), lr=1e-2)
+    for step in range(steps):
+        tau = max(0.05, 1.0 - step / 250)
+        draws = router.sample_nested(tau, 1.0, lambda bi: torch.Generator().manual_seed(step * 16 + bi))
+        targets = {b: d.probs for b, d in draws.items() if d.probs is not None}
+        loss = sum(resource_loss(router.expected_parameters(p), b * full) for b, p in targets.items())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return cfg, router, full
+
+
+def test_nested_draws_are_nested_and_the_mask_only_acts_when_needed():
+    """Every draw of sample_nested lies within the next larger budget's draw, for any router; where the free draw
+    of the same noise was already nested, the mask changed nothing; untrained routers need the mask sometimes."""
+    masked_some = False
+    for seed in range(4):
+        _, router = _router(seed=seed)
+        for step in range(25):
+            draws = router.sample_nested(1.0, 1.0, lambda bi: torch.Generator().manual_seed(step * 16 + bi))
+            assert list(draws) == [1.0, 0.75, 0.5]
+            assert draws[0.5].arch.is_within(draws[0.75].arch) and draws[0.75].arch.is_within(draws[1.0].arch)
+            # the free draw is the unmasked sample() with the same generator state
+            free = router.sample(0.5, generator=torch.Generator().manual_seed(step * 16 + 2))[0]
+            assert draws[0.5].free_arch == free
+            if free.is_within(draws[0.75].arch):
+                assert draws[0.5].arch == free
+            else:
+                masked_some = True
+    assert masked_some, "independent draws of an untrained router are not nested in general"
+
+
+def test_sample_nested_with_only_keeps_the_graph_for_that_budget():
+    _, router = _router(seed=3)
+    gen = lambda bi: torch.Generator().manual_seed(11 + bi)
+    draws = router.sample_nested(0.7, 2.0, gen, only=0.5)
+    assert all(not g.requires_grad for g in draws[0.75].gates.values())
+    assert all(g.requires_grad for g in draws[0.5].gates.values())
+    assert draws[0.5].arch == router.sample_nested(0.7, 2.0, gen)[0.5].arch
+
+
+def test_any_budget_between_trained_ones_is_nested_and_on_target():
+    cfg, router, full = _trained_router()
+    asked = [0.5, 0.55, 0.6, 0.7, 0.75, 0.9, 1.0]
+    chosen = router.choose_budgets(asked)
+    assert list(chosen) == asked
+    trained = router.choose_all()
+    for b in (0.5, 0.75, 1.0):
+        assert chosen[b].trained and chosen[b].arch == trained[b]
+    assert [chosen[b].between for b in (0.55, 0.6, 0.7, 0.9)] == [(0.5, 0.75)] * 3 + [(0.75, 1.0)]
+    order = sorted(asked, reverse=True)
+    for big, small in zip(order, order[1:]):
+        assert chosen[small].arch.is_within(chosen[big].arch), (big, small)
+    for b in (0.6, 0.7, 0.9):
+        assert arch_parameters(cfg, chosen[b].arch) / full == pytest.approx(b, rel=0.02), b
+        assert not chosen[b].trained
+
+
+@pytest.mark.parametrize("bad", [1.2, 0.3, "0.6", float("nan"), True])
+def test_budgets_outside_the_trained_range_are_refused(bad):
+    _, router = _router()
+    with pytest.raises(ValueError, match="between the smallest trained budget 0.5 and 1"):
+        router.choose_budgets([bad])
+
+
+def test_a_fixed_architecture_router_only_gives_that_architecture():
+    cfg, router = _router()
+    arch = router.choose(0.75)
+    fixed = Router(cfg, router.space, (0.75,), hidden=8, fixed_arch=arch)
+    assert fixed.sample(0.75, generator=torch.Generator().manual_seed(0)) == (arch, {}, None)
+    assert fixed.choose_all() == {0.75: arch}
+    with pytest.raises(ValueError, match="fixed-architecture"):
+        fixed.choose_budgets([0.8])

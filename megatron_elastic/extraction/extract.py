@@ -10,6 +10,7 @@ and never materialised: peak memory is about one sub-model plus one parent tenso
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional
@@ -28,7 +29,7 @@ from megatron_elastic.model.cost import arch_parameters
 from megatron_elastic.model.elastic_arch import ElasticArch
 from megatron_elastic.model.elastic_model import build_elastic_model
 from megatron_elastic.parallel import initialize_parallel
-from megatron_elastic.router import ElasticSpace, Router
+from megatron_elastic.router import BudgetChoice, ElasticSpace, Router
 from megatron_elastic.training.checkpoint import (
     EXTRA,
     load_checkpoint,
@@ -73,26 +74,35 @@ def load_source(checkpoint: str, with_model: bool = True) -> ElasticSource:
     if "parent_config" in state and os.path.isfile(os.path.join(path, EXTRA)):
         extra = load_extra(path)
         space = ElasticSpace(**extra["space"])
-        router = Router(model_cfg, space, state["budgets"], hidden=state["config"].get("router", {}).get("hidden", 256))
+        fixed = extra.get("fixed_arch")
+        router = Router(
+            model_cfg,
+            space,
+            state["budgets"],
+            hidden=state["config"].get("router", {}).get("hidden", 256),
+            fixed_arch=ElasticArch.from_dict(fixed) if fixed else None,
+        )
         router.load_state_dict(extra["router"])
     return ElasticSource(path, job, model_cfg, model, router)
 
 
-def _budget_archs(src: ElasticSource, budgets: List[str]) -> Dict[str, ElasticArch]:
-    if src.router is None:
-        raise ConfigError(f"{src.path} has no router (not an elastic-training checkpoint); pass --arch FILE.json")
-    nested = {f"{b:g}": a for b, a in src.router.choose_all().items()}
+def budget_archs(router: Optional[Router], budgets: List[str], where: str = "") -> Dict[str, BudgetChoice]:
+    """Name -> the router's choice for each requested budget: ``all`` (every trained budget, nested) or fractions,
+    trained or not (``Router.choose_budgets``: an untrained one between its trained neighbours, zero-shot).
+    Bad values (not a number, above 1, below the smallest trained budget) raise a one-line ``ConfigError``."""
+    if router is None:
+        raise ConfigError(f"{where} has no router (not an elastic-training checkpoint); pass --arch FILE.json")
     if budgets == ["all"]:
-        return nested
-    out = {}
+        return {f"{b:g}": BudgetChoice(a, True, (b, b)) for b, a in router.choose_all().items()}
+    fractions = []
     for b in budgets:
         try:
-            f = float(b)
-        except ValueError:
-            raise ConfigError(f"--budget {b!r}: use a fraction such as 0.5, or 'all'") from None
-        key = f"{f:g}"
-        out[key] = nested[key] if key in nested else src.router.choose(f)
-    return out
+            fractions.append(float(b))
+        except (TypeError, ValueError):
+            raise ConfigError(f"--budget {b!r}: use a fraction such as 0.6, or 'all'") from None
+        if not math.isfinite(fractions[-1]):
+            raise ConfigError(f"--budget {b!r}: use a finite fraction such as 0.6, or 'all'")
+    return {f"{f:g}": choice for f, choice in router.choose_budgets(fractions).items()}
 
 
 def extract(
@@ -108,22 +118,22 @@ def extract(
         with open(arch_file) as f:
             archs = {os.path.splitext(os.path.basename(arch_file))[0]: ElasticArch.from_json(f.read())}
     else:
-        archs = _budget_archs(src, budgets or ["all"])
+        archs = budget_archs(src.router, budgets or ["all"], src.path)
+    full = arch_parameters(config, ElasticArch.full(config))
     rows = []
-    for name, arch in archs.items():
-        arch = arch.validate(config)
+    for name, choice in archs.items():
+        arch = (choice.arch if isinstance(choice, BudgetChoice) else choice).validate(config)
+        meta = {"parameters": arch_parameters(config, arch), "fraction": arch_parameters(config, arch) / full}
+        if isinstance(choice, BudgetChoice):
+            meta.update(budget=name, trained=choice.trained, between=list(choice.between))
         dest = os.path.join(out, f"budget_{name}" if not arch_file else name)
         os.makedirs(dest, exist_ok=True)
         with open(os.path.join(dest, "arch.json"), "w") as f:
-            f.write(arch.to_json())
+            f.write(arch.to_json(**meta))
         sub_job = {**src.job, "model": sub_model_dict(src.job["model"], config, arch)}
         sub_cfg = load_pretrain_config(text=yaml.safe_dump(sub_job)).model_config()
         sliced = dict(iter_sliced(iter(reader.names()), reader.load, config, arch))
-        row = {
-            "name": name,
-            "parameters": arch_parameters(config, arch),
-            "fraction": arch_parameters(config, arch) / arch_parameters(config, ElasticArch.full(config)),
-        }
+        row = {"name": name, **meta}
         if fmt in ("megatron", "both"):
             plain = build_hybrid_model(sub_cfg)
             missing, unexpected = plain.load_state_dict(sliced, strict=False)
@@ -136,7 +146,7 @@ def extract(
                 os.path.join(dest, "megatron"),
                 0,
                 plain,
-                trainer_state={"config": sub_job, "arch": arch.to_dict(), "budget": name, "extracted_from": src.path},
+                trainer_state={"config": sub_job, "arch": arch.to_dict(), **meta, "extracted_from": src.path},
             )
             row["megatron"] = os.path.join(dest, "megatron")
         if fmt in ("hf", "both"):

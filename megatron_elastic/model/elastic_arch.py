@@ -35,6 +35,12 @@ AXIS_FIELD = {
 AXIS_SYMBOL = {"mamba_heads": MAMBA, "mamba_head_dim": MAMBA, "attention_heads": ATTENTION, "ffn": MLP}
 
 
+# What an extracted ``arch.json`` says about the architecture besides its sizes (read back, they are ignored):
+# the budget's name, whether training sampled it (False: chosen zero-shot between the trained budgets ``between``),
+# its parameter count and fraction of the parent.
+METADATA_FIELDS = ("budget", "trained", "between", "parameters", "fraction")
+
+
 def _int_keys(d: Dict) -> Dict[int, int]:
     return {int(k): int(v) for k, v in d.items()}
 
@@ -156,13 +162,17 @@ class ElasticArch:
             "ffn_hidden_size",
             "skipped_layers",
         }
-        unknown = sorted(set(d) - known)
+        unknown = sorted(set(d) - known - set(METADATA_FIELDS))
         if unknown:
             raise ElasticArchError(f"unknown field(s) {unknown}; known: {sorted(known)}")
-        return cls(**d)
+        return cls(**{k: v for k, v in d.items() if k in known})
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
+    def to_json(self, **metadata) -> str:
+        """The architecture as JSON, with optional ``metadata`` (the keys of ``METADATA_FIELDS``; ignored when read)."""
+        bad = sorted(set(metadata) - set(METADATA_FIELDS))
+        if bad:
+            raise ValueError(f"unknown metadata {bad}; known: {list(METADATA_FIELDS)}")
+        return json.dumps({**self.to_dict(), **metadata}, indent=2)
 
     @classmethod
     def from_json(cls, text: str) -> "ElasticArch":

@@ -72,9 +72,10 @@ class ElasticServer:
     ``server.generate(prompt_ids, budget=0.5, max_new_tokens=64)`` decodes with that budget's sub-model.
     """
 
-    def __init__(self, model, archs: Dict[str, ElasticArch], job: Optional[dict] = None):
+    def __init__(self, model, archs: Dict[str, ElasticArch], job: Optional[dict] = None, router=None):
         self.model, self.archs = model, archs
         self.job = job or {}  # the parent's job: its data section names the tokenizer (job_tokenizer_spec)
+        self.router = router  # picks untrained budgets between the trained ones (None: trained budgets only)
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str) -> "ElasticServer":
@@ -86,14 +87,22 @@ class ElasticServer:
             if src.router is not None
             else {"1": ElasticArch.full(src.model.config)}
         )
-        return cls(src.model, archs, src.job)
+        return cls(src.model, archs, src.job, src.router)
 
     def arch(self, budget: Union[str, float, ElasticArch]) -> ElasticArch:
+        """A trained budget's architecture, or an untrained one's (``Router.choose_budgets``, cached)."""
         if isinstance(budget, ElasticArch):
             return budget
-        key = f"{float(budget):g}"
+        try:
+            key = f"{float(budget):g}"
+        except (TypeError, ValueError):
+            raise UnknownBudgetError(f"budget {budget!r}: use a fraction such as 0.6") from None
         if key not in self.archs:
-            raise UnknownBudgetError(f"budget {budget} is not one of the trained budgets {sorted(self.archs)}")
+            if self.router is None:
+                raise UnknownBudgetError(f"budget {budget} is not one of the trained budgets {sorted(self.archs)}")
+            from megatron_elastic.extraction.extract import budget_archs
+
+            self.archs[key] = budget_archs(self.router, [key])[key].arch
         return self.archs[key]
 
     def generate(

@@ -181,7 +181,7 @@ def build_elastic_components(cfg: ElasticJobConfig) -> ElasticComponents:
     space = ElasticSpace.default(
         model_cfg, cfg.space.fractions, cfg.space.depth_fractions, depth_ranking, cfg.space.heterogeneous
     )
-    smallest = _smallest_arch(model_cfg, space)
+    smallest = space.smallest_arch(model_cfg)
     lowest = arch_parameters(model_cfg, smallest) / arch_parameters(model_cfg, ElasticArch.full(model_cfg))
     if min(cfg.budgets) < lowest - 1e-9:
         raise ConfigError(
@@ -200,7 +200,7 @@ def build_elastic_components(cfg: ElasticJobConfig) -> ElasticComponents:
             )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)  # identical router on every rank
-        router = Router(model_cfg, space, cfg.budgets, hidden=cfg.router.hidden).to(_device())
+        router = Router(model_cfg, space, cfg.budgets, cfg.router.hidden, _fixed_arch(cfg)).to(_device())
     router_opt = torch.optim.Adam(router.parameters(), lr=cfg.router.lr)
     warm = cfg.router.warmup_iters
     router_sched = torch.optim.lr_scheduler.LambdaLR(router_opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
@@ -220,28 +220,17 @@ def build_elastic_components(cfg: ElasticJobConfig) -> ElasticComponents:
     )
 
 
-def _smallest_arch(config, space: ElasticSpace) -> ElasticArch:
-    arch = ElasticArch.full(config)
-    if space.hidden:
-        arch.hidden_size = space.hidden[0]
-    for field_name, choices in (
-        ("mamba_num_heads", space.mamba_heads),
-        ("mamba_head_dim", space.mamba_head_dim),
-        ("num_attention_heads", space.attention_heads),
-        ("ffn_hidden_size", space.ffn),
-    ):
-        if choices:
-            d = getattr(arch, field_name)
-            for k in d:
-                d[k] = choices[0]
-    if space.num_layers:
-        arch.skipped_layers = tuple(sorted(space.depth_ranking[space.num_layers[0] :]))
-    return arch.validate(config)
+def _fixed_arch(cfg: ElasticJobConfig) -> Optional[ElasticArch]:
+    """The sub-model a ``fixed_arch`` run trains (None: the router searches)."""
+    if not cfg.fixed_arch:
+        return None
+    with open(cfg.fixed_arch) as f:
+        return ElasticArch.from_json(f.read())
 
 
 def make_forward_step(c: ElasticComponents, step: int, tau: float, scale: float):
     """Megatron ``forward_step_func`` for one optimizer step: items are (micro-batch, budget index)."""
-    cfg, router = c.config, c.router
+    cfg = c.config
     tp_group = (
         parallel_state.get_tensor_model_parallel_group() if c.model_config.tensor_model_parallel_size > 1 else None
     )
@@ -250,10 +239,8 @@ def make_forward_step(c: ElasticComponents, step: int, tau: float, scale: float)
         item = next(data_iterator)
         bi = item["budget_index"]
         batch = batch_to_device(item["batch"])
-        arch, gates, _ = router.sample(
-            cfg.budgets[bi], tau=tau, scale=scale, generator=noise_generator(cfg.train.seed, step, bi)
-        )
-        set_arch(c.student, arch, gates)
+        drawn = nested_draws(c, step, tau, scale, only=cfg.budgets[bi])[cfg.budgets[bi]]
+        set_arch(c.student, drawn.arch, drawn.gates)
         tokens = batch["tokens"]
         out = model(tokens, batch["position_ids"], None, cache_key=item["key"])
 
@@ -317,17 +304,38 @@ def step_items(cfg: ElasticJobConfig, data: StageData, step: int, tokens: int, n
     return items
 
 
+def nested_draws(c: "ElasticComponents", step: int, tau: float, scale: float, only: Optional[float] = None):
+    """The step's nested Gumbel draws of every budget (``Router.sample_nested``): the same on every rank and
+    micro-batch, each smaller budget within the next larger one's draw."""
+    seed = c.config.train.seed
+    return c.router.sample_nested(tau, scale, lambda bi: noise_generator(seed, step, bi), only=only)
+
+
+def nesting_record(c: "ElasticComponents", step: int, tau: float, scale: float) -> Dict[str, float]:
+    """Per step: whether the sampled set is nested (checked on the architectures, ``ElasticArch.is_within``) and
+    whether the router's unmasked choices of the same noise would have been (1.0 / 0.0)."""
+    with torch.no_grad():
+        draws = nested_draws(c, step, tau, scale)
+    order = sorted(draws, reverse=True)
+    pairs = list(zip(order, order[1:]))
+    return {
+        "sampled_nested": float(all(draws[s].arch.is_within(draws[b].arch) for b, s in pairs)),
+        "free_nested": float(all(draws[s].free_arch.is_within(draws[b].free_arch) for b, s in pairs)),
+    }
+
+
 def router_resource_step(c: ElasticComponents, step: int, tau: float, scale: float) -> Dict[float, float]:
     """Add the resource loss of every budget (same Gumbel noise as the step's KD samples) to the synced
     router gradients and step the router. Returns each budget's expected parameter fraction."""
-    cfg, router = c.config, c.router
+    cfg = c.config
     losses, fractions = [], {}
-    for bi, b in enumerate(cfg.budgets):
-        _, _, probs = router.sample(b, tau=tau, scale=scale, generator=noise_generator(cfg.train.seed, step, bi))
+    draws = nested_draws(c, step, tau, scale)
+    for b in cfg.budgets:
+        probs = draws[b].probs
         if probs is None:  # the full budget: the parent itself
             fractions[b] = 1.0
             continue
-        expected = router.expected_parameters(probs)
+        expected = c.router.expected_parameters(probs)
         losses.append(resource_loss(expected, b * c.full_parameters))
         fractions[b] = float(expected.detach()) / c.full_parameters
     if losses:
@@ -387,6 +395,22 @@ def evaluate_budgets(
     if was_teacher:
         c.teacher.eval()
     return out
+
+
+def sampled_share(c: ElasticComponents, archs: Dict[float, ElasticArch], draws: int = 16) -> Dict[float, float]:
+    """Per budget: the share of ``draws`` nested draws at the end of the run's temperature and logit-scale schedule
+    (noise of the steps after the last) whose architecture is exactly ``archs``' (the extracted ones)."""
+    cfg = c.config
+    tau, scale = (
+        cfg.curriculum.tau_at(cfg.curriculum.total_tokens),
+        cfg.curriculum.logit_scale_at(cfg.curriculum.total_tokens),
+    )
+    hits = defaultdict(int)
+    with torch.no_grad():
+        for k in range(draws):
+            for b, d in nested_draws(c, cfg.train.train_iters + 1 + k, tau, scale).items():
+                hits[b] += int(d.arch == archs[b])
+    return {b: hits[b] / draws for b in cfg.budgets}
 
 
 def _arch_summary(c: ElasticComponents, archs: Dict[float, ElasticArch]) -> Dict[str, float]:
@@ -557,6 +581,7 @@ class ElasticRun:
             "router_optimizer": c.router_optimizer.state_dict(),
             "router_scheduler": c.router_scheduler.state_dict(),
             "space": c.router.space.__dict__,
+            "fixed_arch": c.router.fixed_arch.to_dict() if c.router.fixed_arch is not None else None,
         }
         save_checkpoint(
             self.ckpt_dir,
@@ -623,6 +648,8 @@ class ElasticRun:
         )
         c.pair.clear_cache()
         set_arch(c.student, None)
+        for k, v in nesting_record(c, step, tau, scale).items():
+            self.window[k].append(v)
         kd = _per_budget_means(losses, "kd", len(cfg.budgets))
         sync_router_grads(c.router, c.model_config.sequence_parallel)
         bad = _nonfinite_anywhere(kd, c.student, c.router)
@@ -714,6 +741,7 @@ class ElasticRun:
         evaluate = lambda model, archs: evaluate_budgets(c, model, archs, self.valid_ds, t.eval_iters, self.eval_gbs)
         archs = c.router.choose_all()
         free = {b: c.router.choose(b) for b in cfg.budgets}
+        sampled = sampled_share(c, archs)
         # The pruned, untrained sub-models: slices of the parent (the local teacher is elastic; a TE teacher is not,
         # so an elastic copy of the parent is built for this once).
         parent = c.teacher if hasattr(c.teacher.decoder, "set_elastic") else None  # the teacher is never DDP-wrapped
@@ -731,12 +759,16 @@ class ElasticRun:
             **self.bits.record(),
             # True when the router's free argmax choices were already nested (choose_all did not have to clip).
             "nested_without_clipping": all(free[b] == archs[b] for b in cfg.budgets),
+            # Share of nested draws at the final temperature that are exactly the extracted architectures (1.0: the
+            # extracted sub-models are what training samples).
+            "extracted_sampled": float(np.mean(list(sampled.values()))),
             "budgets": {
                 f"{b:g}": {
                     "parameters": arch_parameters(c.model_config, archs[b]),
                     "fraction": arch_parameters(c.model_config, archs[b]) / c.full_parameters,
                     "valid_loss_before": before[b],
                     "valid_loss_after": after[b],
+                    "extracted_sampled": sampled[b],
                     "arch": archs[b].to_dict(),
                 }
                 for b in cfg.budgets

@@ -3,6 +3,9 @@
 ``parent``      the importance output directory (``sorted/`` checkpoint + ``ranking.json``)
 ``plan_parent_config``  optional: a parent YAML (relative to this file) that ``plan`` reads before the parent exists
 ``budgets``     parameter fractions of the parent, e.g. ``[1.0, 0.75, 0.5]``
+``fixed_arch``  optional: an ``ElasticArch`` JSON (e.g. an extracted budget's ``arch.json``); the run then trains
+                only that sub-model (and 1.0 if listed) under the one smaller budget, no router search (the
+                exact-architecture baseline)
 ``space``       the allowed sizes of every elastic axis (fractions of the parent) and heterogeneity
 ``router``      hidden size, LR, warm-up, resource-loss weight, temperature and logit-scale annealing
 ``distill``     KD temperature, LM-loss weight, budgets per step (``sample`` or ``all``)
@@ -99,6 +102,7 @@ class ElasticJobConfig:
     checkpoint: CheckpointConfig = field(
         default_factory=lambda: CheckpointConfig(dir="runs/elastic", save_interval=100)
     )
+    fixed_arch: str = ""  # an ElasticArch JSON: train only this sub-model as the one budget below 1.0
     raw: Dict[str, Any] = field(default_factory=dict)  # the resolved YAML mapping (stored in checkpoints)
 
     @property
@@ -174,6 +178,26 @@ def _budgets(raw: Any) -> List[float]:
     return sorted(b, reverse=True)
 
 
+def _check_fixed_arch(path: Any, budgets: List[float]) -> None:
+    """``fixed_arch`` names a readable ElasticArch JSON and the budgets have exactly one entry below 1.0 (its name)."""
+    from megatron_elastic.model.elastic_arch import ElasticArch, ElasticArchError
+
+    if not isinstance(path, str):
+        raise ConfigError(f"fixed_arch: a path to an ElasticArch JSON (e.g. an extracted arch.json), got {path!r}")
+    try:
+        with open(path) as f:
+            ElasticArch.from_json(f.read())
+    except OSError as e:
+        raise ConfigError(f"fixed_arch: cannot read {path}: {e.strerror}") from None
+    except (ValueError, TypeError, ElasticArchError) as e:
+        raise ConfigError(f"fixed_arch: {path} is not an ElasticArch JSON: {e}") from None
+    if len([b for b in budgets if b < 1.0]) != 1:
+        raise ConfigError(
+            f"fixed_arch: the budgets must have exactly one entry below 1.0 (the fixed sub-model's name), got "
+            f"{budgets}; e.g. --set budgets=[0.75]"
+        )
+
+
 def _curriculum(raw: Any, budgets: List[float], router: RouterConfig, seed: int) -> Curriculum:
     if not isinstance(raw, dict) or not isinstance(raw.get("stages"), list) or not raw["stages"]:
         raise ConfigError(
@@ -213,6 +237,7 @@ def _curriculum(raw: Any, budgets: List[float], router: RouterConfig, seed: int)
 
 SECTIONS = {
     "parent",
+    "fixed_arch",
     "plan_parent_config",
     "budgets",
     "space",
@@ -231,7 +256,7 @@ def load_elastic_config(
 ) -> ElasticJobConfig:
     """Load an elastic job config from ``path`` (or ``text``) with ``section.field=value`` overrides."""
     raw = read_config_mapping(path, text)
-    scalar_overrides = [o for o in overrides or [] if o.split("=", 1)[0] in ("parent", "budgets")]
+    scalar_overrides = [o for o in overrides or [] if o.split("=", 1)[0] in ("parent", "budgets", "fixed_arch")]
     for o in scalar_overrides:
         k, v = o.split("=", 1)
         raw[k] = yaml.safe_load(v)
@@ -242,6 +267,9 @@ def load_elastic_config(
     if not isinstance(raw.get("parent"), str):
         raise ConfigError("parent: the importance output directory (written by `megatron-elastic importance --out`)")
     budgets = _budgets(raw.get("budgets"))
+    fixed_arch = raw.get("fixed_arch") or ""
+    if fixed_arch:
+        _check_fixed_arch(fixed_arch, budgets)
     router = _build_section(RouterConfig, "router", raw.get("router"))
     train = _build_section(ElasticTrainConfig, "train", raw.get("train"))
     if train.train_iters:
@@ -251,6 +279,7 @@ def load_elastic_config(
     cfg = ElasticJobConfig(
         parent=raw["parent"],
         budgets=budgets,
+        fixed_arch=fixed_arch,
         curriculum=_curriculum(raw.get("curriculum"), budgets, router, train.seed),
         space=_build_section(SpaceConfig, "space", raw.get("space")),
         router=router,

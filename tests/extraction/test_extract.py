@@ -83,3 +83,51 @@ def test_extraction_streams_the_parent_and_never_reads_skipped_layers(parent, tm
     assert rows[0]["name"] == "small" and loaded
     assert not [n for n in loaded if n.startswith(("decoder.layers.1.", "decoder.layers.4."))]
     assert len(loaded) == len(set(loaded)), "each parent tensor is read once"
+
+
+def test_extract_an_untrained_budget_zero_shot(elastic_run, tmp_path):
+    """--budget 0.6 (between the trained 0.5 and 0.75): nested between them, on its parameter target, marked
+    untrained, its standalone logits equal the elastic model's at that choice, and the server decodes it."""
+    from megatron_elastic.extraction.extract import extract, load_source
+    from megatron_elastic.model.builder import build_hybrid_model
+    from megatron_elastic.model.cost import arch_parameters
+    from megatron_elastic.model.elastic_arch import ElasticArch
+    from megatron_elastic.model.elastic_model import use_arch
+    from megatron_elastic.serving.generate import ElasticServer
+    from megatron_elastic.training.checkpoint import load_model_weights
+    from megatron_elastic.training.runs import config_from_checkpoint
+
+    out = str(tmp_path / "x")
+    (row,) = extract(elastic_run, out, budgets=["0.6"], fmt="megatron")
+    src = load_source(elastic_run)
+    full = arch_parameters(src.config, ElasticArch.full(src.config))
+    assert row["name"] == "0.6" and row["trained"] is False
+    assert row["parameters"] / full == pytest.approx(0.6, rel=0.02)
+    meta = json.load(open(os.path.join(out, "budget_0.6", "arch.json")))
+    assert meta["trained"] is False and meta["between"] == [0.5, 0.75] and meta["budget"] == "0.6"
+    arch = ElasticArch.from_dict(meta)
+    trained = src.router.choose_all()
+    assert trained[0.5].is_within(arch) and arch.is_within(trained[0.75])
+    ids, pos, mask = _args(seq=24, seed=5)
+    with use_arch(src.model, arch), torch.no_grad():
+        want = src.model(ids, pos, mask)
+    plain = build_hybrid_model(config_from_checkpoint(os.path.join(row["megatron"], "iter_0000000")).model_config())
+    load_model_weights(row["megatron"], plain)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids, pos, mask), want, rtol=1e-5, atol=1e-5)
+    server = ElasticServer(src.model, {f"{b:g}": a for b, a in trained.items()}, src.job, src.router)
+    assert server.arch("0.6") == arch
+    prompt = ids[:1, :8]
+    with use_arch(src.model, arch):
+        greedy = src.model(prompt, pos[:1, :8], mask).argmax(-1)[:, -1]
+    assert int(server.generate(prompt, 0.6, max_new_tokens=1)[0, 0]) == int(greedy[0])
+
+
+def test_bad_budgets_are_one_line_errors(elastic_run, tmp_path):
+    from megatron_elastic.extraction.extract import extract
+    from megatron_elastic.model.config import ConfigError
+
+    for bad in ("1.2", "0.3", "abc", "nan"):
+        with pytest.raises(ConfigError) as e:
+            extract(elastic_run, str(tmp_path), budgets=[bad])
+        assert "\n" not in str(e.value) and ("0.5" in str(e.value) or "fraction" in str(e.value)), bad
