@@ -8,10 +8,10 @@ held-out tokens (`megatron_elastic.evaluation.fixed_eval_set`):
 
 (a) Nemotron Elastic: one elastic run (recipes/tiny_elastic.yaml) trains budgets 1.0/0.75/0.5 together with T
     tokens in total; each budget is extracted zero-shot.
-(b) Minitron-style: for each smaller budget separately, the same trainer with that single budget: the sorted parent
-    (same importance ranking) is pruned to that budget by the router and only that sub-network is distilled from
-    the frozen parent with all T tokens (so 2T for two budgets). The architecture search is the router's, as in
-    (a), but every token trains this one budget.
+(b) Minitron-style: for each smaller budget separately, the same trainer with that single budget and exactly (a)'s
+    extracted architecture (``fixed_arch``): the sorted parent (same importance ranking) is pruned to it and only
+    that sub-network is distilled from the frozen parent with all T tokens (so 2T for two budgets). Every comparison
+    is parameter for parameter; every token trains this one budget.
 (c) From scratch: (a)'s architecture for each smaller budget, random init, T tokens of LM loss with the parent's
     own pretraining recipe (LR 3e-3 -> 3e-4, seq 256, batch 8).
 (b/2), (c/2) with ``--equal-total``: the same with T/2 tokens per budget, so two budgets cost T in total, like (a).
@@ -123,6 +123,15 @@ def main(argv=None):
     p.add_argument("--eval-tokens", type=int, default=65536, help="held-out tokens per evaluation")
     p.add_argument("--equal-total", action="store_true", help="also (b) and (c) with T/2 tokens per budget")
     p.add_argument("--no-ablation", action="store_true", help="skip uniform vs skewed stage-2 sampling")
+    p.add_argument("--no-scratch", action="store_true", help="skip (c), training from scratch")
+    p.add_argument(
+        "--elastic-set",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override a field of the elastic recipe for every run (a) and (b) (e.g. train.lr=5e-4); "
+        "use a new --out for each setting",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument(
         "--quick", action="store_true", help="the demo's --quick curriculum (a smoke test; numbers mean little)"
@@ -152,7 +161,7 @@ def main(argv=None):
             )
         )
     os.makedirs(out, exist_ok=True)
-    base = [f"parent={imp}", f"data.path={data}"] + (QUICK_ELASTIC if args.quick else [])
+    base = [f"parent={imp}", f"data.path={data}"] + (QUICK_ELASTIC if args.quick else []) + args.elastic_set
     cfg = load_elastic_config(recipe_path(TINY_ELASTIC), base)
     T = cfg.curriculum.total_tokens
     small = [b for b in cfg.budgets if b < 1.0]
@@ -188,7 +197,8 @@ def main(argv=None):
     t_start = time.time()
     for seed in args.seeds:
         seed_extra = [] if seed == cfg.train.seed else [f"train.seed={seed}"]
-        a_dir = os.path.join(run, "elastic") if not seed_extra else os.path.join(out, f"a_elastic_seed{seed}")
+        own = seed_extra or args.elastic_set  # the demo's run is (a) only for its own seed and recipe
+        a_dir = os.path.join(run, "elastic") if not own else os.path.join(out, f"a_elastic_seed{seed}")
         print(f"\n(a) Nemotron Elastic, seed {seed}: {a_dir}", flush=True)
         summary, paths, wall = _elastic_run(base, a_dir, seed_extra, progress)
         for b, path in paths.items():
@@ -200,8 +210,12 @@ def main(argv=None):
                 b_dir = os.path.join(out, f"b{suffix.replace('/', 'half')}_minitron_{name}_seed{seed}")
                 print(f"\n(b{suffix}) Minitron-style, budget {name}, seed {seed}: {b_dir}", flush=True)
                 stages = _stages_with(cfg, [[1.0]] * len(cfg.curriculum.stages), scale)
+                fixed = os.path.join(os.path.dirname(paths[name]), "arch.json")  # (a)'s extracted architecture
                 s, bpaths, bwall = _elastic_run(
-                    base, b_dir, seed_extra + [f"budgets=[{b}]", f"curriculum.stages={_flow(stages)}"], progress
+                    base,
+                    b_dir,
+                    seed_extra + [f"budgets=[{b}]", f"curriculum.stages={_flow(stages)}", f"fixed_arch={fixed}"],
+                    progress,
                 )
                 record(
                     f"(b{suffix}) prune + distil",
@@ -212,6 +226,8 @@ def main(argv=None):
                     bwall,
                     s["tokens"] * len(small),
                 )
+                if args.no_scratch:
+                    continue
                 c_dir = os.path.join(out, f"c{suffix.replace('/', 'half')}_scratch_{name}_seed{seed}")
                 print(f"\n(c{suffix}) from scratch, budget {name}, seed {seed}: {c_dir}", flush=True)
                 tokens = int(T * scale)

@@ -3,7 +3,8 @@
 Phases (each reused when a previous run finished it): prepare the built-in corpus -> pretrain the tiny parent ->
 importance and the function-preserving sort -> elastic distillation of budgets 100/75/50% at once (both
 curriculum stages) -> zero-shot extraction of every budget (Megatron + Hugging Face) -> evaluation of every
-extracted budget and of the baselines on one fixed held-out set -> ``report.md`` with the table and a Pareto plot.
+extracted budget and of the baselines on one fixed held-out set -> the Pareto curve over ~10 budgets (trained and
+untrained, each next to the pruned-untrained model of its size) -> ``report.md`` with the tables and plots.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Dict, List
 
 TINY_PARENT = "tiny_parent.yaml"
 TINY_ELASTIC = "tiny_elastic.yaml"
-PHASES = 6
+PHASES = 7
 
 # --quick: every phase, shortened to check a set-up in a few minutes (the numbers mean little).
 QUICK_PARENT = [
@@ -161,19 +162,13 @@ def run_demo(args: argparse.Namespace) -> dict:
         esummary = _train_elastic(imp_dir, elastic_dir, data_dir, args, progress)
     with phase("zero-shot extraction of every budget (Megatron + Hugging Face)", extracted):
         rows_x = _extract_all(elastic_dir, extracted)
+    num_tokens = 8192 if args.quick else 65536
     with phase("evaluate every model on one held-out set and write the report"):
-        rows = evaluate_demo(
-            out,
-            parent_dir,
-            imp_dir,
-            rows_x,
-            data_dir,
-            esummary,
-            num_tokens=8192 if args.quick else 65536,
-            progress=progress,
-        )
+        rows = evaluate_demo(out, parent_dir, imp_dir, rows_x, data_dir, esummary, num_tokens, progress=progress)
+    with phase("every budget after training: the Pareto curve (trained and untrained budgets)"):
+        curve = evaluate_budget_curve(out, elastic_dir, imp_dir, data_dir, esummary, num_tokens, progress)
     total = time.time() - t0
-    report = _write_demo_report(out, rows, esummary, phase.seconds, total, args)
+    report = _write_demo_report(out, rows, esummary, phase.seconds, total, args, curve)
     print(f"\ndemo finished in {total:.0f} s; report: {report}; outputs in {out}")
     return {"rows": rows, "phase_seconds": phase.seconds, "total_seconds": total, "report": report}
 
@@ -228,12 +223,42 @@ def evaluate_demo(
     return rows
 
 
+def evaluate_budget_curve(
+    out: str, elastic_dir: str, imp_dir: str, data_dir: str, esummary: dict, num_tokens: int, progress: bool = True
+) -> List[dict]:
+    """About 10 budgets from the smallest trained one to 1 (``evaluation.curve_budgets``), each zero-shot from the
+    elastic run and pruned from the sorted parent, on the report's held-out set; writes budget_curve.json."""
+    from megatron_elastic.evaluation import (
+        budget_curve,
+        budget_curve_markdown,
+        curve_budgets,
+        eval_set_bits_per_byte,
+        fixed_eval_set,
+    )
+
+    batches = fixed_eval_set(data_dir, 256, num_tokens)
+    bits = eval_set_bits_per_byte(data_dir, batches)
+    budgets = curve_budgets([float(b) for b in esummary["budgets"]])
+    rows = budget_curve(elastic_dir, os.path.join(imp_dir, "sorted"), budgets, batches, bits, progress)
+    print(budget_curve_markdown(rows))
+    with open(os.path.join(out, "budget_curve.json"), "w") as f:
+        json.dump(rows, f, indent=2)
+    return rows
+
+
 def _write_demo_report(
-    out: str, rows: List[dict], esummary: dict, times: Dict[str, float], total: float, args: argparse.Namespace
+    out: str,
+    rows: List[dict],
+    esummary: dict,
+    times: Dict[str, float],
+    total: float,
+    args: argparse.Namespace,
+    curve: List[dict],
 ) -> str:
-    from megatron_elastic.evaluation import write_report
+    from megatron_elastic.evaluation import budget_curve_markdown, budget_curve_plot, write_report
 
     cmd = "megatron-elastic demo" + (" --quick" if args.quick else "")
+    plot = budget_curve_plot(os.path.join(out, "budget_curve.png"), curve)
     budgets = esummary["budgets"]
     notes = [
         "## How these numbers were made",
@@ -243,12 +268,27 @@ def _write_demo_report(
         "tokens/s is forward-only throughput of the standalone model on this CPU.",
         "",
         f"The elastic run: {esummary['steps']} steps, {esummary['tokens']:,} tokens, "
-        f"{esummary['wall_time_s']:.0f} s; nested without clipping: {esummary['nested_without_clipping']}. "
+        f"{esummary['wall_time_s']:.0f} s; training drew nested sub-models on every step; the router's unmasked "
+        "choices were nested too: "
+        f"{esummary['nested_without_clipping']}; share of final-temperature draws that are exactly the extracted "
+        f"architectures: {esummary.get('extracted_sampled', float('nan')):.2f}. "
         "Chosen architectures: "
         + "; ".join(
             f"{b}: {r['parameters']:,} parameters ({r['fraction']:.3f} of the parent)" for b, r in budgets.items()
         )
         + ".",
+        "",
+        "## Every budget after training",
+        "",
+        "The router's choice for each budget from the smallest trained one to 1, scored on the same held-out tokens: "
+        "trained budgets are the extracted ones; an untrained budget is chosen zero-shot from the router's "
+        "interpolated budget input, nested between its trained neighbours and moved onto its parameter target "
+        "(`megatron-elastic extract --budget 0.6` writes it). Next to each, the same architecture pruned from the "
+        "sorted parent without training.",
+        "",
+        budget_curve_markdown(curve),
+        "",
+        "![every budget after training](budget_curve.png)" if plot else "",
         "",
         "## Phase times (s)",
         "",

@@ -161,3 +161,105 @@ def evaluate_subnetworks(
         out[name] = {"parameters": arch_parameters(config, arch), **evaluate_lm(model, batches, bits)}
     set_arch(model, None)
     return out
+
+
+def curve_budgets(trained: Sequence[float], points: int = 10) -> List[float]:
+    """About ``points`` budgets evenly between the smallest trained budget and 1, plus every trained budget."""
+    lo = min(trained)
+    even = [round(lo + (1.0 - lo) * k / (points - 1), 4) for k in range(points)]
+    return sorted(set(even) | {float(b) for b in trained} | {1.0}, reverse=True)
+
+
+def budget_curve(
+    elastic_checkpoint: str,
+    sorted_checkpoint: str,
+    budgets: Sequence[float],
+    batches: Sequence[dict],
+    bits: BitsPerByte = BitsPerByte(),
+    progress: bool = True,
+) -> List[dict]:
+    """The Pareto curve after training: every budget of ``budgets`` (trained or not, ``Router.choose_budgets``)
+    scored zero-shot in the elastic model (what ``extract --budget`` writes, logit for logit) and, at the same
+    architecture, in the sorted parent without training. One row per budget, largest first."""
+    from tqdm import tqdm
+
+    from megatron_elastic.extraction.extract import budget_archs, load_source
+    from megatron_elastic.model.cost import arch_parameters
+    from megatron_elastic.model.elastic_arch import ElasticArch
+    from megatron_elastic.model.elastic_model import use_arch
+
+    src = load_source(elastic_checkpoint)
+    choices = budget_archs(src.router, [f"{b:g}" for b in budgets], src.path)
+    full = arch_parameters(src.config, ElasticArch.full(src.config))
+    pruned = evaluate_subnetworks(sorted_checkpoint, {k: c.arch for k, c in choices.items()}, batches, bits)
+    rows = []
+    for name, choice in tqdm(choices.items(), desc="budget curve", disable=not progress):
+        with use_arch(src.model, choice.arch):
+            elastic = evaluate_lm(src.model, batches, bits)
+        params = arch_parameters(src.config, choice.arch)
+        rows.append(
+            {
+                "budget": name,
+                "trained": choice.trained,
+                "between": list(choice.between),
+                "parameters": params,
+                "fraction": params / full,
+                "elastic_loss": elastic["loss"],
+                "elastic_bpb": elastic["bpb"],
+                "pruned_loss": pruned[name]["loss"],
+                "pruned_bpb": pruned[name]["bpb"],
+                "arch": choice.arch.to_dict(),
+            }
+        )
+    return rows
+
+
+def budget_curve_markdown(rows: List[dict]) -> str:
+    lines = [
+        "| budget | trained | parameters | fraction | elastic bits/byte | pruned, untrained bits/byte |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['budget']} | {'yes' if r['trained'] else 'no (zero-shot)'} | {r['parameters']:,} | "
+            f"{r['fraction']:.3f} | {r['elastic_bpb']:.3f} | {r['pruned_bpb']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def budget_curve_plot(path: str, rows: List[dict], title: str = "every budget after one elastic run") -> Optional[str]:
+    """Parameters vs bits/byte of the elastic budgets (trained: filled, untrained: hollow) and the pruned-untrained
+    sub-models of the same sizes; returns the PNG path (None without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover - matplotlib is a base dependency
+        return None
+    rows = sorted(rows, key=lambda r: r["parameters"])
+    x = [r["parameters"] / 1e6 for r in rows]
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    ax.plot(x, [r["elastic_bpb"] for r in rows], "-", color="C0", label="Nemotron Elastic (one run)")
+    for trained, style in ((True, dict(marker="o")), (False, dict(marker="o", markerfacecolor="white"))):
+        pts = [(xi, r["elastic_bpb"]) for xi, r in zip(x, rows) if r["trained"] == trained]
+        if pts:
+            ax.plot(
+                *zip(*pts),
+                linestyle="none",
+                color="C0",
+                label="trained budget" if trained else "untrained budget",
+                **style,
+            )
+    ax.plot(x, [r["pruned_bpb"] for r in rows], "s--", color="C3", label="pruned from the sorted parent, no training")
+    for xi, r in zip(x, rows):
+        ax.annotate(r["budget"], (xi, r["elastic_bpb"]), textcoords="offset points", xytext=(3, -10), fontsize=7)
+    ax.set_xlabel("parameters (millions)")
+    ax.set_ylabel("held-out bits/byte (lower is better)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -296,11 +296,12 @@ class Router(nn.Module):
     def choose_budgets(self, budgets: Sequence[float], tolerance: float = 0.01) -> Dict[float, "BudgetChoice"]:
         """The architecture of every fraction in ``budgets``: a trained budget's nested choice (``choose_all``), or
         for an untrained one between two trained budgets, the argmax of the router's logits at the interpolated
-        budget input, bounded by the two trained neighbours' choices (so it nests between them) and then moved,
-        one choice of one segment at a time, onto its parameter target (``tolerance``, relative). Untrained budgets
-        are chosen largest first, each also within the one above it, so the whole set is nested. Towards the full
-        budget (which the router never sees) the logits of the largest trained budget below it rank the moves.
-        A budget above 1 or below the smallest trained budget raises ``ConfigError``."""
+        budget input, bounded by the nearest chosen sub-models around its parameter target (normally its trained
+        neighbours, so it nests between them) and then moved, one choice of one segment at a time, onto its
+        parameter target (``tolerance``, relative). Each untrained choice joins the bounds of the next, so the whole
+        set is nested. Towards the full budget (which the router never sees) the logits of the largest trained
+        budget below it rank the moves. A budget above 1 or below the smallest trained budget raises
+        ``ConfigError``; a target the space's choices cannot reach within 2% warns."""
         trained = self.choose_all()
         trained.setdefault(1.0, ElasticArch.full(self.config))  # the whole elastic model, trained or not
         lo_all = self.smallest_budget()
@@ -311,14 +312,17 @@ class Router(nn.Module):
                     f"router only interpolates between trained budgets {sorted(self.budgets)})"
                 )
         full = arch_parameters(self.config, ElasticArch.full(self.config))
+        count = lambda a: arch_parameters(self.config, a)
         ordered = sorted(trained)
+        # The chain every choice is inserted into: the trained choices (nested), the full model, the space's smallest,
+        # and each untrained choice made so far. An untrained budget lies between the chain's nearest members around
+        # its parameter target, so the whole set stays nested even where a trained budget missed its own target.
+        chain = [*trained.values(), self.space.smallest_arch(self.config)]
         out: Dict[float, BudgetChoice] = {}
-        above = None
         for b in sorted(set(float(x) for x in budgets), reverse=True):
             key = next((t for t in trained if abs(t - b) < 1e-9), None)
             if key is not None:
                 out[b] = BudgetChoice(trained[key], key in self.budgets, (key, key))
-                above = trained[key]
                 continue
             if self.fixed_arch is not None:
                 raise ConfigError(
@@ -327,14 +331,8 @@ class Router(nn.Module):
             lo = max(t for t in ordered if t < b)
             hi = min(t for t in ordered if t > b)
             target = b * full
-            # Bounds: the nearest chosen sub-models around the target, so the set stays nested. Normally the trained
-            # neighbours (or the untrained budget just chosen above); a neighbour whose choice missed its own
-            # target past this one is replaced by the next one out (finally the full model / the space's smallest).
-            count = lambda a: arch_parameters(self.config, a)
-            above_all = [trained[t] for t in ordered if t > b] + ([above] if above is not None else [])
-            upper = min((a for a in above_all if count(a) >= target), key=count, default=trained[1.0])
-            below = [trained[t] for t in ordered if t < b] + [self.space.smallest_arch(self.config)]
-            lower = max((a for a in below if count(a) <= target and a.is_within(upper)), key=count)
+            upper = min((a for a in chain if count(a) >= target), key=count)
+            lower = max((a for a in chain if count(a) <= target), key=count, default=min(chain, key=count))
             logits = self.logits(lo if self.is_full(hi) else b)
             idx = self._bounded_argmax(logits, upper, lower)
             idx = self._move_to_target(idx, logits, upper, lower, target, tolerance)
@@ -347,7 +345,7 @@ class Router(nn.Module):
                     stacklevel=2,
                 )
             out[b] = BudgetChoice(arch, False, (lo, hi))
-            above = arch
+            chain.append(arch)
         return {b: out[float(b)] for b in budgets}
 
     def _move_to_target(self, idx, logits, upper, lower, target, tolerance):

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+from megatron_elastic.model.elastic_arch import ElasticArch
 from megatron_elastic.testing import TINY_PARENT_JOB
 
 STAGES = (
@@ -58,8 +59,8 @@ def test_demo_runs_every_phase_writes_the_report_and_reuses_finished_phases(tmp_
     out = tmp_path / "demo"
     r = _demo(out, cfg)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    for k in range(1, 7):
-        assert f"[{k}/6]" in r.stdout
+    for k in range(1, 8):
+        assert f"[{k}/7]" in r.stdout
     rows = json.loads((out / "results.json").read_text())
     names = [x["name"] for x in rows]
     assert names == ["parent", "elastic 1", "elastic 0.75", "elastic 0.5", "pruned 0.75", "pruned 0.5"]
@@ -73,6 +74,18 @@ def test_demo_runs_every_phase_writes_the_report_and_reuses_finished_phases(tmp_
     report = (out / "report.md").read_text()
     assert all(f"| {n} |" in report for n in names) and "pareto.png" in report
     assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    # the Pareto curve after training: ~10 budgets, the trained ones scored as their extracted models were
+    curve = json.loads((out / "budget_curve.json").read_text())
+    assert len(curve) >= 10 and [c["budget"] for c in curve][0] == "1" and curve[-1]["budget"] == "0.5"
+    assert {c["budget"] for c in curve if c["trained"]} == {"1", "0.75", "0.5"}
+    by_size = [ElasticArch.from_dict(c["arch"]) for c in sorted(curve, key=lambda c: c["parameters"])]
+    assert all(small.is_within(big) for small, big in zip(by_size, by_size[1:])), "every budget nested"
+    for c in curve:
+        if c["trained"]:
+            assert abs(c["elastic_bpb"] - by[f"elastic {c['budget']}"]["bpb"]) < 1e-4, c
+            if c["budget"] != "1":
+                assert abs(c["pruned_bpb"] - by[f"pruned {c['budget']}"]["bpb"]) < 1e-4, c
+    assert "budget_curve.png" in report and (out / "budget_curve.png").read_bytes()[:4] == b"\x89PNG"
 
     again = _demo(out, cfg)
     assert again.returncode == 0, again.stderr[-3000:]
