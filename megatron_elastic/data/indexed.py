@@ -34,21 +34,23 @@ _worker_tokenizer = None
 
 
 def _start_worker(spec: str) -> None:
+    """A pool process: its own tokenizer, single-threaded (one process per worker is the parallelism)."""
     global _worker_tokenizer
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per worker is the parallelism
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _worker_tokenizer = load_tokenizer(spec)
 
 
-def _encode(text: str) -> Tuple[List[int], int]:
-    return _worker_tokenizer.tokenize(text) + [_worker_tokenizer.eod], len(text.encode("utf-8"))
+def _encode(text: str, tokenizer=None) -> Tuple[List[int], int]:
+    tok = tokenizer or _worker_tokenizer
+    return tok.tokenize(text) + [tok.eod], len(text.encode("utf-8"))
 
 
 def encode_documents(documents: Iterable[str], spec: str, workers: int = 1) -> Iterator[Tuple[List[int], int]]:
     """``(token ids + EOD, UTF-8 bytes)`` of every document, in order; ``workers`` > 1 tokenises in that many
     processes (each loads the tokenizer once)."""
-    if workers <= 1:
-        _start_worker(spec)
-        yield from map(_encode, documents)
+    if workers <= 1:  # in this process, leaving its environment (TOKENIZERS_PARALLELISM) as it is
+        tokenizer = load_tokenizer(spec)
+        yield from (_encode(d, tokenizer) for d in documents)
         return
     with multiprocessing.get_context("fork").Pool(workers, initializer=_start_worker, initargs=(spec,)) as pool:
         yield from pool.imap(_encode, documents, chunksize=32)

@@ -51,16 +51,18 @@ def test_the_byte_tokenizer_is_megatrons_with_the_projects_layout():
     assert tok.detokenize(list(text.encode("utf-8")) + [256]) == text.rstrip()  # Megatron's byte-level rstrips
 
 
-def test_prepare_data_with_a_hf_tokenizer_gives_the_tokenizers_own_ids_with_any_number_of_workers(bpe):
+def test_prepare_data_with_a_hf_tokenizer_gives_the_tokenizers_own_ids_with_any_number_of_workers(bpe, monkeypatch):
     reference = bpe["reference"]
     eod = reference.token_to_id("<|endoftext|>")
     outs = {}
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
     for workers in (1, 2):
         out = str(bpe["root"] / f"data{workers}")
         stats = prepare_data(
             out, tokenizer=bpe["dir"], max_bytes=300_000, valid_every=5, progress=False, workers=workers
         )
         outs[workers] = out
+        assert "TOKENIZERS_PARALLELISM" not in os.environ, "only pool workers turn the tokenizer's threads off"
         meta = read_metadata(out)
         assert meta["tokenizer"] == "tokenizer" and os.path.isfile(os.path.join(out, "tokenizer", "tokenizer.json"))
         assert meta["vocab_size"] == reference.get_vocab_size() and meta["eod"] == eod
