@@ -173,6 +173,14 @@ def run_demo(args: argparse.Namespace) -> dict:
     return {"rows": rows, "phase_seconds": phase.seconds, "total_seconds": total, "report": report}
 
 
+def _report_eval_set(data_dir: str, num_tokens: int):
+    """The report's held-out batches (sequence 256, fixed order) and their bits/byte unit."""
+    from megatron_elastic.evaluation import eval_set_bits_per_byte, fixed_eval_set
+
+    batches = fixed_eval_set(data_dir, 256, num_tokens)
+    return batches, eval_set_bits_per_byte(data_dir, batches)
+
+
 def evaluate_demo(
     out: str,
     parent_dir: str,
@@ -187,16 +195,10 @@ def evaluate_demo(
     the sorted parent without training (the zero-shot pruning baseline)."""
     from tqdm import tqdm
 
-    from megatron_elastic.evaluation import (
-        eval_set_bits_per_byte,
-        evaluate_checkpoint,
-        evaluate_subnetworks,
-        fixed_eval_set,
-    )
+    from megatron_elastic.evaluation import evaluate_checkpoint, evaluate_subnetworks
     from megatron_elastic.model.elastic_arch import ElasticArch
 
-    batches = fixed_eval_set(data_dir, 256, num_tokens)
-    bits = eval_set_bits_per_byte(data_dir, batches)
+    batches, bits = _report_eval_set(data_dir, num_tokens)
     print(f"  {sum(int(b['loss_mask'].sum()) for b in batches):,} held-out tokens (validation split, fixed order)")
     rows = []
     jobs = [("parent", "parent (pretrained)", parent_dir, None)]
@@ -228,16 +230,9 @@ def evaluate_budget_curve(
 ) -> List[dict]:
     """About 10 budgets from the smallest trained one to 1 (``evaluation.curve_budgets``), each zero-shot from the
     elastic run and pruned from the sorted parent, on the report's held-out set; writes budget_curve.json."""
-    from megatron_elastic.evaluation import (
-        budget_curve,
-        budget_curve_markdown,
-        curve_budgets,
-        eval_set_bits_per_byte,
-        fixed_eval_set,
-    )
+    from megatron_elastic.evaluation import budget_curve, budget_curve_markdown, curve_budgets
 
-    batches = fixed_eval_set(data_dir, 256, num_tokens)
-    bits = eval_set_bits_per_byte(data_dir, batches)
+    batches, bits = _report_eval_set(data_dir, num_tokens)
     budgets = curve_budgets([float(b) for b in esummary["budgets"]])
     rows = budget_curve(elastic_dir, os.path.join(imp_dir, "sorted"), budgets, batches, bits, progress)
     print(budget_curve_markdown(rows))

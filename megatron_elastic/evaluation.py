@@ -102,14 +102,35 @@ def results_markdown(rows: List[dict]) -> str:
     return "\n".join(lines)
 
 
-def pareto_plot(path: str, rows: List[dict], title: str = "validation bits/byte vs parameters") -> Optional[str]:
-    """Parameters vs bits/byte, one series per method; returns the PNG path (None without matplotlib)."""
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (None without matplotlib)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:  # pragma: no cover - matplotlib is a base dependency
+        return None
+    return plt
+
+
+def _save_bits_per_byte_plot(plt, fig, ax, path: str, title: str) -> str:
+    """Axes labels (parameters vs held-out bits/byte), title, grid, legend; saves ``path`` and closes the figure."""
+    ax.set_xlabel("parameters (millions)")
+    ax.set_ylabel("held-out bits/byte (lower is better)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def pareto_plot(path: str, rows: List[dict], title: str = "validation bits/byte vs parameters") -> Optional[str]:
+    """Parameters vs bits/byte, one series per method; returns the PNG path (None without matplotlib)."""
+    plt = _pyplot()
+    if plt is None:  # pragma: no cover - matplotlib is a base dependency
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     markers = iter("os^Dvx*P")
@@ -119,15 +140,7 @@ def pareto_plot(path: str, rows: List[dict], title: str = "validation bits/byte 
         ax.plot(xs, ys, marker=next(markers, "o"), linestyle="-" if len(pts) > 1 else "none", label=method)
         for x, y, name in zip(xs, ys, (p[2] for p in pts)):
             ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.set_xlabel("parameters (millions)")
-    ax.set_ylabel("validation bits/byte (lower is better)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save_bits_per_byte_plot(plt, fig, ax, path, title)
 
 
 def write_report(out_dir: str, title: str, rows: List[dict], sections: Sequence[str] = ()) -> str:
@@ -230,12 +243,8 @@ def budget_curve_markdown(rows: List[dict]) -> str:
 def budget_curve_plot(path: str, rows: List[dict], title: str = "every budget after one elastic run") -> Optional[str]:
     """Parameters vs bits/byte of the elastic budgets (trained: filled, untrained: hollow) and the pruned-untrained
     sub-models of the same sizes; returns the PNG path (None without matplotlib)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # pragma: no cover - matplotlib is a base dependency
+    plt = _pyplot()
+    if plt is None:  # pragma: no cover - matplotlib is a base dependency
         return None
     rows = sorted(rows, key=lambda r: r["parameters"])
     x = [r["parameters"] / 1e6 for r in rows]
@@ -254,12 +263,4 @@ def budget_curve_plot(path: str, rows: List[dict], title: str = "every budget af
     ax.plot(x, [r["pruned_bpb"] for r in rows], "s--", color="C3", label="pruned from the sorted parent, no training")
     for xi, r in zip(x, rows):
         ax.annotate(r["budget"], (xi, r["elastic_bpb"]), textcoords="offset points", xytext=(3, -10), fontsize=7)
-    ax.set_xlabel("parameters (millions)")
-    ax.set_ylabel("held-out bits/byte (lower is better)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save_bits_per_byte_plot(plt, fig, ax, path, title)

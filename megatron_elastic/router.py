@@ -191,20 +191,10 @@ class Router(nn.Module):
         x = self.budget_input(budget).to(device=w.device, dtype=w.dtype)
         return {axis: scale * net(x).view(len(self.segments[axis]), -1) for axis, net in self.nets.items()}
 
-    def sample(
-        self,
-        budget: float,
-        tau: float = 1.0,
-        scale: float = 1.0,
-        hard: bool = True,
-        generator: Optional[torch.Generator] = None,
-        within: Optional[ElasticArch] = None,
-    ):
-        """Gumbel-Softmax sample. Returns (arch, gates for ``use_arch``, per-axis soft probabilities; None for
-        the full budget). With ``within``, choices larger than ``within``'s are masked out before the softmax
-        (the draw is nested inside it).
-        Pass the same ``generator`` state on every TP rank so all ranks draw the same architecture."""
-        s = self.draw(budget, tau, scale, hard, generator, within)
+    def sample(self, budget: float, *args, **kwargs):
+        """Gumbel-Softmax sample (arguments as :meth:`draw`). Returns (arch, gates for ``use_arch``, per-axis soft
+        probabilities; None for the full budget)."""
+        s = self.draw(budget, *args, **kwargs)
         return s.arch, s.gates, s.probs
 
     def draw(
@@ -216,7 +206,10 @@ class Router(nn.Module):
         generator: Optional[torch.Generator] = None,
         within: Optional[ElasticArch] = None,
     ) -> "RouterSample":
-        """:meth:`sample` with the unmasked choice of the same noise (``free_arch``) kept for the nesting log."""
+        """A straight-through Gumbel-Softmax draw at temperature ``tau`` of the logits times ``scale``. With
+        ``within``, choices larger than ``within``'s are masked out before the softmax (the draw is nested inside
+        it); ``free_arch`` keeps the unmasked choice of the same noise for the nesting log. Pass the same
+        ``generator`` state on every TP rank so all ranks draw the same architecture."""
         if self.is_full(budget) or self.fixed_arch is not None:
             arch = ElasticArch.full(self.config) if self.is_full(budget) else self.fixed_arch
             return RouterSample(arch, {}, None, arch)
