@@ -265,11 +265,11 @@ def make_forward_step(c: ElasticComponents, step: int, tau: float, scale: float)
 class StageData:
     """The training stream of one curriculum stage (its own sequence length), resumable by sample count."""
 
-    def __init__(self, cfg: ElasticJobConfig, stage_index: int, consumed: int, vocab_size: int):
+    def __init__(self, cfg: ElasticJobConfig, source, stage_index: int, consumed: int, vocab_size: int):
         stage, steps = cfg.curriculum.stages[stage_index], cfg.stage_steps()[stage_index]
         self.seq_length = stage.seq_length
         train, _ = build_gpt_datasets(
-            cfg.data.source(cfg.checkpoint.dir),
+            source,
             stage.seq_length,
             steps * stage.global_batch_size,
             1,
@@ -487,8 +487,9 @@ class ElasticRun:
         os.makedirs(self.ckpt_dir, exist_ok=True)
         self.state = {"iteration": 0, "tokens": 0, "stage_consumed_samples": [0] * len(cfg.curriculum.stages)}
         self.eval_gbs = cfg.curriculum.stages[0].global_batch_size
+        self.source = cfg.data.source(cfg.checkpoint.dir)  # resolved once: every stage and the validation read it
         _, self.valid_ds = build_gpt_datasets(
-            cfg.data.source(cfg.checkpoint.dir),
+            self.source,
             cfg.eval_seq_length,
             1,
             (cfg.train.eval_iters + 1) * self.eval_gbs,
@@ -533,7 +534,7 @@ class ElasticRun:
         if not self.is_logger:
             return
         c, cur = self.c, self.cfg.curriculum
-        data_tokens = self.cfg.data.source(self.cfg.checkpoint.dir).train_tokens()
+        data_tokens = self.source.train_tokens()
         if data_tokens and cur.total_tokens > data_tokens:
             print(
                 f"note: the curriculum reads {cur.total_tokens:,} tokens, {cur.total_tokens / data_tokens:.1f}x the "
@@ -617,7 +618,7 @@ class ElasticRun:
         stage_index, stage = self.cfg.curriculum.stage_at(self.state["tokens"])
         if self.data_stage != stage_index:
             consumed = self.state["stage_consumed_samples"][stage_index]
-            self.data = StageData(self.cfg, stage_index, consumed, self.c.model_config.vocab_size)
+            self.data = StageData(self.cfg, self.source, stage_index, consumed, self.c.model_config.vocab_size)
             self.data_stage = stage_index
             if self.is_logger and step > 1:
                 tqdm.write(
