@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
@@ -181,6 +182,18 @@ def _positive(cfg, *paths: str) -> None:
             raise ConfigError(f"{path}: must be a positive integer, got {v!r}")
 
 
+def _yaml_float(text: str, field_name: str) -> float:
+    """A float field written as ``5e-4``: YAML 1.1 (PyYAML) reads exponents without a dot as strings; accept any
+    string Python reads as a finite float, refuse the rest with the field's name."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"{field_name}: expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"{field_name}: expected a finite number, got {text!r}")
+    return value
+
+
 def _build_section(cls, section: str, values: Any):
     if values is None:
         return cls()
@@ -195,6 +208,8 @@ def _build_section(cls, section: str, values: Any):
         default = getattr(cls(), k)
         if v is None and isinstance(default, str):  # `field:` / `--set section.field=` left empty: unset
             v = ""
+        if isinstance(default, float) and not isinstance(default, bool) and isinstance(v, str):
+            v = _yaml_float(v, f"{section}.{k}")
         if (
             isinstance(default, bool) != isinstance(v, bool)
             or (isinstance(default, (int, float)) and not isinstance(v, (int, float)))

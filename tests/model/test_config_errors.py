@@ -49,7 +49,8 @@ model: {hybrid_pattern: "M-*", vocab_size: 264, hidden_size: 32, ffn_hidden_size
     "extra,overrides,message",
     [
         ("", ["train.global_batch_size=12", "train.micro_batch_size=8"], "train.global_batch_size"),
-        ("", ["train.lr=abc"], "train.lr: expected float"),
+        ("", ["train.lr=abc"], "train.lr: expected a number, got 'abc'"),
+        ("", ["train.lr=inf"], "train.lr: expected a finite number"),
         ("", ["train.min_lr=1.0"], "train.min_lr"),
         ("", ["train.lr_warmup_iters=5000"], "train.lr_warmup_iters"),
         ("", ["parallel.tensor_model_parallel_size=0"], "parallel.tensor_model_parallel_size"),
@@ -65,6 +66,12 @@ def test_job_config_errors(extra, overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         cfg = load_pretrain_config(text=BASE + extra, overrides=overrides)
         cfg.validate(world_size=1)
+
+
+def test_float_fields_take_yaml_exponents_without_a_dot():
+    """PyYAML reads `5e-4` as a string (YAML 1.1); a float field takes it as the number it means."""
+    cfg = load_pretrain_config(text=BASE + "train: {min_lr: 5e-5}\n", overrides=["train.lr=5e-4"])
+    assert (cfg.train.lr, cfg.train.min_lr) == (5e-4, 5e-5)
 
 
 def test_missing_sections_and_files():
