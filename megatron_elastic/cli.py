@@ -383,15 +383,17 @@ SUBCOMMANDS = [
         "train",
         "elastic distillation: train every budget of a sorted parent at once",
         "Router + frozen-teacher KD over the two-stage curriculum, from the output of `importance`. YAML "
-        "sections: parent, budgets, space, router, distill, curriculum, parallel, data, train, checkpoint. "
+        "sections: parent, budgets, space, router, distill, curriculum, parallel, data, train, checkpoint; "
+        "optional fixed_arch (an arch.json: train only that sub-model, the exact baseline). "
         "Launch with torchrun for TP/PP/DP > 1. SIGTERM/SIGUSR1 checkpoint and exit with code 99 (requeue me).",
         _train_args,
         cmd_train,
     ),
     (
         "extract",
-        "slice trained budgets into standalone Megatron and Hugging Face checkpoints",
-        "Zero-shot extraction: the router's (nested) choice for each budget, or an explicit architecture JSON, "
+        "slice any budget into standalone Megatron and Hugging Face checkpoints",
+        "Zero-shot extraction: the router's (nested) choice for each budget (trained, or any fraction between the "
+        "smallest trained budget and 1), or an explicit architecture JSON, "
         "sliced out of the elastic weights. Writes <out>/budget_<b>/{megatron,hf,arch.json}: a "
         "dist_checkpointing checkpoint of a plain hybrid model (loads at any TP/PP) and a NemotronH checkpoint "
         "transformers loads.",
