@@ -540,6 +540,12 @@ class ElasticRun:
                 f"note: the curriculum reads {cur.total_tokens:,} tokens, {cur.total_tokens / data_tokens:.1f}x the "
                 f"training split ({data_tokens:,}): documents repeat (Megatron's GPTDataset epochs)"
             )
+        if c.router.fixed_arch is not None:
+            n = arch_parameters(c.model_config, c.router.fixed_arch)
+            print(
+                f"fixed architecture {self.cfg.fixed_arch}: {n:,} parameters ({n / c.full_parameters:.3f} of the "
+                f"parent), trained as budget {min(self.cfg.budgets):g}; the router is not used"
+            )
         rp = sum(p.numel() for p in c.router.parameters())
         stages = ", ".join(
             f"{s.name}: {n} steps x {s.global_batch_size} x {s.seq_length}"
