@@ -195,12 +195,14 @@ def main(argv=None):
             json.dump(results, f, indent=2)
 
     t_start = time.time()
+    elastic_runs = {}  # seed -> (a)'s training summary
     for seed in args.seeds:
         seed_extra = [] if seed == cfg.train.seed else [f"train.seed={seed}"]
         own = seed_extra or args.elastic_set  # the demo's run is (a) only for its own seed and recipe
         a_dir = os.path.join(run, "elastic") if not own else os.path.join(out, f"a_elastic_seed{seed}")
         print(f"\n(a) Nemotron Elastic, seed {seed}: {a_dir}", flush=True)
         summary, paths, wall = _elastic_run(base, a_dir, seed_extra, progress)
+        elastic_runs[seed] = summary
         for b, path in paths.items():
             record("(a) elastic", b, seed, path, summary["tokens"], wall, summary["tokens"])
         variants = [("", 1.0)] + ([("/2", 0.5)] if args.equal_total else [])
@@ -258,7 +260,7 @@ def main(argv=None):
         for r in summary
     ]
     pareto_plot(os.path.join(out, "pareto.png"), rows, "tiny reproduction: bits/byte vs parameters (mean over seeds)")
-    report = write_report(out, summary, T, args, time.time() - t_start)
+    report = write_report(out, summary, T, args, time.time() - t_start, elastic_runs)
     print(f"\n{report_table(summary)}\nreport: {report}")
     return summary
 
@@ -309,21 +311,38 @@ def comparisons(summary):
     """Per smaller budget: (a) minus each other method, and each method's total-token cost relative to (a)."""
     by = {(r["method"], r["budget"]): r for r in summary}
     lines = [
-        "| budget | compared with | difference (a) - other | other's tokens for all budgets / (a)'s |",
-        "|---|---|---|---|",
+        "| budget | compared with | difference (a) - other | (a) / other | other's tokens for all budgets / (a)'s |",
+        "|---|---|---|---|---|",
     ]
     for (method, budget), r in by.items():
         a = by.get(("(a) elastic", budget))
         if a is None or method == "(a) elastic":
             continue
         lines.append(
-            f"| {budget} | {method} | {a['bpb_mean'] - r['bpb_mean']:+.3f} | "
+            f"| {budget} | {method} | {a['bpb_mean'] - r['bpb_mean']:+.3f} | {a['bpb_mean'] / r['bpb_mean']:.3f} | "
             f"{r['total_tokens_for_all_budgets'] / a['total_tokens_for_all_budgets']:.1f}x |"
         )
     return "\n".join(lines)
 
 
-def write_report(out, summary, T, args, seconds):
+def nesting_table(elastic_runs):
+    """Per seed of (a): each budget's extracted size, whether the router's unmasked choices were nested, and the
+    share of final-temperature draws that are exactly the extracted architectures."""
+    lines = [
+        "| seed | fractions of the parent (per budget) | unmasked choices nested | extracted = sampled |",
+        "|---|---|---|---|",
+    ]
+    for seed, s in elastic_runs.items():
+        fractions = ", ".join(f"{b}: {r['fraction']:.3f}" for b, r in s["budgets"].items())
+        sampled = s.get("extracted_sampled")
+        lines.append(
+            f"| {seed} | {fractions} | {s['nested_without_clipping']} | "
+            f"{'-' if sampled is None else f'{sampled:.2f}'} |"
+        )
+    return "\n".join(lines)
+
+
+def write_report(out, summary, T, args, seconds, elastic_runs=None):
     text = "\n".join(
         [
             "# Tiny reproduction: one elastic run vs separate compression vs from scratch",
@@ -342,6 +361,14 @@ def write_report(out, summary, T, args, seconds):
             "## (a) against the others (bits/byte difference, mean over seeds; negative: (a) is better)",
             "",
             comparisons(summary),
+            "",
+            "## (a)'s architectures per seed",
+            "",
+            "Training draws every budget nested inside the next larger one's draw, so the extracted architectures "
+            "(the noise-free limit of those draws) are what training sampled; *unmasked choices nested* says whether "
+            "the router's choices would have been nested without that mask.",
+            "",
+            nesting_table(elastic_runs or {}),
             "",
         ]
     )
