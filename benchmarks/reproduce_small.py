@@ -20,10 +20,11 @@ Ablation: (a) with uniform budget sampling in stage 2 instead of the skewed [0.5
 Writes OUT/results.json (every run: method, budget, seed, parameters, loss, bits/byte, training tokens, wall time),
 OUT/summary.json (mean and spread over seeds), OUT/report.md and OUT/pareto.png. Runs that finished are reused.
 
-Status (2026-11-24, seeds 1234 1 2, --equal-total, 2 CPU cores, ~100 min; docs/results/reproduce_small/): (a) vs
-(b/2) at equal total tokens: -0.016 / +0.008 bits/byte at 75% / 50% (within seed spread); (b) at twice the tokens
-beats (a) by 0.05 / 0.08; (c) is 0.27-0.33 worse than (a) even at twice the tokens; uniform vs skewed stage 2:
-within +-0.003. `--quick` runs the whole comparison in ~4 minutes as a smoke test.
+Status (2026-11-26, nested sampling, seeds 1234 1 2, --no-ablation --no-scratch, 2 CPU cores, ~45 min;
+docs/results/reproduce_small/): (a) / (b) with (a)'s exact architectures: 1.014 at 75%, 1.023 at 50% (means over
+seeds); the full model 2.046 vs the parent's 2.027. Before nested sampling (2026-11-24, router-chosen (b)
+architectures): (a) 2.134 / 2.192 at 75% / 50%; (c) 0.27-0.33 worse than (a) even at 2T; uniform vs skewed stage 2
+within +-0.003 (not rerun since). `--quick` runs the whole comparison in ~4 minutes as a smoke test.
 """
 
 from __future__ import annotations
