@@ -14,7 +14,8 @@ budget's (expected) parameter count onto its target.
   to the choices no larger than the next larger budget's draw, so every sampled set is nested and training samples
   exactly the family ``choose_all`` extracts (its noise-free limit).
 * Any budget after training: ``choose_budgets`` gives an untrained budget between two trained ones from the
-  interpolated budget input, bounded by its trained neighbours (so nested) and moved onto its parameter target.
+  interpolated budget input, bounded by its trained neighbours (so nested between them) and moved onto its
+  parameter target.
 * ``expected_parameters``: the parameter count under the soft choice probabilities. The count is multilinear in
   independent per-axis choices, so its expectation is the count at the expected sizes (and the kept-layer
   probabilities); at a hard choice it equals :func:`megatron_elastic.model.cost.arch_parameters` exactly.
@@ -53,11 +54,12 @@ class RouterSample:
 @dataclass
 class BudgetChoice:
     """A budget's architecture after training: ``trained`` budgets are the router's nested choices; an untrained
-    one lies between the trained budgets ``between`` (zero-shot, never sampled in training)."""
+    one is nested between the choices of the trained budgets ``between`` (normally its neighbours; a neighbour
+    that missed its own target past this one is replaced by the next; None: the space's smallest sub-model)."""
 
     arch: ElasticArch
     trained: bool
-    between: Tuple[float, float]
+    between: Tuple[Optional[float], float]
 
 
 @dataclass
@@ -289,10 +291,11 @@ class Router(nn.Module):
     def choose_budgets(self, budgets: Sequence[float], tolerance: float = 0.01) -> Dict[float, "BudgetChoice"]:
         """The architecture of every fraction in ``budgets``: a trained budget's nested choice (``choose_all``), or
         for an untrained one between two trained budgets, the argmax of the router's logits at the interpolated
-        budget input, bounded by the nearest chosen sub-models around its parameter target (normally its trained
+        budget input, bounded by the nearest trained sub-models around its parameter target (normally its trained
         neighbours, so it nests between them) and then moved, one choice of one segment at a time, onto its
-        parameter target (``tolerance``, relative). Each untrained choice joins the bounds of the next, so the whole
-        set is nested. Towards the full budget (which the router never sees) the logits of the largest trained
+        parameter target (``tolerance``, relative). Untrained budgets are each nested between the trained ones, not
+        in one another: a coarse axis (hidden size) would otherwise leave some targets unreachable. Towards the full
+        budget (which the router never sees) the logits of the largest trained
         budget below it rank the moves. A budget above 1 or below the smallest trained budget raises
         ``ConfigError``; a target the space's choices cannot reach within 2% warns."""
         trained = self.choose_all()
@@ -307,9 +310,8 @@ class Router(nn.Module):
         full = arch_parameters(self.config, ElasticArch.full(self.config))
         count = lambda a: arch_parameters(self.config, a)
         ordered = sorted(trained)
-        # The chain every choice is inserted into: the trained choices (nested), the full model, the space's smallest,
-        # and each untrained choice made so far. An untrained budget lies between the chain's nearest members around
-        # its parameter target, so the whole set stays nested even where a trained budget missed its own target.
+        # The bounds of an untrained budget: the nearest of the trained choices (nested), the full model and the
+        # space's smallest around its parameter target (normally its trained neighbours).
         chain = [*trained.values(), self.space.smallest_arch(self.config)]
         out: Dict[float, BudgetChoice] = {}
         for b in sorted(set(float(x) for x in budgets), reverse=True):
@@ -326,19 +328,36 @@ class Router(nn.Module):
             target = b * full
             upper = min((a for a in chain if count(a) >= target), key=count)
             lower = max((a for a in chain if count(a) <= target), key=count, default=min(chain, key=count))
+            # ``between``: the trained budgets whose choices bound it (None: the space's smallest sub-model)
+            label = lambda arch: next((t for t, a in trained.items() if a == arch), None)
+            between = (label(lower), label(upper))
             logits = self.logits(lo if self.is_full(hi) else b)
-            idx = self._bounded_argmax(logits, upper, lower)
-            idx = self._move_to_target(idx, logits, upper, lower, target, tolerance)
-            arch = self._arch(idx)
+            # Three starts (the bounded argmax, the lower and the upper bound) walk to the target; a coarse axis (the
+            # hidden size) may only be reachable from one side. Keep the closest; among those on target, the one the
+            # router's logits prefer.
+            starts = [
+                self._bounded_argmax(logits, upper, lower),
+                self._bounded_argmax(logits, lower, lower),
+                self._bounded_argmax(logits, upper, upper),
+            ]
+            walks = [self._move_to_target(i, logits, upper, lower, target, tolerance) for i in starts]
+
+            def rank(idx):
+                miss = abs(count(self._arch(idx)) / target - 1)
+                score = sum(
+                    float(logits[a].gather(1, v.view(-1, 1).to(logits[a].device)).sum()) for a, v in idx.items()
+                )
+                return (max(miss - tolerance, 0.0), -score)
+
+            arch = self._arch(min(walks, key=rank))
             got = count(arch) / full
             if abs(got / b - 1) > 0.02:
                 warnings.warn(
-                    f"budget {b:g}: the closest sub-model nested between its neighbours has {got:.3f} of the parent's "
-                    f"parameters (the space's choices are too coarse here; add space.fractions)",
+                    f"budget {b:g}: the closest sub-model nested between its trained neighbours has {got:.3f} of the "
+                    f"parent's parameters (the space's choices are too coarse here; add space.fractions)",
                     stacklevel=2,
                 )
-            out[b] = BudgetChoice(arch, False, (lo, hi))
-            chain.append(arch)
+            out[b] = BudgetChoice(arch, False, between)
         return {b: out[float(b)] for b in budgets}
 
     def _move_to_target(self, idx, logits, upper, lower, target, tolerance):

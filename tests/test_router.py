@@ -193,9 +193,9 @@ def test_any_budget_between_trained_ones_is_nested_and_on_target():
     for b in (0.5, 0.75, 1.0):
         assert chosen[b].trained and chosen[b].arch == trained[b]
     assert [chosen[b].between for b in (0.55, 0.6, 0.7, 0.9)] == [(0.5, 0.75)] * 3 + [(0.75, 1.0)]
-    order = sorted(asked, reverse=True)
-    for big, small in zip(order, order[1:]):
-        assert chosen[small].arch.is_within(chosen[big].arch), (big, small)
+    for b in asked:  # nested between its trained neighbours
+        lo, hi = chosen[b].between
+        assert trained[lo].is_within(chosen[b].arch) and chosen[b].arch.is_within(trained[hi]), b
     for b in (0.6, 0.7, 0.9):
         assert arch_parameters(cfg, chosen[b].arch) / full == pytest.approx(b, rel=0.02), b
         assert not chosen[b].trained
