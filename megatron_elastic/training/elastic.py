@@ -7,8 +7,9 @@ Per optimizer step:
    stage's weights, one per micro-batch of the global batch; ``all``: every budget on every micro-batch).
 2. Megatron's forward/backward schedule runs the (student, frozen teacher) pair. In each micro-batch the
    router samples its budget's architecture with Gumbel noise fixed per (step, budget) (so every micro-batch,
-   TP rank and PP stage draws the same one), the student runs that sub-model with the router's
-   straight-through gates, and the loss is KD(teacher || student) (+ optional LM loss).
+   TP rank and PP stage draws the same one), nested inside the draw of every larger budget of the step
+   (``Router.sample_nested``), the student runs that sub-model with the router's straight-through gates, and the
+   loss is KD(teacher || student) (+ optional LM loss). A ``fixed_arch`` run trains one given sub-model instead.
 3. Router gradients are summed over pipeline stages (each stage gates its own layers) and averaged over
    data-parallel replicas; then the resource loss (every budget's expected parameter count vs its target)
    adds its gradient, and the router's Adam steps. The student steps with Megatron's optimizer.
