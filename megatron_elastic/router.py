@@ -245,9 +245,13 @@ class Router(nn.Module):
                 break
         return out
 
+    def _sizes(self, arch: ElasticArch, axis: str) -> List[int]:
+        """``arch``'s size on ``axis`` in every segment of the router."""
+        return [self._value_in(arch, axis, seg) for seg in self.segments[axis]]
+
     def _allowed(self, axis: str, within: ElasticArch, device=None) -> torch.Tensor:
         """``[segments, choices]``: True where the choice is no larger than ``within``'s size in that segment."""
-        limit = torch.tensor([self._value_in(within, axis, seg) for seg in self.segments[axis]])
+        limit = torch.tensor(self._sizes(within, axis))
         return (torch.tensor(self.choices[axis]).unsqueeze(0) <= limit.unsqueeze(1)).to(device)
 
     @torch.no_grad()
@@ -271,7 +275,7 @@ class Router(nn.Module):
             if within is not None:
                 allowed &= self._allowed(axis, within, lg.device)
             if containing is not None:
-                limit = torch.tensor([self._value_in(containing, axis, seg) for seg in self.segments[axis]])
+                limit = torch.tensor(self._sizes(containing, axis))
                 allowed &= (torch.tensor(self.choices[axis]).unsqueeze(0) >= limit.unsqueeze(1)).to(lg.device)
             idx[axis] = lg.masked_fill(~allowed, float("-inf")).argmax(-1)
         return idx
@@ -284,9 +288,6 @@ class Router(nn.Module):
             prev = out[b] = self.choose(b, within=prev)
         return out
 
-    def smallest_budget(self) -> float:
-        return min(self.budgets)
-
     @torch.no_grad()
     def choose_budgets(self, budgets: Sequence[float], tolerance: float = 0.01) -> Dict[float, "BudgetChoice"]:
         """The architecture of every fraction in ``budgets``: a trained budget's nested choice (``choose_all``), or
@@ -295,12 +296,12 @@ class Router(nn.Module):
         neighbours, so it nests between them) and then moved, one choice of one segment at a time, onto its
         parameter target (``tolerance``, relative). Untrained budgets are each nested between the trained ones, not
         in one another: a coarse axis (hidden size) would otherwise leave some targets unreachable. Towards the full
-        budget (which the router never sees) the logits of the largest trained
-        budget below it rank the moves. A budget above 1 or below the smallest trained budget raises
-        ``ConfigError``; a target the space's choices cannot reach within 2% warns."""
+        budget (which the router never sees) the logits of the largest trained budget below it rank the moves. A
+        budget above 1 or below the smallest trained budget raises ``ConfigError``; a target the space's choices
+        cannot reach within 2% warns."""
         trained = self.choose_all()
         trained.setdefault(1.0, ElasticArch.full(self.config))  # the whole elastic model, trained or not
-        lo_all = self.smallest_budget()
+        lo_all = min(self.budgets)
         for b in budgets:
             if not isinstance(b, (int, float)) or isinstance(b, bool) or not lo_all <= b <= 1.0:
                 raise ConfigError(
@@ -364,13 +365,8 @@ class Router(nn.Module):
         """Greedy: while the parameter count is off target by more than ``tolerance``, take the one-step move (one
         segment one choice smaller, or larger) inside [lower, upper] that brings the count closer at the least
         loss of logit per parameter moved; stop when no move gets closer."""
-        bounds = {
-            axis: (
-                [self.choices[axis].index(self._value_in(lower, axis, seg)) for seg in self.segments[axis]],
-                [self.choices[axis].index(self._value_in(upper, axis, seg)) for seg in self.segments[axis]],
-            )
-            for axis in idx
-        }
+        position = lambda arch, axis: [self.choices[axis].index(v) for v in self._sizes(arch, axis)]
+        bounds = {axis: (position(lower, axis), position(upper, axis)) for axis in idx}
         idx = {a: v.clone() for a, v in idx.items()}
         count = arch_parameters(self.config, self._arch(idx))
         while abs(count / target - 1) > tolerance:

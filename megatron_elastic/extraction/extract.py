@@ -10,7 +10,6 @@ and never materialised: peak memory is about one sub-model plus one parent tenso
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional
@@ -100,8 +99,6 @@ def budget_archs(router: Optional[Router], budgets: List[str], where: str = "") 
             fractions.append(float(b))
         except (TypeError, ValueError):
             raise ConfigError(f"--budget {b!r}: use a fraction such as 0.6, or 'all'") from None
-        if not math.isfinite(fractions[-1]):
-            raise ConfigError(f"--budget {b!r}: use a finite fraction such as 0.6, or 'all'")
     return {f"{f:g}": choice for f, choice in router.choose_budgets(fractions).items()}
 
 
@@ -115,17 +112,19 @@ def extract(
     config = src.config
     reader = CheckpointTensorReader(src.path)  # streams parent tensors: one full-size tensor alive at a time
     if arch_file:
-        with open(arch_file) as f:
-            archs = {os.path.splitext(os.path.basename(arch_file))[0]: ElasticArch.from_json(f.read())}
+        with open(arch_file) as f:  # name -> (architecture, what arch.json says of it besides its size)
+            archs = {os.path.splitext(os.path.basename(arch_file))[0]: (ElasticArch.from_json(f.read()), {})}
     else:
-        archs = budget_archs(src.router, budgets or ["all"], src.path)
+        archs = {
+            name: (c.arch, {"budget": name, "trained": c.trained, "between": list(c.between)})
+            for name, c in budget_archs(src.router, budgets or ["all"], src.path).items()
+        }
     full = arch_parameters(config, ElasticArch.full(config))
     rows = []
-    for name, choice in archs.items():
-        arch = (choice.arch if isinstance(choice, BudgetChoice) else choice).validate(config)
-        meta = {"parameters": arch_parameters(config, arch), "fraction": arch_parameters(config, arch) / full}
-        if isinstance(choice, BudgetChoice):
-            meta.update(budget=name, trained=choice.trained, between=list(choice.between))
+    for name, (arch, about) in archs.items():
+        arch = arch.validate(config)
+        count = arch_parameters(config, arch)
+        meta = {"parameters": count, "fraction": count / full, **about}
         dest = os.path.join(out, f"budget_{name}" if not arch_file else name)
         os.makedirs(dest, exist_ok=True)
         with open(os.path.join(dest, "arch.json"), "w") as f:

@@ -208,7 +208,7 @@ def _build_section(cls, section: str, values: Any):
         default = getattr(cls(), k)
         if v is None and isinstance(default, str):  # `field:` / `--set section.field=` left empty: unset
             v = ""
-        if isinstance(default, float) and not isinstance(default, bool) and isinstance(v, str):
+        if isinstance(default, float) and isinstance(v, str):
             v = _yaml_float(v, f"{section}.{k}")
         if (
             isinstance(default, bool) != isinstance(v, bool)
