@@ -162,11 +162,11 @@ def run_demo(args: argparse.Namespace) -> dict:
         esummary = _train_elastic(imp_dir, elastic_dir, data_dir, args, progress)
     with phase("zero-shot extraction of every budget (Megatron + Hugging Face)", extracted):
         rows_x = _extract_all(elastic_dir, extracted)
-    num_tokens = 8192 if args.quick else 65536
     with phase("evaluate every model on one held-out set and write the report"):
-        rows = evaluate_demo(out, parent_dir, imp_dir, rows_x, data_dir, esummary, num_tokens, progress=progress)
+        held_out = _report_eval_set(data_dir, 8192 if args.quick else 65536)
+        rows = evaluate_demo(out, parent_dir, imp_dir, rows_x, held_out, esummary, progress=progress)
     with phase("every budget after training: the Pareto curve (trained and untrained budgets)"):
-        curve = evaluate_budget_curve(out, elastic_dir, imp_dir, data_dir, esummary, num_tokens, progress)
+        curve = evaluate_budget_curve(out, elastic_dir, imp_dir, held_out, esummary, progress)
     total = time.time() - t0
     report = _write_demo_report(out, rows, esummary, phase.seconds, total, args, curve)
     print(f"\ndemo finished in {total:.0f} s; report: {report}; outputs in {out}")
@@ -186,19 +186,18 @@ def evaluate_demo(
     parent_dir: str,
     imp_dir: str,
     extracted_rows: List[dict],
-    data_dir: str,
+    held_out: tuple,
     esummary: dict,
-    num_tokens: int,
     progress: bool = True,
 ) -> List[dict]:
     """Rows for the report: the parent, every extracted budget, and each smaller budget's architecture sliced from
-    the sorted parent without training (the zero-shot pruning baseline)."""
+    the sorted parent without training (the zero-shot pruning baseline), on ``held_out`` (``_report_eval_set``)."""
     from tqdm import tqdm
 
     from megatron_elastic.evaluation import evaluate_checkpoint, evaluate_subnetworks
     from megatron_elastic.model.elastic_arch import ElasticArch
 
-    batches, bits = _report_eval_set(data_dir, num_tokens)
+    batches, bits = held_out
     print(f"  {sum(int(b['loss_mask'].sum()) for b in batches):,} held-out tokens (validation split, fixed order)")
     rows = []
     jobs = [("parent", "parent (pretrained)", parent_dir, None)]
@@ -226,13 +225,14 @@ def evaluate_demo(
 
 
 def evaluate_budget_curve(
-    out: str, elastic_dir: str, imp_dir: str, data_dir: str, esummary: dict, num_tokens: int, progress: bool = True
+    out: str, elastic_dir: str, imp_dir: str, held_out: tuple, esummary: dict, progress: bool = True
 ) -> List[dict]:
     """About 10 budgets from the smallest trained one to 1 (``evaluation.curve_budgets``), each zero-shot from the
-    elastic run and pruned from the sorted parent, on the report's held-out set; writes budget_curve.json."""
+    elastic run and pruned from the sorted parent, on the report's held-out set (``_report_eval_set``); writes
+    budget_curve.json."""
     from megatron_elastic.evaluation import budget_curve, budget_curve_markdown, curve_budgets
 
-    batches, bits = _report_eval_set(data_dir, num_tokens)
+    batches, bits = held_out
     budgets = curve_budgets([float(b) for b in esummary["budgets"]])
     rows = budget_curve(elastic_dir, os.path.join(imp_dir, "sorted"), budgets, batches, bits, progress)
     print(budget_curve_markdown(rows))

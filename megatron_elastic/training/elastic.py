@@ -312,11 +312,9 @@ def nested_draws(c: "ElasticComponents", step: int, tau: float, scale: float, on
     return c.router.sample_nested(tau, scale, lambda bi: noise_generator(seed, step, bi), only=only)
 
 
-def nesting_record(c: "ElasticComponents", step: int, tau: float, scale: float) -> Dict[str, float]:
-    """Per step: whether the sampled set is nested (checked on the architectures, ``ElasticArch.is_within``) and
-    whether the router's unmasked choices of the same noise would have been (1.0 / 0.0)."""
-    with torch.no_grad():
-        draws = nested_draws(c, step, tau, scale)
+def nesting_record(draws) -> Dict[str, float]:
+    """Per step, from its ``nested_draws``: whether the sampled set is nested (checked on the architectures,
+    ``ElasticArch.is_within``) and whether the router's unmasked choices of the same noise would have been."""
     order = sorted(draws, reverse=True)
     pairs = list(zip(order, order[1:]))
     return {
@@ -325,12 +323,12 @@ def nesting_record(c: "ElasticComponents", step: int, tau: float, scale: float) 
     }
 
 
-def router_resource_step(c: ElasticComponents, step: int, tau: float, scale: float) -> Dict[float, float]:
-    """Add the resource loss of every budget (same Gumbel noise as the step's KD samples) to the synced
-    router gradients and step the router. Returns each budget's expected parameter fraction."""
+def router_resource_step(c: ElasticComponents, draws) -> Dict[float, float]:
+    """Add the resource loss of every budget (``draws``: the step's ``nested_draws``, the same Gumbel noise as its
+    KD samples) to the synced router gradients and step the router. Returns each budget's expected parameter
+    fraction."""
     cfg = c.config
     losses, fractions = [], {}
-    draws = nested_draws(c, step, tau, scale)
     for b in cfg.budgets:
         probs = draws[b].probs
         if probs is None:  # the full budget: the parent itself
@@ -656,7 +654,8 @@ class ElasticRun:
         )
         c.pair.clear_cache()
         set_arch(c.student, None)
-        for k, v in nesting_record(c, step, tau, scale).items():
+        draws = nested_draws(c, step, tau, scale)  # the step's draws again, for the resource loss and the log
+        for k, v in nesting_record(draws).items():
             self.window[k].append(v)
         kd = _per_budget_means(losses, "kd", len(cfg.budgets))
         sync_router_grads(c.router, c.model_config.sequence_parallel)
@@ -667,7 +666,7 @@ class ElasticRun:
         else:
             state["bad_steps"] = 0
             ok, grad_norm, _ = c.optimizer.step()
-            expected = router_resource_step(c, step, tau, scale)
+            expected = router_resource_step(c, draws)
         c.scheduler.step(increment=1)
         tokens = stage.global_batch_size * stage.seq_length
         state["iteration"] = step
