@@ -149,14 +149,29 @@ def cmd_import_hf(args) -> int:
 def cmd_generate(args) -> int:
     import torch
 
-    from megatron_elastic.data.source import job_tokenizer_spec
     from megatron_elastic.data.tokenizer import load_tokenizer
     from megatron_elastic.serving.generate import ElasticServer
 
     server = ElasticServer.from_checkpoint(args.checkpoint)
-    tok = load_tokenizer(args.tokenizer or job_tokenizer_spec(server.job.get("data") or {}) or "byte")
-    budgets = sorted(server.archs, key=float, reverse=True) if args.budget == "all" else [args.budget]
+    tok = load_tokenizer(args.tokenizer) if args.tokenizer else server.tokenizer()
     prompt = torch.tensor([tok.tokenize(args.prompt)], dtype=torch.long)
+    if args.budget_schedule:
+        out = server.generate_scheduled(
+            prompt,
+            args.budget_schedule,
+            args.max_new_tokens,
+            tokenize=tok.tokenize,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            generator=torch.Generator().manual_seed(args.seed),
+        )
+        ids = out.tokens[0].tolist()
+        ends = [at for at, _ in out.switches[1:]] + [len(ids)]
+        for (at, budget), end in zip(out.switches, ends):
+            print(f"--- budget {budget} (tokens {at}-{end}):\n{tok.detokenize(ids[at:end])}")
+        print(f"--- all:\n{args.prompt}{tok.detokenize(ids)}")
+        return 0
+    budgets = sorted(server.archs, key=float, reverse=True) if args.budget == "all" else [args.budget]
     for b in budgets:
         out = server.generate(
             prompt,
@@ -300,6 +315,12 @@ def _generate_args(p) -> None:
         default="1",
         help="a budget fraction (a trained one, or any value between the smallest trained budget and 1: chosen "
         "zero-shot between its trained neighbours), or 'all' trained ones (default 1)",
+    )
+    p.add_argument(
+        "--budget-schedule",
+        metavar="SCHEDULE",
+        help="switch budgets during the generation (one weight copy; each switch re-prefills the context at the new "
+        "budget), e.g. '0.5 until </think>, then 1.0' or '0.5 for 128, then 1'; replaces --budget",
     )
     p.add_argument("--prompt", required=True, help="the prompt text")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from megatron_elastic.errors import ConfigError
 
@@ -44,6 +44,9 @@ class Curriculum:
     tau: Tuple[float, float] = (1.0, 0.05)
     logit_scale: Tuple[float, float] = (1.0, 10.0)
     seed: int = 1234
+    # Share of the micro-batches that train an untrained budget between the trained ones (our addition: every
+    # budget a user may extract later is then trained, not only interpolated); 0 trains the configured ones only.
+    between_share: float = 0.0
 
     def __post_init__(self):
         if not self.stages:
@@ -101,4 +104,20 @@ class Curriculum:
         run and every rank draw the same ones."""
         _, stage = self.stage_at(tokens_consumed)
         rng = random.Random(self.seed * 1_000_003 + step)
-        return rng.choices(self.budgets, weights=stage.budget_weights, k=n)
+        drawn = rng.choices(self.budgets, weights=stage.budget_weights, k=n)
+        between = self.between_budget(step)
+        if between is not None:
+            drawn = [between if rng.random() < self.between_share else b for b in drawn]
+        return drawn
+
+    def between_budget(self, step: int) -> Optional[float]:
+        """The step's untrained budget, uniform strictly between the smallest and the largest trained budget
+        (deterministic in (seed, step)); None when ``between_share`` is 0."""
+        if not self.between_share:
+            return None
+        lo, hi = min(self.budgets), max(self.budgets)
+        rng = random.Random(f"between:{self.seed}:{step}")
+        b = lo + (hi - lo) * rng.random()
+        while b in self.budgets:  # a trained budget (measure zero; floats do repeat)
+            b = lo + (hi - lo) * rng.random()
+        return b

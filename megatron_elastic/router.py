@@ -207,11 +207,13 @@ class Router(nn.Module):
         hard: bool = True,
         generator: Optional[torch.Generator] = None,
         within: Optional[ElasticArch] = None,
+        containing: Optional[ElasticArch] = None,
     ) -> "RouterSample":
         """A straight-through Gumbel-Softmax draw at temperature ``tau`` of the logits times ``scale``. With
         ``within``, choices larger than ``within``'s are masked out before the softmax (the draw is nested inside
-        it); ``free_arch`` keeps the unmasked choice of the same noise for the nesting log. Pass the same
-        ``generator`` state on every TP rank so all ranks draw the same architecture."""
+        it); with ``containing``, choices smaller than its (it nests in the draw). ``free_arch`` keeps the
+        unmasked choice of the same noise for the nesting log. Pass the same ``generator`` state on every TP rank
+        so all ranks draw the same architecture."""
         if self.is_full(budget) or self.fixed_arch is not None:
             arch = ElasticArch.full(self.config) if self.is_full(budget) else self.fixed_arch
             return RouterSample(arch, {}, None, arch)
@@ -220,8 +222,8 @@ class Router(nn.Module):
             u = torch.rand(lg.shape, generator=generator).to(lg.device).clamp_(1e-10, 1 - 1e-10)
             noisy = lg - torch.log(-torch.log(u))
             free[axis] = noisy.detach().argmax(-1)
-            if within is not None:
-                noisy = noisy.masked_fill(~self._allowed(axis, within, noisy.device), float("-inf"))
+            if within is not None or containing is not None:
+                noisy = noisy.masked_fill(~self._allowed(axis, within, containing, noisy.device), float("-inf"))
             y = F.softmax(noisy / tau, dim=-1)
             probs[axis] = y
             idx = y.argmax(-1)
@@ -231,28 +233,68 @@ class Router(nn.Module):
         return RouterSample(arch, self._gates(picks), probs, self._arch(free))
 
     def sample_nested(
-        self, tau: float, scale: float, generator_of: Callable[[int], torch.Generator], only: Optional[float] = None
+        self,
+        tau: float,
+        scale: float,
+        generator_of: Callable[[int], torch.Generator],
+        only: Optional[float] = None,
+        between: Optional[float] = None,
     ) -> Dict[float, "RouterSample"]:
         """Draw every budget from the largest down, each within the draw of the next larger one
-        (``generator_of(budget_index)`` gives each budget its noise). With ``only``, stop at that budget and keep
-        the autograd graph for it alone (the larger draws only bound it)."""
+        (``generator_of(budget_index)`` gives each budget its noise). ``between``, an untrained budget inside the
+        trained range, is drawn last (noise index ``len(budgets)``) within its larger trained neighbour's draw and
+        containing its smaller one's, so the whole set stays nested. With ``only``, keep the autograd graph for
+        that budget alone (the other draws only bound it) and stop once it is drawn."""
+        if between is not None:
+            self.neighbours(between)
+        grad = torch.is_grad_enabled()
         out, prev = {}, None
         for b in sorted(self.budgets, reverse=True):
-            with torch.set_grad_enabled(torch.is_grad_enabled() and (only is None or b == only)):
+            with torch.set_grad_enabled(grad and only in (None, b)):
                 s = out[b] = self.draw(b, tau, scale, generator=generator_of(self.budgets.index(b)), within=prev)
             prev = s.arch
             if b == only:
-                break
+                return out
+        if between is not None:
+            lo, hi = self.neighbours(between)
+            with torch.set_grad_enabled(grad and only in (None, between)):
+                out[between] = self.draw(
+                    between,
+                    tau,
+                    scale,
+                    generator=generator_of(len(self.budgets)),
+                    within=out[hi].arch,
+                    containing=out[lo].arch,
+                )
         return out
+
+    def neighbours(self, budget: float) -> Tuple[float, float]:
+        """The trained budgets just below and just above an untrained ``budget`` strictly inside their range."""
+        lower = [b for b in self.budgets if b < budget]
+        upper = [b for b in self.budgets if b > budget]
+        if budget in self.budgets or not lower or not upper:
+            raise ConfigError(
+                f"budget {budget} is not strictly between two trained budgets {sorted(self.budgets)} (an untrained "
+                f"budget to train in between)"
+            )
+        return max(lower), min(upper)
 
     def _sizes(self, arch: ElasticArch, axis: str) -> List[int]:
         """``arch``'s size on ``axis`` in every segment of the router."""
         return [self._value_in(arch, axis, seg) for seg in self.segments[axis]]
 
-    def _allowed(self, axis: str, within: ElasticArch, device=None) -> torch.Tensor:
-        """``[segments, choices]``: True where the choice is no larger than ``within``'s size in that segment."""
-        limit = torch.tensor(self._sizes(within, axis))
-        return (torch.tensor(self.choices[axis]).unsqueeze(0) <= limit.unsqueeze(1)).to(device)
+    def _allowed(
+        self, axis: str, within: Optional[ElasticArch], containing: Optional[ElasticArch] = None, device=None
+    ) -> torch.Tensor:
+        """``[segments, choices]``: True where the choice is no larger than ``within``'s size in that segment and
+        no smaller than ``containing``'s (either may be None: no bound on that side)."""
+        sizes = torch.tensor(self.choices[axis]).unsqueeze(0)
+        allowed = torch.ones(len(self.segments[axis]), sizes.shape[1], dtype=torch.bool)
+        if within is not None:
+            allowed &= sizes <= torch.tensor(self._sizes(within, axis)).unsqueeze(1)
+        if containing is not None:
+            allowed &= sizes >= torch.tensor(self._sizes(containing, axis)).unsqueeze(1)
+        return allowed.to(device)
 
     @torch.no_grad()
     def choose(
@@ -269,16 +311,10 @@ class Router(nn.Module):
         return self._arch(self._bounded_argmax(self.logits(budget), within, containing))
 
     def _bounded_argmax(self, logits, within, containing) -> Dict[str, torch.Tensor]:
-        idx = {}
-        for axis, lg in logits.items():
-            allowed = torch.ones_like(lg, dtype=torch.bool)
-            if within is not None:
-                allowed &= self._allowed(axis, within, lg.device)
-            if containing is not None:
-                limit = torch.tensor(self._sizes(containing, axis))
-                allowed &= (torch.tensor(self.choices[axis]).unsqueeze(0) >= limit.unsqueeze(1)).to(lg.device)
-            idx[axis] = lg.masked_fill(~allowed, float("-inf")).argmax(-1)
-        return idx
+        return {
+            axis: lg.masked_fill(~self._allowed(axis, within, containing, lg.device), float("-inf")).argmax(-1)
+            for axis, lg in logits.items()
+        }
 
     def choose_all(self) -> Dict[float, ElasticArch]:
         """``choose`` for every configured budget, largest first, each nested inside the next larger one: the

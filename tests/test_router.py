@@ -216,3 +216,68 @@ def test_a_fixed_architecture_router_only_gives_that_architecture():
     assert fixed.choose_all() == {0.75: arch}
     with pytest.raises(ValueError, match="fixed-architecture"):
         fixed.choose_budgets([0.8])
+
+
+def test_a_budget_between_is_drawn_between_its_neighbours_draws():
+    """``between``: the untrained budget's draw contains the smaller neighbour's draw and lies within the larger
+    one's on every step, whatever the router's logits (checked on the architectures, not on the mask)."""
+    cfg = None
+    for seed in range(3):
+        cfg, router = _router(seed=seed)
+        full = arch_parameters(cfg, ElasticArch.full(cfg))
+        for step in range(20):
+            for between in (0.6, 0.9):
+                gen = lambda bi: torch.Generator().manual_seed(step * 16 + bi)
+                draws = router.sample_nested(1.0, 1.0, gen, between=between)
+                lo, hi = router.neighbours(between)
+                assert list(draws) == [1.0, 0.75, 0.5, between]
+                assert draws[lo].arch.is_within(draws[between].arch) and draws[between].arch.is_within(draws[hi].arch)
+                n = [arch_parameters(cfg, draws[b].arch) for b in (lo, between, hi)]
+                assert n[0] <= n[1] <= n[2] <= full
+                # the trained draws are the ones without `between` (its noise comes last)
+                assert draws[0.5].arch == router.sample_nested(1.0, 1.0, gen)[0.5].arch
+    only = router.sample_nested(0.5, 1.0, lambda bi: torch.Generator().manual_seed(bi), only=0.6, between=0.6)
+    assert all(g.requires_grad for g in only[0.6].gates.values())
+    assert all(not g.requires_grad for g in only[0.5].gates.values())
+
+
+@pytest.mark.parametrize("bad", [0.75, 0.5, 1.0, 0.4])
+def test_a_budget_between_must_lie_strictly_between_trained_ones(bad):
+    _, router = _router()
+    with pytest.raises(ValueError, match="not strictly between two trained budgets"):
+        router.sample_nested(1.0, 1.0, lambda bi: torch.Generator().manual_seed(bi), between=bad)
+
+
+def _argmax_error_between(train_between: bool) -> float:
+    """Mean |size - budget| of the router's own bounded argmax (no walk onto the target) at 8 untrained budgets,
+    after 400 steps of resource loss alone at the trained budgets (and a random budget between them)."""
+    import random
+
+    cfg, router = _router(seed=1)
+    full = arch_parameters(cfg, ElasticArch.full(cfg))
+    opt = torch.optim.Adam(router.parameters(), lr=1e-2)
+    rng = random.Random(0)
+    for step in range(400):
+        tau = max(0.05, 1.0 - step / 300)
+        between = 0.5 + 0.5 * rng.random() if train_between else None
+        draws = router.sample_nested(
+            tau, 1.0, lambda bi: torch.Generator().manual_seed(step * 16 + bi), between=between
+        )
+        loss = sum(resource_loss(router.expected_parameters(d.probs), b * full) for b, d in draws.items() if d.probs)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    trained = router.choose_all()
+    errors = []
+    for b in (0.55, 0.6, 0.625, 0.7, 0.8, 0.85, 0.9, 0.95):
+        lo, hi = router.neighbours(b)
+        arch = router.choose(b, within=trained[hi], containing=trained[lo])
+        errors.append(abs(arch_parameters(cfg, arch) / full - b))
+    return sum(errors) / len(errors)
+
+
+def test_resource_loss_at_random_budgets_between_brings_untrained_budgets_towards_target():
+    """Training the interpolated inputs too moves the router's own choices at untrained budgets towards their
+    sizes (the toy space is coarse between 0.5 and 0.75, so not onto them: ``choose_budgets`` walks the rest)."""
+    with_between, without = _argmax_error_between(True), _argmax_error_between(False)
+    assert with_between < 0.75 * without, (with_between, without)

@@ -12,57 +12,8 @@ import torch
 from megatron_elastic.errors import UnknownBudgetError
 from megatron_elastic.model.elastic_arch import ElasticArch
 from megatron_elastic.model.elastic_model import use_arch
-
-
-def _context(batch: int, max_len: int):
-    from megatron.core.inference.contexts import StaticInferenceContext
-
-    return StaticInferenceContext(max_batch_size=batch, max_sequence_length=max_len)
-
-
-@torch.no_grad()
-def decode(
-    model,
-    prompt: torch.Tensor,
-    max_new_tokens: int,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    generator: Optional[torch.Generator] = None,
-    return_logits: bool = False,
-):
-    """Continue ``prompt`` ``[batch, seq]`` by ``max_new_tokens`` tokens with ``model`` (a Megatron hybrid LM at
-    TP=PP=1, plain or elastic at its current choice). Greedy when ``temperature == 0``, else sampled (optionally
-    from the ``top_k`` most likely). Returns the new tokens ``[batch, max_new_tokens]`` (and the logits that
-    chose each, ``[batch, max_new_tokens, vocab]``, with ``return_logits``)."""
-    was_training = model.training
-    model.eval()
-    batch, seq = prompt.shape
-    ctx = _context(batch, seq + max_new_tokens)
-    pos = torch.arange(seq, device=prompt.device).unsqueeze(0).expand(batch, -1)
-    logits = model(prompt, pos, None, inference_context=ctx, runtime_gather_output=True)[:, -1]
-    ctx.sequence_len_offset += seq
-    tokens, chosen_logits = [], []
-    for t in range(max_new_tokens):
-        chosen_logits.append(logits.float())
-        if temperature <= 0:
-            nxt = logits.argmax(-1)
-        else:
-            scores = logits.float() / temperature
-            if top_k:
-                kth = torch.topk(scores, min(top_k, scores.shape[-1]), dim=-1).values[..., -1:]
-                scores = scores.masked_fill(scores < kth, float("-inf"))
-            nxt = (
-                torch.multinomial(torch.softmax(scores, -1).cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
-            )
-        tokens.append(nxt)
-        if t + 1 == max_new_tokens:
-            break
-        p = torch.full((batch, 1), seq + t, device=prompt.device, dtype=torch.long)
-        logits = model(nxt[:, None], p, None, inference_context=ctx, runtime_gather_output=True)[:, -1]
-        ctx.sequence_len_offset += 1
-    model.train(was_training)
-    out = torch.stack(tokens, 1)
-    return (out, torch.stack(chosen_logits, 1)) if return_logits else out
+from megatron_elastic.serving.decode import decode
+from megatron_elastic.serving.schedule import BudgetSchedule, ScheduledGeneration, generate_scheduled
 
 
 class ElasticServer:
@@ -110,6 +61,32 @@ class ElasticServer:
     ):
         with use_arch(self.model, self.arch(budget)):
             return decode(self.model, prompt, max_new_tokens, **kwargs)
+
+    def generate_scheduled(
+        self,
+        prompt: torch.Tensor,
+        schedule: Union[str, BudgetSchedule],
+        max_new_tokens: int = 32,
+        tokenize=None,
+        **kwargs,
+    ) -> ScheduledGeneration:
+        """Decode one prompt ``[1, seq]`` switching budgets as ``schedule`` says (e.g. ``"0.5 until </think>, then
+        1.0"``; ``serving.schedule``); ``until`` texts become token ids with ``tokenize`` (default: the
+        checkpoint's tokenizer). Every budget is one this server serves (trained, or any between them)."""
+        if isinstance(schedule, str):
+            schedule = BudgetSchedule.parse(schedule)
+        for phase in schedule.phases:
+            self.arch(phase.budget)  # an unknown budget fails before any decoding
+        if schedule.needs_token_ids:
+            schedule = schedule.with_token_ids(tokenize or self.tokenizer().tokenize)
+        return generate_scheduled(self.model, self.arch, prompt, schedule, max_new_tokens, **kwargs)
+
+    def tokenizer(self):
+        """The tokenizer the checkpoint's training data was written with (``byte`` when it names none)."""
+        from megatron_elastic.data.source import job_tokenizer_spec
+        from megatron_elastic.data.tokenizer import load_tokenizer
+
+        return load_tokenizer(job_tokenizer_spec(self.job.get("data") or {}) or "byte")
 
     def resident_bytes(self) -> int:
         """Bytes of the one weight copy that serves every budget."""

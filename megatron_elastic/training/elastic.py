@@ -58,7 +58,7 @@ from megatron_elastic.training.checkpoint import (
     load_model_weights,
     save_checkpoint,
 )
-from megatron_elastic.training.elastic_config import ElasticJobConfig
+from megatron_elastic.training.elastic_config import MAX_BUDGETS, ElasticJobConfig
 from megatron_elastic.training.lm import batch_to_device, masked_mean
 from megatron_elastic.training.memory_check import check_this_gpu
 from megatron_elastic.training.metrics import MetricsLog
@@ -72,7 +72,9 @@ NOISE_SEED_STRIDE = 1_000_003
 
 
 def noise_generator(seed: int, step: int, budget_index: int) -> torch.Generator:
-    """The Gumbel-noise generator of (step, budget): identical on every rank and every micro-batch."""
+    """The Gumbel-noise generator of (step, budget): identical on every rank and every micro-batch. Slot
+    ``len(budgets)`` is the step's untrained budget between them (``MAX_BUDGETS`` keeps every index below 16)."""
+    assert 0 <= budget_index <= MAX_BUDGETS
     return torch.Generator().manual_seed((seed * NOISE_SEED_STRIDE + step) * 16 + budget_index)
 
 
@@ -238,9 +240,9 @@ def make_forward_step(c: ElasticComponents, step: int, tau: float, scale: float)
 
     def forward_step(data_iterator, model):
         item = next(data_iterator)
-        bi = item["budget_index"]
+        bi, budget = item["budget_index"], item["budget"]
         batch = batch_to_device(item["batch"])
-        drawn = nested_draws(c, step, tau, scale, only=cfg.budgets[bi])[cfg.budgets[bi]]
+        drawn = nested_draws(c, step, tau, scale, only=budget)[budget]
         set_arch(c.student, drawn.arch, drawn.gates)
         tokens = batch["tokens"]
         out = model(tokens, batch["position_ids"], None, cache_key=item["key"])
@@ -282,23 +284,28 @@ class StageData:
 
 
 def step_items(cfg: ElasticJobConfig, data: StageData, step: int, tokens: int, num_micro: int) -> List[dict]:
-    """The step's Megatron micro-batches on this rank: (data micro-batch, budget index, teacher cache key)."""
+    """The step's Megatron micro-batches on this rank: (data micro-batch, budget, its index in the per-budget
+    report - ``len(budgets)`` for the step's untrained budget between the trained ones -, teacher cache key)."""
     dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     n_b = len(cfg.budgets)
     items = []
     if cfg.distill.budgets_per_step == "all":
         for j in range(num_micro):
             batch = next(data.iterator)
-            items += [{"batch": batch, "budget_index": bi, "key": (step, j)} for bi in range(n_b)]
+            items += [
+                {"batch": batch, "budget": b, "budget_index": bi, "key": (step, j)} for bi, b in enumerate(cfg.budgets)
+            ]
     else:
         # One draw per global micro-batch in data order: the sampler gives rank r its j-th micro-batch from
         # global position j*dp + r, so every data-parallel layout trains the same (sample, budget) pairs.
         drawn = cfg.curriculum.sample_budgets(tokens, num_micro * dp, step)
         for j in range(num_micro):
+            b = drawn[j * dp + rank]
             items.append(
                 {
                     "batch": next(data.iterator),
-                    "budget_index": cfg.budgets.index(drawn[j * dp + rank]),
+                    "budget": b,
+                    "budget_index": cfg.budgets.index(b) if b in cfg.budgets else n_b,
                     "key": (step, j),
                 }
             )
@@ -306,10 +313,17 @@ def step_items(cfg: ElasticJobConfig, data: StageData, step: int, tokens: int, n
 
 
 def nested_draws(c: "ElasticComponents", step: int, tau: float, scale: float, only: Optional[float] = None):
-    """The step's nested Gumbel draws of every budget (``Router.sample_nested``): the same on every rank and
-    micro-batch, each smaller budget within the next larger one's draw."""
+    """The step's nested Gumbel draws of every budget (``Router.sample_nested``) and of the step's untrained budget
+    between them (``Curriculum.between_budget``, when trained): the same on every rank and micro-batch, each
+    smaller budget within the next larger one's draw."""
     seed = c.config.train.seed
-    return c.router.sample_nested(tau, scale, lambda bi: noise_generator(seed, step, bi), only=only)
+    return c.router.sample_nested(
+        tau,
+        scale,
+        lambda bi: noise_generator(seed, step, bi),
+        only=only,
+        between=c.config.curriculum.between_budget(step),
+    )
 
 
 def nesting_record(draws) -> Dict[str, float]:
@@ -329,8 +343,8 @@ def router_resource_step(c: ElasticComponents, draws) -> Dict[float, float]:
     fraction."""
     cfg = c.config
     losses, fractions = [], {}
-    for b in cfg.budgets:
-        probs = draws[b].probs
+    for b, d in draws.items():
+        probs = d.probs
         if probs is None:  # the full budget: the parent itself
             fractions[b] = 1.0
             continue
@@ -408,7 +422,7 @@ def sampled_share(c: ElasticComponents, archs: Dict[float, ElasticArch], draws: 
     with torch.no_grad():
         for k in range(draws):
             for b, d in nested_draws(c, cfg.train.train_iters + 1 + k, tau, scale).items():
-                hits[b] += int(d.arch == archs[b])
+                hits[b] += int(b in archs and d.arch == archs[b])
     return {b: hits[b] / draws for b in cfg.budgets}
 
 
@@ -657,7 +671,7 @@ class ElasticRun:
         draws = nested_draws(c, step, tau, scale)  # the step's draws again, for the resource loss and the log
         for k, v in nesting_record(draws).items():
             self.window[k].append(v)
-        kd = _per_budget_means(losses, "kd", len(cfg.budgets))
+        kd = _per_budget_means(losses, "kd", len(cfg.budgets) + 1)  # the last: the untrained budget between
         sync_router_grads(c.router, c.model_config.sequence_parallel)
         bad = _nonfinite_anywhere(kd, c.student, c.router)
         grad_norm, expected = None, {}
@@ -681,11 +695,14 @@ class ElasticRun:
                 f"the data), then rerun with --resume"
             )
         if kd is not None and not bad:
-            for b, v in zip(cfg.budgets, kd):
+            for name, v in zip([f"{b:g}" for b in cfg.budgets] + ["between"], kd):
                 if v is not None:
-                    self.window[f"kd/{b:g}"].append(v)
+                    self.window[f"kd/{name}"].append(v)
         for b, f in expected.items():
-            self.window[f"expected_params/{b:g}"].append(f)
+            if b in cfg.budgets:
+                self.window[f"expected_params/{b:g}"].append(f)
+            else:  # the step's untrained budget: how far its expected size is from its target
+                self.window["expected_params/between_offset"].append(f - b)
         if step % t.log_interval == 0 or step == t.train_iters:
             self._log_window(step, stage_index, stage, tau, scale, grad_norm)
 

@@ -147,6 +147,11 @@ class ElasticJobConfig:
             raise ConfigError("distill: temperature must be > 0 and lm_loss_weight >= 0")
         if d.budgets_per_step not in ("sample", "all"):
             raise ConfigError(f"distill.budgets_per_step: 'sample' or 'all', got {d.budgets_per_step!r}")
+        if self.curriculum.between_share and (d.budgets_per_step == "all" or self.fixed_arch):
+            raise ConfigError(
+                "curriculum.between_share: budgets between the trained ones are drawn per micro-batch; it needs "
+                "distill.budgets_per_step: sample and no fixed_arch (set between_share: 0 otherwise)"
+            )
         if not all(0 < f <= 1 for f in self.space.fractions + self.space.depth_fractions):
             raise ConfigError("space: fractions and depth_fractions must lie in (0, 1]")
         self.parallel.check()
@@ -157,6 +162,11 @@ class ElasticJobConfig:
                     f"curriculum stage {s.name!r}: global_batch_size ({s.global_batch_size}) must be a "
                     f"multiple of train.micro_batch_size*data_parallel_size ({t.micro_batch_size}*{dp})"
                 )
+
+
+# Each trained budget and the untrained one between them has its own Gumbel-noise slot per step
+# (``training.elastic.noise_generator``: 16 slots).
+MAX_BUDGETS = 15
 
 
 def _is_finite_number(v: Any) -> bool:
@@ -175,6 +185,8 @@ def _budgets(raw: Any) -> List[float]:
     b = [float(x) for x in raw]
     if len(set(b)) != len(b):
         raise ConfigError(f"budgets: must be distinct, got {b}")
+    if len(b) > MAX_BUDGETS:
+        raise ConfigError(f"budgets: at most {MAX_BUDGETS} trained budgets, got {len(b)}")
     return sorted(b, reverse=True)
 
 
@@ -203,9 +215,14 @@ def _curriculum(raw: Any, budgets: List[float], router: RouterConfig, seed: int)
         raise ConfigError(
             "curriculum: needs 'stages', a list of {name, tokens, seq_length, global_batch_size, budget_weights}"
         )
-    unknown = sorted(set(raw) - {"stages"})
+    unknown = sorted(set(raw) - {"stages", "between_share"})
     if unknown:
-        raise ConfigError(f"curriculum: unknown field(s) {unknown}; known: ['stages']")
+        raise ConfigError(f"curriculum: unknown field(s) {unknown}; known: ['between_share', 'stages']")
+    share = raw.get("between_share", 0.0)
+    if not _is_finite_number(share) or not 0 <= share < 1:
+        raise ConfigError(f"curriculum.between_share: a fraction in [0, 1), got {share!r}")
+    if share and len(budgets) < 2:
+        raise ConfigError("curriculum.between_share: needs at least two budgets to train budgets between them")
     stages = []
     keys = {f.name for f in dataclasses.fields(Stage)}
     for i, s in enumerate(raw["stages"]):
@@ -230,6 +247,7 @@ def _curriculum(raw: Any, budgets: List[float], router: RouterConfig, seed: int)
             tau=(router.tau_start, router.tau_end),
             logit_scale=(router.logit_scale_start, router.logit_scale_end),
             seed=seed,
+            between_share=float(share),
         )
     except ValueError as e:
         raise ConfigError(f"curriculum: {e} (budget_weights follow 'budgets', largest first)") from None

@@ -21,7 +21,7 @@ def _full_logits(model, ids):
 @pytest.mark.parametrize("seed", range(3))
 def test_decode_equals_rerunning_the_sequence(single_process_parallel, seed):
     from megatron_elastic.model.elastic_model import build_elastic_model, use_arch
-    from megatron_elastic.serving.generate import decode
+    from megatron_elastic.serving.decode import decode
 
     cfg = _cfg(mamba_chunk_size=4)  # prompts longer than a chunk and not a multiple of it
     torch.manual_seed(seed)

@@ -106,3 +106,46 @@ def test_fixed_arch_config_errors_name_the_fix(parent, tmp_path):
     good.write_text('{"hidden_size": 24}')
     with pytest.raises(ConfigError, match="exactly one entry below 1.0"):
         _config(parent, str(tmp_path), overrides=[f"fixed_arch={good}"])
+
+
+def test_budgets_between_the_trained_ones_are_trained_nested_between_them(
+    single_process_parallel, parent, tmp_path, monkeypatch
+):
+    """curriculum.between_share: some micro-batches run the step's untrained budget (``between_budget``); the
+    architecture the student ran for it contains the smaller trained neighbour's draw of that step and lies within
+    the larger one's (checked on the architectures); its KD loss and its size's offset are logged."""
+    from megatron_elastic.training import elastic
+
+    ran = []  # (budget the micro-batch trained, its nested draws of the step)
+    original = elastic.nested_draws
+
+    def recording(c, step, tau, scale, only=None):
+        draws = original(c, step, tau, scale, only=only)
+        if only is not None:
+            ran.append((step, only, draws, c.config.curriculum.between_budget(step)))
+        return draws
+
+    monkeypatch.setattr(elastic, "nested_draws", recording)
+    ckpt = str(tmp_path / "between")
+    elastic.train_elastic(_config(parent, ckpt, overrides=["curriculum.between_share=0.5"]), progress=False)
+    trained = {1.0, 0.75, 0.5}
+    untrained = [(step, b, d) for step, b, d, between in ran if b not in trained and b == between]
+    assert len(untrained) >= 4 and len(untrained) + sum(b in trained for _, b, _, _ in ran) == len(ran)
+    for step, b, draws in untrained:
+        lo, hi = max(t for t in trained if t < b), min(t for t in trained if t > b)
+        assert 0.5 < b < 1.0 and lo < b < hi
+        assert draws[lo].arch.is_within(draws[b].arch) and draws[b].arch.is_within(draws[hi].arch), step
+        assert all(g.requires_grad for g in draws[b].gates.values())
+    recs = _train_records(ckpt)
+    assert any("kd/between" in r for r in recs.values())
+    assert all("expected_params/between_offset" in r for r in recs.values())
+    assert all(r["sampled_nested"] == 1.0 for r in recs.values())
+
+
+def test_between_share_config_errors(parent, tmp_path):
+    from megatron_elastic.model.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"between_share: a fraction in \[0, 1\)"):
+        _config(parent, str(tmp_path), overrides=["curriculum.between_share=1.5"])
+    with pytest.raises(ConfigError, match="needs distill.budgets_per_step: sample"):
+        _config(parent, str(tmp_path), mode="all", overrides=["curriculum.between_share=0.25"]).validate(1)
