@@ -16,6 +16,16 @@ def _context(batch: int, max_len: int):
     return StaticInferenceContext(max_batch_size=batch, max_sequence_length=max_len)
 
 
+def inference_cache_bytes(ctx) -> int:
+    """Bytes of the attention KV cache and the Mamba conv and SSM states an inference context holds."""
+    return sum(
+        t.numel() * t.element_size()
+        for entry in ctx.key_value_memory_dict.values()
+        for t in (entry if isinstance(entry, (tuple, list)) else (entry,))
+        if torch.is_tensor(t)
+    )
+
+
 def _pick(logits: torch.Tensor, temperature: float, top_k: int, generator: Optional[torch.Generator]) -> torch.Tensor:
     """The next token of every row from its logits ``[batch, vocab]``: greedy at ``temperature == 0``, else
     sampled (optionally from the ``top_k`` most likely)."""
