@@ -1,6 +1,7 @@
 """The router (Nemotron Elastic §Router): a small network per elastic axis that maps a target budget to a
 choice on that axis, sampled with straight-through Gumbel-Softmax, plus the resource loss that pulls each
-budget's (expected) parameter count onto its target.
+budget's (expected) cost onto its target: parameters (the paper's), deployment memory at a context length or FLOPs
+per token (``model.cost``; a budget is a fraction of the parent's cost of the router's kind).
 
 * Input: one-hot over the configured budgets; a budget fraction between two configured ones is a linear
   interpolation of their one-hots (an untrained, intermediate budget).
@@ -15,10 +16,10 @@ budget's (expected) parameter count onto its target.
   exactly the family ``choose_all`` extracts (its noise-free limit).
 * Any budget after training: ``choose_budgets`` gives an untrained budget between two trained ones from the
   interpolated budget input, bounded by its trained neighbours (so nested between them) and moved onto its
-  parameter target.
-* ``expected_parameters``: the parameter count under the soft choice probabilities. The count is multilinear in
-  independent per-axis choices, so its expectation is the count at the expected sizes (and the kept-layer
-  probabilities); at a hard choice it equals :func:`megatron_elastic.model.cost.arch_parameters` exactly.
+  target.
+* ``expected_cost``: the cost under the soft choice probabilities. Every cost kind is multilinear in independent
+  per-axis choices, so its expectation is the cost at the expected sizes (and the kept-layer probabilities); at a
+  hard choice it equals ``cost.of(arch)`` exactly.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from torch import nn
 from megatron_elastic.compat import ATTENTION, MAMBA, MLP
 from megatron_elastic.errors import ConfigError
 from megatron_elastic.model.config import LAYER_FIELDS
-from megatron_elastic.model.cost import arch_parameters, layer_parameter_count, non_layer_parameters
+from megatron_elastic.model.cost import PARAMETERS, Cost
 from megatron_elastic.model.elastic_arch import AXIS_FIELD, AXIS_SYMBOL, ElasticArch
 
 AXES = ("hidden", *AXIS_FIELD, "depth")
@@ -128,7 +129,8 @@ class ElasticSpace:
 
 
 class Router(nn.Module):
-    """Budget -> per-axis choice logits. ``budgets`` are parameter fractions of the parent, e.g. (1, .75, .5)."""
+    """Budget -> per-axis choice logits. ``budgets`` are fractions of the parent's cost (``cost``, parameters by
+    default), e.g. (1, .75, .5)."""
 
     def __init__(
         self,
@@ -137,9 +139,13 @@ class Router(nn.Module):
         budgets: Sequence[float],
         hidden: int = 256,
         fixed_arch: Optional[ElasticArch] = None,
+        cost: Cost = PARAMETERS,
     ):
         super().__init__()
         self.config, self.space, self.budgets = config, space, [float(b) for b in budgets]
+        # What a budget bounds (``model.cost``): budgets are fractions of the parent's cost of this kind.
+        self.cost = cost
+        self.full_cost = float(cost.of(config, ElasticArch.full(config)))
         # A fixed-architecture run (the exact baseline): every budget below 1.0 is this sub-model, no search.
         self.fixed_arch = fixed_arch.validate(config) if fixed_arch is not None else None
         if sorted(self.budgets) != sorted(set(self.budgets)) or not all(0 < b <= 1 for b in self.budgets):
@@ -328,9 +334,9 @@ class Router(nn.Module):
     def choose_budgets(self, budgets: Sequence[float], tolerance: float = 0.01) -> Dict[float, "BudgetChoice"]:
         """The architecture of every fraction in ``budgets``: a trained budget's nested choice (``choose_all``), or
         for an untrained one between two trained budgets, the argmax of the router's logits at the interpolated
-        budget input, bounded by the nearest trained sub-models around its parameter target (normally its trained
+        budget input, bounded by the nearest trained sub-models around its target (normally its trained
         neighbours, so it nests between them) and then moved, one choice of one segment at a time, onto its
-        parameter target (``tolerance``, relative). Untrained budgets are each nested between the trained ones, not
+        target (``tolerance``, relative). Untrained budgets are each nested between the trained ones, not
         in one another: a coarse axis (hidden size) would otherwise leave some targets unreachable. Towards the full
         budget (which the router never sees) the logits of the largest trained budget below it rank the moves. A
         budget above 1 or below the smallest trained budget raises ``ConfigError``; a target the space's choices
@@ -344,11 +350,11 @@ class Router(nn.Module):
                     f"budget {b!r}: must be a fraction between the smallest trained budget {lo_all:g} and 1 (the "
                     f"router only interpolates between trained budgets {sorted(self.budgets)})"
                 )
-        full = arch_parameters(self.config, ElasticArch.full(self.config))
-        count = lambda a: arch_parameters(self.config, a)
+        full = self.full_cost
+        count = lambda a: self.cost.of(self.config, a)
         ordered = sorted(trained)
         # The bounds of an untrained budget: the nearest of the trained choices (nested), the full model and the
-        # space's smallest around its parameter target (normally its trained neighbours).
+        # space's smallest around its target (normally its trained neighbours).
         chain = [*trained.values(), self.space.smallest_arch(self.config)]
         out: Dict[float, BudgetChoice] = {}
         for b in sorted(set(float(x) for x in budgets), reverse=True):
@@ -404,7 +410,7 @@ class Router(nn.Module):
         position = lambda arch, axis: [self.choices[axis].index(v) for v in self._sizes(arch, axis)]
         bounds = {axis: (position(lower, axis), position(upper, axis)) for axis in idx}
         idx = {a: v.clone() for a, v in idx.items()}
-        count = arch_parameters(self.config, self._arch(idx))
+        count = self.cost.of(self.config, self._arch(idx))
         while abs(count / target - 1) > tolerance:
             step = -1 if count > target else 1
             best = None
@@ -415,7 +421,7 @@ class Router(nn.Module):
                     if not lo_b[k] <= new <= hi_b[k]:
                         continue
                     v[k] = new
-                    moved = arch_parameters(self.config, self._arch(idx))
+                    moved = self.cost.of(self.config, self._arch(idx))
                     v[k] = new - step
                     if abs(moved - target) >= abs(count - target):
                         continue
@@ -474,9 +480,10 @@ class Router(nn.Module):
                     gates.update({f"{axis}.{l}": g[k] for l in layers})
         return gates
 
-    def expected_parameters(self, probs: Dict[str, torch.Tensor]) -> torch.Tensor:
-        """Differentiable parameter count under per-axis choice probabilities ``probs`` (``[segments,
-        choices]`` each, rows summing to 1); equals the exact count when every row is one-hot."""
+    def expected_cost(self, probs: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """The router's cost kind (parameters by default), differentiable, under per-axis choice probabilities
+        ``probs`` (``[segments, choices]`` each, rows summing to 1); equals ``cost.of(arch)`` when every row is
+        one-hot."""
         cfg = self.config
         dev = next(self.parameters()).device
         val = lambda axis: (probs[axis] * torch.tensor(self.choices[axis], dtype=probs[axis].dtype, device=dev)).sum(-1)
@@ -499,13 +506,13 @@ class Router(nn.Module):
             return lambda layer: v[0] if segs == [-1] else v[segs.index(layer)]
 
         expected = {AXIS_FIELD[a]: per_layer(a, getattr(cfg, AXIS_FIELD[a])) for a in AXIS_FIELD}
-        total = non_layer_parameters(cfg, h)
+        total = self.cost.non_layer(cfg, h)
         for i, sym in enumerate(cfg.hybrid_pattern):
             layer_sizes = {field: expected[field](i) for field in LAYER_FIELDS[sym]}
-            total = total + keep[i] * layer_parameter_count(cfg, sym, h, layer_sizes)
+            total = total + keep[i] * self.cost.layer(cfg, sym, h, layer_sizes)
         return total
 
 
 def resource_loss(expected: torch.Tensor, target: float) -> torch.Tensor:
-    """Relative distance of the expected parameter count from the budget's target (|E[params]/target - 1|)."""
+    """Relative distance of the expected cost from the budget's target (|E[cost]/target - 1|)."""
     return (expected / target - 1.0).abs()

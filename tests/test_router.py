@@ -27,7 +27,7 @@ def test_expected_parameters_is_exact_at_hard_choices(heterogeneous):
         for s in range(3):
             arch, gates, probs = router.sample(budget, tau=0.5, generator=torch.Generator().manual_seed(s))
             hard = {a: F.one_hot(p.argmax(-1), p.shape[-1]).double() for a, p in probs.items()}
-            assert float(router.expected_parameters(hard)) == arch_parameters(cfg, arch)
+            assert float(router.expected_cost(hard)) == arch_parameters(cfg, arch)
             assert all(float(g.detach()) == pytest.approx(1.0) for g in gates.values())
 
 
@@ -42,16 +42,16 @@ def test_expected_parameter_gradient_matches_finite_differences():
     cfg, router = _router()
     router.double()
     probs_of = lambda: {a: F.softmax(lg, -1) for a, lg in router.logits(0.75).items()}
-    loss = router.expected_parameters(probs_of())
+    loss = router.expected_cost(probs_of())
     w = router.nets["ffn"][2].weight
     (g,) = torch.autograd.grad(loss, [w])
     eps = 1e-6
     for idx in [(0, 0), (3, 5), (7, 11)]:
         with torch.no_grad():
             w[idx] += eps
-            up = float(router.expected_parameters(probs_of()))
+            up = float(router.expected_cost(probs_of()))
             w[idx] -= 2 * eps
-            down = float(router.expected_parameters(probs_of()))
+            down = float(router.expected_cost(probs_of()))
             w[idx] += eps
         assert float(g[idx]) == pytest.approx((up - down) / (2 * eps), rel=1e-5, abs=1e-3)
 
@@ -76,7 +76,7 @@ def test_resource_loss_alone_lands_every_budget_within_two_percent():
         loss = 0
         for b in BUDGETS[1:]:  # 1.0 is the parent itself (the router is bypassed)
             _, _, probs = router.sample(b, tau=tau, generator=torch.Generator().manual_seed(step))
-            loss = loss + resource_loss(router.expected_parameters(probs), b * full)
+            loss = loss + resource_loss(router.expected_cost(probs), b * full)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -148,7 +148,7 @@ def _trained_router(seed=1, steps=300):
         tau = max(0.05, 1.0 - step / 250)
         draws = router.sample_nested(tau, 1.0, lambda bi: torch.Generator().manual_seed(step * 16 + bi))
         targets = {b: d.probs for b, d in draws.items() if d.probs is not None}
-        loss = sum(resource_loss(router.expected_parameters(p), b * full) for b, p in targets.items())
+        loss = sum(resource_loss(router.expected_cost(p), b * full) for b, p in targets.items())
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -263,7 +263,7 @@ def _argmax_error_between(train_between: bool) -> float:
         draws = router.sample_nested(
             tau, 1.0, lambda bi: torch.Generator().manual_seed(step * 16 + bi), between=between
         )
-        loss = sum(resource_loss(router.expected_parameters(d.probs), b * full) for b, d in draws.items() if d.probs)
+        loss = sum(resource_loss(router.expected_cost(d.probs), b * full) for b, d in draws.items() if d.probs)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -348,9 +348,9 @@ def router_resource_step(c: ElasticComponents, draws) -> Dict[float, float]:
         if probs is None:  # the full budget: the parent itself
             fractions[b] = 1.0
             continue
-        expected = c.router.expected_parameters(probs)
-        losses.append(resource_loss(expected, b * c.full_parameters))
-        fractions[b] = float(expected.detach()) / c.full_parameters
+        expected = c.router.expected_cost(probs)
+        losses.append(resource_loss(expected, b * c.router.full_cost))
+        fractions[b] = float(expected.detach()) / c.router.full_cost
     if losses:
         (cfg.router.loss_weight * torch.stack(losses).mean()).backward()
     c.router_optimizer.step()
@@ -427,7 +427,8 @@ def sampled_share(c: ElasticComponents, archs: Dict[float, ElasticArch], draws: 
 
 
 def _arch_summary(c: ElasticComponents, archs: Dict[float, ElasticArch]) -> Dict[str, float]:
-    return {f"{b:g}": arch_parameters(c.model_config, a) / c.full_parameters for b, a in archs.items()}
+    """Each budget's chosen architecture as a fraction of the parent's cost of the router's kind."""
+    return {f"{b:g}": c.router.cost.of(c.model_config, a) / c.router.full_cost for b, a in archs.items()}
 
 
 def train_elastic(
@@ -577,7 +578,7 @@ class ElasticRun:
         rec = {"iteration": it, "tokens": self.state["tokens"], **(self.bits.record() if it == 0 else {})}
         rec.update({f"valid_loss/{b:g}": v for b, v in losses.items()})
         rec.update({f"valid_bpb/{b:g}": self.bits(v) for b, v in losses.items()})
-        rec.update({f"chosen_params/{b}": v for b, v in _arch_summary(c, archs).items()})
+        rec.update({f"chosen_fraction/{b}": v for b, v in _arch_summary(c, archs).items()})
         self.metrics.log(rec)
         if self.is_logger:
             cells = "  ".join(
@@ -700,9 +701,9 @@ class ElasticRun:
                     self.window[f"kd/{name}"].append(v)
         for b, f in expected.items():
             if b in cfg.budgets:
-                self.window[f"expected_params/{b:g}"].append(f)
+                self.window[f"expected_fraction/{b:g}"].append(f)
             else:  # the step's untrained budget: how far its expected size is from its target
-                self.window["expected_params/between_offset"].append(f - b)
+                self.window["expected_fraction/between_offset"].append(f - b)
         if step % t.log_interval == 0 or step == t.train_iters:
             self._log_window(step, stage_index, stage, tau, scale, grad_norm)
 
@@ -744,7 +745,7 @@ class ElasticRun:
             "tokens_per_s": self.window_tokens / max(elapsed, 1e-9),
         }
         rec.update({k: float(np.mean(v)) for k, v in self.window.items()})
-        rec.update({f"chosen_params/{b}": v for b, v in _arch_summary(c, c.router.choose_all()).items()})
+        rec.update({f"chosen_fraction/{b}": v for b, v in _arch_summary(c, c.router.choose_all()).items()})
         self.metrics.log(rec)
         self.bar.set_postfix({f"kd{b:g}": f"{rec[f'kd/{b:g}']:.3f}" for b in self.cfg.budgets if f"kd/{b:g}" in rec})
         self.window, self.window_t0, self.window_tokens = defaultdict(list), time.time(), 0

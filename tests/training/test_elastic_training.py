@@ -85,7 +85,7 @@ def _assert_same_steps(got, ref, steps):
     assert sorted(got) == sorted(steps)
     for i in steps:
         for key, value in ref[i].items():
-            if key.startswith(("kd/", "expected_params/", "chosen_params/")) or key in ("lr", "router_lr", "tau"):
+            if key.startswith(("kd/", "expected_fraction/", "chosen_fraction/")) or key in ("lr", "router_lr", "tau"):
                 assert got[i][key] == pytest.approx(value, rel=1e-6, abs=1e-9), (i, key)
 
 
@@ -172,8 +172,8 @@ def _parallel_job(rank, world, parent, root, layouts):
 def _assert_same_losses(got, ref, steps, layout):
     assert sorted(got) == sorted(steps)
     for i in steps:
-        keys = [k for k in ref[i] if k.startswith(("kd/", "expected_params/", "chosen_params/"))]
-        assert keys and keys == [k for k in got[i] if k.startswith(("kd/", "expected_params/", "chosen_params/"))]
+        keys = [k for k in ref[i] if k.startswith(("kd/", "expected_fraction/", "chosen_fraction/"))]
+        assert keys and keys == [k for k in got[i] if k.startswith(("kd/", "expected_fraction/", "chosen_fraction/"))]
         for k in keys:
             assert got[i][k] == pytest.approx(ref[i][k], rel=1e-4, abs=1e-6), (layout, i, k)
 

@@ -120,5 +120,5 @@ def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_curve(pare
     assert sorted(got) == list(range(1, STEPS + 1))
     for step, want in reference.items():
         for key, value in want.items():
-            if key.startswith(("kd/", "expected_params/", "chosen_params/")) or key in ("lr", "router_lr", "tau"):
+            if key.startswith(("kd/", "expected_fraction/", "chosen_fraction/")) or key in ("lr", "router_lr", "tau"):
                 assert got[step][key] == pytest.approx(value, rel=1e-6, abs=1e-9), (step, key, kills)

@@ -138,7 +138,7 @@ def test_budgets_between_the_trained_ones_are_trained_nested_between_them(
         assert all(g.requires_grad for g in draws[b].gates.values())
     recs = _train_records(ckpt)
     assert any("kd/between" in r for r in recs.values())
-    assert all("expected_params/between_offset" in r for r in recs.values())
+    assert all("expected_fraction/between_offset" in r for r in recs.values())
     assert all(r["sampled_nested"] == 1.0 for r in recs.values())
 
 
