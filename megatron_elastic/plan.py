@@ -16,12 +16,12 @@ from typing import Dict, List, Optional
 
 import yaml
 
-from megatron_elastic.errors import PlanError
+from megatron_elastic.errors import ConfigError, PlanError
 from megatron_elastic.model.cost import arch_flops_per_token, arch_parameters, scaled_arch
 from megatron_elastic.model.elastic_arch import ElasticArch
 from megatron_elastic.model.kernels import MACHINES, KernelPath, teacher_kernels
 from megatron_elastic.model.memory import GIB, student_path
-from megatron_elastic.training.elastic_config import ElasticJobConfig, load_elastic_config
+from megatron_elastic.training.elastic_config import ElasticJobConfig, load_elastic_config, parent_model_config
 from megatron_elastic.training.memory_check import check_fits, stage_memory
 
 
@@ -86,25 +86,10 @@ def largest_admissible(config, target: float) -> ElasticArch:
 
 
 def _parent_config(cfg: ElasticJobConfig, config_dir: str):
-    from megatron_elastic.training.config import load_pretrain_config
-
-    ref = cfg.raw.get("plan_parent_config")
-    if ref:
-        path = ref if os.path.isabs(ref) else os.path.join(config_dir, ref)
-        job = load_pretrain_config(path)
-    else:
-        from megatron_elastic.training.checkpoint import latest_checkpoint
-        from megatron_elastic.training.runs import config_from_checkpoint
-
-        src = latest_checkpoint(cfg.sorted_checkpoint) if os.path.isdir(cfg.sorted_checkpoint) else None
-        if src is None:
-            raise PlanError(
-                f"plan: no parent architecture; set plan_parent_config (a parent YAML) or run importance "
-                f"into {cfg.parent} first"
-            )
-        job = config_from_checkpoint(src)
-    job.parallel = dataclasses.replace(cfg.parallel)
-    return job.model_config()
+    try:
+        return parent_model_config(cfg.raw, config_dir, cfg.parallel)
+    except ConfigError as e:
+        raise PlanError(f"plan: {e}") from None
 
 
 def make_plan(config_path: str, hw: Hardware, overrides: Optional[List[str]] = None, kernels: str = "fused") -> Plan:

@@ -22,6 +22,7 @@ from megatron_elastic.errors import CheckpointError
 from megatron_elastic.extraction.hf import save_hf_checkpoint
 from megatron_elastic.extraction.reader import CheckpointTensorReader
 from megatron_elastic.extraction.slicing import iter_sliced, sub_model_dict
+from megatron_elastic.model.budget import parse_kind
 from megatron_elastic.model.builder import build_hybrid_model
 from megatron_elastic.model.config import ConfigError
 from megatron_elastic.model.cost import arch_parameters
@@ -80,6 +81,7 @@ def load_source(checkpoint: str, with_model: bool = True) -> ElasticSource:
             state["budgets"],
             hidden=state["config"].get("router", {}).get("hidden", 256),
             fixed_arch=ElasticArch.from_dict(fixed) if fixed else None,
+            cost=parse_kind(state["config"].get("budget_kind", "params"), model_cfg),
         )
         router.load_state_dict(extra["router"])
     return ElasticSource(path, job, model_cfg, model, router)

@@ -91,6 +91,40 @@ def parse_budget(text: Union[str, float, int], config=None) -> Budget:
     raise ConfigError(f"budget {s!r}: write {SYNTAX}")
 
 
+KIND_SYNTAX = "params, memory@CONTEXT[xBATCH] (e.g. memory@32768x4) or flops@CONTEXT (e.g. flops@4096)"
+
+
+def parse_kind(text: str, config=None) -> Cost:
+    """A budget kind as a job config states it (``budget_kind``): ``params``, ``memory@32768x4`` or ``flops@4096``.
+    Memory counts ``config``'s dtype (2 bytes without a config)."""
+    s = str(text).strip()
+    if s == "params":
+        return PARAMETERS
+    m = re.fullmatch(r"memory@([0-9]+)(?:[xX]([0-9]+))?", s)
+    if m:
+        return ServingMemory(
+            _positive(m.group(1), s, "context"), _positive(m.group(2) or "1", s, "batch"), _dtype(config)
+        )
+    m = re.fullmatch(r"flops@([0-9]+)", s)
+    if m:
+        return FlopsPerToken(_positive(m.group(1), s, "context"))
+    raise ConfigError(f"budget_kind: {text!r}; write {KIND_SYNTAX}")
+
+
+def kind_text(cost: Cost) -> str:
+    """The inverse of :func:`parse_kind`."""
+    if cost.kind == "memory":
+        return f"memory@{cost.context}" + (f"x{cost.batch}" if cost.batch != 1 else "")
+    if cost.kind == "flops":
+        return f"flops@{cost.context}"
+    return "params"
+
+
+def same_kind(a: Cost, b: Cost) -> bool:
+    """Whether two costs measure the same thing (kind, context and batch; the dtype follows the model)."""
+    return kind_text(a) == kind_text(b)
+
+
 def _fraction(value: float, text: str) -> Budget:
     if not 0 < value <= 1:  # also refuses nan
         raise ConfigError(f"budget {text}: a parameter fraction must lie in (0, 1]; or write {SYNTAX}")

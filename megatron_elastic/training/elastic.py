@@ -28,7 +28,7 @@ import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -43,6 +43,7 @@ from megatron_elastic.data.loader import build_gpt_datasets, eval_bits_per_byte,
 from megatron_elastic.data.tokenizer import BitsPerByte
 from megatron_elastic.distill import kd_loss
 from megatron_elastic.errors import InputNotFoundError
+from megatron_elastic.model.budget import every_cost, kind_text
 from megatron_elastic.model.builder import build_hybrid_model
 from megatron_elastic.model.config import ConfigError
 from megatron_elastic.model.cost import arch_parameters
@@ -203,7 +204,9 @@ def build_elastic_components(cfg: ElasticJobConfig) -> ElasticComponents:
             )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)  # identical router on every rank
-        router = Router(model_cfg, space, cfg.budgets, cfg.router.hidden, _fixed_arch(cfg)).to(_device())
+        router = Router(
+            model_cfg, space, cfg.budgets, cfg.router.hidden, _fixed_arch(cfg), cost=cfg.cost(model_cfg)
+        ).to(_device())
     router_opt = torch.optim.Adam(router.parameters(), lr=cfg.router.lr)
     warm = cfg.router.warmup_iters
     router_sched = torch.optim.lr_scheduler.LambdaLR(router_opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
@@ -426,6 +429,12 @@ def sampled_share(c: ElasticComponents, archs: Dict[float, ElasticArch], draws: 
     return {b: hits[b] / draws for b in cfg.budgets}
 
 
+def report_shape(cost, cfg: ElasticJobConfig) -> Tuple[int, int]:
+    """(context, batch) at which reports state memory and FLOPs: the budget kind's own, else the longest stage's
+    sequence length and batch 1."""
+    return getattr(cost, "context", 0) or max(s.seq_length for s in cfg.curriculum.stages), getattr(cost, "batch", 1)
+
+
 def _arch_summary(c: ElasticComponents, archs: Dict[float, ElasticArch]) -> Dict[str, float]:
     """Each budget's chosen architecture as a fraction of the parent's cost of the router's kind."""
     return {f"{b:g}": c.router.cost.of(c.model_config, a) / c.router.full_cost for b, a in archs.items()}
@@ -565,9 +574,14 @@ class ElasticRun:
             f"{s.name}: {n} steps x {s.global_batch_size} x {s.seq_length}"
             for s, n in zip(cur.stages, self.cfg.stage_steps())
         )
+        kind = ""
+        if c.router.cost.kind != "params":
+            from megatron_elastic.model.budget import format_cost, kind_text
+
+            kind = f" of {kind_text(c.router.cost)} (the parent: {format_cost(c.router.full_cost, c.router.cost)})"
         print(
             f"parent {c.full_parameters:,} parameters; router {rp:,} ({100 * rp / c.full_parameters:.2f}%); "
-            f"budgets {self.cfg.budgets}; stages {stages}"
+            f"budgets {self.cfg.budgets}{kind}; stages {stages}"
         )
 
     def evaluate(self, it: int) -> Dict[float, float]:
@@ -787,10 +801,13 @@ class ElasticRun:
             # Share of nested draws at the final temperature that are exactly the extracted architectures (1.0: the
             # extracted sub-models are what training samples).
             "extracted_sampled": float(np.mean(list(sampled.values()))),
+            "budget_kind": kind_text(c.router.cost),
             "budgets": {
                 f"{b:g}": {
                     "parameters": arch_parameters(c.model_config, archs[b]),
                     "fraction": arch_parameters(c.model_config, archs[b]) / c.full_parameters,
+                    "cost_fraction": c.router.cost.of(c.model_config, archs[b]) / c.router.full_cost,
+                    "costs": every_cost(c.model_config, archs[b], *report_shape(c.router.cost, cfg)),
                     "valid_loss_before": before[b],
                     "valid_loss_after": after[b],
                     "extracted_sampled": sampled[b],

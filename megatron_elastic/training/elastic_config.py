@@ -2,7 +2,10 @@
 
 ``parent``      the importance output directory (``sorted/`` checkpoint + ``ranking.json``)
 ``plan_parent_config``  optional: a parent YAML (relative to this file) that ``plan`` reads before the parent exists
-``budgets``     parameter fractions of the parent, e.g. ``[1.0, 0.75, 0.5]``
+``budgets``     fractions of the parent's cost, e.g. ``[1.0, 0.75, 0.5]``, or budgets in the job's kind stated
+                absolutely (``[1.0, 6GiB@32768, 4GiB@32768]``: converted with the parent's architecture)
+``budget_kind`` what a budget bounds (``model.budget``): ``params`` (default, the paper's), ``memory@CONTEXT[xBATCH]``
+                (serving weights + KV caches + Mamba states) or ``flops@CONTEXT`` (forward FLOPs per token)
 ``fixed_arch``  optional: an ``ElasticArch`` JSON (e.g. an extracted budget's ``arch.json``); the run then trains
                 only that sub-model (and 1.0 if listed) under the one smaller budget, no router search (the
                 exact-architecture baseline)
@@ -21,7 +24,7 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import yaml
 
@@ -103,7 +106,15 @@ class ElasticJobConfig:
         default_factory=lambda: CheckpointConfig(dir="runs/elastic", save_interval=100)
     )
     fixed_arch: str = ""  # an ElasticArch JSON: train only this sub-model as the one budget below 1.0
+    budget_kind: str = "params"  # model.budget.parse_kind: params, memory@CONTEXT[xBATCH] or flops@CONTEXT
+    budget_labels: Dict[float, str] = field(default_factory=dict)  # fraction -> the budget as the config stated it
     raw: Dict[str, Any] = field(default_factory=dict)  # the resolved YAML mapping (stored in checkpoints)
+
+    def cost(self, model_config):
+        """What the budgets bound (``model.cost.Cost``), in ``model_config``'s dtype."""
+        from megatron_elastic.model.budget import parse_kind
+
+        return parse_kind(self.budget_kind, model_config)
 
     @property
     def sorted_checkpoint(self) -> str:
@@ -179,15 +190,48 @@ def _whole_number(v: Any, field: str) -> int:
     return int(v)
 
 
-def _budgets(raw: Any) -> List[float]:
-    if not isinstance(raw, list) or not raw or not all(_is_finite_number(b) and 0 < b <= 1 for b in raw):
-        raise ConfigError(f"budgets: a list of parameter fractions in (0, 1], e.g. [1.0, 0.75, 0.5]; got {raw!r}")
-    b = [float(x) for x in raw]
-    if len(set(b)) != len(b):
-        raise ConfigError(f"budgets: must be distinct, got {b}")
-    if len(b) > MAX_BUDGETS:
-        raise ConfigError(f"budgets: at most {MAX_BUDGETS} trained budgets, got {len(b)}")
-    return sorted(b, reverse=True)
+def _budgets(raw: Any, kind: Any, parent_model_config: Callable[[], Any]) -> Tuple[List[float], str, Dict[float, str]]:
+    """(fractions of the parent's cost, largest first; the budget kind; fraction -> the budget as stated). Absolute
+    budgets (``6GiB@32768``) must all be of one kind, the job's ``budget_kind`` (or set it), and are converted with
+    the parent's architecture (``parent_model_config()``)."""
+    from megatron_elastic.model.budget import format_cost, kind_text, parse_budget, parse_kind
+    from megatron_elastic.model.elastic_arch import ElasticArch
+
+    example = "e.g. [1.0, 0.75, 0.5] or, with budget_kind memory@32768, [1.0, 6GiB@32768, 4GiB@32768]"
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(f"budgets: a list of budgets, {example}; got {raw!r}")
+    if len(raw) > MAX_BUDGETS:
+        raise ConfigError(f"budgets: at most {MAX_BUDGETS} trained budgets, got {len(raw)}")
+    if not isinstance(kind, str):
+        raise ConfigError(f"budget_kind: a string such as params or memory@32768, got {kind!r}")
+    kind = kind_text(parse_kind(kind))  # checks it
+    try:
+        parsed = [parse_budget(b) for b in raw]
+    except ConfigError as e:
+        raise ConfigError(f"budgets: {e}") from None
+    stated = sorted({kind_text(b.cost) for b in parsed if b.kind != "params"})
+    if stated and (len(stated) > 1 or kind not in ("params", stated[0])):
+        raise ConfigError(
+            f"budgets: every absolute budget states the job's one kind (budget_kind: {kind}); got {stated}"
+        )
+    kind = stated[0] if stated else kind
+    fractions = [b.value for b in parsed]
+    if stated:
+        config = parent_model_config()
+        fractions = [
+            parse_budget(r, config).fraction(config) if b.kind != "params" else b.value for r, b in zip(raw, parsed)
+        ]
+        for r, f in zip(raw, fractions):
+            if not 0 < f <= 1:
+                full = parse_kind(kind, config).of(config, ElasticArch.full(config))
+                raise ConfigError(
+                    f"budgets: {r} is {f:.3f} of the parent ({format_cost(full, parse_kind(kind, config))}); a budget "
+                    f"is at most the parent (1.0)"
+                )
+    if len(set(fractions)) != len(fractions):
+        raise ConfigError(f"budgets: must be distinct, got {raw}")
+    labels = {f: str(r) for f, r in zip(fractions, raw) if isinstance(r, str)}
+    return sorted(fractions, reverse=True), kind, labels
 
 
 def _check_fixed_arch(path: Any, budgets: List[float]) -> None:
@@ -258,6 +302,7 @@ SECTIONS = {
     "fixed_arch",
     "plan_parent_config",
     "budgets",
+    "budget_kind",
     "space",
     "router",
     "distill",
@@ -274,7 +319,8 @@ def load_elastic_config(
 ) -> ElasticJobConfig:
     """Load an elastic job config from ``path`` (or ``text``) with ``section.field=value`` overrides."""
     raw = read_config_mapping(path, text)
-    scalar_overrides = [o for o in overrides or [] if o.split("=", 1)[0] in ("parent", "budgets", "fixed_arch")]
+    scalars = ("parent", "budgets", "budget_kind", "fixed_arch", "plan_parent_config")
+    scalar_overrides = [o for o in overrides or [] if o.split("=", 1)[0] in scalars]
     for o in scalar_overrides:
         k, v = o.split("=", 1)
         raw[k] = yaml.safe_load(v)
@@ -284,7 +330,12 @@ def load_elastic_config(
         raise ConfigError(f"config: unknown section(s) {unknown}; known: {sorted(SECTIONS)}")
     if not isinstance(raw.get("parent"), str):
         raise ConfigError("parent: the importance output directory (written by `megatron-elastic importance --out`)")
-    budgets = _budgets(raw.get("budgets"))
+    config_dir = os.path.dirname(os.path.abspath(path)) if path else os.getcwd()
+    budgets, budget_kind, labels = _budgets(
+        raw.get("budgets"),
+        raw.get("budget_kind", "params"),
+        lambda: parent_model_config(raw, config_dir, _build_section(ParallelConfig, "parallel", raw.get("parallel"))),
+    )
     fixed_arch = raw.get("fixed_arch") or ""
     if fixed_arch:
         _check_fixed_arch(fixed_arch, budgets)
@@ -297,6 +348,8 @@ def load_elastic_config(
     cfg = ElasticJobConfig(
         parent=raw["parent"],
         budgets=budgets,
+        budget_kind=budget_kind,
+        budget_labels=labels,
         fixed_arch=fixed_arch,
         curriculum=_curriculum(raw.get("curriculum"), budgets, router, train.seed),
         space=_build_section(SpaceConfig, "space", raw.get("space")),
@@ -317,3 +370,26 @@ def load_elastic_config(
     if not 0 <= cfg.train.lr_warmup_iters < cfg.train.train_iters:
         raise ConfigError(f"train.lr_warmup_iters: must be in [0, {cfg.train.train_iters}) (the run's steps)")
     return cfg
+
+
+def parent_model_config(raw: Dict[str, Any], config_dir: str, parallel: ParallelConfig):
+    """The parent's model config: ``plan_parent_config`` (a parent YAML, relative to the job config's directory) or
+    the sorted checkpoint in ``parent`` (``importance --out``), at the job's parallel layout."""
+    from megatron_elastic.training.checkpoint import latest_checkpoint
+    from megatron_elastic.training.config import load_pretrain_config
+    from megatron_elastic.training.runs import config_from_checkpoint
+
+    ref = raw.get("plan_parent_config")
+    sorted_dir = os.path.join(str(raw.get("parent", "")), "sorted")
+    if ref:
+        job = load_pretrain_config(ref if os.path.isabs(ref) else os.path.join(config_dir, ref))
+    else:
+        src = latest_checkpoint(sorted_dir) if os.path.isdir(sorted_dir) else None
+        if src is None:
+            raise ConfigError(
+                f"no parent architecture: set plan_parent_config (a parent YAML) or run importance into "
+                f"{raw.get('parent')} first"
+            )
+        job = config_from_checkpoint(src)
+    job.parallel = dataclasses.replace(parallel)
+    return job.model_config()

@@ -1,0 +1,71 @@
+"""A job states what its budgets bound (``budget_kind``): the router trains and is saved with that kind, and
+absolute budgets (``6GiB@32768``) become fractions of the parent's cost of that kind, computed from the parent's
+architecture independently here."""
+
+import os
+
+import pytest
+
+from tests.training.test_elastic_training import _config
+
+
+def _parent_model_config(parent):
+    from megatron_elastic.training.checkpoint import latest_checkpoint
+    from megatron_elastic.training.runs import config_from_checkpoint
+
+    return config_from_checkpoint(latest_checkpoint(os.path.join(parent, "sorted"))).model_config()
+
+
+def test_absolute_memory_budgets_become_fractions_of_the_parent(parent, tmp_path):
+    from megatron_elastic.model.cost import ServingMemory, dtype_bytes
+    from megatron_elastic.model.elastic_arch import ElasticArch
+
+    config = _parent_model_config(parent)
+    full = ServingMemory(64, 2, dtype_bytes(config)).of(config, ElasticArch.full(config))
+    stated = f"{0.6 * full / 2**10:.3f}KiB@64x2"
+    cfg = _config(parent, str(tmp_path), overrides=[f"budgets=[1.0, '{stated}', 0.5]"])
+    assert cfg.budget_kind == "memory@64x2"
+    assert cfg.budgets[0] == 1.0 and cfg.budgets[2] == 0.5
+    assert cfg.budgets[1] == pytest.approx(0.6, rel=1e-4)
+    assert cfg.budget_labels[cfg.budgets[1]] == stated
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["budget_kind=memory"], "budget_kind: 'memory'"),
+        (["budgets=[1.0, 1GiB@64, 2GFLOP@64]"], "one kind"),
+        (["budget_kind=flops@64", "budgets=[1.0, 1GiB@64]"], "one kind"),
+        (["budgets=[1.0, 1TiB@64]"], "at most the parent"),
+        (["budgets=[1.0, fast]"], "budgets: budget 'fast'"),
+    ],
+)
+def test_budget_kind_errors_name_the_fix(parent, tmp_path, overrides, message):
+    from megatron_elastic.model.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message) as e:
+        _config(parent, str(tmp_path), overrides=overrides)
+    assert "\n" not in str(e.value)
+
+
+def test_a_memory_budget_run_trains_and_saves_its_kind(single_process_parallel, parent, tmp_path):
+    """The router of a ``memory@64x2`` run pulls the expected memory of each budget (not its parameters) towards
+    the target and the checkpoint's router comes back with that kind, so extraction chooses in memory."""
+    from megatron_elastic.extraction.extract import load_source
+    from megatron_elastic.model.cost import ServingMemory, dtype_bytes
+    from megatron_elastic.model.elastic_arch import ElasticArch
+    from megatron_elastic.training.elastic import train_elastic
+
+    ckpt = str(tmp_path / "mem")
+    summary = train_elastic(_config(parent, ckpt, overrides=["budget_kind=memory@64x2"]), progress=False)
+    src = load_source(ckpt)
+    config = src.config
+    cost = ServingMemory(64, 2, dtype_bytes(config))
+    assert src.router.cost.to_dict() == cost.to_dict()
+    assert src.router.full_cost == cost.of(config, ElasticArch.full(config))
+    chosen = src.router.choose_all()
+    # the run's summary reports the chosen fractions in memory, computed here independently
+    for b, arch in chosen.items():
+        got = summary["budgets"][f"{b:g}"]
+        assert got["cost_fraction"] == pytest.approx(cost.of(config, arch) / src.router.full_cost)
+        assert got["costs"]["memory_bytes"] == pytest.approx(cost.of(config, arch))
