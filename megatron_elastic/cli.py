@@ -106,6 +106,7 @@ def cmd_train(args) -> int:
 
 def cmd_extract(args) -> int:
     from megatron_elastic.extraction.extract import extract
+    from megatron_elastic.model.budget import format_costs
 
     if args.arch and args.budget:
         from megatron_elastic.errors import ConfigError
@@ -118,11 +119,14 @@ def cmd_extract(args) -> int:
         arch_file=args.arch,
         fmt=args.format,
     )
-    print(f"{'sub-model':>10} {'parameters':>12} {'fraction':>8} {'trained':>7}  outputs")
+    head = f"{'sub-model':>14} {'parameters':>12} {'fraction':>8} {'memory':>18} {'FLOPs/token':>18} {'trained':>7}"
+    print(f"{head}  outputs")
     for r in rows:
         outs = ", ".join(r[k] for k in ("megatron", "hf") if k in r)
         trained = {True: "yes", False: "no"}.get(r.get("trained"), "-")
-        print(f"{r['name']:>10} {r['parameters']:>12,} {r['fraction']:>8.3f} {trained:>7}  {outs}")
+        memory, flops = format_costs(r["costs"])
+        size = f"{r['parameters']:>12,} {r['fraction']:>8.3f} {memory:>18} {flops:>18}"
+        print(f"{r['name']:>14} {size} {trained:>7}  {outs}")
     if rows and "tokenizer" in rows[0]:
         print(f"tokenizer in the Hugging Face exports: {rows[0]['tokenizer']}")
     return 0
@@ -150,6 +154,8 @@ def cmd_generate(args) -> int:
     import torch
 
     from megatron_elastic.data.tokenizer import load_tokenizer
+    from megatron_elastic.model.budget import describe_costs, every_cost, report_shape, stated_costs
+    from megatron_elastic.model.elastic_arch import ElasticArch
     from megatron_elastic.serving.generate import ElasticServer
 
     server = ElasticServer.from_checkpoint(args.checkpoint)
@@ -172,7 +178,13 @@ def cmd_generate(args) -> int:
         print(f"--- all:\n{args.prompt}{tok.detokenize(ids)}")
         return 0
     budgets = sorted(server.archs, key=float, reverse=True) if args.budget == "all" else [args.budget]
+    full = ElasticArch.full(server.model.config)
+    kinds = [server.router.cost] if server.router is not None else []
     for b in budgets:
+        arch = server.arch(b)
+        shape = report_shape([*stated_costs(b), *kinds], prompt.shape[1] + args.max_new_tokens)
+        costs, ref = every_cost(server.model.config, arch, *shape), every_cost(server.model.config, full, *shape)
+        print(f"budget {b}: {describe_costs(costs)} ({costs['params'] / ref['params']:.3f} of the parent's parameters)")
         out = server.generate(
             prompt,
             b,
@@ -285,9 +297,10 @@ def _extract_args(p) -> None:
     p.add_argument(
         "--budget",
         action="append",
-        help="a budget fraction: a trained one (e.g. 0.5), any value between the smallest trained budget and 1 "
-        "(chosen zero-shot between its trained neighbours, marked trained=false in arch.json), or 'all' trained "
-        "ones (repeatable; default all)",
+        help="a budget: a fraction, trained (e.g. 0.5) or any value between the smallest trained budget and 1 "
+        "(chosen zero-shot between its trained neighbours, marked trained=false in arch.json); memory at a context "
+        "[x batch] (6GiB@32768x4) or FLOPs per token (1.5GFLOP@4096): the largest sub-model within it; or 'all' "
+        "trained ones (repeatable; default all)",
     )
     p.add_argument("--arch", help="an architecture JSON (ElasticArch.to_json) instead of the router's choice")
     p.add_argument("--format", choices=["megatron", "hf", "both"], default="both", help="what to write (default both)")
@@ -313,8 +326,9 @@ def _generate_args(p) -> None:
     p.add_argument(
         "--budget",
         default="1",
-        help="a budget fraction (a trained one, or any value between the smallest trained budget and 1: chosen "
-        "zero-shot between its trained neighbours), or 'all' trained ones (default 1)",
+        help="a budget: a fraction (a trained one, or any value between the smallest trained budget and 1: chosen "
+        "zero-shot between its trained neighbours), memory at a context [x batch] (6GiB@32768) or FLOPs per token "
+        "(1.5GFLOP@4096), or 'all' trained ones (default 1)",
     )
     p.add_argument(
         "--budget-schedule",

@@ -22,7 +22,17 @@ from megatron_elastic.errors import CheckpointError
 from megatron_elastic.extraction.hf import save_hf_checkpoint
 from megatron_elastic.extraction.reader import CheckpointTensorReader
 from megatron_elastic.extraction.slicing import iter_sliced, sub_model_dict
-from megatron_elastic.model.budget import parse_kind
+from megatron_elastic.model.budget import (
+    Budget,
+    every_cost,
+    format_cost,
+    kind_text,
+    parse_budget,
+    parse_kind,
+    report_shape,
+    same_kind,
+    stated_costs,
+)
 from megatron_elastic.model.builder import build_hybrid_model
 from megatron_elastic.model.config import ConfigError
 from megatron_elastic.model.cost import arch_parameters
@@ -88,20 +98,56 @@ def load_source(checkpoint: str, with_model: bool = True) -> ElasticSource:
 
 
 def budget_archs(router: Optional[Router], budgets: List[str], where: str = "") -> Dict[str, BudgetChoice]:
-    """Name -> the router's choice for each requested budget: ``all`` (every trained budget, nested) or fractions,
-    trained or not (``Router.choose_budgets``: an untrained one between its trained neighbours, zero-shot).
-    Bad values (not a number, above 1, below the smallest trained budget) raise a one-line ``ConfigError``."""
+    """Name -> the router's choice for each requested budget: ``all`` (every trained budget, nested), fractions of
+    the router's kind, trained or not (``Router.choose_budgets``: an untrained one between its trained neighbours,
+    zero-shot), or budgets stated in any kind (``model.budget``: ``6GiB@32768``, ``1.5GFLOP@4096``): one of the
+    router's own kind is its fraction of the parent; another kind gets the largest sub-model the router gives whose
+    cost of that kind is within it (:func:`fraction_within`). Bad values raise a one-line ``ConfigError``."""
     if router is None:
         raise ConfigError(f"{where} has no router (not an elastic-training checkpoint); pass --arch FILE.json")
     if budgets == ["all"]:
         return {f"{b:g}": BudgetChoice(a, True, (b, b)) for b, a in router.choose_all().items()}
-    fractions = []
-    for b in budgets:
+    named = {}
+    for text in budgets:
         try:
-            fractions.append(float(b))
-        except (TypeError, ValueError):
-            raise ConfigError(f"--budget {b!r}: use a fraction such as 0.6, or 'all'") from None
-    return {f"{f:g}": choice for f, choice in router.choose_budgets(fractions).items()}
+            stated = parse_budget(text, router.config)
+        except ConfigError as e:
+            raise ConfigError(f"--budget: {e}, or 'all'") from None
+        if stated.kind == "params" and router.cost.kind == "params" or same_kind(stated.cost, router.cost):
+            named[_name(text, stated)] = stated.fraction(router.config)
+        elif stated.kind == "params":
+            raise ConfigError(
+                f"--budget {text}: this router's budgets are fractions of {kind_text(router.cost)}; state a parameter "
+                f"budget another way (e.g. its memory, {format_cost(router.full_cost / 2, router.cost)})"
+            )
+        else:
+            named[_name(text, stated)] = fraction_within(router, stated)
+    choices = router.choose_budgets(sorted(set(named.values()), reverse=True))
+    return {name: choices[f] for name, f in named.items()}
+
+
+def _name(text: str, stated: Budget) -> str:
+    return f"{stated.value:g}" if stated.kind == "params" else str(text).strip()
+
+
+def fraction_within(router: Router, stated: Budget, steps: int = 24) -> float:
+    """The largest budget fraction of ``router``'s kind whose chosen sub-model costs at most ``stated`` in its own
+    kind (bisection: a larger fraction's sub-model contains a smaller one's choices, so the cost grows with it);
+    1.0 when the parent itself fits. A budget below the smallest trained sub-model's cost is a ``ConfigError``."""
+    config, target = router.config, stated.target(router.config)
+    cost_at = lambda f: float(stated.cost.of(config, router.choose_budgets([f])[f].arch))
+    lo, hi = min(router.budgets), 1.0
+    if cost_at(hi) <= target:
+        return hi
+    if cost_at(lo) > target:
+        raise ConfigError(
+            f"--budget {stated}: the smallest sub-model this router gives (budget {lo:g}) needs "
+            f"{format_cost(cost_at(lo), stated.cost)}; state a larger budget"
+        )
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cost_at(mid) <= target else (lo, mid)
+    return lo
 
 
 def extract(
@@ -122,11 +168,13 @@ def extract(
             for name, c in budget_archs(src.router, budgets or ["all"], src.path).items()
         }
     full = arch_parameters(config, ElasticArch.full(config))
+    kinds = [src.router.cost] if src.router is not None else []
     rows = []
     for name, (arch, about) in archs.items():
         arch = arch.validate(config)
         count = arch_parameters(config, arch)
-        meta = {"parameters": count, "fraction": count / full, **about}
+        shape = report_shape([*stated_costs(name), *kinds], src.job["data"]["seq_length"])
+        meta = {"parameters": count, "fraction": count / full, **about, "costs": every_cost(config, arch, *shape)}
         dest = os.path.join(out, f"budget_{name}" if not arch_file else name)
         os.makedirs(dest, exist_ok=True)
         with open(os.path.join(dest, "arch.json"), "w") as f:

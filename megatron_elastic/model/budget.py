@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Dict, Optional, Union
+from typing import Any, Dict, Sequence, Tuple, Union
 
 from megatron_elastic.errors import ConfigError
 from megatron_elastic.model.cost import PARAMETERS, Cost, FlopsPerToken, ServingMemory, dtype_bytes
@@ -166,16 +166,42 @@ def every_cost(config, arch: ElasticArch, context: int, batch: int = 1) -> Dict[
         "params": float(PARAMETERS.of(config, arch)),
         "memory_bytes": float(ServingMemory(context, batch, _dtype(config)).of(config, arch)),
         "flops_per_token": float(FlopsPerToken(context).of(config, arch)),
+        "context": int(context),
+        "batch": int(batch),
     }
 
 
-def describe_costs(config, arch: ElasticArch, context: int, batch: int = 1, full: Optional[ElasticArch] = None) -> str:
-    """``every_cost`` in one line (with each kind's fraction of ``full``'s, when given)."""
-    costs = every_cost(config, arch, context, batch)
-    kinds = (PARAMETERS, ServingMemory(context, batch, _dtype(config)), FlopsPerToken(context))
-    ref = every_cost(config, full, context, batch) if full is not None else None
-    parts = []
-    for (key, value), cost in zip(costs.items(), kinds):
-        text = format_cost(value, cost)
-        parts.append(f"{text} ({value / ref[key]:.3f})" if ref else text)
-    return ", ".join(parts)
+def describe_costs(costs: Dict[str, Any]) -> str:
+    """An ``every_cost`` record in one line: parameters, memory and FLOPs per token at its context."""
+    return ", ".join([format_cost(costs["params"], PARAMETERS), *format_costs(costs)])
+
+
+def report_shape(costs: Sequence[Cost], default_context: int) -> Tuple[int, int]:
+    """(context, batch) at which a report states memory and FLOPs: the first of ``costs`` that has a context (a
+    stated budget's, the router's kind), else ``default_context`` and batch 1."""
+    for cost in costs:
+        if getattr(cost, "context", 0):
+            return cost.context, getattr(cost, "batch", 1)
+    return int(default_context), 1
+
+
+def format_costs(costs: Dict[str, Any]) -> Tuple[str, str]:
+    """(memory, FLOPs per token) of an ``every_cost`` record with its context, for tables."""
+    memory = ServingMemory(costs["context"], costs["batch"], 2)
+    return format_cost(costs["memory_bytes"], memory), format_cost(
+        costs["flops_per_token"], FlopsPerToken(costs["context"])
+    )
+
+
+def stated_costs(*texts: Any) -> list:
+    """The cost kinds that budget texts state (``6GiB@32768`` -> its memory kind; fractions and other text state
+    none), for :func:`report_shape`."""
+    out = []
+    for text in texts:
+        try:
+            cost = parse_budget(text).cost
+        except ConfigError:
+            continue
+        if cost.kind != "params":
+            out.append(cost)
+    return out

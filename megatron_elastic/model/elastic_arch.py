@@ -37,8 +37,8 @@ AXIS_SYMBOL = {"mamba_heads": MAMBA, "mamba_head_dim": MAMBA, "attention_heads":
 
 # What an extracted ``arch.json`` says about the architecture besides its sizes (read back, they are ignored):
 # the budget's name, whether training sampled it (False: chosen zero-shot between the trained budgets ``between``),
-# its parameter count and fraction of the parent.
-METADATA_FIELDS = ("budget", "trained", "between", "parameters", "fraction")
+# its parameter count and fraction of the parent, and its cost in every kind (``model.budget.every_cost``).
+METADATA_FIELDS = ("budget", "trained", "between", "parameters", "fraction", "costs")
 
 
 def _int_keys(d: Dict) -> Dict[int, int]:

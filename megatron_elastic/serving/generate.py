@@ -41,13 +41,16 @@ class ElasticServer:
         return cls(src.model, archs, src.job, src.router)
 
     def arch(self, budget: Union[str, float, ElasticArch]) -> ElasticArch:
-        """A trained budget's architecture, or an untrained one's (``Router.choose_budgets``, cached)."""
+        """A trained budget's architecture, or an untrained one's, in any kind (``extraction.extract.budget_archs``,
+        cached)."""
         if isinstance(budget, ElasticArch):
             return budget
         try:
             key = f"{float(budget):g}"
         except (TypeError, ValueError):
-            raise UnknownBudgetError(f"budget {budget!r}: use a fraction such as 0.6") from None
+            if not isinstance(budget, str):
+                raise UnknownBudgetError(f"budget {budget!r}: use a fraction such as 0.6 or e.g. 6GiB@32768") from None
+            key = budget.strip()  # a budget in memory or FLOPs (model.budget)
         if key not in self.archs:
             if self.router is None:
                 raise UnknownBudgetError(f"budget {budget} is not one of the trained budgets {sorted(self.archs)}")

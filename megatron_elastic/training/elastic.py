@@ -28,7 +28,7 @@ import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -43,7 +43,7 @@ from megatron_elastic.data.loader import build_gpt_datasets, eval_bits_per_byte,
 from megatron_elastic.data.tokenizer import BitsPerByte
 from megatron_elastic.distill import kd_loss
 from megatron_elastic.errors import InputNotFoundError
-from megatron_elastic.model.budget import every_cost, kind_text
+from megatron_elastic.model.budget import every_cost, kind_text, report_shape
 from megatron_elastic.model.builder import build_hybrid_model
 from megatron_elastic.model.config import ConfigError
 from megatron_elastic.model.cost import arch_parameters
@@ -429,12 +429,6 @@ def sampled_share(c: ElasticComponents, archs: Dict[float, ElasticArch], draws: 
     return {b: hits[b] / draws for b in cfg.budgets}
 
 
-def report_shape(cost, cfg: ElasticJobConfig) -> Tuple[int, int]:
-    """(context, batch) at which reports state memory and FLOPs: the budget kind's own, else the longest stage's
-    sequence length and batch 1."""
-    return getattr(cost, "context", 0) or max(s.seq_length for s in cfg.curriculum.stages), getattr(cost, "batch", 1)
-
-
 def _arch_summary(c: ElasticComponents, archs: Dict[float, ElasticArch]) -> Dict[str, float]:
     """Each budget's chosen architecture as a fraction of the parent's cost of the router's kind."""
     return {f"{b:g}": c.router.cost.of(c.model_config, a) / c.router.full_cost for b, a in archs.items()}
@@ -788,6 +782,7 @@ class ElasticRun:
         before = evaluate(parent, archs)
         parent_loss = evaluate(parent, {1.0: ElasticArch.full(c.model_config)})[1.0]
         after = last_valid if last_valid is not None else evaluate(c.student, archs)
+        shape = report_shape([c.router.cost], max(s.seq_length for s in cfg.curriculum.stages))
         summary = {
             "steps": t.train_iters,
             "tokens": self.state["tokens"],
@@ -807,7 +802,7 @@ class ElasticRun:
                     "parameters": arch_parameters(c.model_config, archs[b]),
                     "fraction": arch_parameters(c.model_config, archs[b]) / c.full_parameters,
                     "cost_fraction": c.router.cost.of(c.model_config, archs[b]) / c.router.full_cost,
-                    "costs": every_cost(c.model_config, archs[b], *report_shape(c.router.cost, cfg)),
+                    "costs": every_cost(c.model_config, archs[b], *shape),
                     "valid_loss_before": before[b],
                     "valid_loss_after": after[b],
                     "extracted_sampled": sampled[b],

@@ -131,3 +131,56 @@ def test_bad_budgets_are_one_line_errors(elastic_run, tmp_path):
         with pytest.raises(ConfigError) as e:
             extract(elastic_run, str(tmp_path), budgets=[bad])
         assert "\n" not in str(e.value) and ("0.5" in str(e.value) or "fraction" in str(e.value)), bad
+
+
+@pytest.mark.parametrize("kind", ["memory", "flops"])
+def test_extract_a_budget_stated_in_memory_or_flops(elastic_run, tmp_path, monkeypatch, kind):
+    """A parameter-trained run asked for a memory (or FLOPs) budget halfway between its 50% and 75% sub-models:
+    the extracted model is the largest the router gives within it - its cost of that kind (computed here from the
+    written architecture) is within the budget and no smaller than the best of a brute-force scan over budget
+    fractions - and, for memory, a real generation with the extracted weights at that context holds no more bytes
+    than the budget."""
+    import megatron_elastic.serving.decode as decode_mod
+    from megatron_elastic.extraction.extract import extract, load_source
+    from megatron_elastic.model.builder import build_hybrid_model
+    from megatron_elastic.model.cost import FlopsPerToken, ServingMemory, dtype_bytes
+    from megatron_elastic.model.elastic_arch import ElasticArch
+    from megatron_elastic.training.checkpoint import load_model_weights
+    from megatron_elastic.training.runs import config_from_checkpoint
+
+    src = load_source(elastic_run)
+    cost = ServingMemory(48, 2, dtype_bytes(src.config)) if kind == "memory" else FlopsPerToken(48)
+    trained = src.router.choose_all()
+    target = (cost.of(src.config, trained[0.5]) + cost.of(src.config, trained[0.75])) / 2
+    stated = f"{target / 2**10:.4f}KiB@48x2" if kind == "memory" else f"{target / 1e3:.4f}KFLOP@48"
+    out = str(tmp_path / "x")
+    (row,) = extract(elastic_run, out, budgets=[stated], fmt="megatron")
+    assert row["name"] == stated and row["trained"] is False
+    arch = ElasticArch.from_json(open(os.path.join(out, f"budget_{stated}", "arch.json")).read())
+    got = cost.of(src.config, arch)
+    assert got <= target * (1 + 1e-6), (got, target)
+    grid = [0.5 + k / 100 for k in range(51)]
+    scan = [cost.of(src.config, c.arch) for c in src.router.choose_budgets(grid).values()]
+    assert got >= max(c for c in scan if c <= target), "the largest sub-model within the budget"
+    key = "memory_bytes" if kind == "memory" else "flops_per_token"
+    assert row["costs"][key] == pytest.approx(got) and row["costs"]["context"] == 48
+    if kind == "memory":
+        plain = build_hybrid_model(config_from_checkpoint(os.path.join(row["megatron"], "iter_0000000")).model_config())
+        load_model_weights(row["megatron"], plain)
+        weights = sum(t.numel() * t.element_size() for t in plain.state_dict().values() if torch.is_tensor(t))
+        contexts = []
+        original = decode_mod._context
+        monkeypatch.setattr(decode_mod, "_context", lambda b, n: contexts.append(original(b, n)) or contexts[-1])
+        decode_mod.decode(plain, torch.zeros(2, 40, dtype=torch.long), 8)  # 48 tokens, batch 2
+        assert weights + decode_mod.inference_cache_bytes(contexts[0]) <= target * 1.001
+
+
+def test_stated_budgets_errors(elastic_run, tmp_path):
+    from megatron_elastic.extraction.extract import extract
+    from megatron_elastic.model.config import ConfigError
+
+    with pytest.raises(ConfigError, match="smallest sub-model this router gives") as e:
+        extract(elastic_run, str(tmp_path), budgets=["1KiB@48"])
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="memory at a context length"):
+        extract(elastic_run, str(tmp_path), budgets=["1GiB"])
