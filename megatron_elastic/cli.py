@@ -201,7 +201,7 @@ def cmd_plan(args) -> int:
     from megatron_elastic.plan import Hardware, dump_yaml, format_plan, make_plan
 
     hw = Hardware(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Hardware)})
-    plan = make_plan(args.config, hw, list(args.set or []), kernels=args.kernels)
+    plan = make_plan(args.config, hw, list(args.set or []), kernels=args.kernels, extra_budgets=args.budget)
     print(dump_yaml(plan) if args.yaml else format_plan(plan, hw))
     return 0
 
@@ -360,6 +360,13 @@ def _plan_args(p) -> None:
         help="assumed share of peak FLOPs achieved on the work done, recompute's extra forward included (default 0.35)",
     )
     p.add_argument("--overhead-gib", type=float, default=4.0, help="per-GPU allowance for context/NCCL/fragmentation")
+    p.add_argument(
+        "--budget",
+        action="append",
+        metavar="BUDGET",
+        help="also size this budget (not trained): a parameter fraction (0.6), memory at a context [x batch] "
+        "(24GiB@32768x8) or FLOPs per token (20GFLOP@4096); repeatable",
+    )
     from megatron_elastic.model.kernels import MACHINES
 
     p.add_argument(

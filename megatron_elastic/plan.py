@@ -17,7 +17,17 @@ from typing import Dict, List, Optional
 import yaml
 
 from megatron_elastic.errors import ConfigError, PlanError
-from megatron_elastic.model.cost import arch_flops_per_token, arch_parameters, scaled_arch
+from megatron_elastic.model.budget import (
+    Budget,
+    every_cost,
+    format_cost,
+    format_costs,
+    kind_text,
+    parse_budget,
+    parse_kind,
+    report_shape,
+)
+from megatron_elastic.model.cost import PARAMETERS, Cost, arch_flops_per_token, arch_parameters, scaled_arch
 from megatron_elastic.model.elastic_arch import ElasticArch
 from megatron_elastic.model.kernels import MACHINES, KernelPath, teacher_kernels
 from megatron_elastic.model.memory import GIB, student_path
@@ -72,17 +82,34 @@ class Plan:
         return sum(s.gpu_hours for s in self.stages)
 
 
-def largest_admissible(config, target: float) -> ElasticArch:
-    """The largest uniformly scaled architecture with at most ``target`` parameters (a fine search)."""
-    best = None
+def largest_admissible(config, target: float, cost: Cost = PARAMETERS) -> ElasticArch:
+    """The largest uniformly scaled architecture costing at most ``target`` (parameters by default; any
+    ``model.cost`` kind) - a fine search."""
+    best, best_cost = None, None
     for step in range(1000, 99, -1):
         arch = scaled_arch(config, step / 1000)
-        if arch_parameters(config, arch) <= target:
-            if best is None or arch_parameters(config, arch) > arch_parameters(config, best):
-                best = arch
-            if arch_parameters(config, arch) >= 0.98 * target:
+        value = cost.of(config, arch)
+        if value <= target:
+            if best is None or value > best_cost:
+                best, best_cost = arch, value
+            if value >= 0.98 * target:
                 break
     return best or scaled_arch(config, 0.1)
+
+
+def _size_budget(config, budget: Budget, shape, trained: bool) -> dict:
+    """A budget's largest uniformly scaled sub-model (the parent at 1.0) and its cost in every kind."""
+    full = ElasticArch.full(config)
+    target = budget.target(config)
+    arch = full if budget.cost.of(config, full) <= target else largest_admissible(config, target, budget.cost)
+    return {
+        "target": target,
+        "kind": kind_text(budget.cost),
+        "arch": arch,
+        "parameters": arch_parameters(config, arch),
+        "costs": every_cost(config, arch, *shape),
+        "trained": trained,
+    }
 
 
 def _parent_config(cfg: ElasticJobConfig, config_dir: str):
@@ -92,9 +119,16 @@ def _parent_config(cfg: ElasticJobConfig, config_dir: str):
         raise PlanError(f"plan: {e}") from None
 
 
-def make_plan(config_path: str, hw: Hardware, overrides: Optional[List[str]] = None, kernels: str = "fused") -> Plan:
+def make_plan(
+    config_path: str,
+    hw: Hardware,
+    overrides: Optional[List[str]] = None,
+    kernels: str = "fused",
+    extra_budgets: Optional[List[str]] = None,
+) -> Plan:
     """Resolve and check ``config_path`` for ``hw``, whose GPUs have the packages ``kernels`` names; raises
-    :class:`PlanError` when it cannot fit."""
+    :class:`PlanError` when it cannot fit. ``extra_budgets`` (any kind, ``model.budget``) are sized too, not
+    trained."""
     cfg = load_elastic_config(config_path, overrides)
     tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
     if hw.world % (tp * pp):
@@ -104,10 +138,17 @@ def make_plan(config_path: str, hw: Hardware, overrides: Optional[List[str]] = N
     config = _parent_config(cfg, os.path.dirname(os.path.abspath(config_path)))
     full_arch = ElasticArch.full(config)
     full = arch_parameters(config, full_arch)
-    budgets = {}
-    for b in cfg.budgets:
-        arch = full_arch if b >= 1.0 else largest_admissible(config, b * full)
-        budgets[f"{b:g}"] = {"target": b * full, "arch": arch, "parameters": arch_parameters(config, arch)}
+    cost = cfg.cost(config)
+    full_cost = cost.of(config, full_arch)
+    shape = report_shape([cost], max(s.seq_length for s in cfg.curriculum.stages))
+    names = [cfg.budget_labels.get(b, f"{b:g}") for b in cfg.budgets]
+    budgets = {
+        name: _size_budget(config, Budget(b if cost.kind == "params" else b * full_cost, cost), shape, trained=True)
+        for name, b in zip(names, cfg.budgets)
+    }
+    for text in extra_budgets or []:
+        budget = parse_budget(text, config)
+        budgets[str(text)] = _size_budget(config, budget, report_shape([budget.cost], shape[0]), trained=False)
     student = student_path(kernels, cfg.parallel.sequence_parallel)
     teacher = teacher_kernels(MACHINES[kernels], cfg.parallel.sequence_parallel)
     plan = Plan(tp, pp, dp, hw.world, full, budgets, student, teacher)
@@ -117,8 +158,7 @@ def make_plan(config_path: str, hw: Hardware, overrides: Optional[List[str]] = N
         w = [x / sum(stage.budget_weights) for x in stage.budget_weights]
         teacher_flops = arch_flops_per_token(config, full_arch, stage.seq_length)
         student_flops = sum(
-            wi * arch_flops_per_token(config, budgets[f"{b:g}"]["arch"], stage.seq_length)
-            for wi, b in zip(w, cfg.budgets)
+            wi * arch_flops_per_token(config, budgets[name]["arch"], stage.seq_length) for wi, name in zip(w, names)
         )
         # The work the GPUs do: the teacher's forward, the student's forward and backward (3 forwards' worth), plus
         # one more student forward when every layer is recomputed in the backward pass.
@@ -139,10 +179,16 @@ def format_plan(plan: Plan, hw: Hardware) -> str:
         f"parent: {plan.parent_parameters:,} parameters ({plan.parent_parameters / 1e9:.2f}B)",
         f"student kernels: {plan.student.describe()}",
         f"teacher kernels: {plan.teacher.describe()}",
-        f"{'budget':>7} {'target':>16} {'largest uniform arch':>22}",
+        "budgets (the largest uniformly scaled sub-model within each; memory, FLOPs per token at the context shown):",
+        f"{'budget':>16} {'kind':>14} {'target':>20} {'parameters':>16} {'memory':>20} {'FLOPs/token':>18} trained",
     ]
     for b, r in plan.budgets.items():
-        lines.append(f"{b:>7} {r['target']:>16,.0f} {r['parameters']:>22,}")
+        target = format_cost(r["target"], parse_kind(r["kind"]))
+        memory, flops = format_costs(r["costs"])
+        trained = "yes" if r["trained"] else "no"
+        lines.append(
+            f"{b:>16} {r['kind']:>14} {target:>20} {r['parameters']:>16,} {memory:>20} {flops:>18} {trained:>7}"
+        )
     comps = list(plan.stages[0].memory)
     lines.append(f"per-GPU memory (GiB) {'stage':>14} " + " ".join(f"{c:>11}" for c in comps) + f" {'total':>8}")
     for s in plan.stages:
@@ -174,7 +220,9 @@ def plan_to_dict(plan: Plan) -> dict:
         "world": plan.world,
         "parent_parameters": plan.parent_parameters,
         "kernels": {"student": dataclasses.asdict(plan.student), "teacher": dataclasses.asdict(plan.teacher)},
-        "budgets": {b: {"target": r["target"], "parameters": r["parameters"]} for b, r in plan.budgets.items()},
+        "budgets": {
+            b: {k: r[k] for k in ("target", "kind", "parameters", "costs", "trained")} for b, r in plan.budgets.items()
+        },
         "stages": [
             {
                 "name": s.name,

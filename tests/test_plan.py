@@ -102,3 +102,34 @@ def test_memory_estimate_is_within_15_percent_of_the_measured_cpu_peak(tmp_path,
     r = json.loads(out.read_text())
     assert r["measured_peak_bytes"] > 2**27  # the run is big enough for the comparison to mean something
     assert 0.85 <= r["ratio"] <= 1.15, r
+
+
+def test_plan_sizes_budgets_of_every_kind():
+    """`plan --budget`: a memory budget of the 12B parent at 32k context, batch 8, is met by a sub-model whose
+    weights (bf16) plus KV caches and Mamba states, counted here from the Nemotron-H layout, fit it; a FLOPs budget
+    likewise; the memory budget of a job stated in memory equals the parent's memory times its fraction."""
+    from megatron_elastic.model.elastic_arch import ElasticArch
+    from megatron_elastic.plan import Hardware, _parent_config, make_plan
+
+    plan = make_plan(RECIPE, Hardware(nodes=16), extra_budgets=["16GiB@32768x8", "15GFLOP@8192"])
+    mem, flops = plan.budgets["16GiB@32768x8"], plan.budgets["15GFLOP@8192"]
+    assert (mem["kind"], flops["kind"]) == ("memory@32768x8", "flops@8192") and not mem["trained"]
+    assert 0.98 * 16 * 2**30 <= mem["costs"]["memory_bytes"] <= 16 * 2**30
+    assert 0.98 * 15e9 <= flops["costs"]["flops_per_token"] <= 15e9
+    # independent count for the memory row: bf16 weights + per attention layer K,V [32768, 8, groups, kv_channels]
+    # + per Mamba layer conv window [8, d_inner + 2*groups*state, kernel] (bf16) and SSM state (fp32)
+    from megatron_elastic.training.elastic_config import load_elastic_config
+
+    config = _parent_config(load_elastic_config(RECIPE), os.path.dirname(RECIPE))
+    arch = mem["arch"]
+    kept = [i for i in range(len(config.hybrid_pattern)) if i not in arch.skipped_layers]
+    cache = 0
+    for i in kept:
+        if config.hybrid_pattern[i] == "*":
+            cache += 2 * 32768 * 8 * config.num_query_groups * config.kv_channels * 2
+        elif config.hybrid_pattern[i] == "M":
+            d_inner = arch.mamba_num_heads[i] * arch.mamba_head_dim[i]
+            bc = 2 * config.mamba_num_groups * config.mamba_state_dim
+            cache += 8 * ((d_inner + bc) * config.mamba_conv_kernel * 2 + d_inner * config.mamba_state_dim * 4)
+    assert mem["costs"]["memory_bytes"] == 2 * mem["parameters"] + cache
+    assert mem["parameters"] < plan.parent_parameters and ElasticArch.full(config) != arch
