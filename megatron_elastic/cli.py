@@ -122,7 +122,7 @@ def cmd_extract(args) -> int:
     head = f"{'sub-model':>14} {'parameters':>12} {'fraction':>8} {'memory':>18} {'FLOPs/token':>18} {'trained':>7}"
     print(f"{head}  outputs")
     for r in rows:
-        outs = ", ".join(r[k] for k in ("megatron", "hf") if k in r)
+        outs = ", ".join(r[k] for k in ("megatron", "hf", "hf-elastic") if k in r)
         trained = {True: "yes", False: "no"}.get(r.get("trained"), "-")
         memory, flops = format_costs(r["costs"])
         size = f"{r['parameters']:>12,} {r['fraction']:>8.3f} {memory:>18} {flops:>18}"
@@ -303,7 +303,14 @@ def _extract_args(p) -> None:
         "trained ones (repeatable; default all)",
     )
     p.add_argument("--arch", help="an architecture JSON (ElasticArch.to_json) instead of the router's choice")
-    p.add_argument("--format", choices=["megatron", "hf", "both"], default="both", help="what to write (default both)")
+    p.add_argument(
+        "--format",
+        choices=["megatron", "hf", "both", "hf-elastic"],
+        default="both",
+        help="what to write (default both): a Megatron and/or Hugging Face checkpoint per budget, or 'hf-elastic': "
+        "one Hugging Face directory with the full weights and every budget (the requested ones and the router's "
+        "choice every 0.05), sliced at load time by its remote code",
+    )
     p.add_argument("--out", required=True, help="output directory")
 
 

@@ -49,7 +49,7 @@ from megatron_elastic.training.checkpoint import (
 )
 from megatron_elastic.training.config import load_pretrain_config
 
-FORMATS = ("megatron", "hf", "both")
+FORMATS = ("megatron", "hf", "both", "hf-elastic")
 
 
 @dataclass
@@ -105,10 +105,11 @@ def budget_archs(router: Optional[Router], budgets: List[str], where: str = "") 
     cost of that kind is within it (:func:`fraction_within`). Bad values raise a one-line ``ConfigError``."""
     if router is None:
         raise ConfigError(f"{where} has no router (not an elastic-training checkpoint); pass --arch FILE.json")
-    if budgets == ["all"]:
-        return {f"{b:g}": BudgetChoice(a, True, (b, b)) for b, a in router.choose_all().items()}
+    out = {}
+    if "all" in budgets:
+        out = {f"{b:g}": BudgetChoice(a, True, (b, b)) for b, a in router.choose_all().items()}
     named = {}
-    for text in budgets:
+    for text in [b for b in budgets if b != "all"]:
         try:
             stated = parse_budget(text, router.config)
         except ConfigError as e:
@@ -123,7 +124,8 @@ def budget_archs(router: Optional[Router], budgets: List[str], where: str = "") 
         else:
             named[_name(text, stated)] = fraction_within(router, stated)
     choices = router.choose_budgets(sorted(set(named.values()), reverse=True))
-    return {name: choices[f] for name, f in named.items()}
+    out.update({name: choices[f] for name, f in named.items() if name not in out})
+    return out
 
 
 def _name(text: str, stated: Budget) -> str:
@@ -151,9 +153,16 @@ def fraction_within(router: Router, stated: Budget, steps: int = 24) -> float:
 
 
 def extract(
-    checkpoint: str, out: str, budgets: Optional[List[str]] = None, arch_file: Optional[str] = None, fmt: str = "both"
+    checkpoint: str,
+    out: str,
+    budgets: Optional[List[str]] = None,
+    arch_file: Optional[str] = None,
+    fmt: str = "both",
+    table_step: float = 0.05,
 ) -> List[dict]:
-    """Write the requested sub-models; returns one row per sub-model (name, parameters, paths)."""
+    """Write the requested sub-models; returns one row per sub-model (name, parameters, paths). ``hf-elastic``
+    writes one Hugging Face directory holding the full weights and every requested budget plus the router's choice
+    every ``table_step`` (``extraction.hf_elastic``)."""
     if fmt not in FORMATS:
         raise ConfigError(f"--format must be one of {FORMATS}, got {fmt!r}")
     src = load_source(checkpoint, with_model=False)
@@ -169,12 +178,18 @@ def extract(
         }
     full = arch_parameters(config, ElasticArch.full(config))
     kinds = [src.router.cost] if src.router is not None else []
+
+    def metadata(name, arch, about):
+        count = arch_parameters(config, arch)
+        shape = report_shape([*stated_costs(name), *kinds], src.job["data"]["seq_length"])
+        return {"parameters": count, "fraction": count / full, **about, "costs": every_cost(config, arch, *shape)}
+
+    if fmt == "hf-elastic":
+        return _extract_hf_elastic(src, reader, out, archs, metadata, table_step)
     rows = []
     for name, (arch, about) in archs.items():
         arch = arch.validate(config)
-        count = arch_parameters(config, arch)
-        shape = report_shape([*stated_costs(name), *kinds], src.job["data"]["seq_length"])
-        meta = {"parameters": count, "fraction": count / full, **about, "costs": every_cost(config, arch, *shape)}
+        meta = metadata(name, arch, about)
         dest = os.path.join(out, f"budget_{name}" if not arch_file else name)
         os.makedirs(dest, exist_ok=True)
         with open(os.path.join(dest, "arch.json"), "w") as f:
@@ -203,6 +218,38 @@ def extract(
             row["tokenizer"] = _export_tokenizer(src.job, row["hf"])
         rows.append(row)
     return rows
+
+
+def _extract_hf_elastic(src, reader, out: str, archs: dict, metadata, table_step: float) -> List[dict]:
+    """``extract --format hf-elastic``: ``out/hf-elastic`` with the full weights and the budget table."""
+    from megatron_elastic.extraction.hf_elastic import save_hf_elastic
+
+    if src.router is None:
+        raise ConfigError(f"{src.path}: --format hf-elastic needs an elastic-training checkpoint (its router)")
+    entries = {}  # name -> arch, its metadata and the budget fraction (of the router's kind) it answers
+    for name, (arch, about) in archs.items():
+        entries[name] = {"arch": arch, **metadata(name, arch, about), "budget_fraction": _as_fraction(name)}
+    listed = {e["budget_fraction"] for e in entries.values()}
+    lo = min(src.router.budgets)
+    grid = [
+        f for f in (round(lo + k * table_step, 6) for k in range(int((1.0 - lo) / table_step) + 1)) if f not in listed
+    ]
+    for f, choice in src.router.choose_budgets(grid).items():
+        about = {"budget": f"{f:g}", "trained": choice.trained, "between": list(choice.between)}
+        entries[f"router:{f:g}"] = {"arch": choice.arch, **metadata(f"{f:g}", choice.arch, about), "budget_fraction": f}
+    state = {n: reader.load(n) for n in reader.names() if not n.endswith("_extra_state")}
+    dest = save_hf_elastic(os.path.join(out, "hf-elastic"), src.job, src.config, state, entries)
+    _export_tokenizer(src.job, dest)
+    return [
+        {"name": name, **{k: v for k, v in e.items() if k != "arch"}, "hf-elastic": dest} for name, e in entries.items()
+    ]
+
+
+def _as_fraction(name: str) -> Optional[float]:
+    try:
+        return float(name)
+    except ValueError:
+        return None
 
 
 def _export_tokenizer(job: dict, hf_dir: str) -> str:

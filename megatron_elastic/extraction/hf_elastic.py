@@ -1,0 +1,127 @@
+"""One Hugging Face checkpoint, every budget (``extract --format hf-elastic``): the elastic model's full weights
+(the sorted, trained parent) in NemotronH names, and in ``config.json`` a table budget -> sub-model. The shipped
+remote-code module (``hf_model.py``) builds any listed budget with ``transformers`` alone, slicing at load time::
+
+    AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True, elastic_budget="0.5")
+
+Each table entry holds the sub-model's NemotronH config and, for every sub-model tensor, the parent tensor it comes
+from and the kept index ranges along each sliced dimension. The ranges are not a second copy of the slicing rules:
+they are read off our own slicing (``extraction.slicing``) applied to index tensors (a tensor whose values are
+their own positions along one dimension), through the same NemotronH name mapping as the ordinary export, so an
+``hf-elastic`` budget is by construction what ``extract --format hf`` writes for it (tests compare the logits).
+
+Listed: every trained budget, every ``--budget`` asked for, and the router's choice every ``table_step`` between
+the smallest trained budget and 1 (``router:<fraction>``); a fraction not listed loads the largest listed one
+below it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Dict, List, Tuple
+
+import torch
+import yaml
+
+from megatron_elastic.extraction.hf import REMOTE_MODULE, from_hf_state_dict, hf_config, to_hf_state_dict
+from megatron_elastic.extraction.slicing import iter_sliced, kept_layers, sub_model_dict
+from megatron_elastic.model.elastic_arch import ElasticArch
+from megatron_elastic.training.config import load_pretrain_config
+
+
+def index_ranges(index: torch.Tensor) -> List[List[int]]:
+    """``[[start, stop), ...]`` of a 1-D index tensor, consecutive runs merged."""
+    out: List[List[int]] = []
+    for i in index.tolist():
+        if out and out[-1][1] == i:
+            out[-1][1] = i + 1
+        else:
+            out.append([i, i + 1])
+    return out
+
+
+def _positions(shape: Tuple[int, ...], dim: int) -> torch.Tensor:
+    """A tensor of ``shape`` whose values are their own index along ``dim`` (a stride-0 view: no memory)."""
+    view = [1] * len(shape)
+    view[dim] = shape[dim]
+    return torch.arange(shape[dim], dtype=torch.int64).view(view).expand(shape)
+
+
+def _layer_groups(names: List[str]) -> Dict[str, List[str]]:
+    """HF tensor names grouped by layer (attention's q/k/v must map together), non-layer tensors alone."""
+    groups: Dict[str, List[str]] = {}
+    for n in names:
+        parts = n.split(".")
+        key = ".".join(parts[:3]) if len(parts) > 3 and parts[1] == "layers" else n
+        groups.setdefault(key, []).append(n)
+    return groups
+
+
+def budget_entry(job: dict, config, arch: ElasticArch, hf_shapes: Dict[str, Tuple[int, ...]]) -> dict:
+    """The table entry of one sub-model: its NemotronH ``config`` and, per sub-model tensor, ``from`` (the parent
+    tensor) and ``dims`` (kept ranges per sliced dimension; a dimension kept whole is left out)."""
+    arch = arch.validate(config)
+    sub_job = {**job, "model": sub_model_dict(job["model"], config, arch)}
+    sub_cfg = load_pretrain_config(text=yaml.safe_dump(sub_job)).model_config()
+    remap = kept_layers(config, arch)
+    source = {}  # sub-model HF name -> parent HF name
+    dims: Dict[str, Dict[str, List[List[int]]]] = {}
+    for group in _layer_groups(list(hf_shapes)).values():
+        for d in range(max(len(hf_shapes[n]) for n in group)):
+            idx = {n: _positions(hf_shapes[n], min(d, len(hf_shapes[n]) - 1)) for n in group}
+            ours = from_hf_state_dict(idx, config)
+            sliced = dict(iter_sliced(iter(ours), ours.__getitem__, config, arch))
+            if not sliced:
+                break  # a skipped layer
+            for name, t in to_hf_state_dict(sliced, sub_cfg).items():
+                parent = _parent_name(name, remap)
+                source[name] = parent
+                if d >= t.dim():
+                    continue
+                kept = t.movedim(d, 0).reshape(t.shape[d], -1)[:, 0]
+                if not torch.equal(kept, torch.arange(hf_shapes[parent][d])):
+                    dims.setdefault(name, {})[str(d)] = index_ranges(kept)
+    return {
+        "config": hf_config(sub_cfg),
+        "tensors": {n: {"from": p, "dims": dims.get(n, {})} for n, p in source.items()},
+    }
+
+
+def _parent_name(sub_name: str, remap: Dict[int, int]) -> str:
+    parts = sub_name.split(".")
+    if len(parts) > 3 and parts[1] == "layers":
+        inverse = {new: old for old, new in remap.items()}
+        parts[2] = str(inverse[int(parts[2])])
+    return ".".join(parts)
+
+
+def save_hf_elastic(out_dir: str, job: dict, config, state_dict: Dict[str, torch.Tensor], entries: Dict[str, dict]):
+    """Write the full model (``extraction.hf.save_hf_checkpoint``) and the budget table ``entries`` (name ->
+    ``{"arch": ElasticArch, **about}``) into one directory, with the remote-code module. Returns ``out_dir``."""
+    from megatron_elastic.extraction.hf import save_hf_checkpoint
+
+    save_hf_checkpoint(out_dir, config, state_dict)
+    hf_shapes = {n: tuple(t.shape) for n, t in to_hf_state_dict(state_dict, config).items()}
+    path = os.path.join(out_dir, "config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    cfg.update(
+        architectures=["ElasticNemotronHForCausalLM"],
+        model_type="elastic_nemotron_h",
+        auto_map={
+            "AutoConfig": f"{REMOTE_MODULE}.ElasticNemotronHConfig",
+            "AutoModelForCausalLM": f"{REMOTE_MODULE}.ElasticNemotronHForCausalLM",
+        },
+        elastic_budgets={
+            name: {**{k: v for k, v in e.items() if k != "arch"}, **budget_entry(job, config, e["arch"], hf_shapes)}
+            for name, e in entries.items()
+        },
+    )
+    with open(path, "w") as f:
+        json.dump(cfg, f, indent=1)
+    shutil.copyfile(
+        os.path.join(os.path.dirname(__file__), "hf_model.py"), os.path.join(out_dir, f"{REMOTE_MODULE}.py")
+    )
+    return out_dir
