@@ -118,6 +118,7 @@ def cmd_extract(args) -> int:
         budgets=args.budget or (None if args.arch else ["all"]),
         arch_file=args.arch,
         fmt=args.format,
+        table_step=args.table_step,
     )
     head = f"{'sub-model':>14} {'parameters':>12} {'fraction':>8} {'memory':>18} {'FLOPs/token':>18} {'trained':>7}"
     print(f"{head}  outputs")
@@ -310,6 +311,12 @@ def _extract_args(p) -> None:
         help="what to write (default both): a Megatron and/or Hugging Face checkpoint per budget, or 'hf-elastic': "
         "one Hugging Face directory with the full weights and every budget (the requested ones and the router's "
         "choice every 0.05), sliced at load time by its remote code",
+    )
+    p.add_argument(
+        "--table-step",
+        type=float,
+        default=0.05,
+        help="hf-elastic: also list the router's choice every this much of the budget (default 0.05)",
     )
     p.add_argument("--out", required=True, help="output directory")
 

@@ -226,6 +226,8 @@ def _extract_hf_elastic(src, reader, out: str, archs: dict, metadata, table_step
 
     if src.router is None:
         raise ConfigError(f"{src.path}: --format hf-elastic needs an elastic-training checkpoint (its router)")
+    if not 0 < table_step <= 1:
+        raise ConfigError(f"--table-step {table_step}: a fraction in (0, 1], e.g. 0.05")
     entries = {}  # name -> arch, its metadata and the budget fraction (of the router's kind) it answers
     for name, (arch, about) in archs.items():
         entries[name] = {"arch": arch, **metadata(name, arch, about), "budget_fraction": _as_fraction(name)}

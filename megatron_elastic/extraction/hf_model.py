@@ -10,6 +10,10 @@ next to every heterogeneous export, for ``trust_remote_code=True`` loading where
 installed; where it is, ``import megatron_elastic`` imports it when transformers is imported, which registers
 these classes with transformers' Auto classes (:func:`register`), and ``AutoModelForCausalLM.from_pretrained(dir)``
 needs no remote code.
+
+An ``extract --format hf-elastic`` checkpoint holds the full weights and a table of budgets (``elastic_budgets``):
+``from_pretrained(dir, elastic_budget="0.5")`` builds that sub-model and loads its slices of the stored tensors
+(:meth:`ElasticNemotronHForCausalLM.from_elastic`), with transformers alone.
 """
 
 import copy
