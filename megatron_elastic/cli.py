@@ -75,6 +75,11 @@ def cmd_importance(args) -> int:
     return 0
 
 
+def budget_overrides(budgets) -> list:
+    """``train --budget X --budget Y`` as the config override ``budgets=[X, Y]`` (each kept as written)."""
+    return [f"budgets={json.dumps([str(b) for b in budgets])}"] if budgets else []
+
+
 def cmd_train(args) -> int:
     # The stop handlers go in before torch and Megatron are imported: a preemption during start-up is kept.
     from megatron_elastic.training.preemption import REQUEUE_EXIT_CODE, StopSignals, mark_for_requeue
@@ -84,7 +89,7 @@ def cmd_train(args) -> int:
         from megatron_elastic.training.elastic import train_elastic
         from megatron_elastic.training.elastic_config import load_elastic_config
 
-        cfg = load_elastic_config(args.config, list(args.set or []))
+        cfg = load_elastic_config(args.config, list(args.set or []) + budget_overrides(args.budget))
         resume = args.resume or (
             args.auto_resume and os.path.isdir(cfg.checkpoint.dir) and latest_checkpoint(cfg.checkpoint.dir) is not None
         )
@@ -275,6 +280,14 @@ def _train_args(p) -> None:
         "override a config value (repeatable), e.g. parent=runs/demo/importance",
     )
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in checkpoint.dir")
+    p.add_argument(
+        "--budget",
+        action="append",
+        metavar="BUDGET",
+        help="train this budget (repeatable; replaces the config's budgets, largest first, the parent is 1.0): a "
+        "parameter fraction (0.5) or, stated in memory or FLOPs, e.g. 18GiB@32768x8 (sets budget_kind); the "
+        "curriculum's budget_weights must list one weight per budget",
+    )
     p.add_argument(
         "--auto-resume",
         action="store_true",

@@ -69,3 +69,18 @@ def test_a_memory_budget_run_trains_and_saves_its_kind(single_process_parallel, 
         got = summary["budgets"][f"{b:g}"]
         assert got["cost_fraction"] == pytest.approx(cost.of(config, arch) / src.router.full_cost)
         assert got["costs"]["memory_bytes"] == pytest.approx(cost.of(config, arch))
+
+
+def test_train_budget_flags_replace_the_budgets(parent, tmp_path):
+    """`train --budget 1 --budget 0.6` is the override budgets=[1, 0.6]; a memory budget also sets the kind; a count
+    that does not match the stages' budget_weights names them."""
+    from megatron_elastic.cli import budget_overrides
+    from megatron_elastic.model.config import ConfigError
+
+    stages = "curriculum.stages=[{name: s, tokens: 512, seq_length: 32, global_batch_size: 8, budget_weights: [1, 1]}]"
+    cfg = _config(parent, str(tmp_path), overrides=[stages, *budget_overrides(["0.6", "1"])])
+    assert cfg.budgets == [1.0, 0.6] and cfg.budget_kind == "params"
+    cfg = _config(parent, str(tmp_path), overrides=[stages, *budget_overrides(["1", "100KiB@64"])])
+    assert cfg.budget_kind == "memory@64" and 0 < cfg.budgets[1] < 1
+    with pytest.raises(ConfigError, match="budget_weights"):
+        _config(parent, str(tmp_path), overrides=budget_overrides(["1", "0.6"]))
