@@ -26,7 +26,6 @@ from megatron_elastic.model.budget import (
     Budget,
     every_cost,
     format_cost,
-    kind_text,
     parse_budget,
     parse_kind,
     report_shape,
@@ -98,9 +97,10 @@ def load_source(checkpoint: str, with_model: bool = True) -> ElasticSource:
 
 
 def budget_archs(router: Optional[Router], budgets: List[str], where: str = "") -> Dict[str, BudgetChoice]:
-    """Name -> the router's choice for each requested budget: ``all`` (every trained budget, nested), fractions of
-    the router's kind, trained or not (``Router.choose_budgets``: an untrained one between its trained neighbours,
-    zero-shot), or budgets stated in any kind (``model.budget``: ``6GiB@32768``, ``1.5GFLOP@4096``): one of the
+    """Name -> the router's choice for each requested budget: ``all`` (every trained budget, nested), fractions
+    (of the router's kind: parameters, or the memory/FLOPs its job was trained on), trained or not
+    (``Router.choose_budgets``: an untrained one between its trained neighbours, zero-shot), or budgets stated in
+    any kind (``model.budget``: ``6GiB@32768``, ``1.5GFLOP@4096``): one of the
     router's own kind is its fraction of the parent; another kind gets the largest sub-model the router gives whose
     cost of that kind is within it (:func:`fraction_within`). Bad values raise a one-line ``ConfigError``."""
     if router is None:
@@ -114,13 +114,10 @@ def budget_archs(router: Optional[Router], budgets: List[str], where: str = "") 
             stated = parse_budget(text, router.config)
         except ConfigError as e:
             raise ConfigError(f"--budget: {e}, or 'all'") from None
-        if stated.kind == "params" and router.cost.kind == "params" or same_kind(stated.cost, router.cost):
+        if stated.kind == "params":  # a bare fraction: of the router's own kind, as the job's budgets are
+            named[_name(text, stated)] = stated.value
+        elif same_kind(stated.cost, router.cost):
             named[_name(text, stated)] = stated.fraction(router.config)
-        elif stated.kind == "params":
-            raise ConfigError(
-                f"--budget {text}: this router's budgets are fractions of {kind_text(router.cost)}; state a parameter "
-                f"budget another way (e.g. its memory, {format_cost(router.full_cost / 2, router.cost)})"
-            )
         else:
             named[_name(text, stated)] = fraction_within(router, stated)
     choices = router.choose_budgets(sorted(set(named.values()), reverse=True))

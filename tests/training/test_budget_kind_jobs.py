@@ -64,6 +64,12 @@ def test_a_memory_budget_run_trains_and_saves_its_kind(single_process_parallel, 
     assert src.router.cost.to_dict() == cost.to_dict()
     assert src.router.full_cost == cost.of(config, ElasticArch.full(config))
     chosen = src.router.choose_all()
+    # a bare fraction asked of this run is a fraction of its memory, like its trained budgets
+    from megatron_elastic.extraction.extract import budget_archs
+
+    assert budget_archs(src.router, ["0.75"])["0.75"].arch == chosen[0.75]
+    between = budget_archs(src.router, ["0.6"])["0.6"].arch  # untrained: walked onto 0.6 of the memory
+    assert cost.of(config, between) / src.router.full_cost == pytest.approx(0.6, rel=0.02)
     # the run's summary reports the chosen fractions in memory, computed here independently
     for b, arch in chosen.items():
         got = summary["budgets"][f"{b:g}"]
