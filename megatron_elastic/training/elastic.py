@@ -4,15 +4,18 @@ Per optimizer step:
 
 1. The curriculum gives the stage (sequence length, global batch, budget weights) from the tokens consumed so
    far, and the router temperature/logit scale. Each micro-batch gets a budget (``sample``: drawn with the
-   stage's weights, one per micro-batch of the global batch; ``all``: every budget on every micro-batch).
+   stage's weights, one per micro-batch of the global batch; ``all``: every budget on every micro-batch). With
+   ``curriculum.between_share``, that share of the micro-batches trains the step's untrained budget between the
+   trained ones (``Curriculum.between_budget``), drawn nested between its trained neighbours' draws.
 2. Megatron's forward/backward schedule runs the (student, frozen teacher) pair. In each micro-batch the
    router samples its budget's architecture with Gumbel noise fixed per (step, budget) (so every micro-batch,
    TP rank and PP stage draws the same one), nested inside the draw of every larger budget of the step
    (``Router.sample_nested``), the student runs that sub-model with the router's straight-through gates, and the
    loss is KD(teacher || student) (+ optional LM loss). A ``fixed_arch`` run trains one given sub-model instead.
 3. Router gradients are summed over pipeline stages (each stage gates its own layers) and averaged over
-   data-parallel replicas; then the resource loss (every budget's expected parameter count vs its target)
-   adds its gradient, and the router's Adam steps. The student steps with Megatron's optimizer.
+   data-parallel replicas; then the resource loss (every budget's expected cost - parameters, serving memory or
+   FLOPs per token, the job's ``budget_kind`` - vs its target) adds its gradient, and the router's Adam steps.
+   The student steps with Megatron's optimizer.
 
 Checkpoints (``dist_checkpointing``) hold the student, its optimizer and LR schedule, the router and its
 optimizer, the data position of every stage, the tokens consumed (the curriculum position) and RNG states.
