@@ -251,8 +251,7 @@ class Router(nn.Module):
         trained range, is drawn last (noise index ``len(budgets)``) within its larger trained neighbour's draw and
         containing its smaller one's, so the whole set stays nested. With ``only``, keep the autograd graph for
         that budget alone (the other draws only bound it) and stop once it is drawn."""
-        if between is not None:
-            self.neighbours(between)
+        lo, hi = self.neighbours(between) if between is not None else (None, None)  # checked before any draw
         grad = torch.is_grad_enabled()
         out, prev = {}, None
         for b in sorted(self.budgets, reverse=True):
@@ -262,7 +261,6 @@ class Router(nn.Module):
             if b == only:
                 return out
         if between is not None:
-            lo, hi = self.neighbours(between)
             with torch.set_grad_enabled(grad and only in (None, between)):
                 out[between] = self.draw(
                     between,

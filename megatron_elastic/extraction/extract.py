@@ -100,9 +100,9 @@ def budget_archs(router: Optional[Router], budgets: List[str], where: str = "") 
     """Name -> the router's choice for each requested budget: ``all`` (every trained budget, nested), fractions
     (of the router's kind: parameters, or the memory/FLOPs its job was trained on), trained or not
     (``Router.choose_budgets``: an untrained one between its trained neighbours, zero-shot), or budgets stated in
-    any kind (``model.budget``: ``6GiB@32768``, ``1.5GFLOP@4096``): one of the
-    router's own kind is its fraction of the parent; another kind gets the largest sub-model the router gives whose
-    cost of that kind is within it (:func:`fraction_within`). Bad values raise a one-line ``ConfigError``."""
+    any kind (``model.budget``: ``6GiB@32768``, ``1.5GFLOP@4096``): one of the router's own kind is its fraction of
+    the parent; another kind gets the largest sub-model the router gives whose cost of that kind is within it
+    (:func:`fraction_within`). Bad values raise a one-line ``ConfigError``."""
     if router is None:
         raise ConfigError(f"{where} has no router (not an elastic-training checkpoint); pass --arch FILE.json")
     out = {}
@@ -138,10 +138,11 @@ def fraction_within(router: Router, stated: Budget, steps: int = 24) -> float:
     lo, hi = min(router.budgets), 1.0
     if cost_at(hi) <= target:
         return hi
-    if cost_at(lo) > target:
+    smallest = cost_at(lo)
+    if smallest > target:
         raise ConfigError(
             f"--budget {stated}: the smallest sub-model this router gives (budget {lo:g}) needs "
-            f"{format_cost(cost_at(lo), stated.cost)}; state a larger budget"
+            f"{format_cost(smallest, stated.cost)}; state a larger budget"
         )
     for _ in range(steps):
         mid = (lo + hi) / 2

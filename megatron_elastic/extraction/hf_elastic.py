@@ -65,7 +65,7 @@ def budget_entry(job: dict, config, arch: ElasticArch, hf_shapes: Dict[str, Tupl
     arch = arch.validate(config)
     sub_job = {**job, "model": sub_model_dict(job["model"], config, arch)}
     sub_cfg = load_pretrain_config(text=yaml.safe_dump(sub_job)).model_config()
-    remap = kept_layers(config, arch)
+    parent_layer = {new: old for old, new in kept_layers(config, arch).items()}
     source = {}  # sub-model HF name -> parent HF name
     dims: Dict[str, Dict[str, List[List[int]]]] = {}
     for group in _layer_groups(list(hf_shapes)).values():
@@ -76,7 +76,7 @@ def budget_entry(job: dict, config, arch: ElasticArch, hf_shapes: Dict[str, Tupl
             if not sliced:
                 break  # a skipped layer
             for name, t in to_hf_state_dict(sliced, sub_cfg).items():
-                parent = _parent_name(name, remap)
+                parent = _parent_name(name, parent_layer)
                 source[name] = parent
                 if d >= t.dim():
                     continue
@@ -89,11 +89,11 @@ def budget_entry(job: dict, config, arch: ElasticArch, hf_shapes: Dict[str, Tupl
     }
 
 
-def _parent_name(sub_name: str, remap: Dict[int, int]) -> str:
+def _parent_name(sub_name: str, parent_layer: Dict[int, int]) -> str:
+    """The parent tensor of a sub-model tensor (its layer index mapped back through ``parent_layer``)."""
     parts = sub_name.split(".")
     if len(parts) > 3 and parts[1] == "layers":
-        inverse = {new: old for old, new in remap.items()}
-        parts[2] = str(inverse[int(parts[2])])
+        parts[2] = str(parent_layer[int(parts[2])])
     return ".".join(parts)
 
 

@@ -53,7 +53,9 @@ class Budget:
 
     def target(self, config) -> float:
         """The budget in its kind's unit (parameters, bytes, FLOPs per token)."""
-        return self.fraction(config) * float(self.cost.of(config, ElasticArch.full(config)))
+        if self.kind == "params":
+            return self.value * float(self.cost.of(config, ElasticArch.full(config)))
+        return self.value
 
     def __str__(self) -> str:
         if self.kind == "params":
