@@ -67,7 +67,13 @@ def cmd_importance(args) -> int:
         args.iterative_depth,
         progress=not args.no_progress,
         mamba_source=args.mamba_source,
+        micro_batch_size=args.micro_batch_size,
+        seq_length=args.seq_length,
+        tensor_parallel=args.tensor_parallel,
+        save_every_minutes=args.save_every_minutes,
     )
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     print(res["table"])
     print(f"depth ranking (most important first): {res['depth_ranking']}")
     print(f"sorted checkpoint: {res['sorted_checkpoint']}")
@@ -145,11 +151,9 @@ def cmd_import_hf(args) -> int:
 
     if args.config and args.data:
         raise ConfigError("import-hf: give --data (a prepare-data directory) or --config (its data section), not both")
-    if args.config:
-        data = apply_overrides(read_config_mapping(args.config), list(args.set or [])).get("data") or {}
-    else:
-        data = {"path": args.data or "runs/data"}
-    res = import_hf(args.hf_dir, args.out, data=data)
+    job_config = apply_overrides(read_config_mapping(args.config), list(args.set or [])) if args.config else {}
+    data = job_config.get("data") or {} if args.config else {"path": args.data or "runs/data"}
+    res = import_hf(args.hf_dir, args.out, data=data, job_config=job_config)
     print(f"imported {res['parameters']:,} parameters ({res['hybrid_pattern']}) -> {res['checkpoint']}")
     print(f"data: {res['data']}")
     print(f"next: megatron-elastic importance --checkpoint {args.out} --out <dir>")
@@ -270,6 +274,23 @@ def _importance_args(p) -> None:
         help="Mamba activation scored: in_proj's x part (paper, ModelOpt) or the gated-norm output",
     )
     p.add_argument("--iterative-depth", action="store_true", help="greedy: remove the least important layer, re-score")
+    p.add_argument(
+        "--micro-batch-size", type=int, help="calibration samples per forward pass (default: the job's train section)"
+    )
+    p.add_argument("--seq-length", type=int, help="calibration sequence length (default: the job's data.seq_length)")
+    p.add_argument(
+        "--tensor-parallel",
+        type=int,
+        help="TP size (default: the job's parallel section); the processes launched (torchrun/srun) / TP are the "
+        "data-parallel ranks that split the calibration set",
+    )
+    p.add_argument(
+        "--save-every-minutes",
+        type=float,
+        default=10.0,
+        help="save the running sums under OUT/progress this often (default 10; 0: after every batch); the same "
+        "command resumes a killed job",
+    )
     _no_progress_arg(p)
 
 
@@ -340,8 +361,9 @@ def _import_hf_args(p) -> None:
     p.add_argument("--data", help="a prepare-data directory the checkpoint's job points at (default runs/data)")
     p.add_argument(
         "--config",
-        help="a job YAML whose data section the checkpoint's job takes instead (e.g. a Megatron blend; without "
-        "data.tokenizer the tokenizer inside --hf-dir is used)",
+        help="a job YAML (e.g. examples/nemotron_nano_v2_12b/parent.yaml) whose data, train and parallel sections and "
+        "model.elastic_ffn_groups the checkpoint's job takes (what importance runs with); a blend without "
+        "data.tokenizer uses the tokenizer inside --hf-dir",
     )
     p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override a field of --config")
 

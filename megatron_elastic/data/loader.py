@@ -114,12 +114,15 @@ def calibration_batches(
     seed: int = 1234,
     split: str = "train",
     vocab_size: Optional[int] = None,
+    dp_rank: int = 0,
+    dp_size: int = 1,
 ) -> List[dict]:
-    """``num_tokens`` tokens of ``split`` as GPTDataset batches."""
-    n = max(1, math.ceil(num_tokens / (seq_length * micro_batch_size)))
-    train, valid = build_gpt_datasets(
-        data, seq_length, n * micro_batch_size, n * micro_batch_size, seed=seed, model_vocab_size=vocab_size
-    )
+    """This data-parallel rank's share of ``num_tokens`` tokens of ``split`` as GPTDataset micro-batches: the
+    same number on every rank (the total rounded up to whole micro-batches on each), rank r taking every
+    ``dp_size``-th micro-batch from the r-th; together the ranks read what one process reads."""
+    n = max(1, math.ceil(num_tokens / (seq_length * micro_batch_size * dp_size)))
+    samples = n * micro_batch_size * dp_size
+    train, valid = build_gpt_datasets(data, seq_length, samples, samples, seed=seed, model_vocab_size=vocab_size)
     ds = train if split == "train" else valid
-    it = iter(make_loader(ds, 0, micro_batch_size))
-    return [next(it) for _ in range(min(n, len(ds) // micro_batch_size))]
+    it = iter(make_loader(ds, 0, micro_batch_size, dp_rank, dp_size))
+    return [next(it) for _ in range(min(n, len(ds) // (micro_batch_size * dp_size)))]

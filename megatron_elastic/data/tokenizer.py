@@ -94,9 +94,31 @@ def describe(spec: str) -> str:
     return f"{library}:{os.path.basename(path.rstrip(os.sep))}"
 
 
+# What makes a tokenizer, and only that, travels with datasets and exports: a model directory's config.json,
+# generation_config.json or weight index (every NVIDIA release ships them beside the tokenizer) never does.
+TOKENIZER_FILES = frozenset(
+    {
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "chat_template.json",
+        "vocab.json",
+        "vocab.txt",
+        "merges.txt",
+    }
+)
+TOKENIZER_SUFFIXES = (".model", ".tiktoken", ".jinja")  # SentencePiece, tiktoken, chat templates
+
+
+def is_tokenizer_file(name: str) -> bool:
+    """Whether a file of a tokenizer (or model) directory belongs to the tokenizer."""
+    return name in TOKENIZER_FILES or name.endswith(TOKENIZER_SUFFIXES)
+
+
 def copy_tokenizer(spec: str, dest: str) -> str:
-    """Copy the tokenizer's files into ``dest`` (a dataset or a checkpoint carries its tokenizer); returns the
-    spec that loads the copy (``byte`` stays ``byte``)."""
+    """Copy the tokenizer's files (:func:`is_tokenizer_file`) into ``dest`` (a dataset or a checkpoint carries its
+    tokenizer); returns the spec that loads the copy (``byte`` stays ``byte``)."""
     if spec == BYTE:
         return BYTE
     library, path = tokenizer_library(spec)
@@ -106,11 +128,28 @@ def copy_tokenizer(spec: str, dest: str) -> str:
         return os.path.join(dest, os.path.basename(path))
     for name in os.listdir(path):
         src = os.path.join(path, name)
-        if os.path.isfile(src) and (
-            name.endswith((".json", ".model", ".txt", ".jinja", ".tiktoken")) or "vocab" in name
-        ):
+        if os.path.isfile(src) and is_tokenizer_file(name):
             shutil.copy2(src, dest)
     return dest
+
+
+def special_token_ids(spec: str) -> Dict[str, Optional[int]]:
+    """``bos_token_id``, ``eos_token_id`` and ``pad_token_id`` of a tokenizer (None where it has none): what a
+    Hugging Face export's ``config.json`` and ``generation_config.json`` say. The end of a document is the eos."""
+    if spec == BYTE:
+        return {"bos_token_id": None, "eos_token_id": BYTE_EOD, "pad_token_id": BYTE_PAD}
+    library, path = tokenizer_library(spec)
+    if library == "huggingface":
+        from transformers import AutoTokenizer
+
+        hf = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        ids = {k: getattr(hf, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    else:
+        tokenizer = load_tokenizer(spec)
+        ids = {"bos_token_id": getattr(tokenizer, "bos", None), "eos_token_id": None, "pad_token_id": None}
+    if ids["eos_token_id"] is None:
+        ids["eos_token_id"] = load_tokenizer(spec).eod
+    return {k: (int(v) if isinstance(v, int) and v >= 0 else None) for k, v in ids.items()}
 
 
 def check_vocabulary(tokenizer, model_vocab_size: Optional[int], where: str) -> None:

@@ -254,8 +254,10 @@ def _as_fraction(name: str) -> Optional[float]:
 
 def _export_tokenizer(job: dict, hf_dir: str) -> str:
     """Copy the tokenizer the parent was trained with into the Hugging Face export (``transformers`` then loads
-    model and tokenizer from one directory); returns what was done, for the summary."""
-    from megatron_elastic.data.tokenizer import BYTE, copy_tokenizer, tokenizer_library
+    model and tokenizer from one directory) and write its bos/eos/pad ids into ``config.json`` and
+    ``generation_config.json``; returns what was done, for the summary."""
+    from megatron_elastic.data.tokenizer import BYTE, copy_tokenizer, special_token_ids, tokenizer_library
+    from megatron_elastic.extraction.hf import write_token_ids
 
     data = job.get("data") or {}
     try:
@@ -265,9 +267,11 @@ def _export_tokenizer(job: dict, hf_dir: str) -> str:
     if spec is None:
         return "not copied: the parent's job names no data"
     if spec == BYTE:
+        write_token_ids(hf_dir, special_token_ids(BYTE))
         return "byte (no tokenizer files: ids 0-255 are UTF-8 bytes, <eod> 256, <pad> 257)"
     library, _ = tokenizer_library(spec)
     if library != "huggingface":
         return f"not copied: {library} tokenizers are not loadable by transformers ({spec})"
     copy_tokenizer(spec, hf_dir)
+    write_token_ids(hf_dir, special_token_ids(hf_dir))
     return spec

@@ -196,6 +196,20 @@ def save_hf_checkpoint(
     return out_dir
 
 
+def write_token_ids(hf_dir: str, ids: Dict[str, object]) -> None:
+    """Put the tokenizer's ``bos/eos/pad_token_id`` into ``config.json`` and write ``generation_config.json``
+    with them (what ``generate`` stops and pads on), as ``transformers`` would save them."""
+    path = os.path.join(hf_dir, "config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    cfg.update(ids)
+    with open(path, "w") as f:
+        json.dump(cfg, f, indent=2)
+    generation = {"_from_model_config": True, **{k: v for k, v in ids.items() if v is not None}}
+    with open(os.path.join(hf_dir, "generation_config.json"), "w") as f:
+        json.dump(generation, f, indent=2)
+
+
 # ---- import: NemotronH -> our layout --------------------------------------------------------------------
 _FROM_HF_TYPE = {
     "linear_attention": MAMBA,

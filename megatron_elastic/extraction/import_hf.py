@@ -20,17 +20,40 @@ from megatron_elastic.parallel import initialize_parallel
 from megatron_elastic.training.checkpoint import save_checkpoint
 from megatron_elastic.training.config import PretrainConfig, load_pretrain_config
 
+# What a job config gives the imported parent's job besides its data: how the jobs that read the parent run it
+# (``importance``: micro-batch, seed, TP/PP/DP layout), and the model fields that are our choices, not the release's.
+CARRIED_SECTIONS = ("train", "parallel")
+CARRIED_MODEL_FIELDS = ("elastic_ffn_groups",)
 
-def import_hf(hf_dir: str, out: str, data: Optional[dict] = None) -> dict:
+
+def import_hf(hf_dir: str, out: str, data: Optional[dict] = None, job_config: Optional[dict] = None) -> dict:
     """Convert ``hf_dir`` into a checkpoint under ``out`` (``latest`` + ``iter_0000000``); returns a summary.
 
     ``data`` becomes the job's data section (what ``importance`` calibrates on by default): ``{"path": DIR}`` or a
-    Megatron blend; a blend without a tokenizer gets the one inside ``hf_dir``."""
+    Megatron blend; a blend without a tokenizer gets the one inside ``hf_dir``. ``job_config`` (a job YAML as a
+    mapping, e.g. ``examples/nemotron_nano_v2_12b/parent.yaml``): its ``train`` and ``parallel`` sections and
+    ``model.elastic_ffn_groups`` are carried into the imported job; the rest of its model section must agree
+    with ``config.json`` where it states the architecture."""
     hf_cfg, tensors = read_hf_checkpoint(hf_dir)
     model_dict = model_dict_from_hf(hf_cfg)
     dtype = hf_cfg.get("torch_dtype") or hf_cfg.get("dtype") or "float32"
     model_dict["params_dtype"] = dtype if dtype in ("float32", "bfloat16", "float16") else "float32"
+    job_config = job_config or {}
+    stated = job_config.get("model") or {}
+    for name in CARRIED_MODEL_FIELDS:
+        if name in stated:
+            model_dict[name] = stated[name]
+    clash = {k: (v, model_dict[k]) for k, v in stated.items() if k in model_dict and model_dict[k] != v}
+    clash.pop("params_dtype", None)  # the release's dtype wins: its weights are stored in it
+    if clash:
+        shown = ", ".join(f"{k}: config {a!r} vs config.json {b!r}" for k, (a, b) in sorted(clash.items())[:4])
+        raise HFExportError(
+            f"{hf_dir}: the job config's model section disagrees with config.json ({shown}); fix the job config "
+            f"(the imported architecture is config.json's)"
+        )
     job = PretrainConfig(model=model_dict).to_dict()
+    for section in CARRIED_SECTIONS:
+        job[section].update(job_config.get(section) or {})
     data = dict(data or {"path": "runs/data"})
     if data.get("blend") and not data.get("tokenizer"):
         tokenizer_library(hf_dir)  # the release ships its tokenizer; refuse clearly if this one does not

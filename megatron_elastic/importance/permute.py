@@ -16,6 +16,7 @@ budget valid and the function unchanged:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
@@ -114,3 +115,85 @@ def random_permutation(config, generator: Optional[torch.Generator] = None) -> P
         else:
             perm.ffn[i] = within(config.ffn_hidden_size, config.elastic_ffn_groups)
     return perm
+
+
+def _tp():
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        return (
+            parallel_state.get_tensor_model_parallel_world_size(),
+            parallel_state.get_tensor_model_parallel_rank(),
+            parallel_state.get_tensor_model_parallel_group(),
+        )
+    return 1, 0, None
+
+
+def _rank_shard(order: torch.Tensor, tp_size: int, tp_rank: int, what: str) -> torch.Tensor:
+    """The part of a within-group ``order`` that lies in TP rank ``tp_rank``'s contiguous shard, as local indices."""
+    per = order.numel() // tp_size
+    local = order[tp_rank * per : (tp_rank + 1) * per] - tp_rank * per
+    if sorted(local.tolist()) != list(range(per)):
+        raise ValueError(f"{what}: the order moves units between tensor-parallel ranks")
+    return local
+
+
+def _local_view(config, tp_size: int):
+    """``config`` as one TP rank's shard sees it: Megatron's per-rank tensors are the TP=1 layout of a model with
+    1/tp of the heads, groups and neurons (Mamba ``[z|x|B|C|dt]``, QKV interleaved per local KV group)."""
+    from types import SimpleNamespace
+
+    view = SimpleNamespace(**{f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
+    for name in ("num_attention_heads", "num_query_groups", "mamba_num_heads", "mamba_num_groups", "ffn_hidden_size"):
+        if getattr(view, name):
+            setattr(view, name, getattr(view, name) // tp_size)
+    view.elastic_ffn_groups = max(1, config.elastic_ffn_groups // tp_size)
+    view.tensor_model_parallel_size = 1
+    return view
+
+
+@torch.no_grad()
+def permute_model(model, perm: Permutation) -> None:
+    """Apply ``perm`` (global unit ids, as :meth:`WidthScores.to_permutation` gives) to ``model``'s weights in place,
+    at any TP size: every rank permutes its own shard (groups never straddle TP ranks: Mamba B/C groups and KV groups
+    are whole on a rank); FFN neurons, whose ``elastic_ffn_groups`` may be fewer than the TP ranks, are gathered over
+    TP one layer at a time when they must move between ranks. Equals :func:`permute_state_dict` on the TP=1 model."""
+    config = model.config
+    if config.layer_overrides:
+        raise ValueError("the sort needs a homogeneous parent (no layer_overrides)")
+    tp_size, tp_rank, group = _tp()
+    ffn_moves = config.elastic_ffn_groups % tp_size != 0
+    local = Permutation(hidden=perm.hidden)
+    for i, order in perm.mamba_heads.items():
+        local.mamba_heads[i] = _rank_shard(order, tp_size, tp_rank, f"mamba heads of layer {i}")
+    local.mamba_head_dim = dict(perm.mamba_head_dim)
+    for i, order in perm.attention_heads.items():
+        local.attention_heads[i] = _rank_shard(order, tp_size, tp_rank, f"attention heads of layer {i}")
+    if not ffn_moves:
+        for i, order in perm.ffn.items():
+            local.ffn[i] = _rank_shard(order, tp_size, tp_rank, f"FFN neurons of layer {i}")
+    sd = permute_state_dict(model.state_dict(), _local_view(config, tp_size), local)
+    if ffn_moves:
+        for i, order in perm.ffn.items():
+            _permute_ffn_across_ranks(sd, config, i, order, tp_size, tp_rank, group)
+    model.load_state_dict(sd)
+
+
+def _permute_ffn_across_ranks(sd, config, i: int, order: torch.Tensor, tp_size: int, tp_rank: int, group) -> None:
+    """Layer ``i``'s FFN neurons in ``order``: fc1 rows and fc2 columns gathered over TP, permuted, re-sharded."""
+    import torch.distributed as dist
+
+    def gather(t: torch.Tensor, dim: int) -> list:
+        parts = [torch.empty_like(t) for _ in range(tp_size)]
+        dist.all_gather(parts, t.contiguous(), group=group)
+        return parts
+
+    p = f"decoder.layers.{i}.mlp."
+    halves = 2 if config.gated_linear_unit else 1
+    for name, dim in (("linear_fc1.weight", 0), ("linear_fc1.bias", 0), ("linear_fc2.weight", 1)):
+        if p + name not in sd:
+            continue
+        parts = gather(sd[p + name], dim)
+        k = halves if name.startswith("linear_fc1") else 1  # a gated fc1 shard is [gate_r | up_r]
+        full = [torch.cat([q.chunk(k, dim)[h] for q in parts], dim).index_select(dim, order) for h in range(k)]
+        sd[p + name] = torch.cat([f.chunk(tp_size, dim)[tp_rank] for f in full], dim).contiguous()

@@ -8,17 +8,22 @@ import os
 from typing import List, Optional
 
 import torch
+from megatron.core import parallel_state
 from tqdm import tqdm
 
 from megatron_elastic.compat import ATTENTION, MAMBA
 from megatron_elastic.data.loader import calibration_batches
-from megatron_elastic.importance.depth import depth_scores
-from megatron_elastic.importance.permute import permute_state_dict
-from megatron_elastic.importance.width import WidthScores, collect_width_scores
+from megatron_elastic.errors import ConfigError
+from megatron_elastic.importance.depth import DepthSearch, run_depth_search
+from megatron_elastic.importance.permute import permute_model
+from megatron_elastic.importance.progress import ImportanceProgress
+from megatron_elastic.importance.width import WidthScores, WidthStatistics, accumulate_width
 from megatron_elastic.model.elastic_arch import AXIS_FIELD
-from megatron_elastic.training.checkpoint import save_checkpoint
-from megatron_elastic.training.lm import lm_logits
-from megatron_elastic.training.runs import load_parent
+from megatron_elastic.model.elastic_model import build_elastic_model
+from megatron_elastic.parallel import initialize_parallel
+from megatron_elastic.training.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from megatron_elastic.training.lm import lm_hidden
+from megatron_elastic.training.runs import config_from_checkpoint
 
 
 def summary_table(config, scores: WidthScores, depth: torch.Tensor, ranking: List[int]) -> str:
@@ -95,43 +100,100 @@ def run_importance(
     iterative_depth: bool = False,
     progress: bool = True,
     mamba_source: str = "x",
+    micro_batch_size: Optional[int] = None,
+    seq_length: Optional[int] = None,
+    tensor_parallel: Optional[int] = None,
+    save_every_minutes: float = 10.0,
 ) -> dict:
     """Score, sort and save; returns a summary dict (paths and the depth ranking). ``data``: a ``prepare-data``
-    directory, or None for the data the parent was trained on (its ``data`` section: a directory or a blend)."""
-    model, job, src = load_parent(checkpoint)
-    config = model.config
+    directory, or None for the data the parent was trained on (its ``data`` section: a directory or a blend).
+
+    Runs in every process of a torchrun/srun launch (or alone): the parent at the job's TP size (``tensor_parallel``
+    overrides it; logits stay vocab-sharded), PP=1 (scoring is forward-only), the calibration set split over the
+    data-parallel ranks (``world / TP``) and every sum reduced over them, so any layout gives one process's ranking.
+    ``micro_batch_size`` and ``seq_length`` override the job's. The running sums are saved every
+    ``save_every_minutes`` under ``out/progress``; run the same command again to resume a killed job."""
+    path = resolve_checkpoint(checkpoint)
+    job = config_from_checkpoint(path)
+    mbs = micro_batch_size or job.train.micro_batch_size
+    seq = seq_length or job.data.seq_length
+    tp = tensor_parallel or job.parallel.tensor_model_parallel_size
+    for name, value in (("--micro-batch-size", mbs), ("--seq-length", seq), ("--tensor-parallel", tp)):
+        if value < 1:
+            raise ConfigError(f"{name} {value}: must be a positive integer")
+    initialize_parallel(tp, 1, seed=job.train.seed, timeout_minutes=job.parallel.distributed_timeout_minutes)
+    # Sequence parallelism off: the width statistics average each sample over all of its tokens.
+    config = job.model_config(tensor_model_parallel_size=tp, pipeline_model_parallel_size=1, sequence_parallel=False)
+    model = build_elastic_model(config)
+    load_checkpoint(path, model, optimizer=None, load_rng=False)
+    dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     data = data or job.data.source(out)  # default: the parent's own data (a blend caches its index under out)
     batches = calibration_batches(
-        data,
-        job.data.seq_length,
-        calib_tokens,
-        job.train.micro_batch_size,
-        job.train.seed,
-        vocab_size=config.vocab_size,
+        data, seq, calib_tokens, mbs, job.train.seed, vocab_size=config.vocab_size, dp_rank=dp_rank, dp_size=dp_size
     )
-    bar = (lambda it: tqdm(it, desc="calibration", unit="batch")) if progress else None
-    scores = collect_width_scores(
-        model, batches, lm_logits, ffn_source=ffn_source, progress=bar, mamba_source=mamba_source
+    fingerprint = {
+        "checkpoint": os.path.abspath(path),
+        "data": data if isinstance(data, str) else repr(data),
+        "calib_tokens": calib_tokens,
+        "micro_batch_size": mbs,
+        "seq_length": seq,
+        "tensor_parallel": tp,
+        "data_parallel": dp_size,
+        "ffn_source": ffn_source,
+        "mamba_source": mamba_source,
+        "iterative_depth": iterative_depth,
+    }
+    store = ImportanceProgress(out, fingerprint, save_every_minutes)
+    saved = store.load() or {}
+    stats = WidthStatistics.from_state_dict(saved["width"]) if saved else WidthStatistics(ffn_source, mamba_source)
+    search = (
+        DepthSearch.from_state_dict(saved["depth"])
+        if saved
+        else DepthSearch(len(config.hybrid_pattern), iterative_depth)
     )
-    depth_bar = (lambda it: tqdm(it, desc="depth (iterative)", unit="layer")) if progress else None
-    depth, ranking = depth_scores(model, batches, lm_logits, iterative=iterative_depth, progress=depth_bar)
+    save = lambda *_: store.maybe_save({"width": stats.state_dict(), "depth": search.state_dict()})
+    show = progress and torch.distributed.get_rank() == 0
+    bar = lambda desc, unit: (lambda it: tqdm(it, desc=desc, unit=unit)) if show else None
+    accumulate_width(model, batches, lm_hidden, stats, bar("width (calibration)", "batch"), after_batch=save)
+    scores = stats.scores(config)
+    depth_bar = bar("depth (iterative)" if iterative_depth else "depth", "round")
+    run_depth_search(model, batches, search, lm_hidden, depth_bar, after_batch=save)
+    depth, ranking = search.result()
     perm = scores.to_permutation(config)
-    model.load_state_dict(permute_state_dict(model.state_dict(), config, perm))
+    permute_model(model, perm)
+    sorted_dir = os.path.join(out, "sorted")
+    save_checkpoint(
+        sorted_dir, 0, model, trainer_state={"config": job.to_dict(), "sorted_from": path, "depth_ranking": ranking}
+    )
+    table = summary_table(config, scores, depth, ranking)
+    plot = None
+    if torch.distributed.get_rank() == 0:
+        _write_results(out, config, scores, perm, depth, ranking, fingerprint, dp_size * len(batches) * mbs * seq)
+        with open(os.path.join(out, "summary.txt"), "w") as f:
+            f.write(table + "\n")
+        plot = plot_importance(os.path.join(out, "importance.png"), config, scores, depth)
+    store.clear()
+    return {"sorted_checkpoint": sorted_dir, "depth_ranking": ranking, "table": table, "plot": plot}
+
+
+def _write_results(out, config, scores, perm, depth, ranking, fingerprint: dict, tokens: int) -> None:
+    """``scores.json`` (width and depth scores, how they were made) and ``ranking.json`` (the orders)."""
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "scores.json"), "w") as f:
         json.dump(
             {
                 "width": scores.to_dict(),
                 "depth_nmse": [float(x) for x in depth],
-                "ffn_source": ffn_source,
-                "mamba_source": mamba_source,
-                "calibration_tokens": sum(int(b["tokens"].numel()) for b in batches),
+                "ffn_source": fingerprint["ffn_source"],
+                "mamba_source": fingerprint["mamba_source"],
+                "calibration_tokens": tokens,
+                "layout": {k: fingerprint[k] for k in ("tensor_parallel", "data_parallel", "micro_batch_size")},
             },
             f,
         )
     ranking_doc = {
         "depth_ranking": ranking,
-        "iterative_depth": iterative_depth,
+        "iterative_depth": fingerprint["iterative_depth"],
         "width_order": {
             "hidden": perm.hidden.tolist(),
             **{a: {i: p.tolist() for i, p in getattr(perm, a).items()} for a in AXIS_FIELD},
@@ -139,12 +201,3 @@ def run_importance(
     }
     with open(os.path.join(out, "ranking.json"), "w") as f:
         json.dump(ranking_doc, f)
-    sorted_dir = os.path.join(out, "sorted")
-    save_checkpoint(
-        sorted_dir, 0, model, trainer_state={"config": job.to_dict(), "sorted_from": src, "depth_ranking": ranking}
-    )
-    table = summary_table(config, scores, depth, ranking)
-    with open(os.path.join(out, "summary.txt"), "w") as f:
-        f.write(table + "\n")
-    plot = plot_importance(os.path.join(out, "importance.png"), config, scores, depth)
-    return {"sorted_checkpoint": sorted_dir, "depth_ranking": ranking, "table": table, "plot": plot}

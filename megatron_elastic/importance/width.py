@@ -17,8 +17,9 @@ rank ends with the same global scores.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, Optional
+from typing import Callable, Dict, Iterable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -64,14 +65,10 @@ class WidthScores:
         return cls(torch.tensor(d["hidden"]), **{a: tensors(d[a]) for a in AXIS_FIELD})
 
 
-class _Accumulator:
-    def __init__(self):
-        self.total: Optional[torch.Tensor] = None
-
-    def add(self, act: torch.Tensor) -> None:
-        """act: [seq, batch, channels]."""
-        v = act.detach().float().abs().mean(dim=0).pow(2).sum(dim=0)
-        self.total = v if self.total is None else self.total + v
+def _add(totals: Dict[str, torch.Tensor], key: str, act: torch.Tensor) -> None:
+    """Sum into ``totals[key]`` the per-channel squared mean over tokens of ``|act|`` ([seq, batch, channels])."""
+    v = act.detach().float().abs().mean(dim=0).pow(2).sum(dim=0)
+    totals[key] = v if key not in totals else totals[key] + v
 
 
 def _tp_group_and_size():
@@ -104,7 +101,117 @@ def _gather_tp(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+@dataclass
+class WidthStatistics:
+    """This rank's running sums for the width scores (``totals``: "hidden" and each layer's index as a string),
+    over ``batches_done`` calibration batches; a job saves and resumes it (:meth:`state_dict`)."""
+
+    ffn_source: str = "fc2_input"
+    mamba_source: str = "x"
+    totals: Dict[str, torch.Tensor] = field(default_factory=dict)
+    batches_done: int = 0
+
+    def __post_init__(self):
+        if self.ffn_source not in FFN_SOURCES:
+            raise ConfigError(f"ffn_source must be one of {FFN_SOURCES}, got {self.ffn_source!r}")
+        if self.mamba_source not in MAMBA_SOURCES:
+            raise ConfigError(f"mamba_source must be one of {MAMBA_SOURCES}, got {self.mamba_source!r}")
+
+    @contextmanager
+    def hooks(self, model):
+        """Forward hooks that sum every forward pass of ``model`` (whole network, any TP) into the totals."""
+        config, handles = model.config, []
+        add = lambda key: lambda act: _add(self.totals, key, act)
+        on_output = lambda f, pick=lambda o: o: lambda mod, inp, out: f(pick(out))
+        on_input = lambda f: lambda mod, inp: f(inp[0])
+        hidden = add("hidden")
+        for layer in model.decoder.layers:
+            i = layer.layer_number - 1
+            sym, acc = config.hybrid_pattern[i], add(str(i))
+            if sym == MAMBA:
+                mixer = layer.mixer
+                x = mixer.layout.in_proj_part("x")  # this rank's x rows of in_proj's output
+                handles.append(layer.norm.register_forward_hook(on_output(hidden)))
+                if self.mamba_source == "x":
+                    handles.append(mixer.in_proj.register_forward_hook(on_output(acc, lambda o, x=x: o[0][..., x])))
+                else:
+                    handles.append(mixer.out_proj.register_forward_pre_hook(on_input(acc)))
+            elif sym == ATTENTION:
+                handles.append(layer.input_layernorm.register_forward_hook(on_output(hidden)))
+                handles.append(layer.self_attention.linear_proj.register_forward_pre_hook(on_input(acc)))
+            else:
+                handles.append(layer.pre_mlp_layernorm.register_forward_hook(on_output(hidden)))
+                if self.ffn_source == "fc2_input":
+                    handles.append(layer.mlp.linear_fc2.register_forward_pre_hook(on_input(acc)))
+                else:
+                    handles.append(layer.mlp.linear_fc1.register_forward_hook(on_output(acc, lambda o: o[0])))
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+
+    def scores(self, config) -> WidthScores:
+        """The global scores: sums reduced over DP, TP shards gathered in rank order (collective)."""
+        if "hidden" not in self.totals:
+            raise ConfigError("no calibration batches were given")
+        scores = WidthScores(hidden=_reduce_dp(self.totals["hidden"]).sqrt())
+        for i in sorted(int(k) for k in self.totals if k != "hidden"):  # the same order on every rank
+            total = _gather_tp(_reduce_dp(self.totals[str(i)]))
+            sym = config.hybrid_pattern[i]
+            if sym == MAMBA:
+                grid = total.sqrt().view(config.mamba_num_heads, config.mamba_head_dim)
+                scores.mamba_heads[i] = grid.norm(dim=1)
+                scores.mamba_head_dim[i] = grid.norm(dim=0)
+            elif sym == ATTENTION:
+                scores.attention_heads[i] = (
+                    total.sqrt().view(config.num_attention_heads, config.kv_channels).norm(dim=1)
+                )
+            elif config.gated_linear_unit and self.ffn_source == "fc1_output":
+                scores.ffn[i] = total.view(_tp_group_and_size()[1], 2, -1)[:, 0].flatten().sqrt()  # the gate half
+            else:
+                scores.ffn[i] = total.sqrt()
+        return scores
+
+    def state_dict(self) -> dict:
+        return {
+            "ffn_source": self.ffn_source,
+            "mamba_source": self.mamba_source,
+            "totals": dict(self.totals),
+            "batches_done": self.batches_done,
+        }
+
+    @classmethod
+    def from_state_dict(cls, d: dict) -> "WidthStatistics":
+        return cls(**d)
+
+
 @torch.no_grad()
+def accumulate_width(
+    model,
+    batches: Sequence,
+    forward: Callable,
+    stats: WidthStatistics,
+    progress: Optional[Callable[[Iterable], Iterable]] = None,
+    after_batch: Optional[Callable[[WidthStatistics], None]] = None,
+) -> WidthStatistics:
+    """Sum ``batches[stats.batches_done:]`` into ``stats`` (``forward(model, batch)``: any forward pass; the
+    hooks see the activations); ``after_batch(stats)`` after each (where a job saves it)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with stats.hooks(model):
+            todo = batches[stats.batches_done :]
+            for batch in progress(todo) if progress else todo:
+                forward(model, batch)
+                stats.batches_done += 1
+                if after_batch is not None:
+                    after_batch(stats)
+    finally:
+        model.train(was_training)
+    return stats
+
+
 def collect_width_scores(
     model,
     batches: Iterable,
@@ -115,70 +222,8 @@ def collect_width_scores(
 ) -> WidthScores:
     """Run ``forward(model, batch)`` on every calibration batch with hooks and return the global scores.
     ``model`` is a (plain or elastic) hybrid model holding the whole network (PP=1) at any TP size."""
-    if ffn_source not in FFN_SOURCES:
-        raise ConfigError(f"ffn_source must be one of {FFN_SOURCES}, got {ffn_source!r}")
-    if mamba_source not in MAMBA_SOURCES:
-        raise ConfigError(f"mamba_source must be one of {MAMBA_SOURCES}, got {mamba_source!r}")
-    config = model.config
-    hidden = _Accumulator()
-    per_layer: Dict[int, _Accumulator] = {}
-    handles = []
-
-    def on_output(acc, pick=lambda o: o):
-        return lambda mod, inp, out: acc.add(pick(out))
-
-    for layer in model.decoder.layers:
-        i = layer.layer_number - 1
-        sym = config.hybrid_pattern[i]
-        acc = per_layer.setdefault(i, _Accumulator())
-        if sym == MAMBA:
-            mixer = layer.mixer
-            x = mixer.layout.in_proj_part("x")  # this rank's x rows of in_proj's output
-            handles.append(layer.norm.register_forward_hook(on_output(hidden)))
-            if mamba_source == "x":
-                handles.append(mixer.in_proj.register_forward_hook(on_output(acc, lambda o, x=x: o[0][..., x])))
-            else:
-                handles.append(mixer.out_proj.register_forward_pre_hook(lambda mod, inp, acc=acc: acc.add(inp[0])))
-        elif sym == ATTENTION:
-            handles.append(layer.input_layernorm.register_forward_hook(on_output(hidden)))
-            handles.append(
-                layer.self_attention.linear_proj.register_forward_pre_hook(lambda mod, inp, acc=acc: acc.add(inp[0]))
-            )
-        else:
-            handles.append(layer.pre_mlp_layernorm.register_forward_hook(on_output(hidden)))
-            if ffn_source == "fc2_input":
-                handles.append(
-                    layer.mlp.linear_fc2.register_forward_pre_hook(lambda mod, inp, acc=acc: acc.add(inp[0]))
-                )
-            else:
-                handles.append(layer.mlp.linear_fc1.register_forward_hook(on_output(acc, lambda o: o[0])))
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in progress(batches) if progress else batches:
-            forward(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    if hidden.total is None:
-        raise ConfigError("no calibration batches were given")
-
-    scores = WidthScores(hidden=_reduce_dp(hidden.total).sqrt())
-    for i, acc in per_layer.items():
-        total = _gather_tp(_reduce_dp(acc.total)).sqrt()
-        sym = config.hybrid_pattern[i]
-        if sym == MAMBA:
-            grid = total.view(config.mamba_num_heads, config.mamba_head_dim)
-            scores.mamba_heads[i] = grid.norm(dim=1)
-            scores.mamba_head_dim[i] = grid.norm(dim=0)
-        elif sym == ATTENTION:
-            scores.attention_heads[i] = total.view(config.num_attention_heads, config.kv_channels).norm(dim=1)
-        else:
-            if config.gated_linear_unit and ffn_source == "fc1_output":
-                total = _gather_tp(_reduce_dp(acc.total)).view(_tp_group_and_size()[1], 2, -1)[:, 0].flatten().sqrt()
-            scores.ffn[i] = total
-    return scores
+    stats = WidthStatistics(ffn_source, mamba_source)
+    return accumulate_width(model, list(batches), forward, stats, progress).scores(model.config)
 
 
 def magnitude_scores(state_dict: Dict[str, torch.Tensor], config) -> WidthScores:

@@ -3,6 +3,7 @@ device, the masked mean of a per-token loss, logits and loss of a ``GPTDataset``
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Dict, Iterator
 
 import torch
@@ -46,3 +47,40 @@ def lm_loss(model, batch) -> torch.Tensor:
     tokens = batch["tokens"]
     losses = model(tokens, batch["position_ids"], None, labels=batch["labels"])
     return masked_mean(losses, batch["loss_mask"])
+
+
+def _language_model(model):
+    while hasattr(model, "module") and not hasattr(model, "decoder"):  # DDP / Float16Module wrappers
+        model = model.module
+    return model
+
+
+@contextmanager
+def _without_output_layer(model):
+    m = _language_model(model)
+    post_process = m.post_process
+    m.post_process = False  # Megatron's model returns the decoder's output (final norm applied) when unset
+    try:
+        yield m
+    finally:
+        m.post_process = post_process
+
+
+def final_hidden(model, tokens: torch.Tensor, position_ids: torch.Tensor, attention_mask=None) -> torch.Tensor:
+    """The final hidden states ``[s, b, h]`` (after the final norm): the forward pass without the output layer,
+    for jobs that read the logits a chunk at a time (:func:`chunk_logits`). ``model`` holds the whole network."""
+    with _without_output_layer(model) as m:
+        return m(tokens, position_ids, attention_mask)
+
+
+def lm_hidden(model, batch) -> torch.Tensor:
+    """:func:`final_hidden` of a GPTDataset batch."""
+    batch = batch_to_device(batch)
+    return final_hidden(model, batch["tokens"], batch["position_ids"])
+
+
+def chunk_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """Vocab-sharded logits ``[s, b, vocab/tp]`` of final hidden states ``[s, b, h]`` (any slice of the sequence)."""
+    m = _language_model(model)
+    weight = m.shared_embedding_or_output_weight() if m.share_embeddings_and_output_weights else None
+    return m.output_layer(hidden, weight=weight)[0]

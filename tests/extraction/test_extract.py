@@ -47,6 +47,9 @@ def test_extract_all_budgets_megatron_and_hf(elastic_run, tmp_path):
         hf = transformers.AutoModelForCausalLM.from_pretrained(r["hf"], dtype=torch.float32)
         with torch.no_grad():
             torch.testing.assert_close(hf(input_ids=ids, use_cache=False).logits, want, rtol=1e-4, atol=1e-4)
+        # The byte tokenizer's end of document is the eos generation stops on, and <pad> its padding.
+        assert (hf.config.eos_token_id, hf.config.pad_token_id) == (256, 257)
+        assert hf.generation_config.eos_token_id == 256
     assert json.load(open(os.path.join(out, "budget_1", "arch.json")))["skipped_layers"] == []
 
 

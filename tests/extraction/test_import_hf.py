@@ -1,5 +1,6 @@
 """HF NemotronH -> ours -> HF is lossless, and the imported model computes what transformers computes."""
 
+import json
 import os
 
 import pytest
@@ -135,3 +136,76 @@ def test_import_takes_a_blend_and_the_releases_own_tokenizer(single_process_para
     assert job.data.blend == blend["blend"] and job.data.split == "98,2,0"
     assert job.data.tokenizer == os.path.abspath(src) and job.data.path == ""
     assert res["data"]["tokenizer"] == os.path.abspath(src)
+
+    # A job config (the run book's parent.yaml) also gives how the parent's jobs run, and our model choices.
+    from megatron_elastic.errors import HFExportError
+
+    stated = {
+        "train": {"micro_batch_size": 1, "global_batch_size": 4},
+        "parallel": {"tensor_model_parallel_size": 2},
+        "model": {"elastic_ffn_groups": 2, "hidden_size": 32, "params_dtype": "bfloat16"},
+    }
+    res = import_hf(src, str(tmp_path / "carried"), data=blend, job_config=stated)
+    job = config_from_checkpoint(res["checkpoint"])
+    assert (job.train.micro_batch_size, job.train.global_batch_size) == (1, 4)
+    assert job.parallel.tensor_model_parallel_size == 2 and job.model["elastic_ffn_groups"] == 2
+    with pytest.raises(HFExportError, match="hidden_size: config 64 vs config.json 32"):
+        import_hf(src, str(tmp_path / "clash"), data=blend, job_config={"model": {"hidden_size": 64}})
+
+
+def test_exports_of_a_parent_whose_tokenizer_is_a_full_model_directory_load_with_their_own_config(
+    single_process_parallel, tmp_path
+):
+    """The release layout: tokenizer files beside config.json, generation_config.json and the weights. import-hf
+    with that directory as data.tokenizer, then extract a narrower sub-model to HF: its config.json is the
+    sub-model's (not the parent's, copied over it with the tokenizer), transformers loads it and it computes what
+    the Megatron export computes, and eos/bos/pad come from the tokenizer."""
+    from tokenizers import Tokenizer, models
+
+    from megatron_elastic.data.tokenizer import is_tokenizer_file
+    from megatron_elastic.extraction.extract import extract
+    from megatron_elastic.extraction.import_hf import import_hf
+    from megatron_elastic.model.builder import build_hybrid_model, causal_attention_mask, position_ids_for
+    from megatron_elastic.model.elastic_arch import ElasticArch
+    from megatron_elastic.training.checkpoint import load_model_weights
+    from megatron_elastic.training.runs import config_from_checkpoint
+
+    _, src = _tiny_hf(tmp_path)
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3, **{f"w{i}": 4 + i for i in range(40)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+    fast.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    fast.save_pretrained(src)
+    assert {"config.json", "generation_config.json"} <= set(os.listdir(src))
+    data = {"blend": [1.0, "/data/a_text_document"], "split": "99,1,0", "tokenizer": src}
+    res = import_hf(src, str(tmp_path / "ours"), data=data)
+    parent_cfg = config_from_checkpoint(res["checkpoint"]).model_config()
+    arch = ElasticArch.full(parent_cfg)
+    arch.hidden_size = 16
+    arch.ffn_hidden_size = {i: 20 for i in arch.ffn_hidden_size}
+    arch_file = tmp_path / "sub.json"
+    arch_file.write_text(arch.to_json())
+    (row,) = extract(res["checkpoint"], str(tmp_path / "out"), arch_file=str(arch_file), fmt="both")
+
+    files = set(os.listdir(row["hf"]))
+    assert {"tokenizer.json", "tokenizer_config.json"} <= files
+    assert all(is_tokenizer_file(f) for f in files - {"config.json", "generation_config.json", "model.safetensors"})
+    cfg = json.load(open(os.path.join(row["hf"], "config.json")))
+    assert cfg["hidden_size"] == 16 and cfg["model_type"] == "nemotron_h"
+    assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]) == (1, 2, 3)
+    gen = json.load(open(os.path.join(row["hf"], "generation_config.json")))
+    assert (gen["bos_token_id"], gen["eos_token_id"], gen["pad_token_id"]) == (1, 2, 3)
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(row["hf"], dtype=torch.float32)
+    plain = build_hybrid_model(config_from_checkpoint(os.path.join(row["megatron"], "iter_0000000")).model_config())
+    load_model_weights(row["megatron"], plain)
+    ids = torch.randint(4, 44, (2, 19), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = plain(ids, position_ids_for(ids), causal_attention_mask(19))
+        torch.testing.assert_close(hf(input_ids=ids, use_cache=False).logits, want, rtol=1e-4, atol=1e-4)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(row["hf"])
+    assert tokenizer.eos_token_id == hf.generation_config.eos_token_id == 2
+    out = hf.generate(torch.tensor([[1, 5, 6]]), max_new_tokens=4, do_sample=False)
+    assert out.shape[1] <= 7

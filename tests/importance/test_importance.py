@@ -21,6 +21,12 @@ def _forward(model, batch):
     return model(*batch)
 
 
+def _hidden(model, batch):
+    from megatron_elastic.training.lm import final_hidden
+
+    return final_hidden(model, *batch)
+
+
 def test_width_scores_match_direct_computation(single_process_parallel):
     from megatron_elastic.importance.width import collect_width_scores
     from megatron_elastic.model.builder import build_hybrid_model
@@ -80,8 +86,42 @@ def test_depth_ranks_an_exact_noop_layer_last(single_process_parallel, iterative
     model = build_elastic_model(cfg)
     with torch.no_grad():
         model.decoder.layers[4].mlp.linear_fc2.weight.zero_()  # layer 4 now adds exactly nothing
-    scores, ranking = depth_scores(model, _batches(2), _forward, iterative=iterative)
+    scores, ranking = depth_scores(model, _batches(2), _hidden, iterative=iterative)
     assert ranking[-1] == 4
     assert float(scores[4]) == 0.0
     assert (scores[torch.arange(len(scores)) != 4] > 0).all()
     assert sorted(ranking) == list(range(len(cfg.hybrid_pattern)))
+
+
+def test_depth_nmse_from_logit_chunks_equals_float64_on_whole_logits_and_never_makes_them(single_process_parallel):
+    """The memory-bounded depth score (logits a few tokens at a time, vocab-sharded, only float64 sums kept) equals
+    NMSE computed in float64 on every batch's whole logits, and no logits tensor longer than a chunk is made."""
+    from megatron_elastic.importance.depth import depth_scores
+    from megatron_elastic.model.elastic_arch import ElasticArch
+    from megatron_elastic.model.elastic_model import build_elastic_model, use_arch
+
+    cfg = _cfg()
+    torch.manual_seed(4)
+    model = build_elastic_model(cfg).eval()
+    batches = _batches(2, seq=33, batch=3)
+    n = len(cfg.hybrid_pattern)
+    num, den = torch.zeros(n, dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    with torch.no_grad():
+        for b in batches:
+            full = model(*b).double()
+            den += full.pow(2).sum()
+            for j in range(n):
+                arch = ElasticArch.full(cfg)
+                arch.skipped_layers = (j,)
+                with use_arch(model, arch):
+                    num[j] += (full - model(*b).double()).pow(2).sum()
+    reference = num / den
+
+    rows = []
+    hook = model.output_layer.register_forward_hook(lambda m, i, o: rows.append(o[0].shape[0]))
+    chunk = 5  # tokens per chunk: 33 tokens in 7 chunks
+    scores, ranking = depth_scores(model, batches, _hidden, chunk_bytes=4 * cfg.vocab_size * 3 * chunk)
+    hook.remove()
+    torch.testing.assert_close(scores, reference, rtol=1e-5, atol=0)
+    assert ranking == torch.sort(-reference, stable=True).indices.tolist()
+    assert rows and max(rows) == chunk
