@@ -211,7 +211,10 @@ def cmd_plan(args) -> int:
     from megatron_elastic.plan import Hardware, dump_yaml, format_plan, make_plan
 
     hw = Hardware(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Hardware)})
-    plan = make_plan(args.config, hw, list(args.set or []), kernels=args.kernels, extra_budgets=args.budget)
+    importance = (args.calib_tokens, args.importance_seq_length, args.importance_micro_batch_size)
+    plan = make_plan(
+        args.config, hw, list(args.set or []), kernels=args.kernels, extra_budgets=args.budget, importance=importance
+    )
     print(dump_yaml(plan) if args.yaml else format_plan(plan, hw))
     return 0
 
@@ -425,6 +428,14 @@ def _plan_args(p) -> None:
         help="the training GPUs' packages: 'fused' (mamba_ssm, causal_conv1d, TransformerEngine: the Docker image) "
         "or 'reference' (none: the pure-PyTorch Mamba path); attention is SDPA either way (default: %(default)s)",
     )
+    p.add_argument(
+        "--calib-tokens",
+        type=int,
+        default=1024 * 8192,
+        help="importance: calibration tokens (default 8388608: the paper's 1024 samples x 8192)",
+    )
+    p.add_argument("--importance-seq-length", type=int, default=8192, help="importance: sequence length (8192)")
+    p.add_argument("--importance-micro-batch-size", type=int, default=1, help="importance: micro-batch size (1)")
     p.add_argument("--yaml", action="store_true", help="print the plan as YAML")
 
 

@@ -76,6 +76,7 @@ class Plan:
     student: KernelPath
     teacher: KernelPath
     stages: List[StagePlan] = field(default_factory=list)
+    importance: Optional["ImportancePlan"] = None
 
     @property
     def gpu_hours(self) -> float:
@@ -125,6 +126,7 @@ def make_plan(
     overrides: Optional[List[str]] = None,
     kernels: str = "fused",
     extra_budgets: Optional[List[str]] = None,
+    importance: tuple = (1024 * 8192, 8192, 1),
 ) -> Plan:
     """Resolve and check ``config_path`` for ``hw``, whose GPUs have the packages ``kernels`` names; raises
     :class:`PlanError` when it cannot fit. ``extra_budgets`` (any kind, ``model.budget``) are sized too, not
@@ -169,7 +171,62 @@ def make_plan(
             StagePlan(stage.name, stage.seq_length, stage.global_batch_size, steps, tokens, mem, flops, hours)
         )
     check_fits(cfg, memories, hw.gpu_memory_gib, dp)
+    plan.importance = importance_plan(config, hw, tp, *importance)
     return plan
+
+
+@dataclass
+class ImportancePlan:
+    """The ``importance`` job on the plan's parent at the plan's TP (DP = the rest of the GPUs)."""
+
+    tokens: int
+    seq_length: int
+    micro_batch_size: int
+    tp: int
+    dp: int
+    memory: Dict[str, float]  # bytes per GPU by component
+    one_shot_gpu_hours: float
+    iterative_gpu_hours: float
+
+
+def importance_plan(config, hw: Hardware, tp: int, tokens: int, seq: int, mbs: int) -> ImportancePlan:
+    """Memory and GPU-hours of scoring the parent (:func:`importance_passes`)."""
+    from megatron_elastic.importance.depth import CHUNK_BYTES
+    from megatron_elastic.model.memory import importance_memory_per_gpu
+
+    forward = arch_flops_per_token(config, ElasticArch.full(config), seq)
+    output = 2.0 * config.hidden_size * config.vocab_size
+    passes = {k: importance_passes(len(config.hybrid_pattern), k == "iterative") for k in ("one-shot", "iterative")}
+    flops = {k: tokens * ((forward - output) * body + output * out) for k, (body, out) in passes.items()}
+    hours = lambda flops: flops / (hw.mfu * hw.peak_tflops * 1e12) / 3600
+    memory = importance_memory_per_gpu(config, tp, seq, mbs, CHUNK_BYTES)
+    memory["overhead"] = hw.overhead_gib * GIB
+    return ImportancePlan(
+        tokens, seq, mbs, tp, hw.world // tp, memory, hours(flops["one-shot"]), hours(flops["iterative"])
+    )
+
+
+def importance_passes(num_layers: int, iterative: bool) -> tuple:
+    """(passes through the layers, passes through the output layer) per calibration token of ``importance``: the
+    width pass; per round the full model (its logits once, for the denominator) and each candidate (its logits and
+    the full model's remade: two). One-shot: one round of N candidates; iterative: N-1 rounds of N, N-1, ..., 2.
+    (A candidate skips one layer; counted as a whole pass.)"""
+    rounds = range(num_layers, 1, -1) if iterative else [num_layers]
+    body = 1 + sum(1 + c for c in rounds)
+    return body, sum(1 + 2 * c for c in rounds)
+
+
+def format_importance(p: ImportancePlan, hw: Hardware) -> str:
+    comps = " ".join(f"{k} {v / GIB:.1f}" for k, v in p.memory.items())
+    per_gpu = lambda h: f"{h:,.0f} GPU-hours (~{h / (p.tp * p.dp):.1f} h on {p.tp * p.dp} GPUs)"
+    return "\n".join(
+        [
+            f"importance: {p.tokens:,} calibration tokens at {p.seq_length} x {p.micro_batch_size}, TP={p.tp} "
+            f"DP={p.dp}: per-GPU memory {sum(p.memory.values()) / GIB:.1f} GiB ({comps})",
+            f"  one-shot depth {per_gpu(p.one_shot_gpu_hours)}; iterative depth {per_gpu(p.iterative_gpu_hours)}, "
+            f"at {hw.mfu:.0%} of {hw.peak_tflops:g} TFLOP/s",
+        ]
+    )
 
 
 def format_plan(plan: Plan, hw: Hardware) -> str:
@@ -209,6 +266,8 @@ def format_plan(plan: Plan, hw: Hardware) -> str:
         f"(recompute included) (~{plan.gpu_hours / plan.world / 24:.1f} days on {plan.world} GPUs); "
         f"{low:,.0f}-{high:,.0f} GPU-hours at {hw.mfu + 0.1:.0%}-{max(hw.mfu - 0.1, 0.05):.0%}"
     )
+    if plan.importance is not None:
+        lines.append(format_importance(plan.importance, hw))
     return "\n".join(lines)
 
 
@@ -235,6 +294,7 @@ def plan_to_dict(plan: Plan) -> dict:
             for s in plan.stages
         ],
         "gpu_hours": plan.gpu_hours,
+        "importance": dataclasses.asdict(plan.importance) if plan.importance else None,
     }
 
 

@@ -139,3 +139,24 @@ def memory_per_gpu(
         if sum(m.values()) > sum(worst.values()):
             worst = m
     return worst
+
+
+def importance_memory_per_gpu(config, tp: int, seq: int, mbs: int, chunk_bytes: float) -> Dict[str, float]:
+    """Per-GPU bytes of the ``importance`` job (forward passes only, no gradients): the weights, the full model's
+    final hidden states a batch keeps and a candidate's, one layer's forward transients, and the float32 logit
+    chunks of the depth score (the full model's and a candidate's, bf16 and float32 copies; ``importance.depth``)."""
+    e = _bytes_per_param(config)
+    full = ElasticArch.full(config)
+    emb = config.vocab_size * config.hidden_size
+    params = sum(layer_parameters(config, full, i) for i in range(len(config.hybrid_pattern)))
+    params += emb + config.hidden_size + (0 if config.share_embeddings_and_output_weights else emb)
+    path = student_path("fused")
+    logits = 4.0 * seq * mbs * config.vocab_size / tp  # one batch's float32 logits, which are never made whole
+    return {
+        "weights": e * params / tp,
+        "hidden states": 2 * e * seq * mbs * config.hidden_size,
+        "layer forward": max(
+            layer_activation_bytes(config, i, seq, mbs, tp, path) for i in range(len(config.hybrid_pattern))
+        ),
+        "logit chunks": 3 * min(chunk_bytes, logits),
+    }

@@ -125,3 +125,45 @@ def test_depth_nmse_from_logit_chunks_equals_float64_on_whole_logits_and_never_m
     torch.testing.assert_close(scores, reference, rtol=1e-5, atol=0)
     assert ranking == torch.sort(-reference, stable=True).indices.tolist()
     assert rows and max(rows) == chunk
+
+
+def test_a_depth_batch_holds_less_than_one_copy_of_its_float32_logits(single_process_parallel):
+    """With a vocabulary much wider than the model (the 12B's 131,072 ids over 5,120 channels, scaled down), one
+    depth batch's peak of live tensor bytes stays below the float32 logits of the batch: they are never made whole."""
+    from megatron_elastic.importance.depth import DepthSearch
+    from megatron_elastic.model.elastic_model import build_elastic_model
+    from megatron_elastic.testing import peak_live_tensor_bytes
+
+    cfg = _cfg(vocab_size=16384)
+    torch.manual_seed(5)
+    model = build_elastic_model(cfg).eval()
+    (batch,) = _batches(1, seq=128, batch=2)
+    search = DepthSearch(len(cfg.hybrid_pattern))
+    with torch.no_grad():
+        _, peak = peak_live_tensor_bytes(lambda: search.add_batch(model, batch, _hidden, chunk_bytes=4 * 16384 * 2 * 16))
+    whole = 4 * 128 * 2 * cfg.vocab_size
+    assert peak < whole / 2, f"peak {peak:,} bytes vs the batch's float32 logits {whole:,}"
+
+
+@pytest.mark.parametrize("iterative", [False, True])
+def test_plan_counts_the_passes_the_importance_job_makes(single_process_parallel, iterative):
+    """``plan``'s importance GPU-hours rest on a count of forward passes per token: the one the width pass and a
+    real depth search make (counted by hooks on the stack and the output layer) is that count."""
+    from megatron_elastic.importance.depth import depth_scores
+    from megatron_elastic.importance.width import collect_width_scores
+    from megatron_elastic.model.elastic_model import build_elastic_model
+    from megatron_elastic.plan import importance_passes
+
+    cfg = _cfg()
+    model = build_elastic_model(cfg)
+    batches = _batches(2, seq=16, batch=2)
+    tokens = sum(b[0].numel() for b in batches)
+    seen = {"body": 0, "output": 0}
+    count = lambda key: lambda m, i, o: seen.__setitem__(key, seen[key] + (o[0] if key == "output" else o).shape[0])
+    hooks = [model.decoder.register_forward_hook(count("body")), model.output_layer.register_forward_hook(count("output"))]
+    collect_width_scores(model, batches, _hidden)
+    depth_scores(model, batches, _hidden, iterative=iterative)
+    for h in hooks:
+        h.remove()
+    body, output = importance_passes(len(cfg.hybrid_pattern), iterative)
+    assert (seen["body"] * 2, seen["output"] * 2) == (body * tokens, output * tokens)  # [s, b]: rows are s, b = 2
