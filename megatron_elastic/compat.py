@@ -155,28 +155,51 @@ def contain_checkpoint_writer_processes() -> None:
 
     * ``dist_checkpointing``'s file writer collects write results in a module-level queue that it creates, on
       first use, as ``multiprocessing.get_context("spawn").Manager().Queue()``: a server process (a fresh
-      interpreter importing the main module, ~300 MB) that nothing stops when the trainer dies. We save
-      synchronously: the results are put and taken in this process, so a plain ``queue.Queue`` holds them.
-      (Goes when we adopt Megatron's asynchronous saves, whose results do cross processes.)
+      interpreter importing the main module, ~300 MB) that nothing stops when the trainer dies. A fork-context
+      ``multiprocessing.Queue`` (a pipe, no server) holds them instead: an asynchronous save's writer, forked
+      from the trainer, inherits it and puts its results there; a synchronous save puts and takes them in this
+      process.
     * Each save forks one writer per file bucket, synchronised with the trainer by multiprocessing locks; a
       writer whose trainer died holding one waits forever. Forked children of this process are therefore asked
       (Linux ``PR_SET_PDEATHSIG``) to receive SIGKILL when it dies; the checkpoint being written is a ``.tmp``
       directory that resuming ignores.
     """
     global _WRITERS_CONTAINED
-    import queue
-
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     if getattr(filesystem_async, "_results_queue", None) is None:
-        filesystem_async._results_queue = queue.Queue()
+        filesystem_async._results_queue = _write_results_queue()
     if not _WRITERS_CONTAINED and hasattr(os, "register_at_fork") and sys.platform.startswith("linux"):
-        os.register_at_fork(after_in_child=functools.partial(_die_with_parent, os.getpid()))
+        os.register_at_fork(before=_note_forking_process, after_in_child=_die_with_parent)
         _WRITERS_CONTAINED = True
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    """In a freshly forked child: SIGKILL when the parent dies (and now, if it already has)."""
+def _write_results_queue():
+    """A fork-context ``multiprocessing.Queue`` whose ``get_nowait`` (what Megatron's writer calls once the write is
+    done) waits up to a minute for the result to come through the pipe: a put in this process travels through the
+    queue's feeder thread, so an immediate non-blocking get could find it not yet there."""
+    import multiprocessing
+    import multiprocessing.queues
+
+    class WriteResultsQueue(multiprocessing.queues.Queue):
+        def get_nowait(self):
+            return self.get(timeout=60)
+
+    return WriteResultsQueue(ctx=multiprocessing.get_context("fork"))
+
+
+_FORKING_PID = None  # the process that is forking (set just before, inherited by the child)
+
+
+def _note_forking_process() -> None:
+    global _FORKING_PID
+    _FORKING_PID = os.getpid()
+
+
+def _die_with_parent() -> None:
+    """In a freshly forked child (of the trainer, or of a writer it forked: an asynchronous save forks one that
+    forks its own): SIGKILL when its parent dies (and now, if it already has), so a killed trainer's tree ends."""
+    parent_pid = _FORKING_PID
     import ctypes
     import signal
 

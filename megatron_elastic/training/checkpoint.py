@@ -17,9 +17,11 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
+import time
 import zlib
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -126,22 +128,87 @@ def save_checkpoint(
     """Save ``model`` (a Megatron module), ``optimizer`` (a Megatron optimizer) and ``trainer_state``
     (JSON-serialisable) atomically; collective over all ranks. ``extra``: replicated state (identical on every
     rank, e.g. the router and its optimizer), written once by rank 0 to ``extra.pt``. Returns the path."""
-    final = os.path.join(ckpt_dir, iteration_dirname(iteration))
-    tmp = final + ".tmp"
-    if _rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(os.path.join(tmp, "dist"))
+    return CheckpointWriter().save(ckpt_dir, iteration, model, optimizer, trainer_state, keep_last, extra)
+
+
+class CheckpointWriter:
+    """Writes checkpoints, synchronously or (``async_save``) through Megatron's asynchronous ``dist_checkpointing``:
+    the tensors are staged and handed to a forked writer, the step goes on, and the checkpoint is completed
+    (manifest, rename, ``latest``) when every rank's writer has finished. Collective: every rank calls
+    :meth:`save`, :meth:`poll` (once a step) and :meth:`wait` at the same points. A new save and the stop path
+    wait for the one in flight; a kill before it completes leaves only its ``.tmp`` directory, which resuming
+    ignores (the previous checkpoint stays ``latest``)."""
+
+    def __init__(self, async_save: bool = False):
+        self.async_save = async_save
+        self.slowest_s = 0.0  # the longest save so far, from its start until it was complete
+        self._queue = None
+        if async_save:
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+            self._queue = AsyncCallsQueue()
+
+    def save(
+        self,
+        ckpt_dir: str,
+        iteration: int,
+        model,
+        optimizer=None,
+        trainer_state: Optional[dict] = None,
+        keep_last: Optional[int] = None,
+        extra: Optional[Dict[str, Any]] = None,
+    ) -> str:
+        """Start (async) or write (sync) a checkpoint; returns the path it has (async: will have) when complete."""
+        self.wait()
+        final = os.path.join(ckpt_dir, iteration_dirname(iteration))
+        tmp = final + ".tmp"
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(os.path.join(tmp, "dist"))
+        _barrier()
+        contain_checkpoint_writer_processes()
+        torch.save(rng_state(), os.path.join(tmp, f"rng_rank{_rank()}.pt"))
+        if _rank() == 0:
+            if extra is not None:
+                torch.save(extra, os.path.join(tmp, EXTRA))
+            with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+                json.dump({"iteration": iteration, **(trainer_state or {})}, f, indent=2)
+        state = _sharded_state(model, optimizer, is_loading=False)
+        started = time.time()
+
+        def complete():
+            _complete(ckpt_dir, tmp, final, iteration, keep_last)
+            self.slowest_s = max(self.slowest_s, time.time() - started)
+
+        if self._queue is None:
+            dist_checkpointing.save(state, os.path.join(tmp, "dist"))
+            complete()
+        else:
+            request = dist_checkpointing.save(state, os.path.join(tmp, "dist"), async_sharded_save=True)
+            request.add_finalize_fn(complete)
+            self._queue.schedule_async_request(request)
+        return final
+
+    def poll(self) -> None:
+        """Complete a finished asynchronous save, if any (collective; cheap: one all-reduce)."""
+        if self._queue is not None and self._queue.get_num_unfinalized_calls():
+            self._queue.maybe_finalize_async_calls(blocking=False)
+
+    def wait(self) -> None:
+        """Block until the save in flight is complete (collective)."""
+        if self._queue is not None and self._queue.get_num_unfinalized_calls():
+            self._queue.maybe_finalize_async_calls(blocking=True)
+
+    @property
+    def in_flight(self) -> bool:
+        return self._queue is not None and self._queue.get_num_unfinalized_calls() > 0
+
+
+def _complete(ckpt_dir: str, tmp: str, final: str, iteration: int, keep_last: Optional[int]) -> None:
+    """Every file written: manifest (each rank hashes its share), rename, move ``latest`` (collective)."""
     _barrier()
-    contain_checkpoint_writer_processes()
-    dist_checkpointing.save(_sharded_state(model, optimizer, is_loading=False), os.path.join(tmp, "dist"))
-    torch.save(rng_state(), os.path.join(tmp, f"rng_rank{_rank()}.pt"))
-    _barrier()
+    write_manifest(tmp, iteration)
     if _rank() == 0:
-        if extra is not None:
-            torch.save(extra, os.path.join(tmp, EXTRA))
-        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-            json.dump({"iteration": iteration, **(trainer_state or {})}, f, indent=2)
-        write_manifest(tmp, iteration)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         pointer_tmp = os.path.join(ckpt_dir, LATEST + ".tmp")
@@ -153,7 +220,6 @@ def save_checkpoint(
         if keep_last:
             _prune(ckpt_dir, keep_last)
     _barrier()
-    return final
 
 
 def _file_digest(path: str) -> Tuple[int, int]:
@@ -166,23 +232,61 @@ def _file_digest(path: str) -> Tuple[int, int]:
             crc, size = zlib.crc32(block, crc), size + len(block)
 
 
+_RANK_FILE = re.compile(r"(?:^|/)__(\d+)_\d+\.distcp$")
+
+
+def _share(files: List[str], rank: int, world: int) -> List[str]:
+    """The files rank ``rank`` of ``world`` hashes: the tensor files it wrote itself (``__<rank>_*.distcp``, still
+    in its page cache after a save), the others dealt out in turn; on load at another world size the same rule."""
+    mine = []
+    for k, rel in enumerate(sorted(files)):
+        m = _RANK_FILE.search(rel)
+        owner = int(m.group(1)) % world if m else k % world
+        if owner == rank:
+            mine.append(rel)
+    return mine
+
+
+def _gather(obj) -> list:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        out = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def write_manifest(path: str, iteration: int) -> None:
-    """``manifest.json``: every file's size and CRC32, the iteration and the code version; files and the
-    directory are fsynced so a renamed checkpoint is complete on disk."""
+    """``manifest.json``: every file's size and CRC32, the iteration and the code version. Collective: rank 0 lists
+    the files, every rank hashes and fsyncs its share (:func:`_share`), rank 0 writes the manifest, so no rank
+    reads back the whole checkpoint."""
     from megatron_elastic import __version__
 
-    files = {}
-    for root, _, names in os.walk(path):
-        for name in sorted(names):
-            full = os.path.join(root, name)
-            size, crc = _file_digest(full)
-            files[os.path.relpath(full, path)] = {"bytes": size, "crc32": crc}
-            with open(full, "rb") as f:
-                os.fsync(f.fileno())
-    with open(os.path.join(path, MANIFEST), "w") as f:
-        json.dump({"iteration": iteration, "code_version": __version__, "files": files}, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
+    listing = [None]
+    if _rank() == 0:
+        listing = [sorted(os.path.relpath(os.path.join(r, n), path) for r, _, ns in os.walk(path) for n in ns)]
+    if _world() > 1:
+        dist.broadcast_object_list(listing, src=0)
+    mine = {}
+    for rel in _share(listing[0], _rank(), _world()):
+        full = os.path.join(path, rel)
+        size, crc = _file_digest(full)
+        mine[rel] = {"bytes": size, "crc32": crc}
+        with open(full, "rb") as f:
+            os.fsync(f.fileno())
+    if _rank() == 0:
+        files = {rel: d for part in _gather(mine) for rel, d in part.items()}
+        with open(os.path.join(path, MANIFEST), "w") as f:
+            json.dump(
+                {"iteration": iteration, "code_version": __version__, "files": dict(sorted(files.items()))}, f, indent=1
+            )
+            f.flush()
+            os.fsync(f.fileno())
+    else:
+        _gather(mine)
 
 
 def _previous_checkpoint(path: str) -> Optional[str]:
@@ -191,15 +295,17 @@ def _previous_checkpoint(path: str) -> Optional[str]:
     return os.path.join(parent, older[-1]) if older else None
 
 
-def verify_checkpoint(path: str) -> None:
-    """Check every file against ``manifest.json`` (missing, size, CRC32); raises :class:`CheckpointCorruptError`
-    naming the file and the previous checkpoint. Checkpoints written before manifests existed pass."""
+def verify_checkpoint(path: str, rank: int = 0, world: int = 1) -> None:
+    """Check the files of ``manifest.json`` that are rank ``rank``'s share (:func:`_share`; all of them in one
+    process): missing, size, CRC32; raises :class:`CheckpointCorruptError` naming the file and the previous
+    checkpoint. Checkpoints written before manifests existed pass."""
     manifest = os.path.join(path, MANIFEST)
     if not os.path.isfile(manifest):
         return
     with open(manifest) as f:
         files = json.load(f)["files"]
-    for rel, want in files.items():
+    for rel in _share(list(files), rank, world):
+        want = files[rel]
         full = os.path.join(path, rel)
         problem = None
         if not os.path.isfile(full):
@@ -223,19 +329,16 @@ def verify_checkpoint(path: str) -> None:
             raise CheckpointCorruptError(f"checkpoint file {full} {problem}{hint}")
 
 
-def _verify_on_rank0(path: str) -> None:
+def _verify_everywhere(path: str) -> None:
+    """Every rank checks its share of the manifest; the first problem any rank found is raised on all."""
     err = None
-    if _rank() == 0:
-        try:
-            verify_checkpoint(path)
-        except CheckpointCorruptError as e:
-            err = str(e)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        box = [err]
-        dist.broadcast_object_list(box, src=0)
-        err = box[0]
-    if err:
-        raise CheckpointCorruptError(err)
+    try:
+        verify_checkpoint(path, _rank(), _world())
+    except CheckpointCorruptError as e:
+        err = str(e)
+    errors = [e for e in _gather(err) if e]
+    if errors:
+        raise CheckpointCorruptError(errors[0])
 
 
 def _prune(ckpt_dir: str, keep_last: int) -> None:
@@ -247,7 +350,7 @@ def _prune(ckpt_dir: str, keep_last: int) -> None:
 def load_checkpoint(path: str, model, optimizer=None, strict: bool = True, load_rng: bool = True) -> dict:
     """Load a checkpoint written by :func:`save_checkpoint` into ``model`` (and ``optimizer``), at any TP/PP
     layout. Returns the trainer state dict."""
-    _verify_on_rank0(path)
+    _verify_everywhere(path)
     check_checkpoint_is_data(path, _rank())
     with open(os.path.join(path, "trainer_state.json")) as f:
         trainer_state = json.load(f)

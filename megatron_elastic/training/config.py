@@ -119,6 +119,7 @@ class CheckpointConfig:
     dir: str = "runs/parent"
     save_interval: int = 500
     keep_last: int = 2
+    async_save: bool = False  # write tensors in a background process (Megatron's async dist_checkpointing)
 
 
 @dataclass

@@ -56,11 +56,11 @@ from megatron_elastic.model.kernels import Machine, teacher_kernels
 from megatron_elastic.parallel import initialize_parallel
 from megatron_elastic.router import ElasticSpace, Router, resource_loss
 from megatron_elastic.training.checkpoint import (
+    CheckpointWriter,
     latest_checkpoint,
     load_checkpoint,
     load_extra,
     load_model_weights,
-    save_checkpoint,
 )
 from megatron_elastic.training.elastic_config import MAX_BUDGETS, ElasticJobConfig
 from megatron_elastic.training.lm import batch_to_device, masked_mean
@@ -482,10 +482,13 @@ def _train_loop(run: "ElasticRun", cfg: ElasticJobConfig, signals, limit, progre
             signalled, out_of_time = any_rank(signals.received, limit.near())
             stage_done = until_stage is not None and step < cfg.train.train_iters and run.stage_index() >= until_stage
             stop = signalled or out_of_time or stage_done
+            run.writer.poll()  # completes a finished asynchronous save
             if step % cfg.checkpoint.save_interval == 0 or step == cfg.train.train_iters or stop:
                 save_t0 = time.time()
                 run.save(step)
-                limit.save_done(time.time() - save_t0)
+                if stop or step == cfg.train.train_iters:
+                    run.writer.wait()  # the stop path and the end leave a complete checkpoint
+                limit.save_done(max(time.time() - save_t0, run.writer.slowest_s))
             if signalled:
                 return run.stopped(step, "preempted", "preempted: a stop signal")
             if out_of_time:
@@ -505,6 +508,7 @@ class ElasticRun:
         self.dp = parallel_state.get_data_parallel_world_size()
         self.ckpt_dir = cfg.checkpoint.dir
         os.makedirs(self.ckpt_dir, exist_ok=True)
+        self.writer = CheckpointWriter(cfg.checkpoint.async_save)
         self.state = {"iteration": 0, "tokens": 0, "stage_consumed_samples": [0] * len(cfg.curriculum.stages)}
         self.eval_gbs = cfg.curriculum.stages[0].global_batch_size
         self.source = cfg.data.source(cfg.checkpoint.dir)  # resolved once: every stage and the validation read it
@@ -615,7 +619,7 @@ class ElasticRun:
             "space": c.router.space.__dict__,
             "fixed_arch": c.router.fixed_arch.to_dict() if c.router.fixed_arch is not None else None,
         }
-        save_checkpoint(
+        self.writer.save(
             self.ckpt_dir,
             step,
             c.student.module,
@@ -701,6 +705,7 @@ class ElasticRun:
         self.window_tokens += tokens
         if bad and state["bad_steps"] >= t.max_bad_steps:
             self.save(step)
+            self.writer.wait()
             raise FloatingPointError(
                 f"step {step}: {state['bad_steps']} consecutive steps with non-finite loss or gradients; the last good "
                 f"state is checkpointed in {latest_checkpoint(self.ckpt_dir)}. Lower train.lr or router.lr (or check "

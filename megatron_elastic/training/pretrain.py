@@ -16,7 +16,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from tqdm import tqdm
 
 from megatron_elastic.data.loader import build_gpt_datasets, eval_bits_per_byte, make_loader
-from megatron_elastic.errors import InputNotFoundError
+from megatron_elastic.errors import ConfigError, InputNotFoundError
 from megatron_elastic.model.builder import parameter_count
 from megatron_elastic.parallel import initialize_parallel
 from megatron_elastic.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -199,6 +199,11 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -
     t0 = time.time()
     tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
     cfg.parallel.check()  # before the process groups take its timeout
+    if cfg.checkpoint.async_save:
+        raise ConfigError(
+            "checkpoint.async_save: only `train` (elastic distillation) writes checkpoints asynchronously; "
+            "pretraining saves synchronously: set it to false"
+        )
     initialize_parallel(tp, pp, seed=cfg.train.seed, timeout_minutes=cfg.parallel.distributed_timeout_minutes)
     world = dist.get_world_size()
     cfg.validate(world)

@@ -140,7 +140,9 @@ def test_a_depth_batch_holds_less_than_one_copy_of_its_float32_logits(single_pro
     (batch,) = _batches(1, seq=128, batch=2)
     search = DepthSearch(len(cfg.hybrid_pattern))
     with torch.no_grad():
-        _, peak = peak_live_tensor_bytes(lambda: search.add_batch(model, batch, _hidden, chunk_bytes=4 * 16384 * 2 * 16))
+        _, peak = peak_live_tensor_bytes(
+            lambda: search.add_batch(model, batch, _hidden, chunk_bytes=4 * 16384 * 2 * 16)
+        )
     whole = 4 * 128 * 2 * cfg.vocab_size
     assert peak < whole / 2, f"peak {peak:,} bytes vs the batch's float32 logits {whole:,}"
 
@@ -160,7 +162,10 @@ def test_plan_counts_the_passes_the_importance_job_makes(single_process_parallel
     tokens = sum(b[0].numel() for b in batches)
     seen = {"body": 0, "output": 0}
     count = lambda key: lambda m, i, o: seen.__setitem__(key, seen[key] + (o[0] if key == "output" else o).shape[0])
-    hooks = [model.decoder.register_forward_hook(count("body")), model.output_layer.register_forward_hook(count("output"))]
+    hooks = [
+        model.decoder.register_forward_hook(count("body")),
+        model.output_layer.register_forward_hook(count("output")),
+    ]
     collect_width_scores(model, batches, _hidden)
     depth_scores(model, batches, _hidden, iterative=iterative)
     for h in hooks:

@@ -23,7 +23,7 @@ STAGES = (
 )
 
 
-def _cmd(cfg):
+def _cmd(cfg, async_save=False):
     return [
         sys.executable,
         "-m",
@@ -41,6 +41,8 @@ def _cmd(cfg):
         "train.eval_interval=1000",
         "--set",
         STAGES,
+        "--set",
+        f"checkpoint.async_save={str(async_save).lower()}",
     ]
 
 
@@ -70,7 +72,10 @@ def _curve(ckpt):
     return out
 
 
-def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_curve(parent, tmp_path):
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_curve(parent, tmp_path, async_save):
+    """With ``async_save`` the kills also land while a forked writer writes: the run resumes from the last
+    complete checkpoint and no writer outlives the trainer."""
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "killed"
     for d in (ref_dir, run_dir):
         (tmp_path / f"{d.name}.yaml").write_text(JOB.format(parent=parent, ckpt=d, mode="sample"))
@@ -84,7 +89,7 @@ def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_curve(pare
     marker = uuid.uuid4().hex  # inherited by everything a killed run starts
     for attempt in range(KILLS + 1):
         proc = subprocess.Popen(
-            _cmd(tmp_path / "killed.yaml"),
+            _cmd(tmp_path / "killed.yaml", async_save),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
