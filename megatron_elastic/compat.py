@@ -87,6 +87,25 @@ def _recomputed(layer, forward, *args, **kwargs):
     return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
+def index_mixed_dtype_main_params(optimizer) -> None:
+    """megatron-core's DistributedOptimizer records each parameter's place among its group's main parameters as its
+    place in the gradient buffer, but orders the group's main parameters fp32 parameters first, then the fp32
+    copies of bf16/fp16 ones. In a model that mixes both (ours in bf16 keeps norms, ``A_log`` and ``D`` in fp32;
+    Megatron-LM casts every parameter to bf16 first) its state-dict paths then read another parameter's state
+    (checkpoint save fails with a size mismatch, or reads the wrong shard). Re-index by the real order.
+    Goes when Megatron indexes main parameters by their place in the optimizer's groups."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(opt, DistributedOptimizer) or opt.config.use_precision_aware_optimizer:
+            continue
+        for g, (fp32, half) in enumerate(zip(opt.model_fp32_groups, opt.model_float16_groups)):
+            for k, param in enumerate(fp32):
+                opt.model_param_group_index_map[param] = (g, k)
+            for k, param in enumerate(half):
+                opt.model_param_group_index_map[param] = (g, len(fp32) + k)
+
+
 def prepare_optimizer_for_load(optimizer) -> None:
     """Before loading a checkpoint into an optimizer: megatron-core's DistributedOptimizer without Apex or
     TransformerEngine (torch's Adam: the CPU, or a GPU without TE) is not loadable as Megatron ships it, a path

@@ -11,6 +11,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from megatron_elastic import compat
 from megatron_elastic.model.builder import build_hybrid_model
 from megatron_elastic.model.config import HybridConfig
 
@@ -59,6 +60,7 @@ def build_training_components(
         ),
         [ddp],
     )
+    compat.index_mixed_dtype_main_params(optimizer)
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,

@@ -128,3 +128,59 @@ def test_every_rank_hashes_its_own_share_of_a_checkpoint(tmp_path):
     from megatron_elastic.testing import run_multiprocess
 
     run_multiprocess(2, _share_job, str(tmp_path))
+
+
+def test_a_bf16_model_with_fp32_parameters_checkpoints_its_distributed_optimizer(single_process_parallel, tmp_path):
+    """Our bf16 models keep norms, A_log and D in fp32; Megatron's distributed optimizer then indexed another
+    parameter's main copy in its state-dict paths (the 12B rehearsal's first save failed). Each parameter's main
+    copy now rounds to the parameter itself, and a save and load round-trips the optimizer state."""
+    import types
+
+    from megatron_elastic.testing import tiny_config
+    from megatron_elastic.training.checkpoint import load_checkpoint, save_checkpoint
+    from megatron_elastic.training.setup import build_training_components
+
+    cfg = tiny_config(params_dtype=torch.bfloat16, bf16=True)
+    train = types.SimpleNamespace(
+        lr=1e-2,
+        min_lr=1e-3,
+        weight_decay=0.1,
+        adam_beta1=0.9,
+        adam_beta2=0.95,
+        clip_grad=1.0,
+        lr_warmup_iters=0,
+        train_iters=10,
+        lr_decay_style="cosine",
+        distributed_optimizer=True,
+    )
+
+    def build():
+        torch.manual_seed(0)
+        return build_training_components(cfg, train)
+
+    c = build()
+    assert {p.dtype for p in c.unwrapped.parameters()} == {torch.bfloat16, torch.float32}
+    for _ in range(2):
+        for p in c.model.parameters():
+            p.main_grad.normal_()
+        c.optimizer.step()
+    (opt,) = getattr(c.optimizer, "chained_optimizers", [c.optimizer])
+
+    def states(o, model):
+        out = {}
+        for name, p in model.named_parameters():
+            t = o._get_main_param_and_optimizer_states(p)
+            assert torch.equal(t["param"].to(p.dtype), p.detach().view(-1)), f"{name}: not its own main copy"
+            out[name] = {k: v.clone() for k, v in t.items() if k in ("param", "exp_avg", "exp_avg_sq")}
+        return out
+
+    before = states(opt, c.unwrapped)
+    save_checkpoint(str(tmp_path), 2, c.unwrapped, c.optimizer)
+    fresh = build()
+    load_checkpoint(os.path.join(tmp_path, "iter_0000002"), fresh.unwrapped, fresh.optimizer, load_rng=False)
+    after = states(getattr(fresh.optimizer, "chained_optimizers", [fresh.optimizer])[0], fresh.unwrapped)
+    for name in before:
+        for k in before[name]:
+            torch.testing.assert_close(
+                after[name][k], before[name][k], rtol=0, atol=0, msg=lambda m: f"{name}.{k}: {m}"
+            )
