@@ -73,7 +73,8 @@ TYPES = {"M": "linear_attention", "*": "full_attention", "-": "mlp"}
 
 
 class TreePeak:
-    """Peak RSS of a process and all its descendants, sampled every 50 ms."""
+    """Peak host memory of a process and all its descendants: the sum of their PSS (shared pages counted once,
+    split between the processes sharing them), sampled every 200 ms."""
 
     def __init__(self, pid: int):
         import psutil
@@ -87,11 +88,11 @@ class TreePeak:
             total = 0
             try:
                 for p in [self.root, *self.root.children(recursive=True)]:
-                    total += p.memory_info().rss
+                    total += p.memory_full_info().pss
             except Exception:  # noqa: BLE001 - a process that just exited
                 pass
             self.peak = max(self.peak, total)
-            time.sleep(0.05)
+            time.sleep(0.2)
 
     def close(self) -> int:
         self.stop.set()
@@ -213,8 +214,21 @@ def cut_vocabulary(src: str, dest: str, vocab: int) -> None:
         shutil.copy(os.path.join(src, name), dest)
 
 
+def process_baseline() -> int:
+    """PSS of one rank before it holds a tensor: Python, torch, Megatron and our modules imported, gloo up."""
+    code = (
+        "import psutil, megatron_elastic.cli, megatron_elastic.training.elastic, megatron_elastic.importance.run\n"
+        "from megatron_elastic.parallel import initialize_parallel\n"
+        "initialize_parallel(1, 1)\n"
+        "print(psutil.Process().memory_full_info().pss)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
 def predictions(report: dict, w: str, args, sizes: dict) -> None:
-    """What plan / model.memory say for the stages at this size, and for the 12B's 62 layers per GPU."""
+    """What plan / model.memory say for the stages at this size (tensors per rank, plus each rank's process
+    baseline), and for the 12B's 62 layers per GPU."""
     from megatron_elastic.model.memory import importance_memory_per_gpu, memory_per_gpu, student_path
     from megatron_elastic.plan import Hardware, make_plan
     from megatron_elastic.training.checkpoint import latest_checkpoint
@@ -236,12 +250,14 @@ def predictions(report: dict, w: str, args, sizes: dict) -> None:
         cfg.train.recompute,
         student_path("reference", True),
     )
-    report["train"]["predicted_bytes_per_rank"] = sum(per_rank.values())
-    report["train"]["predicted_bytes_8_ranks"] = 8 * sum(per_rank.values())
+    base = process_baseline()
+    report["process_baseline_bytes"] = base
+    report["train"]["predicted_tensor_bytes_per_rank"] = sum(per_rank.values())
+    report["train"]["predicted_bytes"] = 8 * (sum(per_rank.values()) + base)
     imp_config = config_from_checkpoint(latest_checkpoint(os.path.join(w, "importance", "sorted"))).model_config()
     imp = importance_memory_per_gpu(imp_config, 1, args.seq, 1, 256 * 2**20)
-    report["importance"]["predicted_bytes_per_rank"] = sum(imp.values())
-    report["importance"]["predicted_bytes_2_ranks"] = 2 * sum(imp.values())
+    report["importance"]["predicted_tensor_bytes_per_rank"] = sum(imp.values())
+    report["importance"]["predicted_bytes"] = 2 * (sum(imp.values()) + base)
     if not args.reduced:
         plan = make_plan(os.path.join(EXAMPLES, "elastic.yaml"), Hardware(nodes=16))
         report["12b_62_layers_per_gpu"] = {
@@ -256,14 +272,25 @@ def generate_with_each_export(report: dict, out: str) -> None:
 
     loaded = {}
     t0 = time.time()
+
+    def generate(model, ids):
+        """8 greedy tokens; transformers' hybrid cache needs an attention layer (a sub-model whose depth choice
+        dropped them all generates without the cache)."""
+        try:
+            return model.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1] :], True
+        except ValueError as e:
+            if "Attention layers" not in str(e):
+                raise
+            return model.generate(ids, max_new_tokens=8, do_sample=False, use_cache=False)[0, ids.shape[1] :], False
+
     dirs = sorted(os.path.join(out, d, "hf") for d in os.listdir(out) if os.path.isdir(os.path.join(out, d, "hf")))
     for hf in dirs:
         model = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
         tok = transformers.AutoTokenizer.from_pretrained(hf)
         assert model.config.eos_token_id == tok.eos_token_id == model.generation_config.eos_token_id
         ids = tok("def main():", return_tensors="pt").input_ids
-        new = model.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1] :]
-        loaded[os.path.relpath(hf, out)] = {"hidden_size": model.config.hidden_size, "text": tok.decode(new)}
+        new, cache = generate(model, ids)
+        loaded[os.path.relpath(hf, out)] = {"hidden": model.config.hidden_size, "text": tok.decode(new), "cache": cache}
         del model
     elastic = os.path.join(out, "hf-elastic")
     with open(os.path.join(elastic, "config.json")) as f:
@@ -274,8 +301,8 @@ def generate_with_each_export(report: dict, out: str) -> None:
         )
         tok = transformers.AutoTokenizer.from_pretrained(elastic)
         ids = tok("def main():", return_tensors="pt").input_ids
-        new = model.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1] :]
-        loaded[f"hf-elastic@{b}"] = {"text": tok.decode(new)}
+        new, cache = generate(model, ids)
+        loaded[f"hf-elastic@{b}"] = {"text": tok.decode(new), "cache": cache}
         del model
     report["transformers"] = {"seconds": time.time() - t0, "exports": loaded}
 
@@ -288,6 +315,12 @@ def main(argv=None) -> dict:
     p.add_argument("--seq", type=int, default=128, help="context of calibration and training")
     p.add_argument("--steps", type=int, default=4, help="elastic training steps")
     p.add_argument("--reduced", action="store_true", help="a reduced width (CI)")
+    p.add_argument(
+        "--sync-save",
+        action="store_true",
+        help="checkpoint.async_save false (at full width on 24 GiB: an async writer's copy-on-write pages and the "
+        "distributed optimizer's gather at save do not fit beside 8 ranks)",
+    )
     p.add_argument("--json", help="write the report here")
     args = p.parse_args(argv)
     sizes = REDUCED if args.reduced else TWELVE_B
@@ -362,7 +395,7 @@ def main(argv=None) -> dict:
         job["data"] = {"path": f"{w}/data", "eval_seq_length": args.seq}
         job["train"].update(lr_warmup_iters=1, log_interval=1, eval_interval=1000, eval_iters=1)
         job["router"]["warmup_iters"] = 1
-        job["checkpoint"].update(dir=f"{w}/elastic", save_interval=1)
+        job["checkpoint"].update(dir=f"{w}/elastic", save_interval=1, async_save=not args.sync_save)
 
     elastic_yaml = job_yaml(os.path.join(EXAMPLES, "elastic.yaml"), f"{w}/elastic.yaml", elastic_edit)
     train = [launch, "train", "--config", elastic_yaml, "--no-progress"]
@@ -390,11 +423,15 @@ def main(argv=None) -> dict:
 
 
 def format_report(report: dict) -> str:
-    lines = [f"{'stage':>22} {'seconds':>8} {'peak host GiB':>14} {'predicted GiB':>14}"]
+    base = report.get("process_baseline_bytes", 0) / GIB
+    lines = [
+        f"{'stage':>22} {'seconds':>8} {'peak host GiB':>14} {'predicted GiB':>14}   (predicted: plan's tensors per "
+        f"rank + {base:.2f} GiB per rank's process)"
+    ]
     for stage, r in report.items():
         if not isinstance(r, dict) or "seconds" not in r:
             continue
-        pred = r.get("predicted_bytes_8_ranks") or r.get("predicted_bytes_2_ranks")
+        pred = r.get("predicted_bytes")
         peak = r.get("peak_host_bytes")
         lines.append(
             f"{stage:>22} {r['seconds']:8.0f} {peak / GIB if peak else float('nan'):14.2f} "
@@ -407,7 +444,8 @@ def format_report(report: dict) -> str:
             f"12B (62 layers) per GPU, plan: importance {big['importance_bytes'] / GIB:.1f} GiB; train {stages} GiB"
         )
     for name, e in report.get("transformers", {}).get("exports", {}).items():
-        lines.append(f"  transformers loaded {name}: generated {e['text']!r}")
+        cache = "" if e.get("cache", True) else " (no attention layer left: without transformers' cache)"
+        lines.append(f"  transformers loaded {name}: generated {e['text']!r}{cache}")
     return "\n".join(lines)
 
 

@@ -106,6 +106,19 @@ def index_mixed_dtype_main_params(optimizer) -> None:
                 opt.model_param_group_index_map[param] = (g, len(fp32) + k)
 
 
+def async_save_options() -> dict:
+    """Keyword arguments of ``dist_checkpointing.save(..., async_sharded_save=True)``: megatron-core 0.19 defaults to
+    NVIDIA Resiliency Extension's writer (``async_strategy="nvrx"``, a package we do not install); Megatron's own
+    (``"mcore"``, the only one before 0.19) is what is tested here. Goes with 0.16 support (then always pass it)."""
+    import inspect
+
+    from megatron.core import dist_checkpointing
+
+    return (
+        {"async_strategy": "mcore"} if "async_strategy" in inspect.signature(dist_checkpointing.save).parameters else {}
+    )
+
+
 def prepare_optimizer_for_load(optimizer) -> None:
     """Before loading a checkpoint into an optimizer: megatron-core's DistributedOptimizer without Apex or
     TransformerEngine (torch's Adam: the CPU, or a GPU without TE) is not loadable as Megatron ships it, a path

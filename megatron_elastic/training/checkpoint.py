@@ -28,7 +28,11 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
-from megatron_elastic.compat import contain_checkpoint_writer_processes, prepare_optimizer_for_load
+from megatron_elastic.compat import (
+    async_save_options,
+    contain_checkpoint_writer_processes,
+    prepare_optimizer_for_load,
+)
 from megatron_elastic.errors import CheckpointCorruptError, CheckpointError, InputNotFoundError
 from megatron_elastic.training.safe_files import check_checkpoint_is_data, legacy_rng_globals, load_plain
 
@@ -184,7 +188,9 @@ class CheckpointWriter:
             dist_checkpointing.save(state, os.path.join(tmp, "dist"))
             complete()
         else:
-            request = dist_checkpointing.save(state, os.path.join(tmp, "dist"), async_sharded_save=True)
+            request = dist_checkpointing.save(
+                state, os.path.join(tmp, "dist"), async_sharded_save=True, **async_save_options()
+            )
             request.add_finalize_fn(complete)
             self._queue.schedule_async_request(request)
         return final
