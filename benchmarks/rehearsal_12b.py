@@ -135,6 +135,9 @@ def run(stage: str, cmd, report: dict, env=None, until=None) -> int:
     entry = report.setdefault(stage, {"seconds": 0.0, "peak_host_bytes": 0})
     entry["seconds"] += time.time() - t0
     entry["peak_host_bytes"] = max(entry["peak_host_bytes"], peak.close())
+    if report.get("json"):  # what the stages so far measured, kept if a later one fails
+        with open(report["json"], "w") as f:
+            json.dump(report, f, indent=1)
     if rc != 0 and until is None:
         sys.stdout.write("".join(lines[-40:]))
         raise SystemExit(f"[{stage}] failed with exit code {rc}")
@@ -321,12 +324,21 @@ def main(argv=None) -> dict:
         help="checkpoint.async_save false (at full width on 24 GiB: an async writer's copy-on-write pages and the "
         "distributed optimizer's gather at save do not fit beside 8 ranks)",
     )
-    p.add_argument("--json", help="write the report here")
+    p.add_argument(
+        "--no-distributed-optimizer",
+        action="store_true",
+        help="train.distributed_optimizer false (at full width on 24 GiB: its fully-reshardable save gathers a copy "
+        "of every rank's optimizer state, twice, and 8 ranks no longer fit)",
+    )
+    p.add_argument("--json", help="write the report here (after every stage)")
+    p.add_argument("--until", choices=["importance"], help="stop after this stage")
     args = p.parse_args(argv)
     sizes = REDUCED if args.reduced else TWELVE_B
     w = os.path.abspath(args.workdir)
     os.makedirs(w, exist_ok=True)
     report: dict = {"sizes": sizes, "pattern": args.pattern, "train_vocab": args.train_vocab, "seq": args.seq}
+    report["options"] = {"sync_save": args.sync_save, "distributed_optimizer": not args.no_distributed_optimizer}
+    report["json"] = args.json
     cli = [sys.executable, "-m", "megatron_elastic"]
     launch = os.path.join(ROOT, "launch", "torchrun.sh")
     cpu = {"OMP_NUM_THREADS": "1"}
@@ -367,6 +379,9 @@ def main(argv=None) -> dict:
     imp = [launch, "importance", "--checkpoint", f"{w}/parent", "--out", f"{w}/importance", "--no-progress"]
     imp += ["--calib-tokens", str(4 * args.seq), "--tensor-parallel", "1"]
     run("importance", imp, report, env={**cpu, "NPROC_PER_NODE": "2"})
+    if args.until == "importance":
+        print(format_report(report))
+        return report
 
     parent_for_training = f"{w}/importance"
     if args.train_vocab < sizes["vocab_size"]:
@@ -396,6 +411,8 @@ def main(argv=None) -> dict:
         job["train"].update(lr_warmup_iters=1, log_interval=1, eval_interval=1000, eval_iters=1)
         job["router"]["warmup_iters"] = 1
         job["checkpoint"].update(dir=f"{w}/elastic", save_interval=1, async_save=not args.sync_save)
+        if args.no_distributed_optimizer:
+            job["train"]["distributed_optimizer"] = False
 
     elastic_yaml = job_yaml(os.path.join(EXAMPLES, "elastic.yaml"), f"{w}/elastic.yaml", elastic_edit)
     train = [launch, "train", "--config", elastic_yaml, "--no-progress"]
