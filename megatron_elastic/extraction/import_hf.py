@@ -38,6 +38,10 @@ def import_hf(hf_dir: str, out: str, data: Optional[dict] = None, job_config: Op
     model_dict = model_dict_from_hf(hf_cfg)
     dtype = hf_cfg.get("torch_dtype") or hf_cfg.get("dtype") or "float32"
     model_dict["params_dtype"] = dtype if dtype in ("float32", "bfloat16", "float16") else "float32"
+    # Megatron's mixed precision for a half-precision release: half weights, fp32 main weights in the optimizer
+    # (without the flag its optimizer would step the half weights themselves, and mixed-dtype models break).
+    model_dict["bf16"] = model_dict["params_dtype"] == "bfloat16"
+    model_dict["fp16"] = model_dict["params_dtype"] == "float16"
     job_config = job_config or {}
     stated = job_config.get("model") or {}
     for name in CARRIED_MODEL_FIELDS:

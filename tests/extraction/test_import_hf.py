@@ -149,6 +149,7 @@ def test_import_takes_a_blend_and_the_releases_own_tokenizer(single_process_para
     job = config_from_checkpoint(res["checkpoint"])
     assert (job.train.micro_batch_size, job.train.global_batch_size) == (1, 4)
     assert job.parallel.tensor_model_parallel_size == 2 and job.model["elastic_ffn_groups"] == 2
+    assert (job.model["params_dtype"], job.model["bf16"]) == ("float32", False)  # the release's dtype: float32
     with pytest.raises(HFExportError, match="hidden_size: config 64 vs config.json 32"):
         import_hf(src, str(tmp_path / "clash"), data=blend, job_config={"model": {"hidden_size": 64}})
 
@@ -209,3 +210,24 @@ def test_exports_of_a_parent_whose_tokenizer_is_a_full_model_directory_load_with
     assert tokenizer.eos_token_id == hf.generation_config.eos_token_id == 2
     out = hf.generate(torch.tensor([[1, 5, 6]]), max_new_tokens=4, do_sample=False)
     assert out.shape[1] <= 7
+
+
+def test_a_bf16_release_is_imported_for_megatron_mixed_precision(single_process_parallel, tmp_path):
+    """A bf16 release (as NVIDIA ships them) becomes a bf16 parent with Megatron's mixed precision on (``bf16``:
+    fp32 main weights in the optimizer), with its weights bit for bit."""
+    from megatron_elastic.extraction.hf import read_hf_checkpoint
+    from megatron_elastic.extraction.import_hf import import_hf
+    from megatron_elastic.model.builder import build_hybrid_model
+    from megatron_elastic.training.checkpoint import load_model_weights
+    from megatron_elastic.training.runs import config_from_checkpoint
+
+    hf_model, _ = _tiny_hf(tmp_path)
+    src = str(tmp_path / "bf16")
+    hf_model.to(torch.bfloat16).save_pretrained(src)
+    res = import_hf(src, str(tmp_path / "ours"))
+    job = config_from_checkpoint(res["checkpoint"])
+    assert (job.model["params_dtype"], job.model["bf16"], job.model["fp16"]) == ("bfloat16", True, False)
+    ours = build_hybrid_model(job.model_config())
+    load_model_weights(str(tmp_path / "ours"), ours)
+    _, tensors = read_hf_checkpoint(src)
+    assert torch.equal(ours.state_dict()["embedding.word_embeddings.weight"], tensors["backbone.embeddings.weight"])
