@@ -352,7 +352,9 @@ def main(argv=None) -> dict:
     report["release (transformers)"] = {"seconds": time.time() - t0}
 
     run(
-        "prepare-data", [*cli, "prepare-data", "--out", f"{w}/data", "--tokenizer", hf, "--max-bytes", "600000"], report
+        "prepare-data",
+        [*cli, "prepare-data", "--out", f"{w}/data", "--tokenizer", hf, "--max-bytes", "3000000", "--valid-every", "5"],
+        report,
     )
 
     def parent_edit(job):
