@@ -127,11 +127,13 @@ def prepare_optimizer_for_load(optimizer) -> None:
     * building its sharded state dict for loading reads one shared ``step`` from the inner optimizer's
       per-parameter state, which a fresh optimizer does not have (``assert len(steps) == 1``): give it zero
       state at step 0, which the load overwrites;
-    * loading the reshardable parameter state copies every entry of a parameter's state from the checkpoint,
-      ``step`` included, which the checkpoint keeps in ``param_groups`` (``KeyError: 'step'``): the step is
-      left as ``load_state_dict`` set it, but as each parameter's own tensor: Megatron gives every parameter
-      the same ``step`` tensor, which torch's Adam then increments once per parameter (wrong bias correction
-      from the first step after a resume on).
+    * loading the parameter state copies every entry of a parameter's state from the checkpoint, ``step``
+      included, which the checkpoint keeps in ``param_groups``: the fully reshardable state lacks it
+      (``KeyError: 'step'``), the per-rank (dp_reshardable) state carries the *loading* optimizer's step (a
+      resume restarts Adam's bias correction at step 0). The step is left as ``load_state_dict`` set it from
+      ``param_groups``, but as each parameter's own tensor: Megatron gives every parameter the same ``step``
+      tensor, which torch's Adam then increments once per parameter (wrong bias correction from the first
+      step after a resume on).
 
     Both go when Megatron handles torch's Adam in its distributed optimizer (or when TE is required)."""
     from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE, DistributedOptimizer
@@ -155,12 +157,12 @@ def _keep_step_when_loading_param_state(cls) -> None:
         return
 
     def set_states(self, model_param, tensors):
-        if "step" not in tensors:
-            group_index, group_order = self.model_param_group_index_map[model_param]
-            state = self.optimizer.state[self.optimizer.param_groups[group_index]["params"][group_order]]
-            if "step" in state:
-                state["step"] = state["step"].detach().clone()
-                tensors = {**tensors, "step": state["step"]}
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        state = self.optimizer.state[self.optimizer.param_groups[group_index]["params"][group_order]]
+        tensors = {k: v for k, v in tensors.items() if k != "step"}
+        if "step" in state:
+            state["step"] = state["step"].detach().clone()
+            tensors["step"] = state["step"]
         return original(self, model_param, tensors)
 
     set_states._keeps_step = True

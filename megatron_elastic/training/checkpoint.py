@@ -1,4 +1,5 @@
-"""Checkpoints: model and optimizer through ``megatron.core.dist_checkpointing`` (TP/PP-reshardable),
+"""Checkpoints: model and optimizer through ``megatron.core.dist_checkpointing`` (weights TP/PP-reshardable; the
+optimizer state as ``checkpoint.optimizer_sharding`` says),
 plus the trainer state (iteration, data position, LR schedule, RNG) as JSON/pt files.
 
 Layout::
@@ -104,18 +105,58 @@ def set_rng_state(state: Dict[str, Any]) -> None:
     get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-# Megatron's DistributedOptimizer writes its (data-parallel-sharded) state in the canonical per-parameter layout, so
-# a checkpoint resumes at any TP/PP/DP and with or without the distributed optimizer ('dp_reshardable' would save
-# without gathering, but resume only at the same TP/PP). Other optimizers ignore the key.
-_OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+# How Megatron's DistributedOptimizer writes its data-parallel-sharded state (``checkpoint.optimizer_sharding``; other
+# optimizers always write the canonical per-parameter layout):
+# * 'dp_reshardable' (Megatron-LM's default): each rank writes its own shard of the optimizer buffers, no gather, no
+#   copy; a resume keeps TP and PP (DP may change).
+# * 'fully_reshardable': data-parallel rank 0 of each model-parallel group gathers the group's state and writes it
+#   per parameter; resumes at any TP/PP/DP and without the distributed optimizer, at the cost of that gather in host
+#   memory (its model-parallel shard's fp32 main weights and Adam moments: ~18 GB at 12B/TP=8, more while reordered).
+OPTIMIZER_SHARDINGS = ("dp_reshardable", "fully_reshardable")
+PORTABLE = "fully_reshardable"  # what a plain optimizer writes, and what checkpoints before the choice hold
 
 
-def _sharded_state(model, optimizer, is_loading: bool):
+def _is_distributed(optimizer) -> bool:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    return any(isinstance(o, DistributedOptimizer) for o in getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def optimizer_layout(optimizer, sharding: str) -> Dict[str, Any]:
+    """What a resume must match to read ``optimizer``'s state written with ``sharding`` (stored in trainer_state)."""
+    from megatron.core import parallel_state
+
+    distributed = _is_distributed(optimizer)
+    return {
+        "sharding": sharding if distributed else PORTABLE,
+        "distributed_optimizer": distributed,
+        "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
+        "pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size(),
+    }
+
+
+def _check_optimizer_layout(path: str, stored: Optional[Dict[str, Any]], optimizer) -> str:
+    """The sharding ``path``'s optimizer state was written with; refuses a resume that cannot read it."""
+    if not stored or stored.get("sharding", PORTABLE) == PORTABLE:
+        return PORTABLE
+    mine = optimizer_layout(optimizer, stored["sharding"])
+    diff = [f"{k} {stored.get(k)} (now {v})" for k, v in mine.items() if k != "sharding" and stored.get(k) != v]
+    if diff:
+        raise CheckpointError(
+            f"{path} holds the distributed optimizer's state per rank (checkpoint.optimizer_sharding: dp_reshardable) "
+            f"written at {', '.join(diff)}; resume at the layout it was written at (the data-parallel size may "
+            f"change), or have the run write checkpoint.optimizer_sharding: fully_reshardable (its weights alone "
+            f"load at any layout: extract, evaluate)"
+        )
+    return stored["sharding"]
+
+
+def _sharded_state(model, optimizer, is_loading: bool, sharding: str = PORTABLE):
     model_sd = model.sharded_state_dict()
     state = {"model": model_sd}
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(
-            model_sd, is_loading=is_loading, metadata=dict(_OPTIMIZER_METADATA)
+            model_sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": sharding}
         )
     return state
 
@@ -128,11 +169,13 @@ def save_checkpoint(
     trainer_state: Optional[dict] = None,
     keep_last: Optional[int] = None,
     extra: Optional[Dict[str, Any]] = None,
+    optimizer_sharding: str = PORTABLE,
 ) -> str:
     """Save ``model`` (a Megatron module), ``optimizer`` (a Megatron optimizer) and ``trainer_state``
     (JSON-serialisable) atomically; collective over all ranks. ``extra``: replicated state (identical on every
     rank, e.g. the router and its optimizer), written once by rank 0 to ``extra.pt``. Returns the path."""
-    return CheckpointWriter().save(ckpt_dir, iteration, model, optimizer, trainer_state, keep_last, extra)
+    writer = CheckpointWriter(optimizer_sharding=optimizer_sharding)
+    return writer.save(ckpt_dir, iteration, model, optimizer, trainer_state, keep_last, extra)
 
 
 class CheckpointWriter:
@@ -143,8 +186,9 @@ class CheckpointWriter:
     wait for the one in flight; a kill before it completes leaves only its ``.tmp`` directory, which resuming
     ignores (the previous checkpoint stays ``latest``)."""
 
-    def __init__(self, async_save: bool = False):
+    def __init__(self, async_save: bool = False, optimizer_sharding: str = PORTABLE):
         self.async_save = async_save
+        self.optimizer_sharding = optimizer_sharding
         self.slowest_s = 0.0  # the longest save so far, from its start until it was complete
         self._queue = None
         if async_save:
@@ -172,12 +216,14 @@ class CheckpointWriter:
         _barrier()
         contain_checkpoint_writer_processes()
         torch.save(rng_state(), os.path.join(tmp, f"rng_rank{_rank()}.pt"))
+        layout = optimizer_layout(optimizer, self.optimizer_sharding) if optimizer is not None else None
         if _rank() == 0:
             if extra is not None:
                 torch.save(extra, os.path.join(tmp, EXTRA))
             with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-                json.dump({"iteration": iteration, **(trainer_state or {})}, f, indent=2)
-        state = _sharded_state(model, optimizer, is_loading=False)
+                json.dump({"iteration": iteration, **(trainer_state or {}), "optimizer_layout": layout}, f, indent=2)
+        sharding = layout["sharding"] if layout else PORTABLE
+        state = _sharded_state(model, optimizer, is_loading=False, sharding=sharding)
         started = time.time()
 
         def complete():
@@ -361,10 +407,14 @@ def load_checkpoint(path: str, model, optimizer=None, strict: bool = True, load_
     with open(os.path.join(path, "trainer_state.json")) as f:
         trainer_state = json.load(f)
     _check_architecture(path, trainer_state, model)
+    sharding = PORTABLE
     if optimizer is not None:
+        sharding = _check_optimizer_layout(path, trainer_state.get("optimizer_layout"), optimizer)
         prepare_optimizer_for_load(optimizer)
     state = dist_checkpointing.load(
-        _sharded_state(model, optimizer, is_loading=True), os.path.join(path, "dist"), strict="assume_ok_unexpected"
+        _sharded_state(model, optimizer, is_loading=True, sharding=sharding),
+        os.path.join(path, "dist"),
+        strict="assume_ok_unexpected",
     )
     missing, unexpected = model.load_state_dict(state["model"], strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
@@ -373,7 +423,8 @@ def load_checkpoint(path: str, model, optimizer=None, strict: bool = True, load_
             f"checkpoint {path} lacks model tensors {missing[:5]}... (was it written for another model?)"
         )
     if optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        with torch.no_grad():  # Megatron's per-rank (dp_reshardable) loader copies into the main params without it
+            optimizer.load_state_dict(state["optimizer"])
     rng_file = os.path.join(path, f"rng_rank{_rank()}.pt")
     if load_rng and os.path.isfile(rng_file):
         set_rng_state(load_plain(rng_file, tuple(legacy_rng_globals())))

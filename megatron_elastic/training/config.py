@@ -120,6 +120,18 @@ class CheckpointConfig:
     save_interval: int = 500
     keep_last: int = 2
     async_save: bool = False  # write tensors in a background process (Megatron's async dist_checkpointing)
+    # the distributed optimizer's state: per rank, resumes at the same TP/PP ("dp_reshardable", Megatron-LM's
+    # default), or gathered per parameter, resumes at any layout ("fully_reshardable"); see training/checkpoint.py
+    optimizer_sharding: str = "dp_reshardable"
+
+    def __post_init__(self):
+        from megatron_elastic.training.checkpoint import OPTIMIZER_SHARDINGS
+
+        if self.optimizer_sharding not in OPTIMIZER_SHARDINGS:
+            raise ConfigError(
+                f"checkpoint.optimizer_sharding: {self.optimizer_sharding!r} is not one of "
+                f"{', '.join(OPTIMIZER_SHARDINGS)}"
+            )
 
 
 @dataclass

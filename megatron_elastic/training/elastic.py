@@ -508,7 +508,7 @@ class ElasticRun:
         self.dp = parallel_state.get_data_parallel_world_size()
         self.ckpt_dir = cfg.checkpoint.dir
         os.makedirs(self.ckpt_dir, exist_ok=True)
-        self.writer = CheckpointWriter(cfg.checkpoint.async_save)
+        self.writer = CheckpointWriter(cfg.checkpoint.async_save, cfg.checkpoint.optimizer_sharding)
         self.state = {"iteration": 0, "tokens": 0, "stage_consumed_samples": [0] * len(cfg.curriculum.stages)}
         self.eval_gbs = cfg.curriculum.stages[0].global_batch_size
         self.source = cfg.data.source(cfg.checkpoint.dir)  # resolved once: every stage and the validation read it

@@ -168,6 +168,7 @@ def _save(cfg: PretrainConfig, comps, iteration: int, state: dict) -> None:
         comps.optimizer,
         trainer_state,
         keep_last=cfg.checkpoint.keep_last,
+        optimizer_sharding=cfg.checkpoint.optimizer_sharding,
     )
 
 

@@ -130,7 +130,10 @@ def test_every_rank_hashes_its_own_share_of_a_checkpoint(tmp_path):
     run_multiprocess(2, _share_job, str(tmp_path))
 
 
-def test_a_bf16_model_with_fp32_parameters_checkpoints_its_distributed_optimizer(single_process_parallel, tmp_path):
+@pytest.mark.parametrize("sharding", ["dp_reshardable", "fully_reshardable"])
+def test_a_bf16_model_with_fp32_parameters_checkpoints_its_distributed_optimizer(
+    single_process_parallel, tmp_path, sharding
+):
     """Our bf16 models keep norms, A_log and D in fp32; Megatron's distributed optimizer then indexed another
     parameter's main copy in its state-dict paths (the 12B rehearsal's first save failed). Each parameter's main
     copy now rounds to the parameter itself, and a save and load round-trips the optimizer state."""
@@ -171,11 +174,13 @@ def test_a_bf16_model_with_fp32_parameters_checkpoints_its_distributed_optimizer
         for name, p in model.named_parameters():
             t = o._get_main_param_and_optimizer_states(p)
             assert torch.equal(t["param"].to(p.dtype), p.detach().view(-1)), f"{name}: not its own main copy"
-            out[name] = {k: v.clone() for k, v in t.items() if k in ("param", "exp_avg", "exp_avg_sq")}
+            out[name] = {k: v.clone() for k, v in t.items() if k in ("param", "exp_avg", "exp_avg_sq", "step")}
         return out
 
     before = states(opt, c.unwrapped)
-    save_checkpoint(str(tmp_path), 2, c.unwrapped, c.optimizer)
+    save_checkpoint(str(tmp_path), 2, c.unwrapped, c.optimizer, optimizer_sharding=sharding)
+    stored = json.load(open(tmp_path / "iter_0000002" / "trainer_state.json"))["optimizer_layout"]
+    assert stored["sharding"] == sharding and stored["distributed_optimizer"]
     fresh = build()
     load_checkpoint(os.path.join(tmp_path, "iter_0000002"), fresh.unwrapped, fresh.optimizer, load_rng=False)
     after = states(getattr(fresh.optimizer, "chained_optimizers", [fresh.optimizer])[0], fresh.unwrapped)

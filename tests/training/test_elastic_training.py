@@ -210,22 +210,30 @@ def _resume_copy(src, dst, iteration):
 
 
 DIST_OPT = ["train.distributed_optimizer=true"]
+PORTABLE_OPT = DIST_OPT + ["checkpoint.optimizer_sharding=fully_reshardable"]
 
 
 def _distributed_optimizer_job(rank, world, parent, root):
-    # DP=2 with the optimizer state sharded over the two ranks, then its step-3 checkpoint resumed at TP=2.
-    _train(parent, os.path.join(root, "dp2"), overrides=DIST_OPT)
-    if rank == 0:
-        _resume_copy(os.path.join(root, "dp2"), os.path.join(root, "tp2"), 3)
     import torch.distributed as dist
 
-    dist.barrier()
-    _train(parent, os.path.join(root, "tp2"), resume=True, overrides=DIST_OPT + LAYOUTS["tp2"])
+    from megatron_elastic.errors import CheckpointError
+
+    # DP=2 with the optimizer state sharded over the two ranks: per rank (dp_reshardable, the default) and gathered
+    # per parameter (fully_reshardable); each step-3 checkpoint resumed at TP=2.
+    for run, overrides in (("dp2", PORTABLE_OPT), ("dp2-local", DIST_OPT)):
+        _train(parent, os.path.join(root, run), overrides=overrides)
+        if rank == 0:
+            _resume_copy(os.path.join(root, run), os.path.join(root, f"tp2-from-{run}"), 3)
+        dist.barrier()
+    _train(parent, os.path.join(root, "tp2-from-dp2"), resume=True, overrides=DIST_OPT + LAYOUTS["tp2"])
+    with pytest.raises(CheckpointError, match="tensor_model_parallel_size 1 \\(now 2\\).*optimizer_sharding: fully_resh"):
+        _train(parent, os.path.join(root, "tp2-from-dp2-local"), resume=True, overrides=DIST_OPT + LAYOUTS["tp2"])
 
 
 def test_distributed_optimizer_matches_and_its_checkpoint_resumes_at_other_layouts(parent, tmp_path):
     """Megatron's DistributedOptimizer at DP=2 equals the plain optimizer at DP=1 step by step; its step-3
-    checkpoint (optimizer state in two shards) resumes exactly at DP=1 and at TP=2 (Megatron's resharding)."""
+    checkpoint (optimizer state in two shards) resumes exactly at DP=1 in either sharding, and at TP=2 (Megatron's
+    resharding) when gathered per parameter; the per-rank sharding refuses TP=2 naming the fix."""
     from megatron_elastic.parallel import destroy_parallel, initialize_parallel
 
     initialize_parallel(1, 1, seed=1234)
@@ -234,12 +242,14 @@ def test_distributed_optimizer_matches_and_its_checkpoint_resumes_at_other_layou
     run_multiprocess(2, _distributed_optimizer_job, parent, str(tmp_path))
     ref = _train_records(str(tmp_path / "ref"))
     _assert_same_losses(_train_records(str(tmp_path / "dp2")), ref, sorted(ref), "dp2")
-    _assert_same_losses(_train_records(str(tmp_path / "tp2")), ref, [4, 5, 6], "tp2 resumed")
-    _resume_copy(str(tmp_path / "dp2"), str(tmp_path / "dp1"), 3)
-    initialize_parallel(1, 1, seed=1234)
-    _train(parent, str(tmp_path / "dp1"), resume=True, overrides=DIST_OPT)
-    destroy_parallel()
-    _assert_same_losses(_train_records(str(tmp_path / "dp1")), ref, [4, 5, 6], "dp1 resumed")
+    _assert_same_losses(_train_records(str(tmp_path / "dp2-local")), ref, sorted(ref), "dp2 per-rank sharding")
+    _assert_same_losses(_train_records(str(tmp_path / "tp2-from-dp2")), ref, [4, 5, 6], "tp2 resumed")
+    for run in ("dp2", "dp2-local"):
+        _resume_copy(str(tmp_path / run), str(tmp_path / f"dp1-from-{run}"), 3)
+        initialize_parallel(1, 1, seed=1234)
+        _train(parent, str(tmp_path / f"dp1-from-{run}"), resume=True, overrides=DIST_OPT)
+        destroy_parallel()
+        _assert_same_losses(_train_records(str(tmp_path / f"dp1-from-{run}")), ref, [4, 5, 6], f"dp1 from {run}")
 
 
 def test_config_errors_name_the_fix(parent, tmp_path):
