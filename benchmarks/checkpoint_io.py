@@ -3,6 +3,7 @@ RNG and trainer state, the safety checks on load; synchronous and ``async_save``
 ``dist_checkpointing.save`` / ``load`` of the same model and optimizer state, in the same processes.
 
     python benchmarks/checkpoint_io.py [--hidden 1024 --layers 6 --vocab 32768 --world 2 --repeats 3 --json out.json]
+                                      [--optimizer-sharding dp_reshardable|fully_reshardable]
 
 Runs ``--world`` CPU processes (gloo; data parallel with Megatron's distributed optimizer, so the optimizer state
 is sharded over the ranks as on a cluster). Per operation: wall time (rank 0, between barriers; the median of
@@ -104,6 +105,7 @@ def _worker(rank, world, args, root, results_file):
         )
     )
     job.train.distributed_optimizer = True  # as the elastic recipes: Adam's state sharded over the DP ranks
+    sharding = args.optimizer_sharding
     comps = build_training_components(job.model_config(), job.train)
     model, optimizer = comps.unwrapped, comps.optimizer
     for p in model.parameters():  # an optimizer step, so Adam's state exists
@@ -123,10 +125,14 @@ def _worker(rank, world, args, root, results_file):
             os.makedirs(plain)
         barrier()
         rows["plain save"].append(
-            _measure(lambda: dist_checkpointing.save(_sharded_state(model, optimizer, False), plain), barrier)[1:]
+            _measure(
+                lambda: dist_checkpointing.save(_sharded_state(model, optimizer, False, sharding), plain), barrier
+            )[1:]
         )
-        rows["ours save"].append(_measure(lambda: CheckpointWriter().save(ours, 1, model, optimizer), barrier)[1:])
-        writer = CheckpointWriter(async_save=True)
+        rows["ours save"].append(
+            _measure(lambda: CheckpointWriter(False, sharding).save(ours, 1, model, optimizer), barrier)[1:]
+        )
+        writer = CheckpointWriter(async_save=True, optimizer_sharding=sharding)
         t0 = time.perf_counter()
         _, blocks, mem = _measure(lambda: writer.save(ours_async, 1, model, optimizer), barrier)
         rows["ours async: blocks"].append((blocks, mem))
@@ -138,10 +144,11 @@ def _worker(rank, world, args, root, results_file):
         def plain_load():
             prepare_optimizer_for_load(optimizer)  # what Megatron's own loader does first (megatron_elastic.compat)
             state = dist_checkpointing.load(
-                _sharded_state(model, optimizer, True), plain, strict="assume_ok_unexpected"
+                _sharded_state(model, optimizer, True, sharding), plain, strict="assume_ok_unexpected"
             )
             model.load_state_dict(state["model"], strict=False)
-            optimizer.load_state_dict(state["optimizer"])
+            with torch.no_grad():  # as ours: Megatron's per-rank loader copies into leaf views
+                optimizer.load_state_dict(state["optimizer"])
 
         rows["plain load"].append(_measure(plain_load, barrier)[1:])
         rows["ours load"].append(
@@ -169,6 +176,8 @@ def _worker(rank, world, args, root, results_file):
 
 
 def main():
+    from megatron_elastic.training.checkpoint import OPTIMIZER_SHARDINGS
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--layers", type=int, default=6, help="pairs of layers (Mamba/attention + MLP)")
@@ -176,6 +185,12 @@ def main():
     p.add_argument("--world", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", help="write the results here")
+    p.add_argument(
+        "--optimizer-sharding",
+        default="dp_reshardable",
+        choices=OPTIMIZER_SHARDINGS,
+        help="checkpoint.optimizer_sharding: per rank (the default) or gathered per parameter",
+    )
     args = p.parse_args()
     from megatron_elastic.testing import run_multiprocess
 
@@ -187,7 +202,7 @@ def main():
     s, m = out["seconds"], out["peak_host_bytes"]
     print(
         f"{out['parameters']:,} parameters, {out['checkpoint_bytes'] / 2**30:.2f} GiB checkpoint (model + Adam), "
-        f"{out['world']} ranks (distributed optimizer), median of {args.repeats}"
+        f"{out['world']} ranks (distributed optimizer, {args.optimizer_sharding}), median of {args.repeats}"
     )
     print(f"{'operation':>22} {'seconds':>8} {'vs plain':>8} {'peak host MiB':>14} {'vs plain':>8}")
     for k in s:

@@ -318,17 +318,11 @@ def main(argv=None) -> dict:
     p.add_argument("--seq", type=int, default=128, help="context of calibration and training")
     p.add_argument("--steps", type=int, default=4, help="elastic training steps")
     p.add_argument("--reduced", action="store_true", help="a reduced width (CI)")
-    p.add_argument(
-        "--sync-save",
-        action="store_true",
-        help="checkpoint.async_save false (at full width on 24 GiB: an async writer's copy-on-write pages and the "
-        "distributed optimizer's gather at save do not fit beside 8 ranks)",
-    )
+    p.add_argument("--sync-save", action="store_true", help="checkpoint.async_save false (the recipe's is true)")
     p.add_argument(
         "--no-distributed-optimizer",
         action="store_true",
-        help="train.distributed_optimizer false (at full width on 24 GiB: its fully-reshardable save gathers a copy "
-        "of every rank's optimizer state, twice, and 8 ranks no longer fit)",
+        help="train.distributed_optimizer false (the recipe's is true)",
     )
     p.add_argument("--json", help="write the report here (after every stage)")
     p.add_argument("--until", choices=["importance"], help="stop after this stage")
@@ -338,6 +332,8 @@ def main(argv=None) -> dict:
     os.makedirs(w, exist_ok=True)
     report: dict = {"sizes": sizes, "pattern": args.pattern, "train_vocab": args.train_vocab, "seq": args.seq}
     report["options"] = {"sync_save": args.sync_save, "distributed_optimizer": not args.no_distributed_optimizer}
+    with open(os.path.join(EXAMPLES, "elastic.yaml")) as f:
+        report["options"]["optimizer_sharding"] = yaml.safe_load(f)["checkpoint"].get("optimizer_sharding")
     report["json"] = args.json
     cli = [sys.executable, "-m", "megatron_elastic"]
     launch = os.path.join(ROOT, "launch", "torchrun.sh")

@@ -226,7 +226,9 @@ def _distributed_optimizer_job(rank, world, parent, root):
             _resume_copy(os.path.join(root, run), os.path.join(root, f"tp2-from-{run}"), 3)
         dist.barrier()
     _train(parent, os.path.join(root, "tp2-from-dp2"), resume=True, overrides=DIST_OPT + LAYOUTS["tp2"])
-    with pytest.raises(CheckpointError, match="tensor_model_parallel_size 1 \\(now 2\\).*optimizer_sharding: fully_resh"):
+    with pytest.raises(
+        CheckpointError, match="tensor_model_parallel_size 1 \\(now 2\\).*optimizer_sharding: fully_resh"
+    ):
         _train(parent, os.path.join(root, "tp2-from-dp2-local"), resume=True, overrides=DIST_OPT + LAYOUTS["tp2"])
 
 
