@@ -1,4 +1,4 @@
-"""Checkpoint save and load: ours (``training.checkpoint``: manifest hashed by every rank over its share, atomic rename,
+"""Checkpoint save and load: ours (``store.checkpoint``: manifest hashed by every rank over its share, atomic rename,
 RNG and trainer state, the safety checks on load; synchronous and ``async_save``) against plain Megatron
 ``dist_checkpointing.save`` / ``load`` of the same model and optimizer state, in the same processes.
 
@@ -89,8 +89,8 @@ def _worker(rank, world, args, root, results_file):
 
     from megatron_elastic.compat import contain_checkpoint_writer_processes, prepare_optimizer_for_load
     from megatron_elastic.parallel import initialize_parallel
-    from megatron_elastic.training.checkpoint import CheckpointWriter, _sharded_state, load_checkpoint
-    from megatron_elastic.training.config import load_pretrain_config
+    from megatron_elastic.store.checkpoint import CheckpointWriter, _sharded_state, load_checkpoint
+    from megatron_elastic.store.job_config import load_pretrain_config
     from megatron_elastic.training.setup import build_training_components
 
     initialize_parallel(1, 1, seed=1)
@@ -176,7 +176,7 @@ def _worker(rank, world, args, root, results_file):
 
 
 def main():
-    from megatron_elastic.training.checkpoint import OPTIMIZER_SHARDINGS
+    from megatron_elastic.store.checkpoint import OPTIMIZER_SHARDINGS
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--hidden", type=int, default=1024)

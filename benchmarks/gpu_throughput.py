@@ -45,7 +45,7 @@ def _pretrain_throughput(config, seq: int, steps: int, device: str) -> dict:
     import torch
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_elastic.training.config import TrainConfig
+    from megatron_elastic.store.job_config import TrainConfig
     from megatron_elastic.training.lm import lm_forward_step
     from megatron_elastic.training.setup import build_training_components
 
@@ -87,8 +87,8 @@ def _elastic_throughput(work: str, data: str, seq: int, steps: int, device: str)
     its metrics (after the first step) and the peak allocated memory; and the job config it ran."""
     import torch
 
-    from megatron_elastic.training.elastic import train_elastic
-    from megatron_elastic.training.elastic_config import load_elastic_config
+    from megatron_elastic.elastic.config import load_elastic_config
+    from megatron_elastic.elastic.run import train_elastic
 
     ckpt = os.path.join(work, "elastic")
     text = ELASTIC.format(parent=os.path.join(work, "imp"), tokens=steps * 3 * seq, seq=seq, gbs=3, ckpt=ckpt)
@@ -132,7 +132,7 @@ def main(argv=None):
     from megatron_elastic.model.kernels import Machine, student_kernels
     from megatron_elastic.model.memory import GIB, memory_per_gpu
     from megatron_elastic.parallel import initialize_parallel
-    from megatron_elastic.training.config import load_pretrain_config
+    from megatron_elastic.store.job_config import load_pretrain_config
 
     work = tempfile.mkdtemp()
     data = os.path.join(work, "data")

@@ -37,8 +37,8 @@ def main():
     from megatron_elastic.model.cost import arch_parameters, scaled_arch
     from megatron_elastic.model.elastic_arch import ElasticArch
     from megatron_elastic.model.elastic_model import use_arch
+    from megatron_elastic.store.open_run import load_parent
     from megatron_elastic.training.lm import lm_logits, lm_loss
-    from megatron_elastic.training.runs import load_parent
 
     model, job, _ = load_parent(a.parent)
     cfg = model.config

@@ -56,11 +56,11 @@ def main(argv=None):
 
     from megatron_elastic.data.corpus import iter_stdlib_documents
     from megatron_elastic.data.indexed import write_split_datasets
+    from megatron_elastic.elastic.config import load_elastic_config
+    from megatron_elastic.elastic.run import train_elastic
     from megatron_elastic.model.memory import memory_per_gpu, student_path
     from megatron_elastic.parallel import initialize_parallel
-    from megatron_elastic.training.config import load_pretrain_config
-    from megatron_elastic.training.elastic import train_elastic
-    from megatron_elastic.training.elastic_config import load_elastic_config
+    from megatron_elastic.store.job_config import load_pretrain_config
 
     data = os.path.join(work, "data")
     write_split_datasets(data, iter_stdlib_documents(max_bytes=400_000), "byte", valid_every=5, progress=False)
@@ -79,7 +79,7 @@ def main(argv=None):
     _write_sorted_parent(job, config, os.path.join(work, "imp"))
 
     # Checkpoint writes stage tensors in host memory (on a GPU job too), outside what `plan` estimates per GPU.
-    import megatron_elastic.training.elastic as elastic_mod
+    import megatron_elastic.elastic.run as elastic_mod
 
     elastic_mod.save_checkpoint = lambda *a, **k: None
     from megatron_elastic.testing import peak_live_tensor_bytes
@@ -115,7 +115,7 @@ def main(argv=None):
 def _write_sorted_parent(job, config, imp_dir):
     """A randomly initialised parent saved as if `importance` had sorted it (identity order)."""
     from megatron_elastic.model.builder import build_hybrid_model
-    from megatron_elastic.training.checkpoint import save_checkpoint
+    from megatron_elastic.store.checkpoint import save_checkpoint
 
     model = build_hybrid_model(config)
     save_checkpoint(os.path.join(imp_dir, "sorted"), 0, model, trainer_state={"config": job.to_dict()})

@@ -194,8 +194,8 @@ def cut_vocabulary(src: str, dest: str, vocab: int) -> None:
     from megatron_elastic.extraction.reader import CheckpointTensorReader
     from megatron_elastic.model.builder import build_hybrid_model
     from megatron_elastic.parallel import initialize_parallel
-    from megatron_elastic.training.checkpoint import latest_checkpoint, save_checkpoint
-    from megatron_elastic.training.runs import config_from_checkpoint
+    from megatron_elastic.store.checkpoint import latest_checkpoint, save_checkpoint
+    from megatron_elastic.store.open_run import config_from_checkpoint
 
     path = latest_checkpoint(os.path.join(src, "sorted"))
     with open(os.path.join(path, "trainer_state.json")) as f:
@@ -220,7 +220,7 @@ def cut_vocabulary(src: str, dest: str, vocab: int) -> None:
 def process_baseline() -> int:
     """PSS of one rank before it holds a tensor: Python, torch, Megatron and our modules imported, gloo up."""
     code = (
-        "import psutil, megatron_elastic.cli, megatron_elastic.training.elastic, megatron_elastic.importance.run\n"
+        "import psutil, megatron_elastic.cli, megatron_elastic.elastic.run, megatron_elastic.importance.run\n"
         "from megatron_elastic.parallel import initialize_parallel\n"
         "initialize_parallel(1, 1)\n"
         "print(psutil.Process().memory_full_info().pss)"
@@ -232,11 +232,11 @@ def process_baseline() -> int:
 def predictions(report: dict, w: str, args, sizes: dict) -> None:
     """What plan / model.memory say for the stages at this size (tensors per rank, plus each rank's process
     baseline), and for the 12B's 62 layers per GPU."""
+    from megatron_elastic.elastic.config import load_elastic_config, parent_model_config
     from megatron_elastic.model.memory import importance_memory_per_gpu, memory_per_gpu, student_path
     from megatron_elastic.plan import Hardware, make_plan
-    from megatron_elastic.training.checkpoint import latest_checkpoint
-    from megatron_elastic.training.elastic_config import load_elastic_config, parent_model_config
-    from megatron_elastic.training.runs import config_from_checkpoint
+    from megatron_elastic.store.checkpoint import latest_checkpoint
+    from megatron_elastic.store.open_run import config_from_checkpoint
 
     cfg = load_elastic_config(os.path.join(w, "elastic.yaml"))
     config = parent_model_config(cfg.raw, w, cfg.parallel)

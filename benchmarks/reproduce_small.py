@@ -58,9 +58,9 @@ SCRATCH_SEQ = 256
 def _elastic_run(base_overrides, ckpt_dir, extra, progress):
     """Train (or reuse) an elastic run; extract its budgets; returns (summary, {budget: megatron path}, wall s)."""
     from megatron_elastic.demo import TINY_ELASTIC, recipe_path
+    from megatron_elastic.elastic.config import load_elastic_config
+    from megatron_elastic.elastic.run import train_elastic
     from megatron_elastic.extraction.extract import extract
-    from megatron_elastic.training.elastic import train_elastic
-    from megatron_elastic.training.elastic_config import load_elastic_config
 
     cfg = load_elastic_config(recipe_path(TINY_ELASTIC), base_overrides + [f"checkpoint.dir={ckpt_dir}"] + extra)
     summary_path = os.path.join(ckpt_dir, "summary.json")
@@ -98,8 +98,8 @@ def _flow(obj) -> str:
 
 def _scratch_run(arch_ckpt, data, ckpt_dir, tokens, seed, progress):
     """Pretrain (or reuse) the architecture of ``arch_ckpt`` (an extracted checkpoint) from random init."""
-    from megatron_elastic.training.checkpoint import latest_checkpoint
-    from megatron_elastic.training.config import load_pretrain_config
+    from megatron_elastic.store.checkpoint import latest_checkpoint
+    from megatron_elastic.store.job_config import load_pretrain_config
     from megatron_elastic.training.pretrain import pretrain
 
     summary_path = os.path.join(ckpt_dir, "summary.json")
@@ -141,8 +141,8 @@ def main(argv=None):
     progress = not args.no_progress
 
     from megatron_elastic.demo import QUICK_ELASTIC, TINY_ELASTIC, recipe_path
+    from megatron_elastic.elastic.config import load_elastic_config
     from megatron_elastic.evaluation import eval_set_bits_per_byte, evaluate_checkpoint, fixed_eval_set, pareto_plot
-    from megatron_elastic.training.elastic_config import load_elastic_config
 
     run, out = os.path.abspath(args.run), os.path.abspath(args.out)
     data, imp = os.path.join(run, "data"), os.path.join(run, "importance")

@@ -33,8 +33,8 @@ def main(argv=None):
     from megatron_elastic.extraction.extract import extract
     from megatron_elastic.model.builder import build_hybrid_model
     from megatron_elastic.serving.generate import ElasticServer
-    from megatron_elastic.training.checkpoint import load_model_weights
-    from megatron_elastic.training.runs import config_from_checkpoint
+    from megatron_elastic.store.checkpoint import load_model_weights
+    from megatron_elastic.store.open_run import config_from_checkpoint
 
     base = rss()
     server = ElasticServer.from_checkpoint(args.checkpoint)

@@ -39,7 +39,7 @@ def cmd_prepare_data(args) -> int:
 
 
 def _pretrain_config(args):
-    from megatron_elastic.training.config import load_pretrain_config
+    from megatron_elastic.store.job_config import load_pretrain_config
 
     overrides = list(args.set or [])
     return load_pretrain_config(args.config, overrides)
@@ -91,9 +91,9 @@ def cmd_train(args) -> int:
     from megatron_elastic.training.preemption import REQUEUE_EXIT_CODE, StopSignals, mark_for_requeue
 
     with StopSignals() as signals:
-        from megatron_elastic.training.checkpoint import latest_checkpoint
-        from megatron_elastic.training.elastic import train_elastic
-        from megatron_elastic.training.elastic_config import load_elastic_config
+        from megatron_elastic.elastic.config import load_elastic_config
+        from megatron_elastic.elastic.run import train_elastic
+        from megatron_elastic.store.checkpoint import latest_checkpoint
 
         cfg = load_elastic_config(args.config, list(args.set or []) + budget_overrides(args.budget))
         resume = args.resume or (
@@ -102,7 +102,7 @@ def cmd_train(args) -> int:
         summary = train_elastic(
             cfg, resume=resume, progress=not args.no_progress, until_stage=args.until_stage, signals=signals
         )
-    from megatron_elastic.training.elastic import results_table
+    from megatron_elastic.elastic.report import results_table
 
     if summary.get("stopped") in ("preempted", "time_limit"):
         mark_for_requeue()
@@ -147,7 +147,7 @@ def cmd_extract(args) -> int:
 def cmd_import_hf(args) -> int:
     from megatron_elastic.errors import ConfigError
     from megatron_elastic.extraction.import_hf import import_hf
-    from megatron_elastic.training.config import apply_overrides, read_config_mapping
+    from megatron_elastic.store.job_config import apply_overrides, read_config_mapping
 
     if args.config and args.data:
         raise ConfigError("import-hf: give --data (a prepare-data directory) or --config (its data section), not both")

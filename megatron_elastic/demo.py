@@ -47,7 +47,7 @@ def recipe_path(name: str) -> str:
 
 def _finished_summary(ckpt_dir: str, iters: int, what: str):
     """The summary of the run ``what`` in ``ckpt_dir`` if it reached ``iters`` iterations, else None."""
-    from megatron_elastic.training.checkpoint import latest_checkpoint
+    from megatron_elastic.store.checkpoint import latest_checkpoint
 
     done, summary_path = latest_checkpoint(ckpt_dir), os.path.join(ckpt_dir, "summary.json")
     if not done or not os.path.isfile(summary_path):
@@ -89,8 +89,8 @@ def _prepare_demo_data(data_dir: str, args, progress: bool) -> None:
 
 
 def _pretrain_parent(data_dir: str, parent_dir: str, args, progress: bool) -> dict:
-    from megatron_elastic.training.checkpoint import latest_checkpoint
-    from megatron_elastic.training.config import load_pretrain_config
+    from megatron_elastic.store.checkpoint import latest_checkpoint
+    from megatron_elastic.store.job_config import load_pretrain_config
 
     overrides = [f"data.path={data_dir}", f"checkpoint.dir={parent_dir}"]
     overrides += (QUICK_PARENT if args.quick else []) + list(args.set or [])
@@ -120,9 +120,10 @@ def _sort_parent(parent_dir: str, data_dir: str, imp_dir: str, args, progress: b
 
 
 def _train_elastic(imp_dir: str, elastic_dir: str, data_dir: str, args, progress: bool) -> dict:
-    from megatron_elastic.training.checkpoint import latest_checkpoint
-    from megatron_elastic.training.elastic import results_table, train_elastic
-    from megatron_elastic.training.elastic_config import load_elastic_config
+    from megatron_elastic.elastic.config import load_elastic_config
+    from megatron_elastic.elastic.report import results_table
+    from megatron_elastic.elastic.run import train_elastic
+    from megatron_elastic.store.checkpoint import latest_checkpoint
 
     overrides = [f"parent={imp_dir}", f"checkpoint.dir={elastic_dir}", f"data.path={data_dir}"]
     overrides += (QUICK_ELASTIC if args.quick else []) + list(args.elastic_set or [])

@@ -17,10 +17,14 @@ import torch
 
 from megatron_elastic.data.loader import as_source, bits_per_byte_of, calibration_batches
 from megatron_elastic.data.tokenizer import BitsPerByte, load_tokenizer
+from megatron_elastic.elastic.choose import budget_archs, load_source
 from megatron_elastic.model.builder import build_hybrid_model, parameter_count
-from megatron_elastic.training.checkpoint import load_model_weights
+from megatron_elastic.model.cost import arch_parameters
+from megatron_elastic.model.elastic_arch import ElasticArch
+from megatron_elastic.model.elastic_model import set_arch, use_arch
+from megatron_elastic.store.checkpoint import load_model_weights
+from megatron_elastic.store.open_run import load_parent, single_process_job
 from megatron_elastic.training.lm import batch_to_device
-from megatron_elastic.training.runs import single_process_job
 
 EVAL_SEED = 4242
 
@@ -162,9 +166,6 @@ def evaluate_subnetworks(
 ) -> Dict[str, dict]:
     """:func:`evaluate_lm` of sub-networks (name -> ElasticArch) of an elastic-capable checkpoint (e.g. the
     sorted parent: "pruned, not trained"), with their parameter counts."""
-    from megatron_elastic.model.cost import arch_parameters
-    from megatron_elastic.model.elastic_model import set_arch
-    from megatron_elastic.training.runs import load_parent
 
     model, job, _ = load_parent(checkpoint)
     config = job.model_config()
@@ -195,11 +196,6 @@ def budget_curve(
     scored zero-shot in the elastic model (what ``extract --budget`` writes, logit for logit) and, at the same
     architecture, in the sorted parent without training. One row per budget, largest first."""
     from tqdm import tqdm
-
-    from megatron_elastic.extraction.extract import budget_archs, load_source
-    from megatron_elastic.model.cost import arch_parameters
-    from megatron_elastic.model.elastic_arch import ElasticArch
-    from megatron_elastic.model.elastic_model import use_arch
 
     src = load_source(elastic_checkpoint)
     choices = budget_archs(src.router, [f"{b:g}" for b in budgets], src.path)

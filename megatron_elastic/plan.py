@@ -16,7 +16,10 @@ from typing import Dict, List, Optional
 
 import yaml
 
+from megatron_elastic.elastic.config import ElasticJobConfig, load_elastic_config, parent_model_config
+from megatron_elastic.elastic.memory_check import check_fits, stage_memory
 from megatron_elastic.errors import ConfigError, PlanError
+from megatron_elastic.importance.depth import CHUNK_BYTES
 from megatron_elastic.model.budget import (
     Budget,
     every_cost,
@@ -30,9 +33,7 @@ from megatron_elastic.model.budget import (
 from megatron_elastic.model.cost import PARAMETERS, Cost, arch_flops_per_token, arch_parameters, scaled_arch
 from megatron_elastic.model.elastic_arch import ElasticArch
 from megatron_elastic.model.kernels import MACHINES, KernelPath, teacher_kernels
-from megatron_elastic.model.memory import GIB, student_path
-from megatron_elastic.training.elastic_config import ElasticJobConfig, load_elastic_config, parent_model_config
-from megatron_elastic.training.memory_check import check_fits, stage_memory
+from megatron_elastic.model.memory import GIB, importance_memory_per_gpu, student_path
 
 
 @dataclass
@@ -191,8 +192,6 @@ class ImportancePlan:
 
 def importance_plan(config, hw: Hardware, tp: int, tokens: int, seq: int, mbs: int) -> ImportancePlan:
     """Memory and GPU-hours of scoring the parent (:func:`importance_passes`)."""
-    from megatron_elastic.importance.depth import CHUNK_BYTES
-    from megatron_elastic.model.memory import importance_memory_per_gpu
 
     forward = arch_flops_per_token(config, ElasticArch.full(config), seq)
     output = 2.0 * config.hidden_size * config.vocab_size

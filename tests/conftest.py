@@ -19,7 +19,7 @@ def single_process_parallel():
 def tiny_pipeline(tmp_path_factory):
     """Data, a briefly pretrained toy parent and its importance output (sorted parent), built once."""
     from megatron_elastic.parallel import destroy_parallel
-    from megatron_elastic.testing import make_tiny_sorted_parent
+    from tests.tiny_pipeline import make_tiny_sorted_parent
 
     paths = make_tiny_sorted_parent(str(tmp_path_factory.mktemp("pipeline")))
     destroy_parallel()

@@ -5,7 +5,7 @@ from collections import Counter
 
 import pytest
 
-from megatron_elastic.curriculum import Curriculum, Stage
+from megatron_elastic.elastic.curriculum import Curriculum, Stage
 
 
 def test_paper_default_switches_stage_at_its_token_count():

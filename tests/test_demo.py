@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 from megatron_elastic.model.elastic_arch import ElasticArch
-from megatron_elastic.testing import TINY_PARENT_JOB
+from tests.tiny_pipeline import TINY_PARENT_JOB
 
 STAGES = (
     "curriculum.stages=[{name: short-context, tokens: 2048, seq_length: 32, global_batch_size: 8, "

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_elastic.distill import kd_loss
+from megatron_elastic.elastic.distill import kd_loss
 from megatron_elastic.testing import run_multiprocess
 
 

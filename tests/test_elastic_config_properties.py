@@ -50,8 +50,8 @@ config = st.fixed_dictionaries(
 @settings(max_examples=500, deadline=None)
 @given(raw=config)
 def test_any_elastic_config_loads_or_fails_with_a_config_error(raw):
+    from megatron_elastic.elastic.config import load_elastic_config
     from megatron_elastic.model.config import ConfigError
-    from megatron_elastic.training.elastic_config import load_elastic_config
 
     try:
         cfg = load_elastic_config(text=yaml.safe_dump(raw))
@@ -65,8 +65,8 @@ def test_any_elastic_config_loads_or_fails_with_a_config_error(raw):
     [("abc", "[1, 1]"), ("100", "x"), ("100", "[a, 1]"), ("null", "[1, 1]"), ("1.5", "[1, 1]"), ("100", "[1, .nan]")],
 )
 def test_bad_stage_values_are_config_errors(tokens, weights):
+    from megatron_elastic.elastic.config import load_elastic_config
     from megatron_elastic.model.config import ConfigError
-    from megatron_elastic.training.elastic_config import load_elastic_config
 
     text = (
         (

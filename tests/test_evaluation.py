@@ -47,7 +47,7 @@ def test_masked_subnetwork_scores_like_its_extracted_model_and_report_is_written
     from megatron_elastic.extraction.extract import extract
     from megatron_elastic.model.elastic_arch import ElasticArch
     from megatron_elastic.parallel import initialize_parallel
-    from megatron_elastic.training.runs import config_from_checkpoint
+    from megatron_elastic.store.open_run import config_from_checkpoint
 
     initialize_parallel(1, 1)
     sorted_ckpt = os.path.join(tiny_pipeline["importance"], "sorted")

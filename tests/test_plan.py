@@ -50,8 +50,8 @@ def test_plan_counts_recompute_and_sequence_parallelism_and_prints_its_kernels()
     for s_on, s_off, stage_weights in zip(on.stages, off.stages, ([1, 1, 1], [0.5, 0.3, 0.2])):
         archs = [r["arch"] for r in on.budgets.values()]
         if config is None:
+            from megatron_elastic.elastic.config import load_elastic_config
             from megatron_elastic.plan import _parent_config
-            from megatron_elastic.training.elastic_config import load_elastic_config
 
             config = _parent_config(load_elastic_config(RECIPE), os.path.dirname(RECIPE))
         w = [x / sum(stage_weights) for x in stage_weights]
@@ -118,7 +118,7 @@ def test_plan_sizes_budgets_of_every_kind():
     assert 0.98 * 15e9 <= flops["costs"]["flops_per_token"] <= 15e9
     # independent count for the memory row: bf16 weights + per attention layer K,V [32768, 8, groups, kv_channels]
     # + per Mamba layer conv window [8, d_inner + 2*groups*state, kernel] (bf16) and SSM state (fp32)
-    from megatron_elastic.training.elastic_config import load_elastic_config
+    from megatron_elastic.elastic.config import load_elastic_config
 
     config = _parent_config(load_elastic_config(RECIPE), os.path.dirname(RECIPE))
     arch = mem["arch"]

@@ -5,9 +5,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from megatron_elastic.elastic.choose import choose, choose_all, choose_budgets
+from megatron_elastic.elastic.resource_loss import expected_cost, resource_loss
+from megatron_elastic.elastic.router import Router
+from megatron_elastic.elastic.space import ElasticSpace
 from megatron_elastic.model.cost import arch_parameters
 from megatron_elastic.model.elastic_arch import ElasticArch
-from megatron_elastic.router import ElasticSpace, Router, resource_loss
 from tests.importance.test_permute import _cfg
 
 BUDGETS = (1.0, 0.75, 0.5)
@@ -27,7 +30,7 @@ def test_expected_parameters_is_exact_at_hard_choices(heterogeneous):
         for s in range(3):
             arch, gates, probs = router.sample(budget, tau=0.5, generator=torch.Generator().manual_seed(s))
             hard = {a: F.one_hot(p.argmax(-1), p.shape[-1]).double() for a, p in probs.items()}
-            assert float(router.expected_cost(hard)) == arch_parameters(cfg, arch)
+            assert float(expected_cost(router, hard)) == arch_parameters(cfg, arch)
             assert all(float(g.detach()) == pytest.approx(1.0) for g in gates.values())
 
 
@@ -42,16 +45,16 @@ def test_expected_parameter_gradient_matches_finite_differences():
     cfg, router = _router()
     router.double()
     probs_of = lambda: {a: F.softmax(lg, -1) for a, lg in router.logits(0.75).items()}
-    loss = router.expected_cost(probs_of())
+    loss = expected_cost(router, probs_of())
     w = router.nets["ffn"][2].weight
     (g,) = torch.autograd.grad(loss, [w])
     eps = 1e-6
     for idx in [(0, 0), (3, 5), (7, 11)]:
         with torch.no_grad():
             w[idx] += eps
-            up = float(router.expected_cost(probs_of()))
+            up = float(expected_cost(router, probs_of()))
             w[idx] -= 2 * eps
-            down = float(router.expected_cost(probs_of()))
+            down = float(expected_cost(router, probs_of()))
             w[idx] += eps
         assert float(g[idx]) == pytest.approx((up - down) / (2 * eps), rel=1e-5, abs=1e-3)
 
@@ -76,15 +79,15 @@ def test_resource_loss_alone_lands_every_budget_within_two_percent():
         loss = 0
         for b in BUDGETS[1:]:  # 1.0 is the parent itself (the router is bypassed)
             _, _, probs = router.sample(b, tau=tau, generator=torch.Generator().manual_seed(step))
-            loss = loss + resource_loss(router.expected_cost(probs), b * full)
+            loss = loss + resource_loss(expected_cost(router, probs), b * full)
         opt.zero_grad()
         loss.backward()
         opt.step()
     for b in BUDGETS:
-        got = arch_parameters(cfg, router.choose(b)) / full
+        got = arch_parameters(cfg, choose(router, b)) / full
         assert got == pytest.approx(b, abs=0.02), (b, got)
-    assert router.sample(1.0)[1:] == ({}, None) and router.choose(1.0) == ElasticArch.full(cfg)
-    nested = router.choose_all()
+    assert router.sample(1.0)[1:] == ({}, None) and choose(router, 1.0) == ElasticArch.full(cfg)
+    nested = choose_all(router)
     assert list(nested) == sorted(BUDGETS, reverse=True)
     for big, small in zip(BUDGETS, BUDGETS[1:]):
         assert nested[small].is_within(nested[big]), (big, small)
@@ -93,12 +96,12 @@ def test_resource_loss_alone_lands_every_budget_within_two_percent():
 
 def test_choose_within_never_exceeds_the_larger_choice():
     cfg, router = _router(seed=4)  # untrained: free choices are not nested in general
-    outer = router.choose(0.5)
-    inner = router.choose(0.75, within=outer)
+    outer = choose(router, 0.5)
+    inner = choose(router, 0.75, within=outer)
     assert inner.is_within(outer)
-    free = router.choose(0.75)
-    assert router.choose(0.75, within=free) == free, "a bound the free choice meets changes nothing"
-    assert router.choose(0.75, within=ElasticArch.full(cfg)) == free
+    free = choose(router, 0.75)
+    assert choose(router, 0.75, within=free) == free, "a bound the free choice meets changes nothing"
+    assert choose(router, 0.75, within=ElasticArch.full(cfg)) == free
 
 
 def test_router_gradient_through_the_model_matches_finite_differences(single_process_parallel):
@@ -148,7 +151,7 @@ def _trained_router(seed=1, steps=300):
         tau = max(0.05, 1.0 - step / 250)
         draws = router.sample_nested(tau, 1.0, lambda bi: torch.Generator().manual_seed(step * 16 + bi))
         targets = {b: d.probs for b, d in draws.items() if d.probs is not None}
-        loss = sum(resource_loss(router.expected_cost(p), b * full) for b, p in targets.items())
+        loss = sum(resource_loss(expected_cost(router, p), b * full) for b, p in targets.items())
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -187,9 +190,9 @@ def test_sample_nested_with_only_keeps_the_graph_for_that_budget():
 def test_any_budget_between_trained_ones_is_nested_and_on_target():
     cfg, router, full = _trained_router()
     asked = [0.5, 0.55, 0.6, 0.7, 0.75, 0.9, 1.0]
-    chosen = router.choose_budgets(asked)
+    chosen = choose_budgets(router, asked)
     assert list(chosen) == asked
-    trained = router.choose_all()
+    trained = choose_all(router)
     for b in (0.5, 0.75, 1.0):
         assert chosen[b].trained and chosen[b].arch == trained[b]
     assert [chosen[b].between for b in (0.55, 0.6, 0.7, 0.9)] == [(0.5, 0.75)] * 3 + [(0.75, 1.0)]
@@ -205,17 +208,17 @@ def test_any_budget_between_trained_ones_is_nested_and_on_target():
 def test_budgets_outside_the_trained_range_are_refused(bad):
     _, router = _router()
     with pytest.raises(ValueError, match="between the smallest trained budget 0.5 and 1"):
-        router.choose_budgets([bad])
+        choose_budgets(router, [bad])
 
 
 def test_a_fixed_architecture_router_only_gives_that_architecture():
     cfg, router = _router()
-    arch = router.choose(0.75)
+    arch = choose(router, 0.75)
     fixed = Router(cfg, router.space, (0.75,), hidden=8, fixed_arch=arch)
     assert fixed.sample(0.75, generator=torch.Generator().manual_seed(0)) == (arch, {}, None)
-    assert fixed.choose_all() == {0.75: arch}
+    assert choose_all(fixed) == {0.75: arch}
     with pytest.raises(ValueError, match="fixed-architecture"):
-        fixed.choose_budgets([0.8])
+        choose_budgets(fixed, [0.8])
 
 
 def test_a_budget_between_is_drawn_between_its_neighbours_draws():
@@ -263,15 +266,15 @@ def _argmax_error_between(train_between: bool) -> float:
         draws = router.sample_nested(
             tau, 1.0, lambda bi: torch.Generator().manual_seed(step * 16 + bi), between=between
         )
-        loss = sum(resource_loss(router.expected_cost(d.probs), b * full) for b, d in draws.items() if d.probs)
+        loss = sum(resource_loss(expected_cost(router, d.probs), b * full) for b, d in draws.items() if d.probs)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    trained = router.choose_all()
+    trained = choose_all(router)
     errors = []
     for b in (0.55, 0.6, 0.625, 0.7, 0.8, 0.85, 0.9, 0.95):
         lo, hi = router.neighbours(b)
-        arch = router.choose(b, within=trained[hi], containing=trained[lo])
+        arch = choose(router, b, within=trained[hi], containing=trained[lo])
         errors.append(abs(arch_parameters(cfg, arch) / full - b))
     return sum(errors) / len(errors)
 

@@ -9,145 +9,31 @@ and never materialised: peak memory is about one sub-model plus one parent tenso
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import List, Optional
 
-import torch
 import yaml
 
 from megatron_elastic.data.source import job_tokenizer_spec
-from megatron_elastic.errors import CheckpointError
+from megatron_elastic.elastic.choose import budget_archs, choose_budgets, load_source
 from megatron_elastic.extraction.hf import save_hf_checkpoint
 from megatron_elastic.extraction.reader import CheckpointTensorReader
 from megatron_elastic.extraction.slicing import iter_sliced, sub_model_dict
 from megatron_elastic.model.budget import (
-    Budget,
     every_cost,
-    format_cost,
-    parse_budget,
-    parse_kind,
     report_shape,
-    same_kind,
     stated_costs,
 )
 from megatron_elastic.model.builder import build_hybrid_model
 from megatron_elastic.model.config import ConfigError
 from megatron_elastic.model.cost import arch_parameters
 from megatron_elastic.model.elastic_arch import ElasticArch
-from megatron_elastic.model.elastic_model import build_elastic_model
-from megatron_elastic.parallel import initialize_parallel
-from megatron_elastic.router import BudgetChoice, ElasticSpace, Router
-from megatron_elastic.training.checkpoint import (
-    EXTRA,
-    load_checkpoint,
-    load_extra,
-    resolve_checkpoint,
+from megatron_elastic.store.checkpoint import (
     save_checkpoint,
 )
-from megatron_elastic.training.config import load_pretrain_config
+from megatron_elastic.store.job_config import load_pretrain_config
 
 FORMATS = ("megatron", "hf", "both", "hf-elastic")
-
-
-@dataclass
-class ElasticSource:
-    path: str  # the checkpoint directory (iter_*)
-    job: dict  # the parent's pretraining job config (PretrainConfig dict)
-    config: object  # the parent's HybridConfig at TP=1
-    model: Optional[torch.nn.Module]  # elastic model at TP=1, PP=1 with the checkpoint's weights (or None)
-    router: Optional[Router]  # None for a checkpoint without one (a sorted parent)
-
-
-def load_source(checkpoint: str, with_model: bool = True) -> ElasticSource:
-    """Load an elastic-training checkpoint (model + router) or a pretrain/sorted one (model only) at TP=1.
-    ``with_model=False`` skips the weights (``model`` is None; read tensors with ``CheckpointTensorReader``)."""
-    path = resolve_checkpoint(checkpoint)
-    with open(os.path.join(path, "trainer_state.json")) as f:
-        state = json.load(f)
-    job = state.get("parent_config") or state.get("config")
-    if not job or "model" not in job:
-        raise CheckpointError(f"{path}/trainer_state.json has no model config; was it written by megatron-elastic?")
-    job_cfg = load_pretrain_config(text=yaml.safe_dump(job))
-    job_cfg.parallel.tensor_model_parallel_size = job_cfg.parallel.pipeline_model_parallel_size = 1
-    job = job_cfg.to_dict()
-    initialize_parallel(1, 1, seed=job_cfg.train.seed)
-    model_cfg = job_cfg.model_config()
-    model = None
-    if with_model:
-        model = build_elastic_model(model_cfg)
-        load_checkpoint(path, model, optimizer=None, load_rng=False)
-        model.eval()
-    router = None
-    if "parent_config" in state and os.path.isfile(os.path.join(path, EXTRA)):
-        extra = load_extra(path)
-        space = ElasticSpace(**extra["space"])
-        fixed = extra.get("fixed_arch")
-        router = Router(
-            model_cfg,
-            space,
-            state["budgets"],
-            hidden=state["config"].get("router", {}).get("hidden", 256),
-            fixed_arch=ElasticArch.from_dict(fixed) if fixed else None,
-            cost=parse_kind(state["config"].get("budget_kind", "params"), model_cfg),
-        )
-        router.load_state_dict(extra["router"])
-    return ElasticSource(path, job, model_cfg, model, router)
-
-
-def budget_archs(router: Optional[Router], budgets: List[str], where: str = "") -> Dict[str, BudgetChoice]:
-    """Name -> the router's choice for each requested budget: ``all`` (every trained budget, nested), fractions
-    (of the router's kind: parameters, or the memory/FLOPs its job was trained on), trained or not
-    (``Router.choose_budgets``: an untrained one between its trained neighbours, zero-shot), or budgets stated in
-    any kind (``model.budget``: ``6GiB@32768``, ``1.5GFLOP@4096``): one of the router's own kind is its fraction of
-    the parent; another kind gets the largest sub-model the router gives whose cost of that kind is within it
-    (:func:`fraction_within`). Bad values raise a one-line ``ConfigError``."""
-    if router is None:
-        raise ConfigError(f"{where} has no router (not an elastic-training checkpoint); pass --arch FILE.json")
-    out = {}
-    if "all" in budgets:
-        out = {f"{b:g}": BudgetChoice(a, True, (b, b)) for b, a in router.choose_all().items()}
-    named = {}
-    for text in [b for b in budgets if b != "all"]:
-        try:
-            stated = parse_budget(text, router.config)
-        except ConfigError as e:
-            raise ConfigError(f"--budget: {e}, or 'all'") from None
-        if stated.kind == "params":  # a bare fraction: of the router's own kind, as the job's budgets are
-            named[_name(text, stated)] = stated.value
-        elif same_kind(stated.cost, router.cost):
-            named[_name(text, stated)] = stated.fraction(router.config)
-        else:
-            named[_name(text, stated)] = fraction_within(router, stated)
-    choices = router.choose_budgets(sorted(set(named.values()), reverse=True))
-    out.update({name: choices[f] for name, f in named.items() if name not in out})
-    return out
-
-
-def _name(text: str, stated: Budget) -> str:
-    return f"{stated.value:g}" if stated.kind == "params" else str(text).strip()
-
-
-def fraction_within(router: Router, stated: Budget, steps: int = 24) -> float:
-    """The largest budget fraction of ``router``'s kind whose chosen sub-model costs at most ``stated`` in its own
-    kind (bisection: a larger fraction's sub-model contains a smaller one's choices, so the cost grows with it);
-    1.0 when the parent itself fits. A budget below the smallest trained sub-model's cost is a ``ConfigError``."""
-    config, target = router.config, stated.target(router.config)
-    cost_at = lambda f: float(stated.cost.of(config, router.choose_budgets([f])[f].arch))
-    lo, hi = min(router.budgets), 1.0
-    if cost_at(hi) <= target:
-        return hi
-    smallest = cost_at(lo)
-    if smallest > target:
-        raise ConfigError(
-            f"--budget {stated}: the smallest sub-model this router gives (budget {lo:g}) needs "
-            f"{format_cost(smallest, stated.cost)}; state a larger budget"
-        )
-    for _ in range(steps):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if cost_at(mid) <= target else (lo, mid)
-    return lo
 
 
 def extract(
@@ -234,7 +120,7 @@ def _extract_hf_elastic(src, reader, out: str, archs: dict, metadata, table_step
     grid = [
         f for f in (round(lo + k * table_step, 6) for k in range(int((1.0 - lo) / table_step) + 1)) if f not in listed
     ]
-    for f, choice in src.router.choose_budgets(grid).items():
+    for f, choice in choose_budgets(src.router, grid).items():
         about = {"budget": f"{f:g}", "trained": choice.trained, "between": list(choice.between)}
         entries[f"router:{f:g}"] = {"arch": choice.arch, **metadata(f"{f:g}", choice.arch, about), "budget_fraction": f}
     state = {n: reader.load(n) for n in reader.names() if not n.endswith("_extra_state")}

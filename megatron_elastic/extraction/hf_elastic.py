@@ -28,7 +28,7 @@ import yaml
 from megatron_elastic.extraction.hf import REMOTE_MODULE, from_hf_state_dict, hf_config, to_hf_state_dict
 from megatron_elastic.extraction.slicing import iter_sliced, kept_layers, sub_model_dict
 from megatron_elastic.model.elastic_arch import ElasticArch
-from megatron_elastic.training.config import load_pretrain_config
+from megatron_elastic.store.job_config import load_pretrain_config
 
 
 def index_ranges(index: torch.Tensor) -> List[List[int]]:

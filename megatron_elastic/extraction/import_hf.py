@@ -17,8 +17,8 @@ from megatron_elastic.errors import HFExportError
 from megatron_elastic.extraction.hf import from_hf_state_dict, model_dict_from_hf, read_hf_checkpoint
 from megatron_elastic.model.builder import build_hybrid_model, parameter_count
 from megatron_elastic.parallel import initialize_parallel
-from megatron_elastic.training.checkpoint import save_checkpoint
-from megatron_elastic.training.config import PretrainConfig, load_pretrain_config
+from megatron_elastic.store.checkpoint import save_checkpoint
+from megatron_elastic.store.job_config import PretrainConfig, load_pretrain_config
 
 # What a job config gives the imported parent's job besides its data: how the jobs that read the parent run it
 # (``importance``: micro-batch, seed, TP/PP/DP layout), and the model fields that are our choices, not the release's.

@@ -15,7 +15,7 @@ from typing import Dict, List
 import torch
 
 from megatron_elastic.model.layouts import PRE_NORM_PREFIX, MambaLayout
-from megatron_elastic.training.safe_files import check_checkpoint_is_data
+from megatron_elastic.store.safe_files import check_checkpoint_is_data
 
 _FUSED_NORM = {fused + "layer_norm_weight": local + "weight" for local, fused in PRE_NORM_PREFIX.values()}
 _SPLITS = {

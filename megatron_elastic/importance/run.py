@@ -21,9 +21,9 @@ from megatron_elastic.importance.width import WidthScores, WidthStatistics, accu
 from megatron_elastic.model.elastic_arch import AXIS_FIELD
 from megatron_elastic.model.elastic_model import build_elastic_model
 from megatron_elastic.parallel import initialize_parallel
-from megatron_elastic.training.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from megatron_elastic.store.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from megatron_elastic.store.open_run import config_from_checkpoint
 from megatron_elastic.training.lm import lm_hidden
-from megatron_elastic.training.runs import config_from_checkpoint
 
 
 def summary_table(config, scores: WidthScores, depth: torch.Tensor, ranking: List[int]) -> str:
@@ -144,13 +144,7 @@ def run_importance(
         "iterative_depth": iterative_depth,
     }
     store = ImportanceProgress(out, fingerprint, save_every_minutes)
-    saved = store.load() or {}
-    stats = WidthStatistics.from_state_dict(saved["width"]) if saved else WidthStatistics(ffn_source, mamba_source)
-    search = (
-        DepthSearch.from_state_dict(saved["depth"])
-        if saved
-        else DepthSearch(len(config.hybrid_pattern), iterative_depth)
-    )
+    stats, search = _restore(store, ffn_source, mamba_source, len(config.hybrid_pattern), iterative_depth)
     save = lambda *_: store.maybe_save({"width": stats.state_dict(), "depth": search.state_dict()})
     show = progress and torch.distributed.get_rank() == 0
     bar = lambda desc, unit: (lambda it: tqdm(it, desc=desc, unit=unit)) if show else None
@@ -174,6 +168,14 @@ def run_importance(
         plot = plot_importance(os.path.join(out, "importance.png"), config, scores, depth)
     store.clear()
     return {"sorted_checkpoint": sorted_dir, "depth_ranking": ranking, "table": table, "plot": plot}
+
+
+def _restore(store: ImportanceProgress, ffn_source: str, mamba_source: str, n_layers: int, iterative: bool):
+    """(width statistics, depth search): as last saved under ``store``, or fresh."""
+    saved = store.load()
+    if saved:
+        return WidthStatistics.from_state_dict(saved["width"]), DepthSearch.from_state_dict(saved["depth"])
+    return WidthStatistics(ffn_source, mamba_source), DepthSearch(n_layers, iterative)
 
 
 def _write_results(out, config, scores, perm, depth, ranking, fingerprint: dict, tokens: int) -> None:

@@ -118,6 +118,28 @@ class HybridConfig(TransformerConfig):
             "needs tensor_model_parallel_size >= 2 (it splits the sequence over the TP ranks); set it to False or "
             "raise the TP size",
         )
+        self._check_layer_types(tp)
+        if self.layer_overrides:
+            self.layer_overrides = {int(k): dict(v) for k, v in self.layer_overrides.items()}
+            for i, ov in self.layer_overrides.items():
+                _require(0 <= i < self.num_layers, "layer_overrides", f"layer {i} is outside 0..{self.num_layers - 1}")
+                bad = sorted(set(ov) - set(LAYER_FIELDS.get(self.hybrid_pattern[i], ())))
+                _require(
+                    not bad,
+                    f"layer_overrides.{i}",
+                    f"field(s) {bad} cannot vary on a "
+                    f"{self.hybrid_pattern[i]!r} layer; allowed: {LAYER_FIELDS.get(self.hybrid_pattern[i], ())}",
+                )
+        _require(
+            self.num_layers % pp == 0,
+            "pipeline_model_parallel_size",
+            f"({pp}) must divide the number of layers ({self.num_layers})",
+        )
+        self.is_hybrid_model = True
+        super().__post_init__()
+
+    def _check_layer_types(self, tp: int) -> None:
+        """Attention, Mamba and MLP sizes (for the layer types in the pattern) against each other and TP."""
         if "*" in self.hybrid_pattern:
             h, g = self.num_attention_heads, self.num_query_groups or self.num_attention_heads
             _require(h % g == 0, "num_query_groups", f"({g}) must divide num_attention_heads ({h})")
@@ -148,24 +170,6 @@ class HybridConfig(TransformerConfig):
                 "elastic_ffn_groups",
                 f"({self.elastic_ffn_groups}) must be >= 1 and divide ffn_hidden_size ({self.ffn_hidden_size})",
             )
-        if self.layer_overrides:
-            self.layer_overrides = {int(k): dict(v) for k, v in self.layer_overrides.items()}
-            for i, ov in self.layer_overrides.items():
-                _require(0 <= i < self.num_layers, "layer_overrides", f"layer {i} is outside 0..{self.num_layers - 1}")
-                bad = sorted(set(ov) - set(LAYER_FIELDS.get(self.hybrid_pattern[i], ())))
-                _require(
-                    not bad,
-                    f"layer_overrides.{i}",
-                    f"field(s) {bad} cannot vary on a "
-                    f"{self.hybrid_pattern[i]!r} layer; allowed: {LAYER_FIELDS.get(self.hybrid_pattern[i], ())}",
-                )
-        _require(
-            self.num_layers % pp == 0,
-            "pipeline_model_parallel_size",
-            f"({pp}) must divide the number of layers ({self.num_layers})",
-        )
-        self.is_hybrid_model = True
-        super().__post_init__()
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any], **overrides: Any) -> "HybridConfig":

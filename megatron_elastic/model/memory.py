@@ -1,5 +1,5 @@
 """Per-GPU memory of elastic training: a cost formula written once, used by ``plan`` and by ``train``'s check
-before its first step (``training.memory_check``).
+before its first step (``elastic.memory_check``).
 
 Memory model (bytes per GPU, the largest pipeline stage):
 

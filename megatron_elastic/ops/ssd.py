@@ -78,7 +78,6 @@ def ssd_chunk_scan_torch(
         raise ValueError(f"nheads ({h}) must be divisible by ngroups ({g})")
     r = h // g
     cdtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    out_dtype = x.dtype
 
     dt = _step_sizes(dt.to(cdtype), dt_bias, dt_softplus, dt_limit)
     # Pad the sequence to a whole number of chunks: dt = 0 on padding means no decay and no input,
@@ -128,7 +127,7 @@ def ssd_chunk_scan_torch(
         y = y + xs[:, :l] * (Dd.unsqueeze(-1) if Dd.dim() == 1 else Dd)
     if z is not None:
         y = y * F.silu(z.to(cdtype))
-    y = y.to(out_dtype)
+    y = y.to(x.dtype)
     if return_final_states:
         return y, final.reshape(b, h, p, n)
     return y

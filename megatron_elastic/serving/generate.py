@@ -9,6 +9,9 @@ from typing import Dict, Optional, Union
 
 import torch
 
+from megatron_elastic.data.source import job_tokenizer_spec
+from megatron_elastic.data.tokenizer import load_tokenizer
+from megatron_elastic.elastic.choose import budget_archs, choose_all, load_source
 from megatron_elastic.errors import UnknownBudgetError
 from megatron_elastic.model.elastic_arch import ElasticArch
 from megatron_elastic.model.elastic_model import use_arch
@@ -30,11 +33,10 @@ class ElasticServer:
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str) -> "ElasticServer":
-        from megatron_elastic.extraction.extract import load_source
 
         src = load_source(checkpoint)
         archs = (
-            {f"{b:g}": a for b, a in src.router.choose_all().items()}
+            {f"{b:g}": a for b, a in choose_all(src.router).items()}
             if src.router is not None
             else {"1": ElasticArch.full(src.model.config)}
         )
@@ -54,7 +56,6 @@ class ElasticServer:
         if key not in self.archs:
             if self.router is None:
                 raise UnknownBudgetError(f"budget {budget} is not one of the trained budgets {sorted(self.archs)}")
-            from megatron_elastic.extraction.extract import budget_archs
 
             self.archs[key] = budget_archs(self.router, [key])[key].arch
         return self.archs[key]
@@ -86,8 +87,6 @@ class ElasticServer:
 
     def tokenizer(self):
         """The tokenizer the checkpoint's training data was written with (``byte`` when it names none)."""
-        from megatron_elastic.data.source import job_tokenizer_spec
-        from megatron_elastic.data.tokenizer import load_tokenizer
 
         return load_tokenizer(job_tokenizer_spec(self.job.get("data") or {}) or "byte")
 

@@ -19,8 +19,8 @@ from megatron_elastic.data.loader import build_gpt_datasets, eval_bits_per_byte,
 from megatron_elastic.errors import ConfigError, InputNotFoundError
 from megatron_elastic.model.builder import parameter_count
 from megatron_elastic.parallel import initialize_parallel
-from megatron_elastic.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from megatron_elastic.training.config import PretrainConfig
+from megatron_elastic.store.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from megatron_elastic.store.job_config import PretrainConfig
 from megatron_elastic.training.lm import lm_forward_step
 from megatron_elastic.training.metrics import MetricsLog
 from megatron_elastic.training.setup import build_training_components
@@ -245,12 +245,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -
             )
 
     bar = tqdm(
-        total=t.train_iters,
-        initial=start_iter,
-        desc="pretrain",
-        unit="it",
-        disable=not (progress and is_logger),
-        dynamic_ncols=True,
+        total=t.train_iters, initial=start_iter, desc="pretrain", unit="it", disable=not (progress and is_logger)
     )
     loss_window, window_t0 = [], time.time()
     last_valid = state.get("last_valid_loss")

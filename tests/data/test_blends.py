@@ -68,7 +68,7 @@ def test_a_blend_draws_samples_in_its_weights_and_a_resumed_stream_continues_at_
 
 def test_pretraining_on_a_blend_of_megatron_lm_datasets_resumes_the_same_curve(prefixes, tmp_path):
     from megatron_elastic.parallel import destroy_parallel
-    from megatron_elastic.training.config import load_pretrain_config
+    from megatron_elastic.store.job_config import load_pretrain_config
     from megatron_elastic.training.pretrain import pretrain
 
     job = """
@@ -137,7 +137,7 @@ def test_bad_splits_and_sources_name_the_fix(prefixes, tmp_path):
 
 
 def test_an_empty_override_unsets_the_directory_so_a_blend_can_replace_it(prefixes):
-    from megatron_elastic.training.config import load_pretrain_config
+    from megatron_elastic.store.job_config import load_pretrain_config
 
     job = "model: {hybrid_pattern: M*-, vocab_size: 264}\ndata: {path: runs/data, seq_length: 32}\n"
     cfg = load_pretrain_config(

@@ -81,7 +81,7 @@ def test_prepare_data_with_a_hf_tokenizer_gives_the_tokenizers_own_ids_with_any_
 
 def test_pretraining_on_bpe_data_reports_bits_per_byte_from_measured_bytes_per_token(bpe, tmp_path):
     from megatron_elastic.parallel import destroy_parallel
-    from megatron_elastic.training.config import load_pretrain_config
+    from megatron_elastic.store.job_config import load_pretrain_config
     from megatron_elastic.training.pretrain import pretrain
 
     data = str(bpe["root"] / "data1")
@@ -141,11 +141,11 @@ def test_bad_tokenizers_and_vocabularies_name_the_fix(bpe, tmp_path):
 def test_the_whole_pipeline_on_bpe_data_ends_in_a_hf_export_transformers_loads_with_its_tokenizer(bpe, tmp_path):
     """prepare-data -> pretrain -> importance -> train (a few steps) -> extract on BPE-tokenised data; the Hugging
     Face export holds the tokenizer files, and ``transformers`` loads model and tokenizer from it and generates."""
+    from megatron_elastic.elastic.config import load_elastic_config
+    from megatron_elastic.elastic.run import train_elastic
     from megatron_elastic.extraction.extract import extract
     from megatron_elastic.parallel import destroy_parallel
-    from megatron_elastic.testing import make_tiny_sorted_parent
-    from megatron_elastic.training.elastic import train_elastic
-    from megatron_elastic.training.elastic_config import load_elastic_config
+    from tests.tiny_pipeline import make_tiny_sorted_parent
     from tests.training.test_elastic_training import JOB
 
     try:

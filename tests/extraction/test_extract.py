@@ -20,17 +20,18 @@ def elastic_run(single_process_parallel, parent, tmp_path):
 
 def test_extract_all_budgets_megatron_and_hf(elastic_run, tmp_path):
     transformers = pytest.importorskip("transformers")
-    from megatron_elastic.extraction.extract import extract, load_source
+    from megatron_elastic.elastic.choose import choose_all, load_source
+    from megatron_elastic.extraction.extract import extract
     from megatron_elastic.model.builder import build_hybrid_model
     from megatron_elastic.model.elastic_model import use_arch
-    from megatron_elastic.training.checkpoint import load_model_weights
-    from megatron_elastic.training.runs import config_from_checkpoint
+    from megatron_elastic.store.checkpoint import load_model_weights
+    from megatron_elastic.store.open_run import config_from_checkpoint
 
     out = str(tmp_path / "extracted")
     rows = extract(elastic_run, out, budgets=["all"], fmt="both")
     assert [r["name"] for r in rows] == ["1", "0.75", "0.5"]
     src = load_source(elastic_run)
-    archs = src.router.choose_all()
+    archs = choose_all(src.router)
     ids, pos, mask = _args(seq=40, seed=3)
     for r, (b, arch) in zip(rows, archs.items()):
         assert r["fraction"] == pytest.approx(
@@ -69,7 +70,7 @@ def test_extraction_streams_the_parent_and_never_reads_skipped_layers(parent, tm
     from megatron_elastic.extraction.reader import CheckpointTensorReader
     from megatron_elastic.model.elastic_arch import ElasticArch
     from megatron_elastic.parallel import initialize_parallel
-    from megatron_elastic.training.runs import config_from_checkpoint
+    from megatron_elastic.store.open_run import config_from_checkpoint
 
     initialize_parallel(1, 1)
     sorted_ckpt = os.path.join(parent, "sorted")
@@ -91,14 +92,15 @@ def test_extraction_streams_the_parent_and_never_reads_skipped_layers(parent, tm
 def test_extract_an_untrained_budget_zero_shot(elastic_run, tmp_path):
     """--budget 0.6 (between the trained 0.5 and 0.75): nested between them, on its parameter target, marked
     untrained, its standalone logits equal the elastic model's at that choice, and the server decodes it."""
-    from megatron_elastic.extraction.extract import extract, load_source
+    from megatron_elastic.elastic.choose import choose_all, load_source
+    from megatron_elastic.extraction.extract import extract
     from megatron_elastic.model.builder import build_hybrid_model
     from megatron_elastic.model.cost import arch_parameters
     from megatron_elastic.model.elastic_arch import ElasticArch
     from megatron_elastic.model.elastic_model import use_arch
     from megatron_elastic.serving.generate import ElasticServer
-    from megatron_elastic.training.checkpoint import load_model_weights
-    from megatron_elastic.training.runs import config_from_checkpoint
+    from megatron_elastic.store.checkpoint import load_model_weights
+    from megatron_elastic.store.open_run import config_from_checkpoint
 
     out = str(tmp_path / "x")
     (row,) = extract(elastic_run, out, budgets=["0.6"], fmt="megatron")
@@ -109,7 +111,7 @@ def test_extract_an_untrained_budget_zero_shot(elastic_run, tmp_path):
     meta = json.load(open(os.path.join(out, "budget_0.6", "arch.json")))
     assert meta["trained"] is False and meta["between"] == [0.5, 0.75] and meta["budget"] == "0.6"
     arch = ElasticArch.from_dict(meta)
-    trained = src.router.choose_all()
+    trained = choose_all(src.router)
     assert trained[0.5].is_within(arch) and arch.is_within(trained[0.75])
     ids, pos, mask = _args(seq=24, seed=5)
     with use_arch(src.model, arch), torch.no_grad():
@@ -144,16 +146,17 @@ def test_extract_a_budget_stated_in_memory_or_flops(elastic_run, tmp_path, monke
     fractions - and, for memory, a real generation with the extracted weights at that context holds no more bytes
     than the budget."""
     import megatron_elastic.serving.decode as decode_mod
-    from megatron_elastic.extraction.extract import extract, load_source
+    from megatron_elastic.elastic.choose import choose_all, choose_budgets, load_source
+    from megatron_elastic.extraction.extract import extract
     from megatron_elastic.model.builder import build_hybrid_model
     from megatron_elastic.model.cost import FlopsPerToken, ServingMemory, dtype_bytes
     from megatron_elastic.model.elastic_arch import ElasticArch
-    from megatron_elastic.training.checkpoint import load_model_weights
-    from megatron_elastic.training.runs import config_from_checkpoint
+    from megatron_elastic.store.checkpoint import load_model_weights
+    from megatron_elastic.store.open_run import config_from_checkpoint
 
     src = load_source(elastic_run)
     cost = ServingMemory(48, 2, dtype_bytes(src.config)) if kind == "memory" else FlopsPerToken(48)
-    trained = src.router.choose_all()
+    trained = choose_all(src.router)
     target = (cost.of(src.config, trained[0.5]) + cost.of(src.config, trained[0.75])) / 2
     stated = f"{target / 2**10:.4f}KiB@48x2" if kind == "memory" else f"{target / 1e3:.4f}KFLOP@48"
     out = str(tmp_path / "x")
@@ -163,7 +166,7 @@ def test_extract_a_budget_stated_in_memory_or_flops(elastic_run, tmp_path, monke
     got = cost.of(src.config, arch)
     assert got <= target * (1 + 1e-6), (got, target)
     grid = [0.5 + k / 100 for k in range(51)]
-    scan = [cost.of(src.config, c.arch) for c in src.router.choose_budgets(grid).values()]
+    scan = [cost.of(src.config, c.arch) for c in choose_budgets(src.router, grid).values()]
     assert got >= max(c for c in scan if c <= target), "the largest sub-model within the budget"
     key = "memory_bytes" if kind == "memory" else "flops_per_token"
     assert row["costs"][key] == pytest.approx(got) and row["costs"]["context"] == 48

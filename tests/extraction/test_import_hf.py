@@ -43,8 +43,8 @@ def test_import_round_trip_is_bit_exact_and_logits_match(single_process_parallel
     from megatron_elastic.extraction.hf import read_hf_checkpoint, save_hf_checkpoint
     from megatron_elastic.extraction.import_hf import import_hf
     from megatron_elastic.model.builder import build_hybrid_model, causal_attention_mask, position_ids_for
-    from megatron_elastic.training.checkpoint import load_model_weights
-    from megatron_elastic.training.runs import config_from_checkpoint
+    from megatron_elastic.store.checkpoint import load_model_weights
+    from megatron_elastic.store.open_run import config_from_checkpoint
 
     hf_model, src = _tiny_hf(tmp_path)
     res = import_hf(src, str(tmp_path / "ours"))
@@ -121,7 +121,7 @@ def test_import_takes_a_blend_and_the_releases_own_tokenizer(single_process_para
     tokenizer inside the HF directory (a tokenizer.json saved beside the weights) is used; none there: refused."""
     from megatron_elastic.errors import DataError
     from megatron_elastic.extraction.import_hf import import_hf
-    from megatron_elastic.training.runs import config_from_checkpoint
+    from megatron_elastic.store.open_run import config_from_checkpoint
 
     _, src = _tiny_hf(tmp_path)
     blend = {"blend": [0.3, "/data/a_text_document", 0.7, "/data/b_text_document"], "split": "98,2,0"}
@@ -168,8 +168,8 @@ def test_exports_of_a_parent_whose_tokenizer_is_a_full_model_directory_load_with
     from megatron_elastic.extraction.import_hf import import_hf
     from megatron_elastic.model.builder import build_hybrid_model, causal_attention_mask, position_ids_for
     from megatron_elastic.model.elastic_arch import ElasticArch
-    from megatron_elastic.training.checkpoint import load_model_weights
-    from megatron_elastic.training.runs import config_from_checkpoint
+    from megatron_elastic.store.checkpoint import load_model_weights
+    from megatron_elastic.store.open_run import config_from_checkpoint
 
     _, src = _tiny_hf(tmp_path)
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3, **{f"w{i}": 4 + i for i in range(40)}}
@@ -218,8 +218,8 @@ def test_a_bf16_release_is_imported_for_megatron_mixed_precision(single_process_
     from megatron_elastic.extraction.hf import read_hf_checkpoint
     from megatron_elastic.extraction.import_hf import import_hf
     from megatron_elastic.model.builder import build_hybrid_model
-    from megatron_elastic.training.checkpoint import load_model_weights
-    from megatron_elastic.training.runs import config_from_checkpoint
+    from megatron_elastic.store.checkpoint import load_model_weights
+    from megatron_elastic.store.open_run import config_from_checkpoint
 
     hf_model, _ = _tiny_hf(tmp_path)
     src = str(tmp_path / "bf16")

@@ -99,8 +99,8 @@ def test_te_teacher_equals_the_local_teacher(single_process_parallel, tmp_path):
 def test_train_refuses_a_layout_that_does_not_fit_this_gpu(parent, tmp_path):
     """`train` runs `plan`'s memory check before its first step on CUDA: a stage far beyond this GPU is refused
     with the planner's message, before any model is built."""
+    from megatron_elastic.elastic.run import train_elastic
     from megatron_elastic.errors import PlanError
-    from megatron_elastic.training.elastic import train_elastic
     from tests.training.test_elastic_training import _config
 
     huge = (

@@ -3,8 +3,8 @@
 import pytest
 
 from megatron_elastic.model.config import ConfigError
+from megatron_elastic.store.job_config import load_pretrain_config
 from megatron_elastic.testing import tiny_config
-from megatron_elastic.training.config import load_pretrain_config
 
 
 @pytest.mark.parametrize(

@@ -10,8 +10,8 @@ from tests.training.test_elastic_training import _config
 
 
 def _parent_model_config(parent):
-    from megatron_elastic.training.checkpoint import latest_checkpoint
-    from megatron_elastic.training.runs import config_from_checkpoint
+    from megatron_elastic.store.checkpoint import latest_checkpoint
+    from megatron_elastic.store.open_run import config_from_checkpoint
 
     return config_from_checkpoint(latest_checkpoint(os.path.join(parent, "sorted"))).model_config()
 
@@ -51,10 +51,10 @@ def test_budget_kind_errors_name_the_fix(parent, tmp_path, overrides, message):
 def test_a_memory_budget_run_trains_and_saves_its_kind(single_process_parallel, parent, tmp_path):
     """The router of a ``memory@64x2`` run pulls the expected memory of each budget (not its parameters) towards
     the target and the checkpoint's router comes back with that kind, so extraction chooses in memory."""
-    from megatron_elastic.extraction.extract import load_source
+    from megatron_elastic.elastic.choose import budget_archs, choose_all, load_source
+    from megatron_elastic.elastic.run import train_elastic
     from megatron_elastic.model.cost import ServingMemory, dtype_bytes
     from megatron_elastic.model.elastic_arch import ElasticArch
-    from megatron_elastic.training.elastic import train_elastic
 
     ckpt = str(tmp_path / "mem")
     summary = train_elastic(_config(parent, ckpt, overrides=["budget_kind=memory@64x2"]), progress=False)
@@ -63,10 +63,8 @@ def test_a_memory_budget_run_trains_and_saves_its_kind(single_process_parallel, 
     cost = ServingMemory(64, 2, dtype_bytes(config))
     assert src.router.cost.to_dict() == cost.to_dict()
     assert src.router.full_cost == cost.of(config, ElasticArch.full(config))
-    chosen = src.router.choose_all()
+    chosen = choose_all(src.router)
     # a bare fraction asked of this run is a fraction of its memory, like its trained budgets
-    from megatron_elastic.extraction.extract import budget_archs
-
     assert budget_archs(src.router, ["0.75"])["0.75"].arch == chosen[0.75]
     between = budget_archs(src.router, ["0.6"])["0.6"].arch  # untrained: walked onto 0.6 of the memory
     assert cost.of(config, between) / src.router.full_cost == pytest.approx(0.6, rel=0.02)

@@ -30,7 +30,7 @@ def _corrupt(path, how):
 def test_damaged_checkpoint_names_the_file_and_the_previous_one(
     single_process_parallel, parent, tmp_path, how, message
 ):
-    from megatron_elastic.training.checkpoint import CheckpointCorruptError
+    from megatron_elastic.store.checkpoint import CheckpointCorruptError
 
     ckpt = str(tmp_path / "run")
     _train(parent, ckpt)  # checkpoints at steps 3 and 6
@@ -43,8 +43,8 @@ def test_damaged_checkpoint_names_the_file_and_the_previous_one(
 def test_other_architecture_and_other_budgets_are_refused(single_process_parallel, parent, tmp_path):
     from megatron_elastic.model.builder import build_hybrid_model
     from megatron_elastic.model.config import ConfigError
+    from megatron_elastic.store.checkpoint import load_model_weights
     from megatron_elastic.testing import tiny_config
-    from megatron_elastic.training.checkpoint import load_model_weights
 
     ckpt = str(tmp_path / "run")
     _train(parent, ckpt)

@@ -22,7 +22,7 @@ def _model():
 def test_an_async_save_holds_the_weights_of_its_moment_and_is_latest_only_when_complete(
     single_process_parallel, tmp_path
 ):
-    from megatron_elastic.training.checkpoint import CheckpointWriter, load_model_weights, verify_checkpoint
+    from megatron_elastic.store.checkpoint import CheckpointWriter, load_model_weights, verify_checkpoint
 
     model = _model()
     saved = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
@@ -79,9 +79,9 @@ def test_elastic_training_with_async_saves_equals_synchronous_saves(single_proce
 
 def test_pretraining_refuses_async_saves(single_process_parallel, tmp_path):
     from megatron_elastic.errors import ConfigError
-    from megatron_elastic.testing import TINY_PARENT_JOB
-    from megatron_elastic.training.config import load_pretrain_config
+    from megatron_elastic.store.job_config import load_pretrain_config
     from megatron_elastic.training.pretrain import pretrain
+    from tests.tiny_pipeline import TINY_PARENT_JOB
 
     job = TINY_PARENT_JOB.format(data=tmp_path / "d", ckpt=tmp_path / "c", iters=1, vocab_size=264)
     with pytest.raises(ConfigError, match="async_save"):
@@ -94,8 +94,8 @@ def _share_job(rank, world, root):
     from megatron_elastic.errors import CheckpointCorruptError
     from megatron_elastic.model.builder import build_hybrid_model
     from megatron_elastic.parallel import initialize_parallel
+    from megatron_elastic.store import checkpoint
     from megatron_elastic.testing import tiny_config
-    from megatron_elastic.training import checkpoint
 
     initialize_parallel(2, 1, seed=3)
     model = build_hybrid_model(tiny_config(tensor_model_parallel_size=2))
@@ -139,8 +139,8 @@ def test_a_bf16_model_with_fp32_parameters_checkpoints_its_distributed_optimizer
     copy now rounds to the parameter itself, and a save and load round-trips the optimizer state."""
     import types
 
+    from megatron_elastic.store.checkpoint import load_checkpoint, save_checkpoint
     from megatron_elastic.testing import tiny_config
-    from megatron_elastic.training.checkpoint import load_checkpoint, save_checkpoint
     from megatron_elastic.training.setup import build_training_components
 
     cfg = tiny_config(params_dtype=torch.bfloat16, bf16=True)

@@ -36,8 +36,8 @@ def _train_losses(ckpt):
 
 def test_checkpoint_round_trip_gives_identical_logits(single_process_parallel, tmp_path):
     from megatron_elastic.model.builder import build_hybrid_model, causal_attention_mask, position_ids_for
+    from megatron_elastic.store.checkpoint import load_model_weights, save_checkpoint
     from megatron_elastic.testing import tiny_config
-    from megatron_elastic.training.checkpoint import load_model_weights, save_checkpoint
 
     torch.manual_seed(1)
     a = build_hybrid_model(tiny_config())
@@ -53,7 +53,7 @@ def test_checkpoint_round_trip_gives_identical_logits(single_process_parallel, t
 
 
 def test_resume_continues_the_same_loss_curve(single_process_parallel, tiny_data, tmp_path):
-    from megatron_elastic.training.config import load_pretrain_config
+    from megatron_elastic.store.job_config import load_pretrain_config
     from megatron_elastic.training.pretrain import pretrain
 
     full = str(tmp_path / "full")
@@ -76,7 +76,7 @@ def test_resume_continues_the_same_loss_curve(single_process_parallel, tiny_data
 
 
 def test_resume_without_checkpoint_is_a_clear_error(single_process_parallel, tiny_data, tmp_path):
-    from megatron_elastic.training.config import load_pretrain_config
+    from megatron_elastic.store.job_config import load_pretrain_config
     from megatron_elastic.training.pretrain import pretrain
 
     cfg = load_pretrain_config(text=TINY_JOB.format(data=tiny_data, ckpt=tmp_path / "none"))

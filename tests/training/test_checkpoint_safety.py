@@ -32,7 +32,7 @@ class Payload:
 
 def _poison(ckpt: str, name: str, marker: str) -> None:
     """Add a Payload to ``ckpt/name`` keeping the rest of its content, then re-write the manifest."""
-    from megatron_elastic.training.checkpoint import write_manifest
+    from megatron_elastic.store.checkpoint import write_manifest
 
     path = os.path.join(ckpt, name)
     if name.endswith(".distcp"):
@@ -86,7 +86,7 @@ def _poison_byte_item(dist_dir: str, payload) -> None:
 @pytest.fixture(scope="module")
 def elastic_run(tiny_pipeline, tmp_path_factory):
     """A short elastic run (its latest checkpoint holds every file kind) made in a fresh process."""
-    from megatron_elastic.training.elastic_config import load_elastic_config  # noqa: F401
+    from megatron_elastic.elastic.config import load_elastic_config  # noqa: F401
 
     run = tmp_path_factory.mktemp("safety") / "run"
     cfg = _config(
@@ -215,8 +215,8 @@ def test_rng_files_of_older_runs_still_load(single_process_parallel, tmp_path):
     types are admitted for RNG files, and the state restored is the one saved."""
     import numpy as np
 
-    from megatron_elastic.training.checkpoint import rng_state, set_rng_state
-    from megatron_elastic.training.safe_files import legacy_rng_globals, load_plain
+    from megatron_elastic.store.checkpoint import rng_state, set_rng_state
+    from megatron_elastic.store.safe_files import legacy_rng_globals, load_plain
 
     state = rng_state()
     state["numpy"] = np.random.get_state()  # the old format

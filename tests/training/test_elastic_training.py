@@ -27,7 +27,7 @@ checkpoint: {{dir: {ckpt}, save_interval: 3, keep_last: 5}}
 
 
 def _config(parent, ckpt, mode="sample", overrides=()):
-    from megatron_elastic.training.elastic_config import load_elastic_config
+    from megatron_elastic.elastic.config import load_elastic_config
 
     return load_elastic_config(text=JOB.format(parent=parent, ckpt=ckpt, mode=mode), overrides=list(overrides))
 
@@ -42,7 +42,7 @@ def _train_records(ckpt):
 
 
 def _train(parent, ckpt, resume=False, until_stage=None, **kw):
-    from megatron_elastic.training.elastic import train_elastic
+    from megatron_elastic.elastic.run import train_elastic
 
     return train_elastic(_config(parent, ckpt, **kw), resume=resume, progress=False, until_stage=until_stage)
 
@@ -276,7 +276,7 @@ def test_config_errors_name_the_fix(parent, tmp_path):
 
 
 def _nan_kd(monkeypatch, bad_calls):
-    import megatron_elastic.training.elastic as elastic_mod
+    import megatron_elastic.elastic.run as elastic_mod
 
     real, calls = elastic_mod.kd_loss, {"n": 0}
 
@@ -293,7 +293,7 @@ def test_a_nan_step_is_skipped_and_too_many_stop_with_a_checkpoint(
 ):
     import torch
 
-    from megatron_elastic.training.checkpoint import latest_checkpoint, load_model_weights
+    from megatron_elastic.store.checkpoint import latest_checkpoint, load_model_weights
 
     # Step 2 = micro-batch calls 5-8 (4 micro-batches per step in stage 1): one poisoned micro-batch.
     _nan_kd(monkeypatch, {6})
@@ -311,7 +311,7 @@ def test_a_nan_step_is_skipped_and_too_many_stop_with_a_checkpoint(
     path = latest_checkpoint(ckpt)
     assert path.endswith("iter_0000005")
     from megatron_elastic.model.elastic_model import build_elastic_model
-    from megatron_elastic.training.runs import config_from_checkpoint
+    from megatron_elastic.store.open_run import config_from_checkpoint
 
     model = build_elastic_model(config_from_checkpoint(os.path.join(parent, "sorted", "iter_0000000")).model_config())
     load_model_weights(path, model)

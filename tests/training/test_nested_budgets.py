@@ -12,7 +12,7 @@ from tests.training.test_elastic_training import _config, _train, _train_records
 def test_every_step_samples_a_nested_set(single_process_parallel, parent, tmp_path, monkeypatch):
     """Every budget on every micro-batch ('all'): the architectures the student actually ran, in order 1.0, 0.75,
     0.5 per micro-batch, are nested on every step; the per-step log says so too."""
-    from megatron_elastic.training import elastic
+    from megatron_elastic.elastic import step as elastic
 
     ran = []
     original = elastic.set_arch
@@ -40,10 +40,11 @@ def test_every_step_samples_a_nested_set(single_process_parallel, parent, tmp_pa
 def test_fixed_architecture_trains_only_that_sub_model(single_process_parallel, parent, tmp_path):
     """budgets [0.75] + fixed_arch: the weights the sub-model uses move, every other weight keeps the parent's
     value exactly (no weight decay), and extraction gives exactly that architecture."""
-    from megatron_elastic.extraction.extract import extract, load_source
+    from megatron_elastic.elastic.choose import load_source
+    from megatron_elastic.extraction.extract import extract
     from megatron_elastic.extraction.slicing import iter_sliced
     from megatron_elastic.model.elastic_arch import ElasticArch
-    from megatron_elastic.training.runs import load_parent
+    from megatron_elastic.store.open_run import load_parent
 
     sorted_model, job, _ = load_parent(os.path.join(parent, "sorted"))
     cfg = job.model_config()
@@ -56,7 +57,7 @@ def test_fixed_architecture_trains_only_that_sub_model(single_process_parallel, 
     arch_file.write_text(arch.to_json(budget="0.75", trained=True, between=[0.75, 0.75]))
     stages = "[{name: s, tokens: 1024, seq_length: 32, global_batch_size: 8, budget_weights: [1]}]"
     ckpt = str(tmp_path / "fixed")
-    from megatron_elastic.training.elastic import train_elastic
+    from megatron_elastic.elastic.run import train_elastic
 
     cfg_job = _config(
         parent,
@@ -114,7 +115,7 @@ def test_budgets_between_the_trained_ones_are_trained_nested_between_them(
     """curriculum.between_share: some micro-batches run the step's untrained budget (``between_budget``); the
     architecture the student ran for it contains the smaller trained neighbour's draw of that step and lies within
     the larger one's (checked on the architectures); its KD loss and its size's offset are logged."""
-    from megatron_elastic.training import elastic
+    from megatron_elastic.elastic import step as elastic
 
     ran = []  # (budget the micro-batch trained, its nested draws of the step)
     original = elastic.nested_draws

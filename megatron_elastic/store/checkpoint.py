@@ -29,13 +29,15 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
+from megatron_elastic import __version__
 from megatron_elastic.compat import (
     async_save_options,
     contain_checkpoint_writer_processes,
     prepare_optimizer_for_load,
 )
 from megatron_elastic.errors import CheckpointCorruptError, CheckpointError, InputNotFoundError
-from megatron_elastic.training.safe_files import check_checkpoint_is_data, legacy_rng_globals, load_plain
+from megatron_elastic.model.config import HybridConfig, tiny_defaults
+from megatron_elastic.store.safe_files import check_checkpoint_is_data, legacy_rng_globals, load_plain
 
 LATEST = "latest"
 EXTRA = "extra.pt"
@@ -161,21 +163,9 @@ def _sharded_state(model, optimizer, is_loading: bool, sharding: str = PORTABLE)
     return state
 
 
-def save_checkpoint(
-    ckpt_dir: str,
-    iteration: int,
-    model,
-    optimizer=None,
-    trainer_state: Optional[dict] = None,
-    keep_last: Optional[int] = None,
-    extra: Optional[Dict[str, Any]] = None,
-    optimizer_sharding: str = PORTABLE,
-) -> str:
-    """Save ``model`` (a Megatron module), ``optimizer`` (a Megatron optimizer) and ``trainer_state``
-    (JSON-serialisable) atomically; collective over all ranks. ``extra``: replicated state (identical on every
-    rank, e.g. the router and its optimizer), written once by rank 0 to ``extra.pt``. Returns the path."""
-    writer = CheckpointWriter(optimizer_sharding=optimizer_sharding)
-    return writer.save(ckpt_dir, iteration, model, optimizer, trainer_state, keep_last, extra)
+def save_checkpoint(ckpt_dir: str, iteration: int, model, *args, optimizer_sharding: str = PORTABLE, **kwargs) -> str:
+    """Write one checkpoint synchronously (the arguments of :meth:`CheckpointWriter.save`); returns its path."""
+    return CheckpointWriter(optimizer_sharding=optimizer_sharding).save(ckpt_dir, iteration, model, *args, **kwargs)
 
 
 class CheckpointWriter:
@@ -206,7 +196,10 @@ class CheckpointWriter:
         keep_last: Optional[int] = None,
         extra: Optional[Dict[str, Any]] = None,
     ) -> str:
-        """Start (async) or write (sync) a checkpoint; returns the path it has (async: will have) when complete."""
+        """Save ``model`` (a Megatron module), ``optimizer`` (a Megatron optimizer) and ``trainer_state``
+        (JSON-serialisable) atomically; collective over all ranks. ``extra``: replicated state (identical on every
+        rank, e.g. the router and its optimizer), written once by rank 0 to ``extra.pt``. Starts (async) or writes
+        (sync) the checkpoint; returns the path it has (async: will have) when complete."""
         self.wait()
         final = os.path.join(ckpt_dir, iteration_dirname(iteration))
         tmp = final + ".tmp"
@@ -315,7 +308,6 @@ def write_manifest(path: str, iteration: int) -> None:
     """``manifest.json``: every file's size and CRC32, the iteration and the code version. Collective: rank 0 lists
     the files, every rank hashes and fsyncs its share (:func:`_share`), rank 0 writes the manifest, so no rank
     reads back the whole checkpoint."""
-    from megatron_elastic import __version__
 
     listing = [None]
     if _rank() == 0:
@@ -438,7 +430,6 @@ def _check_architecture(path: str, trainer_state: dict, model) -> None:
     config = getattr(model, "config", None)
     if not stored or not hasattr(config, "architecture_dict"):
         return
-    from megatron_elastic.model.config import HybridConfig, tiny_defaults
 
     mine = config.architecture_dict()
     try:

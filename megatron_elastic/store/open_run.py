@@ -11,8 +11,8 @@ import yaml
 from megatron_elastic.errors import CheckpointError
 from megatron_elastic.model.elastic_model import build_elastic_model
 from megatron_elastic.parallel import initialize_parallel
-from megatron_elastic.training.checkpoint import load_checkpoint, resolve_checkpoint
-from megatron_elastic.training.config import PretrainConfig, load_pretrain_config
+from megatron_elastic.store.checkpoint import load_checkpoint, resolve_checkpoint
+from megatron_elastic.store.job_config import PretrainConfig, load_pretrain_config
 
 
 def config_from_checkpoint(path: str) -> PretrainConfig:

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from typing import Dict, List
 
+from megatron_elastic.elastic.config import ElasticJobConfig
 from megatron_elastic.errors import PlanError
-from megatron_elastic.model.kernels import KernelPath
+from megatron_elastic.model.kernels import KernelPath, Machine, student_kernels
 from megatron_elastic.model.memory import GIB, memory_per_gpu
-from megatron_elastic.training.elastic_config import ElasticJobConfig
 
 
 def stage_memory(cfg: ElasticJobConfig, config, dp: int, path: KernelPath, overhead_gib: float):
@@ -58,8 +58,6 @@ def check_this_gpu(cfg: ElasticJobConfig, model_config, dp: int, overhead_gib: f
     """On CUDA, before the first step: refuse (the planner's message) when a stage will not fit this GPU with the
     kernels this machine builds. ``train.memory_check: false`` turns it off; without CUDA nothing is checked."""
     import torch
-
-    from megatron_elastic.model.kernels import Machine, student_kernels
 
     if not torch.cuda.is_available() or not cfg.train.memory_check:
         return

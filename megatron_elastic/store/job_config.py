@@ -11,7 +11,9 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
+from megatron_elastic.data.source import DataSource
 from megatron_elastic.model.config import ConfigError, HybridConfig, tiny_defaults
+from megatron_elastic.store.checkpoint import OPTIMIZER_SHARDINGS
 
 
 @dataclass
@@ -69,7 +71,6 @@ class DataSourceConfig:
             setattr(self, name, getattr(other, name))
 
     def source(self, checkpoint_dir: str):
-        from megatron_elastic.data.source import DataSource
 
         return DataSource.from_config(self, self.cache_dir or os.path.join(checkpoint_dir, "index_cache"))
 
@@ -121,11 +122,10 @@ class CheckpointConfig:
     keep_last: int = 2
     async_save: bool = False  # write tensors in a background process (Megatron's async dist_checkpointing)
     # the distributed optimizer's state: per rank, resumes at the same TP/PP ("dp_reshardable", Megatron-LM's
-    # default), or gathered per parameter, resumes at any layout ("fully_reshardable"); see training/checkpoint.py
+    # default), or gathered per parameter, resumes at any layout ("fully_reshardable"); see store/checkpoint.py
     optimizer_sharding: str = "dp_reshardable"
 
     def __post_init__(self):
-        from megatron_elastic.training.checkpoint import OPTIMIZER_SHARDINGS
 
         if self.optimizer_sharding not in OPTIMIZER_SHARDINGS:
             raise ConfigError(

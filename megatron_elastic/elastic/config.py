@@ -28,17 +28,22 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import yaml
 
-from megatron_elastic.curriculum import Curriculum, Stage
+from megatron_elastic.elastic.curriculum import Curriculum, Stage
+from megatron_elastic.model.budget import format_cost, kind_text, parse_budget, parse_kind
 from megatron_elastic.model.config import ConfigError
-from megatron_elastic.training.config import (
+from megatron_elastic.model.elastic_arch import ElasticArch, ElasticArchError
+from megatron_elastic.store.checkpoint import latest_checkpoint
+from megatron_elastic.store.job_config import (
     CheckpointConfig,
     DataSourceConfig,
     OptimizationConfig,
     ParallelConfig,
     _build_section,
     apply_overrides,
+    load_pretrain_config,
     read_config_mapping,
 )
+from megatron_elastic.store.open_run import config_from_checkpoint
 
 
 @dataclass
@@ -112,7 +117,6 @@ class ElasticJobConfig:
 
     def cost(self, model_config):
         """What the budgets bound (``model.cost.Cost``), in ``model_config``'s dtype."""
-        from megatron_elastic.model.budget import parse_kind
 
         return parse_kind(self.budget_kind, model_config)
 
@@ -176,7 +180,7 @@ class ElasticJobConfig:
 
 
 # Each trained budget and the untrained one between them has its own Gumbel-noise slot per step
-# (``training.elastic.noise_generator``: 16 slots).
+# (``elastic.step.noise_generator``: 16 slots).
 MAX_BUDGETS = 15
 
 
@@ -194,8 +198,6 @@ def _budgets(raw: Any, kind: Any, parent_model_config: Callable[[], Any]) -> Tup
     """(fractions of the parent's cost, largest first; the budget kind; fraction -> the budget as stated). Absolute
     budgets (``6GiB@32768``) must all be of one kind, the job's ``budget_kind`` (or set it), and are converted with
     the parent's architecture (``parent_model_config()``)."""
-    from megatron_elastic.model.budget import format_cost, kind_text, parse_budget, parse_kind
-    from megatron_elastic.model.elastic_arch import ElasticArch
 
     example = "e.g. [1.0, 0.75, 0.5] or, with budget_kind memory@32768, [1.0, 6GiB@32768, 4GiB@32768]"
     if not isinstance(raw, list) or not raw:
@@ -236,7 +238,6 @@ def _budgets(raw: Any, kind: Any, parent_model_config: Callable[[], Any]) -> Tup
 
 def _check_fixed_arch(path: Any, budgets: List[float]) -> None:
     """``fixed_arch`` names a readable ElasticArch JSON and the budgets have exactly one entry below 1.0 (its name)."""
-    from megatron_elastic.model.elastic_arch import ElasticArch, ElasticArchError
 
     if not isinstance(path, str):
         raise ConfigError(f"fixed_arch: a path to an ElasticArch JSON (e.g. an extracted arch.json), got {path!r}")
@@ -375,9 +376,6 @@ def load_elastic_config(
 def parent_model_config(raw: Dict[str, Any], config_dir: str, parallel: ParallelConfig):
     """The parent's model config: ``plan_parent_config`` (a parent YAML, relative to the job config's directory) or
     the sorted checkpoint in ``parent`` (``importance --out``), at the job's parallel layout."""
-    from megatron_elastic.training.checkpoint import latest_checkpoint
-    from megatron_elastic.training.config import load_pretrain_config
-    from megatron_elastic.training.runs import config_from_checkpoint
 
     ref = raw.get("plan_parent_config")
     sorted_dir = os.path.join(str(raw.get("parent", "")), "sorted")
