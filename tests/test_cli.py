@@ -135,13 +135,13 @@ def _bad_inputs(tmp, pipeline):
     sorted_parent = f"{pipeline['importance']}/sorted"
     return [
         ("prepare-data", ["--out", str(tmp / "d"), "--tokenizer", "no-such-tokenizer"]),
-        ("prepare-data", ["--out", str(tmp / "d"), "--input", str(tmp / "missing.jsonl")]),
+        ("prepare-data", ["--out", str(tmp / "d2"), "--input", str(tmp / "missing.jsonl")]),
         ("pretrain", ["--config", str(bad_yaml)]),
         ("pretrain", ["--config", str(tmp / "missing.yaml")]),
         ("importance", ["--checkpoint", str(tmp / "nothing"), "--out", str(tmp / "imp")]),
         ("train", ["--config", recipe_path("tiny_elastic.yaml"), "--set", "budgets=[1.0, 2.0]"]),
         ("extract", ["--checkpoint", sorted_parent, "--arch", str(bad_arch), "--out", str(tmp / "x")]),
-        ("extract", ["--checkpoint", str(tmp / "nothing"), "--out", str(tmp / "x")]),
+        ("extract", ["--checkpoint", str(tmp / "nothing"), "--out", str(tmp / "x2")]),
         ("import-hf", ["--hf-dir", str(tmp / "nothing"), "--out", str(tmp / "h")]),
         ("generate", ["--checkpoint", sorted_parent, "--budget", "0.3", "--prompt", "def "]),
         (
@@ -171,9 +171,13 @@ def _bad_inputs(tmp, pipeline):
 
 def test_every_subcommand_reports_a_bad_input_in_one_line(tiny_pipeline, tmp_path):
     """Exit code 2, one line `megatron-elastic <cmd>: error: ...` on stderr, no traceback; --debug shows it."""
+    from concurrent.futures import ThreadPoolExecutor
+
     seen = set()
-    for cmd, args in _bad_inputs(tmp_path, tiny_pipeline):
-        r = run(cmd, *args)
+    bad = _bad_inputs(tmp_path, tiny_pipeline)
+    with ThreadPoolExecutor(2) as pool:  # one process per core: each is mostly its imports
+        results = list(pool.map(lambda cmd_args: run(cmd_args[0], *cmd_args[1]), bad))
+    for (cmd, args), r in zip(bad, results):
         lines = [line for line in r.stderr.splitlines() if line.strip()]
         assert r.returncode == 2, (cmd, args, r.stderr[-3000:])
         assert "Traceback" not in r.stderr, (cmd, r.stderr[-3000:])

@@ -9,9 +9,19 @@ import os
 import subprocess
 import sys
 
+import pytest
+from packaging.version import Version
+
+from megatron_elastic.compat import MCORE_VERSION
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+# ~5 minutes: run on the leg the Docker image pins; every stage it chains has its own tests on both legs.
+@pytest.mark.skipif(
+    MCORE_VERSION < Version("0.19"),
+    reason="the rehearsal runs on the Docker image's megatron-core (0.19; CI's 2nd leg)",
+)
 def test_the_run_book_rehearsal_at_reduced_width(tmp_path):
     out = tmp_path / "report.json"
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "rehearsal_12b.py"), "--reduced", "--seq", "64"]

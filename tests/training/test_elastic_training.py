@@ -276,7 +276,7 @@ def test_config_errors_name_the_fix(parent, tmp_path):
 
 
 def _nan_kd(monkeypatch, bad_calls):
-    import megatron_elastic.elastic.run as elastic_mod
+    import megatron_elastic.elastic.step as elastic_mod
 
     real, calls = elastic_mod.kd_loss, {"n": 0}
 
