@@ -116,6 +116,7 @@ def test_budgets_between_the_trained_ones_are_trained_nested_between_them(
     architecture the student ran for it contains the smaller trained neighbour's draw of that step and lies within
     the larger one's (checked on the architectures); its KD loss and its size's offset are logged."""
     from megatron_elastic.elastic import step as elastic
+    from megatron_elastic.elastic.run import train_elastic
 
     ran = []  # (budget the micro-batch trained, its nested draws of the step)
     original = elastic.nested_draws
@@ -128,7 +129,7 @@ def test_budgets_between_the_trained_ones_are_trained_nested_between_them(
 
     monkeypatch.setattr(elastic, "nested_draws", recording)
     ckpt = str(tmp_path / "between")
-    elastic.train_elastic(_config(parent, ckpt, overrides=["curriculum.between_share=0.5"]), progress=False)
+    train_elastic(_config(parent, ckpt, overrides=["curriculum.between_share=0.5"]), progress=False)
     trained = {1.0, 0.75, 0.5}
     untrained = [(step, b, d) for step, b, d, between in ran if b not in trained and b == between]
     assert len(untrained) >= 4 and len(untrained) + sum(b in trained for _, b, _, _ in ran) == len(ran)
