@@ -89,3 +89,30 @@ def destroy_parallel() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
     compat.disable_cpu_backend()
+
+
+def rank() -> int:
+    """This process's global rank (0 without torch.distributed)."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    """The number of processes (1 without torch.distributed)."""
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    """A barrier over every process (nothing without torch.distributed)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def tensor_parallel():
+    """(TP size, TP rank, TP group): (1, 0, None) before Megatron's parallel state is initialised."""
+    if dist.is_initialized() and parallel_state.model_parallel_is_initialized():
+        return (
+            parallel_state.get_tensor_model_parallel_world_size(),
+            parallel_state.get_tensor_model_parallel_rank(),
+            parallel_state.get_tensor_model_parallel_group(),
+        )
+    return 1, 0, None

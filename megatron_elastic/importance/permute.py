@@ -24,6 +24,7 @@ import torch
 
 from megatron_elastic.compat import ATTENTION, MAMBA
 from megatron_elastic.model.layouts import HIDDEN_DIMS, MODEL_HIDDEN_DIMS, index_layer_tensor, layer_unit_index
+from megatron_elastic.parallel import tensor_parallel
 
 
 @dataclass
@@ -117,18 +118,6 @@ def random_permutation(config, generator: Optional[torch.Generator] = None) -> P
     return perm
 
 
-def _tp():
-    from megatron.core import parallel_state
-
-    if parallel_state.model_parallel_is_initialized():
-        return (
-            parallel_state.get_tensor_model_parallel_world_size(),
-            parallel_state.get_tensor_model_parallel_rank(),
-            parallel_state.get_tensor_model_parallel_group(),
-        )
-    return 1, 0, None
-
-
 def _rank_shard(order: torch.Tensor, tp_size: int, tp_rank: int, what: str) -> torch.Tensor:
     """The part of a within-group ``order`` that lies in TP rank ``tp_rank``'s contiguous shard, as local indices."""
     per = order.numel() // tp_size
@@ -161,7 +150,7 @@ def permute_model(model, perm: Permutation) -> None:
     config = model.config
     if config.layer_overrides:
         raise ValueError("the sort needs a homogeneous parent (no layer_overrides)")
-    tp_size, tp_rank, group = _tp()
+    tp_size, tp_rank, group = tensor_parallel()
     ffn_moves = config.elastic_ffn_groups % tp_size != 0
     local = Permutation(hidden=perm.hidden)
     for i, order in perm.mamba_heads.items():

@@ -23,21 +23,14 @@ import torch
 import torch.distributed as dist
 
 from megatron_elastic.errors import ConfigError
+from megatron_elastic.parallel import rank, world_size
 
 STATE = "state.json"
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
 def _agree(flag: bool) -> bool:
     """Rank 0's ``flag`` on every rank."""
-    if _world() == 1:
+    if world_size() == 1:
         return flag
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     t = torch.tensor([1 if flag else 0], device=device)
@@ -89,7 +82,7 @@ class ImportanceProgress:
         os.replace(tmp, self._file(k))
         if dist.is_initialized():
             dist.barrier()
-        if _rank() == 0:
+        if rank() == 0:
             with open(os.path.join(self.dir, STATE + ".tmp"), "w") as f:
                 json.dump({"save": k, "fingerprint": self.fingerprint}, f)
                 f.flush()
@@ -106,8 +99,8 @@ class ImportanceProgress:
         """Remove the progress once the job's outputs are written (collective)."""
         if dist.is_initialized():
             dist.barrier()
-        if _rank() == 0:
+        if rank() == 0:
             shutil.rmtree(self.dir, ignore_errors=True)
 
     def _file(self, k: int) -> str:
-        return os.path.join(self.dir, f"rank{_rank()}.{k}.pt")
+        return os.path.join(self.dir, f"rank{rank()}.{k}.pt")

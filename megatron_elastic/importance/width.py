@@ -29,6 +29,7 @@ from megatron_elastic.errors import ConfigError
 from megatron_elastic.importance.permute import Permutation, order_within_groups
 from megatron_elastic.model.elastic_arch import AXIS_FIELD
 from megatron_elastic.model.layouts import MambaLayout, QKVLayout
+from megatron_elastic.parallel import tensor_parallel
 
 FFN_SOURCES = ("fc2_input", "fc1_output")
 MAMBA_SOURCES = ("x", "out_proj_input")
@@ -71,14 +72,6 @@ def _add(totals: Dict[str, torch.Tensor], key: str, act: torch.Tensor) -> None:
     totals[key] = v if key not in totals else totals[key] + v
 
 
-def _tp_group_and_size():
-    from megatron.core import parallel_state
-
-    if dist.is_initialized() and parallel_state.model_parallel_is_initialized():
-        return parallel_state.get_tensor_model_parallel_group(), parallel_state.get_tensor_model_parallel_world_size()
-    return None, 1
-
-
 def _reduce_dp(t: torch.Tensor) -> torch.Tensor:
     from megatron.core import parallel_state
 
@@ -93,7 +86,7 @@ def _reduce_dp(t: torch.Tensor) -> torch.Tensor:
 
 
 def _gather_tp(t: torch.Tensor) -> torch.Tensor:
-    group, size = _tp_group_and_size()
+    size, _, group = tensor_parallel()
     if size == 1:
         return t
     parts = [torch.empty_like(t) for _ in range(size)]
@@ -168,7 +161,7 @@ class WidthStatistics:
                     total.sqrt().view(config.num_attention_heads, config.kv_channels).norm(dim=1)
                 )
             elif config.gated_linear_unit and self.ffn_source == "fc1_output":
-                scores.ffn[i] = total.view(_tp_group_and_size()[1], 2, -1)[:, 0].flatten().sqrt()  # the gate half
+                scores.ffn[i] = total.view(tensor_parallel()[0], 2, -1)[:, 0].flatten().sqrt()  # the gate half
             else:
                 scores.ffn[i] = total.sqrt()
         return scores

@@ -37,20 +37,12 @@ from megatron_elastic.compat import (
 )
 from megatron_elastic.errors import CheckpointCorruptError, CheckpointError, InputNotFoundError
 from megatron_elastic.model.config import HybridConfig, tiny_defaults
+from megatron_elastic.parallel import barrier, rank, world_size
 from megatron_elastic.store.safe_files import check_checkpoint_is_data, legacy_rng_globals, load_plain
 
 LATEST = "latest"
 EXTRA = "extra.pt"
 MANIFEST = "manifest.json"
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def iteration_dirname(iteration: int) -> str:
@@ -203,14 +195,14 @@ class CheckpointWriter:
         self.wait()
         final = os.path.join(ckpt_dir, iteration_dirname(iteration))
         tmp = final + ".tmp"
-        if _rank() == 0:
+        if rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(os.path.join(tmp, "dist"))
-        _barrier()
+        barrier()
         contain_checkpoint_writer_processes()
-        torch.save(rng_state(), os.path.join(tmp, f"rng_rank{_rank()}.pt"))
+        torch.save(rng_state(), os.path.join(tmp, f"rng_rank{rank()}.pt"))
         layout = optimizer_layout(optimizer, self.optimizer_sharding) if optimizer is not None else None
-        if _rank() == 0:
+        if rank() == 0:
             if extra is not None:
                 torch.save(extra, os.path.join(tmp, EXTRA))
             with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
@@ -251,9 +243,9 @@ class CheckpointWriter:
 
 def _complete(ckpt_dir: str, tmp: str, final: str, iteration: int, keep_last: Optional[int]) -> None:
     """Every file written: manifest (each rank hashes its share), rename, move ``latest`` (collective)."""
-    _barrier()
+    barrier()
     write_manifest(tmp, iteration)
-    if _rank() == 0:
+    if rank() == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         pointer_tmp = os.path.join(ckpt_dir, LATEST + ".tmp")
@@ -264,7 +256,7 @@ def _complete(ckpt_dir: str, tmp: str, final: str, iteration: int, keep_last: Op
         os.replace(pointer_tmp, os.path.join(ckpt_dir, LATEST))
         if keep_last:
             _prune(ckpt_dir, keep_last)
-    _barrier()
+    barrier()
 
 
 def _file_digest(path: str) -> Tuple[int, int]:
@@ -300,28 +292,24 @@ def _gather(obj) -> list:
     return [obj]
 
 
-def _world() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
 def write_manifest(path: str, iteration: int) -> None:
     """``manifest.json``: every file's size and CRC32, the iteration and the code version. Collective: rank 0 lists
     the files, every rank hashes and fsyncs its share (:func:`_share`), rank 0 writes the manifest, so no rank
     reads back the whole checkpoint."""
 
     listing = [None]
-    if _rank() == 0:
+    if rank() == 0:
         listing = [sorted(os.path.relpath(os.path.join(r, n), path) for r, _, ns in os.walk(path) for n in ns)]
-    if _world() > 1:
+    if world_size() > 1:
         dist.broadcast_object_list(listing, src=0)
     mine = {}
-    for rel in _share(listing[0], _rank(), _world()):
+    for rel in _share(listing[0], rank(), world_size()):
         full = os.path.join(path, rel)
         size, crc = _file_digest(full)
         mine[rel] = {"bytes": size, "crc32": crc}
         with open(full, "rb") as f:
             os.fsync(f.fileno())
-    if _rank() == 0:
+    if rank() == 0:
         files = {rel: d for part in _gather(mine) for rel, d in part.items()}
         with open(os.path.join(path, MANIFEST), "w") as f:
             json.dump(
@@ -377,7 +365,7 @@ def _verify_everywhere(path: str) -> None:
     """Every rank checks its share of the manifest; the first problem any rank found is raised on all."""
     err = None
     try:
-        verify_checkpoint(path, _rank(), _world())
+        verify_checkpoint(path, rank(), world_size())
     except CheckpointCorruptError as e:
         err = str(e)
     errors = [e for e in _gather(err) if e]
@@ -395,7 +383,7 @@ def load_checkpoint(path: str, model, optimizer=None, strict: bool = True, load_
     """Load a checkpoint written by :func:`save_checkpoint` into ``model`` (and ``optimizer``), at any TP/PP
     layout. Returns the trainer state dict."""
     _verify_everywhere(path)
-    check_checkpoint_is_data(path, _rank())
+    check_checkpoint_is_data(path, rank())
     with open(os.path.join(path, "trainer_state.json")) as f:
         trainer_state = json.load(f)
     _check_architecture(path, trainer_state, model)
@@ -417,7 +405,7 @@ def load_checkpoint(path: str, model, optimizer=None, strict: bool = True, load_
     if optimizer is not None:
         with torch.no_grad():  # Megatron's per-rank (dp_reshardable) loader copies into the main params without it
             optimizer.load_state_dict(state["optimizer"])
-    rng_file = os.path.join(path, f"rng_rank{_rank()}.pt")
+    rng_file = os.path.join(path, f"rng_rank{rank()}.pt")
     if load_rng and os.path.isfile(rng_file):
         set_rng_state(load_plain(rng_file, tuple(legacy_rng_globals())))
     return trainer_state
