@@ -8,7 +8,7 @@ the KV cache and Mamba states each generation holds at its peak (measured on the
 one weight copy is the same for every mode and printed once), and the held-out continuation loss (teacher-forced:
 the data's own continuation of each prompt, nats/token; switched = the small budget's loss on the tokens before
 the switch and the large budget's, on the whole context, after it, which is what a switched generation computes;
-``tests/extraction/test_budget_schedule.py`` checks that equality token for token). The switch itself costs one
+``tests/serving/test_budget_schedule.py`` checks that equality token for token). The switch itself costs one
 prefill of the prompt and the tokens so far at the large budget; its time is printed next to a decode step's.
 """
 
@@ -38,9 +38,9 @@ def main(argv=None):
         p.error("--switch-after must lie between 0 and --new-tokens")
 
     import megatron_elastic.serving.decode as decode_mod
+    from megatron_elastic.elastic.layers.model import use_arch
     from megatron_elastic.evaluation import fixed_eval_set
     from megatron_elastic.model.builder import causal_attention_mask, position_ids_for
-    from megatron_elastic.model.elastic_model import use_arch
     from megatron_elastic.serving.decode import inference_cache_bytes, stream
     from megatron_elastic.serving.generate import ElasticServer
 

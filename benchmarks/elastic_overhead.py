@@ -79,10 +79,10 @@ def main():
     ap.add_argument("--json", default="benchmarks/elastic_overhead.json")
     a = ap.parse_args()
 
+    from megatron_elastic.elastic.arch import ElasticArch
+    from megatron_elastic.elastic.cost import arch_flops_per_token, arch_parameters, scaled_arch
+    from megatron_elastic.elastic.layers.model import build_elastic_model, set_arch
     from megatron_elastic.model.builder import build_hybrid_model, causal_attention_mask, position_ids_for
-    from megatron_elastic.model.cost import arch_flops_per_token, arch_parameters, scaled_arch
-    from megatron_elastic.model.elastic_arch import ElasticArch
-    from megatron_elastic.model.elastic_model import build_elastic_model, set_arch
     from megatron_elastic.parallel import initialize_parallel
     from megatron_elastic.testing import tiny_config
 

@@ -6,8 +6,8 @@ teacher + 3 budgets) at 8K tokens, with the kernels this machine has; peak memor
 
 Needs CUDA (exits 2 with the reason otherwise); ``--cpu-smoke`` runs the same code on the CPU at toy sizes to
 check it, with meaningless numbers. Reports tokens/s, MFU (training FLOPs = 3 x the forward FLOPs of
-``model.cost.arch_flops_per_token``; for the elastic step the teacher's forward plus 3x each budget's, weighted as
-sampled), ``torch.cuda.max_memory_allocated()`` and ``model.memory.memory_per_gpu`` for the same layout.
+``elastic.cost.arch_flops_per_token``; for the elastic step the teacher's forward plus 3x each budget's, weighted as
+sampled), ``torch.cuda.max_memory_allocated()`` and ``elastic.memory.memory_per_gpu`` for the same layout.
 """
 
 import argparse
@@ -127,10 +127,10 @@ def main(argv=None):
 
     from megatron_elastic.data.corpus import iter_stdlib_documents
     from megatron_elastic.data.indexed import write_split_datasets
-    from megatron_elastic.model.cost import arch_flops_per_token, arch_parameters, scaled_arch
-    from megatron_elastic.model.elastic_arch import ElasticArch
+    from megatron_elastic.elastic.arch import ElasticArch
+    from megatron_elastic.elastic.cost import arch_flops_per_token, arch_parameters, scaled_arch
+    from megatron_elastic.elastic.memory import GIB, memory_per_gpu
     from megatron_elastic.model.kernels import Machine, student_kernels
-    from megatron_elastic.model.memory import GIB, memory_per_gpu
     from megatron_elastic.parallel import initialize_parallel
     from megatron_elastic.store.job_config import load_pretrain_config
 

@@ -31,13 +31,13 @@ def main():
     a = ap.parse_args()
 
     from megatron_elastic.data.loader import calibration_batches
+    from megatron_elastic.elastic.arch import ElasticArch
+    from megatron_elastic.elastic.cost import arch_parameters, scaled_arch
+    from megatron_elastic.elastic.layers.model import use_arch
+    from megatron_elastic.elastic.source import load_parent
     from megatron_elastic.importance.depth import depth_scores
     from megatron_elastic.importance.permute import permute_state_dict, random_permutation
     from megatron_elastic.importance.width import collect_width_scores, magnitude_scores
-    from megatron_elastic.model.cost import arch_parameters, scaled_arch
-    from megatron_elastic.model.elastic_arch import ElasticArch
-    from megatron_elastic.model.elastic_model import use_arch
-    from megatron_elastic.store.open_run import load_parent
     from megatron_elastic.training.lm import lm_logits, lm_loss
 
     model, job, _ = load_parent(a.parent)

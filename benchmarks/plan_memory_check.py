@@ -6,7 +6,7 @@ the allocator's free lists and other processes move.
     python benchmarks/plan_memory_check.py [--workdir DIR] [--json out.json]
 
 Builds a ~42M-parameter parent (saved as an already-sorted parent), runs two steps of elastic training (student,
-frozen teacher, Megatron DDP + Adam, fp32) and compares with `megatron_elastic.model.memory.memory_per_gpu` for the
+frozen teacher, Megatron DDP + Adam, fp32) and compares with `megatron_elastic.elastic.memory.memory_per_gpu` for the
 same config (no overhead allowance; the reference kernels: the pure-PyTorch Mamba scan, SDPA attention).
 
     python benchmarks/plan_memory_check.py --pattern '*-M-M' --hidden 256 --seq 256 --mbs 8   # other shapes
@@ -57,8 +57,8 @@ def main(argv=None):
     from megatron_elastic.data.corpus import iter_stdlib_documents
     from megatron_elastic.data.indexed import write_split_datasets
     from megatron_elastic.elastic.config import load_elastic_config
+    from megatron_elastic.elastic.memory import memory_per_gpu, student_path
     from megatron_elastic.elastic.run import train_elastic
-    from megatron_elastic.model.memory import memory_per_gpu, student_path
     from megatron_elastic.parallel import initialize_parallel
     from megatron_elastic.store.job_config import load_pretrain_config
 

@@ -22,7 +22,7 @@ of the *training* stage (``--train-vocab``): 2 x 131,072 x 5,120 embedding param
 a teacher do not fit 24 GiB with 8 processes, so the sorted parent's embedding and output layer are cut to their
 first rows (the tokenizer uses fewer ids) for training and everything after it; import and importance run at
 131,072. Per stage: wall time and peak host memory (RSS of the process tree, sampled), next to what ``plan`` /
-``model.memory`` predicts for the same stage at this size, and what they predict for the 12B's 62 layers per GPU.
+``elastic.memory`` predicts for the same stage at this size, and what they predict for the 12B's 62 layers per GPU.
 
 ``--reduced`` runs the same stages at a reduced width (what CI runs: ``tests/launch/test_rehearsal.py``).
 """
@@ -102,8 +102,8 @@ class TreePeak:
 
 def run(stage: str, cmd, report: dict, env=None, until=None) -> int:
     """Run ``cmd`` (the run book's command), record its wall time and peak memory under ``stage``. ``until``: a
-    callable; when true, every rank (the launcher's children) gets SIGUSR1 and the exit status is returned."""
-    import psutil
+    callable; when true, the launcher gets SIGUSR1 (every rank checkpoints and stops) and the exit status is
+    returned."""
 
     print(f"[{stage}] {' '.join(cmd)}", flush=True)
     t0 = time.time()
@@ -123,11 +123,7 @@ def run(stage: str, cmd, report: dict, env=None, until=None) -> int:
     t.start()
     while proc.poll() is None:
         if until is not None and not signalled and until():
-            for rank in psutil.Process(proc.pid).children():  # torchrun's workers: the ranks
-                try:
-                    rank.send_signal(signal.SIGUSR1)
-                except psutil.NoSuchProcess:
-                    pass
+            proc.send_signal(signal.SIGUSR1)  # launch/torchrun.sh passes it to every rank
             signalled = True
         time.sleep(0.2)
     t.join()
@@ -191,11 +187,11 @@ def cut_vocabulary(src: str, dest: str, vocab: int) -> None:
     """The sorted parent ``src`` (an importance output) with its embedding and output layer cut to ``vocab`` rows."""
     import shutil
 
-    from megatron_elastic.extraction.reader import CheckpointTensorReader
     from megatron_elastic.model.builder import build_hybrid_model
     from megatron_elastic.parallel import initialize_parallel
     from megatron_elastic.store.checkpoint import latest_checkpoint, save_checkpoint
     from megatron_elastic.store.open_run import config_from_checkpoint
+    from megatron_elastic.store.reader import CheckpointTensorReader
 
     path = latest_checkpoint(os.path.join(src, "sorted"))
     with open(os.path.join(path, "trainer_state.json")) as f:
@@ -230,10 +226,10 @@ def process_baseline() -> int:
 
 
 def predictions(report: dict, w: str, args, sizes: dict) -> None:
-    """What plan / model.memory say for the stages at this size (tensors per rank, plus each rank's process
+    """What plan / elastic.memory say for the stages at this size (tensors per rank, plus each rank's process
     baseline), and for the 12B's 62 layers per GPU."""
     from megatron_elastic.elastic.config import load_elastic_config, parent_model_config
-    from megatron_elastic.model.memory import importance_memory_per_gpu, memory_per_gpu, student_path
+    from megatron_elastic.elastic.memory import importance_memory_per_gpu, memory_per_gpu, student_path
     from megatron_elastic.plan import Hardware, make_plan
     from megatron_elastic.store.checkpoint import latest_checkpoint
     from megatron_elastic.store.open_run import config_from_checkpoint

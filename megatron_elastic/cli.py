@@ -96,9 +96,15 @@ def cmd_train(args) -> int:
         from megatron_elastic.store.checkpoint import latest_checkpoint
 
         cfg = load_elastic_config(args.config, list(args.set or []) + budget_overrides(args.budget))
-        resume = args.resume or (
-            args.auto_resume and os.path.isdir(cfg.checkpoint.dir) and latest_checkpoint(cfg.checkpoint.dir) is not None
-        )
+        latest = latest_checkpoint(cfg.checkpoint.dir) if os.path.isdir(cfg.checkpoint.dir) else None
+        if latest is not None and not (args.resume or args.auto_resume):
+            from megatron_elastic.errors import ConfigError
+
+            raise ConfigError(
+                f"checkpoint.dir {cfg.checkpoint.dir} already holds a run ({latest}); "
+                "pass --resume to continue it, or --set checkpoint.dir=NEW_DIR to start another"
+            )
+        resume = args.resume or (args.auto_resume and latest is not None)
         summary = train_elastic(
             cfg, resume=resume, progress=not args.no_progress, until_stage=args.until_stage, signals=signals
         )
@@ -116,8 +122,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_extract(args) -> int:
+    from megatron_elastic.elastic.budget import format_costs
     from megatron_elastic.extraction.extract import extract
-    from megatron_elastic.model.budget import format_costs
 
     if args.arch and args.budget:
         from megatron_elastic.errors import ConfigError
@@ -164,8 +170,8 @@ def cmd_generate(args) -> int:
     import torch
 
     from megatron_elastic.data.tokenizer import load_tokenizer
-    from megatron_elastic.model.budget import describe_costs, every_cost, report_shape, stated_costs
-    from megatron_elastic.model.elastic_arch import ElasticArch
+    from megatron_elastic.elastic.arch import ElasticArch
+    from megatron_elastic.elastic.budget import describe_costs, every_cost, report_shape, stated_costs
     from megatron_elastic.serving.generate import ElasticServer
 
     server = ElasticServer.from_checkpoint(args.checkpoint)
@@ -557,17 +563,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     """Run one subcommand. A project error (:class:`~megatron_elastic.errors.ElasticError`) becomes one line on
-    stderr naming the field and the fix, and exit code 2; ``--debug`` re-raises it with its traceback."""
+    stderr naming the field and the fix, and exit code 2; ``--debug`` re-raises it with its traceback. Both exit 2s
+    (a project error, a bad command line) leave the launcher's bad-input marker: Slurm does not run the job again."""
     _quiet_warnings()
-    args = build_parser().parse_args(argv)
+    from megatron_elastic.training.preemption import mark_bad_input
+
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:
+        if e.code == 2:
+            mark_bad_input("bad command line")
+        raise
     from megatron_elastic.errors import ElasticError
 
     try:
         return args.func(args)
     except ElasticError as e:
+        message = " ".join(str(e).split())  # one line, whatever the message's own line breaks
+        mark_bad_input(message)
         if args.debug:
             raise
-        message = " ".join(str(e).split())  # one line, whatever the message's own line breaks
         print(f"megatron-elastic {args.command}: error: {message}", file=sys.stderr)
         return 2
 

@@ -195,8 +195,8 @@ def evaluate_demo(
     the sorted parent without training (the zero-shot pruning baseline), on ``held_out`` (``_report_eval_set``)."""
     from tqdm import tqdm
 
+    from megatron_elastic.elastic.arch import ElasticArch
     from megatron_elastic.evaluation import evaluate_checkpoint, evaluate_subnetworks
-    from megatron_elastic.model.elastic_arch import ElasticArch
 
     batches, bits = held_out
     print(f"  {sum(int(b['loss_mask'].sum()) for b in batches):,} held-out tokens (validation split, fixed order)")

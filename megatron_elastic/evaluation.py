@@ -17,13 +17,14 @@ import torch
 
 from megatron_elastic.data.loader import as_source, bits_per_byte_of, calibration_batches
 from megatron_elastic.data.tokenizer import BitsPerByte, load_tokenizer
-from megatron_elastic.elastic.choose import budget_archs, load_source
+from megatron_elastic.elastic.arch import ElasticArch
+from megatron_elastic.elastic.choose import budget_archs
+from megatron_elastic.elastic.cost import arch_parameters
+from megatron_elastic.elastic.layers.model import set_arch, use_arch
+from megatron_elastic.elastic.source import load_parent, load_source
 from megatron_elastic.model.builder import build_hybrid_model, parameter_count
-from megatron_elastic.model.cost import arch_parameters
-from megatron_elastic.model.elastic_arch import ElasticArch
-from megatron_elastic.model.elastic_model import set_arch, use_arch
 from megatron_elastic.store.checkpoint import load_model_weights
-from megatron_elastic.store.open_run import load_parent, single_process_job
+from megatron_elastic.store.open_run import single_process_job
 from megatron_elastic.training.lm import batch_to_device
 
 EVAL_SEED = 4242

@@ -4,7 +4,7 @@ Resolves the config, checks the parallel layout, counts the parameters of the pa
 largest admissible architecture, estimates per-GPU memory at each curriculum stage and the GPU-hours of the run
 from a stated MFU. Refuses layouts that cannot fit, naming the reason.
 
-The memory model is ``model.memory`` (also used by ``train``'s check before its first step).
+The memory model is ``elastic.memory`` (also used by ``train``'s check before its first step).
 """
 
 from __future__ import annotations
@@ -16,11 +16,8 @@ from typing import Dict, List, Optional
 
 import yaml
 
-from megatron_elastic.elastic.config import ElasticJobConfig, load_elastic_config, parent_model_config
-from megatron_elastic.elastic.memory_check import check_fits, stage_memory
-from megatron_elastic.errors import ConfigError, PlanError
-from megatron_elastic.importance.depth import CHUNK_BYTES
-from megatron_elastic.model.budget import (
+from megatron_elastic.elastic.arch import ElasticArch
+from megatron_elastic.elastic.budget import (
     Budget,
     every_cost,
     format_cost,
@@ -30,10 +27,13 @@ from megatron_elastic.model.budget import (
     parse_kind,
     report_shape,
 )
-from megatron_elastic.model.cost import PARAMETERS, Cost, arch_flops_per_token, arch_parameters, scaled_arch
-from megatron_elastic.model.elastic_arch import ElasticArch
+from megatron_elastic.elastic.config import ElasticJobConfig, load_elastic_config, parent_model_config
+from megatron_elastic.elastic.cost import PARAMETERS, Cost, arch_flops_per_token, arch_parameters, scaled_arch
+from megatron_elastic.elastic.memory import GIB, importance_memory_per_gpu, student_path
+from megatron_elastic.elastic.memory_check import check_fits, stage_memory
+from megatron_elastic.errors import ConfigError, PlanError
+from megatron_elastic.importance.depth import CHUNK_BYTES
 from megatron_elastic.model.kernels import MACHINES, KernelPath, teacher_kernels
-from megatron_elastic.model.memory import GIB, importance_memory_per_gpu, student_path
 
 
 @dataclass
@@ -86,7 +86,7 @@ class Plan:
 
 def largest_admissible(config, target: float, cost: Cost = PARAMETERS) -> ElasticArch:
     """The largest uniformly scaled architecture costing at most ``target`` (parameters by default; any
-    ``model.cost`` kind) - a fine search."""
+    ``elastic.cost`` kind) - a fine search."""
     best, best_cost = None, None
     for step in range(1000, 99, -1):
         arch = scaled_arch(config, step / 1000)
@@ -130,7 +130,7 @@ def make_plan(
     importance: tuple = (1024 * 8192, 8192, 1),
 ) -> Plan:
     """Resolve and check ``config_path`` for ``hw``, whose GPUs have the packages ``kernels`` names; raises
-    :class:`PlanError` when it cannot fit. ``extra_budgets`` (any kind, ``model.budget``) are sized too, not
+    :class:`PlanError` when it cannot fit. ``extra_budgets`` (any kind, ``elastic.budget``) are sized too, not
     trained."""
     cfg = load_elastic_config(config_path, overrides)
     tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size

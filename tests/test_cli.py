@@ -1,5 +1,6 @@
 """Every command has --help; bad arguments give a clear error and exit code 2."""
 
+import os
 import subprocess
 import sys
 
@@ -8,9 +9,13 @@ import pytest
 COMMANDS = ["prepare-data", "pretrain", "importance", "train", "extract", "import-hf", "generate", "plan", "demo"]
 
 
-def run(*args):
+def run(*args, env=None):
     return subprocess.run(
-        [sys.executable, "-m", "megatron_elastic", *args], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "megatron_elastic", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=None if env is None else {**os.environ, **env},
     )
 
 
@@ -88,7 +93,7 @@ def test_importance_end_to_end(tmp_path):
 
     from megatron_elastic.data.corpus import iter_stdlib_documents
     from megatron_elastic.data.indexed import write_split_datasets
-    from tests.training.test_checkpoint_resume import TINY_JOB
+    from tests.store.test_checkpoint_resume import TINY_JOB
 
     data = tmp_path / "data"
     write_split_datasets(str(data), iter_stdlib_documents(max_bytes=200_000), "byte", valid_every=5, progress=False)
@@ -166,6 +171,18 @@ def _bad_inputs(tmp, pipeline):
                 "--no-progress",
             ],
         ),
+        (  # a fresh run into a directory that holds one: refused, nothing overwritten
+            "train",
+            [
+                "--config",
+                recipe_path("tiny_elastic.yaml"),
+                "--set",
+                f"parent={pipeline['importance']}",
+                "--set",
+                f"checkpoint.dir={sorted_parent}",
+                "--no-progress",
+            ],
+        ),
     ]
 
 
@@ -185,6 +202,14 @@ def test_every_subcommand_reports_a_bad_input_in_one_line(tiny_pipeline, tmp_pat
         assert len(errors) == 1 and len(errors[0]) > len(f"megatron-elastic {cmd}: error: ") + 10, (cmd, lines)
         seen.add(cmd)
     assert seen == set(COMMANDS)
+    assert "already holds a run" in results[-1].stderr and "--resume" in results[-1].stderr
     cmd, args = _bad_inputs(tmp_path, tiny_pipeline)[6]
-    r = run("--debug", cmd, *args)
+    marker = tmp_path / "bad-input"  # what a launcher (launch/slurm) reads to know not to run the job again
+    r = run("--debug", cmd, *args, env={"MEGATRON_ELASTIC_BAD_INPUT_MARKER": str(marker)})
     assert r.returncode != 0 and "Traceback" in r.stderr and "ElasticArchError" in r.stderr
+    assert " ".join(marker.read_text().split()[:6]) in " ".join(r.stderr.split()), (marker.read_text(), r.stderr)
+    marker.unlink()
+    r = run("train", "--no-such-option", env={"MEGATRON_ELASTIC_BAD_INPUT_MARKER": str(marker)})
+    assert r.returncode == 2 and marker.exists(), "a bad command line is a bad input too"
+    ok = run("plan", "--help", env={"MEGATRON_ELASTIC_BAD_INPUT_MARKER": str(tmp_path / "none")})
+    assert ok.returncode == 0 and not (tmp_path / "none").exists()

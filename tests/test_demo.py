@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from megatron_elastic.model.elastic_arch import ElasticArch
+from megatron_elastic.elastic.arch import ElasticArch
 from tests.tiny_pipeline import TINY_PARENT_JOB
 
 STAGES = (

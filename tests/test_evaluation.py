@@ -43,9 +43,9 @@ def test_evaluate_lm_matches_a_float64_cross_entropy_of_the_logits(tiny_pipeline
 
 
 def test_masked_subnetwork_scores_like_its_extracted_model_and_report_is_written(tiny_pipeline, tmp_path):
+    from megatron_elastic.elastic.arch import ElasticArch
     from megatron_elastic.evaluation import evaluate_checkpoint, evaluate_subnetworks, fixed_eval_set, write_report
     from megatron_elastic.extraction.extract import extract
-    from megatron_elastic.model.elastic_arch import ElasticArch
     from megatron_elastic.parallel import initialize_parallel
     from megatron_elastic.store.open_run import config_from_checkpoint
 

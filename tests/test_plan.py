@@ -40,7 +40,7 @@ def test_plan_refuses_what_cannot_fit():
 def test_plan_counts_recompute_and_sequence_parallelism_and_prints_its_kernels():
     """Recompute adds one student forward to the work (GPU-hours); sequence parallelism divides the layer inputs
     kept under recompute by TP; the kernel path printed is the one `train` builds on that machine."""
-    from megatron_elastic.model.cost import arch_flops_per_token
+    from megatron_elastic.elastic.cost import arch_flops_per_token
     from megatron_elastic.plan import Hardware, format_plan, make_plan
 
     roomy = Hardware(nodes=16, gpu_memory_gib=400)
@@ -108,7 +108,7 @@ def test_plan_sizes_budgets_of_every_kind():
     """`plan --budget`: a memory budget of the 12B parent at 32k context, batch 8, is met by a sub-model whose
     weights (bf16) plus KV caches and Mamba states, counted here from the Nemotron-H layout, fit it; a FLOPs budget
     likewise; the memory budget of a job stated in memory equals the parent's memory times its fraction."""
-    from megatron_elastic.model.elastic_arch import ElasticArch
+    from megatron_elastic.elastic.arch import ElasticArch
     from megatron_elastic.plan import Hardware, _parent_config, make_plan
 
     plan = make_plan(RECIPE, Hardware(nodes=16), extra_budgets=["16GiB@32768x8", "15GFLOP@8192"])

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Submit the two curriculum stages as two dependent Slurm jobs (stage 2 starts when stage 1 succeeded), each
-# with its own node count and time limit. Both resume from the same checkpoint.dir.
+# Submit the two curriculum stages as two dependent Slurm jobs (stage 2 starts when stage 1 succeeded, and is
+# cancelled when stage 1 failed for good), each with its own node count and time limit. Both resume from the same
+# checkpoint.dir. Run it once: it submits the whole curriculum.
 #
 #   CONFIG=examples/nemotron_nano_v2_12b/elastic.yaml NODES_STAGE1=16 NODES_STAGE2=16 \
 #     launch/slurm/submit_curriculum.sh [extra `train` arguments, e.g. --set train.eval_interval=1000]
@@ -17,9 +18,9 @@ TIME_STAGE2="${TIME_STAGE2:-04:00:00}"
 here="$(cd "$(dirname "$0")" && pwd)"
 read -r -a sbatch_args <<< "${SBATCH_ARGS:-}"
 
-stage1=$(sbatch --parsable "${sbatch_args[@]}" --job-name elastic-stage1 --nodes "${NODES_STAGE1}" --time "${TIME_STAGE1}" \
+stage1=$(sbatch --parsable "${sbatch_args[@]}" --job-name elastic-stage1 --nodes "${NODES_STAGE1}" --time "${TIME_STAGE1}" --exclusive \
   "${here}/megatron_elastic.sbatch" train --config "${CONFIG}" --until-stage 1 "$@")
 echo "stage 1: job ${stage1}"
-stage2=$(sbatch --parsable "${sbatch_args[@]}" --job-name elastic-stage2 --nodes "${NODES_STAGE2}" --time "${TIME_STAGE2}" \
-  --dependency "afterok:${stage1}" "${here}/megatron_elastic.sbatch" train --config "${CONFIG}" "$@")
+stage2=$(sbatch --parsable "${sbatch_args[@]}" --job-name elastic-stage2 --nodes "${NODES_STAGE2}" --time "${TIME_STAGE2}" --exclusive \
+  --dependency "afterok:${stage1}" --kill-on-invalid-dep=yes "${here}/megatron_elastic.sbatch" train --config "${CONFIG}" "$@")
 echo "stage 2: job ${stage2} (after ${stage1})"

@@ -44,7 +44,7 @@ def build_gpt_datasets(
         reset_attention_mask=False,
         eod_mask_loss=False,
         create_attention_mask=False,
-        path_to_cache=source.cache_dir,
+        path_to_cache=source.index_cache_dir(),
         mmap_bin_files=True,
     )
 

@@ -14,6 +14,7 @@ Two ways to name data in a config's ``data`` section:
 
 from __future__ import annotations
 
+import hashlib
 import numbers
 import os
 from dataclasses import dataclass, field
@@ -69,6 +70,21 @@ class DataSource:
 
     def prefixes(self) -> List[str]:
         return list(self.train[0]) + (list(self.valid[0]) if self.valid else [])
+
+    def index_cache_dir(self) -> Optional[str]:
+        """Megatron's sample-index cache for exactly these files: ``cache_dir/<fingerprint>``. Megatron keys its
+        cache by the dataset config alone, so data rewritten in place (``prepare-data`` run again into the same
+        directory) would be read through the old files' document and sample indices: samples that cut across
+        documents or span the whole token stream. The fingerprint (size and modification time of every
+        ``.bin``/``.idx``) changes with any rewrite and costs one ``stat`` per file."""
+        if not self.cache_dir:
+            return None
+        h = hashlib.sha1()
+        for prefix in self.prefixes():
+            for ext in (".bin", ".idx"):
+                st = os.stat(prefix + ext)
+                h.update(f"{os.path.abspath(prefix)}{ext}:{st.st_size}:{st.st_mtime_ns};".encode())
+        return os.path.join(self.cache_dir, h.hexdigest()[:16])
 
     def check(self, model_vocab_size: Optional[int] = None):
         """Load the tokenizer, check the model embeds its ids and every prefix is sound (its ``.idx`` parses, its

@@ -1,8 +1,10 @@
 """Nemotron Elastic, the method (arXiv 2511.16664), read top to bottom:
 
-* ``space.py``: what may be chosen: the allowed sizes of every axis and the depth ranking (the architecture and
-  its costs: ``model/elastic_arch.py``, ``model/cost.py``, ``model/budget.py``; the elastic blocks that run a
-  choice: ``model/elastic_*.py``);
+* ``arch.py``, ``cost.py``, ``budget.py``: one sub-model (per-layer sizes, skipped layers) and what it costs in
+  each budget kind (parameters, serving memory, FLOPs per token); ``memory.py``: the per-GPU memory model;
+* ``layers/``: the elastic Megatron-Core blocks that run any nested choice on sliced weights (linears, Mamba
+  mixer, attention, MLP, stack; ``spec.py`` their ModuleSpec; ``model.py``: ``build_elastic_model``, ``set_arch``);
+* ``space.py``: what may be chosen: the allowed sizes of every axis and the depth ranking;
 * ``router.py``: the router: per-axis Gumbel-Softmax choices from a budget, drawn nested for every budget;
 * ``resource_loss.py``: the expected cost of the router's choices against the budget;
 * ``curriculum.py``: the two-stage curriculum (tokens, context, batch and budget weights per stage);
@@ -14,7 +16,8 @@
   resource step), the loop (``train_elastic`` drives an ``ElasticRun``: resume, save, stop); ``report.py``: its
   start, validation and summary;
 * ``choose.py``: after training, every budget's sub-model (trained, or zero-shot between trained ones; in any cost
-  kind) and opening an elastic checkpoint with its router: what ``extract``, ``evaluate`` and ``generate`` use.
+  kind); ``slicing.py``: carving that sub-model's tensors out of the parent's (every budget is a prefix);
+  ``source.py``: opening a trained checkpoint with its router: what ``extract``, ``evaluate`` and ``generate`` use.
 
-Importance and the sort that precede it are in ``importance/``; extracting a budget's sub-model in ``extraction/``.
+Importance and the sort that precede it are in ``importance/``; the export formats in ``extraction/``.
 """

@@ -5,24 +5,16 @@ onto its target), budgets stated in any cost kind, and opening an elastic checkp
 
 from __future__ import annotations
 
-import json
-import os
 import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-import yaml
 
+from megatron_elastic.elastic.arch import ElasticArch
+from megatron_elastic.elastic.budget import Budget, format_cost, parse_budget, same_kind
 from megatron_elastic.elastic.router import Router
-from megatron_elastic.elastic.space import ElasticSpace
-from megatron_elastic.errors import CheckpointError, ConfigError
-from megatron_elastic.model.budget import Budget, format_cost, parse_budget, parse_kind, same_kind
-from megatron_elastic.model.elastic_arch import ElasticArch
-from megatron_elastic.model.elastic_model import build_elastic_model
-from megatron_elastic.parallel import initialize_parallel
-from megatron_elastic.store.checkpoint import EXTRA, load_checkpoint, load_extra, resolve_checkpoint
-from megatron_elastic.store.job_config import load_pretrain_config
+from megatron_elastic.errors import ConfigError
 
 
 @dataclass
@@ -171,56 +163,11 @@ def _move_to_target(router, idx, logits, upper, lower, target, tolerance):
     return idx
 
 
-@dataclass
-class ElasticSource:
-    path: str  # the checkpoint directory (iter_*)
-    job: dict  # the parent's pretraining job config (PretrainConfig dict)
-    config: object  # the parent's HybridConfig at TP=1
-    model: Optional[torch.nn.Module]  # elastic model at TP=1, PP=1 with the checkpoint's weights (or None)
-    router: Optional[Router]  # None for a checkpoint without one (a sorted parent)
-
-
-def load_source(checkpoint: str, with_model: bool = True) -> ElasticSource:
-    """Load an elastic-training checkpoint (model + router) or a pretrain/sorted one (model only) at TP=1.
-    ``with_model=False`` skips the weights (``model`` is None; read tensors with ``CheckpointTensorReader``)."""
-    path = resolve_checkpoint(checkpoint)
-    with open(os.path.join(path, "trainer_state.json")) as f:
-        state = json.load(f)
-    job = state.get("parent_config") or state.get("config")
-    if not job or "model" not in job:
-        raise CheckpointError(f"{path}/trainer_state.json has no model config; was it written by megatron-elastic?")
-    job_cfg = load_pretrain_config(text=yaml.safe_dump(job))
-    job_cfg.parallel.tensor_model_parallel_size = job_cfg.parallel.pipeline_model_parallel_size = 1
-    job = job_cfg.to_dict()
-    initialize_parallel(1, 1, seed=job_cfg.train.seed)
-    model_cfg = job_cfg.model_config()
-    model = None
-    if with_model:
-        model = build_elastic_model(model_cfg)
-        load_checkpoint(path, model, optimizer=None, load_rng=False)
-        model.eval()
-    router = None
-    if "parent_config" in state and os.path.isfile(os.path.join(path, EXTRA)):
-        extra = load_extra(path)
-        space = ElasticSpace(**extra["space"])
-        fixed = extra.get("fixed_arch")
-        router = Router(
-            model_cfg,
-            space,
-            state["budgets"],
-            hidden=state["config"].get("router", {}).get("hidden", 256),
-            fixed_arch=ElasticArch.from_dict(fixed) if fixed else None,
-            cost=parse_kind(state["config"].get("budget_kind", "params"), model_cfg),
-        )
-        router.load_state_dict(extra["router"])
-    return ElasticSource(path, job, model_cfg, model, router)
-
-
 def budget_archs(router: Optional[Router], budgets: List[str], where: str = "") -> Dict[str, BudgetChoice]:
     """Name -> the router's choice for each requested budget: ``all`` (every trained budget, nested), fractions
     (of the router's kind: parameters, or the memory/FLOPs its job was trained on), trained or not
     (:func:`choose_budgets`: an untrained one between its trained neighbours, zero-shot), or budgets stated in
-    any kind (``model.budget``: ``6GiB@32768``, ``1.5GFLOP@4096``): one of the router's own kind is its fraction of
+    any kind (``elastic.budget``: ``6GiB@32768``, ``1.5GFLOP@4096``): one of the router's own kind is its fraction of
     the parent; another kind gets the largest sub-model the router gives whose cost of that kind is within it
     (:func:`fraction_within`). Bad values raise a one-line ``ConfigError``."""
     if router is None:

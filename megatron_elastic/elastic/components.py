@@ -14,7 +14,10 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.distributed import finalize_model_grads
 
+from megatron_elastic.elastic.arch import ElasticArch
 from megatron_elastic.elastic.config import ElasticJobConfig
+from megatron_elastic.elastic.cost import arch_parameters
+from megatron_elastic.elastic.layers.model import build_elastic_model
 from megatron_elastic.elastic.memory_check import check_this_gpu
 from megatron_elastic.elastic.router import Router
 from megatron_elastic.elastic.space import ElasticSpace
@@ -22,9 +25,6 @@ from megatron_elastic.elastic.teacher import DistillationPair
 from megatron_elastic.errors import InputNotFoundError
 from megatron_elastic.model.builder import build_hybrid_model
 from megatron_elastic.model.config import ConfigError
-from megatron_elastic.model.cost import arch_parameters
-from megatron_elastic.model.elastic_arch import ElasticArch
-from megatron_elastic.model.elastic_model import build_elastic_model
 from megatron_elastic.model.kernels import Machine, teacher_kernels
 from megatron_elastic.parallel import initialize_parallel
 from megatron_elastic.store.checkpoint import (

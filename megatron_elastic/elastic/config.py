@@ -4,7 +4,7 @@
 ``plan_parent_config``  optional: a parent YAML (relative to this file) that ``plan`` reads before the parent exists
 ``budgets``     fractions of the parent's cost, e.g. ``[1.0, 0.75, 0.5]``, or budgets in the job's kind stated
                 absolutely (``[1.0, 6GiB@32768, 4GiB@32768]``: converted with the parent's architecture)
-``budget_kind`` what a budget bounds (``model.budget``): ``params`` (default, the paper's), ``memory@CONTEXT[xBATCH]``
+``budget_kind`` what a budget bounds (``elastic.budget``): ``params`` (default, the paper's), ``memory@CONTEXT[xBATCH]``
                 (serving weights + KV caches + Mamba states) or ``flops@CONTEXT`` (forward FLOPs per token)
 ``fixed_arch``  optional: an ``ElasticArch`` JSON (e.g. an extracted budget's ``arch.json``); the run then trains
                 only that sub-model (and 1.0 if listed) under the one smaller budget, no router search (the
@@ -28,10 +28,10 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import yaml
 
+from megatron_elastic.elastic.arch import ElasticArch, ElasticArchError
+from megatron_elastic.elastic.budget import format_cost, kind_text, parse_budget, parse_kind
 from megatron_elastic.elastic.curriculum import Curriculum, Stage
-from megatron_elastic.model.budget import format_cost, kind_text, parse_budget, parse_kind
 from megatron_elastic.model.config import ConfigError
-from megatron_elastic.model.elastic_arch import ElasticArch, ElasticArchError
 from megatron_elastic.store.checkpoint import latest_checkpoint
 from megatron_elastic.store.job_config import (
     CheckpointConfig,
@@ -111,12 +111,12 @@ class ElasticJobConfig:
         default_factory=lambda: CheckpointConfig(dir="runs/elastic", save_interval=100)
     )
     fixed_arch: str = ""  # an ElasticArch JSON: train only this sub-model as the one budget below 1.0
-    budget_kind: str = "params"  # model.budget.parse_kind: params, memory@CONTEXT[xBATCH] or flops@CONTEXT
+    budget_kind: str = "params"  # elastic.budget.parse_kind: params, memory@CONTEXT[xBATCH] or flops@CONTEXT
     budget_labels: Dict[float, str] = field(default_factory=dict)  # fraction -> the budget as the config stated it
     raw: Dict[str, Any] = field(default_factory=dict)  # the resolved YAML mapping (stored in checkpoints)
 
     def cost(self, model_config):
-        """What the budgets bound (``model.cost.Cost``), in ``model_config``'s dtype."""
+        """What the budgets bound (``elastic.cost.Cost``), in ``model_config``'s dtype."""
 
         return parse_kind(self.budget_kind, model_config)
 

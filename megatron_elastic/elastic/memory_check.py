@@ -1,4 +1,4 @@
-"""The memory check of an elastic job: per-GPU bytes at every curriculum stage (``model.memory``) against the
+"""The memory check of an elastic job: per-GPU bytes at every curriculum stage (``elastic.memory``) against the
 GPU's memory, refusing with the fixes. ``plan`` runs it for a cluster it is told about; ``train`` runs it on
 CUDA before its first step, with the kernels it really builds."""
 
@@ -7,9 +7,9 @@ from __future__ import annotations
 from typing import Dict, List
 
 from megatron_elastic.elastic.config import ElasticJobConfig
+from megatron_elastic.elastic.memory import GIB, memory_per_gpu
 from megatron_elastic.errors import PlanError
 from megatron_elastic.model.kernels import KernelPath, Machine, student_kernels
-from megatron_elastic.model.memory import GIB, memory_per_gpu
 
 
 def stage_memory(cfg: ElasticJobConfig, config, dp: int, path: KernelPath, overhead_gib: float):

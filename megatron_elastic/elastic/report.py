@@ -16,13 +16,13 @@ from tqdm import tqdm
 
 from megatron_elastic.data.loader import make_loader
 from megatron_elastic.data.tokenizer import BitsPerByte
+from megatron_elastic.elastic.arch import ElasticArch
+from megatron_elastic.elastic.budget import every_cost, format_cost, kind_text, report_shape
 from megatron_elastic.elastic.choose import choose, choose_all
 from megatron_elastic.elastic.components import ElasticComponents, build_parent
+from megatron_elastic.elastic.cost import arch_parameters
+from megatron_elastic.elastic.layers.model import set_arch
 from megatron_elastic.elastic.step import nested_draws
-from megatron_elastic.model.budget import every_cost, format_cost, kind_text, report_shape
-from megatron_elastic.model.cost import arch_parameters
-from megatron_elastic.model.elastic_arch import ElasticArch
-from megatron_elastic.model.elastic_model import set_arch
 from megatron_elastic.store.checkpoint import (
     latest_checkpoint,
 )

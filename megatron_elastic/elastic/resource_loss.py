@@ -1,5 +1,5 @@
 """The resource loss (Nemotron Elastic §Router): the router's expected cost under its soft choice probabilities,
-differentiable, against the budget's target. Every cost kind (``model.cost``) is multilinear in independent per-axis
+differentiable, against the budget's target. Every cost kind (``elastic.cost``) is multilinear in independent per-axis
 choices, so its expectation is the cost at the expected sizes (and the kept-layer probabilities); at a hard choice it
 equals ``cost.of(arch)`` exactly."""
 

@@ -1,7 +1,7 @@
 """The router (Nemotron Elastic §Router): a small network per elastic axis that maps a target budget to a
 choice on that axis, sampled with straight-through Gumbel-Softmax, plus the resource loss that pulls each
 budget's (expected) cost onto its target: parameters (the paper's), deployment memory at a context length or FLOPs
-per token (``model.cost``; a budget is a fraction of the parent's cost of the router's kind).
+per token (``elastic.cost``; a budget is a fraction of the parent's cost of the router's kind).
 
 * Input: one-hot over the configured budgets; a budget fraction between two configured ones is a linear
   interpolation of their one-hots (an untrained, intermediate budget).
@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron_elastic.elastic.arch import AXIS_FIELD, AXIS_SYMBOL, ElasticArch
+from megatron_elastic.elastic.cost import PARAMETERS, Cost
 from megatron_elastic.elastic.space import AXES, ElasticSpace
 from megatron_elastic.errors import ConfigError
-from megatron_elastic.model.cost import PARAMETERS, Cost
-from megatron_elastic.model.elastic_arch import AXIS_FIELD, AXIS_SYMBOL, ElasticArch
 
 
 @dataclass
@@ -60,7 +60,7 @@ class Router(nn.Module):
     ):
         super().__init__()
         self.config, self.space, self.budgets = config, space, [float(b) for b in budgets]
-        # What a budget bounds (``model.cost``): budgets are fractions of the parent's cost of this kind.
+        # What a budget bounds (``elastic.cost``): budgets are fractions of the parent's cost of this kind.
         self.cost = cost
         self.full_cost = float(cost.of(config, ElasticArch.full(config)))
         # A fixed-architecture run (the exact baseline): every budget below 1.0 is this sub-model, no search.

@@ -25,6 +25,7 @@ from megatron_elastic.data.loader import build_gpt_datasets, eval_bits_per_byte
 from megatron_elastic.elastic.choose import choose_all
 from megatron_elastic.elastic.components import ElasticComponents, build_elastic_components
 from megatron_elastic.elastic.config import ElasticJobConfig
+from megatron_elastic.elastic.layers.model import set_arch
 from megatron_elastic.elastic.report import announce, arch_summary, evaluate_run, summarize
 from megatron_elastic.elastic.step import (
     StageData,
@@ -39,7 +40,6 @@ from megatron_elastic.elastic.step import (
 )
 from megatron_elastic.errors import InputNotFoundError
 from megatron_elastic.model.config import ConfigError
-from megatron_elastic.model.elastic_model import set_arch
 from megatron_elastic.store.checkpoint import (
     CheckpointWriter,
     latest_checkpoint,

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 from megatron_elastic.compat import ATTENTION, MAMBA, MLP
-from megatron_elastic.model.elastic_arch import AXIS_FIELD, ElasticArch
+from megatron_elastic.elastic.arch import AXIS_FIELD, ElasticArch
 
 AXES = ("hidden", *AXIS_FIELD, "depth")
 

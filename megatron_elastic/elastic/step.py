@@ -32,8 +32,8 @@ from megatron_elastic.data.loader import build_gpt_datasets, make_loader
 from megatron_elastic.elastic.components import ElasticComponents
 from megatron_elastic.elastic.config import MAX_BUDGETS, ElasticJobConfig
 from megatron_elastic.elastic.distill import kd_loss
+from megatron_elastic.elastic.layers.model import set_arch
 from megatron_elastic.elastic.resource_loss import expected_cost, resource_loss
-from megatron_elastic.model.elastic_model import set_arch
 from megatron_elastic.training.lm import batch_to_device, masked_mean
 from megatron_elastic.training.preemption import any_rank
 

@@ -15,23 +15,24 @@ from typing import List, Optional
 import yaml
 
 from megatron_elastic.data.source import job_tokenizer_spec
-from megatron_elastic.elastic.choose import budget_archs, choose_budgets, load_source
-from megatron_elastic.extraction.hf import save_hf_checkpoint
-from megatron_elastic.extraction.reader import CheckpointTensorReader
-from megatron_elastic.extraction.slicing import iter_sliced, sub_model_dict
-from megatron_elastic.model.budget import (
+from megatron_elastic.elastic.arch import ElasticArch
+from megatron_elastic.elastic.budget import (
     every_cost,
     report_shape,
     stated_costs,
 )
+from megatron_elastic.elastic.choose import budget_archs, choose_budgets
+from megatron_elastic.elastic.cost import arch_parameters
+from megatron_elastic.elastic.slicing import iter_sliced, sub_model_dict
+from megatron_elastic.elastic.source import load_source
+from megatron_elastic.extraction.hf import save_hf_checkpoint
 from megatron_elastic.model.builder import build_hybrid_model
 from megatron_elastic.model.config import ConfigError
-from megatron_elastic.model.cost import arch_parameters
-from megatron_elastic.model.elastic_arch import ElasticArch
 from megatron_elastic.store.checkpoint import (
     save_checkpoint,
 )
 from megatron_elastic.store.job_config import load_pretrain_config
+from megatron_elastic.store.reader import CheckpointTensorReader
 
 FORMATS = ("megatron", "hf", "both", "hf-elastic")
 

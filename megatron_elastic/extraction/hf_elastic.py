@@ -6,7 +6,7 @@ remote-code module (``hf_model.py``) builds any listed budget with ``transformer
 
 Each table entry holds the sub-model's NemotronH config and, for every sub-model tensor, the parent tensor it comes
 from and the kept index ranges along each sliced dimension. The ranges are not a second copy of the slicing rules:
-they are read off our own slicing (``extraction.slicing``) applied to index tensors (a tensor whose values are
+they are read off our own slicing (``elastic.slicing``) applied to index tensors (a tensor whose values are
 their own positions along one dimension), through the same NemotronH name mapping as the ordinary export, so an
 ``hf-elastic`` budget is by construction what ``extract --format hf`` writes for it (tests compare the logits).
 
@@ -25,9 +25,9 @@ from typing import Dict, List, Tuple
 import torch
 import yaml
 
+from megatron_elastic.elastic.arch import ElasticArch
+from megatron_elastic.elastic.slicing import iter_sliced, kept_layers, sub_model_dict
 from megatron_elastic.extraction.hf import REMOTE_MODULE, from_hf_state_dict, hf_config, to_hf_state_dict
-from megatron_elastic.extraction.slicing import iter_sliced, kept_layers, sub_model_dict
-from megatron_elastic.model.elastic_arch import ElasticArch
 from megatron_elastic.store.job_config import load_pretrain_config
 
 

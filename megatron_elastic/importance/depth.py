@@ -20,8 +20,8 @@ from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from megatron_elastic.model.elastic_arch import ElasticArch
-from megatron_elastic.model.elastic_model import set_arch
+from megatron_elastic.elastic.arch import ElasticArch
+from megatron_elastic.elastic.layers.model import set_arch
 from megatron_elastic.training.lm import chunk_logits, lm_hidden
 
 CHUNK_BYTES = 256 * 2**20  # float32 logits per chunk (per rank): 4096 tokens of a 16,384-id vocabulary shard

@@ -13,13 +13,13 @@ from tqdm import tqdm
 
 from megatron_elastic.compat import ATTENTION, MAMBA
 from megatron_elastic.data.loader import calibration_batches
+from megatron_elastic.elastic.arch import AXIS_FIELD
+from megatron_elastic.elastic.layers.model import build_elastic_model
 from megatron_elastic.errors import ConfigError
 from megatron_elastic.importance.depth import DepthSearch, run_depth_search
 from megatron_elastic.importance.permute import permute_model
 from megatron_elastic.importance.progress import ImportanceProgress
 from megatron_elastic.importance.width import WidthScores, WidthStatistics, accumulate_width
-from megatron_elastic.model.elastic_arch import AXIS_FIELD
-from megatron_elastic.model.elastic_model import build_elastic_model
 from megatron_elastic.parallel import initialize_parallel
 from megatron_elastic.store.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from megatron_elastic.store.open_run import config_from_checkpoint

@@ -25,9 +25,9 @@ import torch
 import torch.distributed as dist
 
 from megatron_elastic.compat import ATTENTION, MAMBA
+from megatron_elastic.elastic.arch import AXIS_FIELD
 from megatron_elastic.errors import ConfigError
 from megatron_elastic.importance.permute import Permutation, order_within_groups
-from megatron_elastic.model.elastic_arch import AXIS_FIELD
 from megatron_elastic.model.layouts import MambaLayout, QKVLayout
 from megatron_elastic.parallel import tensor_parallel
 

@@ -28,6 +28,7 @@ from megatron.core.transformer.utils import (
 )
 
 from megatron_elastic import ops
+from megatron_elastic.compat import foldable
 from megatron_elastic.errors import ConfigError
 from megatron_elastic.model.layouts import MambaLayout
 
@@ -413,7 +414,7 @@ class MambaMixer(MegatronModule):
         y = y.reshape(batch, seq, d_inner)
         if self.rmsnorm:
             y = ops.gated_rmsnorm(y, v.norm_weight, z, self.norm.eps, v.norm_group_size, self.norm_before_gate)
-        y = y.transpose(0, 1).contiguous()
+        y = foldable(y.transpose(0, 1).contiguous())  # [s, 1, d] of one sequence: see compat.foldable
         return (y, conv_in, final.float()) if return_states else y
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):

@@ -31,7 +31,7 @@ from megatron_elastic.model.stack import HybridStack
 BACKENDS = ("local", "te")
 
 
-def _stack_spec(
+def stack_spec(
     *,
     norm,
     column_linear,
@@ -97,7 +97,7 @@ def _stack_spec(
 
 
 def _local_spec() -> ModuleSpec:
-    return _stack_spec(
+    return stack_spec(
         norm=RMSNorm,
         column_linear=ColumnParallelLinear,
         row_linear=RowParallelLinear,
@@ -115,39 +115,12 @@ def _te_spec() -> ModuleSpec:
         TERowParallelLinear,
     )
 
-    return _stack_spec(
+    return stack_spec(
         norm=TENorm,
         column_linear=TEColumnParallelLinear,
         row_linear=TERowParallelLinear,
         core_attention=TEDotProductAttention,
         fused_norm_linear=TELayerNormColumnParallelLinear,
-    )
-
-
-def elastic_hybrid_stack_spec(backend: str = "local") -> ModuleSpec:
-    """The elastic hybrid stack: Megatron's layers with elastic mixer, attention, MLP, linears, norms and
-    stack (any nested choice runs on sliced weights; see ``megatron_elastic.model.elastic_model.set_arch``).
-    Swap it for :func:`hybrid_stack_spec` to make a Megatron hybrid model elastic. Only the ``local`` backend
-    is elastic so far."""
-    if backend != "local":
-        raise ConfigError("elastic_hybrid_stack_spec: only backend='local' is implemented so far")
-    from megatron_elastic.model.elastic_attention import ElasticSelfAttention
-    from megatron_elastic.model.elastic_layers import (
-        ElasticColumnParallelLinear,
-        ElasticRMSNorm,
-        ElasticRowParallelLinear,
-    )
-    from megatron_elastic.model.elastic_mamba import ElasticMambaMixer
-    from megatron_elastic.model.elastic_stack import ElasticHybridStack
-
-    return _stack_spec(
-        norm=ElasticRMSNorm,
-        column_linear=ElasticColumnParallelLinear,
-        row_linear=ElasticRowParallelLinear,
-        core_attention=SDPAttention,
-        mixer_cls=ElasticMambaMixer,
-        stack_cls=ElasticHybridStack,
-        attention_cls=ElasticSelfAttention,
     )
 
 

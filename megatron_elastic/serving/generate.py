@@ -11,10 +11,11 @@ import torch
 
 from megatron_elastic.data.source import job_tokenizer_spec
 from megatron_elastic.data.tokenizer import load_tokenizer
-from megatron_elastic.elastic.choose import budget_archs, choose_all, load_source
+from megatron_elastic.elastic.arch import ElasticArch
+from megatron_elastic.elastic.choose import budget_archs, choose_all
+from megatron_elastic.elastic.layers.model import use_arch
+from megatron_elastic.elastic.source import load_source
 from megatron_elastic.errors import UnknownBudgetError
-from megatron_elastic.model.elastic_arch import ElasticArch
-from megatron_elastic.model.elastic_model import use_arch
 from megatron_elastic.serving.decode import decode
 from megatron_elastic.serving.schedule import BudgetSchedule, ScheduledGeneration, generate_scheduled
 
@@ -52,7 +53,7 @@ class ElasticServer:
         except (TypeError, ValueError):
             if not isinstance(budget, str):
                 raise UnknownBudgetError(f"budget {budget!r}: use a fraction such as 0.6 or e.g. 6GiB@32768") from None
-            key = budget.strip()  # a budget in memory or FLOPs (model.budget)
+            key = budget.strip()  # a budget in memory or FLOPs (elastic.budget)
         if key not in self.archs:
             if self.router is None:
                 raise UnknownBudgetError(f"budget {budget} is not one of the trained budgets {sorted(self.archs)}")

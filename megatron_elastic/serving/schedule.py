@@ -20,9 +20,9 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
+from megatron_elastic.elastic.arch import ElasticArch
+from megatron_elastic.elastic.layers.model import use_arch
 from megatron_elastic.errors import ConfigError
-from megatron_elastic.model.elastic_arch import ElasticArch
-from megatron_elastic.model.elastic_model import use_arch
 from megatron_elastic.serving.decode import stream
 
 SYNTAX = "'BUDGET [until TEXT | for N], then BUDGET ...', e.g. '0.5 until </think>, then 1.0' or '0.5 for 128, then 1'"

@@ -9,9 +9,8 @@ import os
 import yaml
 
 from megatron_elastic.errors import CheckpointError
-from megatron_elastic.model.elastic_model import build_elastic_model
 from megatron_elastic.parallel import initialize_parallel
-from megatron_elastic.store.checkpoint import load_checkpoint, resolve_checkpoint
+from megatron_elastic.store.checkpoint import resolve_checkpoint
 from megatron_elastic.store.job_config import PretrainConfig, load_pretrain_config
 
 
@@ -34,11 +33,3 @@ def single_process_job(checkpoint: str):
     job.parallel.tensor_model_parallel_size = job.parallel.pipeline_model_parallel_size = 1
     initialize_parallel(1, 1, seed=job.train.seed)
     return path, job
-
-
-def load_parent(checkpoint: str):
-    """(elastic model at TP=1, PP=1 with the checkpoint's weights, its PretrainConfig, checkpoint path)."""
-    path, job = single_process_job(checkpoint)
-    model = build_elastic_model(job.model_config())
-    load_checkpoint(path, model, optimizer=None, load_rng=False)
-    return model, job, path

@@ -1,8 +1,10 @@
 """Stopping a training job cleanly before the cluster ends it: SIGTERM / SIGUSR1 (Slurm preemption or time limit)
 set a flag, and :class:`WallTimeLimit` says when the job's wall time is nearly up; every rank checks both after a
-step (one all-reduce), checkpoints and exits with ``REQUEUE_EXIT_CODE``; rank 0 also writes the file
+step (one all-reduce), checkpoints and exits with ``REQUEUE_EXIT_CODE``; each rank first writes the file
 ``$MEGATRON_ELASTIC_REQUEUE_MARKER`` names (the launch script requeues the job when it exists: exit codes do not
-survive ``srun --kill-on-bad-exit``, which ends the other ranks with 143 once the first one exits)."""
+survive ``srun --kill-on-bad-exit``, which ends the other ranks with 143 once the first one exits). For the same
+reason a rank that stops on a bad input (exit 2) writes ``$MEGATRON_ELASTIC_BAD_INPUT_MARKER``: the launch script
+then exits 2 and never requeues, whatever srun reports for the ranks it killed."""
 
 from __future__ import annotations
 
@@ -15,16 +17,34 @@ from typing import List, Optional
 REQUEUE_EXIT_CODE = 99  # the run checkpointed on a signal and wants to be requeued (launch/slurm reads it)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 REQUEUE_MARKER_ENV = "MEGATRON_ELASTIC_REQUEUE_MARKER"
+BAD_INPUT_MARKER_ENV = "MEGATRON_ELASTIC_BAD_INPUT_MARKER"
 JOB_END_ENV = "MEGATRON_ELASTIC_JOB_END_TIME"  # the job's end (seconds since the epoch); launch/slurm sets it
 
 
+def _write_marker(env: str, text: str) -> None:
+    """Write the file ``$env`` names (if the launcher set it) atomically and flushed to disk, so it is there before
+    this rank's exit, however srun ends the other ranks."""
+    path = os.environ.get(env)
+    if not path:
+        return
+    tmp = f"{path}.{os.environ.get('RANK', '0')}.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def mark_for_requeue() -> None:
-    """After the stop checkpoint (whose last barrier every rank passed): on global rank 0, write the requeue
-    marker if the launcher asked for one."""
-    path = os.environ.get(REQUEUE_MARKER_ENV)
-    if path and int(os.environ.get("RANK", "0")) == 0:
-        with open(path, "w") as f:
-            f.write("checkpointed on a stop signal; requeue\n")
+    """After the stop checkpoint (whose last barrier every rank passed): write the requeue marker if the launcher
+    asked for one. Every rank writes it before it exits: with ``srun --kill-on-bad-exit`` the first rank to exit
+    gets the others killed, so a marker left to one rank could be lost."""
+    _write_marker(REQUEUE_MARKER_ENV, "checkpointed on a stop signal; requeue")
+
+
+def mark_bad_input(message: str) -> None:
+    """A bad input (the CLI's exit 2, one line naming the fix): tell the launcher not to run the job again."""
+    _write_marker(BAD_INPUT_MARKER_ENV, message)
 
 
 def any_rank(*local: bool) -> List[bool]:

@@ -70,3 +70,25 @@ def test_bad_inputs_have_clear_errors(tmp_path):
         read_metadata(str(tmp_path / "nothing"))
     with pytest.raises(ValueError, match="split is empty"):
         write_split_datasets(str(tmp_path / "e"), ["only one document"], "byte", progress=False)
+
+
+def test_data_rewritten_in_place_is_read_through_its_own_sample_index(tmp_path):
+    """Megatron caches sample indices by dataset config; prepare-data run again into the same directory must not
+    be read through the old files' indices (the 12B rehearsal fed one 548,013-token sample that way)."""
+    import dataclasses
+
+    from megatron_elastic.data.loader import build_gpt_datasets
+    from megatron_elastic.data.prepare import prepare_data
+    from megatron_elastic.data.source import DataSource
+
+    out = str(tmp_path / "data")
+    prepare_data(out, max_bytes=300_000, valid_every=5, progress=False)
+    old, _ = build_gpt_datasets(out, seq_length=64, train_samples=32, valid_samples=4)
+    assert len(old[0]["tokens"]) == 64  # indices built and cached
+    prepare_data(out, max_bytes=120_000, valid_every=3, progress=False)  # other documents, same paths
+    again, _ = build_gpt_datasets(out, seq_length=64, train_samples=32, valid_samples=4)
+    fresh_source = dataclasses.replace(DataSource.from_dir(out), cache_dir=str(tmp_path / "fresh_cache"))
+    fresh, _ = build_gpt_datasets(fresh_source, seq_length=64, train_samples=32, valid_samples=4)
+    for i in range(32):
+        assert len(again[i]["tokens"]) == 64
+        assert np.array_equal(np.asarray(again[i]["tokens"]), np.asarray(fresh[i]["tokens"])), i

@@ -145,8 +145,8 @@ def test_the_whole_pipeline_on_bpe_data_ends_in_a_hf_export_transformers_loads_w
     from megatron_elastic.elastic.run import train_elastic
     from megatron_elastic.extraction.extract import extract
     from megatron_elastic.parallel import destroy_parallel
+    from tests.elastic.test_elastic_training import JOB
     from tests.tiny_pipeline import make_tiny_sorted_parent
-    from tests.training.test_elastic_training import JOB
 
     try:
         paths = make_tiny_sorted_parent(str(tmp_path), iters=4, tokenizer=bpe["dir"], vocab_size=640)

@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
-from tests.model.test_elastic_model import _args
-from tests.training.test_elastic_training import _train
+from tests.elastic.test_elastic_model import _args
+from tests.elastic.test_elastic_training import _train
 
 
 @pytest.fixture
@@ -20,10 +20,11 @@ def elastic_run(single_process_parallel, parent, tmp_path):
 
 def test_extract_all_budgets_megatron_and_hf(elastic_run, tmp_path):
     transformers = pytest.importorskip("transformers")
-    from megatron_elastic.elastic.choose import choose_all, load_source
+    from megatron_elastic.elastic.choose import choose_all
+    from megatron_elastic.elastic.layers.model import use_arch
+    from megatron_elastic.elastic.source import load_source
     from megatron_elastic.extraction.extract import extract
     from megatron_elastic.model.builder import build_hybrid_model
-    from megatron_elastic.model.elastic_model import use_arch
     from megatron_elastic.store.checkpoint import load_model_weights
     from megatron_elastic.store.open_run import config_from_checkpoint
 
@@ -66,11 +67,11 @@ def test_extract_errors_name_the_fix(elastic_run, parent, tmp_path):
 
 def test_extraction_streams_the_parent_and_never_reads_skipped_layers(parent, tmp_path, monkeypatch):
     """An explicit architecture from a sorted parent: tensors are read one at a time, skipped layers never."""
+    from megatron_elastic.elastic.arch import ElasticArch
     from megatron_elastic.extraction import extract as extract_mod
-    from megatron_elastic.extraction.reader import CheckpointTensorReader
-    from megatron_elastic.model.elastic_arch import ElasticArch
     from megatron_elastic.parallel import initialize_parallel
     from megatron_elastic.store.open_run import config_from_checkpoint
+    from megatron_elastic.store.reader import CheckpointTensorReader
 
     initialize_parallel(1, 1)
     sorted_ckpt = os.path.join(parent, "sorted")
@@ -92,12 +93,13 @@ def test_extraction_streams_the_parent_and_never_reads_skipped_layers(parent, tm
 def test_extract_an_untrained_budget_zero_shot(elastic_run, tmp_path):
     """--budget 0.6 (between the trained 0.5 and 0.75): nested between them, on its parameter target, marked
     untrained, its standalone logits equal the elastic model's at that choice, and the server decodes it."""
-    from megatron_elastic.elastic.choose import choose_all, load_source
+    from megatron_elastic.elastic.arch import ElasticArch
+    from megatron_elastic.elastic.choose import choose_all
+    from megatron_elastic.elastic.cost import arch_parameters
+    from megatron_elastic.elastic.layers.model import use_arch
+    from megatron_elastic.elastic.source import load_source
     from megatron_elastic.extraction.extract import extract
     from megatron_elastic.model.builder import build_hybrid_model
-    from megatron_elastic.model.cost import arch_parameters
-    from megatron_elastic.model.elastic_arch import ElasticArch
-    from megatron_elastic.model.elastic_model import use_arch
     from megatron_elastic.serving.generate import ElasticServer
     from megatron_elastic.store.checkpoint import load_model_weights
     from megatron_elastic.store.open_run import config_from_checkpoint
@@ -146,11 +148,12 @@ def test_extract_a_budget_stated_in_memory_or_flops(elastic_run, tmp_path, monke
     fractions - and, for memory, a real generation with the extracted weights at that context holds no more bytes
     than the budget."""
     import megatron_elastic.serving.decode as decode_mod
-    from megatron_elastic.elastic.choose import choose_all, choose_budgets, load_source
+    from megatron_elastic.elastic.arch import ElasticArch
+    from megatron_elastic.elastic.choose import choose_all, choose_budgets
+    from megatron_elastic.elastic.cost import FlopsPerToken, ServingMemory, dtype_bytes
+    from megatron_elastic.elastic.source import load_source
     from megatron_elastic.extraction.extract import extract
     from megatron_elastic.model.builder import build_hybrid_model
-    from megatron_elastic.model.cost import FlopsPerToken, ServingMemory, dtype_bytes
-    from megatron_elastic.model.elastic_arch import ElasticArch
     from megatron_elastic.store.checkpoint import load_model_weights
     from megatron_elastic.store.open_run import config_from_checkpoint
 

@@ -164,10 +164,10 @@ def test_exports_of_a_parent_whose_tokenizer_is_a_full_model_directory_load_with
     from tokenizers import Tokenizer, models
 
     from megatron_elastic.data.tokenizer import is_tokenizer_file
+    from megatron_elastic.elastic.arch import ElasticArch
     from megatron_elastic.extraction.extract import extract
     from megatron_elastic.extraction.import_hf import import_hf
     from megatron_elastic.model.builder import build_hybrid_model, causal_attention_mask, position_ids_for
-    from megatron_elastic.model.elastic_arch import ElasticArch
     from megatron_elastic.store.checkpoint import load_model_weights
     from megatron_elastic.store.open_run import config_from_checkpoint
 

@@ -49,8 +49,8 @@ def test_sdpa_flash_kernels_match_megatron_attention_bf16(single_process_paralle
 def test_one_elastic_step_on_cuda_equals_its_cpu_twin(single_process_parallel):
     """The elastic model at a random sub-model: loss and gradients on CUDA (the mamba_ssm / causal_conv1d kernels
     when installed, SDPA's CUDA kernels) against the same weights on the CPU (pure-PyTorch twins), in float32."""
-    from megatron_elastic.model.elastic_model import build_elastic_model, use_arch
-    from tests.model.test_elastic_model import _args, _cfg, random_heterogeneous_arch
+    from megatron_elastic.elastic.layers.model import build_elastic_model, use_arch
+    from tests.elastic.test_elastic_model import _args, _cfg, random_heterogeneous_arch
 
     cfg = _cfg(mamba_chunk_size=8)
     arch = random_heterogeneous_arch(cfg, random.Random(3)).validate(cfg)
@@ -81,7 +81,7 @@ def test_te_teacher_equals_the_local_teacher(single_process_parallel, tmp_path):
     from megatron_elastic.model.builder import build_hybrid_model
     from megatron_elastic.model.kernels import Machine, teacher_kernels
     from megatron_elastic.testing import tiny_config
-    from tests.model.test_elastic_model import _args
+    from tests.elastic.test_elastic_model import _args
 
     assert teacher_kernels(Machine.here()).backend == "te"
     cfg = tiny_config(bf16=True, params_dtype=torch.bfloat16)
@@ -101,7 +101,7 @@ def test_train_refuses_a_layout_that_does_not_fit_this_gpu(parent, tmp_path):
     with the planner's message, before any model is built."""
     from megatron_elastic.elastic.run import train_elastic
     from megatron_elastic.errors import PlanError
-    from tests.training.test_elastic_training import _config
+    from tests.elastic.test_elastic_training import _config
 
     huge = (
         "curriculum.stages=[{name: s, tokens: 1000000000, seq_length: 262144, global_batch_size: 64, "

@@ -78,8 +78,8 @@ def test_sort_by_scores_keeps_logits_and_puts_important_units_first(single_proce
 
 @pytest.mark.parametrize("iterative", [False, True])
 def test_depth_ranks_an_exact_noop_layer_last(single_process_parallel, iterative):
+    from megatron_elastic.elastic.layers.model import build_elastic_model
     from megatron_elastic.importance.depth import depth_scores
-    from megatron_elastic.model.elastic_model import build_elastic_model
 
     cfg = _cfg()
     torch.manual_seed(3)
@@ -96,9 +96,9 @@ def test_depth_ranks_an_exact_noop_layer_last(single_process_parallel, iterative
 def test_depth_nmse_from_logit_chunks_equals_float64_on_whole_logits_and_never_makes_them(single_process_parallel):
     """The memory-bounded depth score (logits a few tokens at a time, vocab-sharded, only float64 sums kept) equals
     NMSE computed in float64 on every batch's whole logits, and no logits tensor longer than a chunk is made."""
+    from megatron_elastic.elastic.arch import ElasticArch
+    from megatron_elastic.elastic.layers.model import build_elastic_model, use_arch
     from megatron_elastic.importance.depth import depth_scores
-    from megatron_elastic.model.elastic_arch import ElasticArch
-    from megatron_elastic.model.elastic_model import build_elastic_model, use_arch
 
     cfg = _cfg()
     torch.manual_seed(4)
@@ -130,8 +130,8 @@ def test_depth_nmse_from_logit_chunks_equals_float64_on_whole_logits_and_never_m
 def test_a_depth_batch_holds_less_than_one_copy_of_its_float32_logits(single_process_parallel):
     """With a vocabulary much wider than the model (the 12B's 131,072 ids over 5,120 channels, scaled down), one
     depth batch's peak of live tensor bytes stays below the float32 logits of the batch: they are never made whole."""
+    from megatron_elastic.elastic.layers.model import build_elastic_model
     from megatron_elastic.importance.depth import DepthSearch
-    from megatron_elastic.model.elastic_model import build_elastic_model
     from megatron_elastic.testing import peak_live_tensor_bytes
 
     cfg = _cfg(vocab_size=16384)
@@ -151,9 +151,9 @@ def test_a_depth_batch_holds_less_than_one_copy_of_its_float32_logits(single_pro
 def test_plan_counts_the_passes_the_importance_job_makes(single_process_parallel, iterative):
     """``plan``'s importance GPU-hours rest on a count of forward passes per token: the one the width pass and a
     real depth search make (counted by hooks on the stack and the output layer) is that count."""
+    from megatron_elastic.elastic.layers.model import build_elastic_model
     from megatron_elastic.importance.depth import depth_scores
     from megatron_elastic.importance.width import collect_width_scores
-    from megatron_elastic.model.elastic_model import build_elastic_model
     from megatron_elastic.plan import importance_passes
 
     cfg = _cfg()

@@ -29,7 +29,7 @@ def _results(out):
 
 
 def _sorted_tensors(out):
-    from megatron_elastic.extraction.reader import CheckpointTensorReader
+    from megatron_elastic.store.reader import CheckpointTensorReader
 
     reader = CheckpointTensorReader(os.path.join(out, "sorted", "iter_0000000"))
     return {n: reader.load(n) for n in reader.names() if not n.endswith("_extra_state")}

@@ -17,8 +17,11 @@ TORCHRUN = os.path.join(ROOT, "launch", "torchrun.sh")
 FAKE = {
     # Records its arguments (one per line) and the rendezvous environment; exits with $FAKE_EXIT.
     "srun": 'printf "%s\\n" "$@" > "$LOG/srun.args"; echo "$MASTER_ADDR:$MASTER_PORT" > "$LOG/srun.env"; '
-    'if [ -n "${FAKE_MARK:-}" ]; then touch "$MEGATRON_ELASTIC_REQUEUE_MARKER"; fi; exit "${FAKE_EXIT:-0}"',
-    "torchrun": 'printf "%s\\n" "$@" > "$LOG/torchrun.args"',
+    'if [ -n "${FAKE_MARK:-}" ]; then touch "$MEGATRON_ELASTIC_REQUEUE_MARKER"; fi; '
+    'if [ -n "${FAKE_BAD_INPUT:-}" ]; then touch "$MEGATRON_ELASTIC_BAD_INPUT_MARKER"; fi; exit "${FAKE_EXIT:-0}"',
+    "torchrun": 'printf "%s\\n" "$@" > "$LOG/torchrun.args"; '
+    'if [ -n "${FAKE_BAD_INPUT:-}" ]; then touch "$MEGATRON_ELASTIC_BAD_INPUT_MARKER"; exit 1; fi; '
+    'if [ -n "${FAKE_TORCHRUN_MARK:-}" ]; then touch "$MEGATRON_ELASTIC_REQUEUE_MARKER"; exit 1; fi',
     "scontrol": 'case "$1" in show) for i in $(seq 1 "$FAKE_NODES"); do printf "node%03d\\n" "$i"; done;; '
     'requeue) echo "$2" > "$LOG/requeue";; esac',
     "sbatch": 'n=$(cat "$LOG/sbatch.n" 2>/dev/null || echo 0); n=$((n+1)); echo "$n" > "$LOG/sbatch.n"; '
@@ -50,6 +53,7 @@ def _slurm_env(nodes):
         SLURM_JOB_NODELIST=f"node[001-{nodes:03d}]",
         SLURM_JOB_NUM_NODES=nodes,
         SLURM_NTASKS_PER_NODE=8,
+        SLURM_CPUS_ON_NODE=64,
         FAKE_NODES=nodes,
     )
 
@@ -67,6 +71,8 @@ def test_sbatch_torchrun_one_node(fake_bin, tmp_path):
         "--ntasks-per-node",
         "1",
         "--kill-on-bad-exit=1",
+        "--cpus-per-task",
+        "64",
         "torchrun",
         "--nnodes",
         "1",
@@ -105,12 +111,15 @@ def test_sbatch_srun_four_nodes_in_a_container(fake_bin, tmp_path):
         "--ntasks-per-node",
         "8",
         "--kill-on-bad-exit=1",
+        "--cpus-per-task",
+        "8",
         "--container-image",
         "/sq/elastic.sqsh",
         "--container-workdir",
         "/workspace",
         "--container-mounts",
         f"/lustre:/lustre,{tmp_path}:{tmp_path}",
+        "--no-container-mount-home",
         "python",
         "-m",
         "megatron_elastic",
@@ -129,16 +138,87 @@ def test_sbatch_requeues_when_the_run_checkpointed_on_a_signal(fake_bin, tmp_pat
     r = _run(SBATCH, ["train", "--config", "cfg.yaml"], fake_bin, tmp_path, FAKE_EXIT=99, **_slurm_env(2))
     assert r.returncode == 0 and _lines(tmp_path / "requeue") == ["123"]
     os.remove(tmp_path / "requeue")
-    # srun --kill-on-bad-exit reports 143 for the ranks it ended: rank 0's marker decides.
+    # srun --kill-on-bad-exit reports 143 for the ranks it ended: the ranks' marker decides.
     r = _run(SBATCH, ["train", "--config", "c.yaml"], fake_bin, tmp_path, FAKE_EXIT=143, FAKE_MARK=1, **_slurm_env(2))
     assert r.returncode == 0 and _lines(tmp_path / "requeue") == ["123"]
     assert not list(tmp_path.glob(".megatron-elastic-requeue-*")), "the marker is consumed"
+    os.remove(tmp_path / "requeue")
     r = _run(SBATCH, ["importance", "--out", "x"], fake_bin, tmp_path, FAKE_EXIT=3, **_slurm_env(2))
     assert r.returncode == 3 and "--auto-resume" not in _lines(tmp_path / "srun.args")
+    assert not (tmp_path / "requeue").exists(), (
+        "only `train` resumes by itself: a failed importance job is not requeued"
+    )
+
+
+def test_sbatch_requeues_a_crashed_train_job_up_to_max_restarts(fake_bin, tmp_path):
+    """A rank killed (srun --kill-on-bad-exit ends the step: 137 or 1): requeue and resume, MAX_RESTARTS times in
+    a row; a stop-signal checkpoint in between starts the count again."""
+    env = dict(MAX_RESTARTS=2, **_slurm_env(2))
+    for attempt in (1, 2):
+        r = _run(SBATCH, ["--debug", "train", "--config", "c.yaml"], fake_bin, tmp_path, FAKE_EXIT=137, **env)
+        assert r.returncode == 0 and _lines(tmp_path / "requeue") == ["123"], r.stderr
+        assert f"restart {attempt} of MAX_RESTARTS=2" in r.stdout
+        assert _lines(tmp_path / "srun.args")[-1] == "--auto-resume", "--debug before the subcommand keeps it"
+        os.remove(tmp_path / "requeue")
+    r = _run(SBATCH, ["train", "--config", "c.yaml"], fake_bin, tmp_path, FAKE_EXIT=137, **env)
+    assert r.returncode == 137 and not (tmp_path / "requeue").exists()
+    assert "after 2 restarts" in r.stderr and "not requeueing a crash loop" in r.stderr
+    # the count is gone with the give-up; a crash, a stop checkpoint, a crash: two separate first restarts
+    for exit_code, mark in ((1, ""), (143, "1"), (1, "")):
+        r = _run(
+            SBATCH, ["train", "--config", "c.yaml"], fake_bin, tmp_path, FAKE_EXIT=exit_code, FAKE_MARK=mark, **env
+        )
+        assert r.returncode == 0 and (tmp_path / "requeue").exists(), r.stderr
+        os.remove(tmp_path / "requeue")
+    assert "restart 1 of" in r.stdout
+    r = _run(SBATCH, ["train", "--config", "missing.yaml"], fake_bin, tmp_path, FAKE_EXIT=2, **env)
+    assert r.returncode == 2 and not (tmp_path / "requeue").exists(), "a bad input (exit 2) is not run again"
+    # the first rank's exit 2 got the other killed (srun reports 143): the ranks' bad-input marker decides
+    r = _run(SBATCH, ["train", "--config", "m.yaml"], fake_bin, tmp_path, FAKE_EXIT=143, FAKE_BAD_INPUT=1, **env)
+    assert r.returncode == 2 and not (tmp_path / "requeue").exists() and "bad input" in r.stderr, r.stderr
+    assert not list(tmp_path.glob(".megatron-elastic-bad-input-*")), "the marker is consumed"
+
+
+def test_sbatch_in_an_apptainer_image_with_a_python_command_line(fake_bin, tmp_path):
+    r = _run(
+        SBATCH,
+        ["extract", "--out", "o"],
+        fake_bin,
+        tmp_path,
+        CONTAINER_RUNTIME="apptainer",
+        CONTAINER_IMAGE="/img/e.sif",
+        CONTAINER_MOUNTS="/lustre:/lustre",
+        PYTHON="env PYTHONHASHSEED=0 python3",
+        CPUS_PER_TASK=4,
+        **_slurm_env(1),
+    )
+    assert r.returncode == 0, r.stderr
+    args = _lines(tmp_path / "srun.args")
+    assert args[args.index("--cpus-per-task") + 1] == "4"
+    at = args.index("apptainer")
+    assert (
+        args[at : at + 2] == ["apptainer", "exec"]
+        and "--nv" in args
+        and f"/lustre:/lustre,{tmp_path}:{tmp_path}" in args
+    )
+    assert args[args.index("/img/e.sif") + 1 :] == [
+        "env",
+        "PYTHONHASHSEED=0",
+        "python3",
+        "-m",
+        "megatron_elastic",
+        "extract",
+        "--out",
+        "o",
+    ]
+    bad = _run(
+        SBATCH, ["extract"], fake_bin, tmp_path, CONTAINER_RUNTIME="docker", CONTAINER_IMAGE="x", **_slurm_env(1)
+    )
+    assert bad.returncode == 2 and "CONTAINER_RUNTIME must be pyxis, apptainer or singularity" in bad.stderr
 
 
 def test_torchrun_single_node(fake_bin, tmp_path):
-    r = _run(TORCHRUN, ["train", "--config", "c.yaml"], fake_bin, tmp_path)
+    r = _run(TORCHRUN, ["--debug", "train", "--config", "c.yaml"], fake_bin, tmp_path)
     assert r.returncode == 0, r.stderr
     assert _lines(tmp_path / "torchrun.args") == [
         "--standalone",
@@ -148,6 +228,7 @@ def test_torchrun_single_node(fake_bin, tmp_path):
         "3",
         "-m",
         "megatron_elastic",
+        "--debug",
         "train",
         "--config",
         "c.yaml",
@@ -155,6 +236,11 @@ def test_torchrun_single_node(fake_bin, tmp_path):
     ]
     _run(TORCHRUN, ["extract", "--out", "o"], fake_bin, tmp_path, NPROC_PER_NODE=1)
     assert _lines(tmp_path / "torchrun.args")[4] == "1"
+    # the ranks checkpointed on a stop signal and exited 99, which torchrun reports as 1: the marker says 99
+    r = _run(TORCHRUN, ["train"], fake_bin, tmp_path, FAKE_TORCHRUN_MARK=1)
+    assert r.returncode == 99 and "checkpointed on a stop signal" in r.stderr
+    r = _run(TORCHRUN, ["train"], fake_bin, tmp_path, FAKE_BAD_INPUT=1)  # a rank's exit 2; torchrun reports 1
+    assert r.returncode == 2
 
 
 def test_curriculum_submits_two_dependent_stage_jobs(fake_bin, tmp_path):
@@ -170,9 +256,10 @@ def test_curriculum_submits_two_dependent_stage_jobs(fake_bin, tmp_path):
     assert r.returncode == 0, r.stderr
     s1, s2 = _lines(tmp_path / "sbatch.1.args"), _lines(tmp_path / "sbatch.2.args")
     assert s1[:7] == ["--parsable", "--job-name", "elastic-stage1", "--nodes", "16", "--time", "04:00:00"]
-    assert s1[8:] == ["train", "--config", "e.yaml", "--until-stage", "1", "--set", "train.eval_interval=1000"]
-    assert ["--dependency", "afterok:101"] == s2[7:9] and s2[4] == "32"
-    assert s2[10:] == ["train", "--config", "e.yaml", "--set", "train.eval_interval=1000"]
+    assert s1[7] == "--exclusive" and s1[8].endswith("megatron_elastic.sbatch")
+    assert s1[9:] == ["train", "--config", "e.yaml", "--until-stage", "1", "--set", "train.eval_interval=1000"]
+    assert ["--dependency", "afterok:101", "--kill-on-invalid-dep=yes"] == s2[8:11] and s2[4] == "32"
+    assert s2[12:] == ["train", "--config", "e.yaml", "--set", "train.eval_interval=1000"]
 
 
 def tool(name):

@@ -196,7 +196,7 @@ def test_one_rank_per_task_nodes_times_tasks_per_node(slurm, tmp_path):
 def _train_config(parent, tmp_path, tokens=6144):
     """The tiny elastic job, one stage of ``tokens`` (256 a step), no periodic checkpoints or evaluations: every
     checkpoint the test sees is a stop checkpoint."""
-    from tests.training.test_elastic_training import JOB
+    from tests.elastic.test_elastic_training import JOB
 
     ckpt = tmp_path / "ckpt"
     cfg = tmp_path / "elastic.yaml"
@@ -284,8 +284,8 @@ def _submit_curriculum(env, config, cwd):
 def test_the_curriculum_runs_as_two_jobs_and_stage_2_starts_only_after_stage_1(slurm, parent, tmp_path):
     """``submit_curriculum.sh``: stage 1 (``--until-stage 1``) stops with a checkpoint at the stage boundary, the
     stage-2 job (``afterok``) starts after it ended, resumes there and finishes; when stage 1 fails, stage 2 never
-    starts."""
-    from tests.training.test_elastic_training import JOB
+    starts: Slurm cancels it (``--kill-on-invalid-dep``)."""
+    from tests.elastic.test_elastic_training import JOB
 
     ckpt = tmp_path / "ckpt"
     config = tmp_path / "elastic.yaml"
@@ -302,10 +302,7 @@ def test_the_curriculum_runs_as_two_jobs_and_stage_2_starts_only_after_stage_1(s
     broken = tmp_path / "broken"
     broken.mkdir()
     first, second = _submit_curriculum(slurm, broken / "missing.yaml", broken)
-    assert _wait(slurm, first)["JobState"] == "FAILED"
-    deadline = time.time() + 60
-    while _job(slurm, second).get("Reason") != "DependencyNeverSatisfied" and time.time() < deadline:
-        time.sleep(1)
-    assert _job(slurm, second)["JobState"] == "PENDING", "stage 2 ran although stage 1 failed"
-    assert _job(slurm, second)["Reason"] == "DependencyNeverSatisfied"
-    subprocess.run(["scancel", second], env=slurm, check=True)
+    assert _wait(slurm, first)["JobState"] == "FAILED"  # a bad input (exit 2): failed at once, not requeued
+    assert _job(slurm, first).get("Restarts") == "0"
+    gone = _wait(slurm, second, states=("CANCELLED", "COMPLETED", "FAILED"), timeout=120)
+    assert gone["JobState"] == "CANCELLED", f"stage 2 after a failed stage 1 (--kill-on-invalid-dep): {gone}"

@@ -140,8 +140,8 @@ def _per_micro_batch_grads(model, gates, batches):
     the layer multiplies by their product, as with the router's axis and depth gates)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_elastic.model.elastic_arch import ElasticArch
-    from megatron_elastic.model.elastic_model import set_arch
+    from megatron_elastic.elastic.arch import ElasticArch
+    from megatron_elastic.elastic.layers.model import set_arch
     from megatron_elastic.training.lm import lm_forward_step
 
     counter = iter(range(len(batches)))
@@ -171,7 +171,7 @@ def _pp_recompute_job(rank, world, tmp):
     import torch.distributed as dist
     from megatron.core import dist_checkpointing, parallel_state
 
-    from megatron_elastic.model.elastic_model import build_elastic_model
+    from megatron_elastic.elastic.layers.model import build_elastic_model
     from megatron_elastic.parallel import initialize_parallel
     from megatron_elastic.testing import tiny_config
 

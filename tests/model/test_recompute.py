@@ -2,8 +2,8 @@
 
 import torch
 
+from tests.elastic.test_elastic_model import _args
 from tests.importance.test_permute import _cfg
-from tests.model.test_elastic_model import _args
 
 
 def _loss_and_grads(model, ids, pos, mask):
@@ -49,9 +49,9 @@ def test_recompute_with_skipped_layers_matches_the_plain_elastic_model(single_pr
     """Depth choices under recompute (the 12B recipe's setting): a sub-model with skipped layers gives the same
     loss and gradients as without recompute. megatron-core >= 0.18 recomputes inside its own stack, looping over
     the stage's layer count, so skipped layers must shorten that count too."""
-    from megatron_elastic.model.elastic_arch import ElasticArch
-    from megatron_elastic.model.elastic_model import build_elastic_model, use_arch
-    from tests.model.test_elastic_model import _cfg as elastic_cfg
+    from megatron_elastic.elastic.arch import ElasticArch
+    from megatron_elastic.elastic.layers.model import build_elastic_model, use_arch
+    from tests.elastic.test_elastic_model import _cfg as elastic_cfg
 
     ids, pos, mask = _args(seq=21, batch=2)
     cfg = elastic_cfg()

@@ -86,8 +86,8 @@ def test_padding_mask_type_applies_the_given_mask(single_process_parallel):
 
 
 def test_the_local_specs_use_it(single_process_parallel):
+    from megatron_elastic.elastic.layers.model import build_elastic_model
     from megatron_elastic.model.builder import build_hybrid_model
-    from megatron_elastic.model.elastic_model import build_elastic_model
 
     cfg = _config()
     for model in (build_hybrid_model(cfg, backend="local"), build_elastic_model(cfg)):
@@ -99,8 +99,8 @@ def test_the_local_specs_use_it(single_process_parallel):
 def test_elastic_model_at_a_random_choice_equals_megatron_core_attention(single_process_parallel, seed):
     """The whole elastic model (sliced heads, widths, skipped layers): logits and every gradient with SDPA ==
     with Megatron's DotProductAttention in every attention layer."""
-    from megatron_elastic.model.elastic_model import build_elastic_model, use_arch
-    from tests.model.test_elastic_model import _args, _cfg, random_heterogeneous_arch
+    from megatron_elastic.elastic.layers.model import build_elastic_model, use_arch
+    from tests.elastic.test_elastic_model import _args, _cfg, random_heterogeneous_arch
 
     cfg = _cfg()
     arch = random_heterogeneous_arch(cfg, random.Random(7 + seed)).validate(cfg)

@@ -50,8 +50,8 @@ def _builder(arch_dict):
         return build_hybrid_model
 
     def build(cfg, **kw):
-        from megatron_elastic.model.elastic_arch import ElasticArch
-        from megatron_elastic.model.elastic_model import build_elastic_model, set_arch
+        from megatron_elastic.elastic.arch import ElasticArch
+        from megatron_elastic.elastic.layers.model import build_elastic_model, set_arch
 
         model = build_elastic_model(cfg, **kw)
         set_arch(model, ElasticArch.from_dict(arch_dict))
@@ -153,7 +153,7 @@ def test_tp2_sequence_parallel_matches_tp1(tmp_path, case):
     at a fixed heterogeneous sub-budget (sliced hidden, heads, channels, FFN, a skipped layer) and at a random one."""
     arch = None
     if case == "elastic-full":
-        from megatron_elastic.model.elastic_arch import ElasticArch
+        from megatron_elastic.elastic.arch import ElasticArch
         from megatron_elastic.testing import tiny_config
 
         arch = ElasticArch.full(tiny_config()).to_dict()
@@ -163,7 +163,7 @@ def test_tp2_sequence_parallel_matches_tp1(tmp_path, case):
         import random
 
         from megatron_elastic.testing import tiny_config
-        from tests.model.test_elastic_model import random_heterogeneous_arch
+        from tests.elastic.test_elastic_model import random_heterogeneous_arch
 
         cfg = tiny_config(tensor_model_parallel_size=2)
         arch = random_heterogeneous_arch(cfg, random.Random(2024)).validate(cfg).to_dict()

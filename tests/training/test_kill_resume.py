@@ -13,7 +13,7 @@ import uuid
 import psutil
 import pytest
 
-from tests.training.test_elastic_training import JOB
+from tests.elastic.test_elastic_training import JOB
 
 STEPS = 28
 KILLS = 4

@@ -44,7 +44,7 @@ def test_the_margin_is_the_slowest_step_plus_the_best_measured_checkpoint_time(m
 @pytest.mark.parametrize("bad", [0, -5, "soon", True])
 def test_a_bad_exit_duration_names_the_field(parent, tmp_path, bad):
     from megatron_elastic.model.config import ConfigError
-    from tests.training.test_elastic_training import _config
+    from tests.elastic.test_elastic_training import _config
 
     with pytest.raises(ConfigError, match="train.exit_duration_minutes"):
         _config(parent, str(tmp_path), overrides=[f"train.exit_duration_minutes={bad}"])
@@ -53,7 +53,7 @@ def test_a_bad_exit_duration_names_the_field(parent, tmp_path, bad):
 def test_a_run_past_its_wall_time_checkpoints_and_a_resumed_run_finishes(single_process_parallel, parent, tmp_path):
     """A deadline already inside the margin: the run stops after its first step with a checkpoint there; the next
     job (no limit) resumes at step 2 and runs to the end, every step once."""
-    from tests.training.test_elastic_training import _train, _train_records
+    from tests.elastic.test_elastic_training import _train, _train_records
 
     ckpt = str(tmp_path / "ckpt")
     out = _train(parent, ckpt, overrides=["train.exit_duration_minutes=0.0001"])

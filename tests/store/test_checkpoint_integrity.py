@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from tests.training.test_elastic_training import _train
+from tests.elastic.test_elastic_training import _train
 
 
 def _corrupt(path, how):

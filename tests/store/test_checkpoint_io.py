@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from tests.training.test_elastic_training import _train, _train_records
+from tests.elastic.test_elastic_training import _train, _train_records
 
 
 def _model():
@@ -49,7 +49,7 @@ def test_an_async_save_holds_the_weights_of_its_moment_and_is_latest_only_when_c
 
 
 def test_elastic_training_with_async_saves_equals_synchronous_saves(single_process_parallel, parent, tmp_path):
-    from megatron_elastic.extraction.reader import CheckpointTensorReader
+    from megatron_elastic.store.reader import CheckpointTensorReader
 
     runs = {}
     for mode in ("sync", "async"):

@@ -7,9 +7,9 @@ import random
 import pytest
 import torch
 
-from megatron_elastic.model.elastic_arch import ElasticArch
+from megatron_elastic.elastic.arch import ElasticArch
+from tests.elastic.test_elastic_model import _args, random_heterogeneous_arch
 from tests.importance.test_permute import _cfg
-from tests.model.test_elastic_model import _args, random_heterogeneous_arch
 
 
 def _model_dict(cfg):
@@ -32,7 +32,7 @@ def _model_dict(cfg):
 
 
 def _sub_config(cfg, arch):
-    from megatron_elastic.extraction.slicing import sub_model_dict
+    from megatron_elastic.elastic.slicing import sub_model_dict
     from megatron_elastic.model.config import HybridConfig, tiny_defaults
 
     return HybridConfig.from_dict({**tiny_defaults(), **sub_model_dict(_model_dict(cfg), cfg, arch)})
@@ -40,10 +40,10 @@ def _sub_config(cfg, arch):
 
 @pytest.mark.parametrize("seed", range(4))
 def test_extracted_plain_model_matches_the_elastic_choice(single_process_parallel, seed):
-    from megatron_elastic.extraction.slicing import slice_state_dict
+    from megatron_elastic.elastic.cost import arch_parameters
+    from megatron_elastic.elastic.layers.model import build_elastic_model, use_arch
+    from megatron_elastic.elastic.slicing import slice_state_dict
     from megatron_elastic.model.builder import build_hybrid_model, parameter_count
-    from megatron_elastic.model.cost import arch_parameters
-    from megatron_elastic.model.elastic_model import build_elastic_model, use_arch
 
     cfg = _cfg()
     arch = random_heterogeneous_arch(cfg, random.Random(7 + seed)).validate(cfg)
@@ -104,10 +104,10 @@ def test_hf_checkpoint_loaded_by_transformers_gives_the_same_logits(single_proce
     """transformers' own NemotronH (torch path) is the referee: the extracted HF checkpoint must reproduce
     the elastic parent's logits at the chosen sub-model (homogeneous: stock config; heterogeneous: per-layer
     sizes through the shipped module that only builds transformers' blocks)."""
+    from megatron_elastic.elastic.layers.model import build_elastic_model, use_arch
+    from megatron_elastic.elastic.slicing import slice_state_dict
     from megatron_elastic.extraction.hf import save_hf_checkpoint
-    from megatron_elastic.extraction.slicing import slice_state_dict
-    from megatron_elastic.model.elastic_model import build_elastic_model, use_arch
-    from tests.model.test_elastic_model import random_homogeneous_arch
+    from tests.elastic.test_elastic_model import random_homogeneous_arch
 
     cfg = _cfg()
     rng = random.Random(50 + seed)

@@ -15,8 +15,8 @@ from typing import Any, Callable, Dict, Iterator, Tuple
 
 import torch
 
+from megatron_elastic.elastic.arch import ElasticArch
 from megatron_elastic.model.config import LAYER_FIELDS
-from megatron_elastic.model.elastic_arch import ElasticArch
 from megatron_elastic.model.layouts import (
     HIDDEN_DIMS,
     MODEL_HIDDEN_DIMS,

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from tests.training.test_elastic_training import _config
+from tests.elastic.test_elastic_training import _config
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 # "dist/*.distcp": a byte item (pickled object, e.g. a layer's _extra_state) inside the tensor files.

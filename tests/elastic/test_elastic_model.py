@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_elastic.model.elastic_arch import ElasticArch, ElasticArchError
+from megatron_elastic.elastic.arch import ElasticArch, ElasticArchError
 
 PATTERN = "M-*M-*-M"
 
@@ -140,8 +140,8 @@ def _loss(logits):
 
 
 def test_full_choice_is_exactly_the_plain_model(single_process_parallel):
+    from megatron_elastic.elastic.layers.model import build_elastic_model, set_arch
     from megatron_elastic.model.builder import build_hybrid_model
-    from megatron_elastic.model.elastic_model import build_elastic_model, set_arch
 
     cfg = _cfg()
     torch.manual_seed(0)
@@ -160,8 +160,8 @@ def test_full_choice_is_exactly_the_plain_model(single_process_parallel):
 
 @pytest.mark.parametrize("seed", range(4))
 def test_random_choice_equals_sliced_plain_model(single_process_parallel, seed):
+    from megatron_elastic.elastic.layers.model import build_elastic_model, use_arch
     from megatron_elastic.model.builder import build_hybrid_model
-    from megatron_elastic.model.elastic_model import build_elastic_model, use_arch
 
     cfg = _cfg()
     arch = random_homogeneous_arch(cfg, random.Random(seed))
@@ -190,7 +190,7 @@ def test_random_choice_equals_sliced_plain_model(single_process_parallel, seed):
 
 
 def test_gate_gradient_matches_finite_differences(single_process_parallel):
-    from megatron_elastic.model.elastic_model import build_elastic_model, use_arch
+    from megatron_elastic.elastic.layers.model import build_elastic_model, use_arch
 
     cfg = _cfg(params_dtype=torch.float64)
     torch.manual_seed(3)
@@ -340,7 +340,7 @@ def random_heterogeneous_arch(cfg, rng):
 
 @pytest.mark.parametrize("seed", range(3))
 def test_heterogeneous_choice_equals_float64_reference(single_process_parallel, seed):
-    from megatron_elastic.model.elastic_model import build_elastic_model, use_arch
+    from megatron_elastic.elastic.layers.model import build_elastic_model, use_arch
 
     cfg = _cfg()
     arch = random_heterogeneous_arch(cfg, random.Random(100 + seed)).validate(cfg)
@@ -365,8 +365,8 @@ def test_heterogeneous_choice_equals_float64_reference(single_process_parallel, 
 
 @pytest.mark.parametrize("seed", range(3))
 def test_arch_parameters_equals_plain_model_count(single_process_parallel, seed):
+    from megatron_elastic.elastic.cost import arch_parameters
     from megatron_elastic.model.builder import build_hybrid_model, parameter_count
-    from megatron_elastic.model.cost import arch_parameters
 
     cfg = _cfg()
     arch = random_homogeneous_arch(cfg, random.Random(seed))
@@ -389,3 +389,22 @@ def test_is_within_orders_nested_choices():
     bigger_ffn = ElasticArch.from_dict(small.to_dict())
     bigger_ffn.ffn_hidden_size[1] = 48
     assert small.is_within(bigger_ffn) and not bigger_ffn.is_within(small)
+
+
+def test_a_frozen_model_on_one_sequence_never_copies_a_weight_per_token(single_process_parallel):
+    """The frozen teacher, evaluation and importance run one sequence per micro-batch at 12B. With a weight
+    without gradient, ``[s, 1, h] @ w.T`` on a ``transpose(0, 1)`` of ``[1, s, h]`` is not folded into one matrix
+    product by torch: the CPU kernel copies ``w`` ``s`` times (1.6 GiB per Mamba ``out_proj`` shard at the
+    12B's width, s = 128). One sequence must need at most the memory of two, and compute the same logits."""
+    from megatron_elastic.elastic.layers.model import build_elastic_model
+    from megatron_elastic.testing import peak_live_tensor_bytes
+
+    cfg = _cfg(hidden_size=64, ffn_hidden_size=128, vocab_size=512, params_dtype=torch.bfloat16, bf16=True)
+    torch.manual_seed(0)
+    model = build_elastic_model(cfg).eval().requires_grad_(False)  # bf16: the CPU's oneDNN product copies
+    ids, pos, mask = _args(seq=128, batch=2)
+    with torch.no_grad():
+        both, peak_two = peak_live_tensor_bytes(lambda: model(ids, pos, mask))
+        one, peak_one = peak_live_tensor_bytes(lambda: model(ids[:1], pos[:1], mask))
+    torch.testing.assert_close(one[0], both[0], rtol=0.02, atol=0.02)
+    assert peak_one <= peak_two, f"one sequence peaked at {peak_one} B of live tensors, two at {peak_two} B"

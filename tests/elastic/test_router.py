@@ -5,12 +5,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from megatron_elastic.elastic.arch import ElasticArch
 from megatron_elastic.elastic.choose import choose, choose_all, choose_budgets
+from megatron_elastic.elastic.cost import arch_parameters
 from megatron_elastic.elastic.resource_loss import expected_cost, resource_loss
 from megatron_elastic.elastic.router import Router
 from megatron_elastic.elastic.space import ElasticSpace
-from megatron_elastic.model.cost import arch_parameters
-from megatron_elastic.model.elastic_arch import ElasticArch
 from tests.importance.test_permute import _cfg
 
 BUDGETS = (1.0, 0.75, 0.5)
@@ -108,8 +108,8 @@ def test_router_gradient_through_the_model_matches_finite_differences(single_pro
     """The straight-through gates carry dL/dgate * dgate/dtheta to the router. Finite differences of the
     relaxed objective theta -> L(gate = 1 + y(theta) - y(theta0)) (same Gumbel noise, so the same arch)
     must give the autograd gradient."""
+    from megatron_elastic.elastic.layers.model import build_elastic_model, use_arch
     from megatron_elastic.model.builder import causal_attention_mask, position_ids_for
-    from megatron_elastic.model.elastic_model import build_elastic_model, use_arch
 
     cfg, router = _router(seed=2)
     router.double()

@@ -20,9 +20,9 @@ from __future__ import annotations
 from typing import Dict, List, Optional
 
 from megatron_elastic.compat import ATTENTION, MAMBA
+from megatron_elastic.elastic.arch import ElasticArch
+from megatron_elastic.elastic.cost import layer_parameters
 from megatron_elastic.errors import ConfigError
-from megatron_elastic.model.cost import layer_parameters
-from megatron_elastic.model.elastic_arch import ElasticArch
 from megatron_elastic.model.kernels import MACHINES, KernelPath, student_kernels
 
 GIB = 2**30

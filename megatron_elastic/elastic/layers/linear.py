@@ -26,6 +26,7 @@ from megatron.core.tensor_parallel.mappings import (
     reduce_scatter_to_sequence_parallel_region,
 )
 
+from megatron_elastic.compat import foldable
 from megatron_elastic.model.norms import RMSNorm
 
 Index = Union[torch.Tensor, slice]
@@ -65,6 +66,7 @@ class ElasticColumnParallelLinear(ColumnParallelLinear):
     active_rows: Optional[Index] = None
 
     def forward(self, input_, weight=None, runtime_gather_output=None):
+        input_ = foldable(input_)  # one matrix product on CPU for a weight without gradient (compat.foldable)
         weight = self.weight if weight is None else weight
         in_features = input_.shape[-1]
         if self.active_rows is None and in_features == weight.shape[1]:
@@ -102,7 +104,7 @@ class ElasticRowParallelLinear(RowParallelLinear):
     output_gate: Optional[torch.Tensor] = None  # the router's scalar gate for the block this layer closes
 
     def forward(self, input_):
-        out, bias = self._sliced_forward(input_)
+        out, bias = self._sliced_forward(foldable(input_))
         if self.output_gate is not None:
             out = out * self.output_gate
         return out, bias

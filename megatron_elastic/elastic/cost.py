@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import Any, Dict
 
 from megatron_elastic.compat import ATTENTION, MAMBA
+from megatron_elastic.elastic.arch import ElasticArch
 from megatron_elastic.model.config import LAYER_FIELDS
-from megatron_elastic.model.elastic_arch import ElasticArch
 
 
 def layer_parameter_count(config, sym: str, hidden, sizes: Dict[str, Any]):

@@ -310,7 +310,7 @@ def test_a_nan_step_is_skipped_and_too_many_stop_with_a_checkpoint(
         _train(parent, ckpt, overrides=["checkpoint.save_interval=100"])
     path = latest_checkpoint(ckpt)
     assert path.endswith("iter_0000005")
-    from megatron_elastic.model.elastic_model import build_elastic_model
+    from megatron_elastic.elastic.layers.model import build_elastic_model
     from megatron_elastic.store.open_run import config_from_checkpoint
 
     model = build_elastic_model(config_from_checkpoint(os.path.join(parent, "sorted", "iter_0000000")).model_config())

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from tests.training.test_elastic_training import _config, _train, _train_records
+from tests.elastic.test_elastic_training import _config, _train, _train_records
 
 
 def test_every_step_samples_a_nested_set(single_process_parallel, parent, tmp_path, monkeypatch):
@@ -40,11 +40,10 @@ def test_every_step_samples_a_nested_set(single_process_parallel, parent, tmp_pa
 def test_fixed_architecture_trains_only_that_sub_model(single_process_parallel, parent, tmp_path):
     """budgets [0.75] + fixed_arch: the weights the sub-model uses move, every other weight keeps the parent's
     value exactly (no weight decay), and extraction gives exactly that architecture."""
-    from megatron_elastic.elastic.choose import load_source
+    from megatron_elastic.elastic.arch import ElasticArch
+    from megatron_elastic.elastic.slicing import iter_sliced
+    from megatron_elastic.elastic.source import load_parent, load_source
     from megatron_elastic.extraction.extract import extract
-    from megatron_elastic.extraction.slicing import iter_sliced
-    from megatron_elastic.model.elastic_arch import ElasticArch
-    from megatron_elastic.store.open_run import load_parent
 
     sorted_model, job, _ = load_parent(os.path.join(parent, "sorted"))
     cfg = job.model_config()

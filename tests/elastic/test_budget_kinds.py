@@ -9,13 +9,13 @@ import random
 import pytest
 import torch
 
+from megatron_elastic.elastic.arch import ElasticArch
+from megatron_elastic.elastic.budget import parse_budget
+from megatron_elastic.elastic.cost import PARAMETERS, FlopsPerToken, ServingMemory, dtype_bytes
 from megatron_elastic.errors import ConfigError
-from megatron_elastic.model.budget import parse_budget
-from megatron_elastic.model.cost import PARAMETERS, FlopsPerToken, ServingMemory, dtype_bytes
-from megatron_elastic.model.elastic_arch import ElasticArch
-from tests.extraction.test_slicing import _sub_config
+from tests.elastic.test_elastic_model import random_heterogeneous_arch
+from tests.elastic.test_slicing import _sub_config
 from tests.importance.test_permute import _cfg
-from tests.model.test_elastic_model import random_heterogeneous_arch
 
 
 @pytest.mark.parametrize(
@@ -25,9 +25,9 @@ def test_predicted_serving_memory_equals_the_bytes_generate_holds(
     single_process_parallel, monkeypatch, seed, batch, prompt, new, bf16
 ):
     import megatron_elastic.serving.decode as decode_mod
-    from megatron_elastic.extraction.slicing import slice_state_dict
+    from megatron_elastic.elastic.layers.model import build_elastic_model
+    from megatron_elastic.elastic.slicing import slice_state_dict
     from megatron_elastic.model.builder import build_hybrid_model
-    from megatron_elastic.model.elastic_model import build_elastic_model
 
     dtype = dict(bf16=True, params_dtype=torch.bfloat16) if bf16 else {}
     cfg = _cfg(mamba_chunk_size=4, **dtype)

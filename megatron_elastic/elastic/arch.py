@@ -37,7 +37,7 @@ AXIS_SYMBOL = {"mamba_heads": MAMBA, "mamba_head_dim": MAMBA, "attention_heads":
 
 # What an extracted ``arch.json`` says about the architecture besides its sizes (read back, they are ignored):
 # the budget's name, whether training sampled it (False: chosen zero-shot between the trained budgets ``between``),
-# its parameter count and fraction of the parent, and its cost in every kind (``model.budget.every_cost``).
+# its parameter count and fraction of the parent, and its cost in every kind (``elastic.budget.every_cost``).
 METADATA_FIELDS = ("budget", "trained", "between", "parameters", "fraction", "costs")
 
 

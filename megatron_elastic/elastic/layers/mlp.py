@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from megatron_elastic.model.elastic_layers import as_index
+from megatron_elastic.elastic.layers.linear import as_index
 from megatron_elastic.model.layouts import FFNLayout
 
 

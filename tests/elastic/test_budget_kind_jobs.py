@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from tests.training.test_elastic_training import _config
+from tests.elastic.test_elastic_training import _config
 
 
 def _parent_model_config(parent):
@@ -17,8 +17,8 @@ def _parent_model_config(parent):
 
 
 def test_absolute_memory_budgets_become_fractions_of_the_parent(parent, tmp_path):
-    from megatron_elastic.model.cost import ServingMemory, dtype_bytes
-    from megatron_elastic.model.elastic_arch import ElasticArch
+    from megatron_elastic.elastic.arch import ElasticArch
+    from megatron_elastic.elastic.cost import ServingMemory, dtype_bytes
 
     config = _parent_model_config(parent)
     full = ServingMemory(64, 2, dtype_bytes(config)).of(config, ElasticArch.full(config))
@@ -51,10 +51,11 @@ def test_budget_kind_errors_name_the_fix(parent, tmp_path, overrides, message):
 def test_a_memory_budget_run_trains_and_saves_its_kind(single_process_parallel, parent, tmp_path):
     """The router of a ``memory@64x2`` run pulls the expected memory of each budget (not its parameters) towards
     the target and the checkpoint's router comes back with that kind, so extraction chooses in memory."""
-    from megatron_elastic.elastic.choose import budget_archs, choose_all, load_source
+    from megatron_elastic.elastic.arch import ElasticArch
+    from megatron_elastic.elastic.choose import budget_archs, choose_all
+    from megatron_elastic.elastic.cost import ServingMemory, dtype_bytes
     from megatron_elastic.elastic.run import train_elastic
-    from megatron_elastic.model.cost import ServingMemory, dtype_bytes
-    from megatron_elastic.model.elastic_arch import ElasticArch
+    from megatron_elastic.elastic.source import load_source
 
     ckpt = str(tmp_path / "mem")
     summary = train_elastic(_config(parent, ckpt, overrides=["budget_kind=memory@64x2"]), progress=False)

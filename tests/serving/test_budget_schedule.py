@@ -7,15 +7,15 @@ import random
 import pytest
 import torch
 
+from megatron_elastic.elastic.arch import ElasticArch
 from megatron_elastic.errors import ConfigError
-from megatron_elastic.model.elastic_arch import ElasticArch
 from megatron_elastic.serving.schedule import BudgetSchedule, Phase
+from tests.elastic.test_elastic_model import random_heterogeneous_arch
 from tests.importance.test_permute import _cfg
-from tests.model.test_elastic_model import random_heterogeneous_arch
 
 
 def _server(seed=0):
-    from megatron_elastic.model.elastic_model import build_elastic_model
+    from megatron_elastic.elastic.layers.model import build_elastic_model
     from megatron_elastic.serving.generate import ElasticServer
 
     cfg = _cfg(mamba_chunk_size=4)
@@ -28,7 +28,7 @@ def _server(seed=0):
 
 def _reference(server, archs, prompt, pieces):
     """``pieces``: (budget, number of tokens) run one after another, each a fresh decode of everything so far."""
-    from megatron_elastic.model.elastic_model import use_arch
+    from megatron_elastic.elastic.layers.model import use_arch
     from megatron_elastic.serving.decode import decode
 
     context = prompt

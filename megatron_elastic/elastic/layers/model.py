@@ -9,12 +9,12 @@ from typing import Dict, Optional
 import torch
 
 from megatron_elastic.compat import ATTENTION, MAMBA
+from megatron_elastic.elastic.arch import AXIS_FIELD, ElasticArch
+from megatron_elastic.elastic.layers.linear import ElasticColumnParallelLinear
+from megatron_elastic.elastic.layers.mlp import set_mlp_elastic
+from megatron_elastic.elastic.layers.spec import elastic_hybrid_stack_spec
 from megatron_elastic.model.builder import build_hybrid_model
 from megatron_elastic.model.config import HybridConfig
-from megatron_elastic.model.elastic_arch import AXIS_FIELD, ElasticArch
-from megatron_elastic.model.elastic_layers import ElasticColumnParallelLinear
-from megatron_elastic.model.elastic_mlp import set_mlp_elastic
-from megatron_elastic.model.specs import elastic_hybrid_stack_spec
 
 # Gate keys: "hidden", and "<axis>.<layer>" for axis in AXES (layer = global 0-based index).
 AXES = (*AXIS_FIELD, "depth")

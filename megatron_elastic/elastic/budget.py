@@ -1,7 +1,7 @@
 """Budgets as a user states them: a fraction of the parent's parameters (``0.5``), deployment memory at a context
 length and batch (``6GiB@32768``, ``6GiB@32768x4``: weights in the serving dtype + KV caches + Mamba states), or
 forward FLOPs per token at a context length (``1.5GFLOP@4096``). One parser and one printer for every command
-(``train``'s config, ``plan``, ``extract``, ``generate``); the costs themselves are ``model.cost``.
+(``train``'s config, ``plan``, ``extract``, ``generate``); the costs themselves are ``elastic.cost``.
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import re
 from dataclasses import dataclass
 from typing import Any, Dict, Sequence, Tuple, Union
 
+from megatron_elastic.elastic.arch import ElasticArch
+from megatron_elastic.elastic.cost import PARAMETERS, Cost, FlopsPerToken, ServingMemory, dtype_bytes
 from megatron_elastic.errors import ConfigError
-from megatron_elastic.model.cost import PARAMETERS, Cost, FlopsPerToken, ServingMemory, dtype_bytes
-from megatron_elastic.model.elastic_arch import ElasticArch
 
 BYTE_UNITS = {
     "B": 1,

@@ -6,9 +6,9 @@ import random
 import pytest
 import torch
 
-from megatron_elastic.model.elastic_arch import ElasticArch
+from megatron_elastic.elastic.arch import ElasticArch
+from tests.elastic.test_elastic_model import random_heterogeneous_arch
 from tests.importance.test_permute import _cfg
-from tests.model.test_elastic_model import random_heterogeneous_arch
 
 
 def _full_logits(model, ids):
@@ -20,7 +20,7 @@ def _full_logits(model, ids):
 
 @pytest.mark.parametrize("seed", range(3))
 def test_decode_equals_rerunning_the_sequence(single_process_parallel, seed):
-    from megatron_elastic.model.elastic_model import build_elastic_model, use_arch
+    from megatron_elastic.elastic.layers.model import build_elastic_model, use_arch
     from megatron_elastic.serving.decode import decode
 
     cfg = _cfg(mamba_chunk_size=4)  # prompts longer than a chunk and not a multiple of it
@@ -38,7 +38,7 @@ def test_decode_equals_rerunning_the_sequence(single_process_parallel, seed):
 
 
 def test_sampling_is_reproducible_and_top_k_restricts(single_process_parallel):
-    from megatron_elastic.model.elastic_model import build_elastic_model
+    from megatron_elastic.elastic.layers.model import build_elastic_model
     from megatron_elastic.serving.generate import ElasticServer
 
     cfg = _cfg()
