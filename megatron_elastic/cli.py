@@ -419,6 +419,13 @@ def _plan_args(p) -> None:
     )
     p.add_argument("--overhead-gib", type=float, default=4.0, help="per-GPU allowance for context/NCCL/fragmentation")
     p.add_argument(
+        "--checkpoint-write-gbps",
+        type=float,
+        default=1.0,
+        help="GB/s one node writes to the checkpoint file system (default 1.0; benchmarks/checkpoint_io.py measures "
+        "it): sizes the stop checkpoint's time and the Slurm GraceTime/KillWait/--signal it needs",
+    )
+    p.add_argument(
         "--budget",
         action="append",
         metavar="BUDGET",

@@ -29,11 +29,12 @@ from megatron_elastic.elastic.budget import (
 )
 from megatron_elastic.elastic.config import ElasticJobConfig, load_elastic_config, parent_model_config
 from megatron_elastic.elastic.cost import PARAMETERS, Cost, arch_flops_per_token, arch_parameters, scaled_arch
-from megatron_elastic.elastic.memory import GIB, importance_memory_per_gpu, student_path
+from megatron_elastic.elastic.memory import GIB, checkpoint_bytes, importance_memory_per_gpu, student_path
 from megatron_elastic.elastic.memory_check import check_fits, stage_memory
 from megatron_elastic.errors import ConfigError, PlanError
 from megatron_elastic.importance.depth import CHUNK_BYTES
 from megatron_elastic.model.kernels import MACHINES, KernelPath, teacher_kernels
+from megatron_elastic.training.preemption import WallTimeLimit
 
 
 @dataclass
@@ -44,6 +45,7 @@ class Hardware:
     peak_tflops: float = 989.0  # H100 SXM dense BF16
     mfu: float = 0.35  # assumed utilisation of peak FLOPs on the work done (recompute's extra forward included)
     overhead_gib: float = 4.0  # CUDA context, NCCL buffers, allocator slack
+    checkpoint_write_gbps: float = 1.0  # per node, to the checkpoint file system (benchmarks/checkpoint_io.py)
 
     @property
     def world(self) -> int:
@@ -78,6 +80,7 @@ class Plan:
     teacher: KernelPath
     stages: List[StagePlan] = field(default_factory=list)
     importance: Optional["ImportancePlan"] = None
+    stop: Optional["StopPlan"] = None
 
     @property
     def gpu_hours(self) -> float:
@@ -173,7 +176,53 @@ def make_plan(
         )
     check_fits(cfg, memories, hw.gpu_memory_gib, dp)
     plan.importance = importance_plan(config, hw, tp, *importance)
+    plan.stop = stop_plan(config, hw, max(s.flops / max(s.steps, 1) for s in plan.stages))
     return plan
+
+
+# The lead of `#SBATCH --signal=B:USR1@600` in launch/slurm/megatron_elastic.sbatch (a test holds them equal).
+SBATCH_SIGNAL_LEAD_S = 600
+
+
+@dataclass
+class StopPlan:
+    """What stopping with a checkpoint takes (preemption, the time limit, a requeue): the checkpoint's size and
+    write time, the longest step, and the margin ``train`` keeps before the job's end (``WallTimeLimit.SAFETY``)."""
+
+    checkpoint_bytes: float
+    per_node_bytes: float
+    write_seconds: float
+    step_seconds: float
+    margin_seconds: float
+
+
+def stop_plan(config, hw: Hardware, step_flops: float) -> StopPlan:
+    """The stop checkpoint of the parent: every node writes its share in parallel at ``hw.checkpoint_write_gbps``."""
+    total = checkpoint_bytes(config)
+    per_node = total / hw.nodes
+    write = per_node / (hw.checkpoint_write_gbps * 1e9)
+    step = step_flops / (hw.world * hw.mfu * hw.peak_tflops * 1e12)
+    return StopPlan(total, per_node, write, step, WallTimeLimit.SAFETY * (step + write))
+
+
+def format_stop(p: StopPlan, hw: Hardware) -> str:
+    lead = SBATCH_SIGNAL_LEAD_S
+    verdict = (
+        f"the script's --signal=B:USR1@{lead} covers it"
+        if p.margin_seconds <= lead
+        else f"more than the script's --signal=B:USR1@{lead}: submit with --signal=B:USR1@{p.margin_seconds * 1.2:.0f}"
+    )
+    return "\n".join(
+        [
+            f"stop checkpoint: {p.checkpoint_bytes / 1e9:,.1f} GB (weights, fp32 master, Adam), "
+            f"{p.per_node_bytes / 1e9:,.1f} GB per node written in parallel: ~{p.write_seconds:,.0f} s at "
+            f"{hw.checkpoint_write_gbps:g} GB/s per node (--checkpoint-write-gbps; benchmarks/checkpoint_io.py "
+            f"measures yours); longest step ~{p.step_seconds:,.1f} s",
+            f"  a stop needs {WallTimeLimit.SAFETY:g} x (step + checkpoint) = {p.margin_seconds:,.0f} s: {verdict}; "
+            f"ask for GraceTime >= {p.margin_seconds:,.0f} s (preemption) and KillWait >= {p.margin_seconds:,.0f} s "
+            "(scontrol requeue; Slurm's default is 30 s), else such a stop loses the steps since the last checkpoint",
+        ]
+    )
 
 
 @dataclass
@@ -267,6 +316,8 @@ def format_plan(plan: Plan, hw: Hardware) -> str:
     )
     if plan.importance is not None:
         lines.append(format_importance(plan.importance, hw))
+    if plan.stop is not None:
+        lines.append(format_stop(plan.stop, hw))
     return "\n".join(lines)
 
 
@@ -294,6 +345,7 @@ def plan_to_dict(plan: Plan) -> dict:
         ],
         "gpu_hours": plan.gpu_hours,
         "importance": dataclasses.asdict(plan.importance) if plan.importance else None,
+        "stop": dataclasses.asdict(plan.stop) if plan.stop else None,
     }
 
 

@@ -133,3 +133,28 @@ def test_plan_sizes_budgets_of_every_kind():
             cache += 8 * ((d_inner + bc) * config.mamba_conv_kernel * 2 + d_inner * config.mamba_state_dim * 4)
     assert mem["costs"]["memory_bytes"] == 2 * mem["parameters"] + cache
     assert mem["parameters"] < plan.parent_parameters and ElasticArch.full(config) != arch
+
+
+def test_plan_states_the_stop_checkpoint_and_the_slurm_times_it_needs():
+    """The 12B stop checkpoint (weights, fp32 master and Adam: 14 bytes a parameter) split over the nodes, its
+    write time at the stated bandwidth, and the margin train keeps: 1.5 x (longest step + checkpoint); the lead
+    plan compares it with is the sbatch script's own `--signal`."""
+    import re
+
+    from megatron_elastic.plan import SBATCH_SIGNAL_LEAD_S, Hardware, format_plan, make_plan
+
+    script = os.path.join(os.path.dirname(RECIPE), "..", "..", "launch", "slurm", "megatron_elastic.sbatch")
+    assert re.search(r"^#SBATCH --signal=B:USR1@(\d+)$", open(script).read(), re.M).group(1) == str(
+        SBATCH_SIGNAL_LEAD_S
+    )
+    hw = Hardware(nodes=16, checkpoint_write_gbps=2.0)
+    plan = make_plan(RECIPE, hw)
+    stop = plan.stop
+    assert stop.checkpoint_bytes == pytest.approx(14 * plan.parent_parameters, rel=1e-3)
+    assert stop.write_seconds == pytest.approx(14 * plan.parent_parameters / 16 / 2e9, rel=1e-3)
+    longest = max(s.flops / s.steps for s in plan.stages) / (128 * hw.mfu * hw.peak_tflops * 1e12)
+    assert stop.margin_seconds == pytest.approx(1.5 * (longest + stop.write_seconds), rel=1e-6)
+    text = format_plan(plan, hw)
+    assert f"GraceTime >= {stop.margin_seconds:,.0f} s" in text and "covers it" in text
+    slow = Hardware(nodes=16, checkpoint_write_gbps=0.01)  # 1,077 s to write: more than the script's lead
+    assert "submit with --signal=B:USR1@" in format_plan(make_plan(RECIPE, slow), slow)

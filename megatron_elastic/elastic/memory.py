@@ -21,7 +21,7 @@ from typing import Dict, List, Optional
 
 from megatron_elastic.compat import ATTENTION, MAMBA
 from megatron_elastic.elastic.arch import ElasticArch
-from megatron_elastic.elastic.cost import layer_parameters
+from megatron_elastic.elastic.cost import arch_parameters, layer_parameters
 from megatron_elastic.errors import ConfigError
 from megatron_elastic.model.kernels import MACHINES, KernelPath, student_kernels
 
@@ -30,6 +30,18 @@ GIB = 2**30
 
 def _bytes_per_param(config) -> int:
     return 2 if config.bf16 or config.fp16 else 4
+
+
+def _optimizer_bytes_per_param(config) -> int:
+    """Adam's two fp32 moments, plus the fp32 master copy of bf16/fp16 weights."""
+    return (4 if _bytes_per_param(config) == 2 else 0) + 8
+
+
+def checkpoint_bytes(config) -> float:
+    """Bytes of a training checkpoint of the parent (weights, fp32 master copy and Adam moments; every tensor once,
+    however the ranks share the writing)."""
+    params = arch_parameters(config, ElasticArch.full(config))
+    return params * (_bytes_per_param(config) + _optimizer_bytes_per_param(config))
 
 
 KERNELS = tuple(MACHINES)
@@ -118,7 +130,7 @@ def memory_per_gpu(
         if k == pp - 1:
             params += config.hidden_size + (0 if config.share_embeddings_and_output_weights else emb)
         params /= tp
-        opt = (4 if e == 2 else 0) + 8
+        opt = _optimizer_bytes_per_param(config)
         acts = [layer_activation_bytes(config, i, seq, mbs, tp, path) for i in layers]
         if recompute:  # each layer's input (split over TP with sequence parallelism) + one layer's activations
             layer_input = e * seq * mbs * config.hidden_size / (tp if path.sequence_parallel else 1)

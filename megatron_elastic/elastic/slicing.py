@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from typing import Any, Callable, Dict, Iterator, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, Iterator, Tuple
 
 import torch
+import yaml
 
 from megatron_elastic.elastic.arch import ElasticArch
-from megatron_elastic.model.config import LAYER_FIELDS
+from megatron_elastic.model.config import LAYER_FIELDS, HybridConfig
 from megatron_elastic.model.layouts import (
     HIDDEN_DIMS,
     MODEL_HIDDEN_DIMS,
@@ -24,8 +26,38 @@ from megatron_elastic.model.layouts import (
     layer_unit_index,
     nested_units,
 )
+from megatron_elastic.store.job_config import load_pretrain_config
 
 _LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+
+
+@dataclass
+class SubModel:
+    """A sub-model carved out of a sorted parent: what every export writes. ``job`` is the parent's job config with
+    the plain model's ``model:`` section (``sub_model_dict``), ``config`` that model's ``HybridConfig``, ``state``
+    its weights (local-spec names, TP=1, layers renumbered)."""
+
+    arch: ElasticArch
+    job: Dict[str, Any]
+    config: HybridConfig
+    state: Dict[str, torch.Tensor]
+
+
+def sub_model_job(job: Dict[str, Any], config, arch: ElasticArch) -> Tuple[Dict[str, Any], HybridConfig]:
+    """The job config of the plain model that holds ``arch`` (the parent's ``job`` with its ``model:`` section
+    replaced) and that model's validated ``HybridConfig``."""
+    sub_job = {**job, "model": sub_model_dict(job["model"], config, arch)}
+    return sub_job, load_pretrain_config(text=yaml.safe_dump(sub_job)).model_config()
+
+
+def carve(
+    job: Dict[str, Any], config, arch: ElasticArch, names: Iterable[str], load: Callable[[str], torch.Tensor]
+) -> SubModel:
+    """Carve ``arch`` out of the parent whose tensors are ``names``, read one at a time by ``load(name)`` (a
+    checkpoint reader or a state dict's ``__getitem__``): the sub-model's job, config and weights."""
+    arch = arch.validate(config)
+    sub_job, sub_config = sub_model_job(job, config, arch)
+    return SubModel(arch, sub_job, sub_config, dict(iter_sliced(iter(names), load, config, arch)))
 
 
 def kept_layers(config, arch: ElasticArch) -> Dict[int, int]:

@@ -10,28 +10,21 @@ and never materialised: peak memory is about one sub-model plus one parent tenso
 from __future__ import annotations
 
 import os
-from typing import List, Optional
-
-import yaml
+from typing import List, Optional, Tuple
 
 from megatron_elastic.data.source import job_tokenizer_spec
+from megatron_elastic.data.tokenizer import BYTE, copy_tokenizer, special_token_ids, tokenizer_library
 from megatron_elastic.elastic.arch import ElasticArch
-from megatron_elastic.elastic.budget import (
-    every_cost,
-    report_shape,
-    stated_costs,
-)
+from megatron_elastic.elastic.budget import every_cost, report_shape, stated_costs
 from megatron_elastic.elastic.choose import budget_archs, choose_budgets
 from megatron_elastic.elastic.cost import arch_parameters
-from megatron_elastic.elastic.slicing import iter_sliced, sub_model_dict
+from megatron_elastic.elastic.slicing import SubModel, carve
 from megatron_elastic.elastic.source import load_source
-from megatron_elastic.extraction.hf import save_hf_checkpoint
+from megatron_elastic.extraction.hf import save_hf_checkpoint, write_token_ids
+from megatron_elastic.extraction.hf_elastic import save_hf_elastic
 from megatron_elastic.model.builder import build_hybrid_model
 from megatron_elastic.model.config import ConfigError
-from megatron_elastic.store.checkpoint import (
-    save_checkpoint,
-)
-from megatron_elastic.store.job_config import load_pretrain_config
+from megatron_elastic.store.checkpoint import save_checkpoint
 from megatron_elastic.store.reader import CheckpointTensorReader
 
 FORMATS = ("megatron", "hf", "both", "hf-elastic")
@@ -53,6 +46,7 @@ def extract(
     src = load_source(checkpoint, with_model=False)
     config = src.config
     reader = CheckpointTensorReader(src.path)  # streams parent tensors: one full-size tensor alive at a time
+    tokenizer, tokenizer_said = _tokenizer_to_export(src.job)  # one tokenizer travels with every export
     if arch_file:
         with open(arch_file) as f:  # name -> (architecture, what arch.json says of it besides its size)
             archs = {os.path.splitext(os.path.basename(arch_file))[0]: (ElasticArch.from_json(f.read()), {})}
@@ -70,45 +64,44 @@ def extract(
         return {"parameters": count, "fraction": count / full, **about, "costs": every_cost(config, arch, *shape)}
 
     if fmt == "hf-elastic":
-        return _extract_hf_elastic(src, reader, out, archs, metadata, table_step)
+        return _extract_hf_elastic(src, reader, out, archs, metadata, table_step, tokenizer)
     rows = []
     for name, (arch, about) in archs.items():
-        arch = arch.validate(config)
-        meta = metadata(name, arch, about)
+        sub = carve(src.job, config, arch, reader.names(), reader.load)
+        meta = metadata(name, sub.arch, about)
         dest = os.path.join(out, f"budget_{name}" if not arch_file else name)
         os.makedirs(dest, exist_ok=True)
         with open(os.path.join(dest, "arch.json"), "w") as f:
-            f.write(arch.to_json(**meta))
-        sub_job = {**src.job, "model": sub_model_dict(src.job["model"], config, arch)}
-        sub_cfg = load_pretrain_config(text=yaml.safe_dump(sub_job)).model_config()
-        sliced = dict(iter_sliced(iter(reader.names()), reader.load, config, arch))
+            f.write(sub.arch.to_json(**meta))
         row = {"name": name, **meta}
         if fmt in ("megatron", "both"):
-            plain = build_hybrid_model(sub_cfg)
-            missing, unexpected = plain.load_state_dict(sliced, strict=False)
-            missing = [k for k in missing if not k.endswith("_extra_state")]
-            if missing or unexpected:
-                raise RuntimeError(
-                    f"sliced weights do not fit the plain model: missing {missing[:4]}, unexpected {unexpected[:4]}"
-                )
-            save_checkpoint(
-                os.path.join(dest, "megatron"),
-                0,
-                plain,
-                trainer_state={"config": sub_job, "arch": arch.to_dict(), **meta, "extracted_from": src.path},
-            )
-            row["megatron"] = os.path.join(dest, "megatron")
+            row["megatron"] = _write_megatron(os.path.join(dest, "megatron"), sub, {**meta, "extracted_from": src.path})
         if fmt in ("hf", "both"):
-            row["hf"] = save_hf_checkpoint(os.path.join(dest, "hf"), sub_cfg, sliced)
-            row["tokenizer"] = _export_tokenizer(src.job, row["hf"])
+            row["hf"] = save_hf_checkpoint(os.path.join(dest, "hf"), sub.config, sub.state)
+            _write_tokenizer(tokenizer, row["hf"])
+            row["tokenizer"] = tokenizer_said
         rows.append(row)
     return rows
 
 
-def _extract_hf_elastic(src, reader, out: str, archs: dict, metadata, table_step: float) -> List[dict]:
-    """``extract --format hf-elastic``: ``out/hf-elastic`` with the full weights and the budget table."""
-    from megatron_elastic.extraction.hf_elastic import save_hf_elastic
+def _write_megatron(dest: str, sub: SubModel, about: dict) -> str:
+    """``sub`` as a ``dist_checkpointing`` checkpoint of a plain hybrid model (loadable at any TP/PP), its job
+    config and ``about`` in ``trainer_state.json``."""
+    plain = build_hybrid_model(sub.config)
+    missing, unexpected = plain.load_state_dict(sub.state, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise RuntimeError(
+            f"sliced weights do not fit the plain model: missing {missing[:4]}, unexpected {unexpected[:4]}"
+        )
+    save_checkpoint(dest, 0, plain, trainer_state={"config": sub.job, "arch": sub.arch.to_dict(), **about})
+    return dest
 
+
+def _extract_hf_elastic(
+    src, reader, out: str, archs: dict, metadata, table_step: float, tokenizer: Optional[str]
+) -> List[dict]:
+    """``extract --format hf-elastic``: ``out/hf-elastic`` with the full weights and the budget table."""
     if src.router is None:
         raise ConfigError(f"{src.path}: --format hf-elastic needs an elastic-training checkpoint (its router)")
     if not 0 < table_step <= 1:
@@ -126,7 +119,7 @@ def _extract_hf_elastic(src, reader, out: str, archs: dict, metadata, table_step
         entries[f"router:{f:g}"] = {"arch": choice.arch, **metadata(f"{f:g}", choice.arch, about), "budget_fraction": f}
     state = {n: reader.load(n) for n in reader.names() if not n.endswith("_extra_state")}
     dest = save_hf_elastic(os.path.join(out, "hf-elastic"), src.job, src.config, state, entries)
-    _export_tokenizer(src.job, dest)
+    _write_tokenizer(tokenizer, dest)
     return [
         {"name": name, **{k: v for k, v in e.items() if k != "arch"}, "hf-elastic": dest} for name, e in entries.items()
     ]
@@ -139,26 +132,29 @@ def _as_fraction(name: str) -> Optional[float]:
         return None
 
 
-def _export_tokenizer(job: dict, hf_dir: str) -> str:
-    """Copy the tokenizer the parent was trained with into the Hugging Face export (``transformers`` then loads
-    model and tokenizer from one directory) and write its bos/eos/pad ids into ``config.json`` and
-    ``generation_config.json``; returns what was done, for the summary."""
-    from megatron_elastic.data.tokenizer import BYTE, copy_tokenizer, special_token_ids, tokenizer_library
-    from megatron_elastic.extraction.hf import write_token_ids
-
+def _tokenizer_to_export(job: dict) -> Tuple[Optional[str], str]:
+    """The tokenizer the parent was trained with, to travel with every Hugging Face export (``transformers`` then
+    loads model and tokenizer from one directory): its spec (None: nothing to write) and what the summary says."""
     data = job.get("data") or {}
     try:
         spec = job_tokenizer_spec(data)
     except (OSError, ValueError) as e:  # the parent's data directory is gone: say so, the weights are fine
-        return f"not copied: the parent's data ({data.get('path')}) cannot be read: {e}"
+        return None, f"not copied: the parent's data ({data.get('path')}) cannot be read: {e}"
     if spec is None:
-        return "not copied: the parent's job names no data"
+        return None, "not copied: the parent's job names no data"
     if spec == BYTE:
-        write_token_ids(hf_dir, special_token_ids(BYTE))
-        return "byte (no tokenizer files: ids 0-255 are UTF-8 bytes, <eod> 256, <pad> 257)"
+        return BYTE, "byte (no tokenizer files: ids 0-255 are UTF-8 bytes, <eod> 256, <pad> 257)"
     library, _ = tokenizer_library(spec)
     if library != "huggingface":
-        return f"not copied: {library} tokenizers are not loadable by transformers ({spec})"
-    copy_tokenizer(spec, hf_dir)
-    write_token_ids(hf_dir, special_token_ids(hf_dir))
-    return spec
+        return None, f"not copied: {library} tokenizers are not loadable by transformers ({spec})"
+    return spec, spec
+
+
+def _write_tokenizer(spec: Optional[str], hf_dir: str) -> None:
+    """Copy the tokenizer files of ``spec`` into ``hf_dir`` (none for the byte tokenizer) and write its bos/eos/pad
+    ids into ``config.json`` and ``generation_config.json``."""
+    if spec is None:
+        return
+    if spec != BYTE:
+        copy_tokenizer(spec, hf_dir)
+    write_token_ids(hf_dir, special_token_ids(BYTE if spec == BYTE else hf_dir))

@@ -23,12 +23,16 @@ import shutil
 from typing import Dict, List, Tuple
 
 import torch
-import yaml
 
 from megatron_elastic.elastic.arch import ElasticArch
-from megatron_elastic.elastic.slicing import iter_sliced, kept_layers, sub_model_dict
-from megatron_elastic.extraction.hf import REMOTE_MODULE, from_hf_state_dict, hf_config, to_hf_state_dict
-from megatron_elastic.store.job_config import load_pretrain_config
+from megatron_elastic.elastic.slicing import iter_sliced, kept_layers, sub_model_job
+from megatron_elastic.extraction.hf import (
+    REMOTE_MODULE,
+    from_hf_state_dict,
+    hf_config,
+    save_hf_checkpoint,
+    to_hf_state_dict,
+)
 
 
 def index_ranges(index: torch.Tensor) -> List[List[int]]:
@@ -63,8 +67,7 @@ def budget_entry(job: dict, config, arch: ElasticArch, hf_shapes: Dict[str, Tupl
     """The table entry of one sub-model: its NemotronH ``config`` and, per sub-model tensor, ``from`` (the parent
     tensor) and ``dims`` (kept ranges per sliced dimension; a dimension kept whole is left out)."""
     arch = arch.validate(config)
-    sub_job = {**job, "model": sub_model_dict(job["model"], config, arch)}
-    sub_cfg = load_pretrain_config(text=yaml.safe_dump(sub_job)).model_config()
+    _, sub_cfg = sub_model_job(job, config, arch)
     parent_layer = {new: old for old, new in kept_layers(config, arch).items()}
     source = {}  # sub-model HF name -> parent HF name
     dims: Dict[str, Dict[str, List[List[int]]]] = {}
@@ -100,8 +103,6 @@ def _parent_name(sub_name: str, parent_layer: Dict[int, int]) -> str:
 def save_hf_elastic(out_dir: str, job: dict, config, state_dict: Dict[str, torch.Tensor], entries: Dict[str, dict]):
     """Write the full model (``extraction.hf.save_hf_checkpoint``) and the budget table ``entries`` (name ->
     ``{"arch": ElasticArch, **about}``) into one directory, with the remote-code module. Returns ``out_dir``."""
-    from megatron_elastic.extraction.hf import save_hf_checkpoint
-
     save_hf_checkpoint(out_dir, config, state_dict)
     hf_shapes = {n: tuple(t.shape) for n, t in to_hf_state_dict(state_dict, config).items()}
     path = os.path.join(out_dir, "config.json")

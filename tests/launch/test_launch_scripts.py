@@ -73,7 +73,9 @@ def test_sbatch_torchrun_one_node(fake_bin, tmp_path):
         "--kill-on-bad-exit=1",
         "--cpus-per-task",
         "64",
-        "torchrun",
+        "python",  # torchrun of the ranks' Python (PYTHON), not whatever `torchrun` is on the PATH
+        "-m",
+        "torch.distributed.run",
         "--nnodes",
         "1",
         "--nproc-per-node",

@@ -43,7 +43,7 @@ def _daemon(name: str) -> str:
 
 
 CONF = """ClusterName=elastictest
-SlurmctldHost={host}
+SlurmctldHost={controller}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -54,11 +54,11 @@ ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 ReturnToService=2
 SlurmctldPidFile={root}/slurmctld.pid
-SlurmdPidFile={root}/slurmd.pid
-SlurmdSpoolDir={root}/spool
+SlurmdPidFile={root}/slurmd-%n.pid
+SlurmdSpoolDir={root}/spool-%n
 StateSaveLocation={root}/state
 SlurmctldLogFile={root}/slurmctld.log
-SlurmdLogFile={root}/slurmd.log
+SlurmdLogFile={root}/slurmd-%n.log
 SlurmctldPort={ctld_port}
 SlurmdPort={d_port}
 SchedulerType=sched/backfill
@@ -68,9 +68,44 @@ JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 KillWait=30
 MinJobAge=600
-NodeName={host} CPUs={cpus} State=UNKNOWN
-PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
+{nodes}
+PartitionName=debug Nodes={names} Default=YES MaxTime=INFINITE State=UP
 """
+
+
+def start_slurm(root, controller: str, nodes: str, names: str, slurmd_commands) -> dict:
+    """Start munge, slurmctld and one slurmd per command of ``slurmd_commands`` (each given the config path) with
+    ``CONF`` written into ``root``; returns the environment (``SLURM_CONF``) once every node is idle. Raises
+    ``pytest.skip`` with the daemons' logs where they cannot start."""
+    (root / "state").mkdir()
+    key = root / "munge.key"
+    key.write_bytes(os.urandom(1024))
+    key.chmod(0o400)
+    conf = root / "slurm.conf"
+    conf.write_text(
+        CONF.format(
+            controller=controller, root=root, ctld_port=_free_port(), d_port=_free_port(), nodes=nodes, names=names
+        )
+    )
+    env = {**os.environ, "SLURM_CONF": str(conf)}
+    munge = [_daemon("munged"), f"--socket={root}/munge.socket", f"--key-file={key}", f"--pid-file={root}/munged.pid"]
+    try:
+        subprocess.run([*munge, f"--log-file={root}/munged.log", "--force"], check=True, env=env, timeout=30)
+        subprocess.run([_daemon("slurmctld"), "-f", str(conf)], check=True, env=env, timeout=30)
+        for command in slurmd_commands:
+            subprocess.run([*command, _daemon("slurmd"), "-f", str(conf)], check=True, env=env, timeout=30)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if set(_node_state(env).split()) <= {"idle", "mixed", "allocated"} and _node_state(env):
+                break
+            time.sleep(1)
+        else:
+            raise RuntimeError(f"the nodes never became idle ({_node_state(env)!r})")
+    except (subprocess.SubprocessError, OSError, RuntimeError) as e:
+        logs = " | ".join(p.read_text()[-300:] for p in sorted(root.glob("slurm*.log")))
+        stop_slurm(root)
+        pytest.skip(f"the test Slurm could not be started here ({e}); logs: {logs}")
+    return env
 
 
 @pytest.fixture(scope="module")
@@ -82,43 +117,20 @@ def slurm(tmp_path_factory):
     if why:
         pytest.skip(why)
     root = tmp_path_factory.mktemp("slurm")
-    for d in ("spool", "state"):
-        (root / d).mkdir()
-    key = root / "munge.key"
-    key.write_bytes(os.urandom(1024))
-    key.chmod(0o400)
     host = socket.gethostname()
-    conf = root / "slurm.conf"
-    cpus = os.cpu_count() or 2
-    conf.write_text(CONF.format(host=host, root=root, ctld_port=_free_port(), d_port=_free_port(), cpus=cpus))
-    env = {**os.environ, "SLURM_CONF": str(conf)}
-    munge = [_daemon("munged"), f"--socket={root}/munge.socket", f"--key-file={key}", f"--pid-file={root}/munged.pid"]
-    try:
-        subprocess.run([*munge, f"--log-file={root}/munged.log", "--force"], check=True, env=env, timeout=30)
-        subprocess.run([_daemon("slurmctld"), "-f", str(conf)], check=True, env=env, timeout=30)
-        subprocess.run([_daemon("slurmd"), "-f", str(conf)], check=True, env=env, timeout=30)
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            if _node_state(env) in ("idle", "mixed", "allocated"):
-                break
-            time.sleep(1)
-        else:
-            raise RuntimeError("the node never became idle")
-    except (subprocess.SubprocessError, OSError, RuntimeError) as e:
-        logs = " | ".join(p.read_text()[-300:] for p in (root / "slurmctld.log", root / "slurmd.log") if p.exists())
-        _stop(root)
-        pytest.skip(f"the test Slurm could not be started here ({e}); logs: {logs}")
+    node = f"NodeName={host} CPUs={os.cpu_count() or 2} State=UNKNOWN"
+    env = start_slurm(root, host, node, host, [[]])
     try:
         yield env
     finally:
         subprocess.run(["scancel", "--full", "--user", "root"], env=env, capture_output=True)
-        _stop(root)
+        stop_slurm(root)
 
 
-def _stop(root) -> None:
-    for pid_file in ("slurmd.pid", "slurmctld.pid", "munged.pid"):
+def stop_slurm(root) -> None:
+    for pid_file in [*sorted(root.glob("slurmd-*.pid")), root / "slurmctld.pid", root / "munged.pid"]:
         try:
-            os.kill(int((root / pid_file).read_text()), signal.SIGTERM)
+            os.kill(int(pid_file.read_text()), signal.SIGTERM)
         except (OSError, ValueError):
             pass
 

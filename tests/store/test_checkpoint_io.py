@@ -178,6 +178,12 @@ def test_a_bf16_model_with_fp32_parameters_checkpoints_its_distributed_optimizer
         return out
 
     before = states(opt, c.unwrapped)
+    # plan's stop-checkpoint size (elastic.memory.checkpoint_bytes) against the tensors this checkpoint holds
+    from megatron_elastic.elastic.memory import checkpoint_bytes
+
+    held = sum(p.numel() * p.element_size() for p in c.unwrapped.parameters())
+    held += sum(t.numel() * t.element_size() for st in before.values() for k, t in st.items() if k != "step")
+    assert checkpoint_bytes(cfg) == pytest.approx(held, rel=0.03)
     save_checkpoint(str(tmp_path), 2, c.unwrapped, c.optimizer, optimizer_sharding=sharding)
     stored = json.load(open(tmp_path / "iter_0000002" / "trainer_state.json"))["optimizer_layout"]
     assert stored["sharding"] == sharding and stored["distributed_optimizer"]
