@@ -262,6 +262,20 @@ def test_curriculum_submits_two_dependent_stage_jobs(fake_bin, tmp_path):
     assert s1[9:] == ["train", "--config", "e.yaml", "--until-stage", "1", "--set", "train.eval_interval=1000"]
     assert ["--dependency", "afterok:101", "--kill-on-invalid-dep=yes"] == s2[8:11] and s2[4] == "32"
     assert s2[12:] == ["train", "--config", "e.yaml", "--set", "train.eval_interval=1000"]
+    assert r.stdout.splitlines()[-1] == "102", "the last line is stage 2's id alone, for the extract job"
+
+
+def test_curriculum_waits_for_the_importance_job_when_told(fake_bin, tmp_path):
+    """AFTER=<id>: stage 1 waits for that job (afterok, cancelled if it fails); a bad id is refused in one line."""
+    r = _run(CURRICULUM, [], fake_bin, tmp_path, CONFIG="e.yaml", AFTER="77")
+    assert r.returncode == 0, r.stderr
+    s1 = _lines(tmp_path / "sbatch.1.args")
+    assert (
+        s1[8:11] == ["--dependency", "afterok:77", "--kill-on-invalid-dep=yes"]
+        and "stage 1: job 101 (after 77)" in r.stdout
+    )
+    bad = _run(CURRICULUM, [], fake_bin, tmp_path, CONFIG="e.yaml", AFTER="77 78")
+    assert bad.returncode == 2 and "AFTER must be one Slurm job id" in bad.stderr
 
 
 def tool(name):
