@@ -273,6 +273,8 @@ def format_importance(p: ImportancePlan, hw: Hardware) -> str:
             f"DP={p.dp}: per-GPU memory {sum(p.memory.values()) / GIB:.1f} GiB ({comps})",
             f"  one-shot depth {per_gpu(p.one_shot_gpu_hours)}; iterative depth {per_gpu(p.iterative_gpu_hours)}, "
             f"at {hw.mfu:.0%} of {hw.peak_tflops:g} TFLOP/s",
+            f"  the paper's scoring (Sec. 2.1): importance ... --calib-tokens {p.tokens} --ffn-source fc1_output "
+            "(Eq. 2) --iterative-depth (Eq. 5)",
         ]
     )
 

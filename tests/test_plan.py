@@ -156,5 +156,20 @@ def test_plan_states_the_stop_checkpoint_and_the_slurm_times_it_needs():
     assert stop.margin_seconds == pytest.approx(1.5 * (longest + stop.write_seconds), rel=1e-6)
     text = format_plan(plan, hw)
     assert f"GraceTime >= {stop.margin_seconds:,.0f} s" in text and "covers it" in text
+    # the importance options it names for the paper's scoring are the importance command's own
+    from megatron_elastic.cli import build_parser
+
+    line = next(x for x in text.splitlines() if "the paper's scoring" in x)
+    args = build_parser().parse_args(
+        [
+            "importance",
+            "--checkpoint",
+            "c",
+            "--out",
+            "o",
+            *line.split("importance ... ")[1].replace("(Eq. 2)", "").replace("(Eq. 5)", "").split(),
+        ]
+    )
+    assert (args.ffn_source, args.iterative_depth, args.calib_tokens) == ("fc1_output", True, 1024 * 8192)
     slow = Hardware(nodes=16, checkpoint_write_gbps=0.01)  # 1,077 s to write: more than the script's lead
     assert "submit with --signal=B:USR1@" in format_plan(make_plan(RECIPE, slow), slow)
