@@ -34,6 +34,31 @@ def test_expected_parameters_is_exact_at_hard_choices(heterogeneous):
             assert all(float(g.detach()) == pytest.approx(1.0) for g in gates.values())
 
 
+def test_a_homogeneous_space_gives_one_choice_per_axis_for_every_layer_of_its_type():
+    """``space.heterogeneous: false`` (the paper's homogeneous variant): every Mamba layer gets the same heads and
+    head channels, every attention layer the same heads, every MLP the same neurons; the heterogeneous space
+    does not tie them (the same draws differ somewhere)."""
+    from megatron_elastic.model.config import LAYER_FIELDS
+
+    def untied(arch, cfg):
+        return [
+            f
+            for sym, fields in LAYER_FIELDS.items()
+            for f in fields
+            if len({getattr(arch, f)[i] for i, s in enumerate(cfg.hybrid_pattern) if s == sym}) > 1
+        ]
+
+    cfg, homogeneous = _router(heterogeneous=False)
+    _, heterogeneous = _router(heterogeneous=True)
+    differs = 0
+    for s in range(8):
+        arch, _, _ = homogeneous.sample(0.5, tau=1.0, generator=torch.Generator().manual_seed(s))
+        assert untied(arch, cfg) == [], arch
+        other, _, _ = heterogeneous.sample(0.5, tau=1.0, generator=torch.Generator().manual_seed(s))
+        differs += bool(untied(other, cfg))
+    assert differs > 0
+
+
 def test_same_generator_state_gives_the_same_architecture():
     _, router = _router()
     a1, _, _ = router.sample(0.75, generator=torch.Generator().manual_seed(7))
