@@ -24,7 +24,7 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import yaml
 
@@ -49,7 +49,8 @@ from megatron_elastic.store.open_run import config_from_checkpoint
 @dataclass
 class SpaceConfig:
     fractions: List[float] = field(default_factory=lambda: [0.5, 0.625, 0.75, 0.875, 1.0])
-    depth_fractions: List[float] = field(default_factory=lambda: [0.75, 0.875, 1.0])
+    # fractions of the layers the router may keep, or "all": every depth from 1 layer to N (the paper's Eq. 9)
+    depth_fractions: Union[List[float], str] = field(default_factory=lambda: [0.75, 0.875, 1.0])
     heterogeneous: bool = True
 
 
@@ -167,7 +168,15 @@ class ElasticJobConfig:
                 "curriculum.between_share: budgets between the trained ones are drawn per micro-batch; it needs "
                 "distill.budgets_per_step: sample and no fixed_arch (set between_share: 0 otherwise)"
             )
-        if not all(0 < f <= 1 for f in self.space.fractions + self.space.depth_fractions):
+        depth = self.space.depth_fractions
+        numbers = isinstance(depth, list) and all(
+            isinstance(f, (int, float)) and not isinstance(f, bool) for f in depth
+        )
+        if depth != "all" and not numbers:
+            raise ConfigError(
+                f"space.depth_fractions: fractions in (0, 1], or 'all' (every depth from 1 layer), got {depth!r}"
+            )
+        if not all(0 < f <= 1 for f in self.space.fractions + ([] if depth == "all" else list(depth))):
             raise ConfigError("space: fractions and depth_fractions must lie in (0, 1]")
         self.parallel.check()
         dp = self.parallel.data_parallel_size(world_size)

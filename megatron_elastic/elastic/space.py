@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Union
 
 from megatron_elastic.compat import ATTENTION, MAMBA, MLP
 from megatron_elastic.elastic.arch import AXIS_FIELD, ElasticArch
@@ -30,12 +30,13 @@ class ElasticSpace:
         cls,
         config,
         fractions: Sequence[float] = (0.5, 0.625, 0.75, 0.875, 1.0),
-        depth_fractions: Sequence[float] = (0.75, 0.875, 1.0),
+        depth_fractions: Union[Sequence[float], str] = (0.75, 0.875, 1.0),
         depth_ranking: Optional[List[int]] = None,
         heterogeneous: bool = True,
     ) -> "ElasticSpace":
         """Choices at ``fractions`` of every width axis (snapped to valid multiples) and ``depth_fractions`` of
-        the layers; ``depth_ranking`` defaults to the layer order (pass the importance ranking)."""
+        the layers (``"all"``: every depth from 1 to N layers); ``depth_ranking`` defaults to the layer order (pass
+        the importance ranking)."""
 
         def snap(full, multiple):
             return sorted({max(multiple, min(full, int(round(full * f / multiple)) * multiple)) for f in fractions})
@@ -49,7 +50,9 @@ class ElasticSpace:
             if ATTENTION in config.hybrid_pattern
             else [],
             ffn=snap(config.ffn_hidden_size, config.elastic_ffn_groups) if MLP in config.hybrid_pattern else [],
-            num_layers=sorted({max(1, min(n, int(round(n * f)))) for f in depth_fractions}),
+            num_layers=list(range(1, n + 1))
+            if depth_fractions == "all"
+            else sorted({max(1, min(n, int(round(n * f)))) for f in depth_fractions}),
             depth_ranking=list(depth_ranking) if depth_ranking is not None else list(range(n)),
             heterogeneous=heterogeneous,
         )

@@ -59,6 +59,34 @@ def test_a_homogeneous_space_gives_one_choice_per_axis_for_every_layer_of_its_ty
     assert differs > 0
 
 
+def test_depth_choices_down_to_one_layer_with_depth_fractions_all():
+    """``space.depth_fractions: all`` (the paper's Eq. 9: any L in [1, N]): the space offers every depth, the router
+    draws them, and each drawn architecture skips exactly the least important layers of the ranking."""
+    from megatron_elastic.elastic.config import load_elastic_config
+    from megatron_elastic.model.config import ConfigError
+
+    text = (
+        "parent: p\nbudgets: [1.0, 0.5]\nspace: {depth_fractions: DEPTH}\ncurriculum: {stages: [{name: s, tokens: 25600, "
+        "seq_length: 32, global_batch_size: 8, budget_weights: [1, 1]}]}\n"
+    )
+    assert load_elastic_config(text=text.replace("DEPTH", "all")).space.depth_fractions == "all"
+    for bad in ("most", "[0.5, x]", "[0, 1]"):
+        with pytest.raises(ConfigError, match="depth_fractions"):
+            load_elastic_config(text=text.replace("DEPTH", bad))
+    cfg = _cfg()
+    ranking = [0, 3, 1, 2, 4, 5]
+    space = ElasticSpace.default(cfg, depth_fractions="all", depth_ranking=ranking)
+    assert space.num_layers == list(range(1, len(cfg.hybrid_pattern) + 1))
+    router = Router(cfg, space, (1.0, 0.3), hidden=16)
+    depths = set()
+    for s in range(40):
+        arch, _, _ = router.sample(0.3, tau=5.0, generator=torch.Generator().manual_seed(s))
+        kept = len(cfg.hybrid_pattern) - len(arch.skipped_layers)
+        assert sorted(arch.skipped_layers) == sorted(ranking[kept:])
+        depths.add(kept)
+    assert len(depths) >= 3, depths  # the draws reach depths the default space (0.75-1) never offers
+
+
 def test_same_generator_state_gives_the_same_architecture():
     _, router = _router()
     a1, _, _ = router.sample(0.75, generator=torch.Generator().manual_seed(7))
