@@ -66,8 +66,9 @@ def test_depth_choices_down_to_one_layer_with_depth_fractions_all():
     from megatron_elastic.model.config import ConfigError
 
     text = (
-        "parent: p\nbudgets: [1.0, 0.5]\nspace: {depth_fractions: DEPTH}\ncurriculum: {stages: [{name: s, tokens: 25600, "
-        "seq_length: 32, global_batch_size: 8, budget_weights: [1, 1]}]}\n"
+        "parent: p\nbudgets: [1.0, 0.5]\nspace: {depth_fractions: DEPTH}\n"
+        "curriculum: {stages: [{name: s, tokens: 25600, seq_length: 32, global_batch_size: 8, "
+        "budget_weights: [1, 1]}]}\n"
     )
     assert load_elastic_config(text=text.replace("DEPTH", "all")).space.depth_fractions == "all"
     for bad in ("most", "[0.5, x]", "[0, 1]"):

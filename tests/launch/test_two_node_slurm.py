@@ -11,6 +11,7 @@ script, the same on both legs.
 """
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -247,5 +248,6 @@ def test_the_torchrun_launcher_spans_both_nodes(cluster, tmp_path):
     job = _wait(cluster, job_id, timeout=180)
     out_file = tmp_path / f"megatron-elastic-{job_id}.out"
     assert job["JobState"] == "COMPLETED", _explain(cluster, job, out_file)
-    workers = sorted(line for line in out_file.read_text().splitlines() if line.startswith("worker "))
+    # (four processes share the output: two lines may interleave, so the reports are found, not split by line)
+    workers = sorted(re.findall(r"worker \d+ of \d+ on \S+ sum \d+", out_file.read_text()))
     assert workers == [f"worker {r} of 4 on n{r // 2 + 1} sum 6" for r in range(4)], workers
