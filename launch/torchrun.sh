@@ -7,6 +7,7 @@
 # `train` gets --auto-resume (continue from checkpoint.dir when it has a checkpoint). Exit code 99 means the
 # run checkpointed on SIGTERM/SIGUSR1 (sent to this script, which passes SIGUSR1 to every rank) and wants to be
 # restarted (torchrun itself reports 1 when its workers exit 99: the ranks' requeue marker says it instead).
+# Exit code 2 means a rank stopped on a bad input (its one-line error names the fix): running again cannot help.
 set -euo pipefail
 
 if [ "$#" -lt 1 ]; then
