@@ -13,22 +13,8 @@ from tests.importance.test_permute import _cfg
 
 
 def _model_dict(cfg):
-    keys = [
-        "hybrid_pattern",
-        "vocab_size",
-        "hidden_size",
-        "ffn_hidden_size",
-        "num_attention_heads",
-        "num_query_groups",
-        "kv_channels",
-        "mamba_num_heads",
-        "mamba_head_dim",
-        "mamba_num_groups",
-        "mamba_state_dim",
-        "mamba_chunk_size",
-        "params_dtype",
-    ]
-    return {k: getattr(cfg, k) for k in keys}
+    """The parent's ``model:`` section: its architecture (``HybridConfig.architecture_dict``) and dtype."""
+    return {**cfg.architecture_dict(), "params_dtype": cfg.params_dtype}
 
 
 def _sub_config(cfg, arch):

@@ -7,23 +7,10 @@ from megatron_elastic.importance.permute import Permutation, order_within_groups
 
 
 def _cfg(**kw):
-    from megatron_elastic.testing import tiny_config
+    """The odd-sized toy of the elastic-model tests (every axis a different size), six layers."""
+    from tests.elastic.test_elastic_model import _cfg as odd_sized_config
 
-    base = dict(
-        hybrid_pattern="M-*M-*",
-        hidden_size=32,
-        ffn_hidden_size=48,
-        num_attention_heads=8,
-        num_query_groups=2,
-        kv_channels=4,
-        mamba_num_heads=8,
-        mamba_head_dim=6,
-        mamba_num_groups=2,
-        mamba_state_dim=5,
-        mamba_chunk_size=7,
-    )
-    base.update(kw)
-    return tiny_config(**base)
+    return odd_sized_config(**{"hybrid_pattern": "M-*M-*", **kw})
 
 
 def random_permutation(cfg, seed):
