@@ -10,6 +10,7 @@ On the lighter 0.16 leg of CI only (the real single-node runs are on the 0.19 le
 script, the same on both legs.
 """
 
+import json
 import os
 import re
 import shutil
@@ -152,8 +153,6 @@ def reference_run(cluster, parent, tmp_path_factory):
 
 def _losses(metrics):
     """iteration -> the KD losses logged for it (the last record of a step logged twice after a resume)."""
-    import json
-
     out = {}
     for rec in map(json.loads, metrics.read_text().splitlines()):
         if "lr" in rec:
