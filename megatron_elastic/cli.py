@@ -571,7 +571,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """Run one subcommand. A project error (:class:`~megatron_elastic.errors.ElasticError`) becomes one line on
     stderr naming the field and the fix, and exit code 2; ``--debug`` re-raises it with its traceback. Both exit 2s
-    (a project error, a bad command line) leave the launcher's bad-input marker: Slurm does not run the job again."""
+    (a project error, a bad command line) leave the launcher's bad-input marker: Slurm does not run the job again.
+    Process groups the command set up are torn down before it returns (``parallel.release_at_exit``)."""
     _quiet_warnings()
     from megatron_elastic.training.preemption import mark_bad_input
 
@@ -583,8 +584,11 @@ def main(argv=None) -> int:
         raise
     from megatron_elastic.errors import ElasticError
 
+    succeeded = False
     try:
-        return args.func(args)
+        code = args.func(args)
+        succeeded = code == 0
+        return code
     except ElasticError as e:
         message = " ".join(str(e).split())  # one line, whatever the message's own line breaks
         mark_bad_input(message)
@@ -592,6 +596,9 @@ def main(argv=None) -> int:
             raise
         print(f"megatron-elastic {args.command}: error: {message}", file=sys.stderr)
         return 2
+    finally:
+        if "megatron_elastic.parallel" in sys.modules:  # only a command that set up process groups imported it
+            sys.modules["megatron_elastic.parallel"].release_at_exit(succeeded)
 
 
 if __name__ == "__main__":

@@ -91,6 +91,17 @@ def destroy_parallel() -> None:
     compat.disable_cpu_backend()
 
 
+def release_at_exit(succeeded: bool) -> None:
+    """Tear the process groups down before the interpreter exits: a gloo group left alive aborts the process at
+    exit (SIGABRT, "terminate called without an active exception", exit 134 after a finished job, which Slurm's
+    crash path would requeue). After a failure an NCCL group is left to the exit: its teardown is collective and
+    would wait for ranks that may never come."""
+    if not dist.is_initialized():
+        return
+    if succeeded or dist.get_backend() == "gloo":
+        destroy_parallel()
+
+
 def rank() -> int:
     """This process's global rank (0 without torch.distributed)."""
     return dist.get_rank() if dist.is_initialized() else 0

@@ -236,6 +236,7 @@ def test_the_torchrun_launcher_spans_both_nodes(cluster, tmp_path):
         "t = torch.tensor([float(dist.get_rank())])\n"
         "dist.all_reduce(t)\n"
         "print(f'worker {dist.get_rank()} of {dist.get_world_size()} on {socket.gethostname()} sum {t.item():g}')\n"
+        "dist.destroy_process_group()  # a gloo group alive at exit may abort the process\n"
     )
     # torchrun runs `-m megatron_elastic ARGS`; a PYTHON that is `python probe.py` would lose the torchrun
     # wrapper, so the probe stands in for the package through PYTHONPATH instead.

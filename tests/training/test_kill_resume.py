@@ -58,6 +58,14 @@ def _processes_of(marker):
     return found
 
 
+def _newest_step(latest):
+    """The step of the checkpoint ``latest`` names (0 before the first)."""
+    try:
+        return int(latest.read_text().strip().removeprefix("iter_"))
+    except (FileNotFoundError, ValueError):  # not written yet, or read while being replaced
+        return 0
+
+
 def _curve(ckpt):
     """The last logged record of every step (a resumed run re-logs the steps after its checkpoint)."""
     out = {}
@@ -85,8 +93,13 @@ def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_curve(pare
     assert sorted(reference) == list(range(1, STEPS + 1))
 
     rng = random.Random(int(os.environ.get("KILL_SEED", "0")))
+    # Kill k lands just after the run's newest checkpoint reaches step targets[k] (plus up to a quarter second, so
+    # some kills land inside the next write): targets by step, not by clock, so a fast machine cannot finish the run
+    # before the last kill, and the last target leaves several steps to run after it.
+    targets = sorted(rng.sample(range(2, STEPS - 5), KILLS))
     kills = 0
     marker = uuid.uuid4().hex  # inherited by everything a killed run starts
+    latest = run_dir / "latest"
     for attempt in range(KILLS + 1):
         proc = subprocess.Popen(
             _cmd(tmp_path / "killed.yaml", async_save),
@@ -95,15 +108,12 @@ def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_curve(pare
             text=True,
             env=dict(os.environ, KILL_RESUME_TEST_RUN=marker),
         )
-        # Wait until this attempt has made progress (a new checkpoint), then kill at a random moment.
         start = time.time()
-        latest = run_dir / "latest"
-        seen = latest.read_text() if latest.exists() else None
-        while proc.poll() is None and time.time() - start < 300:
-            if latest.exists() and latest.read_text() != seen:
+        while attempt < KILLS and proc.poll() is None and time.time() - start < 300:
+            if _newest_step(latest) >= targets[attempt]:
                 break
-            time.sleep(0.05)
-        time.sleep(rng.uniform(0.0, 1.5))
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.25))
         if proc.poll() is None and attempt < KILLS:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
