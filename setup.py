@@ -43,7 +43,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_elastic", "megatron_elastic.*"]),
-    package_data={"megatron_elastic.recipes": ["*.yaml"]},
+    package_data={"megatron_elastic.recipes": ["*.yaml", "*.json"]},
     install_requires=install_requires,
     extras_require=extras,
     entry_points={"console_scripts": ["megatron-elastic=megatron_elastic.cli:main"]},

@@ -10,6 +10,7 @@ import os
 import sys
 import warnings
 
+from megatron_elastic.data.corpus import DEFAULT_MAX_BYTES
 from megatron_elastic.demo import recipe_path  # noqa: F401  (the packaged recipes, used by tests)
 
 
@@ -254,7 +255,9 @@ def _prepare_data_args(p) -> None:
         "into --out",
     )
     p.add_argument("--workers", type=int, default=1, help="tokenising processes (default 1)")
-    p.add_argument("--max-bytes", type=int, default=16_000_000, help="cap on built-in corpus size (default 16 MB)")
+    p.add_argument(
+        "--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="cap on built-in corpus size (default 16 MB)"
+    )
     p.add_argument("--valid-every", type=int, default=20, help="every N-th document goes to valid (default 20)")
     _no_progress_arg(p)
 
@@ -463,7 +466,13 @@ def _demo_args(p) -> None:
         metavar="SECTION.FIELD=VALUE",
         help="override a value of the elastic recipe (recipes/tiny_elastic.yaml)",
     )
-    p.add_argument("--max-bytes", type=int, default=16_000_000, help="built-in corpus size cap")
+    p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="built-in corpus size cap")
+    p.add_argument(
+        "--seed",
+        type=int,
+        help="seed of every phase (pretraining data order and init, calibration, the elastic run); default: the "
+        "recipes' (1234). The report compares its numbers with the spread of the recipe over several seeds.",
+    )
     _no_progress_arg(p)
 
 

@@ -15,10 +15,14 @@ import json
 import os
 import time
 from importlib import resources
-from typing import Dict, List
+from typing import Dict, List, Optional
+
+from megatron_elastic.data.corpus import DEFAULT_MAX_BYTES
 
 TINY_PARENT = "tiny_parent.yaml"
 TINY_ELASTIC = "tiny_elastic.yaml"
+SPREAD = "tiny_demo_spread.json"  # the recipe's numbers over several seeds (benchmarks/demo_spread.py)
+SPREAD_SLACK = 0.005  # bits/byte: "inside" tolerates this much beyond the seeds' range (third-decimal float noise)
 PHASES = 7
 
 # --quick: every phase, shortened to check a set-up in a few minutes (the numbers mean little).
@@ -43,6 +47,43 @@ QUICK_ELASTIC = [
 
 def recipe_path(name: str) -> str:
     return str(resources.files("megatron_elastic.recipes").joinpath(name))
+
+
+def _seed_override(args) -> List[str]:
+    seed = getattr(args, "seed", None)
+    return [] if seed is None else [f"train.seed={seed}"]
+
+
+def recipe_spread(args) -> Optional[dict]:
+    """The spread of the demo's numbers over several seeds (``recipes/tiny_demo_spread.json``, written by
+    ``benchmarks/demo_spread.py``), when this run is that recipe (no --quick, --config, --set, --elastic-set,
+    default --max-bytes); else None: a changed recipe has no spread to compare with."""
+    default_run = (
+        not (args.quick or args.config or args.set or args.elastic_set) and args.max_bytes == DEFAULT_MAX_BYTES
+    )
+    path = recipe_path(SPREAD)
+    if not default_run or not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def spread_markdown(rows: List[dict], spread: dict) -> str:
+    """This run's bits/byte of every model next to the recipe's range over seeds, and whether it falls inside."""
+    lines = [
+        f"| model | this run (bits/byte) | {spread['runs']} runs: mean | min - max | inside |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        s = spread["rows"].get(r["name"])
+        if s is None:
+            continue
+        inside = s["bpb_min"] - SPREAD_SLACK <= r["bpb"] <= s["bpb_max"] + SPREAD_SLACK
+        lines.append(
+            f"| {r['name']} | {r['bpb']:.3f} | {s['bpb_mean']:.3f} | {s['bpb_min']:.3f} - {s['bpb_max']:.3f} | "
+            f"{'yes' if inside else 'NO'} |"
+        )
+    return "\n".join(lines)
 
 
 def _finished_summary(ckpt_dir: str, iters: int, what: str):
@@ -93,7 +134,7 @@ def _pretrain_parent(data_dir: str, parent_dir: str, args, progress: bool) -> di
     from megatron_elastic.store.job_config import load_pretrain_config
 
     overrides = [f"data.path={data_dir}", f"checkpoint.dir={parent_dir}"]
-    overrides += (QUICK_PARENT if args.quick else []) + list(args.set or [])
+    overrides += (QUICK_PARENT if args.quick else []) + _seed_override(args) + list(args.set or [])
     cfg = load_pretrain_config(args.config or recipe_path(TINY_PARENT), overrides)
     summary = _finished_summary(parent_dir, cfg.train.train_iters, "trained parent")
     if summary is None:
@@ -126,7 +167,7 @@ def _train_elastic(imp_dir: str, elastic_dir: str, data_dir: str, args, progress
     from megatron_elastic.store.checkpoint import latest_checkpoint
 
     overrides = [f"parent={imp_dir}", f"checkpoint.dir={elastic_dir}", f"data.path={data_dir}"]
-    overrides += (QUICK_ELASTIC if args.quick else []) + list(args.elastic_set or [])
+    overrides += (QUICK_ELASTIC if args.quick else []) + _seed_override(args) + list(args.elastic_set or [])
     cfg = load_elastic_config(recipe_path(TINY_ELASTIC), overrides)
     summary = _finished_summary(elastic_dir, cfg.train.train_iters, "the elastic run")
     if summary is None:
@@ -167,7 +208,7 @@ def run_demo(args: argparse.Namespace) -> dict:
         held_out = _report_eval_set(data_dir, 8192 if args.quick else 65536)
         rows = evaluate_demo(out, parent_dir, imp_dir, rows_x, held_out, esummary, progress=progress)
     with phase("every budget after training: the Pareto curve (trained and untrained budgets)"):
-        curve = evaluate_budget_curve(out, elastic_dir, imp_dir, held_out, esummary, progress)
+        curve = evaluate_budget_curve(out, elastic_dir, imp_dir, held_out, esummary, progress, evaluated=rows)
     total = time.time() - t0
     report = _write_demo_report(out, rows, esummary, phase.seconds, total, args, curve)
     print(f"\ndemo finished in {total:.0f} s; report: {report}; outputs in {out}")
@@ -225,21 +266,64 @@ def evaluate_demo(
     return rows
 
 
+def _scored_by_budget(rows: List[dict]) -> Dict[tuple, dict]:
+    """The evaluation phase's rows as ``evaluation.budget_curve``'s ``scored``: each extracted budget (``elastic B``),
+    each pruned one (``pruned B``), and the parent as the sorted parent's budget 1."""
+    scored = {}
+    for r in rows:
+        kind, _, budget = r["name"].partition(" ")
+        if kind in ("elastic", "pruned"):
+            scored[kind, f"{float(budget):g}"] = r
+        elif kind == "parent":
+            scored["pruned", "1"] = r
+    return scored
+
+
 def evaluate_budget_curve(
-    out: str, elastic_dir: str, imp_dir: str, held_out: tuple, esummary: dict, progress: bool = True
+    out: str,
+    elastic_dir: str,
+    imp_dir: str,
+    held_out: tuple,
+    esummary: dict,
+    progress: bool = True,
+    evaluated: List[dict] = (),
 ) -> List[dict]:
     """About 10 budgets from the smallest trained one to 1 (``evaluation.curve_budgets``), each zero-shot from the
-    elastic run and pruned from the sorted parent, on the report's held-out set (``_report_eval_set``); writes
-    budget_curve.json."""
+    elastic run and pruned from the sorted parent, on the report's held-out set (``_report_eval_set``); what the
+    evaluation phase scored (``evaluated``, its rows) is not scored again. Writes budget_curve.json."""
     from megatron_elastic.evaluation import budget_curve, budget_curve_markdown, curve_budgets
 
     batches, bits = held_out
     budgets = curve_budgets([float(b) for b in esummary["budgets"]])
-    rows = budget_curve(elastic_dir, os.path.join(imp_dir, "sorted"), budgets, batches, bits, progress)
+    rows = budget_curve(
+        elastic_dir,
+        os.path.join(imp_dir, "sorted"),
+        budgets,
+        batches,
+        bits,
+        progress,
+        scored=_scored_by_budget(list(evaluated)),
+    )
     print(budget_curve_markdown(rows))
     with open(os.path.join(out, "budget_curve.json"), "w") as f:
         json.dump(rows, f, indent=2)
     return rows
+
+
+def _spread_section(rows: List[dict], args) -> List[str]:
+    spread = recipe_spread(args)
+    if spread is None:
+        return []
+    return [
+        "## How much these numbers vary",
+        "",
+        f"The same recipe run with seeds {', '.join(map(str, spread['seeds']))} ({spread['machine']}; "
+        f"`python benchmarks/demo_spread.py`): another seed or another machine gives numbers inside this range "
+        f"(floating-point sums differ between machines and can change a router choice).",
+        "",
+        spread_markdown(rows, spread),
+        "",
+    ]
 
 
 def _write_demo_report(
@@ -286,6 +370,7 @@ def _write_demo_report(
         "",
         "![every budget after training](budget_curve.png)" if plot else "",
         "",
+        *_spread_section(rows, args),
         "## Phase times (s)",
         "",
         "| phase | seconds |",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -192,20 +192,30 @@ def budget_curve(
     batches: Sequence[dict],
     bits: BitsPerByte = BitsPerByte(),
     progress: bool = True,
+    scored: Optional[Dict[Tuple[str, str], dict]] = None,
 ) -> List[dict]:
     """The Pareto curve after training: every budget of ``budgets`` (trained or not, ``Router.choose_budgets``)
     scored zero-shot in the elastic model (what ``extract --budget`` writes, logit for logit) and, at the same
-    architecture, in the sorted parent without training. One row per budget, largest first."""
+    architecture, in the sorted parent without training. One row per budget, largest first.
+
+    ``scored`` holds scores already made on these ``batches`` (:func:`evaluate_lm`'s dicts), keyed
+    ``("elastic", budget)`` (an extracted budget) and ``("pruned", budget)`` (that architecture of the sorted parent;
+    at budget 1 the parent itself, which the sort leaves function-preserved): those are not scored again."""
     from tqdm import tqdm
 
+    scored = dict(scored or {})
     src = load_source(elastic_checkpoint)
     choices = budget_archs(src.router, [f"{b:g}" for b in budgets], src.path)
     full = arch_parameters(src.config, ElasticArch.full(src.config))
-    pruned = evaluate_subnetworks(sorted_checkpoint, {k: c.arch for k, c in choices.items()}, batches, bits)
+    to_prune = {k: c.arch for k, c in choices.items() if ("pruned", k) not in scored}
+    for name, res in evaluate_subnetworks(sorted_checkpoint, to_prune, batches, bits).items():
+        scored["pruned", name] = res
     rows = []
     for name, choice in tqdm(choices.items(), desc="budget curve", disable=not progress):
-        with use_arch(src.model, choice.arch):
-            elastic = evaluate_lm(src.model, batches, bits)
+        if ("elastic", name) not in scored:
+            with use_arch(src.model, choice.arch):
+                scored["elastic", name] = evaluate_lm(src.model, batches, bits)
+        elastic, pruned = scored["elastic", name], scored["pruned", name]
         params = arch_parameters(src.config, choice.arch)
         rows.append(
             {
@@ -216,8 +226,8 @@ def budget_curve(
                 "fraction": params / full,
                 "elastic_loss": elastic["loss"],
                 "elastic_bpb": elastic["bpb"],
-                "pruned_loss": pruned[name]["loss"],
-                "pruned_bpb": pruned[name]["bpb"],
+                "pruned_loss": pruned["loss"],
+                "pruned_bpb": pruned["bpb"],
                 "arch": choice.arch.to_dict(),
             }
         )

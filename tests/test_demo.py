@@ -84,11 +84,11 @@ def test_demo_runs_every_phase_writes_the_report_and_reuses_finished_phases(tmp_
             continue
         lo, hi = (arch_of[f"{b:g}"] for b in c["between"])  # the toy run's budgets may miss their targets
         assert lo.is_within(arch_of[c["budget"]]) and arch_of[c["budget"]].is_within(hi), c["budget"]
-    for c in curve:
+    for c in curve:  # what the evaluation phase scored is taken over, under the curve's budget names
         if c["trained"]:
             assert abs(c["elastic_bpb"] - by[f"elastic {c['budget']}"]["bpb"]) < 1e-4, c
-            if c["budget"] != "1":
-                assert abs(c["pruned_bpb"] - by[f"pruned {c['budget']}"]["bpb"]) < 1e-4, c
+            pruned = by["parent" if c["budget"] == "1" else f"pruned {c['budget']}"]
+            assert abs(c["pruned_bpb"] - pruned["bpb"]) < 1e-4, c
     assert "budget_curve.png" in report and (out / "budget_curve.png").read_bytes()[:4] == b"\x89PNG"
 
     again = _demo(out, cfg)
@@ -96,3 +96,37 @@ def test_demo_runs_every_phase_writes_the_report_and_reuses_finished_phases(tmp_
     assert "reusing trained parent" in again.stdout and "reusing the elastic run" in again.stdout
     strip = lambda rs: [{k: v for k, v in x.items() if k != "tokens_per_s"} for x in rs]  # noqa: E731
     assert strip(json.loads((out / "results.json").read_text())) == strip(rows)  # same models, same tokens
+
+
+def test_the_report_compares_a_run_of_the_recipe_with_its_spread_over_seeds(tmp_path, monkeypatch):
+    """A run of the unchanged recipe is set against the packaged spread (inside within a float-noise slack, else
+    NO); a changed recipe (--quick, --set, ...) has no spread to compare with."""
+    import argparse
+
+    from megatron_elastic import demo
+
+    spread = {
+        "runs": 3,
+        "seeds": [1, 2, 3],
+        "machine": "test",
+        "rows": {
+            "parent": {"bpb_mean": 2.02, "bpb_min": 2.01, "bpb_max": 2.03},
+            "elastic 0.5": {"bpb_mean": 2.16, "bpb_min": 2.15, "bpb_max": 2.17},
+        },
+    }
+    path = tmp_path / "spread.json"
+    path.write_text(json.dumps(spread))
+    monkeypatch.setattr(demo, "recipe_path", lambda name: str(path) if name == demo.SPREAD else name)
+    plain = argparse.Namespace(quick=False, config=None, set=None, elastic_set=None, max_bytes=demo.DEFAULT_MAX_BYTES)
+    assert demo.recipe_spread(plain) == spread
+    for changed in ({"quick": True}, {"set": ["train.lr=1"]}, {"elastic_set": ["x=1"]}, {"max_bytes": 10}):
+        assert demo.recipe_spread(argparse.Namespace(**{**vars(plain), **changed})) is None, changed
+    rows = [
+        {"name": "parent", "bpb": 2.0330},  # above the range by less than the slack
+        {"name": "elastic 0.5", "bpb": 2.20},  # outside
+        {"name": "pruned 0.5", "bpb": 3.0},  # not in the spread: left out
+    ]
+    table = demo.spread_markdown(rows, spread).splitlines()
+    assert len(table) == 4
+    assert table[2].startswith("| parent | 2.033 |") and table[2].endswith("| yes |")
+    assert table[3].startswith("| elastic 0.5 | 2.200 |") and table[3].endswith("| NO |")

@@ -77,7 +77,9 @@ def test_wheel_holds_every_module_and_recipe(installed):
         if m.replace(".", "/") + ".py" not in names and m.replace(".", "/") + "/__init__.py" not in names
     ]
     assert not missing, f"modules left out of the wheel (a directory without __init__.py?): {missing}"
-    recipes = [f for f in os.listdir(os.path.join(ROOT, "megatron_elastic", "recipes")) if f.endswith(".yaml")]
+    recipes = [
+        f for f in os.listdir(os.path.join(ROOT, "megatron_elastic", "recipes")) if f.endswith((".yaml", ".json"))
+    ]
     assert recipes and all(f"megatron_elastic/recipes/{f}" in names for f in recipes)
 
 

@@ -11,6 +11,8 @@ from typing import Iterator, List, Sequence
 
 from megatron_elastic.errors import DataError, InputNotFoundError
 
+DEFAULT_MAX_BYTES = 16_000_000  # the built-in corpus's cap (the demo's recipe)
+
 
 def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])

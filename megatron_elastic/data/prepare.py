@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from typing import Dict, List, Optional
 
-from megatron_elastic.data.corpus import iter_stdlib_documents, iter_user_documents, stdlib_root
+from megatron_elastic.data.corpus import DEFAULT_MAX_BYTES, iter_stdlib_documents, iter_user_documents, stdlib_root
 from megatron_elastic.data.indexed import SplitStats, write_split_datasets
 from megatron_elastic.data.tokenizer import BYTE, describe, load_tokenizer
 
@@ -16,7 +16,7 @@ def prepare_data(
     inputs: Optional[List[str]] = None,
     json_key: str = "text",
     tokenizer: str = BYTE,
-    max_bytes: int = 16_000_000,
+    max_bytes: int = DEFAULT_MAX_BYTES,
     valid_every: int = 20,
     progress: bool = True,
     workers: int = 1,

@@ -62,7 +62,7 @@ class HybridConfig(TransformerConfig):
     vocab_size: int = 0
     max_sequence_length: int = 4096
     mamba_conv_kernel: int = 4
-    mamba_chunk_size: int = 128
+    mamba_chunk_size: int = 128  # the scan kernel's chunk on CUDA (a blocking choice; the CPU picks its own)
     position_embedding_type: str = "none"
     share_embeddings_and_output_weights: bool = False
     activation: str = "relu2"

@@ -9,7 +9,8 @@
   memory-efficient kernels on CUDA, PyTorch's fused CPU kernel otherwise; every sliced head count) or ``te``
   (TransformerEngine's fused attention, teacher only). Never the ``s x s`` probabilities.
 * Mamba scan and conv: ``mamba_ssm`` / ``causal_conv1d`` kernels on CUDA when installed, else the pure-PyTorch
-  chunked SSD scan and ``F.conv1d`` (same algorithm, more activation memory).
+  chunked SSD scan and ``F.conv1d`` (same algorithm, more activation memory; on the CPU the scan runs at its own
+  chunk length, ``ops.ssd.cpu_chunk_size``: a blocking choice that leaves the result unchanged).
 * norms and linears: TransformerEngine's fused norm+linear (``te``, teacher only: nothing is sliced) or
   Megatron's local linears with unfused RMSNorm (``local``: the elastic student everywhere).
 * sequence parallelism: whatever the config says (``parallel.sequence_parallel``), the same for both.

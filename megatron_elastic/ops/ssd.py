@@ -10,10 +10,15 @@ group g(h) = h // (nheads // ngroups) and per-token step dt_t = softplus(dt_t + 
 The CPU path evaluates this with the chunked (block-decomposed) algorithm of the SSD paper: quadratic
 attention-like form inside each chunk, a linear recurrence over chunk states between chunks. It is
 vectorised over batch, chunks, groups and heads; only the chunk recurrence is a (short) matrix product.
+
+The chunk length is a blocking choice, not part of the function: every chunk length gives the same y (up to
+float rounding). On CUDA the dispatcher passes the model's ``mamba_chunk_size`` through; on the CPU it runs the
+torch path at :func:`cpu_chunk_size`, the fastest there (``benchmarks/ssd_scan.py`` prints the sweep).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -29,15 +34,38 @@ except ImportError:  # pragma: no cover - depends on the machine
 
 
 def _segment_sum(a: torch.Tensor) -> torch.Tensor:
-    """Pairwise within-chunk log decays. a: (..., T) -> (..., T, T) with out[i, j] = sum_{j<k<=i} a[k]
-    for j <= i and -inf above the diagonal (so exp() of it is the causal decay matrix)."""
+    """Pairwise log decays summed exactly (no difference of large running sums). a: (..., T) -> (..., T, T) with
+    out[i, j] = sum_{j<k<=i} a[k] for j <= i and -inf above the diagonal (exp() of it is the causal decay matrix).
+    Used across chunks, where running sums grow with the sequence."""
     T = a.shape[-1]
     expanded = a.unsqueeze(-1).expand(*a.shape, T)  # [..., k, j] = a[k]
     strictly_lower = torch.ones(T, T, dtype=torch.bool, device=a.device).tril(-1)
-    expanded = expanded.masked_fill(~strictly_lower, 0.0)
-    out = expanded.cumsum(dim=-2)  # [..., i, j] = sum_{j<k<=i} a[k]
+    out = expanded.masked_fill(~strictly_lower, 0.0).cumsum(dim=-2)  # [..., i, j] = sum_{j<k<=i} a[k]
     lower = torch.ones(T, T, dtype=torch.bool, device=a.device).tril(0)
     return out.masked_fill(~lower, float("-inf"))
+
+
+def _causal_decay(a_cum: torch.Tensor) -> torch.Tensor:
+    """Within-chunk decays from the running sums ``a_cum`` (..., T): out[..., i, j] = exp(a_cum_i - a_cum_j) for
+    j <= i, 0 above the diagonal (the masked difference of running sums, as mamba_ssm's chunk-scan kernel: within
+    one chunk the sums stay small enough for float32)."""
+    T = a_cum.shape[-1]
+    upper = torch.ones(T, T, dtype=torch.bool, device=a_cum.device).triu(1)
+    return torch.exp((a_cum.unsqueeze(-1) - a_cum.unsqueeze(-2)).masked_fill(upper, float("-inf")))
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous. Placed on a batched matrix product's output
+    whose consumers permute it: torch's CPU bmm backward with a strided gradient copies matrix by matrix (one small
+    copy per (batch, chunk, head)); one copy of the whole gradient here is several times cheaper."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
 
 
 def _step_sizes(dt: torch.Tensor, dt_bias, dt_softplus: bool, dt_limit: Tuple[float, float]) -> torch.Tensor:
@@ -83,45 +111,46 @@ def ssd_chunk_scan_torch(
     # Pad the sequence to a whole number of chunks: dt = 0 on padding means no decay and no input,
     # so padded steps change neither the outputs of real steps nor the final state.
     pad = (-l) % chunk_size
-    xs, dt, Bs, Cs = (F.pad(t.to(cdtype), (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))
+    if pad:
+        x, dt, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))
+    xs, Bs, Cs = x.to(cdtype), B.to(cdtype), C.to(cdtype)
     L = l + pad
     c, q = L // chunk_size, chunk_size
 
-    # Discretise: dA = dt * A (log decay per step), x scaled by dt.
-    dA = dt * A.to(cdtype)  # (b, L, h)
-    xdt = xs * dt.unsqueeze(-1)  # (b, L, h, p)
-
-    # Chunked views with heads split into (group, head-in-group).
-    X = xdt.reshape(b, c, q, g, r, p)
-    Bc = Bs.reshape(b, c, q, g, n)
-    Cc = Cs.reshape(b, c, q, g, n)
-    a = dA.reshape(b, c, q, g, r).permute(0, 3, 4, 1, 2)  # (b, g, r, c, q)
-    a_cum = a.cumsum(dim=-1)
+    # Chunked layouts with heads split into (group, head-in-group), made contiguous once: every heavy product
+    # below is then one batched matrix product over (batch, chunk, group, head), forward and backward (a strided
+    # operand sends torch's CPU bmm, and its backward, through a per-matrix copy loop).
+    dA = (dt * A.to(cdtype)).reshape(b, c, q, g, r).permute(0, 1, 3, 4, 2)  # (b, c, g, r, q) log decay per step
+    a_cum = dA.cumsum(dim=-1)
+    X = (xs * dt.unsqueeze(-1)).reshape(b, c, q, g, r, p).permute(0, 1, 3, 4, 2, 5).contiguous()  # (b,c,g,r,q,p)
+    Bc = Bs.reshape(b, c, q, g, n).transpose(2, 3).contiguous()  # (b, c, g, q, n)
+    Cc = Cs.reshape(b, c, q, g, n).transpose(2, 3).contiguous()
+    Bh, Ch = (t.unsqueeze(3).expand(b, c, g, r, q, n).contiguous() for t in (Bc, Cc))  # per head: (b,c,g,r,q,n)
 
     # 1) Intra-chunk (diagonal blocks): y_i = sum_{j<=i} (C_i . B_j) exp(a_cum_i - a_cum_j) x_j
-    decay = torch.exp(_segment_sum(a))  # (b, g, r, c, q_i, q_j)
-    CB = torch.einsum("bcign,bcjgn->bgcij", Cc, Bc)  # shared by the heads of a group
-    y_diag = torch.einsum("bgcij,bgrcij,bcjgrp->bcigrp", CB, decay, X)
+    CB = Cc @ Bc.transpose(-1, -2)  # (b, c, g, q_i, q_j), shared by the heads of a group
+    y_diag = (CB.unsqueeze(3) * _causal_decay(a_cum)) @ X  # (b, c, g, r, q, p)
 
-    # 2) State contributed by each chunk, as of the chunk's end.
-    decay_to_end = torch.exp(a_cum[..., -1:] - a_cum)  # (b, g, r, c, q)
-    chunk_states = torch.einsum("bcjgn,bgrcj,bcjgrp->bcgrpn", Bc, decay_to_end, X)
+    # 2) State contributed by each chunk, as of the chunk's end: sum_j exp(a_end - a_cum_j) x_j B_j^T.
+    decay_to_end = torch.exp(a_cum[..., -1:] - a_cum)  # (b, c, g, r, q)
+    chunk_states = _ContiguousGrad.apply((X * decay_to_end.unsqueeze(-1)).transpose(-1, -2) @ Bh)  # (b,c,g,r,p,n)
 
     # 3) Recurrence over chunks: state entering chunk k = sum_{m<k} exp(sum of chunk decays) state_m.
     if initial_states is None:
         init = torch.zeros(b, 1, g, r, p, n, dtype=cdtype, device=x.device)
     else:
-        init = initial_states.to(cdtype).reshape(b, g, r, p, n).unsqueeze(1)
-    states = torch.cat([init, chunk_states], dim=1)  # (b, c+1, g, r, p, n)
-    chunk_decay = F.pad(a_cum[..., -1], (1, 0))  # (b, g, r, c+1)
+        init = initial_states.to(cdtype).reshape(b, 1, g, r, p, n)
+    states = torch.cat([init, chunk_states], dim=1).permute(0, 2, 3, 1, 4, 5)  # (b, g, r, c+1, p, n)
+    chunk_decay = F.pad(a_cum[..., -1].permute(0, 2, 3, 1), (1, 0))  # (b, g, r, c+1)
     inter = torch.exp(_segment_sum(chunk_decay))  # (b, g, r, c+1, c+1)
-    states = torch.einsum("bgrkm,bmgrpn->bkgrpn", inter, states)
-    entering, final = states[:, :-1], states[:, -1]
+    states = (inter @ states.reshape(b, g, r, c + 1, p * n)).reshape(b, g, r, c + 1, p, n)
+    entering = states[:, :, :, :-1].permute(0, 3, 1, 2, 4, 5).contiguous()  # (b, c, g, r, p, n)
+    final = states[:, :, :, -1]
 
-    # 4) Contribution of the entering state to every position of the chunk.
-    y_off = torch.einsum("bcign,bcgrpn,bgrci->bcigrp", Cc, entering, torch.exp(a_cum))
+    # 4) Contribution of the entering state to every position of the chunk: exp(a_cum_i) C_i . state.
+    y_off = (Ch @ entering.transpose(-1, -2)) * torch.exp(a_cum).unsqueeze(-1)  # (b, c, g, r, q, p)
 
-    y = (y_diag + y_off).reshape(b, L, h, p)[:, :l]
+    y = _ContiguousGrad.apply(y_diag + y_off).permute(0, 1, 4, 2, 3, 5).reshape(b, L, h, p)[:, :l]
     if D is not None:
         Dd = D.to(cdtype)
         y = y + xs[:, :l] * (Dd.unsqueeze(-1) if Dd.dim() == 1 else Dd)
@@ -131,6 +160,14 @@ def ssd_chunk_scan_torch(
     if return_final_states:
         return y, final.reshape(b, h, p, n)
     return y
+
+
+def cpu_chunk_size(headdim: int, d_state: int) -> int:
+    """The torch scan's chunk length on the CPU: the power of two at or below sqrt(headdim * d_state), at least 16.
+    It balances the intra-chunk work (chunk x chunk decay matrices per head) against the per-chunk state work
+    (headdim x d_state per head); measured fastest on 2 cores for the shapes of ``benchmarks/ssd_scan.py`` and the
+    demo (forward and backward)."""
+    return max(16, 1 << int(math.log2(math.sqrt(headdim * d_state))))
 
 
 def ssd_chunk_scan(
@@ -148,7 +185,8 @@ def ssd_chunk_scan(
     initial_states=None,
     return_final_states=False,
 ):
-    """SSD chunked scan: ``mamba_ssm``'s Triton kernel on CUDA when installed, else :func:`ssd_chunk_scan_torch`."""
+    """SSD chunked scan: ``mamba_ssm``'s Triton kernel on CUDA when installed, else :func:`ssd_chunk_scan_torch`
+    (at ``chunk_size`` on CUDA, at :func:`cpu_chunk_size` on the CPU)."""
     if HAVE_MAMBA_SSM_SSD and x.is_cuda:
         return _mamba_chunk_scan_combined(
             x,
@@ -165,6 +203,8 @@ def ssd_chunk_scan(
             dt_limit=dt_limit,
             return_final_states=return_final_states,
         )
+    if not x.is_cuda:
+        chunk_size = cpu_chunk_size(x.shape[-1], B.shape[-1])
     return ssd_chunk_scan_torch(
         x,
         dt,

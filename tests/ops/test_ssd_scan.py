@@ -162,3 +162,17 @@ def test_gated_rmsnorm_matches_per_group_formula(group_size):
     torch.testing.assert_close(out, ref * w)
     with pytest.raises(ValueError, match="group_size"):
         ops.gated_rmsnorm_torch(x, w, z, group_size=5)
+
+
+def test_the_cpu_dispatch_runs_its_own_chunk_length_and_gives_the_same_result():
+    """The chunk length is a blocking choice: the dispatcher's CPU chunk (here 32, not the 8 asked for) gives the
+    float64 recurrence's result, and so does the torch scan at the chunk asked for."""
+    t = _inputs(2, 70, 4, 32, 2, 32, torch.float64, seed=4)
+    assert ops.ssd.cpu_chunk_size(32, 32) == 32 and ops.ssd.cpu_chunk_size(64, 128) == 64
+    assert ops.ssd.cpu_chunk_size(8, 8) == 16
+    y_ref, s_ref = sequential_ssd(**t)
+    kw = dict(D=t["D"], z=t["z"], dt_bias=t["dt_bias"], initial_states=t["h0"], return_final_states=True)
+    args = [t[k] for k in ("x", "dt", "A", "B", "C")]
+    for y, s in (ops.ssd_chunk_scan(*args, 8, **kw), ops.ssd_chunk_scan_torch(*args, 8, **kw)):
+        torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(s, s_ref, rtol=1e-10, atol=1e-10)
