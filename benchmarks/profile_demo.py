@@ -152,8 +152,13 @@ def summarize(prof, wall_s: float) -> dict:
     }
 
 
+class _Profiled(Exception):
+    """Raised after the profiled step: the job stops there (its schedule is the recipe's own, untouched)."""
+
+
 class StepProfiler:
-    """Wraps a step function: the ``PROFILED_STEP``-th call runs under the profiler, its summary is kept."""
+    """Wraps a step function: the ``PROFILED_STEP``-th call runs under the profiler, its summary is kept, and the
+    job stops (:class:`_Profiled`)."""
 
     def __init__(self, fn):
         self.fn, self.calls, self.result = fn, 0, None
@@ -167,7 +172,7 @@ class StepProfiler:
             out = self.fn(*a, **k)
             wall = time.perf_counter() - t0
         self.result = summarize(prof, wall)
-        return out
+        raise _Profiled
 
 
 def profile_pretrain(demo: str, scratch: str, label_all) -> dict:
@@ -180,7 +185,6 @@ def profile_pretrain(demo: str, scratch: str, label_all) -> dict:
         [
             f"data.path={demo}/data",
             f"checkpoint.dir={scratch}/parent",
-            f"train.train_iters={PROFILED_STEP}",
             "train.eval_interval=1000",
             "train.eval_iters=1",
             "checkpoint.save_interval=1000",
@@ -198,6 +202,8 @@ def profile_pretrain(demo: str, scratch: str, label_all) -> dict:
     pretrain_mod._train_iteration, pretrain_mod.build_training_components = step, build_labelled
     try:
         pretrain_mod.pretrain(cfg, progress=False)
+    except _Profiled:
+        pass
     finally:
         pretrain_mod._train_iteration, pretrain_mod.build_training_components = saved
     return {"what": f"pretrain: 1 step, {cfg.train.global_batch_size} x {cfg.data.seq_length} tokens", **step.result}
@@ -219,7 +225,6 @@ def profile_elastic(demo: str, scratch: str, label_all) -> dict:
             "checkpoint.save_interval=1000",
         ],
     )
-    cfg.train.train_iters = PROFILED_STEP
     step = StepProfiler(run_mod.ElasticRun.train_step)
     build = run_mod.build_elastic_components
 
@@ -233,6 +238,8 @@ def profile_elastic(demo: str, scratch: str, label_all) -> dict:
     run_mod.build_elastic_components = build_labelled
     try:
         run_mod.train_elastic(cfg, progress=False)
+    except _Profiled:
+        pass
     finally:
         run_mod.ElasticRun.train_step, run_mod.build_elastic_components = saved
     st = cfg.curriculum.stages[0]

@@ -12,6 +12,7 @@ from megatron.core import parallel_state
 
 from megatron_elastic import compat
 from megatron_elastic.errors import ConfigError
+from megatron_elastic.ops.cpu_gemm import use_fastest_cpu_gemm
 
 
 def free_port() -> int:
@@ -46,10 +47,13 @@ def initialize_parallel(
 ) -> None:
     """Initialise torch.distributed from the torchrun environment (or as a single process when there is
     none) and Megatron's TP/PP/DP groups, then seed Megatron's RNG streams. Idempotent. Without CUDA it also
-    enables the CPU back-end for this process (``compat.enable_cpu_backend``), until :func:`destroy_parallel`.
+    enables the CPU back-end for this process (``compat.enable_cpu_backend``), until :func:`destroy_parallel`, and
+    picks the faster library for float32 matrix products (``ops.cpu_gemm``).
     ``timeout_minutes`` bounds every collective of every group (a rank waiting longer fails instead of hanging)."""
     compat.enable_cpu_backend()
     compat.eager_fused_functions()
+    if not torch.cuda.is_available():
+        use_fastest_cpu_gemm()
     _ranks_from_slurm()
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"

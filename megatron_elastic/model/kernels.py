@@ -11,6 +11,8 @@
 * Mamba scan and conv: ``mamba_ssm`` / ``causal_conv1d`` kernels on CUDA when installed, else the pure-PyTorch
   chunked SSD scan and ``F.conv1d`` (same algorithm, more activation memory; on the CPU the scan runs at its own
   chunk length, ``ops.ssd.cpu_chunk_size``: a blocking choice that leaves the result unchanged).
+* float32 matrix products on the CPU: oneDNN where it beats torch's BLAS (MKL runs AVX2 code on AMD processors),
+  measured once per process (``ops.cpu_gemm``); the same products, another summation order.
 * norms and linears: TransformerEngine's fused norm+linear (``te``, teacher only: nothing is sliced) or
   Megatron's local linears with unfused RMSNorm (``local``: the elastic student everywhere).
 * sequence parallelism: whatever the config says (``parallel.sequence_parallel``), the same for both.
