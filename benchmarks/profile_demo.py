@@ -169,7 +169,7 @@ class StepProfiler:
             return self.fn(*a, **k)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             t0 = time.perf_counter()
-            out = self.fn(*a, **k)
+            self.fn(*a, **k)
             wall = time.perf_counter() - t0
         self.result = summarize(prof, wall)
         raise _Profiled
