@@ -30,9 +30,18 @@ def _onednn_linear():
     return getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 
 
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """``t`` if it is row- or column-major without gaps, else a contiguous copy. oneDNN's linear takes a strided
+    operand with a leading dimension larger than its width (a sliced weight of an elastic sub-model) down a path
+    several hundred times slower; the copy costs one pass over the operand."""
+    if t.is_contiguous() or t.t().is_contiguous():
+        return t
+    return t.t().contiguous().t() if t.stride(0) == 1 else t.contiguous()  # copy along the unit stride
+
+
 def onednn_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` for 2-D float32 CPU tensors through oneDNN's linear (``a @ (b^T)^T``)."""
-    return torch.ops.mkldnn._linear_pointwise(a, b.t(), None, "none", [None], "")
+    return torch.ops.mkldnn._linear_pointwise(_dense(a), _dense(b).t(), None, "none", [None], "")
 
 
 def _mm_cpu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

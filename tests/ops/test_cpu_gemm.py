@@ -43,6 +43,21 @@ def test_onednn_products_equal_float64_products(name):
     torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5 * float(want.abs().max()))
 
 
+def test_operands_with_gaps_reach_onednn_dense():
+    """oneDNN takes an operand whose leading dimension exceeds its width (a sliced weight) down a path hundreds of
+    times slower: such operands are copied along their unit stride first, row- or column-major as they were."""
+    w = torch.randn(768, 320)
+    for t in (w[:512, :256], w[:512, :256].t()):
+        d = cpu_gemm._dense(t)
+        assert torch.equal(d, t) and (d.is_contiguous() or d.t().is_contiguous())
+        assert (d.stride(0) == 1) == (t.stride(0) == 1)
+    assert (
+        cpu_gemm._dense(w) is w
+        and cpu_gemm._dense(w.t()) is not None
+        and cpu_gemm._dense(w.t()).data_ptr() == w.data_ptr()
+    )
+
+
 def test_the_registered_kernel_routes_by_size_and_dtype_and_autograd_is_unchanged():
     """In a process that installed oneDNN: a linear layer's gradients equal float64 ones; a small float32 product and
     a float64 product are bit for bit what the BLAS (``mm.out``) gives."""
