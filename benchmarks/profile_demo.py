@@ -30,7 +30,8 @@ PROFILED_STEP = 3  # steps 1-2 warm up (allocator, first-call paths)
 
 # Operation kinds of the self-time table: the first prefix that matches an aten op name wins.
 OP_KINDS = [
-    ("matrix products", ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::matmul", "aten::linear")),
+    ("matrix products", ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::matmul", "aten::linear",
+                         "mkldnn::_linear_pointwise")),
     ("attention kernel", ("aten::_scaled_dot_product",)),
     ("convolution", ("aten::mkldnn_convolution", "aten::convolution", "aten::_convolution", "aten::conv")),
     ("layout copies", ("aten::copy_", "aten::cat", "aten::clone", "aten::contiguous", "aten::flip", "aten::pad")),
@@ -50,7 +51,7 @@ def op_kind(name: str) -> str:
     for kind, prefixes in OP_KINDS:
         if name.startswith(prefixes):
             return kind
-    return "other" if name.startswith("aten::") else ""
+    return "other" if name.startswith(("aten::", "mkldnn::")) else ""
 
 
 def _module_label(name: str, module) -> str:
