@@ -147,6 +147,7 @@ def main(argv=None):
     run, out = os.path.abspath(args.run), os.path.abspath(args.out)
     data, imp = os.path.join(run, "data"), os.path.join(run, "importance")
     if not os.path.isfile(os.path.join(run, "elastic", "summary.json")):
+        from megatron_elastic.data.corpus import DEFAULT_MAX_BYTES
         from megatron_elastic.demo import run_demo
 
         print(f"no finished demo in {run}: running `megatron-elastic demo --out {run}` first")
@@ -157,7 +158,8 @@ def main(argv=None):
                 config=None,
                 set=None,
                 elastic_set=None,
-                max_bytes=16_000_000,
+                max_bytes=DEFAULT_MAX_BYTES,
+                seed=None,
                 no_progress=args.no_progress,
             )
         )

@@ -166,8 +166,9 @@ def evaluate_subnetworks(
     checkpoint: str, archs: Dict[str, "object"], batches: Sequence[dict], bits: BitsPerByte = BitsPerByte()
 ) -> Dict[str, dict]:
     """:func:`evaluate_lm` of sub-networks (name -> ElasticArch) of an elastic-capable checkpoint (e.g. the
-    sorted parent: "pruned, not trained"), with their parameter counts."""
-
+    sorted parent: "pruned, not trained"), with their parameter counts. Nothing to score loads nothing."""
+    if not archs:
+        return {}
     model, job, _ = load_parent(checkpoint)
     config = job.model_config()
     out = {}
