@@ -124,20 +124,19 @@ def cmd_train(args) -> int:
 
 def cmd_extract(args) -> int:
     from megatron_elastic.elastic.budget import format_costs
+    from megatron_elastic.errors import ConfigError
     from megatron_elastic.extraction.extract import extract
+    from megatron_elastic.extraction.hf_elastic import export_hf_elastic
 
     if args.arch and args.budget:
-        from megatron_elastic.errors import ConfigError
-
         raise ConfigError("give --budget or --arch, not both")
-    rows = extract(
-        args.checkpoint,
-        args.out,
-        budgets=args.budget or (None if args.arch else ["all"]),
-        arch_file=args.arch,
-        fmt=args.format,
-        table_step=args.table_step,
-    )
+    if args.format == "hf-elastic":
+        if args.arch:
+            raise ConfigError("--format hf-elastic lists the router's budgets: give --budget, not --arch")
+        rows = export_hf_elastic(args.checkpoint, args.out, args.budget, args.table_step)
+    else:
+        budgets = args.budget or (None if args.arch else ["all"])
+        rows = extract(args.checkpoint, args.out, budgets=budgets, arch_file=args.arch, fmt=args.format)
     head = f"{'sub-model':>14} {'parameters':>12} {'fraction':>8} {'memory':>18} {'FLOPs/token':>18} {'trained':>7}"
     print(f"{head}  outputs")
     for r in rows:

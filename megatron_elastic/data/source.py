@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
 from megatron_elastic.data.indexed import check_indexed_dataset, data_tokenizer_spec, read_metadata, split_prefix
-from megatron_elastic.data.tokenizer import check_vocabulary, load_tokenizer
+from megatron_elastic.data.tokenizer import BYTE, check_vocabulary, load_tokenizer, tokenizer_library
 from megatron_elastic.errors import ConfigError, InputNotFoundError
 
 Blend = Tuple[List[str], Optional[List[float]]]  # Megatron's (prefixes, weights or None)
@@ -130,6 +130,24 @@ def job_tokenizer_spec(data: dict) -> Optional[str]:
     if data.get("path"):
         return DataSource.from_dir(data["path"]).tokenizer
     return None
+
+
+def exported_tokenizer(data: dict) -> Tuple[Optional[str], str]:
+    """The tokenizer a job's ``data`` section was trained with, as it travels with a Hugging Face export
+    (``transformers`` then loads model and tokenizer from one directory): its spec (None: nothing to write) and what
+    a summary says of it. Never raises: an export's weights are fine without it."""
+    try:
+        spec = job_tokenizer_spec(data)
+    except (OSError, ValueError) as e:  # the parent's data directory is gone: say so
+        return None, f"not copied: the parent's data ({data.get('path')}) cannot be read: {e}"
+    if spec is None:
+        return None, "not copied: the parent's job names no data"
+    if spec == BYTE:
+        return BYTE, "byte (no tokenizer files: ids 0-255 are UTF-8 bytes, <eod> 256, <pad> 257)"
+    library, _ = tokenizer_library(spec)
+    if library != "huggingface":
+        return None, f"not copied: {library} tokenizers are not loadable by transformers ({spec})"
+    return spec, spec
 
 
 def parse_blend(blend: Sequence, field_name: str) -> Blend:

@@ -22,9 +22,8 @@ from megatron_elastic.elastic.memory_check import check_this_gpu
 from megatron_elastic.elastic.router import Router
 from megatron_elastic.elastic.space import ElasticSpace
 from megatron_elastic.elastic.teacher import DistillationPair
-from megatron_elastic.errors import InputNotFoundError
+from megatron_elastic.errors import ConfigError, InputNotFoundError
 from megatron_elastic.model.builder import build_hybrid_model
-from megatron_elastic.model.config import ConfigError
 from megatron_elastic.model.kernels import Machine, teacher_kernels
 from megatron_elastic.parallel import initialize_parallel
 from megatron_elastic.store.checkpoint import (

@@ -31,7 +31,7 @@ import yaml
 from megatron_elastic.elastic.arch import ElasticArch, ElasticArchError
 from megatron_elastic.elastic.budget import format_cost, kind_text, parse_budget, parse_kind
 from megatron_elastic.elastic.curriculum import Curriculum, Stage
-from megatron_elastic.model.config import ConfigError
+from megatron_elastic.errors import ConfigError
 from megatron_elastic.store.checkpoint import latest_checkpoint
 from megatron_elastic.store.job_config import (
     CheckpointConfig,

@@ -38,8 +38,7 @@ from megatron_elastic.elastic.step import (
     step_items,
     sync_router_grads,
 )
-from megatron_elastic.errors import InputNotFoundError
-from megatron_elastic.model.config import ConfigError
+from megatron_elastic.errors import ConfigError, InputNotFoundError
 from megatron_elastic.store.checkpoint import (
     CheckpointWriter,
     latest_checkpoint,

@@ -7,13 +7,16 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import yaml
 
+from megatron_elastic.data.source import exported_tokenizer
 from megatron_elastic.elastic.arch import ElasticArch
-from megatron_elastic.elastic.budget import parse_kind
+from megatron_elastic.elastic.budget import every_cost, parse_kind, report_shape, stated_costs
+from megatron_elastic.elastic.choose import budget_archs
+from megatron_elastic.elastic.cost import arch_parameters
 from megatron_elastic.elastic.layers.model import build_elastic_model
 from megatron_elastic.elastic.router import Router
 from megatron_elastic.elastic.space import ElasticSpace
@@ -31,6 +34,29 @@ class ElasticSource:
     config: object  # the parent's HybridConfig at TP=1
     model: Optional[torch.nn.Module]  # elastic model at TP=1, PP=1 with the checkpoint's weights (or None)
     router: Optional[Router]  # None for a checkpoint without one (a sorted parent)
+    tokenizer: Tuple[Optional[str], str]  # what an export copies: (spec or None, what a summary says of it)
+
+    def sub_models(
+        self, budgets: Optional[List[str]] = None, arch_file: Optional[str] = None
+    ) -> Dict[str, Tuple[ElasticArch, dict]]:
+        """name -> (architecture, what ``arch.json`` says of it besides its size): the architecture in
+        ``arch_file``, or the router's choice for each of ``budgets`` (default: every trained one)."""
+        if arch_file:
+            with open(arch_file) as f:
+                return {os.path.splitext(os.path.basename(arch_file))[0]: (ElasticArch.from_json(f.read()), {})}
+        return {
+            name: (c.arch, {"budget": name, "trained": c.trained, "between": list(c.between)})
+            for name, c in budget_archs(self.router, budgets or ["all"], self.path).items()
+        }
+
+    def describe(self, name: str, arch: ElasticArch, about: dict) -> dict:
+        """What an export says of sub-model ``name``: parameters, fraction of the parent, ``about`` and its costs
+        (those ``name`` states and the router's kind, at the parent's sequence length)."""
+        count = arch_parameters(self.config, arch)
+        full = arch_parameters(self.config, ElasticArch.full(self.config))
+        kinds = [self.router.cost] if self.router is not None else []
+        shape = report_shape([*stated_costs(name), *kinds], self.job["data"]["seq_length"])
+        return {"parameters": count, "fraction": count / full, **about, "costs": every_cost(self.config, arch, *shape)}
 
 
 def load_source(checkpoint: str, with_model: bool = True) -> ElasticSource:
@@ -66,7 +92,7 @@ def load_source(checkpoint: str, with_model: bool = True) -> ElasticSource:
             cost=parse_kind(state["config"].get("budget_kind", "params"), model_cfg),
         )
         router.load_state_dict(extra["router"])
-    return ElasticSource(path, job, model_cfg, model, router)
+    return ElasticSource(path, job, model_cfg, model, router, exported_tokenizer(job.get("data") or {}))
 
 
 def load_parent(checkpoint: str):

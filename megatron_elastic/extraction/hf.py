@@ -27,11 +27,12 @@ import json
 import os
 import re
 import shutil
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
 from megatron_elastic.compat import ATTENTION, MAMBA, MLP
+from megatron_elastic.data.tokenizer import BYTE, copy_tokenizer, special_token_ids
 from megatron_elastic.errors import HFExportError, InputNotFoundError
 from megatron_elastic.model.layouts import LOCAL_PRE_NORM_WEIGHT, QKVLayout
 
@@ -158,15 +159,40 @@ def to_hf_state_dict(state_dict: Dict[str, torch.Tensor], config) -> Dict[str, t
 
 
 def save_hf_checkpoint(
-    out_dir: str, config, state_dict: Dict[str, torch.Tensor], max_shard_bytes: int = 5 * 2**30
+    out_dir: str,
+    config,
+    state_dict: Dict[str, torch.Tensor],
+    tokenizer: Optional[str] = None,
+    max_shard_bytes: int = 5 * 2**30,
 ) -> str:
     """Write ``config.json`` and ``model.safetensors`` (sharded with an index above ``max_shard_bytes``), plus
-    the remote-code module for a heterogeneous model. Returns ``out_dir``."""
-    from safetensors.torch import save_file
-
+    the remote-code module for a heterogeneous model. With ``tokenizer`` (a spec; ``byte`` has no files) its files
+    are copied in and its bos/eos/pad ids go into ``config.json`` and ``generation_config.json`` (what
+    ``generate`` stops and pads on), as ``transformers`` would save them. Returns ``out_dir``."""
     os.makedirs(out_dir, exist_ok=True)
     cfg = hf_config(config)
-    tensors = to_hf_state_dict(state_dict, config)
+    _save_safetensors(out_dir, to_hf_state_dict(state_dict, config), max_shard_bytes)
+    if "auto_map" in cfg:  # the model class's own source, for users without megatron_elastic
+        shutil.copyfile(
+            os.path.join(os.path.dirname(__file__), "hf_model.py"), os.path.join(out_dir, f"{REMOTE_MODULE}.py")
+        )
+    if tokenizer is not None:
+        if tokenizer != BYTE:
+            copy_tokenizer(tokenizer, out_dir)
+        ids = special_token_ids(tokenizer)
+        cfg.update(ids)
+        generation = {"_from_model_config": True, **{k: v for k, v in ids.items() if v is not None}}
+        with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
+            json.dump(generation, f, indent=2)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    return out_dir
+
+
+def _save_safetensors(out_dir: str, tensors: Dict[str, torch.Tensor], max_shard_bytes: int) -> None:
+    """``model.safetensors``, or shards of at most ``max_shard_bytes`` with ``model.safetensors.index.json``."""
+    from safetensors.torch import save_file
+
     shards, current, size = [], {}, 0
     for name, t in tensors.items():
         n = t.numel() * t.element_size()
@@ -178,36 +204,15 @@ def save_hf_checkpoint(
     shards.append(current)
     if len(shards) == 1:
         save_file(shards[0], os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for k, shard in enumerate(shards, 1):
-            fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, os.path.join(out_dir, fname), metadata={"format": "pt"})
-            weight_map.update({name: fname for name in shard})
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
-    if "auto_map" in cfg:  # the model class's own source, for users without megatron_elastic
-        shutil.copyfile(
-            os.path.join(os.path.dirname(__file__), "hf_model.py"), os.path.join(out_dir, f"{REMOTE_MODULE}.py")
-        )
-    return out_dir
-
-
-def write_token_ids(hf_dir: str, ids: Dict[str, object]) -> None:
-    """Put the tokenizer's ``bos/eos/pad_token_id`` into ``config.json`` and write ``generation_config.json``
-    with them (what ``generate`` stops and pads on), as ``transformers`` would save them."""
-    path = os.path.join(hf_dir, "config.json")
-    with open(path) as f:
-        cfg = json.load(f)
-    cfg.update(ids)
-    with open(path, "w") as f:
-        json.dump(cfg, f, indent=2)
-    generation = {"_from_model_config": True, **{k: v for k, v in ids.items() if v is not None}}
-    with open(os.path.join(hf_dir, "generation_config.json"), "w") as f:
-        json.dump(generation, f, indent=2)
+        return
+    weight_map = {}
+    for k, shard in enumerate(shards, 1):
+        fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(out_dir, fname), metadata={"format": "pt"})
+        weight_map.update({name: fname for name in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
 
 # ---- import: NemotronH -> our layout --------------------------------------------------------------------

@@ -20,12 +20,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from megatron_elastic.elastic.arch import ElasticArch
+from megatron_elastic.elastic.choose import choose_budgets
 from megatron_elastic.elastic.slicing import iter_sliced, kept_layers, sub_model_job
+from megatron_elastic.elastic.source import load_source
+from megatron_elastic.errors import ConfigError
 from megatron_elastic.extraction.hf import (
     REMOTE_MODULE,
     from_hf_state_dict,
@@ -33,6 +36,48 @@ from megatron_elastic.extraction.hf import (
     save_hf_checkpoint,
     to_hf_state_dict,
 )
+from megatron_elastic.store.reader import CheckpointTensorReader
+
+
+def export_hf_elastic(
+    checkpoint: str, out: str, budgets: Optional[List[str]] = None, table_step: float = 0.05
+) -> List[dict]:
+    """``extract --format hf-elastic``: ``out/hf-elastic`` with the full weights and the budget table (every
+    trained budget, every one of ``budgets``, the router's choice every ``table_step``); one row per table entry."""
+    if not 0 < table_step <= 1:
+        raise ConfigError(f"--table-step {table_step}: a fraction in (0, 1], e.g. 0.05")
+    src = load_source(checkpoint, with_model=False)
+    if src.router is None:
+        raise ConfigError(f"{src.path}: --format hf-elastic needs an elastic-training checkpoint (its router)")
+    entries = {}  # name -> arch, its metadata and the budget fraction (of the router's kind) it answers
+    for name, (arch, about) in src.sub_models(budgets).items():
+        entries[name] = {
+            "arch": arch,
+            **src.describe(name, arch, about),
+            "budget_fraction": _as_fraction(name),
+        }
+    listed = {e["budget_fraction"] for e in entries.values()}
+    lo = min(src.router.budgets)
+    grid = [
+        f for f in (round(lo + k * table_step, 6) for k in range(int((1.0 - lo) / table_step) + 1)) if f not in listed
+    ]
+    for f, choice in choose_budgets(src.router, grid).items():
+        about = {"budget": f"{f:g}", "trained": choice.trained, "between": list(choice.between)}
+        meta = src.describe(f"{f:g}", choice.arch, about)
+        entries[f"router:{f:g}"] = {"arch": choice.arch, **meta, "budget_fraction": f}
+    reader = CheckpointTensorReader(src.path)
+    state = {n: reader.load(n) for n in reader.names() if not n.endswith("_extra_state")}
+    dest = save_hf_elastic(os.path.join(out, "hf-elastic"), src.job, src.config, state, entries, src.tokenizer[0])
+    return [
+        {"name": name, **{k: v for k, v in e.items() if k != "arch"}, "hf-elastic": dest} for name, e in entries.items()
+    ]
+
+
+def _as_fraction(name: str) -> Optional[float]:
+    try:
+        return float(name)
+    except ValueError:
+        return None
 
 
 def index_ranges(index: torch.Tensor) -> List[List[int]]:
@@ -100,10 +145,18 @@ def _parent_name(sub_name: str, parent_layer: Dict[int, int]) -> str:
     return ".".join(parts)
 
 
-def save_hf_elastic(out_dir: str, job: dict, config, state_dict: Dict[str, torch.Tensor], entries: Dict[str, dict]):
-    """Write the full model (``extraction.hf.save_hf_checkpoint``) and the budget table ``entries`` (name ->
-    ``{"arch": ElasticArch, **about}``) into one directory, with the remote-code module. Returns ``out_dir``."""
-    save_hf_checkpoint(out_dir, config, state_dict)
+def save_hf_elastic(
+    out_dir: str,
+    job: dict,
+    config,
+    state_dict: Dict[str, torch.Tensor],
+    entries: Dict[str, dict],
+    tokenizer: Optional[str] = None,
+):
+    """Write the full model (``extraction.hf.save_hf_checkpoint``, with ``tokenizer``) and the budget table
+    ``entries`` (name -> ``{"arch": ElasticArch, **about}``) into one directory, with the remote-code module.
+    Returns ``out_dir``."""
+    save_hf_checkpoint(out_dir, config, state_dict, tokenizer)
     hf_shapes = {n: tuple(t.shape) for n, t in to_hf_state_dict(state_dict, config).items()}
     path = os.path.join(out_dir, "config.json")
     with open(path) as f:

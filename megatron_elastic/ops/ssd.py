@@ -79,6 +79,24 @@ def _step_sizes(dt: torch.Tensor, dt_bias, dt_softplus: bool, dt_limit: Tuple[fl
     return dt
 
 
+def _states_over_chunks(
+    chunk_states: torch.Tensor, chunk_log_decay: torch.Tensor, initial_states: Optional[torch.Tensor]
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The state entering each chunk (b, c, g, r, p, n) and the final state (b, g, r, p, n), from each chunk's own
+    contribution ``chunk_states`` (b, c, g, r, p, n), its total log decay (b, c, g, r) and ``initial_states``
+    (b, h, p, n) or None: one product with the exact segment sums of the decays (sums grow across chunks)."""
+    b, c, g, r, p, n = chunk_states.shape
+    if initial_states is None:
+        init = chunk_states.new_zeros(b, 1, g, r, p, n)
+    else:
+        init = initial_states.to(chunk_states.dtype).reshape(b, 1, g, r, p, n)
+    states = torch.cat([init, chunk_states], dim=1).permute(0, 2, 3, 1, 4, 5)  # (b, g, r, c+1, p, n)
+    chunk_decay = F.pad(chunk_log_decay.permute(0, 2, 3, 1), (1, 0))  # (b, g, r, c+1)
+    inter = torch.exp(_segment_sum(chunk_decay))  # (b, g, r, c+1, c+1)
+    states = (inter @ states.reshape(b, g, r, c + 1, p * n)).reshape(b, g, r, c + 1, p, n)
+    return states[:, :, :, :-1].permute(0, 3, 1, 2, 4, 5).contiguous(), states[:, :, :, -1]
+
+
 def ssd_chunk_scan_torch(
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -136,16 +154,7 @@ def ssd_chunk_scan_torch(
     chunk_states = _ContiguousGrad.apply((X * decay_to_end.unsqueeze(-1)).transpose(-1, -2) @ Bh)  # (b,c,g,r,p,n)
 
     # 3) Recurrence over chunks: state entering chunk k = sum_{m<k} exp(sum of chunk decays) state_m.
-    if initial_states is None:
-        init = torch.zeros(b, 1, g, r, p, n, dtype=cdtype, device=x.device)
-    else:
-        init = initial_states.to(cdtype).reshape(b, 1, g, r, p, n)
-    states = torch.cat([init, chunk_states], dim=1).permute(0, 2, 3, 1, 4, 5)  # (b, g, r, c+1, p, n)
-    chunk_decay = F.pad(a_cum[..., -1].permute(0, 2, 3, 1), (1, 0))  # (b, g, r, c+1)
-    inter = torch.exp(_segment_sum(chunk_decay))  # (b, g, r, c+1, c+1)
-    states = (inter @ states.reshape(b, g, r, c + 1, p * n)).reshape(b, g, r, c + 1, p, n)
-    entering = states[:, :, :, :-1].permute(0, 3, 1, 2, 4, 5).contiguous()  # (b, c, g, r, p, n)
-    final = states[:, :, :, -1]
+    entering, final = _states_over_chunks(chunk_states, a_cum[..., -1], initial_states)
 
     # 4) Contribution of the entering state to every position of the chunk: exp(a_cum_i) C_i . state.
     y_off = (Ch @ entering.transpose(-1, -2)) * torch.exp(a_cum).unsqueeze(-1)  # (b, c, g, r, q, p)

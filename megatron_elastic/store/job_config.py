@@ -12,7 +12,8 @@ from typing import Any, Dict, List, Optional
 import yaml
 
 from megatron_elastic.data.source import DataSource
-from megatron_elastic.model.config import ConfigError, HybridConfig, tiny_defaults
+from megatron_elastic.errors import ConfigError
+from megatron_elastic.model.config import HybridConfig, tiny_defaults
 from megatron_elastic.store.checkpoint import OPTIMIZER_SHARDINGS
 
 

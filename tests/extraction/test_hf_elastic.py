@@ -14,9 +14,10 @@ from tests.extraction.test_extract import elastic_run  # noqa: F401  (the fixtur
 def test_every_listed_budget_equals_its_standalone_export(elastic_run, tmp_path):  # noqa: F811
     transformers = pytest.importorskip("transformers")
     from megatron_elastic.extraction.extract import extract
+    from megatron_elastic.extraction.hf_elastic import export_hf_elastic
 
     one = str(tmp_path / "one")
-    rows = extract(elastic_run, one, budgets=["all"], fmt="hf-elastic", table_step=0.1)
+    rows = export_hf_elastic(elastic_run, one, budgets=["all"], table_step=0.1)
     directory = rows[0]["hf-elastic"]
     names = [r["name"] for r in rows]
     assert names[:3] == ["1", "0.75", "0.5"] and "router:0.6" in names and "router:0.7" in names
