@@ -553,7 +553,7 @@ SUBCOMMANDS = [
     (
         "demo",
         "run the tiny CPU recipe end to end",
-        "Prepare the built-in corpus, pretrain the tiny parent, score and sort it, then train budgets 100/75/50%% "
+        "Prepare the built-in corpus, pretrain the tiny parent, score and sort it, then train budgets 100/75/50% "
         "at once by elastic distillation, extract each as standalone Megatron and Hugging Face checkpoints, "
         "evaluate every model on one held-out set and write OUT/report.md with a results table and a Pareto "
         "plot, on this machine. Re-running reuses finished phases.",
