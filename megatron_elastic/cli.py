@@ -72,6 +72,7 @@ def cmd_importance(args) -> int:
         seq_length=args.seq_length,
         tensor_parallel=args.tensor_parallel,
         save_every_minutes=args.save_every_minutes,
+        mamba_head_channels=args.mamba_head_channels,
     )
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
@@ -283,6 +284,14 @@ def _importance_args(p) -> None:
         choices=["x", "out_proj_input"],
         default="x",
         help="Mamba activation scored: in_proj's x part (paper, ModelOpt) or the gated-norm output",
+    )
+    p.add_argument(
+        "--mamba-head-channels",
+        type=int,
+        default=0,
+        metavar="K",
+        help="score each Mamba head over its K top-ranked channels (D_top, paper Eq. 4; e.g. the smallest head dim "
+        "the elastic space keeps); default 0: all channels",
     )
     p.add_argument("--iterative-depth", action="store_true", help="greedy: remove the least important layer, re-score")
     p.add_argument(

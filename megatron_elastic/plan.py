@@ -31,6 +31,7 @@ from megatron_elastic.elastic.config import ElasticJobConfig, load_elastic_confi
 from megatron_elastic.elastic.cost import PARAMETERS, Cost, arch_flops_per_token, arch_parameters, scaled_arch
 from megatron_elastic.elastic.memory import GIB, checkpoint_bytes, importance_memory_per_gpu, student_path
 from megatron_elastic.elastic.memory_check import check_fits, stage_memory
+from megatron_elastic.elastic.space import ElasticSpace
 from megatron_elastic.errors import ConfigError, PlanError
 from megatron_elastic.importance.depth import CHUNK_BYTES
 from megatron_elastic.model.kernels import MACHINES, KernelPath, teacher_kernels
@@ -159,7 +160,7 @@ def make_plan(
     teacher = teacher_kernels(MACHINES[kernels], cfg.parallel.sequence_parallel)
     plan = Plan(tp, pp, dp, hw.world, full, budgets, student, teacher)
     memories = stage_memory(cfg, config, dp, student, hw.overhead_gib)
-    for stage, steps, mem in zip(cfg.curriculum.stages, cfg.stage_steps(), memories):
+    for i, (stage, steps, mem) in enumerate(zip(cfg.curriculum.stages, cfg.stage_steps(), memories)):
         tokens = steps * stage.global_batch_size * stage.seq_length
         w = [x / sum(stage.budget_weights) for x in stage.budget_weights]
         teacher_flops = arch_flops_per_token(config, full_arch, stage.seq_length)
@@ -167,15 +168,18 @@ def make_plan(
             wi * arch_flops_per_token(config, budgets[name]["arch"], stage.seq_length) for wi, name in zip(w, names)
         )
         # The work the GPUs do: the teacher's forward, the student's forward and backward (3 forwards' worth), plus
-        # one more student forward when every layer is recomputed in the backward pass.
+        # one more student forward when every layer is recomputed in the backward pass. A trainable teacher (Eq. 15)
+        # is the student's full budget: forward and backward too.
         student_passes = 4 if cfg.train.recompute else 3
-        flops = tokens * (teacher_flops + student_passes * student_flops)
+        teacher_passes = student_passes if cfg.trainable_teacher(i) else 1
+        flops = tokens * (teacher_passes * teacher_flops + student_passes * student_flops)
         hours = flops / (hw.mfu * hw.peak_tflops * 1e12) / 3600
         plan.stages.append(
             StagePlan(stage.name, stage.seq_length, stage.global_batch_size, steps, tokens, mem, flops, hours)
         )
     check_fits(cfg, memories, hw.gpu_memory_gib, dp)
-    plan.importance = importance_plan(config, hw, tp, *importance)
+    space = ElasticSpace.default(config, cfg.space.fractions, cfg.space.depth_fractions)
+    plan.importance = importance_plan(config, hw, tp, *importance, d_top=(space.mamba_head_dim or [0])[0])
     plan.stop = stop_plan(config, hw, max(s.flops / max(s.steps, 1) for s in plan.stages))
     return plan
 
@@ -237,10 +241,11 @@ class ImportancePlan:
     memory: Dict[str, float]  # bytes per GPU by component
     one_shot_gpu_hours: float
     iterative_gpu_hours: float
+    d_top: int = 0  # the Mamba head channels a head is scored over (Eq. 4): the smallest head dim the space keeps
 
 
-def importance_plan(config, hw: Hardware, tp: int, tokens: int, seq: int, mbs: int) -> ImportancePlan:
-    """Memory and GPU-hours of scoring the parent (:func:`importance_passes`)."""
+def importance_plan(config, hw: Hardware, tp: int, tokens: int, seq: int, mbs: int, d_top: int = 0) -> ImportancePlan:
+    """Memory and GPU-hours of scoring the parent (:func:`importance_passes`); ``d_top``: see ``ImportancePlan``."""
 
     forward = arch_flops_per_token(config, ElasticArch.full(config), seq)
     output = 2.0 * config.hidden_size * config.vocab_size
@@ -250,7 +255,7 @@ def importance_plan(config, hw: Hardware, tp: int, tokens: int, seq: int, mbs: i
     memory = importance_memory_per_gpu(config, tp, seq, mbs, CHUNK_BYTES)
     memory["overhead"] = hw.overhead_gib * GIB
     return ImportancePlan(
-        tokens, seq, mbs, tp, hw.world // tp, memory, hours(flops["one-shot"]), hours(flops["iterative"])
+        tokens, seq, mbs, tp, hw.world // tp, memory, hours(flops["one-shot"]), hours(flops["iterative"]), d_top
     )
 
 
@@ -274,7 +279,13 @@ def format_importance(p: ImportancePlan, hw: Hardware) -> str:
             f"  one-shot depth {per_gpu(p.one_shot_gpu_hours)}; iterative depth {per_gpu(p.iterative_gpu_hours)}, "
             f"at {hw.mfu:.0%} of {hw.peak_tflops:g} TFLOP/s",
             f"  the paper's scoring (Sec. 2.1): importance ... --calib-tokens {p.tokens} --ffn-source fc1_output "
-            "(Eq. 2) --iterative-depth (Eq. 5)",
+            "(Eq. 2) --iterative-depth (Eq. 5)"
+            + (
+                f" --mamba-head-channels {p.d_top} (Eq. 4)\n  (D_top of Eq. 4: a Mamba head is scored over the "
+                f"{p.d_top} channels every sub-model keeps, the space's smallest head dim)"
+                if p.d_top
+                else ""
+            ),
         ]
     )
 

@@ -64,6 +64,12 @@ def test_plan_counts_recompute_and_sequence_parallelism_and_prints_its_kernels()
     )
     assert "teacher kernels: te spec" in text
     assert "attention sdpa, Mamba scan torch" in format_plan(make_plan(RECIPE, roomy, kernels="reference"), roomy)
+    # A trainable teacher (Eq. 15) in stage 2: the full budget's forward and backward, and its activations kept too.
+    trainable = make_plan(RECIPE, roomy, ["distill.teacher=[frozen, trainable]"])
+    teacher = arch_flops_per_token(config, archs[0], on.stages[1].seq_length)
+    assert trainable.stages[0].flops == on.stages[0].flops
+    assert trainable.stages[1].flops - on.stages[1].flops == pytest.approx(3 * on.stages[1].tokens * teacher, rel=1e-9)
+    assert trainable.stages[1].memory["activations"] == pytest.approx(2 * on.stages[1].memory["activations"])
 
 
 @pytest.mark.parametrize("pattern, hidden, seq, mbs", [("M-*-", 256, 512, 4), ("*-M-M", 256, 256, 8)])
@@ -167,9 +173,14 @@ def test_plan_states_the_stop_checkpoint_and_the_slurm_times_it_needs():
             "c",
             "--out",
             "o",
-            *line.split("importance ... ")[1].replace("(Eq. 2)", "").replace("(Eq. 5)", "").split(),
+            *line.split("importance ... ")[1]
+            .replace("(Eq. 2)", "")
+            .replace("(Eq. 5)", "")
+            .replace("(Eq. 4)", "")
+            .split(),
         ]
     )
     assert (args.ffn_source, args.iterative_depth, args.calib_tokens) == ("fc1_output", True, 1024 * 8192)
+    assert args.mamba_head_channels == 40  # the recipe's smallest head-dim choice: 0.5 x 80
     slow = Hardware(nodes=16, checkpoint_write_gbps=0.01)  # 1,077 s to write: more than the script's lead
     assert "submit with --signal=B:USR1@" in format_plan(make_plan(RECIPE, slow), slow)

@@ -11,7 +11,8 @@
                 exact-architecture baseline)
 ``space``       the allowed sizes of every elastic axis (fractions of the parent) and heterogeneity
 ``router``      hidden size, LR, warm-up, resource-loss weight, temperature and logit-scale annealing
-``distill``     KD temperature, LM-loss weight, budgets per step (``sample`` or ``all``)
+``distill``     KD temperature, LM-loss weight, budgets per step (``sample`` or ``all``), the teacher (frozen or
+                trainable, or one per stage)
 ``curriculum``  the stages: tokens, sequence length, global batch, budget weights
 ``parallel``, ``data``, ``train``, ``checkpoint``  as in the pretraining config
 
@@ -64,6 +65,20 @@ class RouterConfig:
     tau_end: float = 0.05
     logit_scale_start: float = 1.0  # router-logit scale, increased linearly (paper)
     logit_scale_end: float = 10.0
+    # How the chosen sub-model's mask enters the forward pass (paper Sec. Mask Generation, which does not say which
+    # its runs used): "straight_through" (ours: gate 1 forward, the chosen probability's gradient back) or "scaled"
+    # (Mode 1, Eq. 50: the mask times the chosen Gumbel-Softmax probability, forward and back). Mode 2's soft mix of
+    # every nested mask is refused: see MASK_MODES.
+    mask_mode: str = "straight_through"
+
+
+# router.mask_mode -> Router.draw's ``hard``: whether the gate is the straight-through one-hot (1.0 forward).
+MASK_MODES = {"straight_through": True, "scaled": False}
+SOFT_MASK_REFUSAL = (
+    "router.mask_mode: soft (the paper's Mode 2, Eq. 51: every unit weighted by the probability mass of the choices "
+    "that keep it) runs every budget at full width, and this project's elastic layers slice instead of masking; "
+    "use straight_through or scaled (Mode 1, Eq. 50)"
+)
 
 
 @dataclass
@@ -71,6 +86,14 @@ class DistillConfig:
     temperature: float = 1.0  # KD temperature: not given by the paper (our choice)
     lm_loss_weight: float = 0.0  # frozen-teacher mode: KD only (paper); > 0 adds next-token CE
     budgets_per_step: str = "sample"  # "sample": each micro-batch gets one budget; "all": every budget sees it
+    # The teacher (paper Sec. Loss Formulation): "frozen" (Eq. 16: the parent before elastification, L = L_KD) or
+    # "trainable" (Eq. 15: the elastic model's own full budget, trained with teacher_ce_weight x CE while the
+    # sub-models distil from it, L = L_KD + alpha L_CE); or one of them per curriculum stage (a schedule).
+    teacher: Union[str, List[str]] = "frozen"
+    teacher_ce_weight: float = 1.0  # alpha of Eq. 15 (not stated by the paper: ours)
+
+
+TEACHER_MODES = ("frozen", "trainable")
 
 
 @dataclass
@@ -133,6 +156,12 @@ class ElasticJobConfig:
         """Optimizer steps of every stage: its tokens over (global batch * sequence length), rounded up."""
         return [max(1, math.ceil(s.tokens / (s.global_batch_size * s.seq_length))) for s in self.curriculum.stages]
 
+    def trainable_teacher(self, stage_index: int) -> bool:
+        """Whether curriculum stage ``stage_index`` distils from the trainable full budget (Eq. 15), not the frozen
+        parent (Eq. 16)."""
+        d = self.distill.teacher
+        return (d[stage_index] if isinstance(d, list) else d) == "trainable"
+
     @property
     def eval_seq_length(self) -> int:
         return self.data.eval_seq_length or self.curriculum.stages[0].seq_length
@@ -158,11 +187,26 @@ class ElasticJobConfig:
             raise ConfigError("router: hidden and lr must be > 0, warmup_iters and loss_weight >= 0")
         if not (r.tau_start > 0 and r.tau_end > 0 and r.logit_scale_start > 0 and r.logit_scale_end > 0):
             raise ConfigError("router: tau_* and logit_scale_* must be > 0")
+        if r.mask_mode == "soft":
+            raise ConfigError(SOFT_MASK_REFUSAL)
+        if r.mask_mode not in MASK_MODES:
+            raise ConfigError(f"router.mask_mode: one of {sorted(MASK_MODES)}, got {r.mask_mode!r}")
         d = self.distill
         if d.temperature <= 0 or d.lm_loss_weight < 0:
             raise ConfigError("distill: temperature must be > 0 and lm_loss_weight >= 0")
         if d.budgets_per_step not in ("sample", "all"):
             raise ConfigError(f"distill.budgets_per_step: 'sample' or 'all', got {d.budgets_per_step!r}")
+        n_stages = len(self.curriculum.stages)
+        modes = d.teacher if isinstance(d.teacher, list) else [d.teacher] * n_stages
+        if len(modes) != n_stages or any(m not in TEACHER_MODES for m in modes):
+            raise ConfigError(
+                f"distill.teacher: frozen or trainable, or one of them per curriculum stage ({n_stages}), e.g. "
+                f"[frozen, trainable]; got {d.teacher!r}"
+            )
+        if not (_is_finite_number(d.teacher_ce_weight) and d.teacher_ce_weight >= 0):
+            raise ConfigError(
+                f"distill.teacher_ce_weight: a number >= 0 (alpha of Eq. 15), got {d.teacher_ce_weight!r}"
+            )
         if self.curriculum.between_share and (d.budgets_per_step == "all" or self.fixed_arch):
             raise ConfigError(
                 "curriculum.between_share: budgets between the trained ones are drawn per micro-batch; it needs "

@@ -116,9 +116,12 @@ def memory_per_gpu(
     recompute: bool = False,
     path: Optional[KernelPath] = None,
     overhead_gib: float = 0.0,
+    trainable_teacher: bool = False,
 ) -> Dict[str, float]:
     """Per-GPU bytes by component for the most loaded pipeline stage (see the module docstring), for the student
-    kernels ``path`` (default: the ``fused`` machine, no sequence parallelism)."""
+    kernels ``path`` (default: the ``fused`` machine, no sequence parallelism). With a ``trainable_teacher`` (Eq. 15)
+    the student keeps the activations of two forward passes per micro-batch (its full budget and the sub-model:
+    counted as two full ones)."""
     path = path or student_path("fused")
     full = ElasticArch.full(config)
     e = _bytes_per_param(config)
@@ -144,7 +147,7 @@ def memory_per_gpu(
             "grads": 4 * params,
             "optimizer": opt * params / (dp if distributed_optimizer else 1),
             "teacher": e * params,
-            "activations": act * in_flight,
+            "activations": act * in_flight * (2 if trainable_teacher else 1),
             "logits": (22 * seq * mbs * config.vocab_size / tp) if k == pp - 1 else 0.0,
             "backward": max(acts),
             "overhead": overhead_gib * GIB,

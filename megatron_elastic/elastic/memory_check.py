@@ -28,8 +28,9 @@ def stage_memory(cfg: ElasticJobConfig, config, dp: int, path: KernelPath, overh
             cfg.train.recompute,
             path,
             overhead_gib,
+            cfg.trainable_teacher(i),
         )
-        for stage in cfg.curriculum.stages
+        for i, stage in enumerate(cfg.curriculum.stages)
     ]
 
 

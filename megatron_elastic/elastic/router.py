@@ -11,6 +11,8 @@ per token (``elastic.cost``; a budget is a fraction of the parent's cost of the 
 * Depth: the choice is how many layers to keep; the kept layers are the top of the importance ranking.
 * ``sample``: hard one-hot per segment in the forward pass, straight-through gradients; the value of the chosen
   component is the gate (1.0 forward) handed to ``use_arch`` so the router's gradient flows through the model.
+  With ``hard=False`` (``router.mask_mode: scaled``, the paper's Mode 1, Eq. 50) the gate is the chosen
+  component's probability itself, forward and back; the chosen architecture is the same.
 * Nesting: ``sample_nested`` draws every budget from the largest down, each smaller budget's Gumbel choice masked
   to the choices no larger than the next larger budget's draw, so every sampled set is nested and training samples
   exactly the family ``choose.choose_all`` extracts (its noise-free limit).
@@ -162,18 +164,22 @@ class Router(nn.Module):
         generator_of: Callable[[int], torch.Generator],
         only: Optional[float] = None,
         between: Optional[float] = None,
+        hard: bool = True,
     ) -> Dict[float, "RouterSample"]:
         """Draw every budget from the largest down, each within the draw of the next larger one
         (``generator_of(budget_index)`` gives each budget its noise). ``between``, an untrained budget inside the
         trained range, is drawn last (noise index ``len(budgets)``) within its larger trained neighbour's draw and
         containing its smaller one's, so the whole set stays nested. With ``only``, keep the autograd graph for
-        that budget alone (the other draws only bound it) and stop once it is drawn."""
+        that budget alone (the other draws only bound it) and stop once it is drawn. ``hard``: straight-through
+        gates (1.0 forward), else the chosen probabilities (the paper's Mode 1); the architectures are the same."""
         lo, hi = self.neighbours(between) if between is not None else (None, None)  # checked before any draw
         grad = torch.is_grad_enabled()
         out, prev = {}, None
         for b in sorted(self.budgets, reverse=True):
             with torch.set_grad_enabled(grad and only in (None, b)):
-                s = out[b] = self.draw(b, tau, scale, generator=generator_of(self.budgets.index(b)), within=prev)
+                s = out[b] = self.draw(
+                    b, tau, scale, hard=hard, generator=generator_of(self.budgets.index(b)), within=prev
+                )
             prev = s.arch
             if b == only:
                 return out
@@ -183,6 +189,7 @@ class Router(nn.Module):
                     between,
                     tau,
                     scale,
+                    hard=hard,
                     generator=generator_of(len(self.budgets)),
                     within=out[hi].arch,
                     containing=out[lo].arch,

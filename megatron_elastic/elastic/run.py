@@ -237,7 +237,7 @@ class ElasticRun:
         c.optimizer.zero_grad()
         c.router_optimizer.zero_grad(set_to_none=True)
         losses = self.forward_backward(
-            forward_step_func=make_forward_step(c, step, tau, scale),
+            forward_step_func=make_forward_step(c, step, tau, scale, cfg.trainable_teacher(stage_index)),
             data_iterator=iter(items),
             model=[c.pair],
             num_microbatches=len(items),
@@ -278,6 +278,11 @@ class ElasticRun:
             for name, v in zip([f"{b:g}" for b in cfg.budgets] + ["between"], kd):
                 if v is not None:
                     self.window[f"kd/{name}"].append(v)
+            teacher_ce = [
+                v for v in per_budget_means(losses, "teacher_ce", len(cfg.budgets) + 1) or [] if v is not None
+            ]
+            if teacher_ce:  # a trainable teacher's own CE (Eq. 15), over the step's micro-batches
+                self.window["teacher_ce"].append(float(np.mean(teacher_ce)))
         for b, f in expected.items():
             if b in cfg.budgets:
                 self.window[f"expected_fraction/{b:g}"].append(f)

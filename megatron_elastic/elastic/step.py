@@ -7,10 +7,12 @@ Per optimizer step:
    stage's weights, one per micro-batch of the global batch; ``all``: every budget on every micro-batch). With
    ``curriculum.between_share``, that share of the micro-batches trains the step's untrained budget between the
    trained ones (``Curriculum.between_budget``), drawn nested between its trained neighbours' draws.
-2. Megatron's forward/backward schedule runs the (student, frozen teacher) pair. In each micro-batch the
-   router samples its budget's architecture with Gumbel noise fixed per (step, budget) (so every micro-batch,
-   TP rank and PP stage draws the same one), nested inside the draw of every larger budget of the step
-   (``Router.sample_nested``), the student runs that sub-model with the router's straight-through gates, and the
+2. Megatron's forward/backward schedule runs the (student, teacher) pair: the frozen parent, or in a stage with a
+   trainable teacher (``distill.teacher``, Eq. 15) the student's own full budget, trained with alpha x CE. In each
+   micro-batch the router samples its budget's architecture with Gumbel noise fixed per (step, budget) (so every
+   micro-batch, TP rank and PP stage draws the same one), nested inside the draw of every larger budget of the step
+   (``Router.sample_nested``), the student runs that sub-model with the router's gates (straight-through, or the
+   chosen probabilities with ``router.mask_mode: scaled``, the paper's Mode 1), and the
    loss is KD(teacher || student) (+ optional LM loss). A ``fixed_arch`` run trains one given sub-model instead.
 3. Router gradients are summed over pipeline stages (each stage gates its own layers) and averaged over
    data-parallel replicas; then the resource loss (every budget's expected cost - parameters, serving memory or
@@ -30,7 +32,7 @@ from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
 from megatron_elastic.data.loader import build_gpt_datasets, make_loader
 from megatron_elastic.elastic.components import ElasticComponents
-from megatron_elastic.elastic.config import MAX_BUDGETS, ElasticJobConfig
+from megatron_elastic.elastic.config import MASK_MODES, MAX_BUDGETS, ElasticJobConfig
 from megatron_elastic.elastic.distill import kd_loss
 from megatron_elastic.elastic.layers.model import set_arch
 from megatron_elastic.elastic.resource_loss import expected_cost, resource_loss
@@ -74,9 +76,11 @@ def sync_router_grads(router: torch.nn.Module, sequence_parallel: bool = False) 
         offset += n
 
 
-def make_forward_step(c: ElasticComponents, step: int, tau: float, scale: float):
-    """Megatron ``forward_step_func`` for one optimizer step: items are (micro-batch, budget index)."""
+def make_forward_step(c: ElasticComponents, step: int, tau: float, scale: float, trainable_teacher: bool = False):
+    """Megatron ``forward_step_func`` for one optimizer step: items are (micro-batch, budget index). With
+    ``trainable_teacher`` (Eq. 15) the teacher is the student's full budget, trained by ``teacher_ce_weight`` x CE."""
     cfg = c.config
+    c.pair.trainable_teacher = trainable_teacher
     tp_group = (
         parallel_state.get_tensor_model_parallel_group() if c.model_config.tensor_model_parallel_size > 1 else None
     )
@@ -88,7 +92,8 @@ def make_forward_step(c: ElasticComponents, step: int, tau: float, scale: float)
         drawn = nested_draws(c, step, tau, scale, only=budget)[budget]
         set_arch(c.student, drawn.arch, drawn.gates)
         tokens = batch["tokens"]
-        out = model(tokens, batch["position_ids"], None, cache_key=item["key"])
+        choice = {"choice": (drawn.arch, drawn.gates)} if trainable_teacher else {}
+        out = model(tokens, batch["position_ids"], None, cache_key=item["key"], **choice)
 
         def loss_func(output):
             student_logits, teacher_logits = output
@@ -100,6 +105,12 @@ def make_forward_step(c: ElasticComponents, step: int, tau: float, scale: float)
                 lm = masked_mean(ce, batch["loss_mask"])
                 loss = loss + cfg.distill.lm_loss_weight * lm
                 report["lm"] = lm.detach().clone()
+            if trainable_teacher:  # Eq. 15: alpha x CE of the full budget, the teacher the sub-models distil from
+                ce = masked_mean(
+                    vocab_parallel_cross_entropy(teacher_logits.float(), batch["labels"]), batch["loss_mask"]
+                )
+                loss = loss + cfg.distill.teacher_ce_weight * ce
+                report["teacher_ce"] = ce.detach().clone()
             report["budget_index"] = torch.tensor(bi)
             return loss, report
 
@@ -166,6 +177,7 @@ def nested_draws(c: "ElasticComponents", step: int, tau: float, scale: float, on
         lambda bi: noise_generator(seed, step, bi),
         only=only,
         between=c.config.curriculum.between_budget(step),
+        hard=MASK_MODES[c.config.router.mask_mode],
     )
 
 

@@ -1,20 +1,28 @@
-"""The frozen teacher and the teacher/student pair that Megatron's schedules run as one model chunk.
+"""The teacher and the teacher/student pair that Megatron's schedules run as one model chunk.
+
+The teacher is the frozen parent (paper Eq. 16) or, in a stage with a trainable teacher (Eq. 15,
+``distill.teacher``), the student model itself at its full budget: the pair then runs the student twice per
+micro-batch, at the full architecture (the teacher half, with gradients) and at the micro-batch's sub-model
+(``forward(..., choice=(arch, gates))``).
 
 Under pipeline parallelism the teacher is split over the same stages as the student, and the two travel
 through the pipeline together: a stage's output is ``cat([student_hidden, teacher_hidden], dim=batch)`` (so
 the schedule is called with twice the micro-batch size for its p2p shapes). The teacher half carries no
 gradient. On the last stage the pair returns ``(student_logits, teacher_logits)`` for the KD loss.
 
-The teacher's output is cached per data micro-batch (``cache_key``), so when several budgets train on the same
-micro-batch (``budgets_per_step: all``) the teacher runs once.
+The frozen teacher's output is cached per data micro-batch (``cache_key``), so when several budgets train on the
+same micro-batch (``budgets_per_step: all``) it runs once. A trainable teacher runs in every micro-batch (its
+graph is freed by that micro-batch's backward).
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 import torch
 from torch import nn
+
+from megatron_elastic.elastic.layers.model import set_arch
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -40,6 +48,8 @@ class DistillationPair(nn.Module):
         self.model_type = teacher.model_type  # read by Megatron's schedules
         self._cache_key: Any = None
         self._cache: Optional[torch.Tensor] = None
+        self.trainable_teacher = False  # set per step by the run (distill.teacher of the step's stage)
+        self._halves: Tuple[Optional[torch.Tensor], Optional[torch.Tensor]] = (None, None)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -53,10 +63,15 @@ class DistillationPair(nn.Module):
             _set_input(self.teacher, None)
             return
         b = t.shape[1] // 2  # [s, 2b, h]: student rows first
+        if self.trainable_teacher:  # both halves are the student's, each at its own architecture (see forward)
+            self._halves = (t[:, :b], t[:, b:])
+            return
         _set_input(self.student, t[:, :b])
         _set_input(self.teacher, t[:, b:].detach())
 
-    def forward(self, input_ids, position_ids, attention_mask, cache_key: Any = None):
+    def forward(self, input_ids, position_ids, attention_mask, cache_key: Any = None, choice=None):
+        if self.trainable_teacher:
+            return self._forward_trainable_teacher(input_ids, position_ids, attention_mask, choice)
         student_out = self.student(input_ids, position_ids, attention_mask)
         if cache_key is not None and cache_key == self._cache_key:
             teacher_out = self._cache
@@ -64,6 +79,25 @@ class DistillationPair(nn.Module):
             with torch.no_grad():
                 teacher_out = self.teacher(input_ids, position_ids, attention_mask)
             self._cache_key, self._cache = cache_key, teacher_out
+        if self.post_process:
+            return student_out, teacher_out
+        return torch.cat([student_out, teacher_out], dim=1)
+
+    def _forward_trainable_teacher(self, input_ids, position_ids, attention_mask, choice):
+        """Eq. 15: the teacher half is the student at its full budget, the student half at ``choice`` (arch, gates),
+        both with gradients (the KD loss detaches the teacher's logits; its own loss is the CE)."""
+        if choice is None:
+            raise ValueError("a trainable teacher needs the micro-batch's choice: forward(..., choice=(arch, gates))")
+        arch, gates = choice
+        student_in, teacher_in = self._halves
+        if not self.pre_process:
+            _set_input(self.student, teacher_in)
+        set_arch(self.student, None)
+        teacher_out = self.student(input_ids, position_ids, attention_mask)
+        if not self.pre_process:
+            _set_input(self.student, student_in)
+        set_arch(self.student, arch, gates)
+        student_out = self.student(input_ids, position_ids, attention_mask)
         if self.post_process:
             return student_out, teacher_out
         return torch.cat([student_out, teacher_out], dim=1)

@@ -104,6 +104,7 @@ def run_importance(
     seq_length: Optional[int] = None,
     tensor_parallel: Optional[int] = None,
     save_every_minutes: float = 10.0,
+    mamba_head_channels: int = 0,
 ) -> dict:
     """Score, sort and save; returns a summary dict (paths and the depth ranking). ``data``: a ``prepare-data``
     directory, or None for the data the parent was trained on (its ``data`` section: a directory or a blend).
@@ -111,7 +112,8 @@ def run_importance(
     Runs in every process of a torchrun/srun launch (or alone): the parent at the job's TP size (``tensor_parallel``
     overrides it; logits stay vocab-sharded), PP=1 (scoring is forward-only), the calibration set split over the
     data-parallel ranks (``world / TP``) and every sum reduced over them, so any layout gives one process's ranking.
-    ``micro_batch_size`` and ``seq_length`` override the job's. The running sums are saved every
+    ``micro_batch_size`` and ``seq_length`` override the job's; ``mamba_head_channels``: D_top of Eq. 4 (0: every
+    channel of a head scores it). The running sums are saved every
     ``save_every_minutes`` under ``out/progress``; run the same command again to resume a killed job."""
     path = resolve_checkpoint(checkpoint)
     job = config_from_checkpoint(path)
@@ -149,7 +151,7 @@ def run_importance(
     show = progress and torch.distributed.get_rank() == 0
     bar = lambda desc, unit: (lambda it: tqdm(it, desc=desc, unit=unit)) if show else None
     accumulate_width(model, batches, lm_hidden, stats, bar("width (calibration)", "batch"), after_batch=save)
-    scores = stats.scores(config)
+    scores = stats.scores(config, mamba_head_channels)
     depth_bar = bar("depth (iterative)" if iterative_depth else "depth", "round")
     run_depth_search(model, batches, search, lm_hidden, depth_bar, after_batch=save)
     depth, ranking = search.result()
@@ -188,6 +190,7 @@ def _write_results(out, config, scores, perm, depth, ranking, fingerprint: dict,
                 "depth_nmse": [float(x) for x in depth],
                 "ffn_source": fingerprint["ffn_source"],
                 "mamba_source": fingerprint["mamba_source"],
+                "mamba_head_channels": scores.mamba_head_channels,
                 "calibration_tokens": tokens,
                 "layout": {k: fingerprint[k] for k in ("tensor_parallel", "data_parallel", "micro_batch_size")},
             },

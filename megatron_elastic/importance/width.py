@@ -9,7 +9,8 @@ Per channel the score is ``sqrt(sum over batches and samples of (mean over token
 * attention query head: L2 over the head's channels of the input of ``linear_proj``; ranked within its KV group;
 * Mamba: the x part of ``in_proj``'s output (``mamba_source="x"``, the paper's and ModelOpt's choice) or the
   input of ``out_proj`` (the gated-norm output, ``"out_proj_input"``); a head-channel's score is the L2 over
-  heads, a head's score the L2 over its channels; heads ranked within their B/C group.
+  heads (Eq. 3), a head's score the L2 over its channels, or with ``mamba_head_channels=K`` over the K top-ranked
+  channels only (D_top, Eq. 4); heads ranked within their B/C group.
 
 Accumulators are summed over data-parallel ranks and the TP-sharded ones gathered in rank order, so every
 rank ends with the same global scores.
@@ -42,10 +43,11 @@ class WidthScores:
     mamba_head_dim: Dict[int, torch.Tensor] = field(default_factory=dict)
     attention_heads: Dict[int, torch.Tensor] = field(default_factory=dict)
     ffn: Dict[int, torch.Tensor] = field(default_factory=dict)
+    mamba_head_channels: int = 0  # D_top (Eq. 4) the Mamba head scores were taken over; 0: every channel
 
     def to_permutation(self, config) -> Permutation:
         """Most important first on every axis, within groups where the axis has groups."""
-        desc = lambda s: torch.sort(-s, stable=True).indices
+        desc = _descending
         return Permutation(
             hidden=desc(self.hidden),
             mamba_heads={i: order_within_groups(s, config.mamba_num_groups) for i, s in self.mamba_heads.items()},
@@ -64,6 +66,11 @@ class WidthScores:
     def from_dict(cls, d: dict) -> "WidthScores":
         tensors = lambda m: {int(k): torch.tensor(v) for k, v in m.items()}
         return cls(torch.tensor(d["hidden"]), **{a: tensors(d[a]) for a in AXIS_FIELD})
+
+
+def _descending(scores: torch.Tensor) -> torch.Tensor:
+    """Indices from the highest score down (ties keep their order)."""
+    return torch.sort(-scores, stable=True).indices
 
 
 def _add(totals: Dict[str, torch.Tensor], key: str, act: torch.Tensor) -> None:
@@ -144,18 +151,25 @@ class WidthStatistics:
             for h in handles:
                 h.remove()
 
-    def scores(self, config) -> WidthScores:
-        """The global scores: sums reduced over DP, TP shards gathered in rank order (collective)."""
+    def scores(self, config, mamba_head_channels: int = 0) -> WidthScores:
+        """The global scores: sums reduced over DP, TP shards gathered in rank order (collective). A Mamba head is
+        scored over its ``mamba_head_channels`` top-ranked channels (D_top of Eq. 4; 0: all of them)."""
         if "hidden" not in self.totals:
             raise ConfigError("no calibration batches were given")
-        scores = WidthScores(hidden=_reduce_dp(self.totals["hidden"]).sqrt())
+        if not 0 <= mamba_head_channels <= config.mamba_head_dim:
+            raise ConfigError(
+                f"--mamba-head-channels {mamba_head_channels}: between 1 and the head dim ({config.mamba_head_dim}), "
+                f"or 0 for all channels"
+            )
+        scores = WidthScores(hidden=_reduce_dp(self.totals["hidden"]).sqrt(), mamba_head_channels=mamba_head_channels)
         for i in sorted(int(k) for k in self.totals if k != "hidden"):  # the same order on every rank
             total = _gather_tp(_reduce_dp(self.totals[str(i)]))
             sym = config.hybrid_pattern[i]
             if sym == MAMBA:
                 grid = total.sqrt().view(config.mamba_num_heads, config.mamba_head_dim)
-                scores.mamba_heads[i] = grid.norm(dim=1)
                 scores.mamba_head_dim[i] = grid.norm(dim=0)
+                top = _descending(scores.mamba_head_dim[i])[: mamba_head_channels or config.mamba_head_dim]
+                scores.mamba_heads[i] = grid[:, top].norm(dim=1)
             elif sym == ATTENTION:
                 scores.attention_heads[i] = (
                     total.sqrt().view(config.num_attention_heads, config.kv_channels).norm(dim=1)
@@ -212,11 +226,12 @@ def collect_width_scores(
     ffn_source: str = "fc2_input",
     progress: Optional[Callable[[Iterable], Iterable]] = None,
     mamba_source: str = "x",
+    mamba_head_channels: int = 0,
 ) -> WidthScores:
     """Run ``forward(model, batch)`` on every calibration batch with hooks and return the global scores.
     ``model`` is a (plain or elastic) hybrid model holding the whole network (PP=1) at any TP size."""
     stats = WidthStatistics(ffn_source, mamba_source)
-    return accumulate_width(model, list(batches), forward, stats, progress).scores(model.config)
+    return accumulate_width(model, list(batches), forward, stats, progress).scores(model.config, mamba_head_channels)
 
 
 def magnitude_scores(state_dict: Dict[str, torch.Tensor], config) -> WidthScores:

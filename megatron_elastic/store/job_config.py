@@ -227,13 +227,19 @@ def _build_section(cls, section: str, values: Any):
         if (
             isinstance(default, bool) != isinstance(v, bool)
             or (isinstance(default, (int, float)) and not isinstance(v, (int, float)))
-            or (isinstance(default, str) and not isinstance(v, str))
+            or (isinstance(default, str) and not isinstance(v, str) and not _may_be_list(fields[k], v))
         ):
             raise ConfigError(f"{section}.{k}: expected {type(default).__name__}, got {v!r}")
         if isinstance(default, float) and isinstance(v, int):
             v = float(v)
         out[k] = v
     return cls(**out)
+
+
+def _may_be_list(f: dataclasses.Field, v: Any) -> bool:
+    """A list given for a field typed ``Union[str, List[...]]`` (one value, or one per item of something; the
+    section's ``validate`` checks the items)."""
+    return isinstance(v, list) and "List[" in str(f.type)
 
 
 def apply_overrides(raw: Dict[str, Any], overrides: List[str]) -> Dict[str, Any]:

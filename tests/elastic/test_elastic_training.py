@@ -81,6 +81,34 @@ def test_curriculum_switches_stage_and_resume_reproduces_the_run(single_process_
     _assert_same_steps(_train_records(staged), recs, (1, 2, 3, 4, 5, 6))
 
 
+def test_a_frozen_then_trainable_teacher_schedule_trains_the_full_budget_in_its_stage_and_resumes(
+    single_process_parallel, parent, tmp_path
+):
+    """distill.teacher [frozen, trainable] (Eq. 16 then Eq. 15): stage 2 logs the full budget's own CE and changes
+    the student's full-budget weights' update against the frozen-teacher run; a resume inside stage 2 reproduces it."""
+    schedule = ["distill.teacher=[frozen, trainable]", "distill.teacher_ce_weight=0.5"]
+    run = str(tmp_path / "trainable")
+    _train(parent, run, overrides=schedule)
+    recs = _train_records(run)
+    assert all("teacher_ce" not in recs[i] for i in range(1, 5)) and all(recs[i]["teacher_ce"] > 0 for i in (5, 6))
+    ref = str(tmp_path / "frozen")
+    _train(parent, ref)
+    frozen = _train_records(ref)
+    _assert_same_steps({i: recs[i] for i in range(1, 5)}, frozen, range(1, 5))  # stage 1 is the same run
+    # Stage 2 trains the full budget only (weights 1, 0, 0): against the frozen parent KD(full || parent), against
+    # itself KD(full || full) = 0, and the step is alpha x CE's.
+    assert all(frozen[i]["kd/1"] > 1e-4 and recs[i]["kd/1"] == pytest.approx(0.0, abs=1e-6) for i in (5, 6))
+    part = str(tmp_path / "part")
+    os.makedirs(part)
+    shutil.copytree(os.path.join(run, "iter_0000003"), os.path.join(part, "iter_0000003"))
+    with open(os.path.join(part, "latest"), "w") as f:
+        f.write("iter_0000003")
+    _train(parent, part, resume=True, overrides=schedule)
+    resumed = _train_records(part)
+    _assert_same_steps(resumed, recs, (4, 5, 6))
+    assert resumed[6]["teacher_ce"] == pytest.approx(recs[6]["teacher_ce"], rel=1e-6)
+
+
 def _assert_same_steps(got, ref, steps):
     assert sorted(got) == sorted(steps)
     for i in steps:
@@ -273,6 +301,12 @@ def test_config_errors_name_the_fix(parent, tmp_path):
         _config(parent, str(tmp_path), overrides=["train.train_iters=5"])
     with pytest.raises(ConfigError, match="unknown field"):
         _config(parent, str(tmp_path), overrides=["router.hiden=5"])
+    with pytest.raises(ConfigError, match="Mode 2.*slice instead of masking"):
+        _config(parent, str(tmp_path), overrides=["router.mask_mode=soft"])
+    with pytest.raises(ConfigError, match="router.mask_mode: one of"):
+        _config(parent, str(tmp_path), overrides=["router.mask_mode=hard"])
+    with pytest.raises(ConfigError, match=r"one of them per curriculum stage \(2\)"):
+        _config(parent, str(tmp_path), overrides=["distill.teacher=[trainable]"])
 
 
 def _nan_kd(monkeypatch, bad_calls):

@@ -241,6 +241,36 @@ def test_sample_nested_with_only_keeps_the_graph_for_that_budget():
     assert draws[0.5].arch == router.sample_nested(0.7, 2.0, gen)[0.5].arch
 
 
+def test_scaled_mask_mode_gates_are_the_chosen_probabilities_of_the_same_draw():
+    """Mode 1 (Eq. 50): the same architectures as the straight-through draw, each gate the softmax probability of
+    the chosen component (recomputed here from the logits and the same Gumbel noise), with its gradient."""
+    _, router = _router(seed=4)
+    gen = lambda bi: torch.Generator().manual_seed(21 + bi)
+    straight = router.sample_nested(0.6, 1.5, gen)
+    scaled = router.sample_nested(0.6, 1.5, gen, hard=False)
+    prev, below_one = None, 0
+    for b in (1.0, 0.75, 0.5):
+        assert scaled[b].arch == straight[b].arch
+        if b == 1.0:
+            assert scaled[b].gates == {}
+            prev = scaled[b].arch
+            continue
+        assert all(float(g) == 1.0 for g in straight[b].gates.values())
+        g = torch.Generator().manual_seed(21 + router.budgets.index(b))
+        for axis, lg in router.logits(b, 1.5).items():  # draw's noise: one uniform tensor per axis, in this order
+            u = torch.rand(lg.shape, generator=g).clamp_(1e-10, 1 - 1e-10)
+            noisy = (lg - torch.log(-torch.log(u))).masked_fill(~router.allowed(axis, prev), float("-inf"))
+            expected = F.softmax(noisy / 0.6, dim=-1).max(-1).values
+            layers = router.segments[axis]
+            key = {"hidden": "hidden", "depth": "depth.0"}.get(axis)
+            got = [scaled[b].gates[key]] if key else [scaled[b].gates[f"{axis}.{layer}"] for layer in layers]
+            assert torch.allclose(torch.stack(got), expected, atol=1e-6), axis
+            assert all(x.requires_grad for x in got)
+            below_one += sum(float(x) < 1.0 for x in got)  # 1.0 only where the nesting left one choice
+        prev = scaled[b].arch
+    assert below_one > 0
+
+
 def test_any_budget_between_trained_ones_is_nested_and_on_target():
     cfg, router, full = _trained_router()
     asked = [0.5, 0.55, 0.6, 0.7, 0.75, 0.9, 1.0]

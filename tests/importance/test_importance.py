@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from megatron_elastic.errors import ConfigError
 from tests.importance.test_permute import _cfg, _logits
 
 
@@ -55,6 +56,38 @@ def test_width_scores_match_direct_computation(single_process_parallel):
     assert scores.hidden.shape == (cfg.hidden_size,) and (scores.hidden > 0).all()
     assert scores.mamba_heads[0].shape == (cfg.mamba_num_heads,)
     assert scores.mamba_head_dim[3].shape == (cfg.mamba_head_dim,)
+
+
+def test_mamba_heads_scored_over_the_top_channels_d_top(single_process_parallel):
+    """Eq. 3-4: channel scores are the L2 over heads of the x activations; with ``mamba_head_channels=K`` a head's
+    score is the L2 over the K top channels only (captured and computed here), which can reorder the heads."""
+    from megatron_elastic.importance.width import WidthStatistics, accumulate_width
+    from megatron_elastic.model.builder import build_hybrid_model
+
+    cfg = _cfg()
+    torch.manual_seed(0)
+    model = build_hybrid_model(cfg)
+    stats = accumulate_width(model, _batches(), _forward, WidthStatistics())
+    mixer, captured = model.decoder.layers[0].mixer, []
+    x = mixer.layout.in_proj_part("x")
+    hook = mixer.in_proj.register_forward_hook(lambda m, i, o: captured.append(o[0][..., x].detach()))
+    with torch.no_grad():
+        for b in _batches():
+            model(*b)
+    hook.remove()
+    grid = torch.stack([a.abs().mean(0).pow(2).sum(0) for a in captured]).sum(0).sqrt()
+    grid = grid.view(cfg.mamba_num_heads, cfg.mamba_head_dim)
+    channels = grid.norm(dim=0)
+    orders = set()
+    for k in (0, 1, 2, cfg.mamba_head_dim):
+        scores = stats.scores(cfg, mamba_head_channels=k)
+        top = torch.sort(-channels, stable=True).indices[: k or cfg.mamba_head_dim]
+        torch.testing.assert_close(scores.mamba_head_dim[0], channels)
+        torch.testing.assert_close(scores.mamba_heads[0], grid[:, top].norm(dim=1))
+        orders.add(tuple(scores.to_permutation(cfg).mamba_heads[0].tolist()))
+    assert len(orders) > 1, "D_top changes which heads come first on this model"
+    with pytest.raises(ConfigError, match="--mamba-head-channels"):
+        stats.scores(cfg, mamba_head_channels=cfg.mamba_head_dim + 1)
 
 
 def test_sort_by_scores_keeps_logits_and_puts_important_units_first(single_process_parallel):
