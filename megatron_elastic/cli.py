@@ -59,6 +59,7 @@ def cmd_pretrain(args) -> int:
 def cmd_importance(args) -> int:
     from megatron_elastic.importance.run import run_importance
 
+    options = ("mamba_source", "micro_batch_size", "seq_length", "tensor_parallel", "save_every_minutes")
     res = run_importance(
         args.checkpoint,
         args.data,
@@ -67,12 +68,8 @@ def cmd_importance(args) -> int:
         args.ffn_source,
         args.iterative_depth,
         progress=not args.no_progress,
-        mamba_source=args.mamba_source,
-        micro_batch_size=args.micro_batch_size,
-        seq_length=args.seq_length,
-        tensor_parallel=args.tensor_parallel,
-        save_every_minutes=args.save_every_minutes,
         mamba_head_channels=args.mamba_head_channels,
+        **{name: getattr(args, name) for name in options},
     )
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
