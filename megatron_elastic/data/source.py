@@ -143,7 +143,7 @@ def exported_tokenizer(data: dict) -> Tuple[Optional[str], str]:
     if spec is None:
         return None, "not copied: the parent's job names no data"
     if spec == BYTE:
-        return BYTE, "byte (no tokenizer files: ids 0-255 are UTF-8 bytes, <eod> 256, <pad> 257)"
+        return BYTE, "byte (written as a byte-level tokenizer.json: ids 0-255 are UTF-8 bytes, <eod> 256, <pad> 257)"
     library, _ = tokenizer_library(spec)
     if library != "huggingface":
         return None, f"not copied: {library} tokenizers are not loadable by transformers ({spec})"

@@ -121,6 +121,34 @@ def copy_tokenizer(spec: str, dest: str) -> str:
     tokenizer); returns the spec that loads the copy (``byte`` stays ``byte``)."""
     if spec == BYTE:
         return BYTE
+    return _copy_tokenizer_files(spec, dest)
+
+
+def write_hf_tokenizer(spec: str, dest: str) -> bool:
+    """The tokenizer as ``transformers`` loads it from ``dest`` (``AutoTokenizer.from_pretrained(dest)``): a Hugging
+    Face tokenizer's files copied; ``byte`` written as a byte-level BPE without merges that gives the same ids
+    (byte b -> id b, ``<eod>`` 256, ``<pad>`` 257), so lm-eval's ``hf`` model and ``generate`` read an export of a
+    byte-level model as they read any other. False when nothing could be written (``byte`` needs ``tokenizers``)."""
+    if spec != BYTE:
+        _copy_tokenizer_files(spec, dest)
+        return True
+    try:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+    except ImportError:
+        return False
+    vocab = {char: byte for byte, char in bytes_to_unicode().items()}
+    vocab.update({"<eod>": BYTE_EOD, "<pad>": BYTE_PAD})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eod>", pad_token="<pad>")
+    fast.save_pretrained(dest)
+    return True
+
+
+def _copy_tokenizer_files(spec: str, dest: str) -> str:
     library, path = tokenizer_library(spec)
     os.makedirs(dest, exist_ok=True)
     if os.path.isfile(path):  # a SentencePiece model file
@@ -159,6 +187,14 @@ def check_vocabulary(tokenizer, model_vocab_size: Optional[int], where: str) -> 
             f"{where}: the tokenizer has {tokenizer.vocab_size} ids but model.vocab_size is {model_vocab_size}; "
             f"set model.vocab_size >= {tokenizer.vocab_size} (a multiple of 128 is usual) or use the model's tokenizer"
         )
+
+
+def decode_text(tokenizer, ids: Sequence[int]) -> str:
+    """The text of ``ids``, exactly: Megatron's byte-level ``detokenize`` strips trailing whitespace (a generated
+    newline or indent would vanish); its bytes are decoded here instead (specials dropped, bad UTF-8 replaced)."""
+    if getattr(tokenizer, "library", None) == "byte-level":
+        return bytes(int(i) for i in ids if int(i) < 256).decode("utf-8", errors="replace")
+    return tokenizer.detokenize([int(i) for i in ids])
 
 
 def bytes_per_token(tokenizer, documents: Sequence[Sequence[int]]) -> float:

@@ -32,7 +32,7 @@ from typing import Dict, Optional
 import torch
 
 from megatron_elastic.compat import ATTENTION, MAMBA, MLP
-from megatron_elastic.data.tokenizer import BYTE, copy_tokenizer, special_token_ids
+from megatron_elastic.data.tokenizer import special_token_ids, write_hf_tokenizer
 from megatron_elastic.errors import HFExportError, InputNotFoundError
 from megatron_elastic.model.layouts import LOCAL_PRE_NORM_WEIGHT, QKVLayout
 
@@ -166,9 +166,10 @@ def save_hf_checkpoint(
     max_shard_bytes: int = 5 * 2**30,
 ) -> str:
     """Write ``config.json`` and ``model.safetensors`` (sharded with an index above ``max_shard_bytes``), plus
-    the remote-code module for a heterogeneous model. With ``tokenizer`` (a spec; ``byte`` has no files) its files
-    are copied in and its bos/eos/pad ids go into ``config.json`` and ``generation_config.json`` (what
-    ``generate`` stops and pads on), as ``transformers`` would save them. Returns ``out_dir``."""
+    the remote-code module for a heterogeneous model. With ``tokenizer`` (a spec) it is written so transformers loads
+    it from the same directory (``data.tokenizer.write_hf_tokenizer``) and its bos/eos/pad ids go into
+    ``config.json`` and ``generation_config.json`` (what ``generate`` stops and pads on), as ``transformers`` would
+    save them. Returns ``out_dir``."""
     os.makedirs(out_dir, exist_ok=True)
     cfg = hf_config(config)
     _save_safetensors(out_dir, to_hf_state_dict(state_dict, config), max_shard_bytes)
@@ -177,8 +178,7 @@ def save_hf_checkpoint(
             os.path.join(os.path.dirname(__file__), "hf_model.py"), os.path.join(out_dir, f"{REMOTE_MODULE}.py")
         )
     if tokenizer is not None:
-        if tokenizer != BYTE:
-            copy_tokenizer(tokenizer, out_dir)
+        write_hf_tokenizer(tokenizer, out_dir)
         ids = special_token_ids(tokenizer)
         cfg.update(ids)
         generation = {"_from_model_config": True, **{k: v for k, v in ids.items() if v is not None}}

@@ -8,14 +8,6 @@ import pytest
 import torch
 
 from tests.elastic.test_elastic_model import _args
-from tests.elastic.test_elastic_training import _train
-
-
-@pytest.fixture
-def elastic_run(single_process_parallel, parent, tmp_path):
-    ckpt = str(tmp_path / "elastic")
-    _train(parent, ckpt)
-    return ckpt
 
 
 def test_extract_all_budgets_megatron_and_hf(elastic_run, tmp_path):
@@ -52,6 +44,14 @@ def test_extract_all_budgets_megatron_and_hf(elastic_run, tmp_path):
         # The byte tokenizer's end of document is the eos generation stops on, and <pad> its padding.
         assert (hf.config.eos_token_id, hf.config.pad_token_id) == (256, 257)
         assert hf.generation_config.eos_token_id == 256
+        # ... and transformers loads the byte tokenizer from the same folder: the ids the model was trained on.
+        from megatron_elastic.data.tokenizer import decode_text, load_tokenizer
+
+        text = "def f(x):\n\treturn 'é' \n  "
+        hf_tok, ours = transformers.AutoTokenizer.from_pretrained(r["hf"]), load_tokenizer("byte")
+        assert hf_tok.encode(text) == list(ours.tokenize(text)) == list(text.encode("utf-8"))
+        assert hf_tok.decode(hf_tok.encode(text)) == decode_text(ours, ours.tokenize(text)) == text
+        assert (hf_tok.eos_token_id, hf_tok.pad_token_id) == (256, 257)
     assert json.load(open(os.path.join(out, "budget_1", "arch.json")))["skipped_layers"] == []
 
 

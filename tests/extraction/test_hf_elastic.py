@@ -8,8 +8,6 @@ import os
 import pytest
 import torch
 
-from tests.extraction.test_extract import elastic_run  # noqa: F401  (the fixture)
-
 
 def test_every_listed_budget_equals_its_standalone_export(elastic_run, tmp_path):  # noqa: F811
     transformers = pytest.importorskip("transformers")

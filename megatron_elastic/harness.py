@@ -1,0 +1,250 @@
+"""lm-evaluation-harness on every budget of one elastic checkpoint, from one copy of its weights.
+
+:class:`ElasticLM` is an lm-eval ``LM`` (``TemplateLM``: lm-eval's own tokenisation of context/continuation pairs)
+over the elastic model at one budget: ``loglikelihood`` and ``loglikelihood_rolling`` score batches of right-padded
+rows in one causal forward each (padding on the right never reaches a real token's logits, in attention or in
+the Mamba recurrence), ``generate_until`` decodes greedily with the recurrent state and KV cache
+(``serving.decode``) and cuts at the first stop string. Windows, truncation and the empty-context rule are
+lm-eval's (the same as its ``hf`` model), so a budget scored here and its Hugging Face export scored with
+``lm_eval --model hf`` agree. :func:`evaluate_budgets` runs lm-eval's ``simple_evaluate`` on each budget and
+writes one table (budget x task) and lm-eval's JSON per budget.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from megatron_elastic.data.tokenizer import decode_text
+from megatron_elastic.errors import ConfigError
+from megatron_elastic.model.builder import causal_attention_mask
+from megatron_elastic.serving.decode import stream
+from megatron_elastic.serving.generate import ElasticServer
+
+LM_EVAL_FIX = "pip install 'megatron-elastic[eval]' (lm-eval)"
+
+
+def _lm_eval():
+    try:
+        import lm_eval
+        from lm_eval.api.model import TemplateLM
+    except ImportError:
+        raise ConfigError(f"evaluate --tasks needs lm-evaluation-harness: {LM_EVAL_FIX}") from None
+    return lm_eval, TemplateLM
+
+
+def elastic_lm(server: ElasticServer, budget, batch_size: int = 8, max_length: Optional[int] = None):
+    """An lm-eval ``LM`` scoring ``server``'s model at ``budget`` (any budget the server serves)."""
+    _, TemplateLM = _lm_eval()
+
+    class ElasticLM(_ElasticLM, TemplateLM):
+        pass
+
+    return ElasticLM(server, budget, batch_size, max_length)
+
+
+class _ElasticLM:
+    """The body of the lm-eval ``LM`` (mixed with lm-eval's ``TemplateLM`` by :func:`elastic_lm`, so importing this
+    module never needs lm-eval)."""
+
+    backend = "causal"
+
+    def __init__(self, server: ElasticServer, budget, batch_size: int = 8, max_length: Optional[int] = None):
+        super().__init__()
+        self.server, self.arch = server, server.arch(budget)
+        self.model, self.tokenizer = server.model, server.tokenizer()
+        self.batch_size = batch_size
+        # lm-eval's hf model reads the same bound from the export's config (max_position_embeddings)
+        self.max_length = max_length or self.model.config.max_sequence_length
+        self._device = next(self.model.parameters()).device
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eod
+
+    def tok_encode(self, string: str, add_special_tokens=None, **kwargs) -> List[int]:
+        return list(self.tokenizer.tokenize(string))
+
+    def tok_decode(self, tokens: Sequence[int]) -> str:
+        return decode_text(self.tokenizer, tokens)
+
+    @torch.no_grad()
+    def _logprobs(self, rows: Sequence[List[int]]) -> List[torch.Tensor]:
+        """Log-probabilities ``[len(row), vocab]`` of the next token after each position of each row (float32)."""
+        from megatron_elastic.elastic.layers.model import use_arch
+
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.eot_token_id, dtype=torch.long, device=self._device)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        pos = torch.arange(width, device=self._device).unsqueeze(0).expand(len(rows), -1)
+        self.model.eval()
+        with use_arch(self.model, self.arch):
+            logits = self.model(ids, pos, causal_attention_mask(width).to(self._device))
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        return [logprobs[i, : len(r)] for i, r in enumerate(rows)]
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> List[Tuple[float, bool]]:
+        """(sum of the continuation's log-probabilities, whether greedy decoding gives it) per request, scored
+        longest first in batches (lm-eval's truncation: the last ``max_length`` tokens of context + continuation)."""
+        order = sorted(range(len(requests)), key=lambda i: -len(requests[i][1]) - len(requests[i][2]))
+        results: Dict[int, Tuple[float, bool]] = {}
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            rows, conts = [], []
+            for i in chunk:
+                _, context, continuation = requests[i]
+                rows.append((context + continuation)[-(self.max_length + 1) :][:-1])
+                conts.append(continuation)
+            for i, row, cont, lp in zip(chunk, rows, conts, self._logprobs(rows)):
+                lp = lp[len(row) - len(cont) :]
+                target = torch.tensor(cont, device=lp.device)
+                score = float(lp.gather(1, target[:, None]).sum())
+                results[i] = (score, bool(torch.equal(lp.argmax(-1), target)))
+                self.cache_hook.add_partial("loglikelihood", requests[i][0], results[i])
+        return [results[i] for i in range(len(requests))]
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> List[float]:
+        """A document's log-likelihood over lm-eval's disjoint rolling windows of ``max_length`` tokens."""
+        from lm_eval import utils
+
+        out = []
+        for (text,) in (r.args for r in requests):
+            windows = utils.get_rolling_token_windows(
+                token_list=self.tok_encode(text),
+                prefix_token=self.prefix_token_id,
+                max_seq_len=self.max_length,
+                context_len=1,
+            )
+            pieces = [(None, *utils.make_disjoint_window(w)) for w in windows]
+            out.append(sum(score for score, _ in self._loglikelihood_tokens(pieces)))
+            self.cache_hook.add_partial("loglikelihood_rolling", (text,), out[-1])
+        return out
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> List[str]:
+        """Greedy continuation of each context, cut before the first of its ``until`` strings (and the end of
+        document), at most ``max_gen_toks`` tokens (lm-eval's default 256)."""
+        from megatron_elastic.elastic.layers.model import use_arch
+
+        out = []
+        for context, gen_kwargs in (r.args for r in requests):
+            kwargs = dict(gen_kwargs)
+            until = kwargs.pop("until", None) or []
+            until = [until] if isinstance(until, str) else list(until)
+            if kwargs.get("do_sample") or float(kwargs.get("temperature", 0.0) or 0.0) > 0:
+                raise ConfigError("evaluate --tasks: only greedy generation is supported; set do_sample: false")
+            max_new = int(kwargs.get("max_gen_toks", 256))
+            ids = self.tok_encode(context)[-max(self.max_length - max_new, 1) :]
+            prompt = torch.tensor([ids], dtype=torch.long, device=self._device)
+            text, new = "", []
+            with use_arch(self.model, self.arch):
+                for token, _ in stream(self.model, prompt, max_new):
+                    if int(token) == self.eot_token_id:
+                        break
+                    new.append(int(token))
+                    text = self.tok_decode(new)
+                    if any(s in text for s in until):
+                        break
+            for s in until:
+                text = text.split(s)[0]
+            out.append(text)
+            self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
+        return out
+
+
+def parse_tasks(text: str) -> List[str]:
+    tasks = [t.strip() for t in text.split(",") if t.strip()]
+    if not tasks:
+        raise ConfigError("--tasks: give one or more lm-eval task names separated by commas, e.g. hellaswag,arc_easy")
+    return tasks
+
+
+def task_manager(include_path: Optional[str] = None):
+    """lm-eval's task registry, with the tasks (YAML files) under ``include_path`` added."""
+    lm_eval, _ = _lm_eval()
+    from lm_eval.tasks import TaskManager
+
+    if include_path is not None and not os.path.isdir(include_path):
+        raise ConfigError(f"--include-path {include_path}: not a directory of lm-eval task YAML files")
+    return TaskManager(include_path=include_path)
+
+
+def evaluate_budgets(
+    checkpoint: str,
+    tasks: Sequence[str],
+    budgets: Sequence[str],
+    out_dir: str,
+    include_path: Optional[str] = None,
+    num_fewshot: Optional[int] = None,
+    limit: Optional[float] = None,
+    batch_size: int = 8,
+    server: Optional[ElasticServer] = None,
+) -> Dict[str, Dict[str, Dict[str, float]]]:
+    """lm-eval's ``simple_evaluate`` of ``tasks`` on each budget of the elastic ``checkpoint`` (``all``: the trained
+    budgets), one weight copy for all. Writes ``out_dir/lm_eval_budget_<b>.json`` (lm-eval's results) and
+    ``out_dir/lm_eval.md`` (budget x task); returns {budget: {task: {metric: value}}}."""
+    lm_eval, _ = _lm_eval()
+    server = server or ElasticServer.from_checkpoint(checkpoint)
+    manager = task_manager(include_path)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise ConfigError(
+            f"--tasks: unknown lm-eval task(s) {unknown}; list them with `lm_eval ls tasks`"
+            + ("" if include_path else " or add your own YAML with --include-path DIR")
+        )
+    wanted = list(server.archs) if list(budgets) == ["all"] else list(budgets)
+    os.makedirs(out_dir, exist_ok=True)
+    table: Dict[str, Dict[str, Dict[str, float]]] = {}
+    for budget in wanted:
+        lm = elastic_lm(server, budget, batch_size)
+        res = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=list(tasks),
+            num_fewshot=num_fewshot,
+            limit=limit,
+            task_manager=manager,
+            bootstrap_iters=0,
+            log_samples=False,
+        )
+        key = f"{float(budget):g}" if _is_number(budget) else str(budget)
+        with open(os.path.join(out_dir, f"lm_eval_budget_{key}.json"), "w") as f:
+            json.dump(
+                {k: res[k] for k in ("results", "versions", "n-shot", "config") if k in res}, f, indent=2, default=str
+            )
+        table[key] = {t: _metrics(m) for t, m in res["results"].items()}
+    with open(os.path.join(out_dir, "lm_eval.md"), "w") as f:
+        f.write(results_table(table))
+    return table
+
+
+def _is_number(x) -> bool:
+    try:
+        float(x)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def _metrics(task_result: dict) -> Dict[str, float]:
+    """lm-eval's ``{"acc,none": 0.5, "acc_stderr,none": ..., "alias": ...}`` -> ``{"acc": 0.5}``."""
+    return {
+        k.split(",")[0]: float(v)
+        for k, v in task_result.items()
+        if isinstance(v, (int, float)) and "," in k and "_stderr" not in k
+    }
+
+
+def results_table(table: Dict[str, Dict[str, Dict[str, float]]]) -> str:
+    """A Markdown table: one row per budget, one column per task and metric."""
+    columns = sorted({(t, m) for per_task in table.values() for t, ms in per_task.items() for m in ms})
+    lines = [
+        "| budget | " + " | ".join(f"{t} {m}" for t, m in columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
+    for budget, per_task in table.items():
+        cells = [per_task.get(t, {}).get(m) for t, m in columns]
+        lines.append(f"| {budget} | " + " | ".join("" if v is None else f"{v:.4f}" for v in cells) + " |")
+    return "\n".join(lines) + "\n"
