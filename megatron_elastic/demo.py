@@ -209,10 +209,26 @@ def run_demo(args: argparse.Namespace) -> dict:
         rows = evaluate_demo(out, parent_dir, imp_dir, rows_x, held_out, esummary, progress=progress)
     with phase("every budget after training: the Pareto curve (trained and untrained budgets)"):
         curve = evaluate_budget_curve(out, elastic_dir, imp_dir, held_out, esummary, progress, evaluated=rows)
+    with phase("lm-evaluation-harness on a held-out task, every budget"):
+        lm_eval_table = evaluate_lm_eval_task(out, data_dir, elastic_dir, args.quick)
     total = time.time() - t0
-    report = _write_demo_report(out, rows, esummary, phase.seconds, total, args, curve)
+    report = _write_demo_report(out, rows, esummary, phase.seconds, total, args, curve, lm_eval_table)
     print(f"\ndemo finished in {total:.0f} s; report: {report}; outputs in {out}")
     return {"rows": rows, "phase_seconds": phase.seconds, "total_seconds": total, "report": report}
+
+
+def evaluate_lm_eval_task(out: str, data_dir: str, elastic_dir: str, quick: bool) -> Optional[str]:
+    """lm-eval's multiple choice on the held-out next-line task (``harness.write_next_line_task``) for every
+    trained budget; the table as Markdown, or why there is none (lm-eval not installed)."""
+    from megatron_elastic.harness import NEXT_LINE_TASK, evaluate_budgets, results_table, write_next_line_task
+
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        return None
+    include = write_next_line_task(data_dir, os.path.join(out, "lm_eval_task"), 8 if quick else 16, context=192)
+    table = evaluate_budgets(elastic_dir, [NEXT_LINE_TASK], ["all"], os.path.join(out, "lm_eval"), include)
+    return results_table(table)
 
 
 def _report_eval_set(data_dir: str, num_tokens: int):
@@ -334,6 +350,7 @@ def _write_demo_report(
     total: float,
     args: argparse.Namespace,
     curve: List[dict],
+    lm_eval_table: Optional[str] = None,
 ) -> str:
     from megatron_elastic.evaluation import budget_curve_markdown, budget_curve_plot, write_report
 
@@ -371,6 +388,16 @@ def _write_demo_report(
         "![every budget after training](budget_curve.png)" if plot else "",
         "",
         *_spread_section(rows, args),
+        "## lm-evaluation-harness on a held-out task",
+        "",
+        (
+            "Each budget of the elastic checkpoint, through lm-eval (`megatron-elastic evaluate`): given a piece of a "
+            "held-out file, pick its real next line among 4 (chance 0.25); task in `lm_eval_task/`, lm-eval's JSON "
+            "in `lm_eval/`. Few questions: a check that the harness runs, not a benchmark.\n\n" + lm_eval_table
+            if lm_eval_table
+            else "Skipped: lm-eval is not installed (`pip install 'megatron-elastic[eval]'`)."
+        ),
+        "",
         "## Phase times (s)",
         "",
         "| phase | seconds |",

@@ -155,6 +155,55 @@ class _ElasticLM:
         return out
 
 
+NEXT_LINE_TASK = "heldout_next_line"
+
+
+def write_next_line_task(
+    data_dir: str, out_dir: str, questions: int = 32, choices: int = 4, context: int = 256, seed: int = 0
+) -> str:
+    """A local lm-eval task from a ``prepare-data`` directory's validation split: given ``context`` characters of a
+    held-out document, pick its real next line among ``choices`` (the others: lines of other held-out documents of
+    similar length). Writes ``out_dir/{NEXT_LINE_TASK}.yaml`` and its JSONL; returns ``out_dir`` (``--include-path``).
+    Accuracy is what a model knows of the data's text, in lm-eval's multiple-choice form."""
+    import random
+
+    from megatron_elastic.data.indexed import data_tokenizer_spec, iter_documents, read_metadata, split_prefix
+    from megatron_elastic.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(data_tokenizer_spec(data_dir, read_metadata(data_dir)))
+    docs = [decode_text(tokenizer, d) for d in iter_documents(split_prefix(data_dir, "valid"))]
+    lines = [(i, line) for i, d in enumerate(docs) for line in d.split("\n") if 8 <= len(line.strip()) <= 80]
+    rng = random.Random(seed)
+    rows = []
+    for doc, line in rng.sample(lines, min(len(lines), questions * 4)):
+        text = docs[doc]
+        at = text.find("\n" + line + "\n")
+        others = [o for d, o in lines if d != doc and abs(len(o) - len(line)) <= 8]
+        if at < 0 or len(others) < choices - 1:
+            continue
+        options = [line] + rng.sample(others, choices - 1)
+        rng.shuffle(options)
+        rows.append({"context": text[max(0, at - context) : at + 1], "choices": options, "answer": options.index(line)})
+        if len(rows) == questions:
+            break
+    if not rows:
+        raise ConfigError(f"{data_dir}: its validation split has no lines to ask about (write a longer split)")
+    os.makedirs(out_dir, exist_ok=True)
+    data = os.path.join(os.path.abspath(out_dir), f"{NEXT_LINE_TASK}.jsonl")
+    with open(data, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    yaml_text = (
+        f"task: {NEXT_LINE_TASK}\ndataset_path: json\ndataset_kwargs: {{data_files: {{test: {json.dumps(data)}}}}}\n"
+        'test_split: test\noutput_type: multiple_choice\ndoc_to_text: "{{context}}"\n'
+        'doc_to_choice: "{{choices}}"\ndoc_to_target: "{{answer}}"\nmetric_list:\n'
+        "  - {metric: acc, aggregation: mean, higher_is_better: true}\n"
+        "  - {metric: acc_norm, aggregation: mean, higher_is_better: true}\n"
+    )
+    with open(os.path.join(out_dir, f"{NEXT_LINE_TASK}.yaml"), "w") as f:
+        f.write(yaml_text)
+    return out_dir
+
+
 def parse_tasks(text: str) -> List[str]:
     tasks = [t.strip() for t in text.split(",") if t.strip()]
     if not tasks:

@@ -2,6 +2,7 @@
 the report holds every budget and baseline, the extracted models are what the report scores, and a second run
 reuses every finished phase."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -90,6 +91,10 @@ def test_demo_runs_every_phase_writes_the_report_and_reuses_finished_phases(tmp_
             pruned = by["parent" if c["budget"] == "1" else f"pruned {c['budget']}"]
             assert abs(c["pruned_bpb"] - pruned["bpb"]) < 1e-4, c
     assert "budget_curve.png" in report and (out / "budget_curve.png").read_bytes()[:4] == b"\x89PNG"
+    if importlib.util.find_spec("lm_eval"):  # lm-eval's accuracy of each budget, as lm-eval's own JSON says
+        for b in ("1", "0.75", "0.5"):
+            acc = json.loads((out / "lm_eval" / f"lm_eval_budget_{b}.json").read_text())["results"]
+            assert f"| {b} | {acc['heldout_next_line']['acc,none']:.4f} |" in report
 
     again = _demo(out, cfg)
     assert again.returncode == 0, again.stderr[-3000:]
