@@ -376,11 +376,12 @@ def _extract_args(p) -> None:
     p.add_argument("--arch", help="an architecture JSON (ElasticArch.to_json) instead of the router's choice")
     p.add_argument(
         "--format",
-        choices=["megatron", "hf", "both", "hf-elastic"],
+        choices=["megatron", "hf", "both", "vllm", "hf-elastic"],
         default="both",
-        help="what to write (default both): a Megatron and/or Hugging Face checkpoint per budget, or 'hf-elastic': "
-        "one Hugging Face directory with the full weights and every budget (the requested ones and the router's "
-        "choice every 0.05), sliced at load time by its remote code",
+        help="what to write (default both): a Megatron and/or Hugging Face checkpoint per budget; 'vllm': NemotronH "
+        "as vLLM loads it (per-MLP intermediate_size list; needs Mamba and attention sizes shared by all layers: "
+        "space.heterogeneous: [ffn]); or 'hf-elastic': one Hugging Face directory with the full weights and every "
+        "budget (the requested ones and the router's choice every 0.05), sliced at load time by its remote code",
     )
     p.add_argument(
         "--table-step",

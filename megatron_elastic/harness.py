@@ -3,11 +3,11 @@
 :class:`ElasticLM` is an lm-eval ``LM`` (``TemplateLM``: lm-eval's own tokenisation of context/continuation pairs)
 over the elastic model at one budget: ``loglikelihood`` and ``loglikelihood_rolling`` score batches of right-padded
 rows in one causal forward each (padding on the right never reaches a real token's logits, in attention or in
-the Mamba recurrence), ``generate_until`` decodes greedily with the recurrent state and KV cache
-(``serving.decode``) and cuts at the first stop string. Windows, truncation and the empty-context rule are
-lm-eval's (the same as its ``hf`` model), so a budget scored here and its Hugging Face export scored with
-``lm_eval --model hf`` agree. :func:`evaluate_budgets` runs lm-eval's ``simple_evaluate`` on each budget and
-writes one table (budget x task) and lm-eval's JSON per budget.
+the Mamba recurrence), ``generate_until`` decodes greedily ``batch_size`` contexts at once, left-padded, with the
+recurrent state and KV cache (``serving.decode.decode_rows``) and cuts each at its first stop string. Windows,
+truncation and the empty-context rule are lm-eval's (the same as its ``hf`` model), so a budget scored here and
+its Hugging Face export scored with ``lm_eval --model hf`` agree. :func:`evaluate_budgets` runs lm-eval's
+``simple_evaluate`` on each budget and writes one table (budget x task) and lm-eval's JSON per budget.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from megatron_elastic.data.tokenizer import decode_text
 from megatron_elastic.errors import ConfigError
 from megatron_elastic.model.builder import causal_attention_mask
-from megatron_elastic.serving.decode import stream
+from megatron_elastic.serving.decode import decode_rows
 from megatron_elastic.serving.generate import ElasticServer
 
 LM_EVAL_FIX = "pip install 'megatron-elastic[eval]' (lm-eval)"
@@ -125,34 +125,38 @@ class _ElasticLM:
         return out
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> List[str]:
-        """Greedy continuation of each context, cut before the first of its ``until`` strings (and the end of
-        document), at most ``max_gen_toks`` tokens (lm-eval's default 256)."""
+        """Greedy continuations, ``batch_size`` contexts decoded together (left-padded; requests with the same
+        generation settings), each cut before the first of its ``until`` strings (and the end of document), at
+        most ``max_gen_toks`` tokens (lm-eval's default 256)."""
         from megatron_elastic.elastic.layers.model import use_arch
 
-        out = []
-        for context, gen_kwargs in (r.args for r in requests):
-            kwargs = dict(gen_kwargs)
+        groups: Dict[str, List[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault(json.dumps(r.args[1], sort_keys=True, default=str), []).append(i)
+        out: Dict[int, str] = {}
+        for members in groups.values():
+            kwargs = dict(requests[members[0]].args[1])
             until = kwargs.pop("until", None) or []
             until = [until] if isinstance(until, str) else list(until)
             if kwargs.get("do_sample") or float(kwargs.get("temperature", 0.0) or 0.0) > 0:
                 raise ConfigError("evaluate --tasks: only greedy generation is supported; set do_sample: false")
             max_new = int(kwargs.get("max_gen_toks", 256))
-            ids = self.tok_encode(context)[-max(self.max_length - max_new, 1) :]
-            prompt = torch.tensor([ids], dtype=torch.long, device=self._device)
-            text, new = "", []
-            with use_arch(self.model, self.arch):
-                for token, _ in stream(self.model, prompt, max_new):
-                    if int(token) == self.eot_token_id:
-                        break
-                    new.append(int(token))
-                    text = self.tok_decode(new)
-                    if any(s in text for s in until):
-                        break
-            for s in until:
-                text = text.split(s)[0]
-            out.append(text)
-            self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
-        return out
+
+            def done(_, new: List[int]) -> bool:
+                return new[-1] == self.eot_token_id or any(u in self.tok_decode(new) for u in until)
+
+            for start in range(0, len(members), self.batch_size):
+                chunk = members[start : start + self.batch_size]
+                prompts = [self.tok_encode(requests[i].args[0])[-max(self.max_length - max_new, 1) :] for i in chunk]
+                with use_arch(self.model, self.arch):
+                    rows = decode_rows(self.model, prompts, max_new, 0, done)
+                for i, new in zip(chunk, rows):
+                    text = self.tok_decode([t for t in new if t != self.eot_token_id])
+                    for u in until:
+                        text = text.split(u)[0]
+                    out[i] = text
+                    self.cache_hook.add_partial("generate_until", requests[i].args, text)
+        return [out[i] for i in range(len(requests))]
 
 
 NEXT_LINE_TASK = "heldout_next_line"

@@ -29,7 +29,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import yaml
 
-from megatron_elastic.elastic.arch import ElasticArch, ElasticArchError
+from megatron_elastic.elastic.arch import AXIS_FIELD, ElasticArch, ElasticArchError
 from megatron_elastic.elastic.budget import format_cost, kind_text, parse_budget, parse_kind
 from megatron_elastic.elastic.curriculum import Curriculum, Stage
 from megatron_elastic.errors import ConfigError
@@ -52,7 +52,10 @@ class SpaceConfig:
     fractions: List[float] = field(default_factory=lambda: [0.5, 0.625, 0.75, 0.875, 1.0])
     # fractions of the layers the router may keep, or "all": every depth from 1 layer to N (the paper's Eq. 9)
     depth_fractions: Union[List[float], str] = field(default_factory=lambda: [0.75, 0.875, 1.0])
-    heterogeneous: bool = True
+    # true: every width axis chosen per layer (the paper's heterogeneous sub-models); false: one choice per axis for
+    # all layers of its type (homogeneous); or the axes chosen per layer, the others shared, e.g. [ffn]: Mamba and
+    # attention sizes the same in every layer, which vLLM's NemotronH can serve (a per-MLP intermediate_size list)
+    heterogeneous: Union[bool, List[str]] = True
 
 
 @dataclass
@@ -211,6 +214,12 @@ class ElasticJobConfig:
             raise ConfigError(
                 "curriculum.between_share: budgets between the trained ones are drawn per micro-batch; it needs "
                 "distill.budgets_per_step: sample and no fixed_arch (set between_share: 0 otherwise)"
+            )
+        het = self.space.heterogeneous
+        if isinstance(het, list) and not set(het) <= set(AXIS_FIELD):
+            raise ConfigError(
+                f"space.heterogeneous: true, false or a list of the axes chosen per layer out of "
+                f"{sorted(AXIS_FIELD)}, got {het!r}"
             )
         depth = self.space.depth_fractions
         numbers = isinstance(depth, list) and all(

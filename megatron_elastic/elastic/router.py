@@ -71,7 +71,7 @@ class Router(nn.Module):
             raise ConfigError(f"budgets must be distinct fractions in (0, 1], got {budgets}")
         self.segments: Dict[str, List[int]] = {
             "hidden": [-1],
-            **{axis: self._seg(symbol) for axis, symbol in AXIS_SYMBOL.items()},
+            **{axis: self._seg(axis, symbol) for axis, symbol in AXIS_SYMBOL.items()},
             "depth": [-1],
         }
         self.choices = {"hidden": space.hidden, **{a: getattr(space, a) for a in AXIS_FIELD}, "depth": space.num_layers}
@@ -87,9 +87,9 @@ class Router(nn.Module):
             }
         )
 
-    def _seg(self, symbol: str) -> List[int]:
+    def _seg(self, axis: str, symbol: str) -> List[int]:
         layers = self.space.layers_of(self.config, symbol)
-        return layers if self.space.heterogeneous else ([-1] if layers else [])
+        return layers if self.space.per_layer(axis) else ([-1] if layers else [])
 
     @staticmethod
     def is_full(budget: float) -> bool:

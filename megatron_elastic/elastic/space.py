@@ -23,7 +23,7 @@ class ElasticSpace:
     ffn: List[int]
     num_layers: List[int]
     depth_ranking: List[int]
-    heterogeneous: bool = True
+    heterogeneous: Union[bool, List[str]] = True  # or the width axes chosen per layer (``space.heterogeneous``)
 
     @classmethod
     def default(
@@ -32,7 +32,7 @@ class ElasticSpace:
         fractions: Sequence[float] = (0.5, 0.625, 0.75, 0.875, 1.0),
         depth_fractions: Union[Sequence[float], str] = (0.75, 0.875, 1.0),
         depth_ranking: Optional[List[int]] = None,
-        heterogeneous: bool = True,
+        heterogeneous: Union[bool, List[str]] = True,
     ) -> "ElasticSpace":
         """Choices at ``fractions`` of every width axis (snapped to valid multiples) and ``depth_fractions`` of
         the layers (``"all"``: every depth from 1 to N layers); ``depth_ranking`` defaults to the layer order (pass
@@ -56,6 +56,11 @@ class ElasticSpace:
             depth_ranking=list(depth_ranking) if depth_ranking is not None else list(range(n)),
             heterogeneous=heterogeneous,
         )
+
+    def per_layer(self, axis: str) -> bool:
+        """Whether ``axis`` (a width axis of ``AXIS_FIELD``) is chosen for each layer of its type or once for all."""
+        het = self.heterogeneous
+        return axis in het if isinstance(het, list) else bool(het)
 
     def smallest_arch(self, config) -> ElasticArch:
         """Every axis at its smallest choice: the smallest sub-model this space reaches."""

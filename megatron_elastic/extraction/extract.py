@@ -20,7 +20,8 @@ from megatron_elastic.model.builder import build_hybrid_model
 from megatron_elastic.store.checkpoint import save_checkpoint
 from megatron_elastic.store.reader import CheckpointTensorReader
 
-FORMATS = ("megatron", "hf", "both")  # one checkpoint per sub-model; "hf-elastic" is export_hf_elastic's job
+# one checkpoint per sub-model ("vllm": NemotronH as vLLM reads it, hf.hf_config); "hf-elastic" is export_hf_elastic's
+FORMATS = ("megatron", "hf", "both", "vllm")
 
 
 def extract(
@@ -55,6 +56,10 @@ def extract(
         if fmt in ("hf", "both"):
             row["hf"] = save_hf_checkpoint(os.path.join(dest, "hf"), sub.config, sub.state, tokenizer)
             row["tokenizer"] = tokenizer_said
+        if fmt == "vllm":
+            row["vllm"] = save_hf_checkpoint(
+                os.path.join(dest, "vllm"), sub.config, sub.state, tokenizer, runtime="vllm"
+            )
         if fmt in ("megatron", "both"):
             row["megatron"] = _write_megatron(os.path.join(dest, "megatron"), sub, {**meta, "extracted_from": src.path})
         rows.append(row)

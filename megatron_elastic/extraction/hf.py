@@ -46,8 +46,18 @@ _OVERRIDE_NAMES = {
 REMOTE_MODULE = "modeling_elastic_nemotron_h"
 
 
-def hf_config(config) -> dict:
-    """``config.json`` for a ``HybridConfig`` (raises :class:`HFExportError` for what NemotronH cannot express)."""
+RUNTIMES = ("transformers", "vllm")  # whose NemotronH conventions a config.json follows
+
+
+def hf_config(config, runtime: str = "transformers") -> dict:
+    """``config.json`` for a ``HybridConfig`` (raises :class:`HFExportError` for what NemotronH cannot express).
+
+    A sub-model with per-layer sizes is, for ``transformers``, our ``elastic_nemotron_h`` (every size per layer,
+    loaded through the shipped remote code); for ``vllm``, plain ``nemotron_h`` with ``intermediate_size`` a list
+    with one entry per MLP layer in pattern order (vLLM's NemotronH reads entry ``pattern[:i + 1].count("-") - 1``
+    for layer i), which is all vLLM varies per layer: other per-layer sizes are refused."""
+    if runtime not in RUNTIMES:
+        raise HFExportError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
     if config.activation not in ("relu2", "squared_relu") or config.gated_linear_unit:
         raise HFExportError(
             "NemotronH MLPs are squared-ReLU, not gated; this model uses "
@@ -93,7 +103,20 @@ def hf_config(config) -> dict:
         "bos_token_id": None,
         "eos_token_id": None,
     }
-    if config.layer_overrides:
+    if config.layer_overrides and runtime == "vllm":
+        varied = sorted({k for ov in config.layer_overrides.values() for k in ov} - {"ffn_hidden_size"})
+        if varied:
+            raise HFExportError(
+                f"vLLM's NemotronH takes per-layer MLP sizes only; this sub-model also varies {varied} per layer: "
+                "train with space.heterogeneous: [ffn] (Mamba and attention sizes shared), or export --format hf "
+                "(transformers, with the remote code)"
+            )
+        cfg["intermediate_size"] = [
+            config.layer_overrides.get(i, {}).get("ffn_hidden_size", config.ffn_hidden_size)
+            for i, s in enumerate(config.hybrid_pattern)
+            if s == MLP
+        ]
+    elif config.layer_overrides:
         cfg["layer_overrides"] = {
             str(i): {_OVERRIDE_NAMES[k]: v for k, v in ov.items()} for i, ov in sorted(config.layer_overrides.items())
         }
@@ -164,14 +187,15 @@ def save_hf_checkpoint(
     state_dict: Dict[str, torch.Tensor],
     tokenizer: Optional[str] = None,
     max_shard_bytes: int = 5 * 2**30,
+    runtime: str = "transformers",
 ) -> str:
     """Write ``config.json`` and ``model.safetensors`` (sharded with an index above ``max_shard_bytes``), plus
     the remote-code module for a heterogeneous model. With ``tokenizer`` (a spec) it is written so transformers loads
     it from the same directory (``data.tokenizer.write_hf_tokenizer``) and its bos/eos/pad ids go into
     ``config.json`` and ``generation_config.json`` (what ``generate`` stops and pads on), as ``transformers`` would
     save them. Returns ``out_dir``."""
+    cfg = hf_config(config, runtime)  # refuses before anything is written
     os.makedirs(out_dir, exist_ok=True)
-    cfg = hf_config(config)
     _save_safetensors(out_dir, to_hf_state_dict(state_dict, config), max_shard_bytes)
     if "auto_map" in cfg:  # the model class's own source, for users without megatron_elastic
         shutil.copyfile(

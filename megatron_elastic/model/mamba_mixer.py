@@ -329,7 +329,10 @@ class MambaMixer(MegatronModule):
         seq, batch, _ = zxBCdt.shape
         key = self.layer_number
         if inference_context.sequence_len_offset == 0:
-            y, conv_in, final = self.ssm(zxBCdt, v, return_states=True)
+            keep = getattr(inference_context, "prompt_keep", None)  # [batch, seq]: False on left padding
+            if keep is not None:
+                zxBCdt = zxBCdt * keep.t()[..., None].to(zxBCdt.dtype)
+            y, conv_in, final = self.ssm(zxBCdt, v, return_states=True, keep=keep)
             k = v.conv_weight.shape[-1]
             conv_state = torch.nn.functional.pad(conv_in.transpose(1, 2), (max(0, k - seq), 0))[..., -k:]
             inference_context.key_value_memory_dict[key] = (conv_state.contiguous(), final)
@@ -383,10 +386,12 @@ class MambaMixer(MegatronModule):
             self.d_inner_local_tp // self.ngroups_local_tp,
         )
 
-    def ssm(self, zxBCdt: torch.Tensor, v: "MixerView", return_states: bool = False):
+    def ssm(self, zxBCdt: torch.Tensor, v: "MixerView", return_states: bool = False, keep=None):
         """(seq, batch, [z|x|B|C|dt] of ``v``'s sizes) -> (seq, batch, nheads*headdim): conv, SSD scan, gated norm.
         With ``return_states`` also the conv input (batch, seq, channels) and the final SSM state
-        (batch, nheads, headdim, d_state)."""
+        (batch, nheads, headdim, d_state). ``keep`` ([batch, seq], False on a left-padded prompt's padding, whose
+        input is zero): the conv's output is zeroed there too, so padding adds nothing to the state (x = B = 0) and
+        the first real token's conv window sees zeros, as at the start of a sequence."""
         seq, batch, _ = zxBCdt.shape
         d_inner, bc = v.nheads * v.headdim, self.ngroups_local_tp * self.d_state
         z, xBC, dt = torch.split(zxBCdt.transpose(0, 1), [d_inner, d_inner + 2 * bc, v.nheads], dim=-1)
@@ -394,6 +399,8 @@ class MambaMixer(MegatronModule):
         xBC = ops.causal_conv1d(
             xBC.transpose(1, 2).contiguous(), v.conv_weight, v.conv_bias, activation="silu"
         ).transpose(1, 2)
+        if keep is not None:
+            xBC = xBC * keep[..., None].to(xBC.dtype)
         x, B, C = torch.split(xBC, [d_inner, bc, bc], dim=-1)
         D = v.D.view(v.nheads, v.headdim) if self.D_has_hdim else v.D
         y = ops.ssd_chunk_scan(

@@ -61,7 +61,9 @@ class SDPAttention(DotProductAttention):
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
         mask, is_causal = None, False
-        if mask_type == AttnMaskType.causal:
+        if mask_type == AttnMaskType.causal and attention_mask is not None and attention_mask.shape[0] > 1:
+            mask = ~attention_mask  # one mask per row, causality included (left-padded prompts: serving.decode)
+        elif mask_type == AttnMaskType.causal:
             if sq == sk:
                 is_causal = True
             elif sq > 1:

@@ -5,7 +5,7 @@ Mamba state and the attention KV cache in Megatron's static inference context (n
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
@@ -16,7 +16,7 @@ from megatron_elastic.elastic.choose import budget_archs, choose_all
 from megatron_elastic.elastic.layers.model import use_arch
 from megatron_elastic.elastic.source import load_source
 from megatron_elastic.errors import UnknownBudgetError
-from megatron_elastic.serving.decode import decode
+from megatron_elastic.serving.decode import decode, decode_rows
 from megatron_elastic.serving.schedule import BudgetSchedule, ScheduledGeneration, generate_scheduled
 
 
@@ -66,6 +66,20 @@ class ElasticServer:
     ):
         with use_arch(self.model, self.arch(budget)):
             return decode(self.model, prompt, max_new_tokens, **kwargs)
+
+    def generate_batch(
+        self,
+        prompts: Sequence[Sequence[int]],
+        budget: Union[str, float, ElasticArch] = 1.0,
+        max_new_tokens: int = 32,
+        stop_ids: Sequence[int] = (),
+        **kwargs,
+    ) -> List[List[int]]:
+        """Prompts (token ids) of any lengths decoded together at ``budget``, left-padded (``serving.decode``);
+        each row ends at the first of ``stop_ids`` (kept) or after ``max_new_tokens``."""
+        stops = set(int(i) for i in stop_ids)
+        with use_arch(self.model, self.arch(budget)):  # padding is masked out: any id pads
+            return decode_rows(self.model, prompts, max_new_tokens, 0, lambda i, new: new[-1] in stops, **kwargs)
 
     def generate_scheduled(
         self,

@@ -225,8 +225,8 @@ def _build_section(cls, section: str, values: Any):
         if isinstance(default, float) and isinstance(v, str):
             v = _yaml_float(v, f"{section}.{k}")
         if (
-            isinstance(default, bool) != isinstance(v, bool)
-            or (isinstance(default, (int, float)) and not isinstance(v, (int, float)))
+            (isinstance(default, bool) != isinstance(v, bool) and not _may_be_list(fields[k], v))
+            or (isinstance(default, (int, float)) and not isinstance(default, bool) and not isinstance(v, (int, float)))
             or (isinstance(default, str) and not isinstance(v, str) and not _may_be_list(fields[k], v))
         ):
             raise ConfigError(f"{section}.{k}: expected {type(default).__name__}, got {v!r}")
@@ -237,8 +237,8 @@ def _build_section(cls, section: str, values: Any):
 
 
 def _may_be_list(f: dataclasses.Field, v: Any) -> bool:
-    """A list given for a field typed ``Union[str, List[...]]`` (one value, or one per item of something; the
-    section's ``validate`` checks the items)."""
+    """A list given for a field typed ``Union[str | bool, List[...]]`` (one value, or one per item of something;
+    the section's ``validate`` checks the items)."""
     return isinstance(v, list) and "List[" in str(f.type)
 
 

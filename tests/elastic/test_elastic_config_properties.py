@@ -78,3 +78,20 @@ def test_bad_stage_values_are_config_errors(tokens, weights):
     )
     with pytest.raises(ConfigError, match=r"curriculum\.stages\[0\]\.(tokens|budget_weights)"):
         load_elastic_config(text=text)
+
+
+@pytest.mark.parametrize("value,ok", [("true", True), ("false", True), ("[ffn]", True), ("[ffn, mlp]", False),
+                                      ("[]", True), ("maybe", False)])  # fmt: skip
+def test_space_heterogeneous_is_a_bool_or_a_list_of_width_axes(value, ok):
+    from megatron_elastic.elastic.config import load_elastic_config
+    from megatron_elastic.errors import ConfigError
+
+    text = (
+        "parent: p\nbudgets: [1.0, 0.5]\nspace: {heterogeneous: V}\ncurriculum: {stages: [{name: s, tokens: 100000, "
+        "seq_length: 32, global_batch_size: 8, budget_weights: [1, 1]}]}\n"
+    ).replace("V", value)
+    if ok:
+        assert load_elastic_config(text=text).space.heterogeneous == yaml.safe_load(value)
+    else:
+        with pytest.raises(ConfigError, match="space.heterogeneous"):
+            load_elastic_config(text=text)

@@ -59,6 +59,23 @@ def test_a_homogeneous_space_gives_one_choice_per_axis_for_every_layer_of_its_ty
     assert differs > 0
 
 
+def test_a_space_heterogeneous_in_ffn_only_ties_mamba_and_attention_sizes_across_layers():
+    """``space.heterogeneous: [ffn]`` (what vLLM's NemotronH serves): Mamba heads, head channels and attention heads
+    are one choice for every layer of their type, FFN widths are drawn per MLP layer (they differ in some draw)."""
+    torch.manual_seed(0)
+    cfg = _cfg()
+    space = ElasticSpace.default(cfg, depth_ranking=[0, 3, 1, 2, 4, 5], heterogeneous=["ffn"])
+    router = Router(cfg, space, BUDGETS, hidden=32)
+    assert [a for a in ("mamba_heads", "mamba_head_dim", "attention_heads", "ffn") if space.per_layer(a)] == ["ffn"]
+    ffn_differs = 0
+    for s in range(12):
+        arch, _, _ = router.sample(0.5, tau=1.0, generator=torch.Generator().manual_seed(s))
+        for name in ("mamba_num_heads", "mamba_head_dim", "num_attention_heads"):
+            assert len(set(getattr(arch, name).values())) <= 1, (name, arch)
+        ffn_differs += len(set(arch.ffn_hidden_size.values())) > 1
+    assert ffn_differs > 0
+
+
 def test_depth_choices_down_to_one_layer_with_depth_fractions_all():
     """``space.depth_fractions: all`` (the paper's Eq. 9: any L in [1, N]): the space offers every depth, the router
     draws them, and each drawn architecture skips exactly the least important layers of the ranking."""

@@ -193,3 +193,45 @@ def test_stated_budgets_errors(elastic_run, tmp_path):
     assert "\n" not in str(e.value)
     with pytest.raises(ConfigError, match="memory at a context length"):
         extract(elastic_run, str(tmp_path), budgets=["1GiB"])
+
+
+def test_vllm_export_lists_each_mlps_size_as_vllm_indexes_it(parent, tmp_path):
+    """``--format vllm``: a sub-model whose FFN widths differ per layer (Mamba and attention shared) is plain
+    ``nemotron_h`` with ``intermediate_size`` one entry per MLP layer; read the way vLLM's NemotronH reads it
+    (layer i -> entry ``pattern[:i + 1].count("-") - 1``), every entry is the row count of that layer's up_proj in
+    the written weights. A sub-model with per-layer Mamba heads is refused with the fix."""
+    from safetensors.torch import load_file
+
+    from megatron_elastic.elastic.arch import ElasticArch
+    from megatron_elastic.errors import HFExportError
+    from megatron_elastic.extraction.extract import extract
+    from megatron_elastic.parallel import initialize_parallel
+    from megatron_elastic.store.open_run import config_from_checkpoint
+
+    initialize_parallel(1, 1)
+    sorted_ckpt = os.path.join(parent, "sorted")
+    cfg = config_from_checkpoint(os.path.join(sorted_ckpt, "iter_0000000")).model_config()
+    arch = ElasticArch.full(cfg)
+    mlps = [i for i, s in enumerate(cfg.hybrid_pattern) if s == "-"]
+    g = cfg.elastic_ffn_groups
+    for n, i in enumerate(mlps):  # a different width per MLP layer
+        arch.ffn_hidden_size[i] = max(g, cfg.ffn_hidden_size - g * (n + 1))
+    (tmp_path / "ffn.json").write_text(arch.validate(cfg).to_json())
+    (row,) = extract(sorted_ckpt, str(tmp_path / "out"), arch_file=str(tmp_path / "ffn.json"), fmt="vllm")
+    hf_cfg = json.load(open(os.path.join(row["vllm"], "config.json")))
+    assert hf_cfg["model_type"] == "nemotron_h" and "auto_map" not in hf_cfg
+    weights = load_file(os.path.join(row["vllm"], "model.safetensors"))
+    pattern = hf_cfg["hybrid_override_pattern"]
+    sizes = hf_cfg["intermediate_size"]
+    assert len(sizes) == pattern.count("-") and len(set(sizes)) > 1
+    for i, s in enumerate(pattern):
+        if s == "-":
+            rows = weights[f"backbone.layers.{i}.mixer.up_proj.weight"].shape[0]
+            assert sizes[pattern[: i + 1].count("-") - 1] == rows == arch.ffn_hidden_size[i]
+    assert (hf_cfg["eos_token_id"], hf_cfg["pad_token_id"]) == (256, 257)
+
+    mamba = [i for i, s in enumerate(cfg.hybrid_pattern) if s == "M"]
+    arch.mamba_num_heads[mamba[0]] = cfg.mamba_num_groups  # fewer heads in one Mamba layer only
+    (tmp_path / "mamba.json").write_text(arch.validate(cfg).to_json())
+    with pytest.raises(HFExportError, match=r"heterogeneous: \[ffn\]"):
+        extract(sorted_ckpt, str(tmp_path / "out2"), arch_file=str(tmp_path / "mamba.json"), fmt="vllm")
