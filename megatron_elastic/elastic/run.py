@@ -75,8 +75,9 @@ def train_elastic(
             run.resume()
             limit.load = time.time() - load_t0
         announce(run)
+        limit.eval_done(run.state.get("eval_seconds", 0.0))  # measured by an earlier job of this run
         if run.state["iteration"] == 0:
-            evaluate_run(run, 0)
+            run.timed_evaluation(limit, 0)
         return _train_loop(run, cfg, signals, limit, progress, until_stage, t0)
 
 
@@ -90,9 +91,11 @@ def _train_loop(run: "ElasticRun", cfg: ElasticJobConfig, signals, limit, progre
             step_t0 = time.time()
             run.train_step(step)
             if step % cfg.train.eval_interval == 0 or step == cfg.train.train_iters:
-                last_valid = evaluate_run(run, step)
+                last_valid = run.timed_evaluation(limit, step)
             limit.step_done(time.time() - step_t0)
-            signalled, out_of_time = any_rank(signals.received, limit.near())
+            signalled, out_of_time = any_rank(
+                signals.received, limit.near(next_is_last=step + 1 == cfg.train.train_iters)
+            )
             stage_done = until_stage is not None and step < cfg.train.train_iters and run.stage_index() >= until_stage
             stop = signalled or out_of_time or stage_done
             run.writer.poll()  # completes a finished asynchronous save
@@ -165,6 +168,15 @@ class ElasticRun:
         c.router_scheduler.load_state_dict(extra["router_scheduler"])
         if self.is_logger:
             print(f"resumed from {path} at step {self.state['iteration']} ({self.state['tokens']:,} tokens)")
+
+    def timed_evaluation(self, limit, step: int) -> Dict[float, float]:
+        """:func:`evaluate_run`, its time given to the wall-time ``limit`` and kept in the run's state (the next
+        job of the run knows how long its end takes before it measures it)."""
+        t0 = time.time()
+        losses = evaluate_run(self, step)
+        limit.eval_done(time.time() - t0)
+        self.state["eval_seconds"] = limit.slowest_eval
+        return losses
 
     def save(self, step: int) -> None:
         c, state = self.c, self.state

@@ -89,9 +89,13 @@ class WallTimeLimit:
     Slurm script exports it). The run stops after the step at which ``now + margin`` passes the deadline, where
     ``margin = SAFETY * (slowest loop step + checkpoint time)``, both measured in this process: the checkpoint time
     is the slowest save so far, before the first save the resume load, and before either the start-up (model
-    build and parent load, the same order of work)."""
+    build and parent load, the same order of work). Before the last step the run also needs its end (the final
+    validation and the summary's scoring, ``FINISH_EVALS`` validation passes of the slowest one measured, which a
+    checkpoint carries over to the resumed job): when that does not fit, it stops one step early and the next job
+    finishes."""
 
     SAFETY = 1.5
+    FINISH_EVALS = 3  # the last step's validation, the summary's sliced-parent pass over every budget, the parent
 
     def __init__(self, exit_duration_minutes: Optional[float], started: float):
         deadlines = []
@@ -109,9 +113,13 @@ class WallTimeLimit:
         self.startup = None  # seconds from ``started`` to the first step
         self.slowest_save = None
         self.load = None
+        self.slowest_eval = 0.0  # one validation pass over every budget (carried over by the run's checkpoints)
 
     def step_done(self, seconds: float) -> None:
         self.slowest_step = max(self.slowest_step, seconds)
+
+    def eval_done(self, seconds: float) -> None:
+        self.slowest_eval = max(self.slowest_eval, seconds)
 
     def save_done(self, seconds: float) -> None:
         self.slowest_save = max(self.slowest_save or 0.0, seconds)
@@ -125,11 +133,13 @@ class WallTimeLimit:
     def margin(self) -> float:
         return self.SAFETY * (self.slowest_step + self.checkpoint_seconds())
 
-    def near(self, now: Optional[float] = None) -> bool:
-        """True when the next step and the stop checkpoint might not both fit before the deadline."""
+    def near(self, now: Optional[float] = None, next_is_last: bool = False) -> bool:
+        """True when the next step and the stop checkpoint might not both fit before the deadline (nor, when the
+        next step is the last, the run's end: :attr:`FINISH_EVALS` validation passes)."""
         if self.deadline is None:
             return False
-        return (time.time() if now is None else now) + self.margin() >= self.deadline
+        finish = self.SAFETY * self.FINISH_EVALS * self.slowest_eval if next_is_last else 0.0
+        return (time.time() if now is None else now) + self.margin() + finish >= self.deadline
 
     def describe(self, now: Optional[float] = None) -> str:
         now = time.time() if now is None else now
