@@ -124,7 +124,7 @@ def main(argv=None):
     summary = summarize(results)
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    text = report(summary, args, time.time() - t0)
+    text = report(summary, args, time.time() - t0 + sum(r.get("wall_s", 0.0) for r in results if r["budget"] == "1"))
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(text)
     print("\n" + text)
@@ -169,8 +169,9 @@ def report(summary, args, seconds: float) -> str:
         "held-out tokens (lower is better), mean (min..max) over seeds; the verdict compares the variant's mean with "
         "the baseline's range.",
         "",
-        "| row | ours | paper | budget | ours: bits/byte | paper: bits/byte | difference | verdict |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| row | ours | paper | budget | ours: bits/byte | paper: bits/byte | difference | verdict "
+        "| parameters: ours / paper |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     cell = lambda s: f"{s['bpb_mean']:.4f} ({s['bpb_min']:.4f}..{s['bpb_max']:.4f})"
     for row, (what, ours, paper, _, _) in ROWS.items():
@@ -180,7 +181,8 @@ def report(summary, args, seconds: float) -> str:
                 continue
             diff = var["bpb_mean"] - base["bpb_mean"]
             lines.append(
-                f"| {what} | {ours} | {paper} | {b} | {cell(base)} | {cell(var)} | {diff:+.4f} | {verdict(base, var)} |"
+                f"| {what} | {ours} | {paper} | {b} | {cell(base)} | {cell(var)} | {diff:+.4f} | {verdict(base, var)} "
+                f"| {base['parameters_mean']:,.0f} / {var['parameters_mean']:,.0f} |"
             )
     return "\n".join(lines) + "\n"
 
