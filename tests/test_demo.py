@@ -60,8 +60,8 @@ def test_demo_runs_every_phase_writes_the_report_and_reuses_finished_phases(tmp_
     out = tmp_path / "demo"
     r = _demo(out, cfg)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    for k in range(1, 8):
-        assert f"[{k}/7]" in r.stdout
+    for k in range(1, 9):
+        assert f"[{k}/8]" in r.stdout
     rows = json.loads((out / "results.json").read_text())
     names = [x["name"] for x in rows]
     assert names == ["parent", "elastic 1", "elastic 0.75", "elastic 0.5", "pruned 0.75", "pruned 0.5"]
