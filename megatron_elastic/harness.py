@@ -14,15 +14,18 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from megatron_elastic.data.tokenizer import decode_text
+from megatron_elastic.data.indexed import data_tokenizer_spec, iter_documents, read_metadata, split_prefix
+from megatron_elastic.data.tokenizer import decode_text, load_tokenizer
+from megatron_elastic.elastic.layers.model import use_arch
 from megatron_elastic.errors import ConfigError
 from megatron_elastic.model.builder import causal_attention_mask
 from megatron_elastic.serving.decode import decode_rows
-from megatron_elastic.serving.generate import ElasticServer
+from megatron_elastic.serving.generate import ElasticServer, budget_key
 
 LM_EVAL_FIX = "pip install 'megatron-elastic[eval]' (lm-eval)"
 
@@ -74,8 +77,6 @@ class _ElasticLM:
     @torch.no_grad()
     def _logprobs(self, rows: Sequence[List[int]]) -> List[torch.Tensor]:
         """Log-probabilities ``[len(row), vocab]`` of the next token after each position of each row (float32)."""
-        from megatron_elastic.elastic.layers.model import use_arch
-
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), self.eot_token_id, dtype=torch.long, device=self._device)
         for i, r in enumerate(rows):
@@ -128,8 +129,6 @@ class _ElasticLM:
         """Greedy continuations, ``batch_size`` contexts decoded together (left-padded; requests with the same
         generation settings), each cut before the first of its ``until`` strings (and the end of document), at
         most ``max_gen_toks`` tokens (lm-eval's default 256)."""
-        from megatron_elastic.elastic.layers.model import use_arch
-
         groups: Dict[str, List[int]] = {}
         for i, r in enumerate(requests):
             groups.setdefault(json.dumps(r.args[1], sort_keys=True, default=str), []).append(i)
@@ -169,11 +168,6 @@ def write_next_line_task(
     held-out document, pick its real next line among ``choices`` (the others: lines of other held-out documents of
     similar length). Writes ``out_dir/{NEXT_LINE_TASK}.yaml`` and its JSONL; returns ``out_dir`` (``--include-path``).
     Accuracy is what a model knows of the data's text, in lm-eval's multiple-choice form."""
-    import random
-
-    from megatron_elastic.data.indexed import data_tokenizer_spec, iter_documents, read_metadata, split_prefix
-    from megatron_elastic.data.tokenizer import load_tokenizer
-
     tokenizer = load_tokenizer(data_tokenizer_spec(data_dir, read_metadata(data_dir)))
     docs = [decode_text(tokenizer, d) for d in iter_documents(split_prefix(data_dir, "valid"))]
     lines = [(i, line) for i, d in enumerate(docs) for line in d.split("\n") if 8 <= len(line.strip()) <= 80]
@@ -262,7 +256,7 @@ def evaluate_budgets(
             bootstrap_iters=0,
             log_samples=False,
         )
-        key = f"{float(budget):g}" if _is_number(budget) else str(budget)
+        key = budget_key(budget)
         with open(os.path.join(out_dir, f"lm_eval_budget_{key}.json"), "w") as f:
             json.dump(
                 {k: res[k] for k in ("results", "versions", "n-shot", "config") if k in res}, f, indent=2, default=str
@@ -271,14 +265,6 @@ def evaluate_budgets(
     with open(os.path.join(out_dir, "lm_eval.md"), "w") as f:
         f.write(results_table(table))
     return table
-
-
-def _is_number(x) -> bool:
-    try:
-        float(x)
-        return True
-    except (TypeError, ValueError):
-        return False
 
 
 def _metrics(task_result: dict) -> Dict[str, float]:

@@ -20,6 +20,17 @@ from megatron_elastic.serving.decode import decode, decode_rows
 from megatron_elastic.serving.schedule import BudgetSchedule, ScheduledGeneration, generate_scheduled
 
 
+def budget_key(budget: Union[str, float]) -> str:
+    """The name a budget is served and reported under: a fraction as ``f"{b:g}"`` (``0.50`` -> ``0.5``), a budget in
+    memory or FLOPs (``elastic.budget``) as written."""
+    try:
+        return f"{float(budget):g}"
+    except (TypeError, ValueError):
+        if not isinstance(budget, str):
+            raise UnknownBudgetError(f"budget {budget!r}: use a fraction such as 0.6 or e.g. 6GiB@32768") from None
+        return budget.strip()
+
+
 class ElasticServer:
     """Serve every budget of an elastic checkpoint from one copy of its weights.
 
@@ -48,12 +59,7 @@ class ElasticServer:
         cached)."""
         if isinstance(budget, ElasticArch):
             return budget
-        try:
-            key = f"{float(budget):g}"
-        except (TypeError, ValueError):
-            if not isinstance(budget, str):
-                raise UnknownBudgetError(f"budget {budget!r}: use a fraction such as 0.6 or e.g. 6GiB@32768") from None
-            key = budget.strip()  # a budget in memory or FLOPs (elastic.budget)
+        key = budget_key(budget)
         if key not in self.archs:
             if self.router is None:
                 raise UnknownBudgetError(f"budget {budget} is not one of the trained budgets {sorted(self.archs)}")
