@@ -13,11 +13,12 @@ lm_eval = pytest.importorskip("lm_eval")
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")  # lm-eval's hf model imports it
 
-CHOICES_TASK = """
-task: elastic_choices
+TASK_HEADER = """task: elastic_{name}
 dataset_path: json
 dataset_kwargs: {{data_files: {{test: {data}}}}}
 test_split: test
+"""
+CHOICES_TASK = """
 output_type: multiple_choice
 doc_to_text: "{{{{prefix}}}}"
 doc_to_choice: "{{{{choices}}}}"
@@ -26,10 +27,6 @@ metric_list:
   - metric: acc
 """
 ROLLING_TASK = """
-task: elastic_rolling
-dataset_path: json
-dataset_kwargs: {{data_files: {{test: {data}}}}}
-test_split: test
 output_type: loglikelihood_rolling
 doc_to_text: ""
 doc_to_target: "{{{{text}}}}"
@@ -38,10 +35,6 @@ metric_list:
   - metric: bits_per_byte
 """
 GENERATE_TASK = """
-task: elastic_generate
-dataset_path: json
-dataset_kwargs: {{data_files: {{test: {data}}}}}
-test_split: test
 output_type: generate_until
 doc_to_text: "{{{{prefix}}}}"
 doc_to_target: "{{{{target}}}}"
@@ -80,7 +73,7 @@ def _tasks(root: str) -> str:
         with open(data, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
         with open(os.path.join(root, f"{name}.yaml"), "w") as f:
-            f.write(template.format(data=data))
+            f.write((TASK_HEADER + template).format(name=name, data=data))
     return root
 
 
