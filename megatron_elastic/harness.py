@@ -75,8 +75,9 @@ class _ElasticLM:
         return decode_text(self.tokenizer, tokens)
 
     @torch.no_grad()
-    def _logprobs(self, rows: Sequence[List[int]]) -> List[torch.Tensor]:
-        """Log-probabilities ``[len(row), vocab]`` of the next token after each position of each row (float32)."""
+    def _logprobs(self, rows: Sequence[List[int]], tails: Sequence[int]) -> List[torch.Tensor]:
+        """Log-probabilities ``[tail, vocab]`` (float32) of the next token after each of the last ``tail`` positions
+        of each row: only the continuations' positions are normalised, not every position x the vocabulary."""
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), self.eot_token_id, dtype=torch.long, device=self._device)
         for i, r in enumerate(rows):
@@ -85,8 +86,10 @@ class _ElasticLM:
         self.model.eval()
         with use_arch(self.model, self.arch):
             logits = self.model(ids, pos, causal_attention_mask(width).to(self._device))
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
-        return [logprobs[i, : len(r)] for i, r in enumerate(rows)]
+        return [
+            torch.log_softmax(logits[i, len(r) - t : len(r)].float(), dim=-1)
+            for i, (r, t) in enumerate(zip(rows, tails))
+        ]
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> List[Tuple[float, bool]]:
         """(sum of the continuation's log-probabilities, whether greedy decoding gives it) per request, scored
@@ -100,8 +103,7 @@ class _ElasticLM:
                 _, context, continuation = requests[i]
                 rows.append((context + continuation)[-(self.max_length + 1) :][:-1])
                 conts.append(continuation)
-            for i, row, cont, lp in zip(chunk, rows, conts, self._logprobs(rows)):
-                lp = lp[len(row) - len(cont) :]
+            for i, cont, lp in zip(chunk, conts, self._logprobs(rows, [len(c) for c in conts])):
                 target = torch.tensor(cont, device=lp.device)
                 score = float(lp.gather(1, target[:, None]).sum())
                 results[i] = (score, bool(torch.equal(lp.argmax(-1), target)))
