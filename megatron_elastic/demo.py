@@ -149,13 +149,37 @@ def _pretrain_parent(data_dir: str, parent_dir: str, args, progress: bool) -> di
     return summary
 
 
+def tiny_importance_options(parent_dir: str) -> dict:
+    """The tiny recipe's importance options: the paper's. FFN neurons scored on fc1's output (Eq. 2), depth
+    ranked by normalized MSE with layers removed one at a time (Eq. 5), each Mamba head scored over its D_top
+    top-ranked channels (Eq. 3-4), D_top = the smallest head dim the tiny recipe's space allows (the channels every
+    budget keeps)."""
+    from megatron_elastic.elastic.config import load_elastic_config
+    from megatron_elastic.elastic.space import ElasticSpace
+    from megatron_elastic.store.checkpoint import resolve_checkpoint
+    from megatron_elastic.store.open_run import config_from_checkpoint
+
+    job = config_from_checkpoint(resolve_checkpoint(parent_dir))
+    fractions = load_elastic_config(recipe_path(TINY_ELASTIC), [f"parent={parent_dir}"]).space.fractions
+    head_dims = ElasticSpace.default(job.model_config(), fractions).mamba_head_dim
+    return {
+        "ffn_source": "fc1_output",
+        "iterative_depth": True,
+        "mamba_head_channels": head_dims[0] if head_dims else 0,
+    }
+
+
 def _sort_parent(parent_dir: str, data_dir: str, imp_dir: str, args, progress: bool) -> None:
     if os.path.isfile(os.path.join(imp_dir, "sorted", "latest")):
         print("  reusing the sorted parent")
         return
     from megatron_elastic.importance.run import run_importance
 
-    res = run_importance(parent_dir, data_dir, imp_dir, calib_tokens=4096 if args.quick else 32768, progress=progress)
+    options = tiny_importance_options(parent_dir)
+    print(f"  importance options (the paper's, Sec. 2.1-2.2): {options}")
+    res = run_importance(
+        parent_dir, data_dir, imp_dir, calib_tokens=4096 if args.quick else 32768, progress=progress, **options
+    )
     print(res["table"])
     print(f"depth ranking (most important first): {res['depth_ranking']}; plot: {res['plot']}")
 
