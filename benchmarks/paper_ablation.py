@@ -4,7 +4,8 @@ paper's, one row at a time, over seeds, on the demo's data and held-out set.
     python benchmarks/paper_ablation.py [--run runs/demo] [--out runs/paper_ablation] [--seeds 1234 1 2]
                                         [--rows ffn_source depth_mask ...] [--quick]
 
-Rows (each changes one thing against the baseline, the packaged tiny recipe and the demo's importance job):
+Rows (each changes one thing against the baseline: the tiny recipe's choices before this ablation, OURS_* below;
+the packaged recipe now takes the paper's side, and homogeneous sub-models, as this table selected):
 
     ffn_source     FFN neurons scored after the activation (ModelOpt; ours)  vs  fc1's output (Eq. 2)
     depth_ranking  normalized-MSE depth ranking in one pass (ours)          vs  greedy, re-scored (Eq. 5)
@@ -35,39 +36,35 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from reproduce_small import _elastic_run  # noqa: E402  (benchmarks/ is on the path when run as a script)
 
-# row -> (what, ours, the paper's, importance keyword arguments, elastic recipe overrides)
+# The baseline: the choices the tiny recipe made before this ablation ("ours"), stated here so that the rows keep
+# their meaning now that the packaged recipe and the demo's importance job follow the paper (and this table).
+OURS_IMPORTANCE = {"ffn_source": "fc2_input", "iterative_depth": False, "mamba_head_channels": 0}
+OURS_ELASTIC = ["space.depth_fractions=[0.75, 0.875, 1.0]", "space.heterogeneous=true"]
+
+# row -> (what, ours, the paper's, importance options set to the paper's, elastic recipe overrides)
 ROWS = {
-    "ffn_source": ("FFN importance", "fc2 input", "fc1 output (Eq. 2)", {"ffn_source": "fc1_output"}, []),
-    "depth_ranking": ("depth ranking", "one-shot", "iterative (Eq. 5)", {"iterative_depth": True}, []),
-    "d_top": ("Mamba head score", "all channels", "D_top (Eq. 4)", {"mamba_head_channels": "smallest"}, []),
-    "depth_range": ("depth choices", "75-100%", "any L (Eq. 9)", {}, ["space.depth_fractions=all"]),
-    "mask_mode": ("mask", "straight-through", "Mode 1 (Eq. 50)", {}, ["router.mask_mode=scaled"]),
-    "teacher": ("teacher", "frozen (Eq. 16)", "trainable (Eq. 15)", {}, ["distill.teacher=trainable"]),
-    "homogeneous": ("sub-models", "heterogeneous", "homogeneous", {}, ["space.heterogeneous=false"]),
+    "ffn_source": ("FFN importance", "fc2 input", "fc1 output (Eq. 2)", ["ffn_source"], []),
+    "depth_ranking": ("depth ranking", "one-shot", "iterative (Eq. 5)", ["iterative_depth"], []),
+    "d_top": ("Mamba head score", "all channels", "D_top (Eq. 4)", ["mamba_head_channels"], []),
+    "depth_range": ("depth choices", "75-100%", "any L (Eq. 9)", [], ["space.depth_fractions=all"]),
+    "mask_mode": ("mask", "straight-through", "Mode 1 (Eq. 50)", [], ["router.mask_mode=scaled"]),
+    "teacher": ("teacher", "frozen (Eq. 16)", "trainable (Eq. 15)", [], ["distill.teacher=trainable"]),
+    "homogeneous": ("sub-models", "heterogeneous", "homogeneous", [], ["space.heterogeneous=false"]),
 }
 BASELINE = "baseline"
 
 
-def _importance_dir(run: str, out: str, row: str, kwargs: dict, calib_tokens: int, progress: bool) -> str:
-    """The demo's importance output for the baseline; for an importance row, that job rerun with the paper's
-    option (reused when finished)."""
-    if not kwargs:
-        return os.path.join(run, "importance")
-    from megatron_elastic.elastic.space import ElasticSpace
+def _importance_dir(run: str, out: str, row: str, paper_keys: list, calib_tokens: int, progress: bool) -> str:
+    """``importance`` on the demo's parent with OURS_IMPORTANCE, ``paper_keys`` set to the paper's options (the
+    demo's, ``demo.tiny_importance_options``); reused when finished."""
+    from megatron_elastic.demo import tiny_importance_options
     from megatron_elastic.importance.run import run_importance
-    from megatron_elastic.store.open_run import single_process_job
 
-    dest = os.path.join(out, f"importance_{row}")
+    dest = os.path.join(out, "importance_" + (row if paper_keys else BASELINE))
     if os.path.isfile(os.path.join(dest, "ranking.json")):
         return dest
-    kwargs = dict(kwargs)
-    if kwargs.get("mamba_head_channels") == "smallest":  # D_top: the channels every budget keeps
-        from megatron_elastic.demo import TINY_ELASTIC, recipe_path
-        from megatron_elastic.elastic.config import load_elastic_config
-
-        _, job = single_process_job(os.path.join(run, "parent"))
-        space_cfg = load_elastic_config(recipe_path(TINY_ELASTIC), [f"parent={run}/importance"]).space
-        kwargs["mamba_head_channels"] = ElasticSpace.default(job.model_config(), space_cfg.fractions).mamba_head_dim[0]
+    paper = tiny_importance_options(os.path.join(run, "parent"))
+    kwargs = {**OURS_IMPORTANCE, **{k: paper[k] for k in paper_keys}}
     print(f"\nimportance with {kwargs}: {dest}", flush=True)
     run_importance(
         os.path.join(run, "parent"), os.path.join(run, "data"), dest, calib_tokens, progress=progress, **kwargs
@@ -104,15 +101,15 @@ def main(argv=None):
     done = {(r["variant"], r["budget"], r["seed"]) for r in results}
     t0 = time.time()
     for variant in [BASELINE, *args.rows]:
-        _, _, _, imp_kwargs, elastic_set = ROWS.get(variant, (None, None, None, {}, []))
-        imp = _importance_dir(run, out, variant, imp_kwargs, args.calib_tokens, progress)
+        _, _, _, paper_keys, elastic_set = ROWS.get(variant, (None, None, None, [], []))
+        imp = _importance_dir(run, out, variant, paper_keys, args.calib_tokens, progress)
         for seed in args.seeds:
             if all((variant, b, seed) in done for b in ("1", "0.75", "0.5")):
                 continue
             base = [f"parent={imp}", f"data.path={data}", f"train.seed={seed}"] + (QUICK_ELASTIC if args.quick else [])
             ckpt = os.path.join(out, f"{variant}_seed{seed}")
             print(f"\n{variant}, seed {seed}: {ckpt}", flush=True)
-            summary, paths, wall = _elastic_run(base, ckpt, elastic_set, progress)
+            summary, paths, wall = _elastic_run(base, ckpt, OURS_ELASTIC + elastic_set, progress)
             for b, path in paths.items():
                 row = {"variant": variant, "budget": b, "seed": seed, **evaluate_checkpoint(path, batches, bits)}
                 row["wall_s"] = wall

@@ -143,8 +143,13 @@ class _ElasticLM:
                 raise ConfigError("evaluate --tasks: only greedy generation is supported; set do_sample: false")
             max_new = int(kwargs.get("max_gen_toks", 256))
 
+            # A stop string first completed by the newest token lies within the last few tokens (each decodes to
+            # at least one character; the slack covers a multi-byte character cut at the window's start): decoding
+            # that window, not the whole row, keeps the check linear in the generation's length.
+            window = 2 * max((len(u.encode()) for u in until), default=0) + 8
+
             def done(_, new: List[int]) -> bool:
-                return new[-1] == self.eot_token_id or any(u in self.tok_decode(new) for u in until)
+                return new[-1] == self.eot_token_id or any(u in self.tok_decode(new[-window:]) for u in until)
 
             for start in range(0, len(members), self.batch_size):
                 chunk = members[start : start + self.batch_size]
