@@ -396,9 +396,7 @@ class MambaMixer(MegatronModule):
         d_inner, bc = v.nheads * v.headdim, self.ngroups_local_tp * self.d_state
         z, xBC, dt = torch.split(zxBCdt.transpose(0, 1), [d_inner, d_inner + 2 * bc, v.nheads], dim=-1)
         conv_in = xBC
-        xBC = ops.causal_conv1d(
-            xBC.transpose(1, 2).contiguous(), v.conv_weight, v.conv_bias, activation="silu"
-        ).transpose(1, 2)
+        xBC = ops.causal_conv1d(xBC.transpose(1, 2), v.conv_weight, v.conv_bias, activation="silu").transpose(1, 2)
         if keep is not None:
             xBC = xBC * keep[..., None].to(xBC.dtype)
         x, B, C = torch.split(xBC, [d_inner, bc, bc], dim=-1)

@@ -1,7 +1,7 @@
 """Causal depthwise 1-D convolution (the Mamba-2 short conv over ``[x | B | C]``).
 
 ``y[b, d, t] = act(bias[d] + sum_{k<w} weight[d, k] * x[b, d, t - (w - 1) + k])`` with zeros before t=0.
-``causal_conv1d_fn`` from the ``causal_conv1d`` package on CUDA when installed, else ``F.conv1d``.
+``causal_conv1d_fn`` from the ``causal_conv1d`` package on CUDA when installed, else time-shifted multiply-adds.
 """
 
 from __future__ import annotations
@@ -25,14 +25,22 @@ _ACTIVATIONS = (None, "silu", "swish")
 def causal_conv1d_torch(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, activation: Optional[str] = "silu"
 ) -> torch.Tensor:
-    """x: (batch, dim, seqlen); weight: (dim, width); bias: (dim,). Returns (batch, dim, seqlen)."""
+    """x: (batch, dim, seqlen); weight: (dim, width); bias: (dim,). Returns (batch, dim, seqlen).
+
+    Computed as ``width`` multiply-adds of time-shifted slices of x in the (batch, seqlen, dim) layout, the mixer's:
+    a transposed view of such a tensor is read without a transposed copy, and the result is a (batch, dim, seqlen)
+    view of a contiguous (batch, seqlen, dim) tensor. On the CPU this beats ``F.conv1d(groups=dim)``, whose depthwise
+    oneDNN path is slow (5x on the forward, 2.5x forward + backward at 3072 channels x 2048 tokens)."""
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
-    dim, width = weight.shape
-    y = F.conv1d(
-        x, weight.unsqueeze(1).to(x.dtype), None if bias is None else bias.to(x.dtype), padding=width - 1, groups=dim
-    )[..., : x.shape[-1]]
-    return F.silu(y) if activation is not None else y
+    width, seqlen = weight.shape[1], x.shape[-1]
+    xs = F.pad(x.transpose(1, 2), (0, 0, width - 1, 0))  # (batch, width - 1 + seqlen, dim), zeros before t = 0
+    w = weight.to(x.dtype).t()  # (width, dim)
+    last = xs[:, width - 1 :]
+    y = last * w[width - 1] if bias is None else torch.addcmul(bias.to(x.dtype), last, w[width - 1])
+    for k in range(width - 1):
+        y = torch.addcmul(y, xs[:, k : k + seqlen], w[k])
+    return (F.silu(y) if activation is not None else y).transpose(1, 2)
 
 
 def causal_conv1d(x, weight, bias=None, activation="silu"):

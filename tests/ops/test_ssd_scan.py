@@ -122,19 +122,27 @@ def sequential_conv(x, w, bias):
             src = t - (width - 1) + k
             if src >= 0:
                 out[:, :, t] += w[:, k] * x[:, :, src]
-    return F.silu(out + bias[:, None])
+    return F.silu(out if bias is None else out + bias[:, None])
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("width,length", [(4, 10), (2, 3), (4, 2)])
-def test_causal_conv1d_matches_loop(width, length):
-    x = torch.randn(2, 6, length, dtype=torch.float64, requires_grad=True)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_causal_conv1d_matches_loop(width, length, channels_last, with_bias):
+    """Values and gradients against the loop, for x contiguous and for x a transposed (batch, seq, dim) view (the
+    mixer's layout, read in place)."""
+    if channels_last:
+        x = torch.randn(2, length, 6, dtype=torch.float64).transpose(1, 2).requires_grad_()
+    else:
+        x = torch.randn(2, 6, length, dtype=torch.float64, requires_grad=True)
     w = torch.randn(6, width, dtype=torch.float64, requires_grad=True)
-    bias = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(6, dtype=torch.float64, requires_grad=True) if with_bias else None
     ref = sequential_conv(x, w, bias)
     out = ops.causal_conv1d_torch(x, w, bias, "silu")
     torch.testing.assert_close(out, ref)
-    gr = torch.autograd.grad(ref.sum(), [x, w, bias])
-    go = torch.autograd.grad(out.sum(), [x, w, bias])
+    params = [x, w] + ([bias] if with_bias else [])
+    gr = torch.autograd.grad((ref * torch.arange(ref.numel()).view_as(ref).sin()).sum(), params)
+    go = torch.autograd.grad((out * torch.arange(out.numel()).view_as(out).sin()).sum(), params)
     for a, b in zip(go, gr):
         torch.testing.assert_close(a, b)
 
