@@ -55,15 +55,15 @@ BASELINE = "baseline"
 
 
 def _importance_dir(run: str, out: str, row: str, paper_keys: list, calib_tokens: int, progress: bool) -> str:
-    """``importance`` on the demo's parent with OURS_IMPORTANCE, ``paper_keys`` set to the paper's options (the
-    demo's, ``demo.tiny_importance_options``); reused when finished."""
-    from megatron_elastic.demo import tiny_importance_options
+    """``importance`` on the demo's parent with OURS_IMPORTANCE, ``paper_keys`` set to the paper's options (Eq. 2,
+    Eq. 5, Eq. 4 with the tiny recipe's D_top); reused when finished."""
+    from megatron_elastic.demo import tiny_d_top
     from megatron_elastic.importance.run import run_importance
 
     dest = os.path.join(out, "importance_" + (row if paper_keys else BASELINE))
     if os.path.isfile(os.path.join(dest, "ranking.json")):
         return dest
-    paper = tiny_importance_options(os.path.join(run, "parent"))
+    paper = {"ffn_source": "fc1_output", "iterative_depth": True, "mamba_head_channels": tiny_d_top(f"{run}/parent")}
     kwargs = {**OURS_IMPORTANCE, **{k: paper[k] for k in paper_keys}}
     print(f"\nimportance with {kwargs}: {dest}", flush=True)
     run_importance(

@@ -4,7 +4,6 @@ reuses every finished phase."""
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 
@@ -70,7 +69,8 @@ def test_demo_runs_every_phase_writes_the_report_and_reuses_finished_phases(tmp_
     for b in ("1", "0.75", "0.5"):
         # the report scores the extracted standalone model of the architecture the elastic run chose
         assert by[f"elastic {b}"]["parameters"] == summary["budgets"][b]["parameters"]
-        assert os.path.isfile(out / "extracted" / f"budget_{b}" / "hf" / "config.json")
+        hf_config = json.loads((out / "extracted" / f"budget_{b}" / "hf" / "config.json").read_text())
+        assert hf_config["model_type"] == "nemotron_h"  # the recipe's sub-models are homogeneous: plain NemotronH
     assert by["pruned 0.5"]["parameters"] == by["elastic 0.5"]["parameters"] < by["parent"]["parameters"]
     report = (out / "report.md").read_text()
     assert all(f"| {n} |" in report for n in names) and "pareto.png" in report
