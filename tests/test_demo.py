@@ -96,6 +96,31 @@ def test_demo_runs_every_phase_writes_the_report_and_reuses_finished_phases(tmp_
             acc = json.loads((out / "lm_eval" / f"lm_eval_budget_{b}.json").read_text())["results"]
             assert f"| {b} | {acc['heldout_next_line']['acc,none']:.4f} |" in report
 
+    # vLLM's convention from the trained run (the recipe's sub-models are homogeneous): plain nemotron_h whose
+    # intermediate_size (an integer, or one entry per MLP layer read as vLLM reads it) is each MLP's rows
+    vllm = subprocess.run(
+        [sys.executable, "-m", "megatron_elastic", "extract", "--checkpoint", str(out / "elastic"), "--format", "vllm"]
+        + ["--out", str(tmp_path / "vllm")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert vllm.returncode == 0, vllm.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    for b in ("1", "0.75", "0.5"):
+        folder = tmp_path / "vllm" / f"budget_{b}" / "vllm"
+        vcfg = json.loads((folder / "config.json").read_text())
+        weights = load_file(str(folder / "model.safetensors"))
+        pattern, sizes = vcfg["hybrid_override_pattern"], vcfg["intermediate_size"]
+        if isinstance(sizes, int):  # every MLP the same size: vLLM takes the integer as it is
+            sizes = [sizes] * pattern.count("-")
+        assert vcfg["model_type"] == "nemotron_h" and len(sizes) == pattern.count("-")
+        for i, s in enumerate(pattern):
+            if s == "-":
+                up_rows = weights[f"backbone.layers.{i}.mixer.up_proj.weight"].shape[0]
+                assert sizes[pattern[: i + 1].count("-") - 1] == up_rows
+
     again = _demo(out, cfg)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "reusing trained parent" in again.stdout and "reusing the elastic run" in again.stdout
