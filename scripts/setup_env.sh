@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create a virtual environment for one Megatron-Core generation and install this package into it (editable).
 #
-# Usage: bash scripts/setup_env.sh [--mcore 0.16|0.19] [extras]      extras: test, hf, gpu, dev
+# Usage: bash scripts/setup_env.sh [--mcore 0.16|0.19] [extras]      extras: eval (the default: the demo's
+#                                                                    lm-eval table), test, hf, gpu, dev
 #   --mcore 0.16 (default)  .venv              Python 3.11 (python3), CPU torch 2.13.0, megatron-core 0.16.1
 #   --mcore 0.19            .venv-mcore0.19    Python 3.12 (python3.12 on PATH, or pyenv's 3.12.x),
 #                                              torch 2.14.1 (a CUDA build; runs on the CPU), megatron-core 0.19.2,
@@ -14,7 +15,7 @@ if [ "${1:-}" = "--mcore" ]; then
   mcore="${2:?--mcore needs 0.16 or 0.19}"
   shift 2
 fi
-extras="${1:-}"
+extras="${1:-eval}"  # the demo's report scores every budget with lm-evaluation-harness
 
 case "$mcore" in
   0.16)
