@@ -5,8 +5,8 @@
 
 Prompts are held-out text of the run's data of different lengths (between half and all of --prompt-tokens, so the
 batch is left-padded); greedy; every row generates exactly --new-tokens (no stop token), in both, so the tokens
-counted are the same. tokens/s = batch x new tokens / wall time of the whole call (prefill included), this
-process's threads. Before timing, each batch's tokens from ours and from transformers are compared (greedy: they
+counted are the same. tokens/s = batch x new tokens / median wall time of --repeats calls (prefill included),
+this process's threads. Before timing, each batch's tokens from ours and from transformers are compared (greedy: they
 agree unless two logits tie within float error; the count of rows that differ is printed).
 """
 
@@ -47,6 +47,16 @@ def _hf_generate(model, prompts, new_tokens: int, pad_id: int):
     return out[:, width:].tolist()
 
 
+def _median_time(call, repeats: int):
+    """The call's result and the median wall time of ``repeats`` calls (one call is at the machine's mercy)."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = call()
+        times.append(time.perf_counter() - t0)
+    return out, sorted(times)[len(times) // 2]
+
+
 def main(argv=None):
     warnings.filterwarnings("ignore")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -55,6 +65,7 @@ def main(argv=None):
     p.add_argument("--prompt-tokens", type=int, default=128, help="longest prompt (default 128)")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per row (default 64)")
     p.add_argument("--budgets", nargs="+", default=["1", "0.75", "0.5"], help="budgets (default 1 0.75 0.5)")
+    p.add_argument("--repeats", type=int, default=5, help="timed calls per cell, the median counts (default 5)")
     p.add_argument("--json", help="write the numbers here")
     args = p.parse_args(argv)
 
@@ -74,14 +85,10 @@ def main(argv=None):
         for batch in args.batches:
             chunk = prompts[:batch]
             server.generate_batch(chunk[:1], budget, 2)  # warm-up
-            t0 = time.perf_counter()
-            ours = server.generate_batch(chunk, budget, args.new_tokens)
-            t_ours = time.perf_counter() - t0
+            ours, t_ours = _median_time(lambda: server.generate_batch(chunk, budget, args.new_tokens), args.repeats)
             with torch.no_grad():
                 _hf_generate(hf, chunk[:1], 2, 0)
-                t0 = time.perf_counter()
-                theirs = _hf_generate(hf, chunk, args.new_tokens, 0)
-                t_hf = time.perf_counter() - t0
+                theirs, t_hf = _median_time(lambda: _hf_generate(hf, chunk, args.new_tokens, 0), args.repeats)
             row = {
                 "budget": budget,
                 "batch": batch,

@@ -359,6 +359,23 @@ def disable_cpu_backend() -> None:
     _PROCESS_MODE = None
 
 
+@contextlib.contextmanager
+def cpu_backend_suspended():
+    """Run the block without the process-wide :class:`CudaToCpuMode`: every torch call inside it dispatches
+    without a Python hop (tens of thousands per generated token batch on a small model). For forward passes of a
+    built model (decoding, scoring), which ask for no CUDA tensor; Megatron's optimizer and schedules need the mode.
+    A no-op when the mode is off or another mode was entered after it."""
+    mode = _PROCESS_MODE
+    if mode is None or torch._C._get_function_stack_at(torch._C._len_torch_function_stack() - 1) is not mode:
+        yield
+        return
+    mode.__exit__(None, None, None)
+    try:
+        yield
+    finally:
+        mode.__enter__()
+
+
 class _CpuStream:
     """What Megatron asks of ``torch.cuda.current_stream()``, for a CPU process: waits are no-ops."""
 

@@ -15,6 +15,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from megatron_elastic.compat import cpu_backend_suspended
 from megatron_elastic.data.loader import as_source, bits_per_byte_of, calibration_batches
 from megatron_elastic.data.tokenizer import BitsPerByte, load_tokenizer
 from megatron_elastic.elastic.arch import ElasticArch
@@ -60,7 +61,8 @@ def evaluate_lm(model, batches: Sequence[dict], bits: BitsPerByte = BitsPerByte(
         b = batch_to_device(batch)
         tokens = b["tokens"]
         t0 = time.perf_counter()
-        losses = model(tokens, b["position_ids"], None, labels=b["labels"])
+        with cpu_backend_suspended():
+            losses = model(tokens, b["position_ids"], None, labels=b["labels"])
         seconds += time.perf_counter() - t0
         mask = b["loss_mask"].float()
         total += float((losses.float() * mask).sum())

@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from megatron_elastic.compat import cpu_backend_suspended
 from megatron_elastic.data.indexed import data_tokenizer_spec, iter_documents, read_metadata, split_prefix
 from megatron_elastic.data.tokenizer import decode_text, load_tokenizer
 from megatron_elastic.elastic.layers.model import use_arch
@@ -84,7 +85,7 @@ class _ElasticLM:
             ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
         pos = torch.arange(width, device=self._device).unsqueeze(0).expand(len(rows), -1)
         self.model.eval()
-        with use_arch(self.model, self.arch):
+        with use_arch(self.model, self.arch), cpu_backend_suspended():
             logits = self.model(ids, pos, causal_attention_mask(width).to(self._device))
         return [
             torch.log_softmax(logits[i, len(r) - t : len(r)].float(), dim=-1)

@@ -67,6 +67,28 @@ def test_a_parallel_job_holds_the_cpu_backend_until_it_is_torn_down():
     destroy_parallel()  # a second tear-down is harmless
 
 
+def test_cpu_backend_suspended_leaves_the_mode_for_the_block_only():
+    from megatron_elastic.parallel import destroy_parallel, initialize_parallel
+
+    destroy_parallel()
+    with compat.cpu_backend_suspended():  # mode off: a no-op
+        assert torch.ones(1).type() == "torch.FloatTensor"
+    initialize_parallel(1, 1, seed=3)
+    try:
+        with compat.cpu_backend_suspended():
+            assert torch.ones(1).type() == "torch.FloatTensor"
+        assert torch.ones(1).type() == "torch.cuda.FloatTensor"
+        with pytest.raises(ValueError), compat.cpu_backend_suspended():
+            raise ValueError("the mode comes back after an error too")
+        assert torch.zeros(1, device="cuda").device.type == "cpu"
+        with compat.CudaToCpuMode():  # another mode on top: left alone
+            with compat.cpu_backend_suspended():
+                assert torch.ones(1).type() == "torch.cuda.FloatTensor"
+    finally:
+        destroy_parallel()
+    assert torch.ones(1).type() == "torch.FloatTensor"
+
+
 def _reduce_scatter_job(rank, world):
     import torch.distributed as dist
 

@@ -9,6 +9,8 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
+from megatron_elastic.compat import cpu_backend_suspended
+
 
 def _context(batch: int, max_len: int):
     from megatron.core.inference.contexts import StaticInferenceContext
@@ -65,7 +67,7 @@ def _check_padding_supported(model) -> None:
             )
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def stream(
     model,
     context: torch.Tensor,
@@ -99,7 +101,8 @@ def stream(
             causal = torch.ones(seq, seq, dtype=torch.bool, device=context.device).triu(1)
             eye = torch.eye(seq, dtype=torch.bool, device=context.device)
             mask = ((causal[None] | pad[:, None, :]) & ~eye[None])[:, None]
-        logits = model(context, pos, mask, inference_context=ctx, runtime_gather_output=True)[:, -1]
+        with cpu_backend_suspended():
+            logits = model(context, pos, mask, inference_context=ctx, runtime_gather_output=True)[:, -1]
         ctx.prompt_keep = None
         ctx.sequence_len_offset += seq
         for t in range(max_new_tokens):
@@ -111,7 +114,8 @@ def stream(
             step_mask = None
             if pad is not None:  # [batch, 1, 1, keys so far + this one]
                 step_mask = torch.nn.functional.pad(pad, (0, t + 1), value=False)[:, None, None, :]
-            logits = model(nxt[:, None], p, step_mask, inference_context=ctx, runtime_gather_output=True)[:, -1]
+            with cpu_backend_suspended():
+                logits = model(nxt[:, None], p, step_mask, inference_context=ctx, runtime_gather_output=True)[:, -1]
             ctx.sequence_len_offset += 1
     finally:
         model.train(was_training)
