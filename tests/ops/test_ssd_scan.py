@@ -113,7 +113,7 @@ def test_ssd_backward_matches_sequential_float64(chunk):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=lambda m: f"grad {name}: {m}")
 
 
-def sequential_conv(x, w, bias):
+def sequential_conv(x, w, bias, activation="silu"):
     b, d, l = x.shape
     width = w.shape[1]
     out = torch.zeros_like(x)
@@ -122,23 +122,24 @@ def sequential_conv(x, w, bias):
             src = t - (width - 1) + k
             if src >= 0:
                 out[:, :, t] += w[:, k] * x[:, :, src]
-    return F.silu(out if bias is None else out + bias[:, None])
+    out = out if bias is None else out + bias[:, None]
+    return F.silu(out) if activation else out
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("width,length", [(4, 10), (2, 3), (4, 2)])
-@pytest.mark.parametrize("with_bias", [True, False])
-def test_causal_conv1d_matches_loop(width, length, channels_last, with_bias):
-    """Values and gradients against the loop, for x contiguous and for x a transposed (batch, seq, dim) view (the
-    mixer's layout, read in place)."""
+@pytest.mark.parametrize("with_bias,activation", [(True, "silu"), (False, "silu"), (True, None)])
+def test_causal_conv1d_matches_loop(width, length, channels_last, with_bias, activation):
+    """Values and gradients (the backward is written by hand) against autograd through the loop, for x contiguous
+    and for x a transposed (batch, seq, dim) view (the mixer's layout, read in place)."""
     if channels_last:
         x = torch.randn(2, length, 6, dtype=torch.float64).transpose(1, 2).requires_grad_()
     else:
         x = torch.randn(2, 6, length, dtype=torch.float64, requires_grad=True)
     w = torch.randn(6, width, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(6, dtype=torch.float64, requires_grad=True) if with_bias else None
-    ref = sequential_conv(x, w, bias)
-    out = ops.causal_conv1d_torch(x, w, bias, "silu")
+    ref = sequential_conv(x, w, bias, activation)
+    out = ops.causal_conv1d_torch(x, w, bias, activation)
     torch.testing.assert_close(out, ref)
     params = [x, w] + ([bias] if with_bias else [])
     gr = torch.autograd.grad((ref * torch.arange(ref.numel()).view_as(ref).sin()).sum(), params)
