@@ -80,17 +80,26 @@ def _curve(ckpt):
     return out
 
 
+@pytest.fixture(scope="module")
+def reference(tiny_pipeline, tmp_path_factory):
+    """The uninterrupted run's curve (one run for both save modes: how checkpoints are written does not change
+    the training)."""
+    ref_dir = tmp_path_factory.mktemp("kill_resume") / "ref"
+    cfg = ref_dir.parent / "ref.yaml"
+    cfg.write_text(JOB.format(parent=tiny_pipeline["importance"], ckpt=ref_dir, mode="sample"))
+    r = subprocess.run(_cmd(cfg), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    curve = _curve(str(ref_dir))
+    assert sorted(curve) == list(range(1, STEPS + 1))
+    return curve
+
+
 @pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
-def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_curve(parent, tmp_path, async_save):
+def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_curve(parent, tmp_path, reference, async_save):
     """With ``async_save`` the kills also land while a forked writer writes: the run resumes from the last
     complete checkpoint and no writer outlives the trainer."""
-    ref_dir, run_dir = tmp_path / "ref", tmp_path / "killed"
-    for d in (ref_dir, run_dir):
-        (tmp_path / f"{d.name}.yaml").write_text(JOB.format(parent=parent, ckpt=d, mode="sample"))
-    r = subprocess.run(_cmd(tmp_path / "ref.yaml"), capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    reference = _curve(str(ref_dir))
-    assert sorted(reference) == list(range(1, STEPS + 1))
+    run_dir = tmp_path / "killed"
+    (tmp_path / "killed.yaml").write_text(JOB.format(parent=parent, ckpt=run_dir, mode="sample"))
 
     rng = random.Random(int(os.environ.get("KILL_SEED", "0")))
     # Kill k lands just after the run's newest checkpoint reaches step targets[k] (plus up to a quarter second, so
