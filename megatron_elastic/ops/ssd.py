@@ -82,19 +82,23 @@ def _step_sizes(dt: torch.Tensor, dt_bias, dt_softplus: bool, dt_limit: Tuple[fl
 def _states_over_chunks(
     chunk_states: torch.Tensor, chunk_log_decay: torch.Tensor, initial_states: Optional[torch.Tensor]
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The state entering each chunk (b, c, g, r, p, n) and the final state (b, g, r, p, n), from each chunk's own
-    contribution ``chunk_states`` (b, c, g, r, p, n), its total log decay (b, c, g, r) and ``initial_states``
-    (b, h, p, n) or None: one product with the exact segment sums of the decays (sums grow across chunks)."""
-    b, c, g, r, p, n = chunk_states.shape
-    if initial_states is None:
-        init = chunk_states.new_zeros(b, 1, g, r, p, n)
-    else:
-        init = initial_states.to(chunk_states.dtype).reshape(b, 1, g, r, p, n)
-    states = torch.cat([init, chunk_states], dim=1).permute(0, 2, 3, 1, 4, 5)  # (b, g, r, c+1, p, n)
-    chunk_decay = F.pad(chunk_log_decay.permute(0, 2, 3, 1), (1, 0))  # (b, g, r, c+1)
-    inter = torch.exp(_segment_sum(chunk_decay))  # (b, g, r, c+1, c+1)
-    states = (inter @ states.reshape(b, g, r, c + 1, p * n)).reshape(b, g, r, c + 1, p, n)
-    return states[:, :, :, :-1].permute(0, 3, 1, 2, 4, 5).contiguous(), states[:, :, :, -1]
+    """The state entering each chunk (b, g, r, c, p, n) and the final state (b, g, r, p, n), from each chunk's own
+    contribution ``chunk_states`` (b, g, r, c, p, n), its total log decay (b, g, r, c) and ``initial_states``
+    (b, h, p, n) or None: products with the exact segment sums of the decays (sums grow across chunks).
+
+    decay[i, j] (i, j in 0..c) carries what stands at the end of chunk j - 1 (j = 0: the initial state) to the end
+    of chunk i - 1, i.e. into chunk i; row c is the final state. The chunk-state columns (1..c) are one strided
+    operand, so no concatenated copy of the states is made."""
+    b, g, r, c, p, n = chunk_states.shape
+    decay = torch.exp(_segment_sum(F.pad(chunk_log_decay, (1, 0))))  # (b, g, r, c+1, c+1)
+    flat = chunk_states.reshape(b, g, r, c, p * n)
+    entering = decay[..., :c, 1:] @ flat  # (b, g, r, c, p*n)
+    final = decay[..., c:, 1:] @ flat  # (b, g, r, 1, p*n)
+    if initial_states is not None:
+        init = initial_states.to(chunk_states.dtype).reshape(b, g, r, 1, p * n)
+        entering = entering + decay[..., :c, :1] * init
+        final = final + decay[..., c:, :1] * init
+    return entering.view(b, g, r, c, p, n), final.view(b, g, r, p, n)
 
 
 def ssd_chunk_scan_torch(
@@ -135,31 +139,32 @@ def ssd_chunk_scan_torch(
     L = l + pad
     c, q = L // chunk_size, chunk_size
 
-    # Chunked layouts with heads split into (group, head-in-group), made contiguous once: every heavy product
-    # below is then one batched matrix product over (batch, chunk, group, head), forward and backward (a strided
-    # operand sends torch's CPU bmm, and its backward, through a per-matrix copy loop).
-    dA = (dt * A.to(cdtype)).reshape(b, c, q, g, r).permute(0, 1, 3, 4, 2)  # (b, c, g, r, q) log decay per step
+    # Chunked layouts with heads split into (group, head-in-group) ahead of the chunk index, made contiguous once:
+    # every heavy product below is then one batched matrix product over (batch, group, head, chunk), forward and
+    # backward (a strided operand sends torch's CPU bmm, and its backward, through a per-matrix copy loop), and the
+    # recurrence over chunks reads the chunk states in place.
+    dA = (dt * A.to(cdtype)).reshape(b, c, q, g, r).permute(0, 3, 4, 1, 2)  # (b, g, r, c, q) log decay per step
     a_cum = dA.cumsum(dim=-1)
-    X = (xs * dt.unsqueeze(-1)).reshape(b, c, q, g, r, p).permute(0, 1, 3, 4, 2, 5).contiguous()  # (b,c,g,r,q,p)
-    Bc = Bs.reshape(b, c, q, g, n).transpose(2, 3).contiguous()  # (b, c, g, q, n)
-    Cc = Cs.reshape(b, c, q, g, n).transpose(2, 3).contiguous()
-    Bh, Ch = (t.unsqueeze(3).expand(b, c, g, r, q, n).contiguous() for t in (Bc, Cc))  # per head: (b,c,g,r,q,n)
+    X = (xs * dt.unsqueeze(-1)).reshape(b, c, q, g, r, p).permute(0, 3, 4, 1, 2, 5).contiguous()  # (b,g,r,c,q,p)
+    Bc = Bs.reshape(b, c, q, g, n).permute(0, 3, 1, 2, 4).contiguous()  # (b, g, c, q, n)
+    Cc = Cs.reshape(b, c, q, g, n).permute(0, 3, 1, 2, 4).contiguous()
+    Bh, Ch = (t.unsqueeze(2).expand(b, g, r, c, q, n).contiguous() for t in (Bc, Cc))  # per head: (b,g,r,c,q,n)
 
     # 1) Intra-chunk (diagonal blocks): y_i = sum_{j<=i} (C_i . B_j) exp(a_cum_i - a_cum_j) x_j
-    CB = Cc @ Bc.transpose(-1, -2)  # (b, c, g, q_i, q_j), shared by the heads of a group
-    y_diag = (CB.unsqueeze(3) * _causal_decay(a_cum)) @ X  # (b, c, g, r, q, p)
+    CB = Cc @ Bc.transpose(-1, -2)  # (b, g, c, q_i, q_j), shared by the heads of a group
+    y_diag = (CB.unsqueeze(2) * _causal_decay(a_cum)) @ X  # (b, g, r, c, q, p)
 
     # 2) State contributed by each chunk, as of the chunk's end: sum_j exp(a_end - a_cum_j) x_j B_j^T.
-    decay_to_end = torch.exp(a_cum[..., -1:] - a_cum)  # (b, c, g, r, q)
-    chunk_states = _ContiguousGrad.apply((X * decay_to_end.unsqueeze(-1)).transpose(-1, -2) @ Bh)  # (b,c,g,r,p,n)
+    decay_to_end = torch.exp(a_cum[..., -1:] - a_cum)  # (b, g, r, c, q)
+    chunk_states = (X * decay_to_end.unsqueeze(-1)).transpose(-1, -2) @ Bh  # (b, g, r, c, p, n)
 
     # 3) Recurrence over chunks: state entering chunk k = sum_{m<k} exp(sum of chunk decays) state_m.
     entering, final = _states_over_chunks(chunk_states, a_cum[..., -1], initial_states)
 
     # 4) Contribution of the entering state to every position of the chunk: exp(a_cum_i) C_i . state.
-    y_off = (Ch @ entering.transpose(-1, -2)) * torch.exp(a_cum).unsqueeze(-1)  # (b, c, g, r, q, p)
+    y_off = (Ch @ entering.transpose(-1, -2)) * torch.exp(a_cum).unsqueeze(-1)  # (b, g, r, c, q, p)
 
-    y = _ContiguousGrad.apply(y_diag + y_off).permute(0, 1, 4, 2, 3, 5).reshape(b, L, h, p)[:, :l]
+    y = _ContiguousGrad.apply(y_diag + y_off).permute(0, 3, 4, 1, 2, 5).reshape(b, L, h, p)[:, :l]
     if D is not None:
         Dd = D.to(cdtype)
         y = y + xs[:, :l] * (Dd.unsqueeze(-1) if Dd.dim() == 1 else Dd)
