@@ -80,9 +80,9 @@ def layer_activation_bytes(config, i: int, seq: int, mbs: int, tp: int, path: Ke
         # output and out_proj's contiguous input
         model_dtype = hidden + in_proj_out + 3 * (d + 2 * bc) + 5 * d
         # the scan (float32): decay matrix and its product with C.B (2 H q), C.B (g q), contiguous B/C (2 g n)
-        # and their per-head copies (2 H n), x dt, its decayed copy and the off-diagonal product (3 d), chunk
-        # states before, after and entering (3 d n / q), dt terms
-        scan = 2 * H * q + g * q + 2 * bc + 2 * H * n + 3 * d + 3 * d * n / q + 4 * H
+        # and their per-head copies (2 H n), x dt, its decayed copy and the off-diagonal product (3 d), the chunk
+        # states and the states entering each chunk (2 d n / q; the recurrence reads the former in place), dt terms
+        scan = 2 * H * q + g * q + 2 * bc + 2 * H * n + 3 * d + 2 * d * n / q + 4 * H
         if e != 4:
             scan += d + 2 * bc  # float32 copies of x, B, C
         return e * sb * model_dtype + 4 * sb * scan
