@@ -23,41 +23,83 @@ _ACTIVATIONS = (None, "silu", "swish")
 
 
 class _CausalConv(torch.autograd.Function):
-    """The time-shifted multiply-adds with a hand-written backward: autograd's own graph of the forward (a slice,
-    a broadcast multiply and a sum per tap) zero-fills and copies a full-size gradient per tap and reduces the
-    weight gradient through broadcast multiplies; here the input gradient is the same shifted multiply-adds run
-    backwards in time and the weight gradient one dot product per tap."""
+    """The time-shifted multiply-adds, in blocks of time steps, with a written-out backward.
+
+    Each block of ``_block_steps`` steps (a few hundred KiB) is finished (bias, every tap, activation) while it is
+    in cache, reading the input where it lies (a strided view of the mixer's packed input projection: no padded
+    copy); a whole-tensor pass per tap streams the output through memory ``width`` times. The backward is the
+    same shifted multiply-adds run backwards in time for the input gradient and one dot product per tap and block
+    for the weight gradient (autograd's own graph of the forward zero-fills and copies a full-size gradient per
+    tap)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, silu: bool):
-        width, seqlen = weight.shape[1], x.shape[-1]
-        xs = F.pad(x.transpose(1, 2), (0, 0, width - 1, 0))  # (batch, width - 1 + seqlen, dim), zeros before t = 0
-        w = weight.t()  # (width, dim)
-        last = xs[:, width - 1 :]
-        y = last * w[width - 1] if bias is None else torch.addcmul(bias, last, w[width - 1])
-        for k in range(width - 1):
-            y.addcmul_(xs[:, k : k + seqlen], w[k])
-        ctx.save_for_backward(xs, weight, y if silu else None)
+        xt = x.transpose(1, 2)  # (batch, seqlen, dim): the caller's layout, read in place
+        batch, seqlen, dim = xt.shape
+        width = weight.shape[1]
+        w = weight.t().contiguous()  # (width, dim)
+        pre = torch.empty(batch, seqlen, dim, dtype=x.dtype, device=x.device)
+        keep_pre = silu and any(ctx.needs_input_grad)
+        out = torch.empty_like(pre) if silu and keep_pre else pre
+        for t0, t1 in _blocks(seqlen, batch * dim):
+            block = pre[:, t0:t1]
+            if bias is None:
+                torch.mul(xt[:, t0:t1], w[width - 1], out=block)
+            else:
+                torch.addcmul(bias, xt[:, t0:t1], w[width - 1], out=block)
+            for k in range(width - 1):
+                shift = width - 1 - k  # y[t] += w[k] x[t - shift], zeros before t = 0
+                start = max(t0, shift)
+                if start < t1:
+                    pre[:, start:t1].addcmul_(xt[:, start - shift : t1 - shift], w[k])
+            if silu:
+                torch.ops.aten.silu.out(block, out=out[:, t0:t1])
+        ctx.save_for_backward(x, weight, pre if keep_pre else None)
         ctx.silu, ctx.has_bias = silu, bias is not None
-        return (F.silu(y) if silu else y).transpose(1, 2)
+        return out.transpose(1, 2)
 
     @staticmethod
     def backward(ctx, grad_out):
-        xs, weight, pre_activation = ctx.saved_tensors
+        x, weight, pre = ctx.saved_tensors
+        xt, g = x.transpose(1, 2), grad_out.transpose(1, 2).contiguous()  # (batch, seqlen, dim)
+        batch, seqlen, dim = xt.shape
         width = weight.shape[1]
-        g = grad_out.transpose(1, 2).contiguous()  # (batch, seqlen, dim)
         if ctx.silu:
-            g = torch.ops.aten.silu_backward(g, pre_activation)
-        seqlen = g.shape[1]
+            g = torch.ops.aten.silu_backward(g, pre)
         w = weight.t()
-        # x[s] fed output s + (width - 1) - k through tap k: dx[s] = sum_k w[k] g[s + width - 1 - k]
-        gp = F.pad(g, (0, 0, 0, width - 1))
-        grad_x = gp[:, width - 1 :] * w[0]
-        for k in range(1, width):
-            grad_x.addcmul_(gp[:, width - 1 - k : width - 1 - k + seqlen], w[k])
-        grad_w = torch.stack([(xs[:, k : k + seqlen] * g).sum((0, 1)) for k in range(width)], dim=1)
-        grad_b = g.sum((0, 1)) if ctx.has_bias else None
+        grad_x = torch.empty(batch, seqlen, dim, dtype=g.dtype, device=g.device)
+        grad_w = torch.zeros(width, dim, dtype=torch.float32 if g.dtype != torch.float64 else g.dtype, device=g.device)
+        grad_b = torch.zeros(dim, dtype=grad_w.dtype, device=g.device) if ctx.has_bias else None
+        for t0, t1 in _blocks(seqlen, batch * dim):
+            # x[s] fed output s + shift through tap k = width - 1 - shift: dx[s] = sum_k w[k] g[s + width - 1 - k]
+            torch.mul(g[:, t0:t1], w[width - 1], out=grad_x[:, t0:t1])
+            for k in range(width - 1):
+                shift = width - 1 - k
+                end = min(t1, seqlen - shift)
+                if end > t0:
+                    grad_x[:, t0:end].addcmul_(g[:, t0 + shift : end + shift], w[k])
+            # dw[k] = sum_t x[t - shift] g[t], over this block's outputs t
+            for k in range(width):
+                shift = width - 1 - k
+                start = max(t0, shift)
+                if start < t1:
+                    grad_w[k] += (xt[:, start - shift : t1 - shift] * g[:, start:t1]).sum((0, 1))
+            if grad_b is not None:
+                grad_b += g[:, t0:t1].sum((0, 1))
+        grad_w = grad_w.t().to(weight.dtype)
+        grad_b = None if grad_b is None else grad_b.to(weight.dtype)
         return grad_x.transpose(1, 2), grad_w, grad_b, None
+
+
+def _blocks(seqlen: int, step_elements: int):
+    """(start, end) time-step ranges of about ``_BLOCK_ELEMENTS`` elements (at least ``_MIN_BLOCK_STEPS`` steps, so
+    the per-block calls stay few) covering seqlen. Any block length gives the same result."""
+    steps = max(_MIN_BLOCK_STEPS, _BLOCK_ELEMENTS // max(1, step_elements))
+    return [(t0, min(seqlen, t0 + steps)) for t0 in range(0, seqlen, steps)]
+
+
+_BLOCK_ELEMENTS = 1 << 18  # 1 MiB of float32 per block: stays in a core's L2 with the slices it reads
+_MIN_BLOCK_STEPS = 16
 
 
 def causal_conv1d_torch(

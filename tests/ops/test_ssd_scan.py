@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_elastic import ops
+from megatron_elastic.ops import conv1d
 
 
 def sequential_ssd(x, dt, A, B, C, D, z, dt_bias, h0):
@@ -129,9 +130,14 @@ def sequential_conv(x, w, bias, activation="silu"):
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("width,length", [(4, 10), (2, 3), (4, 2)])
 @pytest.mark.parametrize("with_bias,activation", [(True, "silu"), (False, "silu"), (True, None)])
-def test_causal_conv1d_matches_loop(width, length, channels_last, with_bias, activation):
+@pytest.mark.parametrize("block_steps", [None, 3])
+def test_causal_conv1d_matches_loop(width, length, channels_last, with_bias, activation, block_steps, monkeypatch):
     """Values and gradients (the backward is written by hand) against autograd through the loop, for x contiguous
-    and for x a transposed (batch, seq, dim) view (the mixer's layout, read in place)."""
+    and for x a transposed (batch, seq, dim) view (the mixer's layout, read in place), in one block of time steps
+    and in blocks of 3 (taps that reach back across a block's start)."""
+    if block_steps is not None:
+        monkeypatch.setattr(conv1d, "_BLOCK_ELEMENTS", 1)
+        monkeypatch.setattr(conv1d, "_MIN_BLOCK_STEPS", block_steps)
     if channels_last:
         x = torch.randn(2, length, 6, dtype=torch.float64).transpose(1, 2).requires_grad_()
     else:
@@ -141,6 +147,8 @@ def test_causal_conv1d_matches_loop(width, length, channels_last, with_bias, act
     ref = sequential_conv(x, w, bias, activation)
     out = ops.causal_conv1d_torch(x, w, bias, activation)
     torch.testing.assert_close(out, ref)
+    with torch.no_grad():  # no gradient wanted: the activation is applied in place
+        torch.testing.assert_close(ops.causal_conv1d_torch(x, w, bias, activation), ref)
     params = [x, w] + ([bias] if with_bias else [])
     gr = torch.autograd.grad((ref * torch.arange(ref.numel()).view_as(ref).sin()).sum(), params)
     go = torch.autograd.grad((out * torch.arange(out.numel()).view_as(out).sin()).sum(), params)
