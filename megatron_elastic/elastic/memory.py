@@ -24,6 +24,7 @@ from megatron_elastic.elastic.arch import ElasticArch
 from megatron_elastic.elastic.cost import arch_parameters, layer_parameters
 from megatron_elastic.errors import ConfigError
 from megatron_elastic.model.kernels import MACHINES, KernelPath, student_kernels
+from megatron_elastic.ops.ssd import decays_on_b_and_c
 
 GIB = 2**30
 
@@ -76,13 +77,15 @@ def layer_activation_bytes(config, i: int, seq: int, mbs: int, tp: int, path: Ke
         in_proj_out = 2 * d + 2 * bc + H
         if path.mamba_scan == "mamba_ssm":  # conv output, scan output, gated-norm output, fp32 dt/dA_cumsum
             return e * sb * (hidden + in_proj_out + (d + 2 * bc) + 3 * d) + 4 * sb * 2 * H
-        # conv: its contiguous input, pre- and post-activation; gated norm: y, gated y, normalised y, its
-        # output and out_proj's contiguous input
-        model_dtype = hidden + in_proj_out + 3 * (d + 2 * bc) + 5 * d
+        # conv: pre- and post-activation (it reads its input in place, in in_proj's output); gated norm: y, gated
+        # y, normalised y, its output and out_proj's contiguous input
+        model_dtype = hidden + in_proj_out + 2 * (d + 2 * bc) + 5 * d
         # the scan (float32): decay matrix and its product with C.B (2 H q), C.B (g q), contiguous B/C (2 g n)
-        # and their per-head copies (2 H n), x dt, its decayed copy and the off-diagonal product (3 d), the chunk
-        # states and the states entering each chunk (2 d n / q; the recurrence reads the former in place), dt terms
-        scan = 2 * H * q + g * q + 2 * bc + 2 * H * n + 3 * d + 2 * d * n / q + 4 * H
+        # and their per-head (decayed or plain) copies (2 H n), x dt (d) and, with the decays on x and y, its
+        # decayed copy and the off-diagonal product (2 d), the chunk states and the states entering each chunk
+        # (2 d n / q; the recurrence reads the former in place), dt terms
+        xy = d if decays_on_b_and_c(p, n) else 3 * d
+        scan = 2 * H * q + g * q + 2 * bc + 2 * H * n + xy + 2 * d * n / q + 4 * H
         if e != 4:
             scan += d + 2 * bc  # float32 copies of x, B, C
         return e * sb * model_dtype + 4 * sb * scan

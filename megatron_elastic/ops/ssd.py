@@ -68,6 +68,19 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
+def decays_on_b_and_c(headdim: int, d_state: int) -> bool:
+    """Whether the CPU scan puts the per-head decays of the chunk states and of the entering states on B and C
+    (``d_state`` wide, made per head by that product) rather than on x and y (``headdim`` wide, with B and C
+    copied per head): the narrower side, fewer bytes written and kept for backward."""
+    return d_state <= headdim
+
+
+def _per_head(t: torch.Tensor, heads_per_group: int) -> torch.Tensor:
+    """(b, g, c, q, n) -> (b, g, r, c, q, n), copied (a batched matrix product copies a broadcast operand anyway)."""
+    b, g, c, q, n = t.shape
+    return t.unsqueeze(2).expand(b, g, heads_per_group, c, q, n).contiguous()
+
+
 def _step_sizes(dt: torch.Tensor, dt_bias, dt_softplus: bool, dt_limit: Tuple[float, float]) -> torch.Tensor:
     """Mamba-2's step sizes: dt + dt_bias, softplus, clamped to ``dt_limit``."""
     if dt_bias is not None:
@@ -148,26 +161,39 @@ def ssd_chunk_scan_torch(
     X = (xs * dt.unsqueeze(-1)).reshape(b, c, q, g, r, p).permute(0, 3, 4, 1, 2, 5).contiguous()  # (b,g,r,c,q,p)
     Bc = Bs.reshape(b, c, q, g, n).permute(0, 3, 1, 2, 4).contiguous()  # (b, g, c, q, n)
     Cc = Cs.reshape(b, c, q, g, n).permute(0, 3, 1, 2, 4).contiguous()
-    Bh, Ch = (t.unsqueeze(2).expand(b, g, r, c, q, n).contiguous() for t in (Bc, Cc))  # per head: (b,g,r,c,q,n)
 
     # 1) Intra-chunk (diagonal blocks): y_i = sum_{j<=i} (C_i . B_j) exp(a_cum_i - a_cum_j) x_j
     CB = Cc @ Bc.transpose(-1, -2)  # (b, g, c, q_i, q_j), shared by the heads of a group
     y_diag = (CB.unsqueeze(2) * _causal_decay(a_cum)) @ X  # (b, g, r, c, q, p)
 
+    # 2)-4) below put each per-head decay on the narrower operand (see decays_on_b_and_c).
+    decay_on_bc = decays_on_b_and_c(p, n)
+    to_end = torch.exp(a_cum[..., -1:] - a_cum).unsqueeze(-1)  # (b, g, r, c, q, 1)
+    from_start = torch.exp(a_cum).unsqueeze(-1)
+
     # 2) State contributed by each chunk, as of the chunk's end: sum_j exp(a_end - a_cum_j) x_j B_j^T.
-    decay_to_end = torch.exp(a_cum[..., -1:] - a_cum)  # (b, g, r, c, q)
-    chunk_states = (X * decay_to_end.unsqueeze(-1)).transpose(-1, -2) @ Bh  # (b, g, r, c, p, n)
+    if decay_on_bc:
+        chunk_states = X.transpose(-1, -2) @ (Bc.unsqueeze(2) * to_end)  # (b, g, r, c, p, n)
+    else:
+        chunk_states = (X * to_end).transpose(-1, -2) @ _per_head(Bc, r)
 
     # 3) Recurrence over chunks: state entering chunk k = sum_{m<k} exp(sum of chunk decays) state_m.
     entering, final = _states_over_chunks(chunk_states, a_cum[..., -1], initial_states)
 
-    # 4) Contribution of the entering state to every position of the chunk: exp(a_cum_i) C_i . state.
-    y_off = (Ch @ entering.transpose(-1, -2)) * torch.exp(a_cum).unsqueeze(-1)  # (b, g, r, c, q, p)
+    # 4) Contribution of the entering state to every position of the chunk, exp(a_cum_i) C_i . state, added to the
+    # intra-chunk part (by the matrix product itself when the decay is on C).
+    entering_t = entering.transpose(-1, -2)  # (b, g, r, c, n, p)
+    if decay_on_bc:
+        C_from_start = Cc.unsqueeze(2) * from_start  # (b, g, r, c, q, n)
+        y = torch.baddbmm(y_diag.view(-1, q, p), C_from_start.view(-1, q, n), entering_t.reshape(-1, n, p))
+        y = y.view(b, g, r, c, q, p)
+    else:
+        y = torch.addcmul(y_diag, _per_head(Cc, r) @ entering_t, from_start)
 
-    y = _ContiguousGrad.apply(y_diag + y_off).permute(0, 3, 4, 1, 2, 5).reshape(b, L, h, p)[:, :l]
+    y = _ContiguousGrad.apply(y).permute(0, 3, 4, 1, 2, 5).reshape(b, L, h, p)[:, :l]
     if D is not None:
         Dd = D.to(cdtype)
-        y = y + xs[:, :l] * (Dd.unsqueeze(-1) if Dd.dim() == 1 else Dd)
+        y = torch.addcmul(y, xs[:, :l], Dd.unsqueeze(-1) if Dd.dim() == 1 else Dd)
     if z is not None:
         y = y * F.silu(z.to(cdtype))
     y = y.to(x.dtype)

@@ -87,12 +87,13 @@ def test_ssd_float32_close_to_float64_reference():
 
 
 @pytest.mark.parametrize("chunk", [4, 7])
-def test_ssd_backward_matches_sequential_float64(chunk):
-    t = _inputs(1, 13, 4, 2, 2, 3, torch.float64, seed=1)
+@pytest.mark.parametrize("headdim,d_state", [(2, 3), (3, 2)])  # the decays on x and y, or on B and C
+def test_ssd_backward_matches_sequential_float64(chunk, headdim, d_state):
+    t = _inputs(1, 13, 4, headdim, 2, d_state, torch.float64, seed=1)
     names = ["x", "dt", "A", "B", "C", "D", "z", "dt_bias", "h0"]
     for k in names:
         t[k].requires_grad_(True)
-    w = torch.randn(1, 13, 4, 2, dtype=torch.float64)
+    w = torch.randn(1, 13, 4, headdim, dtype=torch.float64)
     y_ref, s_ref = sequential_ssd(**t)
     g_ref = torch.autograd.grad((y_ref * w).sum() + s_ref.sum(), [t[k] for k in names])
     y, s = ops.ssd_chunk_scan_torch(
