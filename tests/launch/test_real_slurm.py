@@ -252,21 +252,6 @@ def test_stop_signal_checkpoints_requeues_and_the_requeued_job_finishes(slurm, p
     assert _train_steps(metrics) == list(range(1, 25))
 
 
-def test_a_job_near_its_time_limit_checkpoints_requeues_and_finishes(slurm, parent, tmp_path):
-    """A 1-minute job whose run needs longer (1000 steps, about 100 s here): the ranks read the job's end from
-    Slurm (the script exports it) and stop before it with a checkpoint; the job requeues itself (as often as
-    needed) and the run finishes, every step once. The USR1 warning is switched to SIGURG here (ignored by the
-    script) so only the wall-time check acts."""
-    args, metrics = _train_config(parent, tmp_path, tokens=1000 * 256)
-    job_id = _sbatch(slurm, args, tmp_path, opts=["--time=1", "--signal=B:URG@1"])
-    job = _wait(slurm, job_id, timeout=1200)
-    out_file = tmp_path / f"megatron-elastic-{job_id}.out"
-    out = out_file.read_text()
-    assert job["JobState"] == "COMPLETED" and int(job["Restarts"]) >= 1, _explain(slurm, job, out_file)
-    assert "wall-time limit" in out and "requeueing job" in out and "resumed from" in out, out
-    assert _train_steps(metrics) == list(range(1, 1001))
-
-
 def test_a_requeue_from_outside_loses_at_most_the_current_step(slurm, parent, tmp_path):
     """``scontrol requeue`` (what an operator or a preempting scheduler does): Slurm sends SIGTERM to the ranks and
     to srun, which then kills the step after KillWait; the ranks checkpoint at the current step first, and the job
