@@ -5,7 +5,7 @@
 #   0.16: Python 3.11, torch 2.13.0 (CPU), megatron-core 0.16.1  (.venv)
 #   0.19: Python 3.12, torch 2.14.1, megatron-core 0.19.2        (.venv-mcore0.19; the Docker image's release)
 #   all (default): both legs, one after the other; fails if either fails.
-# Tests run in PYTEST_WORKERS processes (default: one per core, at most 8; pytest-xdist); -n 0 runs them in one.
+# Tests run in PYTEST_WORKERS processes (default: cores + 1, at most 8; pytest-xdist); -n 0 runs them in one.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 legs="${1:-all}"
@@ -13,7 +13,8 @@ legs="${1:-all}"
 [ "$legs" = all ] && legs="0.16 0.19"
 status=0
 summary=""
-workers="${PYTEST_WORKERS:-$(nproc 2>/dev/null || echo 2)}"
+cores=$(nproc 2>/dev/null || echo 2)
+workers="${PYTEST_WORKERS:-$((cores + 1))}"  # one more than the cores: the Slurm tests mostly wait
 [ "$workers" -gt 8 ] && workers=8
 for leg in $legs; do
   start=$SECONDS
@@ -26,9 +27,9 @@ for leg in $legs; do
   echo "=== megatron-core $leg: $("$venv/bin/python" -c 'import sys, torch, megatron.core as m; print(f"Python {sys.version.split()[0]}, torch {torch.__version__}, megatron-core {m.__version__}")' 2>/dev/null) ==="
   "$venv/bin/ruff" format --check . && "$venv/bin/ruff" check .  # style: pyproject.toml [tool.ruff]
   lint=$?
-  # One pytest worker per core (at most 8), each test file on one worker (a module's fixtures, such as a test
-  # Slurm, start once), torch on one thread per worker: multi-rank tests and the CLI's subprocesses no longer
-  # oversubscribe the cores, and a test that waits (a Slurm job segment) leaves its core to the other worker.
+  # pytest-xdist workers, each test file on one worker (a module's fixtures, such as a test Slurm, start once;
+  # the longest files first: tests/conftest.py), torch on one thread per worker: multi-rank tests and the CLI's
+  # subprocesses no longer oversubscribe the cores, and a test that waits on Slurm leaves its core to the others.
   OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" "$venv/bin/python" -m pytest -q -n "$workers" --dist loadfile "$@"
   rc=$?
   if [ $lint -ne 0 ]; then

@@ -1,8 +1,29 @@
+import os
 import warnings
 
 import pytest
 
 warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+
+# The test files that take minutes (most of it waiting on Slurm job segments or subprocesses), longest first: they
+# are collected first, so pytest-xdist (scripts/run_tests.sh) starts each on its own worker at once and the other
+# files fill the remaining workers around them (in collection order, a file that starts last ends last).
+LONGEST_FIRST = (
+    "launch/test_real_slurm_time_limit.py",
+    "launch/test_rehearsal.py",
+    "launch/test_two_node_slurm.py",
+    "launch/test_real_slurm.py",
+    "test_cli.py",
+    "test_demo.py",
+    "training/test_kill_resume.py",
+    "importance/test_importance_job.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    here = os.path.dirname(os.path.abspath(__file__))
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(os.path.relpath(str(item.path), here), len(rank)))  # stable: else as found
 
 
 @pytest.fixture
