@@ -266,12 +266,25 @@ def profile_evaluation(demo: str, label_all) -> dict:
             **summarize(prof, wall)}  # fmt: skip
 
 
-def markdown(results: list, threads: int) -> str:
+def matmul_gflops() -> float:
+    """This machine's float32 matrix-product rate at the demo's MLP shape (2048 x 256 @ 256 x 1024, the linear
+    layers' path): the times above scale with it from machine to machine (same CPU kind, 2-2.5x apart)."""
+    a, w = torch.randn(2048, 256), torch.randn(1024, 256)
+    for _ in range(3):
+        torch.nn.functional.linear(a, w)
+    start = time.perf_counter()
+    for _ in range(20):
+        torch.nn.functional.linear(a, w)
+    return 2 * 2048 * 256 * 1024 * 20 / (time.perf_counter() - start) / 1e9
+
+
+def markdown(results: list, threads: int, gflops: float) -> str:
     lines = [
         "# Where the demo's CPU time goes",
         "",
-        f"`python benchmarks/profile_demo.py` ({threads} threads, torch {torch.__version__}). Times are the "
-        "profiler's CPU totals of one step after two warm-up steps; the profiler itself adds a little.",
+        f"`python benchmarks/profile_demo.py` ({threads} threads, torch {torch.__version__}; float32 matrix products "
+        f"at the demo's MLP shape here: {gflops:.0f} GFLOP/s). Times are the profiler's CPU totals of one step after "
+        "two warm-up steps; the profiler itself adds a little.",
     ]
     for r in results:
         wall = r["wall_ms"]
@@ -321,11 +334,14 @@ def main() -> None:
             results.append(profile_evaluation(args.demo, label_all))
             print(f"{results[-1]['what']}: {results[-1]['wall_ms']:,.0f} ms")
     os.makedirs(args.out, exist_ok=True)
-    text = markdown(results, args.threads)
+    gflops = matmul_gflops()
+    text = markdown(results, args.threads, gflops)
     with open(os.path.join(args.out, "profile.md"), "w") as f:
         f.write(text)
     with open(os.path.join(args.out, "profile.json"), "w") as f:
-        json.dump({"threads": args.threads, "torch": torch.__version__, "jobs": results}, f, indent=2)
+        json.dump(
+            {"threads": args.threads, "torch": torch.__version__, "matmul_gflops": gflops, "jobs": results}, f, indent=2
+        )
     print(text)
 
 
