@@ -61,8 +61,8 @@ def timeit(fn, repeats):
 
 def mixer_times(shape, repeats):
     """Whole Mamba-2 mixer (in_proj, conv, SSD, gated norm, out_proj) at this shape: ours (megatron_elastic
-    MambaMixer, CPU path) and transformers' NemotronHMamba2Mixer forward (its torch path on CPU).
-    Returns (ours_ms, hf_ms|str)."""
+    MambaMixer, CPU path) and transformers' NemotronHMamba2Mixer forward (its torch path on CPU), timed in
+    alternation. Returns (ours_ms, hf_ms|str)."""
     from megatron_elastic.model.builder import build_hybrid_model
     from megatron_elastic.parallel import initialize_parallel
     from megatron_elastic.testing import tiny_config
@@ -81,36 +81,50 @@ def mixer_times(shape, repeats):
     )
     ours_mixer = build_hybrid_model(cfg).decoder.layers[0].mixer.eval()
     hidden = torch.randn(l, b, d_model)
-    with torch.no_grad():
-        ours = timeit(lambda: ours_mixer(hidden), repeats)
     m = hf_nemotron_h_ssd()
-    if m is None:
-        return ours, "not installed"
-    try:
-        hcfg = m.NemotronHConfig(
-            hidden_size=d_model,
-            mamba_num_heads=h,
-            mamba_head_dim=p,
-            n_groups=g,
-            ssm_state_size=n,
-            chunk_size=chunk,
-            use_mamba_kernels=False,
-            hybrid_override_pattern="M",
-            num_hidden_layers=1,
-            vocab_size=256,
-        )
-        hf_mixer = m.NemotronHMamba2Mixer(hcfg, layer_idx=0).eval()
-    except Exception as e:  # the API differs across transformers versions
-        return ours, f"n/a ({type(e).__name__}: {e})"[:60]
+    hf_mixer, why = None, "not installed"
+    if m is not None:
+        try:
+            hcfg = m.NemotronHConfig(
+                hidden_size=d_model,
+                mamba_num_heads=h,
+                mamba_head_dim=p,
+                n_groups=g,
+                ssm_state_size=n,
+                chunk_size=chunk,
+                use_mamba_kernels=False,
+                hybrid_override_pattern="M",
+                num_hidden_layers=1,
+                vocab_size=256,
+            )
+            hf_mixer = m.NemotronHMamba2Mixer(hcfg, layer_idx=0).eval()
+        except Exception as e:  # the API differs across transformers versions
+            why = f"n/a ({type(e).__name__}: {e})"[:60]
     hh = hidden.transpose(0, 1).contiguous()
+    calls = [lambda: ours_mixer(hidden)] + ([lambda: hf_mixer(hh)] if hf_mixer is not None else [])
     with torch.no_grad():
-        return ours, timeit(lambda: hf_mixer(hh), repeats)
+        times = interleaved(calls, repeats)
+    return times[0], (times[1] if hf_mixer is not None else why)
+
+
+def interleaved(calls, repeats):
+    """Median ms of each callable, timed in alternation (one call of each per round) so that a machine whose speed
+    drifts between runs slows them alike and their ratio holds."""
+    for fn in calls:
+        fn()
+    ts = [[] for _ in calls]
+    for _ in range(repeats):
+        for t, fn in zip(ts, calls):
+            start = time.perf_counter()
+            fn()
+            t.append(time.perf_counter() - start)
+    return [statistics.median(t) * 1e3 for t in ts]
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", default="benchmarks/ssd_scan.json")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
