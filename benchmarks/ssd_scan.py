@@ -50,13 +50,8 @@ def hf_nemotron_h_ssd():
 
 
 def timeit(fn, repeats):
-    fn()
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts) * 1e3
+    """Median ms of ``fn`` over ``repeats`` calls after one warm-up."""
+    return interleaved([fn], repeats)[0]
 
 
 def mixer_times(shape, repeats):

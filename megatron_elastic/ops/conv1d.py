@@ -25,8 +25,8 @@ _ACTIVATIONS = (None, "silu", "swish")
 class _CausalConv(torch.autograd.Function):
     """The time-shifted multiply-adds, in blocks of time steps, with a written-out backward.
 
-    Each block of ``_block_steps`` steps (a few hundred KiB) is finished (bias, every tap, activation) while it is
-    in cache, reading the input where it lies (a strided view of the mixer's packed input projection: no padded
+    Each block of time steps (``_blocks``: about 1 MiB of float32) is finished (bias, every tap, activation) while
+    it is in cache, reading the input where it lies (a strided view of the mixer's packed input projection: no padded
     copy); a whole-tensor pass per tap streams the output through memory ``width`` times. The backward is the
     same shifted multiply-adds run backwards in time for the input gradient and one dot product per tap and block
     for the weight gradient (autograd's own graph of the forward zero-fills and copies a full-size gradient per
@@ -40,7 +40,7 @@ class _CausalConv(torch.autograd.Function):
         w = weight.t().contiguous()  # (width, dim)
         pre = torch.empty(batch, seqlen, dim, dtype=x.dtype, device=x.device)
         keep_pre = silu and any(ctx.needs_input_grad)
-        out = torch.empty_like(pre) if silu and keep_pre else pre
+        out = torch.empty_like(pre) if keep_pre else pre  # else the activation is applied in place
         for t0, t1 in _blocks(seqlen, batch * dim):
             block = pre[:, t0:t1]
             if bias is None:
