@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import random
 import socket
 
 import torch
@@ -16,9 +17,33 @@ from megatron_elastic.ops.cpu_gemm import use_fastest_cpu_gemm
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port on 127.0.0.1 that nothing listens on now, for a rendezvous that binds it a moment later.
+
+    Drawn at random below the kernel's ephemeral range: a port the kernel hands out (``bind`` to port 0) is one it
+    also gives to outgoing connections, e.g. gloo's between the ranks of other jobs on the machine, so between this
+    check and the rendezvous's bind another process could take it (EADDRINUSE, seen with tests in parallel)."""
+    first_ephemeral = _first_ephemeral_port()
+    draw = random.SystemRandom()  # not the seeded global generator: processes seeded alike would draw alike
+    for _ in range(64):
+        port = draw.randrange(_LOWEST_PORT, first_ephemeral) if first_ephemeral > _LOWEST_PORT + 1000 else 0
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise RuntimeError(f"no free TCP port on 127.0.0.1 between {_LOWEST_PORT} and {first_ephemeral} after 64 draws")
+
+
+_LOWEST_PORT = 20000  # above the registered services a development machine commonly runs
+
+
+def _first_ephemeral_port() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default; other systems: bind(0) ports are drawn from above it too
 
 
 def _ranks_from_slurm() -> None:
@@ -62,9 +87,9 @@ def initialize_parallel(
         timeout = datetime.timedelta(minutes=timeout_minutes)
         if "RANK" in os.environ:  # torchrun / Slurm launcher environment
             dist.init_process_group(backend=backend, timeout=timeout)
-        else:  # a single process; leave os.environ alone so child processes do not inherit a rendezvous
-            init = f"tcp://127.0.0.1:{free_port()}"
-            dist.init_process_group(backend=backend, init_method=init, rank=0, world_size=1, timeout=timeout)
+        else:  # a single process: an in-memory store (no port to race for; os.environ left alone, so child
+            # processes do not inherit a rendezvous)
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
         compat.ensure_reduce_scatter()
     world = dist.get_world_size()
     tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size

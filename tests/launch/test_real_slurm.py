@@ -16,6 +16,7 @@ import pytest
 from packaging.version import Version
 
 from megatron_elastic.compat import MCORE_VERSION
+from megatron_elastic.parallel import free_port
 from tests.launch.test_launch_scripts import SBATCH
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
@@ -30,12 +31,6 @@ def _why_not() -> str:
     if os.geteuid() != 0:
         return "starting slurmctld/slurmd needs root"
     return ""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _daemon(name: str) -> str:
@@ -84,7 +79,7 @@ def start_slurm(root, controller: str, nodes: str, names: str, slurmd_commands) 
     conf = root / "slurm.conf"
     conf.write_text(
         CONF.format(
-            controller=controller, root=root, ctld_port=_free_port(), d_port=_free_port(), nodes=nodes, names=names
+            controller=controller, root=root, ctld_port=free_port(), d_port=free_port(), nodes=nodes, names=names
         )
     )
     env = {**os.environ, "SLURM_CONF": str(conf)}
@@ -138,7 +133,7 @@ def stop_slurm(root) -> None:
 def _sbatch(env, args, cwd, **extra):
     """Submit the project's sbatch script with its CPU profile: 2 tasks on the one node, no GPUs."""
     cmd = ["sbatch", "--parsable", "--ntasks-per-node=2", "--gpus-per-node=0", *extra.pop("opts", []), SBATCH, *args]
-    e = {**env, "PYTHON": sys.executable, "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1", **extra}
+    e = {**env, "PYTHON": sys.executable, "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1", **extra}
     out = subprocess.run(cmd, env=e, cwd=cwd, capture_output=True, text=True, check=True, timeout=60)
     return out.stdout.strip().split(";")[0]
 
@@ -272,7 +267,7 @@ def test_a_requeue_from_outside_loses_at_most_the_current_step(slurm, parent, tm
 def _submit_curriculum(env, config, cwd):
     e = {**env, "CONFIG": str(config), "NODES_STAGE1": "1", "TIME_STAGE1": "20", "TIME_STAGE2": "20",
          "SBATCH_ARGS": "--ntasks-per-node=2 --gpus-per-node=0", "PYTHON": sys.executable,
-         "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1"}  # fmt: skip
+         "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}  # fmt: skip
     script = os.path.join(os.path.dirname(SBATCH), "submit_curriculum.sh")
     out = subprocess.run(["bash", script, "--no-progress"], env=e, cwd=cwd, capture_output=True, text=True, check=True)
     return out.stdout.split("stage 1: job ")[1].split()[0], out.stdout.split("stage 2: job ")[1].split()[0]

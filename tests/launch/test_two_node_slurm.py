@@ -23,9 +23,9 @@ import pytest
 from packaging.version import Version
 
 from megatron_elastic.compat import MCORE_VERSION
+from megatron_elastic.parallel import free_port
 from tests.launch.test_real_slurm import (
     _explain,
-    _free_port,
     _job,
     _sbatch,
     _train_config,
@@ -202,7 +202,7 @@ def test_a_rank_killed_on_the_second_node_and_a_stop_signal_both_resume_exactly(
     current step, the job requeues (restart 2) and finishes. Each step's losses equal the uninterrupted run's."""
     args, metrics = _train_config(parent, tmp_path, tokens=12 * 256)
     args += ["--set", "checkpoint.save_interval=3"]
-    job_id = _two_nodes(cluster, args, tmp_path, MASTER_PORT=str(_free_port()))
+    job_id = _two_nodes(cluster, args, tmp_path, MASTER_PORT=str(free_port()))
     out_file = tmp_path / f"megatron-elastic-{job_id}.out"
     _wait_for_step(cluster, job_id, metrics, 4)
     killed_at = time.time()
