@@ -28,9 +28,12 @@ for leg in $legs; do
   "$venv/bin/ruff" format --check . && "$venv/bin/ruff" check .  # style: pyproject.toml [tool.ruff]
   lint=$?
   # pytest-xdist workers, each test file on one worker (a module's fixtures, such as a test Slurm, start once;
-  # the longest files first: tests/conftest.py), torch on one thread per worker: multi-rank tests and the CLI's
-  # subprocesses no longer oversubscribe the cores, and a test that waits on Slurm leaves its core to the others.
-  OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" "$venv/bin/python" -m pytest -q -n "$workers" --dist loadfile "$@"
+  # the longest files first, in tests/conftest.py's order: --no-loadscope-reorder, else xdist deals the files with
+  # the most tests first and a one-test file that takes minutes starts last), torch on one thread per worker:
+  # multi-rank tests and the CLI's subprocesses do not oversubscribe the cores, and a test that waits on Slurm
+  # leaves its core to the others.
+  OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" "$venv/bin/python" -m pytest -q -n "$workers" --dist loadfile \
+    --no-loadscope-reorder "$@"
   rc=$?
   if [ $lint -ne 0 ]; then
     summary+="megatron-core $leg: ruff format/lint failed (fix: ruff format . && ruff check --fix .)"$'\n'

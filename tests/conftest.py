@@ -5,16 +5,19 @@ import pytest
 
 warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
 
-# The test files that take minutes (most of it waiting on Slurm job segments or subprocesses), longest first: they
-# are collected first, so pytest-xdist (scripts/run_tests.sh) starts each on its own worker at once and the other
-# files fill the remaining workers around them (in collection order, a file that starts last ends last).
+# The test files that take minutes (much of it waiting on Slurm job segments or subprocesses), dealt to the
+# pytest-xdist workers in this order (scripts/run_tests.sh: --dist loadfile --no-loadscope-reorder; without the latter
+# xdist deals the files with the most tests first and a one-test file of minutes starts last). The first three start
+# at once, one per worker; the fourth is queued on the first worker, behind the rehearsal: the real-Slurm time-limit
+# test is the one whose job segments stall when the machine is crowded (its 1-minute segments then spend most of
+# their minute starting up), so it runs once the rehearsal's 8 ranks are gone instead of beside them.
 LONGEST_FIRST = (
-    "launch/test_real_slurm_time_limit.py",
     "launch/test_rehearsal.py",
-    "launch/test_two_node_slurm.py",
-    "launch/test_real_slurm.py",
     "test_cli.py",
     "test_demo.py",
+    "launch/test_real_slurm_time_limit.py",
+    "launch/test_two_node_slurm.py",
+    "launch/test_real_slurm.py",
     "training/test_kill_resume.py",
     "importance/test_importance_job.py",
 )

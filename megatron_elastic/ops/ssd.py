@@ -18,6 +18,7 @@ torch path at :func:`cpu_chunk_size`, the fastest there (``benchmarks/ssd_scan.p
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Tuple
 
@@ -33,16 +34,21 @@ except ImportError:  # pragma: no cover - depends on the machine
     HAVE_MAMBA_SSM_SSD = False
 
 
+@functools.lru_cache(maxsize=32)
+def _above_diagonal(T: int, offset: int, device: torch.device) -> torch.Tensor:
+    """(T, T) bool: True where column - row >= ``offset`` (offset 1: strictly above the diagonal). Made once per
+    size; read-only (only passed to out-of-place ``masked_fill``)."""
+    return torch.ones(T, T, dtype=torch.bool, device=device).triu(offset)
+
+
 def _segment_sum(a: torch.Tensor) -> torch.Tensor:
     """Pairwise log decays summed exactly (no difference of large running sums). a: (..., T) -> (..., T, T) with
     out[i, j] = sum_{j<k<=i} a[k] for j <= i and -inf above the diagonal (exp() of it is the causal decay matrix).
     Used across chunks, where running sums grow with the sequence."""
     T = a.shape[-1]
     expanded = a.unsqueeze(-1).expand(*a.shape, T)  # [..., k, j] = a[k]
-    strictly_lower = torch.ones(T, T, dtype=torch.bool, device=a.device).tril(-1)
-    out = expanded.masked_fill(~strictly_lower, 0.0).cumsum(dim=-2)  # [..., i, j] = sum_{j<k<=i} a[k]
-    lower = torch.ones(T, T, dtype=torch.bool, device=a.device).tril(0)
-    return out.masked_fill(~lower, float("-inf"))
+    out = expanded.masked_fill(_above_diagonal(T, 0, a.device), 0.0).cumsum(dim=-2)  # [..., i, j] = sum_{j<k<=i}
+    return out.masked_fill(_above_diagonal(T, 1, a.device), float("-inf"))
 
 
 def _causal_decay(a_cum: torch.Tensor) -> torch.Tensor:
@@ -50,7 +56,7 @@ def _causal_decay(a_cum: torch.Tensor) -> torch.Tensor:
     j <= i, 0 above the diagonal (the masked difference of running sums, as mamba_ssm's chunk-scan kernel: within
     one chunk the sums stay small enough for float32)."""
     T = a_cum.shape[-1]
-    upper = torch.ones(T, T, dtype=torch.bool, device=a_cum.device).triu(1)
+    upper = _above_diagonal(T, 1, a_cum.device)
     return torch.exp((a_cum.unsqueeze(-1) - a_cum.unsqueeze(-2)).masked_fill(upper, float("-inf")))
 
 
