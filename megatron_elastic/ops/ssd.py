@@ -37,8 +37,10 @@ except ImportError:  # pragma: no cover - depends on the machine
 @functools.lru_cache(maxsize=32)
 def _above_diagonal(T: int, offset: int, device: torch.device) -> torch.Tensor:
     """(T, T) bool: True where column - row >= ``offset`` (offset 1: strictly above the diagonal). Made once per
-    size; read-only (only passed to out-of-place ``masked_fill``)."""
-    return torch.ones(T, T, dtype=torch.bool, device=device).triu(offset)
+    size; read-only (only passed to out-of-place ``masked_fill``). A normal tensor even when first asked for under
+    ``torch.inference_mode`` (an inference tensor cannot be saved for a later backward)."""
+    with torch.inference_mode(False):
+        return torch.ones(T, T, dtype=torch.bool, device=device).triu(offset)
 
 
 def _segment_sum(a: torch.Tensor) -> torch.Tensor:

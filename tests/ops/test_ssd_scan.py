@@ -115,6 +115,24 @@ def test_ssd_backward_matches_sequential_float64(chunk, headdim, d_state):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=lambda m: f"grad {name}: {m}")
 
 
+@pytest.mark.parametrize("chunk", [6, 11])  # chunk lengths no other test uses: the scan's masks are made here
+def test_ssd_backward_after_a_pass_under_inference_mode(chunk):
+    """The scan keeps its triangular masks once made; a mask first made under ``torch.inference_mode`` (evaluation)
+    must still serve a later training pass, whose backward saves it."""
+    t = _inputs(1, 13, 4, 2, 2, 3, torch.float64, seed=2)
+    names = ["x", "dt", "B", "C"]
+    with torch.inference_mode():
+        ops.ssd_chunk_scan_torch(t["x"], t["dt"], t["A"], t["B"], t["C"], chunk, D=t["D"], dt_bias=t["dt_bias"])
+    for k in names:
+        t[k].requires_grad_(True)
+    y = ops.ssd_chunk_scan_torch(t["x"], t["dt"], t["A"], t["B"], t["C"], chunk, D=t["D"], dt_bias=t["dt_bias"])
+    y_ref, _ = sequential_ssd(**{**t, "z": None, "h0": torch.zeros_like(t["h0"])})
+    g = torch.autograd.grad(y.sum(), [t[k] for k in names])
+    g_ref = torch.autograd.grad(y_ref.sum(), [t[k] for k in names])
+    for name, a, b in zip(names, g, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=lambda m: f"grad {name}: {m}")
+
+
 def sequential_conv(x, w, bias, activation="silu"):
     b, d, l = x.shape
     width = w.shape[1]
