@@ -33,14 +33,14 @@ class _CausalConv(torch.autograd.Function):
     tap)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, silu: bool):
+    def forward(ctx, x, weight, bias, silu: bool, for_backward: bool):
         xt = x.transpose(1, 2)  # (batch, seqlen, dim): the caller's layout, read in place
         batch, seqlen, dim = xt.shape
         width = weight.shape[1]
         w = weight.t().contiguous()  # (width, dim)
         pre = torch.empty(batch, seqlen, dim, dtype=x.dtype, device=x.device)
-        keep_pre = silu and any(ctx.needs_input_grad)
-        out = torch.empty_like(pre) if keep_pre else pre  # else the activation is applied in place
+        keep_pre = silu and for_backward  # else the activation is applied in place
+        out = torch.empty_like(pre) if keep_pre else pre
         for t0, t1 in _blocks(seqlen, batch * dim):
             block = pre[:, t0:t1]
             if bias is None:
@@ -88,7 +88,7 @@ class _CausalConv(torch.autograd.Function):
                 grad_b += g[:, t0:t1].sum((0, 1))
         grad_w = grad_w.t().to(weight.dtype)
         grad_b = None if grad_b is None else grad_b.to(weight.dtype)
-        return grad_x.transpose(1, 2), grad_w, grad_b, None
+        return grad_x.transpose(1, 2), grad_w, grad_b, None, None
 
 
 def _blocks(seqlen: int, step_elements: int):
@@ -112,7 +112,11 @@ def causal_conv1d_torch(
     view of a contiguous (batch, seqlen, dim) tensor. The backward is written out (:class:`_CausalConv`)."""
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
-    return _CausalConv.apply(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), activation is not None)
+    weight, bias = weight.to(x.dtype), None if bias is None else bias.to(x.dtype)
+    # Whether a backward can follow: decided here, as forward runs with gradients off and ctx.needs_input_grad says
+    # only which inputs require them, under torch.no_grad too.
+    for_backward = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    return _CausalConv.apply(x, weight, bias, activation is not None, for_backward)
 
 
 def causal_conv1d(x, weight, bias=None, activation="silu"):

@@ -43,23 +43,38 @@ def _above_diagonal(T: int, offset: int, device: torch.device) -> torch.Tensor:
         return torch.ones(T, T, dtype=torch.bool, device=device).triu(offset)
 
 
-def _segment_sum(a: torch.Tensor) -> torch.Tensor:
-    """Pairwise log decays summed exactly (no difference of large running sums). a: (..., T) -> (..., T, T) with
-    out[i, j] = sum_{j<k<=i} a[k] for j <= i and -inf above the diagonal (exp() of it is the causal decay matrix).
-    Used across chunks, where running sums grow with the sequence."""
+def _exp_decay(log_decay: torch.Tensor) -> torch.Tensor:
+    """exp of log decays, the argument kept within three quarters of the way to the exponent range of its dtype
+    (-65.5 to 66.5 in float32). torch's CPU exp takes a slow path for every vector holding an argument whose
+    result is subnormal, zero, infinite or near either end of the range (measured 4-30x slower per element on an
+    AVX-512 EPYC), and long chunks and strong decays (a trained Mamba's A down to -16) reach such arguments. A decay
+    below exp(-65.5) = 3e-29 is nothing a float32 sum holds next to the decay-1 term of the step itself; a Mamba
+    decay never exceeds 1 (dt >= 0, A < 0): the ceiling only meets the masked entries above a causal diagonal."""
+    info = torch.finfo(log_decay.dtype)
+    return torch.exp(log_decay.clamp(0.75 * math.log(info.tiny), 0.75 * math.log(info.max)))
+
+
+def _causal_exp_decay(log_decay: torch.Tensor, T: int) -> torch.Tensor:
+    """:func:`_exp_decay` of a (..., T, T) matrix of log decays, exactly 0 above the diagonal (the future, whose
+    entries are whatever the caller's arithmetic left there: -sums of decays, i.e. large and positive)."""
+    return torch.where(_above_diagonal(T, 1, log_decay.device), 0.0, _exp_decay(log_decay))
+
+
+def _segment_decay(a: torch.Tensor) -> torch.Tensor:
+    """Pairwise decays from log decays summed exactly (no difference of large running sums). a: (..., T) ->
+    (..., T, T) with out[i, j] = exp(sum_{j<k<=i} a[k]) for j <= i and 0 above the diagonal. Used across chunks,
+    where running sums grow with the sequence."""
     T = a.shape[-1]
     expanded = a.unsqueeze(-1).expand(*a.shape, T)  # [..., k, j] = a[k]
-    out = expanded.masked_fill(_above_diagonal(T, 0, a.device), 0.0).cumsum(dim=-2)  # [..., i, j] = sum_{j<k<=i}
-    return out.masked_fill(_above_diagonal(T, 1, a.device), float("-inf"))
+    sums = expanded.masked_fill(_above_diagonal(T, 0, a.device), 0.0).cumsum(dim=-2)  # [..., i, j] = sum_{j<k<=i}
+    return _causal_exp_decay(sums, T)
 
 
 def _causal_decay(a_cum: torch.Tensor) -> torch.Tensor:
     """Within-chunk decays from the running sums ``a_cum`` (..., T): out[..., i, j] = exp(a_cum_i - a_cum_j) for
-    j <= i, 0 above the diagonal (the masked difference of running sums, as mamba_ssm's chunk-scan kernel: within
-    one chunk the sums stay small enough for float32)."""
-    T = a_cum.shape[-1]
-    upper = _above_diagonal(T, 1, a_cum.device)
-    return torch.exp((a_cum.unsqueeze(-1) - a_cum.unsqueeze(-2)).masked_fill(upper, float("-inf")))
+    j <= i, 0 above the diagonal (the difference of running sums, as mamba_ssm's chunk-scan kernel: within one
+    chunk the sums stay small enough for float32)."""
+    return _causal_exp_decay(a_cum.unsqueeze(-1) - a_cum.unsqueeze(-2), a_cum.shape[-1])
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -111,7 +126,7 @@ def _states_over_chunks(
     of chunk i - 1, i.e. into chunk i; row c is the final state. The chunk-state columns (1..c) are one strided
     operand, so no concatenated copy of the states is made."""
     b, g, r, c, p, n = chunk_states.shape
-    decay = torch.exp(_segment_sum(F.pad(chunk_log_decay, (1, 0))))  # (b, g, r, c+1, c+1)
+    decay = _segment_decay(F.pad(chunk_log_decay, (1, 0)))  # (b, g, r, c+1, c+1)
     flat = chunk_states.reshape(b, g, r, c, p * n)
     entering = decay[..., :c, 1:] @ flat  # (b, g, r, c, p*n)
     final = decay[..., c:, 1:] @ flat  # (b, g, r, 1, p*n)
@@ -176,8 +191,8 @@ def ssd_chunk_scan_torch(
 
     # 2)-4) below put each per-head decay on the narrower operand (see decays_on_b_and_c).
     decay_on_bc = decays_on_b_and_c(p, n)
-    to_end = torch.exp(a_cum[..., -1:] - a_cum).unsqueeze(-1)  # (b, g, r, c, q, 1)
-    from_start = torch.exp(a_cum).unsqueeze(-1)
+    to_end = _exp_decay(a_cum[..., -1:] - a_cum).unsqueeze(-1)  # (b, g, r, c, q, 1)
+    from_start = _exp_decay(a_cum).unsqueeze(-1)
 
     # 2) State contributed by each chunk, as of the chunk's end: sum_j exp(a_end - a_cum_j) x_j B_j^T.
     if decay_on_bc:

@@ -133,6 +133,41 @@ def test_ssd_backward_after_a_pass_under_inference_mode(chunk):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=lambda m: f"grad {name}: {m}")
 
 
+@pytest.mark.parametrize("chunk", [8, 64])
+def test_ssd_strong_decays_in_float32_match_float64(chunk):
+    """Decays far below float32's range inside a chunk (A = -16, the strongest of a Mamba's initial range, and steps
+    of ~3: log decays to -48 per token): the scan keeps exp's argument inside the dtype's fast range, which must
+    change neither the forward nor the gradients the float64 recurrence gives, and must not let the masked future
+    (large positive arguments above the diagonal) leak in."""
+    t = _inputs(1, 96, 4, 4, 2, 8, torch.float64, seed=4)
+    t["A"] = torch.tensor([-16.0, -8.0, -1.0, -0.05], dtype=torch.float64)
+    t["dt_bias"] = torch.full((4,), 3.0, dtype=torch.float64)
+    t["z"] = None
+    names = ["x", "dt", "B", "C"]
+    for k in names:
+        t[k].requires_grad_(True)
+    y_ref, s_ref = sequential_ssd(**t)
+    g_ref = torch.autograd.grad(y_ref.sum() + s_ref.sum(), [t[k] for k in names])
+    t32 = {k: v.detach().float().requires_grad_(k in names) if v is not None else None for k, v in t.items()}
+    y, s = ops.ssd_chunk_scan_torch(
+        t32["x"],
+        t32["dt"],
+        t32["A"],
+        t32["B"],
+        t32["C"],
+        chunk,
+        D=t32["D"],
+        dt_bias=t32["dt_bias"],
+        initial_states=t32["h0"],
+        return_final_states=True,
+    )
+    g = torch.autograd.grad(y.sum() + s.sum(), [t32[k] for k in names])
+    torch.testing.assert_close(y.double(), y_ref.detach(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(s.double(), s_ref.detach(), rtol=1e-4, atol=1e-4)
+    for name, a, b in zip(names, g, g_ref):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4, msg=lambda m: f"grad {name}: {m}")
+
+
 def sequential_conv(x, w, bias, activation="silu"):
     b, d, l = x.shape
     width = w.shape[1]
