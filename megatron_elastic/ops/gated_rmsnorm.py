@@ -37,10 +37,14 @@ def gated_rmsnorm_torch(
     cdtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     h = x.to(cdtype)
     if z is not None and not norm_before_gate:
-        h = h * F.silu(z.to(cdtype))
-    hg = h.reshape(*h.shape[:-1], d // group_size, group_size)
-    hg = hg * torch.rsqrt(hg.pow(2).mean(-1, keepdim=True) + eps)
-    out = hg.reshape(h.shape) * weight.to(cdtype)
+        h = F.silu(z.to(cdtype)) * h
+    # torch's own RMSNorm over each group (one kernel for the statistics and the scaling where torch fuses it); the
+    # weight goes in with it when there is one group, else after it (it differs from group to group)
+    if group_size == d:
+        out = F.rms_norm(h, (d,), weight.to(cdtype), eps)
+    else:
+        groups = F.rms_norm(h.reshape(*h.shape[:-1], d // group_size, group_size), (group_size,), None, eps)
+        out = groups.reshape(h.shape) * weight.to(cdtype)
     if z is not None and norm_before_gate:
         out = out * F.silu(z.to(cdtype))
     return out.to(x.dtype)

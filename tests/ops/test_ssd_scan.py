@@ -221,16 +221,23 @@ def test_conv_step_matches_full_conv():
 
 @pytest.mark.parametrize("group_size", [12, 4, 3])
 def test_gated_rmsnorm_matches_per_group_formula(group_size):
+    """Values and gradients (x, z, weight) against autograd through the formula written out group by group."""
     x = torch.randn(3, 5, 12, dtype=torch.float64, requires_grad=True)
-    z = torch.randn(3, 5, 12, dtype=torch.float64)
-    w = torch.randn(12, dtype=torch.float64)
+    z = torch.randn(3, 5, 12, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(12, dtype=torch.float64, requires_grad=True)
     out = ops.gated_rmsnorm_torch(x, w, z, eps=1e-5, group_size=group_size)
     gated = x * z * torch.sigmoid(z)
     ref = torch.empty_like(gated)
     for s in range(0, 12, group_size):
         blk = gated[..., s : s + group_size]
         ref[..., s : s + group_size] = blk / torch.sqrt((blk**2).mean(-1, keepdim=True) + 1e-5)
-    torch.testing.assert_close(out, ref * w)
+    ref = ref * w
+    torch.testing.assert_close(out, ref)
+    weights = torch.randn(ref.shape, dtype=torch.float64)
+    got = torch.autograd.grad((out * weights).sum(), [x, z, w])
+    want = torch.autograd.grad((ref * weights).sum(), [x, z, w])
+    for name, a, b in zip("xzw", got, want):
+        torch.testing.assert_close(a, b, msg=lambda m: f"grad {name}: {m}")
     with pytest.raises(ValueError, match="group_size"):
         ops.gated_rmsnorm_torch(x, w, z, group_size=5)
 
