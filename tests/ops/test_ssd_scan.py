@@ -254,3 +254,61 @@ def test_the_cpu_dispatch_runs_its_own_chunk_length_and_gives_the_same_result():
     for y, s in (ops.ssd_chunk_scan(*args, 8, **kw), ops.ssd_chunk_scan_torch(*args, 8, **kw)):
         torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(s, s_ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("block_tokens", [8, 24, 64])  # several blocks, a last block cut short, one block
+def test_the_scan_in_blocks_of_the_sequence_gives_the_recurrence(block_tokens):
+    """Blocks of the sequence, each starting from the state the last one ended with: the float64 recurrence's
+    outputs, final state and gradients (initial state, gate, a sequence that is not a whole number of blocks)."""
+    t = _inputs(2, 45, 4, 3, 2, 5, torch.float64, seed=5)
+    names = ["x", "dt", "B", "C", "z", "h0"]
+    for k in names:
+        t[k].requires_grad_(True)
+    w = torch.randn(2, 45, 4, 3, dtype=torch.float64)
+    y_ref, s_ref = sequential_ssd(**t)
+    g_ref = torch.autograd.grad((y_ref * w).sum() + s_ref.sum(), [t[k] for k in names])
+    y, s = ops.ssd_chunk_scan_torch(
+        t["x"],
+        t["dt"],
+        t["A"],
+        t["B"],
+        t["C"],
+        8,
+        D=t["D"],
+        z=t["z"],
+        dt_bias=t["dt_bias"],
+        initial_states=t["h0"],
+        return_final_states=True,
+        block_tokens=block_tokens,
+    )
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(s, s_ref, rtol=1e-10, atol=1e-10)
+    g = torch.autograd.grad((y * w).sum() + s.sum(), [t[k] for k in names])
+    for name, a, b in zip(names, g, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=lambda m: f"grad {name}: {m}")
+    with pytest.raises(ValueError, match="multiple of chunk_size"):
+        ops.ssd_chunk_scan_torch(t["x"], t["dt"], t["A"], t["B"], t["C"], 8, block_tokens=12)
+
+
+def test_the_cpu_dispatch_blocks_the_sequence_only_when_no_backward_follows(monkeypatch):
+    """Evaluation (no gradient) runs the scan in cache-sized blocks, here forced to one chunk (32 tokens: 3 blocks);
+    a training pass runs the whole sequence at once. Both give the recurrence's result."""
+    t = _inputs(1, 70, 4, 32, 2, 32, torch.float64, seed=6)
+    monkeypatch.setattr(ops.ssd, "_BLOCK_ELEMENTS", 4 * 32 * 32)  # batch x heads x max(headdim, d_state) x chunk
+    assert ops.ssd.cpu_block_tokens(1, 4, 32, 32, 32) == 32
+    assert ops.ssd.cpu_block_tokens(1, 4, 16, 16, 16) == 64 and ops.ssd.cpu_block_tokens(1, 2, 16, 8, 16) == 128
+    assert ops.ssd.cpu_block_tokens(2, 8, 32, 64, 32) == 32  # at least one whole chunk
+    seen = []
+    real = ops.ssd.ssd_chunk_scan_torch
+    monkeypatch.setattr(
+        ops.ssd, "ssd_chunk_scan_torch", lambda *a, **k: seen.append(k["block_tokens"]) or real(*a, **k)
+    )
+    y_ref, _ = sequential_ssd(**{**t, "z": None, "h0": torch.zeros_like(t["h0"])})
+    args = [t[k] for k in ("x", "dt", "A", "B", "C")]
+    with torch.no_grad():
+        y = ops.ssd_chunk_scan(*args, 8, D=t["D"], dt_bias=t["dt_bias"])
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    x = t["x"].clone().requires_grad_(True)
+    y = ops.ssd_chunk_scan(x, *args[1:], 8, D=t["D"], dt_bias=t["dt_bias"])
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    assert seen == [32, None]
