@@ -25,8 +25,6 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .cache import CPU_BLOCK_ELEMENTS
-
 try:
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined as _mamba_chunk_scan_combined
 
@@ -153,37 +151,13 @@ def ssd_chunk_scan_torch(
     dt_limit: Tuple[float, float] = (0.0, float("inf")),
     initial_states: Optional[torch.Tensor] = None,
     return_final_states: bool = False,
-    block_tokens: Optional[int] = None,
 ):
     """Pure-PyTorch chunked SSD scan.
 
     Shapes: x (b, l, h, p); dt (b, l, h); A (h,); B, C (b, l, g, n); D (h,) or (h, p); z like x;
     dt_bias (h,); initial_states (b, h, p, n). Returns y (b, l, h, p) [and final states (b, h, p, n)].
     Computation is in float32 (or float64 if the inputs are float64); y has x's dtype.
-
-    ``block_tokens`` (a multiple of ``chunk_size``; None: the whole sequence at once) runs the sequence in blocks of
-    that many tokens, one after the other, each block starting from the state the previous one ended with: the
-    same recurrence between chunks, taken block by block, with every intermediate a block's size (see
-    :func:`cpu_block_tokens`). Any block length gives the same result up to float rounding.
     """
-    l = x.shape[1]
-    if block_tokens is None or block_tokens >= l:
-        return _scan(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit, initial_states,
-                     return_final_states)  # fmt: skip
-    if block_tokens % chunk_size:
-        raise ValueError(f"block_tokens ({block_tokens}) must be a multiple of chunk_size ({chunk_size})")
-    ys, state = [], initial_states
-    for start in range(0, l, block_tokens):
-        part = slice(start, start + block_tokens)
-        y, state = _scan(x[:, part], dt[:, part], A, B[:, part], C[:, part], chunk_size, D,
-                         None if z is None else z[:, part], dt_bias, dt_softplus, dt_limit, state, True)  # fmt: skip
-        ys.append(y)
-    y = torch.cat(ys, dim=1)
-    return (y, state) if return_final_states else y
-
-
-def _scan(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit, initial_states, return_final_states):
-    """:func:`ssd_chunk_scan_torch` over the whole of its sequence at once."""
     b, l, h, p = x.shape
     g, n = B.shape[-2], B.shape[-1]
     if h % g != 0:
@@ -259,21 +233,6 @@ def cpu_chunk_size(headdim: int, d_state: int) -> int:
     return max(16, 1 << int(math.log2(math.sqrt(headdim * d_state))))
 
 
-def cpu_block_tokens(batch: int, nheads: int, headdim: int, d_state: int, chunk_size: int) -> int:
-    """The torch scan's block length on the CPU for a forward that no backward follows (``block_tokens``): the most
-    whole chunks whose largest per-head intermediates (batch x heads x tokens x max(headdim, d_state, chunk)
-    float32 numbers) fit in ``_BLOCK_ELEMENTS``, at least one chunk. A core's cache then holds what each of the
-    scan's steps reads and writes; the whole sequence at once sends every step through memory. Measured on 2 EPYC
-    cores, forward: 1.7x faster at ``benchmarks/ssd_scan.py``'s largest shape, 1.5x at its middle one, even at
-    the demo's. With a backward to follow the blocks cost more than they save (autograd runs every block's
-    steps again, small): a training pass runs the whole sequence at once."""
-    per_token = batch * nheads * max(headdim, d_state, chunk_size)
-    return chunk_size * max(1, _BLOCK_ELEMENTS // (per_token * chunk_size))
-
-
-_BLOCK_ELEMENTS = CPU_BLOCK_ELEMENTS
-
-
 def ssd_chunk_scan(
     x,
     dt,
@@ -290,8 +249,7 @@ def ssd_chunk_scan(
     return_final_states=False,
 ):
     """SSD chunked scan: ``mamba_ssm``'s Triton kernel on CUDA when installed, else :func:`ssd_chunk_scan_torch`
-    (at ``chunk_size`` on CUDA; on the CPU at :func:`cpu_chunk_size`, and in blocks of :func:`cpu_block_tokens` when
-    no backward follows)."""
+    (at ``chunk_size`` on CUDA, at :func:`cpu_chunk_size` on the CPU)."""
     if HAVE_MAMBA_SSM_SSD and x.is_cuda:
         return _mamba_chunk_scan_combined(
             x,
@@ -308,12 +266,8 @@ def ssd_chunk_scan(
             dt_limit=dt_limit,
             return_final_states=return_final_states,
         )
-    block_tokens = None
     if not x.is_cuda:
         chunk_size = cpu_chunk_size(x.shape[-1], B.shape[-1])
-        inputs = (x, dt, A, B, C, D, z, dt_bias, initial_states)
-        if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)):
-            block_tokens = cpu_block_tokens(x.shape[0], x.shape[2], x.shape[3], B.shape[-1], chunk_size)
     return ssd_chunk_scan_torch(
         x,
         dt,
@@ -328,5 +282,4 @@ def ssd_chunk_scan(
         dt_limit=dt_limit,
         initial_states=initial_states,
         return_final_states=return_final_states,
-        block_tokens=block_tokens,
     )
