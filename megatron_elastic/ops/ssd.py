@@ -43,21 +43,44 @@ def _above_diagonal(T: int, offset: int, device: torch.device) -> torch.Tensor:
         return torch.ones(T, T, dtype=torch.bool, device=device).triu(offset)
 
 
-def _exp_decay(log_decay: torch.Tensor) -> torch.Tensor:
+class _ExpDecay(torch.autograd.Function):
     """exp of log decays, the argument kept within three quarters of the way to the exponent range of its dtype
-    (-65.5 to 66.5 in float32). torch's CPU exp takes a slow path for every vector holding an argument whose
-    result is subnormal, zero, infinite or near either end of the range (measured 4-30x slower per element on an
-    AVX-512 EPYC), and long chunks and strong decays (a trained Mamba's A down to -16) reach such arguments. A decay
-    below exp(-65.5) = 3e-29 is nothing a float32 sum holds next to the decay-1 term of the step itself; a Mamba
-    decay never exceeds 1 (dt >= 0, A < 0): the ceiling only meets the masked entries above a causal diagonal."""
-    info = torch.finfo(log_decay.dtype)
-    return torch.exp(log_decay.clamp(0.75 * math.log(info.tiny), 0.75 * math.log(info.max)))
+    (-65.5 to 66.5 in float32), and exactly 0 where ``future`` (a mask, or None) is True. torch's CPU exp takes a
+    slow path for every vector holding an argument whose result is subnormal, zero, infinite or near either end of
+    the range (measured 4-30x slower per element on an AVX-512 EPYC), and long chunks and strong decays (a trained
+    Mamba's A down to -16) reach such arguments. A decay below exp(-65.5) = 3e-29 is nothing a float32 sum holds
+    next to the decay-1 term of the step itself; a Mamba decay never exceeds 1 (dt >= 0, A < 0): the ceiling only
+    meets the masked future.
+
+    The backward is exp's own (the gradient times the result; 0 on the future), also where the argument was clamped
+    (below the floor exp's true gradient is under 3e-29 as well): the result is the one tensor kept for it, as for a
+    plain exp, and the same tensor the product it feeds keeps (a clamp and a mask applied by autograd would each
+    keep another decay-matrix-sized tensor)."""
+
+    @staticmethod
+    def forward(ctx, log_decay, future):
+        info = torch.finfo(log_decay.dtype)
+        out = torch.exp(log_decay.clamp(0.75 * math.log(info.tiny), 0.75 * math.log(info.max)))
+        if future is not None:
+            out.masked_fill_(future, 0.0)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (out,) = ctx.saved_tensors
+        return grad * out, None
+
+
+def _exp_decay(log_decay: torch.Tensor) -> torch.Tensor:
+    """exp of log decays (see :class:`_ExpDecay`)."""
+    return _ExpDecay.apply(log_decay, None)
 
 
 def _causal_exp_decay(log_decay: torch.Tensor, T: int) -> torch.Tensor:
-    """:func:`_exp_decay` of a (..., T, T) matrix of log decays, exactly 0 above the diagonal (the future, whose
-    entries are whatever the caller's arithmetic left there: -sums of decays, i.e. large and positive)."""
-    return torch.where(_above_diagonal(T, 1, log_decay.device), 0.0, _exp_decay(log_decay))
+    """exp of a (..., T, T) matrix of log decays, exactly 0 above the diagonal (the future: whatever the caller's
+    arithmetic left there; in the within-chunk differences of running sums, large and positive)."""
+    return _ExpDecay.apply(log_decay, _above_diagonal(T, 1, log_decay.device))
 
 
 def _segment_decay(a: torch.Tensor) -> torch.Tensor:
