@@ -63,6 +63,9 @@ JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 KillWait=30
 MinJobAge=600
+# A slurmd on a loaded 2-core CI machine can take longer than the default 10 s to answer: a launch whose RPC times
+# out is requeued (seen: a two-node job requeued 3 times more than the test's own 2, "Socket timed out on send/recv")
+MessageTimeout=60
 {nodes}
 PartitionName=debug Nodes={names} Default=YES MaxTime=INFINITE State=UP
 """
