@@ -46,19 +46,9 @@ def _inputs(b, l, h, p, g, n, dtype, seed=0):
     )
 
 
-@pytest.mark.parametrize(
-    "shape,chunk",
-    [
-        ((2, 16, 4, 3, 2, 5), 4),  # chunk divides length
-        ((1, 23, 4, 2, 1, 3), 8),  # it does not (padding path)
-        ((2, 9, 6, 4, 3, 4), 16),  # chunk longer than the sequence
-        ((1, 33, 8, 2, 8, 2), 5),  # one head per group
-    ],
-)
-def test_ssd_forward_matches_sequential_float64(shape, chunk):
-    t = _inputs(*shape, torch.float64)
-    y_ref, s_ref = sequential_ssd(**t)
-    y, s = ops.ssd_chunk_scan_torch(
+def _scan(t, chunk):
+    """The torch scan on ``_inputs``' tensors (any of D, z, dt_bias, h0 may be None): (y, final state)."""
+    return ops.ssd_chunk_scan_torch(
         t["x"],
         t["dt"],
         t["A"],
@@ -71,6 +61,21 @@ def test_ssd_forward_matches_sequential_float64(shape, chunk):
         initial_states=t["h0"],
         return_final_states=True,
     )
+
+
+@pytest.mark.parametrize(
+    "shape,chunk",
+    [
+        ((2, 16, 4, 3, 2, 5), 4),  # chunk divides length
+        ((1, 23, 4, 2, 1, 3), 8),  # it does not (padding path)
+        ((2, 9, 6, 4, 3, 4), 16),  # chunk longer than the sequence
+        ((1, 33, 8, 2, 8, 2), 5),  # one head per group
+    ],
+)
+def test_ssd_forward_matches_sequential_float64(shape, chunk):
+    t = _inputs(*shape, torch.float64)
+    y_ref, s_ref = sequential_ssd(**t)
+    y, s = _scan(t, chunk)
     torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(s, s_ref, rtol=1e-10, atol=1e-10)
 
@@ -96,19 +101,7 @@ def test_ssd_backward_matches_sequential_float64(chunk, headdim, d_state):
     w = torch.randn(1, 13, 4, headdim, dtype=torch.float64)
     y_ref, s_ref = sequential_ssd(**t)
     g_ref = torch.autograd.grad((y_ref * w).sum() + s_ref.sum(), [t[k] for k in names])
-    y, s = ops.ssd_chunk_scan_torch(
-        t["x"],
-        t["dt"],
-        t["A"],
-        t["B"],
-        t["C"],
-        chunk,
-        D=t["D"],
-        z=t["z"],
-        dt_bias=t["dt_bias"],
-        initial_states=t["h0"],
-        return_final_states=True,
-    )
+    y, s = _scan(t, chunk)
     g = torch.autograd.grad((y * w).sum() + s.sum(), [t[k] for k in names])
     for name, a, b in zip(names, g, g_ref):
         assert torch.isfinite(a).all(), name
@@ -149,18 +142,7 @@ def test_ssd_strong_decays_in_float32_match_float64(chunk):
     y_ref, s_ref = sequential_ssd(**t)
     g_ref = torch.autograd.grad(y_ref.sum() + s_ref.sum(), [t[k] for k in names])
     t32 = {k: v.detach().float().requires_grad_(k in names) if v is not None else None for k, v in t.items()}
-    y, s = ops.ssd_chunk_scan_torch(
-        t32["x"],
-        t32["dt"],
-        t32["A"],
-        t32["B"],
-        t32["C"],
-        chunk,
-        D=t32["D"],
-        dt_bias=t32["dt_bias"],
-        initial_states=t32["h0"],
-        return_final_states=True,
-    )
+    y, s = _scan(t32, chunk)
     g = torch.autograd.grad(y.sum() + s.sum(), [t32[k] for k in names])
     torch.testing.assert_close(y.double(), y_ref.detach(), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(s.double(), s_ref.detach(), rtol=1e-4, atol=1e-4)
