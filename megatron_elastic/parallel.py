@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import datetime
+import multiprocessing
 import os
 import random
 import socket
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -36,6 +38,22 @@ def free_port() -> int:
 
 
 _LOWEST_PORT = 20000  # above the registered services a development machine commonly runs
+
+
+def clean_process_context(preload: Sequence[str]):
+    """A multiprocessing context whose processes start clean: ``forkserver`` where the platform has it (each process
+    a fork of a fresh single-threaded server that imported ``preload`` once), else ``spawn``. Never a fork of the
+    caller: a caller that already runs threads (torch's, gloo's, the tokenizers library's, a test runner's timeout)
+    can be forked while one of them holds a lock, and the child then waits for it forever.
+
+    The server starts once per process, with the ``preload`` of the first caller that starts a process; later
+    callers' children import what they need themselves. A child takes the caller's working directory and ``sys.path``
+    but the server's environment variables: pass any the child depends on."""
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(list(preload))
+        return context
+    return multiprocessing.get_context("spawn")
 
 
 def _first_ephemeral_port() -> int:

@@ -6,9 +6,7 @@ import os
 import traceback
 from typing import Any, Callable
 
-import torch.multiprocessing as mp
-
-from megatron_elastic.parallel import free_port
+from megatron_elastic.parallel import clean_process_context, free_port
 
 
 def tiny_config(**overrides: Any):
@@ -43,14 +41,9 @@ PRELOAD = ["torch", "megatron.core", "megatron_elastic.model.builder", "megatron
 
 
 def _context():
-    """``forkserver`` with :data:`PRELOAD` where the platform has it, else ``spawn``. Either way a worker starts from
-    a process that has not initialised torch's threads or a process group (forking the test process itself could
-    inherit both)."""
-    if "forkserver" in mp.get_all_start_methods():
-        ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(PRELOAD)
-        return ctx
-    return mp.get_context("spawn")
+    """:func:`megatron_elastic.parallel.clean_process_context` with :data:`PRELOAD`: a worker starts from a process that
+    has not initialised torch's threads or a process group (forking the test process itself could inherit both)."""
+    return clean_process_context(PRELOAD)
 
 
 def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, errq, env: dict, cwd: str) -> None:

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 from dataclasses import asdict, dataclass
-from typing import Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Dict, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 from tqdm import tqdm
 
+from megatron_elastic.data.encoding import encode_documents
 from megatron_elastic.data.tokenizer import BYTE, copy_tokenizer, describe, load_tokenizer
 from megatron_elastic.errors import DataError, InputNotFoundError
 
@@ -28,32 +28,6 @@ class SplitStats:
 
 def token_dtype(vocab_size: int):
     return np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
-
-
-_worker_tokenizer = None
-
-
-def _start_worker(spec: str) -> None:
-    """A pool process: its own tokenizer, single-threaded (one process per worker is the parallelism)."""
-    global _worker_tokenizer
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _worker_tokenizer = load_tokenizer(spec)
-
-
-def _encode(text: str, tokenizer=None) -> Tuple[List[int], int]:
-    tok = tokenizer or _worker_tokenizer
-    return tok.tokenize(text) + [tok.eod], len(text.encode("utf-8"))
-
-
-def encode_documents(documents: Iterable[str], spec: str, workers: int = 1) -> Iterator[Tuple[List[int], int]]:
-    """``(token ids + EOD, UTF-8 bytes)`` of every document, in order; ``workers`` > 1 tokenises in that many
-    processes (each loads the tokenizer once)."""
-    if workers <= 1:  # in this process, leaving its environment (TOKENIZERS_PARALLELISM) as it is
-        tokenizer = load_tokenizer(spec)
-        yield from (_encode(d, tokenizer) for d in documents)
-        return
-    with multiprocessing.get_context("fork").Pool(workers, initializer=_start_worker, initargs=(spec,)) as pool:
-        yield from pool.imap(_encode, documents, chunksize=32)
 
 
 def write_split_datasets(

@@ -79,6 +79,24 @@ def test_prepare_data_with_a_hf_tokenizer_gives_the_tokenizers_own_ids_with_any_
     assert tok.detokenize(stored[0][:-1]) == valid[0]
 
 
+def test_tokenising_workers_start_clean_not_as_copies_of_the_calling_process(bpe, monkeypatch):
+    """A worker forked from the caller copies its memory, with any lock one of its threads holds at that moment
+    (a worker once waited forever in CI that way). The workers must not see what the caller changed in memory:
+    here its encoding function, replaced in the caller only."""
+    from megatron_elastic.data import encoding
+
+    def replaced(text, tokenizer=None):
+        return [-1], 0
+
+    replaced.__module__, replaced.__qualname__ = encoding.__name__, "_encode"  # pickled by that name
+    monkeypatch.setattr(encoding, "_encode", replaced)
+    docs = DOCS[:40]
+    monkeypatch.chdir(bpe["root"])  # a tokenizer named relative to the caller's directory
+    got = list(encoding.encode_documents(docs, "tokenizer", workers=2))
+    eod = bpe["reference"].token_to_id("<|endoftext|>")
+    assert got == [(bpe["reference"].encode(d).ids + [eod], len(d.encode())) for d in docs]
+
+
 def test_pretraining_on_bpe_data_reports_bits_per_byte_from_measured_bytes_per_token(bpe, tmp_path):
     from megatron_elastic.parallel import destroy_parallel
     from megatron_elastic.store.job_config import load_pretrain_config
