@@ -87,23 +87,62 @@ def _recomputed(layer, forward, *args, **kwargs):
     return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
-def index_mixed_dtype_main_params(optimizer) -> None:
-    """megatron-core's DistributedOptimizer records each parameter's place among its group's main parameters as its
-    place in the gradient buffer, but orders the group's main parameters fp32 parameters first, then the fp32
-    copies of bf16/fp16 ones. In a model that mixes both (ours in bf16 keeps norms, ``A_log`` and ``D`` in fp32;
-    Megatron-LM casts every parameter to bf16 first) its state-dict paths then read another parameter's state
-    (checkpoint save fails with a size mismatch, or reads the wrong shard). Re-index by the real order.
-    Goes when Megatron indexes main parameters by their place in the optimizer's groups."""
+def support_mixed_dtype_parameters(optimizer) -> None:
+    """Megatron's mixed-precision optimizers for a model that mixes bf16/fp16 and fp32 parameters (ours in bf16
+    keeps norms, ``A_log`` and ``D`` in fp32; Megatron-LM casts every parameter to bf16 first), whose state-dict
+    paths otherwise read another parameter's state (a checkpoint save fails with a size mismatch, or reads the wrong
+    shard). Goes when Megatron's optimizers number their parameters as the inner optimizer does.
+
+    * ``DistributedOptimizer`` records each parameter's place among its group's main parameters as its place in the
+      gradient buffer, but orders the group's main parameters fp32 parameters first, then the fp32 copies of
+      bf16/fp16 ones: re-indexed by the real order.
+    * ``Float16OptimizerWithFloat16Params`` (``distributed_optimizer: false``) numbers the inner optimizer's
+      parameters as if every one were a bf16/fp16 parameter with an fp32 main copy, so each fp32 parameter shifts
+      the state of every later one: each fp32 parameter gets a main copy too (bytes of the norms, ``A_log`` and
+      ``D`` only), so that every parameter is one the optimizer's paths handle.
+    """
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
 
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if not isinstance(opt, DistributedOptimizer) or opt.config.use_precision_aware_optimizer:
+        if isinstance(opt, DistributedOptimizer) and not opt.config.use_precision_aware_optimizer:
+            for g, (fp32, half) in enumerate(zip(opt.model_fp32_groups, opt.model_float16_groups)):
+                for k, param in enumerate(fp32):
+                    opt.model_param_group_index_map[param] = (g, k)
+                for k, param in enumerate(half):
+                    opt.model_param_group_index_map[param] = (g, len(fp32) + k)
+        elif isinstance(opt, Float16OptimizerWithFloat16Params) and not opt.is_stub_optimizer:
+            _main_copies_of_fp32_parameters(opt)
+
+
+def _main_copies_of_fp32_parameters(opt) -> None:
+    """Every fp32 parameter of ``opt`` (a ``Float16OptimizerWithFloat16Params``) handled as Megatron handles a
+    bf16 one: an fp32 main copy in the inner optimizer's group, at the parameter's place, and both in the
+    optimizer's model/main lists in the group's order (what its state-dict paths assume)."""
+    from megatron.core import tensor_parallel
+
+    for g, group in enumerate(opt.optimizer.param_groups):
+        fp32 = {id(p) for p in opt.fp32_from_fp32_groups[g]}
+        if not fp32:
             continue
-        for g, (fp32, half) in enumerate(zip(opt.model_fp32_groups, opt.model_float16_groups)):
-            for k, param in enumerate(fp32):
-                opt.model_param_group_index_map[param] = (g, k)
-            for k, param in enumerate(half):
-                opt.model_param_group_index_map[param] = (g, len(fp32) + k)
+        main_of = {id(m): (p, m) for p, m in zip(opt.float16_groups[g], opt.fp32_from_float16_groups[g])}
+        pairs = []
+        for i, param in enumerate(group["params"]):
+            if id(param) in fp32:
+                main = param.detach().clone()
+                tensor_parallel.copy_tensor_model_parallel_attributes(main, param)
+                if hasattr(param, "shared"):
+                    main.shared = param.shared
+                param.main_param = main
+                if param in opt.optimizer.state:
+                    opt.optimizer.state[main] = opt.optimizer.state.pop(param)
+                group["params"][i] = main
+                pairs.append((param, main))
+            else:
+                pairs.append(main_of[id(param)])
+        opt.float16_groups[g] = [p for p, _ in pairs]
+        opt.fp32_from_float16_groups[g] = [m for _, m in pairs]
+        opt.fp32_from_fp32_groups[g] = []
 
 
 def async_save_options() -> dict:

@@ -60,7 +60,7 @@ def build_training_components(
         ),
         [ddp],
     )
-    compat.index_mixed_dtype_main_params(optimizer)
+    compat.support_mixed_dtype_parameters(optimizer)
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,

@@ -130,16 +130,10 @@ def test_every_rank_hashes_its_own_share_of_a_checkpoint(tmp_path):
     run_multiprocess(2, _share_job, str(tmp_path))
 
 
-@pytest.mark.parametrize("sharding", ["dp_reshardable", "fully_reshardable"])
-def test_a_bf16_model_with_fp32_parameters_checkpoints_its_distributed_optimizer(
-    single_process_parallel, tmp_path, sharding
-):
-    """Our bf16 models keep norms, A_log and D in fp32; Megatron's distributed optimizer then indexed another
-    parameter's main copy in its state-dict paths (the 12B rehearsal's first save failed). Each parameter's main
-    copy now rounds to the parameter itself, and a save and load round-trips the optimizer state."""
+def _bf16_training(distributed_optimizer: bool):
+    """A tiny bf16 model (norms, A_log and D in fp32) and a builder of its training components, seeded alike."""
     import types
 
-    from megatron_elastic.store.checkpoint import load_checkpoint, save_checkpoint
     from megatron_elastic.testing import tiny_config
     from megatron_elastic.training.setup import build_training_components
 
@@ -154,19 +148,37 @@ def test_a_bf16_model_with_fp32_parameters_checkpoints_its_distributed_optimizer
         lr_warmup_iters=0,
         train_iters=10,
         lr_decay_style="cosine",
-        distributed_optimizer=True,
+        distributed_optimizer=distributed_optimizer,
     )
 
     def build():
         torch.manual_seed(0)
         return build_training_components(cfg, train)
 
-    c = build()
+    return cfg, build
+
+
+def _two_steps(c):
+    """Two optimizer steps on random gradients: every parameter gets Adam state."""
     assert {p.dtype for p in c.unwrapped.parameters()} == {torch.bfloat16, torch.float32}
     for _ in range(2):
         for p in c.model.parameters():
             p.main_grad.normal_()
         c.optimizer.step()
+    return c
+
+
+@pytest.mark.parametrize("sharding", ["dp_reshardable", "fully_reshardable"])
+def test_a_bf16_model_with_fp32_parameters_checkpoints_its_distributed_optimizer(
+    single_process_parallel, tmp_path, sharding
+):
+    """Our bf16 models keep norms, A_log and D in fp32; Megatron's distributed optimizer then indexed another
+    parameter's main copy in its state-dict paths (the 12B rehearsal's first save failed). Each parameter's main
+    copy now rounds to the parameter itself, and a save and load round-trips the optimizer state."""
+    from megatron_elastic.store.checkpoint import load_checkpoint, save_checkpoint
+
+    cfg, build = _bf16_training(distributed_optimizer=True)
+    c = _two_steps(build())
     (opt,) = getattr(c.optimizer, "chained_optimizers", [c.optimizer])
 
     def states(o, model):
@@ -191,6 +203,43 @@ def test_a_bf16_model_with_fp32_parameters_checkpoints_its_distributed_optimizer
     load_checkpoint(os.path.join(tmp_path, "iter_0000002"), fresh.unwrapped, fresh.optimizer, load_rng=False)
     after = states(getattr(fresh.optimizer, "chained_optimizers", [fresh.optimizer])[0], fresh.unwrapped)
     for name in before:
+        for k in before[name]:
+            torch.testing.assert_close(
+                after[name][k], before[name][k], rtol=0, atol=0, msg=lambda m: f"{name}.{k}: {m}"
+            )
+
+
+def test_a_bf16_model_with_fp32_parameters_checkpoints_megatrons_mixed_precision_optimizer(
+    single_process_parallel, tmp_path
+):
+    """The same model under Megatron's non-distributed mixed-precision optimizer (``distributed_optimizer: false``,
+    e.g. a bf16 run on one machine): its state-dict paths number the optimizer's parameters as if all were bf16, so
+    the fp32 ones shifted every later parameter's state (the first save failed with a size mismatch). Each model
+    parameter's Adam state and main copy round-trip a save and a load, and each main copy rounds to its parameter."""
+    from megatron_elastic.store.checkpoint import load_checkpoint, save_checkpoint
+
+    _, build = _bf16_training(distributed_optimizer=False)
+
+    def states(c):
+        (opt,) = getattr(c.optimizer, "chained_optimizers", [c.optimizer])
+        out = {}
+        for name, p in c.unwrapped.named_parameters():
+            main = getattr(p, "main_param", p)
+            assert torch.equal(main.to(p.dtype), p.detach()), f"{name}: not its own main copy"
+            out[name] = {"param": main.detach().clone(), **{k: v.clone() for k, v in opt.optimizer.state[main].items()}}
+        return out
+
+    c = _two_steps(build())
+    before = states(c)
+    initial = dict(build().unwrapped.named_parameters())
+    moved = [n for n, p in c.unwrapped.named_parameters() if not torch.equal(p, initial[n])]
+    assert moved == list(initial), "every parameter, bf16 and fp32, is trained (copied back from its main copy)"
+    save_checkpoint(str(tmp_path), 2, c.unwrapped, c.optimizer)
+    fresh = build()
+    load_checkpoint(os.path.join(tmp_path, "iter_0000002"), fresh.unwrapped, fresh.optimizer, load_rng=False)
+    after = states(fresh)
+    for name in before:
+        assert set(after[name]) == set(before[name]) >= {"param", "exp_avg", "exp_avg_sq"}, name
         for k in before[name]:
             torch.testing.assert_close(
                 after[name][k], before[name][k], rtol=0, atol=0, msg=lambda m: f"{name}.{k}: {m}"
