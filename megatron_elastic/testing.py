@@ -47,7 +47,7 @@ def _context():
 
 
 def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, errq, env: dict, cwd: str) -> None:
-    # A forkserver's child inherits the server's environment and directory, not the test's: take the test's.
+    # A forkserver's child has the server's environment, not the test's: take the test's (and its directory).
     os.environ.clear()
     os.environ.update(env)
     os.chdir(cwd)
