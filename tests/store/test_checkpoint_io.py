@@ -168,6 +168,15 @@ def _two_steps(c):
     return c
 
 
+def _assert_same_states(after, before):
+    """Every parameter's optimizer state (name -> {state name: tensor}) bit-exactly as it was."""
+    for name in before:
+        for k in before[name]:
+            torch.testing.assert_close(
+                after[name][k], before[name][k], rtol=0, atol=0, msg=lambda m: f"{name}.{k}: {m}"
+            )
+
+
 @pytest.mark.parametrize("sharding", ["dp_reshardable", "fully_reshardable"])
 def test_a_bf16_model_with_fp32_parameters_checkpoints_its_distributed_optimizer(
     single_process_parallel, tmp_path, sharding
@@ -202,11 +211,7 @@ def test_a_bf16_model_with_fp32_parameters_checkpoints_its_distributed_optimizer
     fresh = build()
     load_checkpoint(os.path.join(tmp_path, "iter_0000002"), fresh.unwrapped, fresh.optimizer, load_rng=False)
     after = states(getattr(fresh.optimizer, "chained_optimizers", [fresh.optimizer])[0], fresh.unwrapped)
-    for name in before:
-        for k in before[name]:
-            torch.testing.assert_close(
-                after[name][k], before[name][k], rtol=0, atol=0, msg=lambda m: f"{name}.{k}: {m}"
-            )
+    _assert_same_states(after, before)
 
 
 def test_a_bf16_model_with_fp32_parameters_checkpoints_megatrons_mixed_precision_optimizer(
@@ -240,7 +245,4 @@ def test_a_bf16_model_with_fp32_parameters_checkpoints_megatrons_mixed_precision
     after = states(fresh)
     for name in before:
         assert set(after[name]) == set(before[name]) >= {"param", "exp_avg", "exp_avg_sq"}, name
-        for k in before[name]:
-            torch.testing.assert_close(
-                after[name][k], before[name][k], rtol=0, atol=0, msg=lambda m: f"{name}.{k}: {m}"
-            )
+    _assert_same_states(after, before)
