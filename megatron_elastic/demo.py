@@ -15,13 +15,18 @@ import json
 import os
 import time
 from importlib import resources
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from megatron_elastic.data.corpus import DEFAULT_MAX_BYTES
 
 TINY_PARENT = "tiny_parent.yaml"
 TINY_ELASTIC = "tiny_elastic.yaml"
-SPREAD = "tiny_demo_spread.json"  # the recipe's numbers over several seeds (benchmarks/demo_spread.py)
+# The recipe's numbers over several seeds (benchmarks/demo_spread.py), one file per precision.
+SPREADS = {"float32": "tiny_demo_spread.json", "bfloat16": "tiny_demo_spread_bf16.json"}
+PRECISIONS = ("auto", *SPREADS)
+# --precision bfloat16: Megatron's mixed precision (bf16 weights and activations; fp32 main parameters, gradient
+# reduction and Adam state; our norms, A_log, D and the SSD scan's arithmetic stay fp32).
+BF16_OVERRIDES = ["model.bf16=true", "model.params_dtype=bfloat16"]
 SPREAD_SLACK = 0.005  # bits/byte: "inside" tolerates this much beyond the seeds' range (third-decimal float noise)
 PHASES = 8
 
@@ -54,14 +59,46 @@ def _seed_override(args) -> List[str]:
     return [] if seed is None else [f"train.seed={seed}"]
 
 
-def recipe_spread(args) -> Optional[dict]:
-    """The spread of the demo's numbers over several seeds (``recipes/tiny_demo_spread.json``, written by
-    ``benchmarks/demo_spread.py``), when this run is that recipe (no --quick, --config, --set, --elastic-set,
-    default --max-bytes); else None: a changed recipe has no spread to compare with."""
+def demo_precision(choice: str = "auto") -> Tuple[str, str]:
+    """(precision, why) of the demo's run: ``choice`` unless it is ``auto``, which takes bfloat16 where the device
+    the demo computes on multiplies it in hardware (a CUDA GPU with bf16, a CPU with ``cpu_gemm.NATIVE_BF16_FLAGS``:
+    2-3.5x faster products, ~0.01 bits/byte on the demo's models) and float32 elsewhere (emulated bf16 gains
+    nothing)."""
+    if choice not in PRECISIONS:
+        from megatron_elastic.errors import ConfigError
+
+        raise ConfigError(f"--precision {choice}: use one of {', '.join(PRECISIONS)}")
+    if choice != "auto":
+        return choice, "--precision " + choice
+    import torch
+
+    if torch.cuda.is_available():
+        if torch.cuda.is_bf16_supported():
+            return "bfloat16", f"{torch.cuda.get_device_name()} computes in bfloat16"
+        return "float32", f"{torch.cuda.get_device_name()} has no bfloat16 arithmetic"
+    from megatron_elastic.ops.cpu_gemm import cpu_bf16_flags
+
+    flags = cpu_bf16_flags()
+    if flags:
+        return "bfloat16", f"this CPU multiplies bfloat16 in hardware ({', '.join(flags)})"
+    return "float32", "this CPU has no bfloat16 products (no avx512_bf16 or amx_bf16)"
+
+
+def precision_overrides(precision: str) -> List[str]:
+    """The parent config's overrides for ``precision`` (the later phases take it from the parent's checkpoint)."""
+    return BF16_OVERRIDES if precision == "bfloat16" else []
+
+
+def recipe_spread(args, precision: str) -> Optional[dict]:
+    """The spread of the demo's numbers over several seeds in ``precision`` (``recipes/tiny_demo_spread*.json``,
+    written by ``benchmarks/demo_spread.py``), when this run is that recipe (no --quick, --config, --set,
+    --elastic-set, default --max-bytes); else None: a changed recipe has no spread to compare with."""
     default_run = (
         not (args.quick or args.config or args.set or args.elastic_set) and args.max_bytes == DEFAULT_MAX_BYTES
     )
-    path = recipe_path(SPREAD)
+    if precision not in SPREADS:
+        return None
+    path = recipe_path(SPREADS[precision])
     if not default_run or not os.path.isfile(path):
         return None
     with open(path) as f:
@@ -129,14 +166,31 @@ def _prepare_demo_data(data_dir: str, args, progress: bool) -> None:
         prepare_data(data_dir, max_bytes=args.max_bytes, progress=progress)
 
 
-def _pretrain_parent(data_dir: str, parent_dir: str, args, progress: bool) -> dict:
+def parent_precision(parent_dir: str) -> str:
+    """The precision the parent in ``parent_dir`` was trained in (its checkpoint's model config)."""
+    from megatron_elastic.store.checkpoint import resolve_checkpoint
+    from megatron_elastic.store.open_run import config_from_checkpoint
+
+    model = config_from_checkpoint(resolve_checkpoint(parent_dir)).model_config()
+    return "bfloat16" if model.bf16 else "float16" if model.fp16 else "float32"
+
+
+def _pretrain_parent(data_dir: str, parent_dir: str, args, precision: str, progress: bool) -> dict:
     from megatron_elastic.store.checkpoint import latest_checkpoint
     from megatron_elastic.store.job_config import load_pretrain_config
 
-    overrides = [f"data.path={data_dir}", f"checkpoint.dir={parent_dir}"]
+    overrides = [f"data.path={data_dir}", f"checkpoint.dir={parent_dir}"] + precision_overrides(precision)
     overrides += (QUICK_PARENT if args.quick else []) + _seed_override(args) + list(args.set or [])
     cfg = load_pretrain_config(args.config or recipe_path(TINY_PARENT), overrides)
+    want = "bfloat16" if cfg.model.bf16 else "float16" if cfg.model.fp16 else "float32"
     summary = _finished_summary(parent_dir, cfg.train.train_iters, "trained parent")
+    if summary is not None and parent_precision(parent_dir) != want:
+        from megatron_elastic.errors import ConfigError
+
+        raise ConfigError(
+            f"{parent_dir} holds a parent trained in {parent_precision(parent_dir)}, this run asks for {want}: "
+            f"give another --out, or --precision {parent_precision(parent_dir)} to finish that run"
+        )
     if summary is None:
         from megatron_elastic.training.pretrain import pretrain
 
@@ -220,11 +274,14 @@ def run_demo(args: argparse.Namespace) -> dict:
         os.path.join(out, d) for d in ("data", "parent", "importance", "elastic", "extracted")
     )
     progress = not args.no_progress
+    precision, why = demo_precision(getattr(args, "precision", "auto"))
+    print(f"precision: {precision} ({why}; --precision float32 or bfloat16 chooses)", flush=True)
     phase = _Phases()
     with phase("data", data_dir):
         _prepare_demo_data(data_dir, args, progress)
     with phase("pretrain the tiny parent", parent_dir):
-        _pretrain_parent(data_dir, parent_dir, args, progress)
+        _pretrain_parent(data_dir, parent_dir, args, precision, progress)
+    precision = parent_precision(parent_dir)  # what ran (a --set of model.bf16 wins over --precision)
     with phase("importance and the function-preserving sort", imp_dir):
         _sort_parent(parent_dir, data_dir, imp_dir, args, progress)
     with phase("elastic distillation of every budget at once", elastic_dir):
@@ -239,7 +296,7 @@ def run_demo(args: argparse.Namespace) -> dict:
     with phase("lm-evaluation-harness on a held-out task, every budget"):
         lm_eval_table = evaluate_lm_eval_task(out, data_dir, elastic_dir, args.quick)
     total = time.time() - t0
-    report = _write_demo_report(out, rows, esummary, phase.seconds, total, args, curve, lm_eval_table)
+    report = _write_demo_report(out, rows, esummary, phase.seconds, total, args, curve, lm_eval_table, precision)
     print(f"\ndemo finished in {total:.0f} s; report: {report}; outputs in {out}")
     return {"rows": rows, "phase_seconds": phase.seconds, "total_seconds": total, "report": report}
 
@@ -353,14 +410,14 @@ def evaluate_budget_curve(
     return rows
 
 
-def _spread_section(rows: List[dict], args) -> List[str]:
-    spread = recipe_spread(args)
+def _spread_section(rows: List[dict], args, precision: str) -> List[str]:
+    spread = recipe_spread(args, precision)
     if spread is None:
         return []
     return [
         "## How much these numbers vary",
         "",
-        f"The same recipe run with seeds {', '.join(map(str, spread['seeds']))} ({spread['machine']}; "
+        f"The same recipe in {precision} run with seeds {', '.join(map(str, spread['seeds']))} ({spread['machine']}; "
         f"`python benchmarks/demo_spread.py`): another seed or another machine gives numbers inside this range "
         f"(floating-point sums differ between machines and can change a router choice).",
         "",
@@ -378,6 +435,7 @@ def _write_demo_report(
     args: argparse.Namespace,
     curve: List[dict],
     lm_eval_table: Optional[str] = None,
+    precision: str = "float32",
 ) -> str:
     from megatron_elastic.evaluation import budget_curve_markdown, budget_curve_plot, write_report
 
@@ -386,10 +444,10 @@ def _write_demo_report(
     budgets = esummary["budgets"]
     notes = [
         "## How these numbers were made",
-        f"`{cmd}` on this machine ({os.cpu_count()} CPU threads), {total:.0f} s in all. Every model is scored on the "
-        "same held-out tokens (validation split of the built-in corpus, fixed order; byte tokenizer, so bits/byte = "
-        "loss / ln 2). *training tokens* counts the tokens of the one elastic run that produced all budgets together. "
-        "tokens/s is forward-only throughput of the standalone model on this CPU.",
+        f"`{cmd}` on this machine ({os.cpu_count()} CPU threads) in {precision}, {total:.0f} s in all. Every model "
+        "is scored on the same held-out tokens (validation split of the built-in corpus, fixed order; byte "
+        "tokenizer, so bits/byte = loss / ln 2). *training tokens* counts the tokens of the one elastic run that "
+        "produced all budgets together. tokens/s is forward-only throughput of the standalone model on this CPU.",
         "",
         f"The elastic run: {esummary['steps']} steps, {esummary['tokens']:,} tokens, "
         f"{esummary['wall_time_s']:.0f} s; training drew nested sub-models on every step; the router's unmasked "
@@ -414,7 +472,7 @@ def _write_demo_report(
         "",
         "![every budget after training](budget_curve.png)" if plot else "",
         "",
-        *_spread_section(rows, args),
+        *_spread_section(rows, args, precision),
         "## lm-evaluation-harness on a held-out task",
         "",
         (

@@ -54,6 +54,23 @@ def _mm_cpu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten.mm.out(a, b, out=a.new_empty((a.shape[0], b.shape[1])))
 
 
+# CPU flags (Linux /proc/cpuinfo names) of instructions that multiply bfloat16 in hardware: AVX-512's dot products
+# of bf16 pairs (Zen 4, Cooper Lake and later Xeons) and AMX's bf16 tiles (Sapphire Rapids and later).
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_bf16_flags(cpuinfo: str = "/proc/cpuinfo") -> list:
+    """Which of :data:`NATIVE_BF16_FLAGS` this CPU reports (empty where there is no ``cpuinfo``: not Linux). oneDNN
+    runs bfloat16 products on these 2-3.5x faster than float32 ones (measured at the demo's sizes on a Zen 4 EPYC);
+    on a CPU without them it emulates bf16, and gains nothing."""
+    try:
+        with open(cpuinfo) as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return []
+    return [flag for flag in NATIVE_BF16_FLAGS if flag in flags]
+
+
 def _seconds(fn, repeats: int = 3) -> float:
     fn()
     best = float("inf")
