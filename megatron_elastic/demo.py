@@ -166,13 +166,18 @@ def _prepare_demo_data(data_dir: str, args, progress: bool) -> None:
         prepare_data(data_dir, max_bytes=args.max_bytes, progress=progress)
 
 
+def _precision_of(job) -> str:
+    """The precision a pretraining job config trains in."""
+    model = job.model_config()
+    return "bfloat16" if model.bf16 else "float16" if model.fp16 else "float32"
+
+
 def parent_precision(parent_dir: str) -> str:
     """The precision the parent in ``parent_dir`` was trained in (its checkpoint's model config)."""
     from megatron_elastic.store.checkpoint import resolve_checkpoint
     from megatron_elastic.store.open_run import config_from_checkpoint
 
-    model = config_from_checkpoint(resolve_checkpoint(parent_dir)).model_config()
-    return "bfloat16" if model.bf16 else "float16" if model.fp16 else "float32"
+    return _precision_of(config_from_checkpoint(resolve_checkpoint(parent_dir)))
 
 
 def _pretrain_parent(data_dir: str, parent_dir: str, args, precision: str, progress: bool) -> dict:
@@ -182,7 +187,7 @@ def _pretrain_parent(data_dir: str, parent_dir: str, args, precision: str, progr
     overrides = [f"data.path={data_dir}", f"checkpoint.dir={parent_dir}"] + precision_overrides(precision)
     overrides += (QUICK_PARENT if args.quick else []) + _seed_override(args) + list(args.set or [])
     cfg = load_pretrain_config(args.config or recipe_path(TINY_PARENT), overrides)
-    want = "bfloat16" if cfg.model.bf16 else "float16" if cfg.model.fp16 else "float32"
+    want = _precision_of(cfg)
     summary = _finished_summary(parent_dir, cfg.train.train_iters, "trained parent")
     if summary is not None and parent_precision(parent_dir) != want:
         from megatron_elastic.errors import ConfigError
