@@ -17,7 +17,9 @@ STAGES = (
 )
 
 
-def _demo(out, cfg):
+def _demo(out, cfg, precision="bfloat16"):
+    # bfloat16 on every machine (emulated where the CPU has no bf16 products): the one CPU run of the whole pipeline
+    # in Megatron's mixed precision; float32 runs through every other pipeline test
     return subprocess.run(
         [
             sys.executable,
@@ -25,6 +27,8 @@ def _demo(out, cfg):
             "megatron_elastic",
             "demo",
             "--quick",
+            "--precision",
+            precision,
             "--out",
             str(out),
             "--config",
@@ -126,6 +130,13 @@ def test_demo_runs_every_phase_writes_the_report_and_reuses_finished_phases(tmp_
     assert "reusing trained parent" in again.stdout and "reusing the elastic run" in again.stdout
     strip = lambda rs: [{k: v for k, v in x.items() if k != "tokens_per_s"} for x in rs]  # noqa: E731
     assert strip(json.loads((out / "results.json").read_text())) == strip(rows)  # same models, same tokens
+    assert "in bfloat16" in (out / "report.md").read_text()
+
+    # a run in another precision does not finish this one with its bf16 parent: one line naming the fix
+    other = _demo(out, cfg, precision="float32")
+    assert other.returncode != 0 and "reusing the elastic run" not in other.stdout
+    assert "holds a parent trained in bfloat16, this run asks for float32" in other.stderr, other.stderr[-2000:]
+    assert "Traceback" not in other.stderr
 
 
 def test_the_report_compares_a_run_of_the_recipe_with_its_spread_over_seeds(tmp_path, monkeypatch):
@@ -144,13 +155,18 @@ def test_the_report_compares_a_run_of_the_recipe_with_its_spread_over_seeds(tmp_
             "elastic 0.5": {"bpb_mean": 2.16, "bpb_min": 2.15, "bpb_max": 2.17},
         },
     }
-    path = tmp_path / "spread.json"
-    path.write_text(json.dumps(spread))
-    monkeypatch.setattr(demo, "recipe_path", lambda name: str(path) if name == demo.SPREAD else name)
+    bf16_spread = {**spread, "machine": "test, bf16"}
+    paths = {}
+    for precision, content in (("float32", spread), ("bfloat16", bf16_spread)):
+        paths[demo.SPREADS[precision]] = tmp_path / f"{precision}.json"
+        paths[demo.SPREADS[precision]].write_text(json.dumps(content))
+    monkeypatch.setattr(demo, "recipe_path", lambda name: str(paths.get(name, name)))
     plain = argparse.Namespace(quick=False, config=None, set=None, elastic_set=None, max_bytes=demo.DEFAULT_MAX_BYTES)
-    assert demo.recipe_spread(plain) == spread
+    assert demo.recipe_spread(plain, "float32") == spread
+    assert demo.recipe_spread(plain, "bfloat16") == bf16_spread  # each precision against its own seeds
+    assert demo.recipe_spread(plain, "float16") is None  # a precision without a spread
     for changed in ({"quick": True}, {"set": ["train.lr=1"]}, {"elastic_set": ["x=1"]}, {"max_bytes": 10}):
-        assert demo.recipe_spread(argparse.Namespace(**{**vars(plain), **changed})) is None, changed
+        assert demo.recipe_spread(argparse.Namespace(**{**vars(plain), **changed}), "float32") is None, changed
     rows = [
         {"name": "parent", "bpb": 2.0330},  # above the range by less than the slack
         {"name": "elastic 0.5", "bpb": 2.20},  # outside
@@ -160,3 +176,43 @@ def test_the_report_compares_a_run_of_the_recipe_with_its_spread_over_seeds(tmp_
     assert len(table) == 4
     assert table[2].startswith("| parent | 2.033 |") and table[2].endswith("| yes |")
     assert table[3].startswith("| elastic 0.5 | 2.200 |") and table[3].endswith("| NO |")
+
+
+def test_the_demo_chooses_bfloat16_where_the_cpu_multiplies_it_in_hardware(tmp_path, monkeypatch):
+    """--precision auto: bfloat16 on a CPU reporting avx512_bf16 or amx_bf16 (read from its cpuinfo, here fakes and
+    this machine's own, checked against grep), float32 elsewhere; an explicit choice is taken as it is."""
+    import pytest
+    import torch
+
+    from megatron_elastic import demo
+    from megatron_elastic.errors import ConfigError
+    from megatron_elastic.ops import cpu_gemm
+
+    def cpuinfo(flags):
+        path = tmp_path / f"cpuinfo_{len(flags)}"
+        path.write_text("".join(f"processor\t: {i}\nflags\t\t: {' '.join(flags)}\n\n" for i in range(2)))
+        return str(path)
+
+    assert cpu_gemm.cpu_bf16_flags(cpuinfo(["fpu", "avx2", "avx512f", "avx512_bf16"])) == ["avx512_bf16"]
+    assert cpu_gemm.cpu_bf16_flags(cpuinfo(["avx512f", "amx_tile", "amx_bf16", "avx512_bf16"])) == [
+        "avx512_bf16",
+        "amx_bf16",
+    ]
+    assert cpu_gemm.cpu_bf16_flags(cpuinfo(["fpu", "avx2", "avx512f", "avx512_bf16x"])) == []  # a whole flag only
+    assert cpu_gemm.cpu_bf16_flags(str(tmp_path / "absent")) == []  # no /proc/cpuinfo: not Linux
+    if __import__("os").path.isfile("/proc/cpuinfo"):
+        grep = subprocess.run(
+            ["grep", "-ow", "-e", "avx512_bf16", "-e", "amx_bf16", "/proc/cpuinfo"], text=True, capture_output=True
+        ).stdout.split()
+        assert set(cpu_gemm.cpu_bf16_flags()) == set(grep)
+
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(cpu_gemm, "cpu_bf16_flags", lambda: ["amx_bf16"])
+        precision, why = demo.demo_precision("auto")
+        assert precision == "bfloat16" and "amx_bf16" in why
+        monkeypatch.setattr(cpu_gemm, "cpu_bf16_flags", lambda: [])
+        assert demo.demo_precision("auto")[0] == "float32"
+    assert demo.demo_precision("float32")[0] == "float32" and demo.demo_precision("bfloat16")[0] == "bfloat16"
+    assert demo.precision_overrides("bfloat16") == demo.BF16_OVERRIDES and demo.precision_overrides("float32") == []
+    with pytest.raises(ConfigError, match="use one of auto, float32, bfloat16"):
+        demo.demo_precision("fp8")

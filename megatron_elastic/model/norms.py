@@ -8,7 +8,14 @@ sequence with the full (replicated) weight, so the weight's gradient is a partia
 
 from __future__ import annotations
 
+import warnings
+
 import torch
+
+# In a bf16 model the norms keep their weights in float32 (as Megatron's mixed precision keeps norms): torch then
+# normalises a bf16 input in float32 without its fused kernel and says so once per process. The numbers are the
+# intended ones; the warning only alarms a demo's reader.
+warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight", category=UserWarning)
 
 
 class RMSNorm(torch.nn.RMSNorm):
