@@ -120,7 +120,7 @@ def test_tiny_pipeline_end_to_end_on_one_gpu_bf16(tmp_path):
     import sys
 
     out = tmp_path / "demo"
-    bf16 = ["--set", "model.bf16=true", "--set", "model.params_dtype=bfloat16"]
+    bf16 = ["--precision", "bfloat16"]
     subprocess.run(
         [sys.executable, "-m", "megatron_elastic.cli", "demo", "--quick", "--out", str(out), "--no-progress", *bf16],
         check=True,
