@@ -280,7 +280,7 @@ def run_demo(args: argparse.Namespace) -> dict:
     )
     progress = not args.no_progress
     precision, why = demo_precision(getattr(args, "precision", "auto"))
-    print(f"precision: {precision} ({why}; --precision float32 or bfloat16 chooses)", flush=True)
+    print(f"precision: {precision}: {why} (--precision chooses: {', '.join(PRECISIONS)})", flush=True)
     phase = _Phases()
     with phase("data", data_dir):
         _prepare_demo_data(data_dir, args, progress)
