@@ -135,6 +135,12 @@ def main(argv=None):
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument(
+        "--precision",
+        default="auto",
+        help="the demo's --precision (auto, float32, bfloat16) when no finished demo is in --run; every run here "
+        "takes the precision of the demo's parent",
+    )
+    p.add_argument(
         "--quick", action="store_true", help="the demo's --quick curriculum (a smoke test; numbers mean little)"
     )
     args = p.parse_args(argv)
@@ -160,6 +166,7 @@ def main(argv=None):
                 elastic_set=None,
                 max_bytes=DEFAULT_MAX_BYTES,
                 seed=None,
+                precision=args.precision,
                 no_progress=args.no_progress,
             )
         )
