@@ -76,12 +76,12 @@ def demo_precision(choice: str = "auto") -> Tuple[str, str]:
         if torch.cuda.is_bf16_supported():
             return "bfloat16", f"{torch.cuda.get_device_name()} computes in bfloat16"
         return "float32", f"{torch.cuda.get_device_name()} has no bfloat16 arithmetic"
-    from megatron_elastic.ops.cpu_gemm import cpu_bf16_flags
+    from megatron_elastic.ops.cpu_gemm import NATIVE_BF16_FLAGS, cpu_bf16_flags
 
     flags = cpu_bf16_flags()
     if flags:
         return "bfloat16", f"this CPU multiplies bfloat16 in hardware ({', '.join(flags)})"
-    return "float32", "this CPU has no bfloat16 products (no avx512_bf16 or amx_bf16)"
+    return "float32", f"this CPU has no bfloat16 products (no {' or '.join(NATIVE_BF16_FLAGS)})"
 
 
 def precision_overrides(precision: str) -> List[str]:
@@ -189,12 +189,13 @@ def _pretrain_parent(data_dir: str, parent_dir: str, args, precision: str, progr
     cfg = load_pretrain_config(args.config or recipe_path(TINY_PARENT), overrides)
     want = _precision_of(cfg)
     summary = _finished_summary(parent_dir, cfg.train.train_iters, "trained parent")
-    if summary is not None and parent_precision(parent_dir) != want:
+    held = parent_precision(parent_dir) if summary is not None else want
+    if held != want:
         from megatron_elastic.errors import ConfigError
 
         raise ConfigError(
-            f"{parent_dir} holds a parent trained in {parent_precision(parent_dir)}, this run asks for {want}: "
-            f"give another --out, or --precision {parent_precision(parent_dir)} to finish that run"
+            f"{parent_dir} holds a parent trained in {held}, this run asks for {want}: give another --out, or "
+            f"--precision {held} to finish that run"
         )
     if summary is None:
         from megatron_elastic.training.pretrain import pretrain

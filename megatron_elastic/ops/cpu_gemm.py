@@ -7,7 +7,8 @@ process and, when oneDNN wins, registers it as ``aten::mm``'s CPU kernel for flo
 ``MIN_MULTIPLY_ADDS``: every linear layer's forward, input-gradient and weight-gradient product (Megatron's local
 linears, the output layer, the teacher) goes through it, autograd untouched. Other dtypes and small products
 stay on the BLAS (``aten::mm.out``, a separate kernel). ``MEGATRON_ELASTIC_CPU_GEMM=blas`` (or ``onednn``) skips
-the measurement and decides.
+the measurement and decides. :func:`cpu_bf16_flags` says whether the CPU multiplies bfloat16 in hardware (the
+demo's ``--precision auto`` reads it).
 """
 
 from __future__ import annotations
