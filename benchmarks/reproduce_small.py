@@ -117,6 +117,8 @@ def _scratch_run(arch_ckpt, data, ckpt_dir, tokens, seed, progress):
 
 def main(argv=None):
     warnings.filterwarnings("ignore")
+    from megatron_elastic.demo import PRECISIONS
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", default="runs/demo", help="a finished demo run folder (data, sorted parent, run (a))")
     p.add_argument("--out", default="runs/reproduce_small", help="output folder (default: %(default)s)")
@@ -136,9 +138,10 @@ def main(argv=None):
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument(
         "--precision",
+        choices=PRECISIONS,
         default="auto",
-        help="the demo's --precision (auto, float32, bfloat16) when no finished demo is in --run; every run here "
-        "takes the precision of the demo's parent",
+        help="the demo's --precision when no finished demo is in --run; every run here takes the precision of the "
+        "demo's parent",
     )
     p.add_argument(
         "--quick", action="store_true", help="the demo's --quick curriculum (a smoke test; numbers mean little)"

@@ -188,8 +188,8 @@ def _pretrain_parent(data_dir: str, parent_dir: str, args, precision: str, progr
     overrides += (QUICK_PARENT if args.quick else []) + _seed_override(args) + list(args.set or [])
     cfg = load_pretrain_config(args.config or recipe_path(TINY_PARENT), overrides)
     want = _precision_of(cfg)
-    summary = _finished_summary(parent_dir, cfg.train.train_iters, "trained parent")
-    held = parent_precision(parent_dir) if summary is not None else want
+    # any parent checkpoint there, finished (reused) or not (resumed), must be of this precision
+    held = parent_precision(parent_dir) if latest_checkpoint(parent_dir) else want
     if held != want:
         from megatron_elastic.errors import ConfigError
 
@@ -197,6 +197,7 @@ def _pretrain_parent(data_dir: str, parent_dir: str, args, precision: str, progr
             f"{parent_dir} holds a parent trained in {held}, this run asks for {want}: give another --out, or "
             f"--precision {held} to finish that run"
         )
+    summary = _finished_summary(parent_dir, cfg.train.train_iters, "trained parent")
     if summary is None:
         from megatron_elastic.training.pretrain import pretrain
 
