@@ -48,7 +48,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_elastic", "megatron_elastic.*"]),
-    package_data={"megatron_elastic.recipes": ["*.yaml", "*.json"]},
+    # the C source of the CPU kernels (ops/native.py builds it on first use)
+    package_data={"megatron_elastic.recipes": ["*.yaml", "*.json"], "megatron_elastic.ops": ["csrc/*.c"]},
     install_requires=install_requires,
     extras_require=extras,
     entry_points={"console_scripts": ["megatron-elastic=megatron_elastic.cli:main"]},

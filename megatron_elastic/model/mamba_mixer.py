@@ -395,24 +395,22 @@ class MambaMixer(MegatronModule):
         seq, batch, _ = zxBCdt.shape
         d_inner, bc = v.nheads * v.headdim, self.ngroups_local_tp * self.d_state
         z, xBC, dt = torch.split(zxBCdt.transpose(0, 1), [d_inner, d_inner + 2 * bc, v.nheads], dim=-1)
-        conv_in = xBC
-        xBC = ops.causal_conv1d(xBC.transpose(1, 2), v.conv_weight, v.conv_bias, activation="silu").transpose(1, 2)
-        if keep is not None:
-            xBC = xBC * keep[..., None].to(xBC.dtype)
-        x, B, C = torch.split(xBC, [d_inner, bc, bc], dim=-1)
         D = v.D.view(v.nheads, v.headdim) if self.D_has_hdim else v.D
-        y = ops.ssd_chunk_scan(
-            x.reshape(batch, seq, v.nheads, v.headdim),
+        y = ops.conv_ssd_scan(
+            xBC,
+            v.conv_weight,
+            v.conv_bias,
             dt.contiguous(),
             -torch.exp(v.A_log.float()),
-            B.reshape(batch, seq, self.ngroups_local_tp, self.d_state),
-            C.reshape(batch, seq, self.ngroups_local_tp, self.d_state),
+            v.headdim,
+            self.d_state,
+            self.ngroups_local_tp,
             self.chunk_size,
             D=D,
-            z=None if self.rmsnorm else z.reshape(batch, seq, v.nheads, v.headdim),
+            z=None if self.rmsnorm else z,
             dt_bias=v.dt_bias,
-            dt_softplus=True,
             return_final_states=return_states,
+            keep=keep,
         )
         if return_states:
             y, final = y
@@ -420,7 +418,7 @@ class MambaMixer(MegatronModule):
         if self.rmsnorm:
             y = ops.gated_rmsnorm(y, v.norm_weight, z, self.norm.eps, v.norm_group_size, self.norm_before_gate)
         y = foldable(y.transpose(0, 1).contiguous())  # [s, 1, d] of one sequence: see compat.foldable
-        return (y, conv_in, final.float()) if return_states else y
+        return (y, xBC, final.float()) if return_states else y
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         """Megatron's layout: per-head tensors and conv1d sharded on dim 0; in_proj and conv1d split into

@@ -11,6 +11,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from megatron_elastic.ops import native
+
 try:
     from causal_conv1d import causal_conv1d_fn as _causal_conv1d_fn
 
@@ -120,9 +122,12 @@ def causal_conv1d_torch(
 
 
 def causal_conv1d(x, weight, bias=None, activation="silu"):
-    """Dispatching causal depthwise conv; same arguments as :func:`causal_conv1d_torch`."""
+    """Dispatching causal depthwise conv; same arguments as :func:`causal_conv1d_torch`: ``causal_conv1d``'s kernel on
+    CUDA when installed; on the CPU, where no gradient is wanted, the compiled loop of ``native`` (when built)."""
     if HAVE_CAUSAL_CONV1D and x.is_cuda:
         return _causal_conv1d_fn(x, weight, bias, activation)
+    if activation in _ACTIVATIONS and native.usable(x, weight, bias):
+        return native.causal_conv1d_forward(x, weight, bias, silu=activation is not None)
     return causal_conv1d_torch(x, weight, bias, activation)
 
 

@@ -25,6 +25,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from megatron_elastic.ops import native
+
 try:
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined as _mamba_chunk_scan_combined
 
@@ -271,8 +273,9 @@ def ssd_chunk_scan(
     initial_states=None,
     return_final_states=False,
 ):
-    """SSD chunked scan: ``mamba_ssm``'s Triton kernel on CUDA when installed, else :func:`ssd_chunk_scan_torch`
-    (at ``chunk_size`` on CUDA, at :func:`cpu_chunk_size` on the CPU)."""
+    """SSD chunked scan: ``mamba_ssm``'s Triton kernel on CUDA when installed; on the CPU, where no gradient is wanted,
+    the compiled recurrence of ``native`` (when built); else :func:`ssd_chunk_scan_torch` (at ``chunk_size`` on CUDA,
+    at :func:`cpu_chunk_size` on the CPU)."""
     if HAVE_MAMBA_SSM_SSD and x.is_cuda:
         return _mamba_chunk_scan_combined(
             x,
@@ -288,6 +291,10 @@ def ssd_chunk_scan(
             dt_softplus=dt_softplus,
             dt_limit=dt_limit,
             return_final_states=return_final_states,
+        )
+    if native.usable(x, dt, A, B, C, D, z, dt_bias, initial_states):
+        return native.ssd_scan_forward(
+            x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, initial_states, return_final_states
         )
     if not x.is_cuda:
         chunk_size = cpu_chunk_size(x.shape[-1], B.shape[-1])
@@ -306,3 +313,44 @@ def ssd_chunk_scan(
         initial_states=initial_states,
         return_final_states=return_final_states,
     )
+
+
+def conv_ssd_scan(
+    xBC: torch.Tensor,
+    conv_weight: torch.Tensor,
+    conv_bias: Optional[torch.Tensor],
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    headdim: int,
+    d_state: int,
+    ngroups: int,
+    chunk_size: int,
+    D: Optional[torch.Tensor] = None,
+    z: Optional[torch.Tensor] = None,
+    dt_bias: Optional[torch.Tensor] = None,
+    return_final_states: bool = False,
+    keep: Optional[torch.Tensor] = None,
+):
+    """The Mamba-2 mixer's causal conv with silu over ``xBC`` (batch, seqlen, [x | B | C] channels; conv_weight
+    (channels, width)), then the SSD scan of its x, B and C (dt (batch, seqlen, nheads) before softplus; ``keep``
+    (batch, seqlen), or None: the conv's output is zeroed where it is False). On the CPU where no gradient is wanted
+    (and ``keep`` is None) the compiled kernel of ``native`` runs both, the conv a block of time steps at a time
+    inside the scan; else :func:`ops.conv1d.causal_conv1d` and :func:`ssd_chunk_scan`. Returns y (batch, seqlen,
+    nheads, headdim) [and the final states]."""
+    from megatron_elastic.ops.conv1d import causal_conv1d
+
+    batch, seq, channels = xBC.shape
+    d_inner, bc = channels - 2 * ngroups * d_state, ngroups * d_state
+    x, B, C = torch.split(xBC, [d_inner, bc, bc], dim=-1)
+    nheads = d_inner // headdim
+    shapes = ((batch, seq, nheads, headdim), (batch, seq, ngroups, d_state))
+    zs = None if z is None else z.reshape(*shapes[0])
+    kw = dict(D=D, z=zs, dt_bias=dt_bias, dt_softplus=True, return_final_states=return_final_states)
+    if keep is None and native.usable(xBC, conv_weight, conv_bias, dt, A, D, z, dt_bias):
+        ins = (x.reshape(shapes[0]), B.reshape(shapes[1]), C.reshape(shapes[1]))
+        return native.ssd_scan_forward(ins[0], dt, A, *ins[1:], conv=(conv_weight, conv_bias), **kw)
+    xBC = causal_conv1d(xBC.transpose(1, 2), conv_weight, conv_bias, activation="silu").transpose(1, 2)
+    if keep is not None:
+        xBC = xBC * keep[..., None].to(xBC.dtype)
+    x, B, C = torch.split(xBC, [d_inner, bc, bc], dim=-1)
+    return ssd_chunk_scan(x.reshape(shapes[0]), dt, A, B.reshape(shapes[1]), C.reshape(shapes[1]), chunk_size, **kw)
