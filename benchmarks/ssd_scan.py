@@ -1,5 +1,7 @@
-"""CPU time of the chunked SSD scan (ours) vs the float64 sequential recurrence and, when `transformers` is
-installed, its NemotronH Mamba2 torch path (`torch_forward`'s SSD part) on the same shapes.
+"""CPU time of our SSD scans (the chunked torch scan that training runs, and the compiled recurrence of
+`ops/native.py` that every forward without a gradient runs) vs the float64 sequential recurrence, and of our whole
+Mamba-2 mixer (forward, no gradient: evaluation, the frozen teacher, generation) vs, when `transformers` is
+installed, its NemotronH Mamba2 mixer's torch path on the same shapes.
 
     python benchmarks/ssd_scan.py [--json out.json]
 
@@ -16,7 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from megatron_elastic.ops import ssd_chunk_scan_torch
+from megatron_elastic.ops import native, ssd_chunk_scan_torch
 
 SHAPES = [  # (batch, seqlen, nheads, headdim, ngroups, d_state, chunk)
     (1, 256, 8, 32, 2, 32, 64),
@@ -124,9 +126,10 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
+    compiled = native.library() is not None
     print(
-        f"{'shape (b,l,h,p,g,n,chunk)':34s} {'SSD chunked ms':>15s} {'seq. fp64 ms':>13s} {'speed-up':>9s} "
-        f"{'our mixer ms':>13s} {'HF mixer ms':>12s}"
+        f"{'shape (b,l,h,p,g,n,chunk)':34s} {'SSD chunked ms':>15s} {'SSD compiled ms':>16s} {'seq. fp64 ms':>13s} "
+        f"{'our mixer ms':>13s} {'HF mixer ms':>12s} {'HF / ours':>10s}"
     )
     for shape in SHAPES:
         b, l, h, p, g, n, chunk = shape
@@ -134,21 +137,29 @@ def main():
         A, B, C, D = -torch.rand(h) * 4, torch.randn(b, l, g, n), torch.randn(b, l, g, n), torch.randn(h)
         with torch.no_grad():
             ours = timeit(lambda: ssd_chunk_scan_torch(x, dt, A, B, C, chunk, D=D), args.repeats)
+            fast = timeit(lambda: native.ssd_scan_forward(x, dt, A, B, C, D=D), args.repeats) if compiled else None
             seq = timeit(lambda: sequential_reference(x, dt, A, B, C, D), max(1, args.repeats // 2))
         our_mixer, hf = mixer_times(shape, args.repeats)
         rows.append(
             {
                 "shape": shape,
                 "ssd_chunked_ms": ours,
+                "ssd_compiled_ms": fast,
                 "ssd_sequential_fp64_ms": seq,
                 "our_mixer_ms": our_mixer,
                 "hf_nemotron_h_mixer_ms": hf,
             }
         )
         hf_s = f"{hf:.1f}" if isinstance(hf, float) else hf
-        print(f"{str(shape):34s} {ours:15.1f} {seq:13.1f} {seq / ours:8.1f}x {our_mixer:13.1f} {hf_s:>12s}")
+        ratio = f"{hf / our_mixer:.2f}x" if isinstance(hf, float) else "-"
+        fast_s = f"{fast:.1f}" if fast is not None else "not built"
+        print(f"{str(shape):34s} {ours:15.1f} {fast_s:>16s} {seq:13.1f} {our_mixer:13.1f} {hf_s:>12s} {ratio:>10s}")
     with open(args.json, "w") as f:
-        json.dump({"threads": args.threads, "torch": torch.__version__, "rows": rows}, f, indent=2)
+        json.dump(
+            {"threads": args.threads, "torch": torch.__version__, "compiled_kernels": compiled, "rows": rows},
+            f,
+            indent=2,
+        )
     print(f"wrote {args.json}")
 
 

@@ -12,6 +12,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from megatron_elastic.ops import native
+
 try:
     from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn as _rmsnorm_fn
 
@@ -51,7 +53,10 @@ def gated_rmsnorm_torch(
 
 
 def gated_rmsnorm(x, weight, z=None, eps=1e-5, group_size=None, norm_before_gate=False):
-    """Dispatching gated RMSNorm; ``mamba_ssm``'s Triton kernel on CUDA when installed."""
+    """Dispatching gated RMSNorm: ``mamba_ssm``'s Triton kernel on CUDA when installed; on the CPU, where no gradient
+    is wanted, the compiled pass of ``native`` (when built); else :func:`gated_rmsnorm_torch`."""
     if HAVE_MAMBA_SSM_NORM and x.is_cuda:
         return _rmsnorm_fn(x, weight, None, z=z, eps=eps, group_size=group_size, norm_before_gate=norm_before_gate)
+    if native.usable(x, weight, z):
+        return native.gated_rmsnorm_forward(x, weight, z, eps, group_size, norm_before_gate)
     return gated_rmsnorm_torch(x, weight, z, eps, group_size, norm_before_gate)

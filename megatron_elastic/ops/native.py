@@ -1,10 +1,11 @@
 """Compiled CPU kernels for the mixer's forward passes that need no gradient (evaluation, a frozen teacher,
-importance scoring, generation): the SSD scan and the causal conv of ``csrc/cpu_kernels.c``, built once per machine
-with the system C compiler and called through ``ctypes``.
+importance scoring, generation): the SSD scan (with the causal conv fused in front of it or alone) and the gated
+RMSNorm of ``csrc/cpu_kernels.c``, built once per machine with the system C compiler and called through ``ctypes``.
 
 The scan runs Mamba-2's recurrence token by token with each head's state held in vector registers a few rows at a
 time (the same function as ``ssd.ssd_chunk_scan_torch``, the float64 recurrence its test reference); the conv is the
-same multiply-adds as ``conv1d._CausalConv``'s forward. Training keeps the torch paths (they carry the backward).
+same multiply-adds as ``conv1d._CausalConv``'s forward; the norm is ``gated_rmsnorm.gated_rmsnorm_torch``'s formula in
+one pass. Training keeps the torch paths (they carry the backward).
 
 Built on first use (about a second) into ``$MEGATRON_ELASTIC_CACHE`` (default ``$XDG_CACHE_HOME/megatron_elastic``
 or ``~/.cache/megatron_elastic``), one file per source, compiler and CPU, written under a temporary name and renamed
@@ -69,6 +70,25 @@ class ConvArgs(ctypes.Structure):
         ("x", ptr), ("x_sb", i64), ("x_st", i64),
         ("weight", ptr), ("bias", ptr), ("silu", i64), ("y", ptr),
     ]  # fmt: skip
+
+
+class NormArgs(ctypes.Structure):
+    """``norm_args`` of cpu_kernels.c, field by field."""
+
+    _fields_ = [
+        ("outer", i64), ("inner", i64), ("dim", i64), ("group_size", i64),
+        ("x", ptr), ("x_so", i64), ("x_si", i64),
+        ("z", ptr), ("z_so", i64), ("z_si", i64),
+        ("weight", ptr), ("eps", f32), ("norm_before_gate", i64), ("y", ptr),
+    ]  # fmt: skip
+
+
+# entry point -> (its argument struct, the C function giving that struct's size)
+KERNELS = {
+    "ssd_scan_forward": (SsdArgs, "ssd_args_size"),
+    "causal_conv1d_forward": (ConvArgs, "conv_args_size"),
+    "gated_rmsnorm_forward": (NormArgs, "norm_args_size"),
+}
 
 
 def choice() -> str:
@@ -143,12 +163,13 @@ def _load(want: str):
         lib = ctypes.CDLL(str(path))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         return None, f"building {SOURCE.name} with {cc} failed: {e}"
-    for fn, args in (("ssd_scan_forward", SsdArgs), ("causal_conv1d_forward", ConvArgs)):
+    for fn, (args, size_fn) in KERNELS.items():
         getattr(lib, fn).argtypes = [ctypes.POINTER(args), i64]
         getattr(lib, fn).restype = None
-    lib.ssd_args_size.restype = lib.conv_args_size.restype = i64
-    if lib.ssd_args_size() != ctypes.sizeof(SsdArgs) or lib.conv_args_size() != ctypes.sizeof(ConvArgs):
-        return None, f"{path} does not match native.py's argument layout (a stale build: delete it)"
+        size = getattr(lib, size_fn)
+        size.restype = i64
+        if size() != ctypes.sizeof(args):
+            return None, f"{path} does not match native.py's layout of {args.__name__} (a stale build: delete it)"
     return lib, None
 
 
@@ -281,3 +302,30 @@ def causal_conv1d_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
     )  # fmt: skip
     library().causal_conv1d_forward(ctypes.byref(args), torch.get_num_threads())
     return y.to(x.dtype).transpose(1, 2)
+
+
+def gated_rmsnorm_forward(x, weight, z=None, eps=1e-5, group_size=None, norm_before_gate=False):
+    """``gated_rmsnorm.gated_rmsnorm_torch``'s function (x, z (..., d), weight (d,)) in one compiled pass over each
+    row; the result in x's dtype."""
+    d = x.shape[-1]
+    group_size = d if group_size is None else group_size
+    if d % group_size != 0:
+        raise ValueError(f"group_size ({group_size}) must divide the channel count ({d})")
+    xs, zs = _rows(x), None if z is None else _rows(z)
+    w = weight.float().contiguous()
+    y = torch.empty(xs.shape, dtype=torch.float32)
+    args = NormArgs(
+        xs.shape[0], xs.shape[1], d, group_size, xs.data_ptr(), xs.stride(0), xs.stride(1),
+        _address(zs), zs.stride(0) if zs is not None else 0, zs.stride(1) if zs is not None else 0,
+        w.data_ptr(), eps, int(norm_before_gate), y.data_ptr(),
+    )  # fmt: skip
+    library().gated_rmsnorm_forward(ctypes.byref(args), torch.get_num_threads())
+    return y.view(x.shape).to(x.dtype)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (..., d) as float32 (outer, inner, d) rows with d packed: the mixer's (batch, seq, d) slices of a
+    (seq, batch, channels) projection are read in place (one stride per row index)."""
+    t = _float32(t, 1)
+    t3 = t.reshape(-1, t.shape[-2], t.shape[-1]) if t.dim() >= 2 else t.reshape(1, 1, -1)
+    return t3 if t3.stride(-1) == 1 else t3.contiguous()

@@ -224,3 +224,30 @@ def test_the_build_is_cached_per_source_and_a_failing_compiler_is_reported(tmp_p
     with pytest.raises(RuntimeError, match="fatal error"):
         native.build(str(bad), tmp_path / "other")
     assert not list((tmp_path / "other").glob("*.tmp"))
+
+
+@needs_compiler
+@pytest.mark.parametrize("group_size", [None, 8])
+@pytest.mark.parametrize("norm_before_gate", [False, True])
+@pytest.mark.parametrize("gated", [True, False])
+def test_the_compiled_gated_norm_matches_the_float64_formula(group_size, norm_before_gate, gated):
+    """The dispatcher's gated RMSNorm with no gradient wanted (the compiled pass), on (batch, seq, d) slices of a
+    (seq, batch, channels) tensor as the mixer hands it, against the torch formula in float64; and in bfloat16."""
+    packed = torch.randn(7, 3, 2 * 24 + 5)
+    x, z = packed.transpose(0, 1)[..., :24], packed.transpose(0, 1)[..., 24:48]
+    w = torch.randn(24)
+    zz = z if gated else None
+    want = ops.gated_rmsnorm_torch(x.double(), w.double(), None if zz is None else zz.double(), 1e-5, group_size,
+                                   norm_before_gate)  # fmt: skip
+    assert native.usable(x, w, zz)
+    got = ops.gated_rmsnorm(x, w, zz, 1e-5, group_size, norm_before_gate)
+    assert got.shape == x.shape and got.dtype == torch.float32
+    _close(got, want)
+    got_bf = ops.gated_rmsnorm(x.bfloat16(), w, None if zz is None else zz.bfloat16(), 1e-5, group_size,
+                               norm_before_gate)  # fmt: skip
+    want_bf = ops.gated_rmsnorm_torch(x.bfloat16(), w, None if zz is None else zz.bfloat16(), 1e-5, group_size,
+                                      norm_before_gate)  # fmt: skip
+    assert got_bf.dtype == torch.bfloat16
+    torch.testing.assert_close(got_bf, want_bf, rtol=1.6e-2, atol=1e-2)
+    with pytest.raises(ValueError, match="group_size"):
+        native.gated_rmsnorm_forward(x, w, zz, group_size=5)

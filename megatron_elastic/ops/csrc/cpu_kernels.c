@@ -1,8 +1,9 @@
 /* Compiled CPU kernels of the Mamba-2 mixer's forward pass (no backward: the torch paths serve training).
  *
  * Built and loaded by megatron_elastic/ops/native.py (the system C compiler, once per machine, cached); called
- * through ctypes with float32 buffers. Work is split over (batch, head) or (batch, time) across `nthreads` POSIX
- * threads. The argument structs are mirrored field by field in native.py; *_args_size() lets it check them.
+ * through ctypes with float32 buffers. Work is split over (batch, group, heads), (batch, time step) or rows across
+ * `nthreads` threads (parallel_ranges). The argument structs are mirrored field by field in native.py; *_args_size()
+ * lets it check them. The fused conv: ssd_args below.
  *
  * ssd_scan_forward: Mamba-2's recurrence token by token, the semantics of ssd.py's chunked torch scan:
  *   dt_t = clamp(softplus(dt_t + dt_bias)),  S_t = exp(dt_t A) S_{t-1} + dt_t x_t B_t^T,  y_t = S_t C_t + D x_t,
@@ -11,6 +12,9 @@
  *   (no horizontal sums), TB steps per pass over the state (it is read and written once per TB steps).
  *
  * causal_conv1d_forward: y[b, t, d] = act(bias[d] + sum_k w[k, d] x[b, t - (width - 1) + k, d]), zeros before 0.
+ *
+ * gated_rmsnorm_forward: per group of group_size channels, y = h / sqrt(mean(h^2) + eps) * weight with h = x silu(z)
+ *   (or y = that of h = x, times silu(z), with norm_before_gate), in one pass over each row.
  */
 #include <math.h>
 #include <pthread.h>
@@ -298,4 +302,42 @@ static void conv_steps(void *args, int64_t begin, int64_t end) { /* tasks: (batc
 void causal_conv1d_forward(conv_args *args, int64_t nthreads) {
   const int64_t per_step = args->dim * args->width, grain = per_step >= (1 << 16) ? 1 : (1 << 16) / per_step;
   parallel_ranges(conv_steps, args, args->batch * args->seqlen, grain, (int)nthreads);
+}
+/* ------------------------------------------------------------------------------------------ gated RMSNorm */
+
+typedef struct {
+  int64_t outer, inner, dim, group_size; /* rows (o, i): o < outer, i < inner */
+  const float *x; int64_t x_so, x_si;   /* row (o, i) at x + o*x_so + i*x_si, dim floats */
+  const float *z; int64_t z_so, z_si;   /* like x; may be NULL (no gate) */
+  const float *weight;                  /* (dim,) */
+  float eps;
+  int64_t norm_before_gate;
+  float *y;                             /* (outer, inner, dim) contiguous */
+} norm_args;
+
+int64_t norm_args_size(void) { return (int64_t)sizeof(norm_args); }
+
+static void norm_rows(void *args, int64_t begin, int64_t end) {
+  const norm_args *a = args;
+  const int64_t D = a->dim, G = a->group_size;
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t o = r / a->inner, i = r % a->inner;
+    const float *x = a->x + o * a->x_so + i * a->x_si, *z = a->z ? a->z + o * a->z_so + i * a->z_si : NULL;
+    float *y = a->y + r * D;
+    for (int64_t d = 0; d < D; ++d) y[d] = (z && !a->norm_before_gate) ? x[d] * silu(z[d]) : x[d];
+    for (int64_t g0 = 0; g0 < D; g0 += G) {
+      float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t d = g0; d < g0 + G; ++d) sum += y[d] * y[d];
+      const float scale = 1.0f / sqrtf(sum / (float)G + a->eps);
+      for (int64_t d = g0; d < g0 + G; ++d) y[d] = y[d] * scale * a->weight[d];
+    }
+    if (z && a->norm_before_gate)
+      for (int64_t d = 0; d < D; ++d) y[d] *= silu(z[d]);
+  }
+}
+
+void gated_rmsnorm_forward(norm_args *args, int64_t nthreads) {
+  const int64_t grain = args->dim >= (1 << 14) ? 1 : (1 << 14) / args->dim;
+  parallel_ranges(norm_rows, args, args->outer * args->inner, grain, (int)nthreads);
 }
