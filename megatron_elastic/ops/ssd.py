@@ -13,7 +13,9 @@ vectorised over batch, chunks, groups and heads; only the chunk recurrence is a 
 
 The chunk length is a blocking choice, not part of the function: every chunk length gives the same y (up to
 float rounding). On CUDA the dispatcher passes the model's ``mamba_chunk_size`` through; on the CPU it runs the
-torch path at :func:`cpu_chunk_size`, the fastest there (``benchmarks/ssd_scan.py`` prints the sweep).
+torch path at :func:`cpu_chunk_size`, the fastest there (``benchmarks/ssd_scan.py`` prints the sweep), where a
+gradient is wanted, and the compiled recurrence of ``ops/native.py`` where none is (3-7x faster than this torch
+path; :func:`conv_ssd_scan` fuses the mixer's conv into it).
 """
 
 from __future__ import annotations
