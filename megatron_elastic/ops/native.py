@@ -145,12 +145,13 @@ def build(cc: str, out_dir: Path) -> Path:
             os.replace(tmp, target)
             return target
         os.unlink(tmp)
-        errors.append(f"{' '.join(cmd)}: {done.stderr.strip().splitlines()[-1:] or done.returncode}")
+        complaint = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+        errors.append(f"{' '.join(cmd)}: {complaint}")
     raise RuntimeError("; ".join(errors))
 
 
 @functools.lru_cache(maxsize=1)
-def _load(want: str):
+def _load():
     """The loaded library, or None with the reason (for ``auto``)."""
     cc = compiler()
     if cc is None:
@@ -180,7 +181,7 @@ def library():
     if want == "torch":
         return None
     with _lock:
-        lib, why = _load(want)
+        lib, why = _load()
     if lib is None:
         if want == "native":
             from megatron_elastic.errors import ConfigError
