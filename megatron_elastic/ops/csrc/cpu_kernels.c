@@ -110,25 +110,29 @@ int64_t ssd_args_size(void) { return (int64_t)sizeof(ssd_args); }
 #define AT(p, offset) ((p) ? (p) + (offset) : NULL)
 #define TL 64 /* time steps per block: a block's inputs (TL x (headdim + 2 dstate) floats) stay in cache */
 
+/* One time step t of the causal depthwise conv over channels [0, width) of `in` (step stride in_st) into out: bias,
+ * the taps (weight rows of stride w_st; steps before 0 are zeros), silu if asked. */
+static inline void conv_step(const float *in, int64_t in_st, const float *w, int64_t w_st, const float *bias,
+                             int64_t K, int64_t width, int64_t t, int64_t act, float *out) {
+  for (int64_t c = 0; c < width; ++c) out[c] = bias ? bias[c] : 0.0f;
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t s = t - (K - 1) + k;
+    if (s < 0) continue;
+    const float *is = in + s * in_st, *wk = w + k * w_st;
+    for (int64_t c = 0; c < width; ++c) out[c] += wk[c] * is[c];
+  }
+  if (act)
+    for (int64_t c = 0; c < width; ++c) out[c] = silu(out[c]);
+}
+
 /* Channels [0, width) of steps t0 .. t1 of `in` (step stride in_st) into out (row stride width): copied, or through
- * the causal conv and silu (weight w: conv_width rows of stride conv_stride; steps before 0 are zeros). */
+ * the causal conv and silu (weight w: conv_width rows of stride conv_stride). */
 static void block_inputs(const ssd_args *a, const float *in, int64_t in_st, const float *w, const float *bias,
                          int64_t width, int64_t t0, int64_t t1, float *out) {
-  const int64_t K = a->conv_width;
   for (int64_t t = t0; t < t1; ++t) {
     float *o = out + (t - t0) * width;
-    if (K == 0) {
-      memcpy(o, in + t * in_st, sizeof(float) * width);
-      continue;
-    }
-    for (int64_t c = 0; c < width; ++c) o[c] = bias ? bias[c] : 0.0f;
-    for (int64_t k = 0; k < K; ++k) {
-      const int64_t s = t - (K - 1) + k;
-      if (s < 0) continue;
-      const float *is = in + s * in_st, *wk = w + k * a->conv_stride;
-      for (int64_t c = 0; c < width; ++c) o[c] += wk[c] * is[c];
-    }
-    for (int64_t c = 0; c < width; ++c) o[c] = silu(o[c]);
+    if (a->conv_width == 0) memcpy(o, in + t * in_st, sizeof(float) * width);
+    else conv_step(in, in_st, w, a->conv_stride, bias, a->conv_width, width, t, 1, o);
   }
 }
 
@@ -286,16 +290,7 @@ static void conv_steps(void *args, int64_t begin, int64_t end) { /* tasks: (batc
   const int64_t D = a->dim, K = a->width;
   for (int64_t task = begin; task < end; ++task) {
     const int64_t b = task / a->seqlen, t = task % a->seqlen;
-    float *yt = a->y + task * D;
-    for (int64_t d = 0; d < D; ++d) yt[d] = a->bias ? a->bias[d] : 0.0f;
-    for (int64_t k = 0; k < K; ++k) {
-      const int64_t s = t - (K - 1) + k;
-      if (s < 0) continue;
-      const float *xs = a->x + b * a->x_sb + s * a->x_st, *wk = a->weight + k * D;
-      for (int64_t d = 0; d < D; ++d) yt[d] += wk[d] * xs[d];
-    }
-    if (a->silu)
-      for (int64_t d = 0; d < D; ++d) yt[d] = silu(yt[d]);
+    conv_step(a->x + b * a->x_sb, a->x_st, a->weight, D, a->bias, K, D, t, a->silu, a->y + task * D);
   }
 }
 
